@@ -1,0 +1,231 @@
+"""A message link: one socket, the wire codec, a reader, a bounded writer and a liveness check.
+
+Theory of operation
+-------------------
+A link starts after its handshake (TLS, Hello/Welcome) and runs three greenlets:
+
+- the *reader* receives bytes, feeds the :class:`~gridsock.wire.Decoder` and hands each
+  message to ``on_message(link, message)``; it answers ``Ping`` itself;
+- the *writer* drains a bounded queue of encoded frames into the socket, so a router that
+  forwards to a slow peer never blocks: when the queue is full the link is closed
+  (``send queue full``), the slow peer is dropped, and everyone else is still served;
+- the *pinger* sends ``Ping`` every ``ping_interval_s`` and closes the link when nothing at all
+  arrived for ``timeout_s`` (a peer that vanished without a FIN).
+
+Any ``RemoteProtocolError`` (bad frame, bad message in this state) closes the link with the
+reason logged at WARNING. ``on_close(link)`` runs exactly once, whatever closed the link.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Callable, Optional
+
+import gevent
+import gevent.queue
+from gevent import socket as gsocket
+
+from .. import wire
+from ..errors import BrokenStreamError, RemoteProtocolError
+
+__all__ = [
+    "PING_INTERVAL_S",
+    "LINK_TIMEOUT_S",
+    "HANDSHAKE_TIMEOUT_S",
+    "SEND_QUEUE_FRAMES",
+    "RECV_CHUNK_BYTES",
+    "Link",
+    "read_message",
+    "send_message",
+    "tune_socket",
+]
+
+log = logging.getLogger(__name__)
+
+# A link with traffic pings nothing; an idle one pings every PING_INTERVAL_S.
+PING_INTERVAL_S = 2.0
+# A link on which nothing arrived for this long is dead (its peer vanished without a FIN).
+LINK_TIMEOUT_S = 6.0
+# Time for TLS and the Hello/Welcome exchange; a peer slower than this is dropped.
+HANDSHAKE_TIMEOUT_S = 10.0
+# Frames queued for one peer before it counts as too slow and is dropped.
+SEND_QUEUE_FRAMES = 4096
+RECV_CHUNK_BYTES = 256 * 1024
+
+_link_ids = itertools.count(1)
+
+
+def send_message(sock, message) -> None:
+    """Encode ``message`` and write it whole to ``sock`` (handshake phase, before a Link)."""
+    sock.sendall(wire.encode(message))
+
+
+def read_message(sock, decoder: wire.Decoder, *, timeout: float = HANDSHAKE_TIMEOUT_S):
+    """Return the next message from ``sock`` (handshake phase, before a Link exists).
+
+    Raises RemoteProtocolError for a bad frame, BrokenStreamError when the peer closes first,
+    and gevent.Timeout (as ``TimeoutError``) after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        message = decoder.next_message()
+        if message is not None:
+            return message
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no message from {decoder.peer} within {timeout:.1f} s")
+        with gevent.Timeout(remaining, TimeoutError(f"no message from {decoder.peer} within {timeout:.1f} s")):
+            data = sock.recv(RECV_CHUNK_BYTES)
+        if not data:
+            raise BrokenStreamError(f"{decoder.peer} closed the connection")
+        decoder.feed(data)
+
+
+class Link:
+    """An established message link to one peer; see the module docstring."""
+
+    def __init__(
+        self,
+        sock,
+        decoder: wire.Decoder,
+        *,
+        label: str,
+        on_message: Callable[["Link", object], None],
+        on_close: Callable[["Link"], None] = lambda link: None,
+        ping_interval_s: float = PING_INTERVAL_S,
+        timeout_s: float = LINK_TIMEOUT_S,
+        send_queue_frames: int = SEND_QUEUE_FRAMES,
+    ) -> None:
+        self.id = next(_link_ids)
+        self.sock = sock
+        self.label = label
+        self.peer_id: Optional[str] = None
+        self.entry: Optional[wire.NodeEntry] = None
+        self.close_reason: Optional[str] = None
+        self.opened_at = time.time()
+        self._decoder = decoder
+        self._on_message = on_message
+        self._on_close = on_close
+        self._ping_interval_s = ping_interval_s
+        self._timeout_s = timeout_s
+        self._queue: gevent.queue.Queue = gevent.queue.Queue(maxsize=send_queue_frames)
+        self._last_rx = time.monotonic()
+        self._greenlets: list = []
+        self._nonce = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"<Link {self.id} {self.label}{' closed' if self.closed else ''}>"
+
+    @property
+    def closed(self) -> bool:
+        return self.close_reason is not None
+
+    def start(self) -> "Link":
+        self._greenlets = [
+            gevent.spawn(self._read_loop),
+            gevent.spawn(self._write_loop),
+            gevent.spawn(self._ping_loop),
+        ]
+        return self
+
+    def send(self, message) -> bool:
+        """Queue ``message``; return False if the link is closed (or just closed as too slow)."""
+        if self.closed:
+            return False
+        try:
+            self._queue.put_nowait(wire.encode(message))
+        except gevent.queue.Full:
+            self.close(f"send queue full ({self._queue.maxsize} frames): peer too slow")
+            return False
+        return True
+
+    def close(self, reason: str = "closed locally") -> None:
+        """Close the link (idempotent); ``on_close`` runs once."""
+        if self.closed:
+            return
+        self.close_reason = reason
+        log.info("link %s closed: %s", self.label, reason)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        current = gevent.getcurrent()
+        for g in self._greenlets:
+            if g is not current:
+                g.kill(block=False)
+        try:
+            self._on_close(self)
+        except Exception:  # a bug in the owner must not leave the link half-closed
+            log.exception("on_close handler of %s failed", self.label)
+
+    def join(self, timeout: float | None = None) -> None:
+        gevent.joinall(self._greenlets, timeout=timeout)
+
+    # --- greenlets ---------------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        try:
+            self._dispatch_buffered()
+            while not self.closed:
+                data = self.sock.recv(RECV_CHUNK_BYTES)
+                if not data:
+                    self.close("peer closed the connection")
+                    return
+                self._last_rx = time.monotonic()
+                self._decoder.feed(data)
+                self._dispatch_buffered()
+        except RemoteProtocolError as exc:
+            log.warning("dropping %s: protocol error: %s", self.label, exc)
+            self.close(f"protocol error: {exc}")
+        except (OSError, BrokenStreamError) as exc:
+            self.close(f"connection lost: {exc or type(exc).__name__}")
+        except gevent.GreenletExit:
+            raise
+        except Exception as exc:
+            log.exception("bug while handling a message from %s", self.label)
+            self.close(f"internal error: {exc!r}")
+
+    def _dispatch_buffered(self) -> None:
+        while not self.closed:
+            message = self._decoder.next_message()
+            if message is None:
+                return
+            if isinstance(message, wire.Ping):
+                self.send(wire.Pong(message.nonce))
+            elif isinstance(message, wire.Pong):
+                pass
+            else:
+                self._on_message(self, message)
+
+    def _write_loop(self) -> None:
+        try:
+            while not self.closed:
+                frame = self._queue.get()
+                chunks = [frame]
+                # Coalesce what is already queued into one write: fewer syscalls and TLS records.
+                size = len(frame)
+                while size < RECV_CHUNK_BYTES and not self._queue.empty():
+                    frame = self._queue.get_nowait()
+                    chunks.append(frame)
+                    size += len(frame)
+                self.sock.sendall(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+        except (OSError, ValueError) as exc:
+            self.close(f"send failed: {exc or type(exc).__name__}")
+
+    def _ping_loop(self) -> None:
+        while not self.closed:
+            gevent.sleep(self._ping_interval_s)
+            idle = time.monotonic() - self._last_rx
+            if idle > self._timeout_s:
+                self.close(f"no traffic for {idle:.1f} s (limit {self._timeout_s:.1f} s)")
+                return
+            if idle >= self._ping_interval_s:
+                self.send(wire.Ping(next(self._nonce) & 0xFFFFFFFF))
+
+
+def tune_socket(sock) -> None:
+    """TCP no-delay (small control messages must not wait for Nagle) and keepalive; no-op for Unix sockets."""
+    if sock.family in (gsocket.AF_INET, gsocket.AF_INET6):
+        sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
+        sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_KEEPALIVE, 1)

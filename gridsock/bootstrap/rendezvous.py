@@ -1,0 +1,373 @@
+"""The rendez-vous node: the directory, enrollment, dial-back checks and the root of routing.
+
+Theory of operation
+-------------------
+The rendez-vous node listens on one fixed port (the session's). A connection is first a TLS
+handshake in which the client certificate is optional, then one message decides what it is:
+
+- ``Enroll`` (no certificate needed): the join token is checked in constant time; if good, a
+  new node id is made and the node's CSR is signed for it (``Enrolled``); if not, ``Refuse``.
+  Either way the connection ends there, and a refused client has learnt nothing.
+- ``Hello`` from a leader, which must present a certificate of the session CA (its id is in
+  the certificate): the leader gets an entry in the directory, a ``Welcome``, a snapshot of the
+  directory, and becomes a long-lived link. Everyone else hears of the join.
+
+Over a leader's link arrive ``Register``/``Unregister`` for the members of its cluster (a
+leader can only speak for its own cluster) and ``Routed`` messages, which the rendez-vous node
+sends on to the destination's leader (see :mod:`.routing`). When a leader's link breaks, the
+leader and all its members leave the directory and every other leader is told.
+
+Reachability: after a node registers, the rendez-vous node dials back each address the node
+advertises (as libp2p's AutoNAT does), runs TLS and checks that the node's own certificate
+answers; ``inbound`` in the directory entry records the outcome.
+
+Members enroll through their leader: the leader sends their ``Enroll`` here as a routed
+request with topic ``enroll`` addressed to the name ``rendezvous``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import ssl
+import uuid
+from typing import Dict, Optional
+
+import gevent
+
+from .. import __version__, wire
+from ..errors import AuthError, BrokenStreamError, ConfigError, ConnectError, RemoteProtocolError
+from ..session import Session, client_context, peer_identity, server_context
+from .control import ControlServer, control_path
+from .directory import RENDEZVOUS_NAME, Directory
+from .link import HANDSHAKE_TIMEOUT_S, Link, read_message, send_message, tune_socket
+from .routing import error_reply, forwarded
+from .transport import Address, dial, listen, parse_address, tls_client, tls_server
+
+__all__ = ["RendezvousNode", "DIALBACK_TIMEOUT_S"]
+
+log = logging.getLogger(__name__)
+
+# A dial-back to an advertised address that has not completed TLS after this long fails:
+# firewalls that drop packets make the connect hang, not fail.
+DIALBACK_TIMEOUT_S = 3.0
+
+
+class RendezvousNode:
+    """The rendez-vous node of one session; ``start()`` it, then ``stop()`` it."""
+
+    def __init__(self, session: Session, *, listen_address: str | None = None, control: str | None = None) -> None:
+        self.session = session
+        self.id = session.session_id
+        self.name = RENDEZVOUS_NAME
+        self.listen_address = parse_address(listen_address) if listen_address else Address(
+            host="0.0.0.0", port=session.rendezvous_port
+        )
+        self.directory = Directory()
+        self.leaders: Dict[str, Link] = {}
+        self._control_path = control if control is not None else control_path(RENDEZVOUS_NAME)
+        self._control: Optional[ControlServer] = None
+        self._sock = None
+        self._greenlets = []
+        if session.tls:
+            self._ca = session.certificate_authority()
+            self._identity = session.rendezvous_identity()
+            self._server_ctx = server_context(session, self._identity, require_client_cert=False)
+            self._client_ctx = client_context(session, self._identity)
+        else:
+            self._ca = self._identity = self._server_ctx = self._client_ctx = None
+
+    @property
+    def address(self) -> Address:
+        """The bound address (the real port when the configured one was 0)."""
+        host, port = self._sock.getsockname()[:2]
+        return Address(host=host, port=port)
+
+    def start(self) -> "RendezvousNode":
+        self._sock = listen(self.listen_address)
+        if self._control_path:
+            self._control = ControlServer(self._control_path, self._control_op).start()
+        self._greenlets.append(gevent.spawn(self._accept_loop))
+        log.info("rendez-vous node of session %s listening on %s (%s)", self.id, self.address, self.session.bootstrap)
+        return self
+
+    def stop(self) -> None:
+        for g in self._greenlets:
+            g.kill(block=False)
+        if self._sock is not None:
+            self._sock.close()
+        for link in list(self.leaders.values()):
+            link.close("rendez-vous node stopping")
+        if self._control is not None:
+            self._control.stop()
+
+    def serve_forever(self) -> None:
+        gevent.joinall(self._greenlets)
+
+    # --- connections -------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while True:
+            sock, addr = self._sock.accept()
+            tune_socket(sock)
+            gevent.spawn(self._handle, sock, addr)
+
+    def _handle(self, sock, addr) -> None:
+        label = f"{addr[0]}:{addr[1]}"
+        handed_over = False
+        try:
+            peer = None
+            if self.session.tls:
+                sock = tls_server(sock, self._server_ctx, timeout=HANDSHAKE_TIMEOUT_S)
+                peer = peer_identity(sock)
+            decoder = wire.Decoder(peer=label)
+            message = read_message(sock, decoder)
+            if isinstance(message, wire.Enroll):
+                self._enroll_direct(sock, message, label)
+            elif isinstance(message, wire.Hello):
+                handed_over = self._accept_leader(sock, decoder, message, peer, label, addr)
+            else:
+                raise RemoteProtocolError(f"expected Enroll or Hello, got {type(message).__name__}")
+        except ssl.SSLError as exc:
+            log.warning("refused %s: TLS handshake failed: %s", label, exc.reason or exc)
+        except AuthError as exc:
+            log.warning("refused %s: %s", label, exc)
+        except RemoteProtocolError as exc:
+            log.warning("dropped %s: protocol error: %s", label, exc)
+        except (OSError, TimeoutError, BrokenStreamError) as exc:
+            log.info("connection from %s ended during handshake: %s", label, exc)
+        finally:
+            if not handed_over:
+                sock.close()
+
+    def _refuse(self, sock, code: str, reason: str, label: str) -> None:
+        try:
+            send_message(sock, wire.Refuse(code, reason))
+        except OSError:
+            pass
+        raise AuthError(f"{reason} ({code})", peer=label)
+
+    def _enroll_direct(self, sock, message: wire.Enroll, label: str) -> None:
+        if not self.session.tls:
+            raise RemoteProtocolError("Enroll in a plain-TCP session (nodes name themselves in Hello)")
+        try:
+            node_id, cert_pem = self._enroll(message.token, message.csr_pem, message.name, label)
+        except AuthError as exc:
+            self._refuse(sock, "bad-token", str(exc), label)
+        send_message(sock, wire.Enrolled(node_id, cert_pem))
+
+    def _enroll(self, token: str, csr_pem: str, name: str, label: str):
+        """Check the token and sign the CSR; return ``(node_id, cert_pem)``. Raises AuthError."""
+        if not self.session.check_token(token):
+            raise AuthError(f"enrollment of {name!r} refused: bad join token", peer=label)
+        node_id = str(uuid.uuid4())
+        cert_pem = self._ca.sign_node(csr_pem.encode(), node_id).decode()
+        log.info("enrolled %s as node %s (from %s)", name, node_id, label)
+        return node_id, cert_pem
+
+    def _authenticate(self, sock, hello: wire.Hello, peer, label: str) -> str:
+        """Return the node id of the sender of ``hello``; refuse and raise AuthError if none."""
+        if self.session.tls:
+            if peer is None or peer.kind != "node":
+                self._refuse(sock, "no-certificate", "a node certificate of this session is required", label)
+            return peer.id
+        if hello.node_id is None or not self.session.check_token(hello.token or ""):
+            self._refuse(sock, "bad-token", "join token refused", label)
+        return hello.node_id
+
+    def _accept_leader(self, sock, decoder, hello: wire.Hello, peer, label: str, addr) -> bool:
+        node_id = self._authenticate(sock, hello, peer, label)
+        if hello.role != "leader":
+            self._refuse(sock, "not-a-leader", f"only leaders link to the rendez-vous node, not {hello.role}s", label)
+        if hello.name == RENDEZVOUS_NAME:
+            self._refuse(sock, "name-reserved", f"the name {RENDEZVOUS_NAME!r} is reserved", label)
+        holder = self.directory.by_name(hello.name)
+        if holder is not None and holder.node_id != node_id and holder.leader in self.leaders:
+            self._refuse(sock, "name-taken", f"node name {hello.name!r} is already used by {holder.node_id}", label)
+        entry = wire.NodeEntry(
+            node_id=node_id,
+            name=hello.name,
+            cluster=hello.cluster,
+            leader=node_id,
+            role="leader",
+            addrs=hello.addrs,
+            observed=f"{addr[0]}:{addr[1]}" if ":" not in addr[0] else f"[{addr[0]}]:{addr[1]}",
+            inbound=None,
+        )
+        old = self.leaders.get(node_id)
+        if old is not None:
+            old.close("the same leader linked again")
+        link = Link(sock, decoder, label=f"leader {hello.name} ({label})", on_message=self._on_leader_message,
+                    on_close=self._on_leader_close)
+        link.peer_id = node_id
+        link.entry = entry
+        self._update([entry], [])
+        self.leaders[node_id] = link
+        link.send(wire.Welcome(entry, self.id))
+        for part in self.directory.snapshot_updates():
+            link.send(part)
+        link.start()
+        log.info("leader %s (%s, cluster %s) joined from %s", hello.name, node_id, hello.cluster, label)
+        self._spawn_dialback(entry)
+        return True
+
+    # --- directory ---------------------------------------------------------------------------
+
+    def _update(self, joined, left) -> None:
+        added, gone = self.directory.apply(joined, left)
+        if not (added or gone):
+            return
+        update = wire.DirectoryUpdate(joined=tuple(added), left=tuple(e.node_id for e in gone))
+        for link in list(self.leaders.values()):
+            link.send(update)
+
+    def _on_leader_close(self, link: Link) -> None:
+        if self.leaders.get(link.peer_id) is not link:
+            return  # replaced by a newer link of the same leader
+        del self.leaders[link.peer_id]
+        gone = [link.peer_id] + [e.node_id for e in self.directory.members_of(link.peer_id)]
+        log.info("leader %s gone (%s): unregistering it and %d member(s)", link.entry.name, link.close_reason, len(gone) - 1)
+        self._update([], gone)
+
+    def _on_leader_message(self, link: Link, message) -> None:
+        if isinstance(message, wire.Routed):
+            self._route(message)
+        elif isinstance(message, wire.Register):
+            accepted = []
+            for entry in message.entries:
+                why = self._check_member(link, entry)
+                if why:
+                    log.warning("%s: ignoring registration of %s: %s", link.label, entry.name, why)
+                    continue
+                accepted.append(dataclasses.replace(entry, observed=None, inbound=None))
+            self._update(accepted, [])
+            for entry in accepted:
+                self._spawn_dialback(entry)
+        elif isinstance(message, wire.Unregister):
+            mine = [i for i in message.node_ids if (e := self.directory.get(i)) and e.leader == link.peer_id and i != link.peer_id]
+            self._update([], mine)
+        else:
+            raise RemoteProtocolError(f"unexpected {type(message).__name__} on a leader link")
+
+    def _check_member(self, link: Link, entry: wire.NodeEntry) -> Optional[str]:
+        if entry.role != "member" or entry.leader != link.peer_id or entry.node_id == link.peer_id:
+            return "a leader registers only members that it leads"
+        if entry.cluster != link.entry.cluster:
+            return f"cluster {entry.cluster!r} is not the leader's ({link.entry.cluster!r})"
+        if entry.name == RENDEZVOUS_NAME:
+            return "reserved name"
+        holder = self.directory.by_name(entry.name)
+        if holder is not None and holder.node_id != entry.node_id and holder.leader != link.peer_id:
+            return f"name taken by {holder.node_id}"
+        return None
+
+    # --- routing -----------------------------------------------------------------------------
+
+    def _route(self, message: wire.Routed) -> None:
+        if message.dst in (RENDEZVOUS_NAME, self.id):
+            gevent.spawn(self._deliver, message)
+            return
+        entry = self.directory.resolve(message.dst)
+        link = self.leaders.get(entry.leader) if entry else None
+        if link is None:
+            reason = f"unknown destination {message.dst}" if entry is None else f"no link to the leader of {message.dst}"
+            self._send_back(error_reply(message, self.id, self.name, reason))
+            return
+        out = forwarded(message, self.name)
+        if out is None:
+            self._send_back(error_reply(message, self.id, self.name, f"hop limit ({wire.MAX_HOPS}) reached"))
+            return
+        link.send(out)
+
+    def _send_back(self, message: Optional[wire.Routed]) -> None:
+        if message is None:
+            return
+        entry = self.directory.resolve(message.dst)
+        link = self.leaders.get(entry.leader) if entry else None
+        if link is not None:
+            link.send(dataclasses.replace(message, hops=1))
+
+    def _deliver(self, message: wire.Routed) -> None:
+        if message.kind != "req":
+            log.info("ignoring %s %s from %s: the rendez-vous node answers requests only", message.kind, message.topic, message.src)
+            return
+        try:
+            if message.topic == "enroll":
+                payload = self._enroll_routed(message)
+            elif message.topic == "ping":
+                payload = json.dumps({"route": list(message.route) + [self.name]}).encode()
+            else:
+                raise LookupError(f"the rendez-vous node has no service {message.topic!r}")
+            reply = wire.Routed(src=self.id, dst=message.src, kind="rep", topic=message.topic,
+                                request_id=message.request_id, route=(self.name,), payload=payload)
+        except (AuthError, LookupError, ValueError, RemoteProtocolError) as exc:
+            reply = error_reply(message, self.id, self.name, str(exc))
+        self._send_back(reply)
+
+    def _enroll_routed(self, message: wire.Routed) -> bytes:
+        if not self.session.tls:
+            raise LookupError("no enrollment in a plain-TCP session")
+        try:
+            request = json.loads(message.payload)
+            enroll = wire.Enroll.from_header(request, b"")
+        except (ValueError, TypeError) as exc:
+            raise RemoteProtocolError(f"bad enroll request: {exc}") from None
+        via = message.route[0] if message.route else "?"
+        node_id, cert_pem = self._enroll(enroll.token, enroll.csr_pem, enroll.name, f"leader {via}")
+        return json.dumps({"node_id": node_id, "cert_pem": cert_pem}).encode()
+
+    # --- reachability ------------------------------------------------------------------------
+
+    def _spawn_dialback(self, entry: wire.NodeEntry) -> None:
+        gevent.spawn(self._dialback, entry)
+
+    def _dialback(self, entry: wire.NodeEntry) -> None:
+        reasons = []
+        inbound = False
+        for text in entry.addrs:
+            try:
+                self._probe(parse_address(text), entry.node_id)
+            except (ConnectError, ConfigError, OSError, TimeoutError, AuthError) as exc:
+                reasons.append(f"{text}: {exc}")
+                continue
+            inbound = True
+            break
+        current = self.directory.get(entry.node_id)
+        if current is None or current.addrs != entry.addrs:
+            return  # gone or re-registered meanwhile; its own dial-back will tell
+        log.info("dial-back to %s: %s%s", entry.name, "reachable" if inbound else "not reachable",
+                 "" if inbound or not reasons else f" ({'; '.join(reasons)})")
+        self._update([dataclasses.replace(current, inbound=inbound)], [])
+
+    def _probe(self, address: Address, node_id: str) -> None:
+        with gevent.Timeout(DIALBACK_TIMEOUT_S, TimeoutError(f"no answer within {DIALBACK_TIMEOUT_S:.1f} s")):
+            sock = dial(address, timeout=DIALBACK_TIMEOUT_S)
+            try:
+                if self.session.tls:
+                    sock = tls_client(sock, self._client_ctx, timeout=DIALBACK_TIMEOUT_S)
+                    peer = peer_identity(sock)
+                    if peer is None or peer.kind != "node" or peer.id != node_id:
+                        raise AuthError(f"{address} answered as {peer}, not as node {node_id}")
+                send_message(sock, wire.Hello(name=RENDEZVOUS_NAME, cluster=None, role="probe",
+                                              software=f"gridsock {__version__}"))
+            finally:
+                sock.close()
+
+    # --- control -----------------------------------------------------------------------------
+
+    def _control_op(self, op: str, args: dict):
+        if op == "status":
+            return {
+                "role": "rendezvous",
+                "name": self.name,
+                "node_id": self.id,
+                "session": self.id,
+                "address": str(self.address),
+                "bootstrap": self.session.bootstrap,
+                "directory": self.directory.to_json(),
+                "links": [
+                    {"peer": link.entry.name, "peer_id": link.peer_id, "kind": "leader", "label": link.label}
+                    for link in self.leaders.values()
+                ],
+            }
+        raise ConfigError(f"unknown control operation {op!r} (the rendez-vous node knows: status)")

@@ -1,0 +1,256 @@
+"""The ``gridsock`` command line.
+
+``gridsock session new DIR --rendezvous HOST:PORT``  make a session (CA, token, session.toml)
+``gridsock rendezvous --session FILE``               run the rendez-vous node
+``gridsock node --session FILE --name N ...``        run a node (leader, or member with --leader)
+``gridsock status``                                  what a running node knows: nodes, links
+``gridsock ping NODE``                               round trip over the bootstrap channel
+``gridsock lab up|down|exec NODE CMD|status``        the network-namespace grid lab
+``gridsock demo``                                    a rendez-vous node and a few nodes, here
+
+Each option maps one to one onto a keyword argument of :class:`gridsock.node.Node` or
+:class:`gridsock.bootstrap.rendezvous.RendezvousNode`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import List, Optional
+
+__all__ = ["main"]
+
+log = logging.getLogger("gridsock.cli")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gridsock", description="Sockets across NAT, firewalls and private clusters.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    session = sub.add_parser("session", help="make sessions")
+    session_sub = session.add_subparsers(dest="session_command", metavar="ACTION")
+    session_sub.required = True
+    new = session_sub.add_parser("new", help="make a session: CA, rendez-vous certificate, join token, session.toml")
+    new.add_argument("directory")
+    new.add_argument("--rendezvous", required=True, metavar="HOST:PORT", help="where nodes reach the rendez-vous node")
+    new.add_argument("--plain-tcp", action="store_true",
+                     help="no TLS on the bootstrap channel (only for a private grid you trust)")
+
+    rv = sub.add_parser("rendezvous", help="run the rendez-vous node")
+    rv.add_argument("--session", required=True, metavar="FILE")
+    rv.add_argument("--listen", metavar="HOST:PORT", help="default: 0.0.0.0 and the session's port")
+    rv.add_argument("--control", metavar="PATH", help="control socket (default: $GRIDSOCK_RUN_DIR/rendezvous.sock)")
+
+    node = sub.add_parser("node", help="run a node")
+    node.add_argument("--session", required=True, metavar="FILE")
+    node.add_argument("--name", required=True)
+    node.add_argument("--cluster", help="cluster name (a node without one is its own leader)")
+    node.add_argument("--leader", metavar="ADDR", help="member of the cluster whose leader's node port is ADDR (HOST:PORT or unix:PATH)")
+    node.add_argument("--listen", metavar="ADDR", help="node port (HOST:PORT or unix:PATH; default 0.0.0.0 and any port)")
+    node.add_argument("--advertise", metavar="HOST:PORT", help="address to publish for the node port")
+    node.add_argument("--ssh-gateway", metavar="USER@HOST[:PORT]", help="reach the rendez-vous node through this SSH gateway")
+    node.add_argument("--ssh-key", metavar="FILE", help="private key for the SSH gateway")
+    node.add_argument("--ssh-known-hosts", metavar="FILE", help="known_hosts holding the gateway's host key")
+    node.add_argument("--control", metavar="PATH", help="control socket (default: $GRIDSOCK_RUN_DIR/NAME.sock)")
+
+    status = sub.add_parser("status", help="what a running node (or the rendez-vous node) knows")
+    _add_target(status)
+    status.add_argument("--json", action="store_true")
+
+    ping = sub.add_parser("ping", help="round trip to NODE over the bootstrap channel")
+    ping.add_argument("dst", metavar="NODE", help="node name or id")
+    _add_target(ping)
+    ping.add_argument("-c", "--count", type=int, default=1)
+    ping.add_argument("--timeout", type=float, default=10.0)
+    ping.add_argument("--json", action="store_true")
+
+    lab = sub.add_parser("lab", help="the network-namespace grid lab (root)", add_help=False)
+    lab.add_argument("lab_args", nargs=argparse.REMAINDER)
+
+    demo = sub.add_parser("demo", help="run a rendez-vous node and a few nodes on this machine")
+    demo.add_argument("--keep", action="store_true", help="leave the processes running until Ctrl-C")
+    return parser
+
+
+def _add_target(parser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--node", "--from", dest="node", metavar="NAME", help="ask the node NAME running on this host")
+    group.add_argument("--control", metavar="PATH", help="control socket of the process to ask")
+
+
+def _control_target(args) -> str:
+    from .bootstrap.control import control_path, list_control_sockets, run_dir
+    from .errors import ConfigError
+
+    if args.control:
+        return args.control
+    if args.node:
+        return control_path(args.node)
+    sockets = list_control_sockets()
+    nodes = [s for s in sockets if not s.endswith("/rendezvous.sock")]
+    if len(nodes) == 1:
+        return nodes[0]
+    if not nodes and sockets:
+        return sockets[0]
+    if not sockets:
+        raise ConfigError(f"no gridsock process runs here (no control socket in {run_dir()})")
+    names = ", ".join(os.path.basename(s)[:-5] for s in sockets)
+    raise ConfigError(f"several gridsock processes run here ({names}): choose one with --node NAME")
+
+
+def _run_until_signalled(server) -> int:
+    import gevent
+
+    def stop(*_):
+        server.stop()
+
+    gevent.signal_handler(signal.SIGTERM, stop)
+    gevent.signal_handler(signal.SIGINT, stop)
+    server.serve_forever()
+    return 0
+
+
+def _cmd_session_new(args) -> int:
+    from .session import create_session
+
+    session = create_session(args.directory, args.rendezvous, bootstrap="tcp" if args.plain_tcp else "tls/tcp")
+    print(f"session {session.session_id} written to {session.path}")
+    print(f"  hand {session.path} to every node; keep the *-key.pem files on the rendez-vous host only")
+    return 0
+
+
+def _cmd_rendezvous(args) -> int:
+    from .bootstrap.rendezvous import RendezvousNode
+    from .session import Session
+
+    node = RendezvousNode(Session.load(args.session), listen_address=args.listen, control=args.control).start()
+    print(f"rendezvous listening {node.address}", flush=True)
+    return _run_until_signalled(node)
+
+
+def _cmd_node(args) -> int:
+    import gevent
+
+    from .node import Node
+    from .session import Session
+
+    gateway = None
+    if args.ssh_gateway:
+        from .bootstrap.sshtunnel import SSHGateway
+
+        gateway = SSHGateway.parse(args.ssh_gateway, key_filename=args.ssh_key, known_hosts=args.ssh_known_hosts)
+    node = Node(Session.load(args.session), args.name, cluster=args.cluster, leader=args.leader,
+                listen_address=args.listen, advertise=args.advertise, ssh_gateway=gateway,
+                control=args.control).start()
+    print(f"node {node.name} listening {node.address}", flush=True)
+
+    def announce():
+        if node.wait_joined():
+            print(f"joined {node.name} {node.node_id} {node.role}", flush=True)
+
+    gevent.spawn(announce)
+    return _run_until_signalled(node)
+
+
+def _cmd_status(args) -> int:
+    from .bootstrap.control import call
+
+    status = call(_control_target(args), "status")
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(status: dict) -> str:
+    """The human form of a status reply."""
+    lines = []
+    if status["role"] == "rendezvous":
+        lines.append(f"rendez-vous node of session {status['session']} on {status['address']} ({status['bootstrap']})")
+    else:
+        state = "joined" if status.get("joined") else "NOT JOINED"
+        where = f"cluster {status['cluster']}" if status.get("cluster") else "no cluster"
+        lines.append(f"node {status['name']} ({status['role']}, {where}) id {status['node_id']}: {state}, "
+                     f"node port {status['address']}, bootstrap {status['bootstrap']}")
+    directory = status["directory"]
+    names = {e["node_id"]: e["name"] for e in directory}
+    lines.append(f"{len(directory)} node(s) in the directory, {len({e['leader'] for e in directory})} leader(s):")
+    rows = [("NAME", "CLUSTER", "ROLE", "LEADER", "OBSERVED", "INBOUND", "ADDRS", "ID")]
+    for e in directory:
+        inbound = {True: "yes", False: "no", None: "?"}[e["inbound"]]
+        rows.append((e["name"], e["cluster"] or "-", e["role"], names.get(e["leader"], e["leader"][:8]),
+                     e["observed"] or "-", inbound, ",".join(e["addrs"]) or "-", e["node_id"][:8]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append("links:")
+    for link in status["links"]:
+        lines.append(f"  {link['kind']:7} {link.get('peer', '')} {link['label']}")
+    return "\n".join(lines)
+
+
+def _cmd_ping(args) -> int:
+    from .bootstrap.control import call
+    from .errors import GridsockError
+
+    target = _control_target(args)
+    failures = 0
+    for i in range(max(1, args.count)):
+        try:
+            result = call(target, "ping", {"dst": args.dst, "timeout": args.timeout}, timeout=args.timeout + 5)
+        except (GridsockError, TimeoutError) as exc:
+            print(f"ping {args.dst}: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        if args.json:
+            print(json.dumps(result, sort_keys=True))
+        else:
+            print(f"{args.dst}: {result['rtt_ms']:.3f} ms, {result['hops']} hop(s): "
+                  f"{' > '.join(result['route_there'])}; back: {' > '.join(result['route_back'])}")
+    return 1 if failures else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .errors import GridsockError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    if args.command == "lab":
+        from .testing import lab
+
+        return lab.main(args.lab_args)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(keep=args.keep)
+    handlers = {
+        "rendezvous": _cmd_rendezvous,
+        "node": _cmd_node,
+        "status": _cmd_status,
+        "ping": _cmd_ping,
+        "session": _cmd_session_new,
+    }
+    try:
+        return handlers[args.command](args)
+    except GridsockError as exc:
+        print(f"gridsock {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

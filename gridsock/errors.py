@@ -1,0 +1,96 @@
+"""The one error hierarchy of gridsock.
+
+Every exception the framework raises on purpose derives from :class:`GridsockError`.
+Foreign exceptions (``OSError``, ``ssl.SSLError``, ``paramiko.SSHException``...) are
+translated once, at the boundary where they happen, with ``raise ... from exc``.
+Errors carry structured attributes; callers never match on message text.
+All errors pickle, so they can cross process boundaries.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "GridsockError",
+    "ConfigError",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "ConnectError",
+    "AuthError",
+    "BrokenStreamError",
+    "RoutingError",
+]
+
+
+class GridsockError(Exception):
+    """Base class of every gridsock error."""
+
+
+class ConfigError(GridsockError, ValueError):
+    """A bad stack string, rule, command-line option or session file."""
+
+
+class ProtocolError(GridsockError):
+    """The bootstrap/meta protocol was broken; ``peer`` says by whom, when known."""
+
+    def __init__(self, msg: str, peer: str | None = None) -> None:
+        super().__init__(msg)
+        self.peer = peer
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.peer))
+
+
+class LocalProtocolError(ProtocolError):
+    """We broke the protocol: a bug in gridsock."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol (bad input): drop that peer and log why."""
+
+
+class ConnectError(GridsockError, ConnectionError):
+    """A connection could not be made.
+
+    ``peer`` is who we tried to reach, ``method`` the method that failed last, and
+    ``tried`` a list of ``(method, reason)`` pairs: everything attempted and why it failed.
+    """
+
+    def __init__(
+        self,
+        msg: str,
+        peer: str | None = None,
+        method: str | None = None,
+        tried: list[tuple[str, str]] | None = None,
+    ) -> None:
+        super().__init__(msg)
+        self.peer = peer
+        self.method = method
+        self.tried = list(tried or [])
+
+    def __str__(self) -> str:
+        text = self.args[0] if self.args else ""
+        if self.tried:
+            text += " (tried: " + "; ".join(f"{m}: {why}" for m, why in self.tried) + ")"
+        return text
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.peer, self.method, self.tried))
+
+
+class AuthError(ConnectError):
+    """The peer is not in this session: bad or missing certificate or join token."""
+
+
+class BrokenStreamError(GridsockError, ConnectionError):
+    """A stream or link broke while in use."""
+
+
+class RoutingError(GridsockError):
+    """A routed message could not be delivered (unknown destination, too many hops...)."""
+
+    def __init__(self, msg: str, dst: str | None = None) -> None:
+        super().__init__(msg)
+        self.dst = dst
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.dst))

@@ -1,0 +1,649 @@
+"""Sans-IO codec of the bootstrap and meta protocol: bytes in, messages out.
+
+Theory of operation
+-------------------
+Every message travels in one frame::
+
+    +----------------+---------+--------+--------------------+---------------+----------+
+    | length: u32 BE | version | type   | header_len: u32 BE | header (JSON) | payload  |
+    |                | u8 (=1) | u8     |                    | UTF-8 object  | raw bytes|
+    +----------------+---------+--------+--------------------+---------------+----------+
+                     '------------------- length bytes --------------------------------'
+
+``length`` counts everything after itself and never exceeds :data:`MAX_FRAME_BYTES`. The header
+is a JSON object whose fields depend on the type; the payload is opaque bytes (only ``Routed``
+and ``MetaData`` carry one; the other types require it empty). The decoder checks the version,
+the type, every field's presence, type and limit, and raises :class:`RemoteProtocolError` for
+anything else: that is the only exception it raises for bad input (h11's invariant), and after
+one error it stays broken. Unknown header fields are ignored, so a peer may add optional fields
+without a new version.
+
+A :class:`Decoder` is fed bytes as they arrive and hands out complete messages; :func:`encode`
+turns a message into bytes, raising :class:`LocalProtocolError` if the message breaks a limit
+(a bug on our side: we never send what we would refuse to receive). The driver that reads
+sockets lives in :mod:`gridsock.bootstrap.link`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+import uuid
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, Union
+
+from .errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_FRAME_BYTES",
+    "MAX_HOPS",
+    "MAX_NAME_BYTES",
+    "MAX_TOPIC_BYTES",
+    "MAX_ADDRS",
+    "MAX_ENTRIES_PER_UPDATE",
+    "MAX_REASON_BYTES",
+    "MAX_TOKEN_BYTES",
+    "MAX_PEM_BYTES",
+    "NodeEntry",
+    "Enroll",
+    "Enrolled",
+    "Hello",
+    "Welcome",
+    "Refuse",
+    "Register",
+    "Unregister",
+    "DirectoryUpdate",
+    "Routed",
+    "Ping",
+    "Pong",
+    "Control",
+    "ControlReply",
+    "Message",
+    "Decoder",
+    "encode",
+    "is_node_id",
+    "check_name",
+]
+
+PROTOCOL_VERSION = 1
+# 4 MiB: a directory update of MAX_ENTRIES_PER_UPDATE entries fits with room to spare, and a
+# routed payload of a few MiB still crosses the bootstrap channel in one frame.
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+# member -> leader -> rendez-vous -> leader -> member: the longest path in the tree.
+MAX_HOPS = 4
+# Node, cluster and topic names are labels a person types; 64 bytes is plenty.
+MAX_NAME_BYTES = 64
+MAX_TOPIC_BYTES = 64
+# Listen addresses a node may advertise; the rendez-vous node dials back each one.
+MAX_ADDRS = 8
+# Entries in one directory update; a larger directory is sent as several updates.
+MAX_ENTRIES_PER_UPDATE = 1000
+# Human-readable reasons in Refuse and error replies.
+MAX_REASON_BYTES = 1024
+# Join tokens are 43 characters today; leave room for longer ones.
+MAX_TOKEN_BYTES = 256
+# A certificate or CSR in PEM form.
+MAX_PEM_BYTES = 16 * 1024
+# "host:port" with the longest DNS name.
+MAX_ADDR_BYTES = 270
+
+_FRAME = struct.Struct("!IBB")
+_HEADER_LEN = struct.Struct("!I")
+_FRAME_PREFIX_BYTES = 4  # the length field itself
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_ADDR_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}\Z")
+
+
+def is_node_id(value: object) -> bool:
+    """Return True if ``value`` is a node id: a canonical lower-case UUID string."""
+    if not isinstance(value, str) or len(value) != 36:
+        return False
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+def check_name(value: object, what: str = "name") -> str:
+    """Return ``value`` if it is a valid node, cluster or topic name; else raise ValueError."""
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ValueError(f"bad {what} {value!r}: letters, digits, '.', '_', '-', not starting with a sign")
+    if len(value.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"{what} {value[:20]!r}... is longer than {MAX_NAME_BYTES} bytes")
+    return value
+
+
+# --- field checkers: return None if fine, or the reason why not -----------------------------
+
+
+def _str(limit: int):
+    def check(v):
+        if not isinstance(v, str):
+            return "must be a string"
+        if len(v.encode("utf-8", "surrogatepass")) > limit:
+            return f"longer than {limit} bytes"
+        return None
+
+    return check
+
+
+def _name(v):
+    try:
+        check_name(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _opt(check):
+    def opt(v):
+        return None if v is None else check(v)
+
+    return opt
+
+
+def _node_id(v):
+    return None if is_node_id(v) else "must be a node id (a canonical UUID)"
+
+
+def _dest(v):
+    # A destination is a node id, or a node name resolved by the routers.
+    return None if is_node_id(v) else _name(v)
+
+
+def _int(lo: int, hi: int):
+    def check(v):
+        if type(v) is not int or not lo <= v <= hi:
+            return f"must be an integer in [{lo}, {hi}]"
+        return None
+
+    return check
+
+
+def _bool(v):
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def _choice(*options):
+    def check(v):
+        return None if v in options and isinstance(v, str) else f"must be one of {', '.join(options)}"
+
+    return check
+
+
+def _addr(v):
+    if not isinstance(v, str) or len(v) > MAX_ADDR_BYTES or not _ADDR_RE.match(v):
+        return "must be 'host:port'"
+    if not 0 < int(v.rsplit(":", 1)[1]) < 65536:
+        return "port out of range"
+    return None
+
+
+def _list(check, limit: int):
+    def check_list(v):
+        if not isinstance(v, list):
+            return "must be a list"
+        if len(v) > limit:
+            return f"more than {limit} items"
+        for i, item in enumerate(v):
+            why = check(item)
+            if why:
+                return f"item {i} {why}"
+        return None
+
+    return check_list
+
+
+def _json_object(v):
+    return None if isinstance(v, dict) else "must be an object"
+
+
+def _any(v):
+    return None
+
+
+# --- messages --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeEntry:
+    """One node of the directory.
+
+    ``leader`` is the node id of the cluster's leader (the node's own id for a leader).
+    ``addrs`` are the ``host:port`` listen addresses the node advertises; ``observed`` is the
+    address the rendez-vous node saw the node's link come from (None for members, whose
+    links end at their leader); ``inbound`` says whether the rendez-vous node could dial back
+    one of ``addrs`` (None: not checked yet).
+    """
+
+    node_id: str
+    name: str
+    cluster: Optional[str]
+    leader: str
+    role: str = "leader"
+    addrs: Tuple[str, ...] = ()
+    observed: Optional[str] = None
+    inbound: Optional[bool] = None
+
+    _CHECKS: ClassVar[Dict[str, Any]] = {
+        "node_id": _node_id,
+        "name": _name,
+        "cluster": _opt(_name),
+        "leader": _node_id,
+        "role": _choice("leader", "member"),
+        "addrs": _list(_addr, MAX_ADDRS),
+        "observed": _opt(_addr),
+        "inbound": _opt(_bool),
+    }
+    _DEFAULTS: ClassVar[Dict[str, Any]] = {"role": "leader", "addrs": [], "observed": None, "inbound": None}
+
+    def to_json(self) -> dict:
+        return {
+            "node_id": self.node_id,
+            "name": self.name,
+            "cluster": self.cluster,
+            "leader": self.leader,
+            "role": self.role,
+            "addrs": list(self.addrs),
+            "observed": self.observed,
+            "inbound": self.inbound,
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> "NodeEntry":
+        """Build an entry from decoded JSON; raise ValueError with the reason if it is bad."""
+        values = _check_object(obj, cls._CHECKS, cls._DEFAULTS)
+        values["addrs"] = tuple(values["addrs"])
+        return cls(**values)
+
+
+def _entry(v):
+    try:
+        NodeEntry.from_json(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _check_object(obj: object, checks: Dict[str, Any], defaults: Dict[str, Any]) -> dict:
+    if not isinstance(obj, dict):
+        raise ValueError("must be a JSON object")
+    values = {}
+    for key, check in checks.items():
+        if key in obj:
+            value = obj[key]
+        elif key in defaults:
+            value = defaults[key]
+        else:
+            raise ValueError(f"field {key!r} is missing")
+        why = check(value)
+        if why:
+            raise ValueError(f"field {key!r} {why}")
+        values[key] = value
+    return values
+
+
+class _Message:
+    """Base of the message classes: a type code, field checks and JSON (de)serialisation."""
+
+    TYPE: ClassVar[int]
+    CHECKS: ClassVar[Dict[str, Any]] = {}
+    DEFAULTS: ClassVar[Dict[str, Any]] = {}
+    HAS_PAYLOAD: ClassVar[bool] = False
+
+    def header(self) -> dict:
+        out = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            if f.name == "payload":
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = [v.to_json() if isinstance(v, NodeEntry) else v for v in value]
+            elif isinstance(value, NodeEntry):
+                value = value.to_json()
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_header(cls, header: dict, payload: bytes):
+        values = _check_object(header, cls.CHECKS, cls.DEFAULTS)
+        values = cls._convert(values)
+        if cls.HAS_PAYLOAD:
+            values["payload"] = payload
+        return cls(**values)
+
+    @classmethod
+    def _convert(cls, values: dict) -> dict:
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+@dataclass(frozen=True)
+class Enroll(_Message):
+    """Join request: prove the session's join token, ask for a certificate for a new node id.
+
+    Sent by a node without a certificate over server-authenticated TLS, to the rendez-vous
+    node or to its cluster's leader (which forwards it, as ``Routed`` with topic ``enroll``).
+    """
+
+    TYPE: ClassVar[int] = 1
+    token: str
+    csr_pem: str
+    name: str
+    CHECKS: ClassVar[Dict[str, Any]] = {
+        "token": _str(MAX_TOKEN_BYTES),
+        "csr_pem": _str(MAX_PEM_BYTES),
+        "name": _name,
+    }
+
+
+@dataclass(frozen=True)
+class Enrolled(_Message):
+    """Join granted: the new node id and its certificate (PEM), signed by the session CA."""
+
+    TYPE: ClassVar[int] = 2
+    node_id: str
+    cert_pem: str
+    CHECKS: ClassVar[Dict[str, Any]] = {"node_id": _node_id, "cert_pem": _str(MAX_PEM_BYTES)}
+
+
+@dataclass(frozen=True)
+class Hello(_Message):
+    """First message on a link: who I am.
+
+    Over TLS the sender's node id is the one in its certificate and ``node_id`` and ``token``
+    stay None. In a plain-TCP session (an explicit opt-in) there are no certificates: the
+    sender names its own ``node_id`` and proves the join ``token`` here.
+    """
+
+    TYPE: ClassVar[int] = 3
+    name: str
+    cluster: Optional[str]
+    role: str
+    addrs: Tuple[str, ...] = ()
+    software: str = ""
+    node_id: Optional[str] = None
+    token: Optional[str] = None
+    CHECKS: ClassVar[Dict[str, Any]] = {
+        "name": _name,
+        "cluster": _opt(_name),
+        "role": _choice("leader", "member", "probe"),
+        "addrs": _list(_addr, MAX_ADDRS),
+        "software": _str(MAX_NAME_BYTES),
+        "node_id": _opt(_node_id),
+        "token": _opt(_str(MAX_TOKEN_BYTES)),
+    }
+    DEFAULTS: ClassVar[Dict[str, Any]] = {"addrs": [], "software": "", "node_id": None, "token": None}
+
+
+@dataclass(frozen=True)
+class Welcome(_Message):
+    """Answer to Hello: the link is up; ``entry`` is the directory entry made for the sender."""
+
+    TYPE: ClassVar[int] = 4
+    entry: NodeEntry
+    session_id: str
+    CHECKS: ClassVar[Dict[str, Any]] = {"entry": _entry, "session_id": _str(MAX_NAME_BYTES)}
+
+    @classmethod
+    def _convert(cls, values):
+        return dict(values, entry=NodeEntry.from_json(values["entry"]))
+
+
+@dataclass(frozen=True)
+class Refuse(_Message):
+    """The sender refuses the link and closes it; ``code`` is machine-readable."""
+
+    TYPE: ClassVar[int] = 5
+    code: str
+    reason: str
+    CHECKS: ClassVar[Dict[str, Any]] = {"code": _name, "reason": _str(MAX_REASON_BYTES)}
+
+
+@dataclass(frozen=True)
+class Register(_Message):
+    """Leader -> rendez-vous: these members of my cluster are up (or changed)."""
+
+    TYPE: ClassVar[int] = 6
+    entries: Tuple[NodeEntry, ...]
+    CHECKS: ClassVar[Dict[str, Any]] = {"entries": _list(_entry, MAX_ENTRIES_PER_UPDATE)}
+
+    @classmethod
+    def _convert(cls, values):
+        return {"entries": tuple(NodeEntry.from_json(e) for e in values["entries"])}
+
+
+@dataclass(frozen=True)
+class Unregister(_Message):
+    """Leader -> rendez-vous: these members of my cluster are gone."""
+
+    TYPE: ClassVar[int] = 7
+    node_ids: Tuple[str, ...]
+    CHECKS: ClassVar[Dict[str, Any]] = {"node_ids": _list(_node_id, MAX_ENTRIES_PER_UPDATE)}
+
+
+@dataclass(frozen=True)
+class DirectoryUpdate(_Message):
+    """Rendez-vous -> leaders -> members: entries joined or changed, node ids that left.
+
+    ``snapshot`` marks the first update of a series that replaces the whole directory; ``more``
+    says another part of the same snapshot follows.
+    """
+
+    TYPE: ClassVar[int] = 8
+    joined: Tuple[NodeEntry, ...] = ()
+    left: Tuple[str, ...] = ()
+    snapshot: bool = False
+    more: bool = False
+    CHECKS: ClassVar[Dict[str, Any]] = {
+        "joined": _list(_entry, MAX_ENTRIES_PER_UPDATE),
+        "left": _list(_node_id, MAX_ENTRIES_PER_UPDATE),
+        "snapshot": _bool,
+        "more": _bool,
+    }
+    DEFAULTS: ClassVar[Dict[str, Any]] = {"joined": [], "left": [], "snapshot": False, "more": False}
+
+    @classmethod
+    def _convert(cls, values):
+        return dict(
+            values,
+            joined=tuple(NodeEntry.from_json(e) for e in values["joined"]),
+            left=tuple(values["left"]),
+        )
+
+
+ROUTED_KINDS = ("msg", "req", "rep", "err")
+
+
+@dataclass(frozen=True)
+class Routed(_Message):
+    """A message for another node, routed along the tree.
+
+    ``kind``: ``msg`` (one way), ``req`` (wants a ``rep`` or ``err`` with the same
+    ``request_id`` back), ``rep``, ``err`` (payload: a UTF-8 reason). ``route`` lists the names
+    of the nodes the message went through, the sender first; ``hops`` counts forwards.
+    """
+
+    TYPE: ClassVar[int] = 9
+    src: str
+    dst: str
+    kind: str
+    topic: str
+    request_id: int = 0
+    hops: int = 0
+    route: Tuple[str, ...] = ()
+    payload: bytes = b""
+    HAS_PAYLOAD: ClassVar[bool] = True
+    CHECKS: ClassVar[Dict[str, Any]] = {
+        "src": _node_id,
+        "dst": _dest,
+        "kind": _choice(*ROUTED_KINDS),
+        "topic": _name,
+        "request_id": _int(0, 2**32 - 1),
+        "hops": _int(0, MAX_HOPS),
+        "route": _list(_name, MAX_HOPS + 1),
+    }
+    DEFAULTS: ClassVar[Dict[str, Any]] = {"request_id": 0, "hops": 0, "route": []}
+
+
+@dataclass(frozen=True)
+class Ping(_Message):
+    """Liveness probe; the peer answers Pong with the same nonce."""
+
+    TYPE: ClassVar[int] = 10
+    nonce: int
+    CHECKS: ClassVar[Dict[str, Any]] = {"nonce": _int(0, 2**32 - 1)}
+
+
+@dataclass(frozen=True)
+class Pong(_Message):
+    TYPE: ClassVar[int] = 11
+    nonce: int
+    CHECKS: ClassVar[Dict[str, Any]] = {"nonce": _int(0, 2**32 - 1)}
+
+
+@dataclass(frozen=True)
+class Control(_Message):
+    """Local control socket: a command from the ``gridsock`` CLI to a running process."""
+
+    TYPE: ClassVar[int] = 12
+    op: str
+    args: Dict[str, Any] = field(default_factory=dict)
+    CHECKS: ClassVar[Dict[str, Any]] = {"op": _name, "args": _json_object}
+    DEFAULTS: ClassVar[Dict[str, Any]] = {"args": {}}
+
+
+@dataclass(frozen=True)
+class ControlReply(_Message):
+    TYPE: ClassVar[int] = 13
+    ok: bool
+    result: Any = None
+    error: str = ""
+    CHECKS: ClassVar[Dict[str, Any]] = {"ok": _bool, "result": _any, "error": _str(MAX_REASON_BYTES)}
+    DEFAULTS: ClassVar[Dict[str, Any]] = {"result": None, "error": ""}
+
+    @classmethod
+    def _convert(cls, values):
+        return values
+
+
+Message = Union[
+    Enroll, Enrolled, Hello, Welcome, Refuse, Register, Unregister, DirectoryUpdate, Routed,
+    Ping, Pong, Control, ControlReply,
+]
+
+_BY_TYPE: Dict[int, Type[_Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Enroll, Enrolled, Hello, Welcome, Refuse, Register, Unregister, DirectoryUpdate, Routed,
+        Ping, Pong, Control, ControlReply,
+    )
+}
+
+
+def encode(message: _Message) -> bytes:
+    """Return the frame for ``message``.
+
+    Raises LocalProtocolError if the message breaks a field rule or a limit: we never send what
+    we would refuse to receive.
+    """
+    cls = type(message)
+    if _BY_TYPE.get(getattr(cls, "TYPE", None)) is not cls:
+        raise LocalProtocolError(f"not a wire message: {message!r}")
+    header = message.header()
+    try:
+        _check_object(header, cls.CHECKS, cls.DEFAULTS)
+        header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    except (ValueError, TypeError) as exc:
+        raise LocalProtocolError(f"cannot encode {cls.__name__}: {exc}") from exc
+    payload = message.payload if cls.HAS_PAYLOAD else b""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise LocalProtocolError(f"{cls.__name__} payload must be bytes")
+    length = 2 + _HEADER_LEN.size + len(header_bytes) + len(payload)
+    if length > MAX_FRAME_BYTES:
+        raise LocalProtocolError(f"{cls.__name__} of {length} bytes exceeds MAX_FRAME_BYTES ({MAX_FRAME_BYTES})")
+    return b"".join(
+        (_FRAME.pack(length, PROTOCOL_VERSION, cls.TYPE), _HEADER_LEN.pack(len(header_bytes)), header_bytes, payload)
+    )
+
+
+class Decoder:
+    """Incremental frame decoder: ``feed()`` bytes, then call ``next_message()`` until None.
+
+    ``next_message()`` returns a message, returns None when it needs more bytes, or raises
+    RemoteProtocolError; after an error every later call raises it again.
+    """
+
+    def __init__(self, *, peer: str | None = None, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self.peer = peer
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+        self._pos = 0
+        self._error: RemoteProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet turned into a message."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes) -> None:
+        if self._pos and self._pos > len(self._buf) // 2:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_message(self) -> Optional[Message]:
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next()
+        except RemoteProtocolError as exc:
+            self._error = exc
+            raise
+
+    def _fail(self, why: str) -> RemoteProtocolError:
+        return RemoteProtocolError(why, peer=self.peer)
+
+    def _next(self) -> Optional[Message]:
+        if self.buffered < _FRAME.size:
+            if self.buffered >= _FRAME_PREFIX_BYTES:
+                self._check_length(int.from_bytes(self._buf[self._pos : self._pos + 4], "big"))
+            return None
+        length, version, type_code = _FRAME.unpack_from(self._buf, self._pos)
+        self._check_length(length)
+        if version != PROTOCOL_VERSION:
+            raise self._fail(f"unsupported protocol version {version} (we speak {PROTOCOL_VERSION})")
+        cls = _BY_TYPE.get(type_code)
+        if cls is None:
+            raise self._fail(f"unknown message type {type_code}")
+        if self.buffered < _FRAME_PREFIX_BYTES + length:
+            return None
+        start = self._pos + _FRAME.size
+        end = self._pos + _FRAME_PREFIX_BYTES + length
+        body = bytes(self._buf[start:end])
+        self._pos = end
+        return self._parse(cls, body)
+
+    def _check_length(self, length: int) -> None:
+        if length > self.max_frame_bytes:
+            raise self._fail(f"frame of {length} bytes exceeds the limit of {self.max_frame_bytes}")
+        if length < 2 + _HEADER_LEN.size:
+            raise self._fail(f"frame of {length} bytes is too short")
+
+    def _parse(self, cls: Type[_Message], body: bytes) -> Message:
+        (header_len,) = _HEADER_LEN.unpack_from(body)
+        if header_len > len(body) - _HEADER_LEN.size:
+            raise self._fail(f"{cls.__name__}: header length {header_len} runs past the frame")
+        header_bytes = body[_HEADER_LEN.size : _HEADER_LEN.size + header_len]
+        payload = body[_HEADER_LEN.size + header_len :]
+        if payload and not cls.HAS_PAYLOAD:
+            raise self._fail(f"{cls.__name__} carries no payload, got {len(payload)} bytes")
+        try:
+            header = json.loads(header_bytes.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise self._fail(f"{cls.__name__}: header is not JSON: {exc}") from None
+        try:
+            return cls.from_header(header, payload)  # type: ignore[return-value]
+        except (ValueError, TypeError) as exc:
+            raise self._fail(f"{cls.__name__}: {exc}") from None

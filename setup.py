@@ -1,0 +1,52 @@
+"""gridsock: sockets that reach every node of a computing grid."""
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "gridsock" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="gridsock",
+    version=VERSION,
+    description="Sockets across NAT, firewalls and private clusters: a PadicoTM-style meta-communication framework",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=[
+        "gridsock",
+        "gridsock.bootstrap",
+        "gridsock.testing",
+        "gridsock.personalities",
+        "gridsock.shims",
+    ],
+    package_dir={
+        "gridsock.personalities": "personalities",
+        "gridsock.shims": "shims",
+    },
+    install_requires=[
+        'gevent>=26; python_version >= "3.10"',
+        'gevent==25.9.1; python_version < "3.10"',
+        "cryptography>=42",
+        "pyopenssl>=24",
+        "paramiko>=3.4",
+        "pysocks>=1.7",
+        "lz4>=4",
+        'tomli>=2; python_version < "3.11"',
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+    },
+    entry_points={
+        "console_scripts": ["gridsock = gridsock.cli:main"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: System :: Networking",
+        "Topic :: System :: Distributed Computing",
+    ],
+)
