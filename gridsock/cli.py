@@ -188,11 +188,14 @@ def format_status(status: dict) -> str:
     directory = status["directory"]
     names = {e["node_id"]: e["name"] for e in directory}
     lines.append(f"{len(directory)} node(s) in the directory, {len({e['leader'] for e in directory})} leader(s):")
-    rows = [("NAME", "CLUSTER", "ROLE", "LEADER", "OBSERVED", "INBOUND", "ADDRS", "ID")]
+    routes = status.get("routes", {})
+    rows = [("NAME", "CLUSTER", "ROLE", "LEADER", "OBSERVED", "INBOUND", "ADDRS", "ID", "HOPS", "ROUTE")]
     for e in directory:
         inbound = {True: "yes", False: "no", None: "?"}[e["inbound"]]
+        route = routes.get(e["node_id"])
         rows.append((e["name"], e["cluster"] or "-", e["role"], names.get(e["leader"], e["leader"][:8]),
-                     e["observed"] or "-", inbound, ",".join(e["addrs"]) or "-", e["node_id"][:8]))
+                     e["observed"] or "-", inbound, ",".join(e["addrs"]) or "-", e["node_id"][:8],
+                     str(len(route) - 1) if route else "-", " > ".join(route) if route else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append("links:")

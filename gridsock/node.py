@@ -42,7 +42,7 @@ from . import __version__, wire
 from .bootstrap.control import ControlServer, control_path
 from .bootstrap.directory import RENDEZVOUS_NAME, Directory
 from .bootstrap.link import HANDSHAKE_TIMEOUT_S, Link, read_message, send_message, tune_socket
-from .bootstrap.routing import REQUEST_TIMEOUT_S, Requests, error_reply, first_send, forwarded
+from .bootstrap.routing import REQUEST_TIMEOUT_S, Requests, error_reply, first_send, forwarded, tree_route
 from .bootstrap.transport import Address, dial, listen, parse_address, tls_client, tls_server
 from .errors import (
     AuthError,
@@ -620,8 +620,16 @@ class Node:
             "joined": self.joined,
             "entry": self.entry.to_json() if self.entry else None,
             "directory": self.directory.to_json(),
+            "routes": self._routes(),
             "links": links,
         }
+
+    def _routes(self) -> dict:
+        """For each node in the directory, the bootstrap route from here (names)."""
+        me = self.directory.get(self.node_id) if self.node_id else None
+        if me is None:
+            return {}
+        return {e.node_id: list(tree_route(self.directory, me, e)) for e in self.directory}
 
     def _control_op(self, op: str, args: dict):
         if op == "status":
@@ -634,18 +642,22 @@ class Node:
             return self.ping(dst, timeout=timeout).to_json()
         if op == "wait":
             return self.wait_directory(present=args.get("present", ()), absent=args.get("absent", ()),
+                                       settled=bool(args.get("settled", False)),
                                        timeout=float(args.get("timeout", REQUEST_TIMEOUT_S)))
         raise ConfigError(f"unknown control operation {op!r} (a node knows: status, ping, wait)")
 
-    def wait_directory(self, *, present=(), absent=(), timeout: float = REQUEST_TIMEOUT_S) -> list:
+    def wait_directory(self, *, present=(), absent=(), settled: bool = False,
+                       timeout: float = REQUEST_TIMEOUT_S) -> list:
         """Wait until the directory holds every name in ``present`` and none in ``absent``.
 
+        With ``settled``, also until every entry has a dial-back verdict (``inbound`` not None).
         Returns the directory (as JSON); raises RoutingError after ``timeout`` seconds.
         """
         deadline = time.monotonic() + timeout
         while True:
             names = {e.name for e in self.directory}
-            if names >= set(present) and not names & set(absent):
+            unsettled = settled and any(e.inbound is None for e in self.directory)
+            if names >= set(present) and not names & set(absent) and not unsettled:
                 return self.directory.to_json()
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -32,6 +32,7 @@ from ..errors import BrokenStreamError, RemoteProtocolError
 __all__ = [
     "PING_INTERVAL_S",
     "LINK_TIMEOUT_S",
+    "DEAD_PEER_S",
     "HANDSHAKE_TIMEOUT_S",
     "SEND_QUEUE_FRAMES",
     "RECV_CHUNK_BYTES",
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 PING_INTERVAL_S = 2.0
 # A link on which nothing arrived for this long is dead (its peer vanished without a FIN).
 LINK_TIMEOUT_S = 6.0
+# The longest a link takes to notice a peer that went silent (no FIN): the timeout, plus up to
+# one ping interval before the pinger looks.
+DEAD_PEER_S = LINK_TIMEOUT_S + PING_INTERVAL_S
 # Time for TLS and the Hello/Welcome exchange; a peer slower than this is dropped.
 HANDSHAKE_TIMEOUT_S = 10.0
 # Frames queued for one peer before it counts as too slow and is dropped.

@@ -40,13 +40,18 @@ from ..errors import AuthError, BrokenStreamError, ConfigError, ConnectError, Re
 from ..session import Session, client_context, peer_identity, server_context
 from .control import ControlServer, control_path
 from .directory import RENDEZVOUS_NAME, Directory
-from .link import HANDSHAKE_TIMEOUT_S, Link, read_message, send_message, tune_socket
+from .link import DEAD_PEER_S, HANDSHAKE_TIMEOUT_S, Link, read_message, send_message, tune_socket
 from .routing import error_reply, forwarded
 from .transport import Address, dial, listen, parse_address, tls_client, tls_server
 
-__all__ = ["RendezvousNode", "DIALBACK_TIMEOUT_S"]
+__all__ = ["RendezvousNode", "DIALBACK_TIMEOUT_S", "LEAVE_BOUND_S"]
 
 log = logging.getLogger(__name__)
+
+# A leader that dies (even silently: frozen, cut off) is out of every directory within this
+# long: the rendez-vous link notices it (DEAD_PEER_S at worst), then one update crosses two
+# links (rendez-vous -> leaders -> members), which takes well under a second.
+LEAVE_BOUND_S = DEAD_PEER_S + 2.0
 
 # A dial-back to an advertised address that has not completed TLS after this long fails:
 # firewalls that drop packets make the connect hang, not fail.

@@ -29,7 +29,7 @@ import gevent.event
 from .. import wire
 from ..errors import RoutingError
 
-__all__ = ["forwarded", "first_send", "error_reply", "Requests", "REQUEST_TIMEOUT_S"]
+__all__ = ["forwarded", "first_send", "error_reply", "tree_route", "Requests", "REQUEST_TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,27 @@ def error_reply(message: wire.Routed, src_id: str, src_name: str, reason: str) -
         route=(src_name,),
         payload=reason.encode()[: wire.MAX_REASON_BYTES],
     )
+
+
+def tree_route(directory, src: wire.NodeEntry, dst: wire.NodeEntry, rendezvous_name: str = "rendezvous") -> tuple:
+    """The names on the path a routed message takes from ``src`` to ``dst`` (both included)."""
+    if src.node_id == dst.node_id:
+        return (src.name,)
+    up = [src.name]
+    if src.leader != src.node_id:
+        leader = directory.get(src.leader)
+        up.append(leader.name if leader else src.leader[:8])
+    down = [dst.name]
+    if dst.leader != dst.node_id:
+        leader = directory.get(dst.leader)
+        down.insert(0, leader.name if leader else dst.leader[:8])
+    if src.leader == dst.leader:  # the same cluster: the leader turns the message around
+        if src.leader == src.node_id:
+            return (src.name, dst.name)
+        if dst.leader == dst.node_id:
+            return (src.name, dst.name)
+        return tuple(up + [dst.name])
+    return tuple(up + [rendezvous_name] + down)
 
 
 class Requests:

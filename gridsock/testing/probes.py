@@ -1,0 +1,111 @@
+"""Hostile and broken clients for tests: ``python -m gridsock.testing.probes MODE HOST PORT ...``.
+
+Each mode connects to a gridsock listening port, misbehaves in one way and prints one JSON line
+saying what the server did: ``closed`` (it dropped us), ``open`` (it still waited after the
+deadline), the message types it sent, or the TLS error it gave. Tests run these inside lab
+namespaces, as a stranger on the network would.
+
+Modes:
+  garbage HOST PORT                        random bytes on a raw TCP connection
+  oversized HOST PORT SESSION              TLS (no client cert), then a frame longer than the limit
+  hello-nocert HOST PORT SESSION           TLS without a certificate, then a Hello as if a leader
+  foreign HOST PORT SESSION OTHER_SESSION  TLS with a certificate from another session's CA
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import sys
+
+__all__ = ["main"]
+
+# How long a probe waits for the server to react before calling the connection "open".
+PROBE_DEADLINE_S = 15.0
+
+
+def _read_until_closed(sock) -> dict:
+    from gridsock import wire
+    from gridsock.errors import RemoteProtocolError
+
+    decoder = wire.Decoder(peer="server")
+    received = []
+    sock.settimeout(PROBE_DEADLINE_S)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return {"outcome": "closed", "received": received}
+            decoder.feed(data)
+            while True:
+                try:
+                    message = decoder.next_message()
+                except RemoteProtocolError as exc:
+                    return {"outcome": "garbled", "received": received, "error": str(exc)}
+                if message is None:
+                    break
+                received.append(type(message).__name__)
+    except socket.timeout:
+        return {"outcome": "open", "received": received}
+    except ssl.SSLError as exc:
+        return {"outcome": "closed", "received": received, "tls_error": exc.reason or str(exc)}
+    except OSError as exc:
+        return {"outcome": "closed", "received": received, "error": str(exc)}
+
+
+def _plain_tls_context(session):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(cadata=session.ca_cert_pem.decode())
+    return context
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode, host, port = argv[0], argv[1], int(argv[2])
+    sock = socket.create_connection((host, port), timeout=PROBE_DEADLINE_S)
+    result: dict = {"mode": mode}
+    try:
+        if mode == "garbage":
+            sock.sendall(os.urandom(4096))
+            result.update(_read_until_closed(sock))
+            return _print(result)
+
+        from gridsock import wire
+        from gridsock.session import Identity, Session, new_node_key
+
+        session = Session.load(argv[3])
+        if mode == "foreign":
+            other = Session.load(argv[4]).certificate_authority()
+            key_pem, csr_pem = new_node_key()
+            identity = Identity(other.sign_node(csr_pem, "00000000-0000-4000-8000-000000000001"), key_pem)
+            context = _plain_tls_context(session)
+            context.load_cert_chain(*identity.cert_files())
+        else:
+            context = _plain_tls_context(session)
+        try:
+            tls = context.wrap_socket(sock)
+        except (ssl.SSLError, OSError) as exc:
+            result.update(outcome="closed", received=[], tls_error=getattr(exc, "reason", None) or str(exc))
+            return _print(result)
+        sock = tls
+        if mode == "oversized":
+            sock.sendall(b"\xff\xff\xff\xff" + os.urandom(1024))
+        elif mode in ("hello-nocert", "foreign"):
+            sock.sendall(wire.encode(wire.Hello(name="intruder", cluster=None, role="leader")))
+        else:
+            raise SystemExit(f"unknown mode {mode!r}")
+        result.update(_read_until_closed(sock))
+        return _print(result)
+    finally:
+        sock.close()
+
+
+def _print(result: dict) -> int:
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
