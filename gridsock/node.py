@@ -399,7 +399,10 @@ class Node:
             raise AuthError(f"enrollment refused: {reply.reason}", peer=str(target), method=reply.code)
         if not isinstance(reply, wire.Enrolled):
             raise RemoteProtocolError(f"expected Enrolled, got {type(reply).__name__}", peer=str(target))
-        self.identity = Identity(reply.cert_pem.encode(), key_pem)
+        try:
+            self.identity = Identity(reply.cert_pem.encode(), key_pem)
+        except ConfigError as exc:
+            raise RemoteProtocolError(f"the certificate we were sent is unusable: {exc}", peer=str(target)) from None
         if self.identity.node_id != reply.node_id:
             raise RemoteProtocolError("the certificate does not carry the node id we were given", peer=str(target))
         self.node_id = reply.node_id
@@ -543,9 +546,18 @@ class Node:
         try:
             reply = self.request(RENDEZVOUS_NAME, "enroll", request)
         except RoutingError as exc:
-            self._refuse(sock, "bad-token" if "token" in str(exc) else "enroll-failed", str(exc), label)
-        answer = json.loads(reply.payload)
-        send_message(sock, wire.Enrolled(node_id=answer["node_id"], cert_pem=answer["cert_pem"]))
+            self._refuse(sock, "enroll-failed", f"cannot reach the rendez-vous node to enroll: {exc}", label)
+        try:
+            answer = json.loads(reply.payload)
+        except ValueError as exc:
+            raise RemoteProtocolError(f"bad enroll answer from the rendez-vous node: {exc}") from None
+        if isinstance(answer, dict) and "refused" in answer:
+            self._refuse(sock, str(answer["refused"]), str(answer.get("reason", "enrollment refused")), label)
+        try:
+            enrolled = wire.Enrolled.from_header(answer, b"")
+        except (ValueError, TypeError) as exc:
+            raise RemoteProtocolError(f"bad enroll answer from the rendez-vous node: {exc}") from None
+        send_message(sock, enrolled)
 
     def _accept_member(self, sock, decoder, hello: wire.Hello, peer, label: str) -> bool:
         if self.session.tls:

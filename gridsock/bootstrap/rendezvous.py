@@ -318,7 +318,11 @@ class RendezvousNode:
         except (ValueError, TypeError) as exc:
             raise RemoteProtocolError(f"bad enroll request: {exc}") from None
         via = message.route[0] if message.route else "?"
-        node_id, cert_pem = self._enroll(enroll.token, enroll.csr_pem, enroll.name, f"leader {via}")
+        try:
+            node_id, cert_pem = self._enroll(enroll.token, enroll.csr_pem, enroll.name, f"leader {via}")
+        except AuthError as exc:
+            log.warning("refused %s: %s", f"leader {via}", exc)
+            return json.dumps({"refused": "bad-token", "reason": str(exc)}).encode()
         return json.dumps({"node_id": node_id, "cert_pem": cert_pem}).encode()
 
     # --- reachability ------------------------------------------------------------------------

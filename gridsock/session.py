@@ -1,0 +1,931 @@
+"""Session file, session CA, node certificates, join tokens and TLS contexts.
+
+Theory of operation
+-------------------
+A *session* is one grid deployment. ``create_session(DIR, "HOST:PORT")`` writes:
+
+``session.toml``
+    Handed to every node; holds no private key: the session id (a uuid4), the rendez-vous
+    address, the bootstrap stack (``"tls/tcp"``, or ``"tcp"`` as an explicit opt-in for private
+    grids), the join token and the session CA certificate, the one trust anchor of the session.
+``ca-key.pem`` (0600), ``rendezvous-cert.pem``, ``rendezvous-key.pem`` (0600), ``ca.pem``
+    The rendez-vous host's private material, beside ``session.toml``; they never leave it.
+
+Enrollment: a node makes its own key and a CSR (:func:`new_node_key`), connects to the rendez-vous
+over server-authenticated TLS (:func:`client_context` with no identity; the rendez-vous port uses
+``require_client_cert=False``), proves it holds the join token (:meth:`Session.check_token` on the
+rendez-vous side) and receives a certificate for its uuid (:meth:`CertificateAuthority.sign_node`).
+From then on every link is mutual TLS between certificates of the session CA, and each side learns
+who the other is from the SAN URI of its certificate (:func:`peer_identity`): host names play no
+part, since nodes sit behind NAT and relays.
+
+Certificates: EC P-256 keys, SHA-256, X.509 v3 with the extensions that OpenSSL's strict mode
+(``VERIFY_X509_STRICT``, the default from Python 3.13) requires; contexts set that flag on every
+Python so all versions accept and reject the same chains.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import hmac
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import shutil
+import ssl
+import tempfile
+import uuid
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.utils import CryptographyDeprecationWarning
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from gevent import ssl as gssl
+
+from .errors import AuthError, ConfigError, LocalProtocolError, RemoteProtocolError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+__all__ = [
+    "DEFAULT_RENDEZVOUS_PORT",
+    "BOOTSTRAP_STACKS",
+    "SESSION_FILE",
+    "CA_LIFETIME_S",
+    "RENDEZVOUS_CERT_LIFETIME_S",
+    "NODE_CERT_LIFETIME_S",
+    "CLOCK_SKEW_S",
+    "JOIN_TOKEN_BYTES",
+    "MAX_CSR_BYTES",
+    "RENDEZVOUS_NODE_ID",
+    "Session",
+    "create_session",
+    "parse_hostport",
+    "format_hostport",
+    "CertificateAuthority",
+    "new_node_key",
+    "Identity",
+    "PeerIdentity",
+    "server_context",
+    "client_context",
+    "peer_identity",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RENDEZVOUS_PORT = 7700
+BOOTSTRAP_STACKS = ("tls/tcp", "tcp")
+
+SESSION_FILE = "session.toml"
+CA_CERT_FILE = "ca.pem"
+CA_KEY_FILE = "ca-key.pem"
+RENDEZVOUS_CERT_FILE = "rendezvous-cert.pem"
+RENDEZVOUS_KEY_FILE = "rendezvous-key.pem"
+
+_DAY_S = 24 * 3600
+CA_LIFETIME_S = 10 * 365 * _DAY_S  # a session outlives any experiment run on it
+RENDEZVOUS_CERT_LIFETIME_S = 10 * 365 * _DAY_S  # capped by the CA's own expiry
+NODE_CERT_LIFETIME_S = 30 * _DAY_S  # a node re-enrolls with the join token after that
+CLOCK_SKEW_S = 5 * 60  # certificates start this much in the past: grid clocks drift
+
+JOIN_TOKEN_BYTES = 32  # 256 bits; 43 characters of unpadded urlsafe base64
+MAX_CSR_BYTES = 16 * 1024  # a P-256 CSR is ~0.5 KiB, an RSA-8192 one ~3 KiB in PEM
+MIN_RSA_KEY_BITS = 2048  # weaker keys are breakable
+MAX_RSA_KEY_BITS = 8192  # larger keys make every handshake slow: a cheap denial of service
+ALLOWED_EC_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)  # what TLS peers all support
+MAX_HOSTNAME_CHARS = 253  # RFC 1035
+MAX_HOSTNAME_LABEL_CHARS = 63  # RFC 1035
+
+NODE_URI_PREFIX = "urn:gridsock:node:"
+RENDEZVOUS_URI_PREFIX = "urn:gridsock:rendezvous:"
+RENDEZVOUS_NODE_ID = "rendezvous"  # Identity.node_id of the rendez-vous certificate
+
+# What cryptography raises for malformed certificates and CSRs; not all are ValueErrors.
+_PARSE_ERRORS = (
+    ValueError,
+    TypeError,
+    UnsupportedAlgorithm,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    CryptographyDeprecationWarning,  # malformed input still accepted, for now: see _strictly()
+)
+_CSR_PLACEHOLDER_CN = "gridsock node"  # the CA replaces the whole subject
+_PORT_RE = re.compile(r"[0-9]{1,5}\Z")
+_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,%d}(?<!-)\Z" % MAX_HOSTNAME_LABEL_CHARS)
+
+
+# -- small helpers -----------------------------------------------------------------------------
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _canonical_uuid(text: object) -> str | None:
+    """Return ``text`` if it is a uuid in canonical form (lower case, hyphens), else None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        canonical = str(uuid.UUID(text))
+    except ValueError:
+        return None
+    return canonical if canonical == text else None
+
+
+def _key_pem(key) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _spki(public_key) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _strictly(parse):
+    """Return ``parse()``, with cryptography's warnings about malformed input raised as errors.
+
+    cryptography still loads some malformed input (a certificate with a negative serial number,
+    say) with a CryptographyDeprecationWarning; we refuse it instead. The warnings filter is
+    process-wide state, so this must run without yielding (parsing never does) and is not
+    thread-safe against code that changes warnings filters concurrently.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CryptographyDeprecationWarning)
+        return parse()
+
+
+def _check_parsed(cert: x509.Certificate) -> x509.Certificate:
+    """Return ``cert`` after parsing what cryptography parses lazily (extensions, public key).
+
+    Raises one of _PARSE_ERRORS if they are malformed, so that it happens here and not later.
+    """
+    cert.extensions
+    cert.public_key()
+    return cert
+
+
+def _load_key_and_cert(cert_pem: bytes, key_pem: bytes, what: str):
+    """Parse a PEM certificate and its PEM private key; ConfigError unless they match."""
+    try:
+        cert = _strictly(lambda: _check_parsed(x509.load_pem_x509_certificate(bytes(cert_pem))))
+        cert_public_key = cert.public_key()
+    except _PARSE_ERRORS as exc:
+        raise ConfigError(f"{what}: certificate does not parse: {exc}") from exc
+    try:
+        key = _strictly(lambda: serialization.load_pem_private_key(bytes(key_pem), password=None))
+    except _PARSE_ERRORS as exc:
+        raise ConfigError(f"{what}: private key does not parse: {exc}") from exc
+    if _spki(key.public_key()) != _spki(cert_public_key):
+        raise ConfigError(f"{what}: the private key does not match the certificate")
+    return cert, key
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _san_uris(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return san.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def _identity_from_uris(uris) -> PeerIdentity | None:
+    """The one gridsock identity among SAN URIs; None if there is not exactly one valid one."""
+    found = []
+    for uri in uris:
+        for kind, prefix in (("node", NODE_URI_PREFIX), ("rendezvous", RENDEZVOUS_URI_PREFIX)):
+            if isinstance(uri, str) and uri.startswith(prefix):
+                ident = _canonical_uuid(uri[len(prefix):])
+                if ident is None:
+                    return None
+                found.append(PeerIdentity(kind, ident))
+    return found[0] if len(found) == 1 else None
+
+
+def _check_host(host: str, what: str) -> None:
+    """ConfigError unless ``host`` is an IP address or a plausible DNS name."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if not host or len(host) > MAX_HOSTNAME_CHARS or not host.isascii():
+        raise ConfigError(
+            f"{what}: {host!r} is neither an IP address nor a host name"
+            " (internationalized names must be written in punycode)"
+        )
+    if not all(_LABEL_RE.match(label) for label in host.split(".")):
+        raise ConfigError(f"{what}: {host!r} is neither an IP address nor a host name")
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``"host:port"`` or ``"[ipv6]:port"`` into ``(host, port)``.
+
+    The port may be left out (``"host"``, ``"[ipv6]"``) when ``default_port`` is given. The host
+    must be an IP address or a host name; IPv6 addresses come back without brackets. Ports run
+    from 1 to 65535. Raises ConfigError for anything else, including a bare IPv6 address, which
+    is ambiguous (``::1:7700``).
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"expected HOST:PORT as a string, got {type(text).__name__}")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ConfigError(f"{text!r}: missing ']' after the IPv6 address")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{text!r}: {host!r} in brackets is not an IPv6 address") from None
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"{text!r}: expected ':PORT' after ']'")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        raise ConfigError(f"{text!r}: write IPv6 addresses in brackets, as in [::1]:7700")
+    else:
+        host, sep, port_text = text.partition(":")
+        if not sep:
+            port_text = None
+        if not host:
+            raise ConfigError(f"{text!r}: missing host before ':'")
+        _check_host(host, repr(text))
+    if port_text is None:
+        if default_port is None:
+            raise ConfigError(f"{text!r}: missing ':PORT'")
+        return host, default_port
+    if not _PORT_RE.match(port_text) or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(f"{text!r}: port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def format_hostport(host: str, port: int) -> str:
+    """The inverse of :func:`parse_hostport`: brackets around IPv6 addresses."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- a tiny TOML writer ------------------------------------------------------------------------
+
+_TOML_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def _toml_escape(text: str, keep_newlines: bool) -> str:
+    out = []
+    for ch in text:
+        if ch == "\n" and keep_newlines:
+            out.append(ch)
+        elif ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _toml_value(value: str | int) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise TypeError(f"cannot write {type(value).__name__} to TOML")
+    if isinstance(value, int):
+        return str(value)
+    if "\n" in value:
+        # The newline right after the opening quotes is dropped by TOML readers, so the value
+        # round-trips even when it starts with a newline of its own.
+        return '"""\n' + _toml_escape(value, keep_newlines=True) + '"""'
+    return '"' + _toml_escape(value, keep_newlines=False) + '"'
+
+
+def _dump_toml(tables: dict[str, dict[str, str | int]], header: str = "") -> str:
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    for name, table in tables.items():
+        if lines:
+            lines.append("")
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write a file that must not exist yet, created with ``mode`` (private files: 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+# -- identities ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """Who the other end of a TLS link is, from its certificate.
+
+    ``kind`` is ``"node"`` or ``"rendezvous"``; ``id`` is the node uuid, or the session id for
+    the rendez-vous.
+    """
+
+    kind: str
+    id: str
+
+
+class Identity:
+    """A private key and its certificate; node_id is the uuid from the cert (or "rendezvous").
+
+    ``subject`` is the :class:`PeerIdentity` the other end of a link sees for this identity,
+    and ``not_valid_after`` the certificate's expiry (an aware UTC datetime).
+    Raises ConfigError if the certificate or key does not parse, they do not match, or the
+    certificate carries no gridsock identity.
+    """
+
+    def __init__(self, cert_pem: bytes, key_pem: bytes) -> None:
+        cert, _ = _load_key_and_cert(cert_pem, key_pem, "identity")
+        subject = _identity_from_uris(_san_uris(cert))
+        if subject is None:
+            raise ConfigError(
+                "identity: the certificate carries no gridsock node or rendez-vous URI"
+            )
+        self.cert_pem = bytes(cert_pem)
+        self.key_pem = bytes(key_pem)
+        self.subject = subject
+        self.node_id = subject.id if subject.kind == "node" else RENDEZVOUS_NODE_ID
+        self.not_valid_after = cert.not_valid_after_utc
+        self._files: tuple[str, str] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Identity {self.subject.kind} {self.subject.id}>"
+
+    def cert_files(self) -> tuple[str, str]:
+        """Return ``(cert_path, key_path)`` for ``SSLContext.load_cert_chain``.
+
+        The stdlib ssl module loads keys only from files: they are written once into a private
+        temporary directory (0700, files 0600) that is removed when this object is collected.
+        """
+        if self._files is None:
+            directory = tempfile.mkdtemp(prefix="gridsock-identity-")  # created 0700
+            weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
+            cert_path = os.path.join(directory, "cert.pem")
+            key_path = os.path.join(directory, "key.pem")
+            _write_new(Path(cert_path), self.cert_pem, 0o600)
+            _write_new(Path(key_path), self.key_pem, 0o600)
+            self._files = (cert_path, key_path)
+        return self._files
+
+
+def new_node_key() -> tuple[bytes, bytes]:
+    """Make a node's private key and a CSR for it; return ``(key_pem, csr_pem)``.
+
+    The CSR subject is a placeholder: the CA sets the real name and SAN.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, _CSR_PLACEHOLDER_CN)]))
+        .sign(key, hashes.SHA256())
+    )
+    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+
+
+def _parse_csr(csr_pem: bytes):
+    """Return ``(csr, signature_ok, public_key)``; raises one of _PARSE_ERRORS."""
+    csr = x509.load_pem_x509_csr(csr_pem)
+    return csr, csr.is_signature_valid, csr.public_key()
+
+
+# -- the certificate authority -----------------------------------------------------------------
+
+
+class CertificateAuthority:
+    """The session CA: signs the rendez-vous certificate and node certificates.
+
+    Raises ConfigError if the certificate or key does not parse, they do not match, or the
+    certificate is not a CA certificate.
+    """
+
+    def __init__(self, cert_pem: bytes, key_pem: bytes) -> None:
+        cert, key = _load_key_and_cert(cert_pem, key_pem, "session CA")
+        if not _is_ca(cert):
+            raise ConfigError("session CA: the certificate is not a CA certificate")
+        self.cert_pem = bytes(cert_pem)
+        self.key_pem = bytes(key_pem)
+        self._cert = cert
+        self._key = key
+
+    @classmethod
+    def create(cls, session_id: str) -> CertificateAuthority:
+        """Make a new self-signed CA for ``session_id`` and return it."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        common_name = f"gridsock session {session_id}"
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        now = _now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(seconds=CLOCK_SKEW_S))
+            .not_valid_after(now + datetime.timedelta(seconds=CA_LIFETIME_S))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(ski, critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        return cls(_cert_pem(cert), _key_pem(key))
+
+    def _issue(self, public_key, common_name: str, san: list, lifetime_s: int) -> bytes:
+        """Sign a leaf certificate; it expires with the CA at the latest (ConfigError if gone)."""
+        try:
+            ca_ski = self._cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+        except x509.ExtensionNotFound:
+            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key())
+        now = _now()
+        ca_expiry = self._cert.not_valid_after_utc
+        if ca_expiry <= now:
+            raise ConfigError(f"session CA expired on {ca_expiry:%Y-%m-%d}: create a new session")
+        not_after = min(now + datetime.timedelta(seconds=lifetime_s), ca_expiry)
+        rsa_key = isinstance(public_key, rsa.RSAPublicKey)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self._cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(seconds=CLOCK_SKEW_S))
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    # RSA certificates may also be used for RSA key transport in TLS 1.2.
+                    key_encipherment=rsa_key,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(aki, critical=False)
+            .add_extension(x509.SubjectAlternativeName(san), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        return _cert_pem(cert)
+
+    def sign_node(self, csr_pem: bytes, node_id: str) -> bytes:
+        """Sign a node's CSR for ``node_id`` (a canonical uuid string); return the cert PEM.
+
+        The certificate gets CN = node_id and SAN URI ``urn:gridsock:node:<node_id>``, whatever
+        the CSR asked for; only its public key is used. The CSR comes from the enrolling peer, so
+        a bad one raises RemoteProtocolError: one that does not parse, is larger than
+        MAX_CSR_BYTES, has a bad signature or a key that is neither RSA of 2048 to 8192 bits nor
+        EC on P-256/384/521. The rendez-vous picks node_id, so one that is not a uuid in
+        canonical form is our bug: LocalProtocolError. ConfigError if the CA itself has expired.
+        """
+        if _canonical_uuid(node_id) is None:
+            raise LocalProtocolError(f"node id {node_id!r} is not a uuid in canonical form")
+        if isinstance(csr_pem, str):
+            csr_pem = csr_pem.encode("ascii", "replace")
+        if not isinstance(csr_pem, (bytes, bytearray, memoryview)):
+            raise RemoteProtocolError(f"CSR must be bytes, not {type(csr_pem).__name__}")
+        if len(csr_pem) > MAX_CSR_BYTES:
+            raise RemoteProtocolError(f"CSR of {len(csr_pem)} bytes exceeds {MAX_CSR_BYTES}")
+        try:
+            csr, signature_ok, public_key = _strictly(lambda: _parse_csr(bytes(csr_pem)))
+        except _PARSE_ERRORS as exc:
+            raise RemoteProtocolError(f"CSR does not parse: {exc}") from exc
+        if not signature_ok:
+            raise RemoteProtocolError("CSR signature is not valid")
+        if isinstance(public_key, rsa.RSAPublicKey):
+            if not MIN_RSA_KEY_BITS <= public_key.key_size <= MAX_RSA_KEY_BITS:
+                raise RemoteProtocolError(
+                    f"CSR RSA key of {public_key.key_size} bits: must be"
+                    f" {MIN_RSA_KEY_BITS} to {MAX_RSA_KEY_BITS}"
+                )
+        elif isinstance(public_key, ec.EllipticCurvePublicKey):
+            if not isinstance(public_key.curve, ALLOWED_EC_CURVES):
+                raise RemoteProtocolError(
+                    f"CSR EC key on unsupported curve {public_key.curve.name}"
+                )
+        else:
+            raise RemoteProtocolError(f"CSR key type {type(public_key).__name__} is not RSA or EC")
+        cert_pem = self._issue(
+            public_key,
+            node_id,
+            [x509.UniformResourceIdentifier(NODE_URI_PREFIX + node_id)],
+            NODE_CERT_LIFETIME_S,
+        )
+        log.info("issued a certificate for node %s", node_id)
+        return cert_pem
+
+    def issue_rendezvous(self, session_id: str, host: str) -> Identity:
+        """Make the rendez-vous key and certificate; return them as an :class:`Identity`.
+
+        The SAN holds ``urn:gridsock:rendezvous:<session_id>`` and ``host`` as an IP address or
+        DNS name. Raises ConfigError for a session id that is not a uuid or a bad host.
+        """
+        if _canonical_uuid(session_id) is None:
+            raise ConfigError(f"session id {session_id!r} is not a uuid in canonical form")
+        _check_host(host, "rendez-vous host")
+        try:
+            host_name = x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            host_name = x509.DNSName(host)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert_pem = self._issue(
+            key.public_key(),
+            f"gridsock rendezvous {session_id}",
+            [x509.UniformResourceIdentifier(RENDEZVOUS_URI_PREFIX + session_id), host_name],
+            RENDEZVOUS_CERT_LIFETIME_S,
+        )
+        return Identity(cert_pem, _key_pem(key))
+
+
+# -- the session -------------------------------------------------------------------------------
+
+
+def _parse_ca_cert(text: str) -> bytes:
+    """The single CA certificate in ``text``, re-encoded; ValueError with the reason if not."""
+    try:
+        data = text.encode("ascii")
+        certs = _strictly(
+            lambda: [_check_parsed(cert) for cert in x509.load_pem_x509_certificates(data)]
+        )
+    except (UnicodeEncodeError, *_PARSE_ERRORS) as exc:
+        raise ValueError(f"not a PEM certificate ({exc})") from exc
+    if len(certs) != 1:
+        raise ValueError(f"expected one certificate, found {len(certs)}")
+    if not _is_ca(certs[0]):
+        raise ValueError("the certificate is not a CA certificate")
+    # Re-encoded, so that only this certificate ever becomes a trust anchor.
+    return _cert_pem(certs[0])
+
+
+@dataclass(frozen=True)
+class Session:
+    """A grid deployment, as described by its session.toml (see the module docstring)."""
+
+    session_id: str
+    rendezvous_host: str
+    rendezvous_port: int
+    bootstrap: str
+    join_token: str = field(repr=False)  # a secret: keep it out of logs and tracebacks
+    ca_cert_pem: bytes = field(repr=False)
+    path: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        """True unless the bootstrap stack is plain TCP."""
+        return self.bootstrap != "tcp"
+
+    @property
+    def rendezvous(self) -> str:
+        """The rendez-vous address as ``"HOST:PORT"`` (IPv6 hosts in brackets)."""
+        return format_hostport(self.rendezvous_host, self.rendezvous_port)
+
+    @classmethod
+    def load(cls, path) -> Session:
+        """Read a session file (or the session.toml of a directory) and return the Session.
+
+        Raises ConfigError naming the file and the field for a missing file, bad TOML, a missing
+        or ill-typed field, a bad HOST:PORT (the port defaults to DEFAULT_RENDEZVOUS_PORT), an
+        unknown bootstrap stack, a malformed join token, or a CA certificate that does not parse.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / SESSION_FILE
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: session file not found") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the session file: {exc}") from exc
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        table = doc.get("session")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: missing [session] table")
+
+        def string(name: str) -> str:
+            if name not in table:
+                raise ConfigError(f"{path}: [session] {name}: missing")
+            value = table[name]
+            if not isinstance(value, str):
+                raise ConfigError(
+                    f"{path}: [session] {name}: expected a string, got {type(value).__name__}"
+                )
+            return value
+
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{path}: [session] {name}: {why}")
+
+        session_id = string("id")
+        if _canonical_uuid(session_id) is None:
+            raise bad("id", f"{session_id!r} is not a uuid in canonical form")
+        try:
+            host, port = parse_hostport(string("rendezvous"), DEFAULT_RENDEZVOUS_PORT)
+        except ConfigError as exc:
+            raise bad("rendezvous", str(exc)) from exc
+        bootstrap = string("bootstrap")
+        if bootstrap not in BOOTSTRAP_STACKS:
+            raise bad("bootstrap", f"{bootstrap!r} is not one of {', '.join(BOOTSTRAP_STACKS)}")
+        join_token = string("join_token")
+        if not _valid_token(join_token):
+            raise bad(
+                "join_token",
+                f"expected {JOIN_TOKEN_BYTES} bytes as unpadded urlsafe base64"
+                f" ({_token_chars()} characters)",
+            )
+        try:
+            ca_cert_pem = _parse_ca_cert(string("ca_cert"))
+        except ValueError as exc:
+            raise bad("ca_cert", str(exc)) from exc
+        unknown = sorted(set(table) - {"id", "rendezvous", "bootstrap", "join_token", "ca_cert"})
+        if unknown:
+            log.warning("%s: ignoring unknown [session] keys: %s", path, ", ".join(unknown))
+        return cls(session_id, host, port, bootstrap, join_token, ca_cert_pem, path)
+
+    def check_token(self, token: str) -> bool:
+        """True if ``token`` is this session's join token (constant time); False for non-str."""
+        if not isinstance(token, str):
+            return False
+        try:
+            given = token.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates
+            return False
+        return hmac.compare_digest(given, self.join_token.encode("utf-8"))
+
+    def _beside(self, name: str) -> Path:
+        if self.path is None:
+            raise ConfigError("this session was not loaded from a file: no private material")
+        return self.path.parent / name
+
+    def _read_private(self, name: str) -> bytes:
+        path = self._beside(name)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"this host is not the rendez-vous host: {name} missing beside {self.path}"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc}") from exc
+
+    def certificate_authority(self) -> CertificateAuthority:
+        """Load the session CA from ca-key.pem beside the session file.
+
+        Raises ConfigError if the key is absent (this is not the rendez-vous host), does not
+        parse, or does not match the session's CA certificate.
+        """
+        key_pem = self._read_private(CA_KEY_FILE)
+        try:
+            return CertificateAuthority(self.ca_cert_pem, key_pem)
+        except ConfigError as exc:
+            raise ConfigError(f"{self._beside(CA_KEY_FILE)}: {exc}") from exc
+
+    def rendezvous_identity(self) -> Identity:
+        """Load the rendez-vous identity from rendezvous-cert.pem and rendezvous-key.pem.
+
+        Raises ConfigError if they are absent (this is not the rendez-vous host), do not parse or
+        match, or the certificate is not this session's rendez-vous certificate.
+        """
+        cert_pem = self._read_private(RENDEZVOUS_CERT_FILE)
+        key_pem = self._read_private(RENDEZVOUS_KEY_FILE)
+        where = self._beside(RENDEZVOUS_CERT_FILE)
+        try:
+            identity = Identity(cert_pem, key_pem)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        if identity.subject != PeerIdentity("rendezvous", self.session_id):
+            raise ConfigError(
+                f"{where}: not the rendez-vous certificate of session {self.session_id}"
+            )
+        try:
+            ca = x509.load_pem_x509_certificate(self.ca_cert_pem)
+            x509.load_pem_x509_certificate(cert_pem).verify_directly_issued_by(ca)
+        except (*_PARSE_ERRORS, InvalidSignature) as exc:
+            raise ConfigError(f"{where}: not issued by the session CA: {exc}") from exc
+        return identity
+
+
+def _token_chars() -> int:
+    return len(base64.urlsafe_b64encode(bytes(JOIN_TOKEN_BYTES)).rstrip(b"="))
+
+
+def _valid_token(token: str) -> bool:
+    if len(token) != _token_chars() or not re.fullmatch(r"[A-Za-z0-9_-]+", token):
+        return False
+    try:
+        return len(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))) == JOIN_TOKEN_BYTES
+    except (binascii.Error, ValueError):
+        return False
+
+
+def create_session(directory, rendezvous: str, *, bootstrap: str = "tls/tcp") -> Session:
+    """Create a new session in ``directory`` (made if missing) and return it.
+
+    Writes session.toml, ca.pem, ca-key.pem (0600), rendezvous-cert.pem and rendezvous-key.pem
+    (0600). ``rendezvous`` is ``HOST:PORT``, the address nodes dial (the port defaults to
+    DEFAULT_RENDEZVOUS_PORT). Raises ConfigError for a bad address or bootstrap stack, or if any
+    of these files already exists; on failure, nothing is left behind.
+    """
+    if bootstrap not in BOOTSTRAP_STACKS:
+        raise ConfigError(f"bootstrap {bootstrap!r} is not one of {', '.join(BOOTSTRAP_STACKS)}")
+    host, port = parse_hostport(rendezvous, DEFAULT_RENDEZVOUS_PORT)
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        unspecified = False  # a host name
+    if unspecified:
+        raise ConfigError(
+            f"rendez-vous {rendezvous!r}: nodes dial this address, so it cannot be"
+            " 0.0.0.0 or ::; give the rendez-vous host's reachable address or name"
+        )
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{directory}: cannot create the session directory: {exc}") from exc
+    names = (SESSION_FILE, CA_CERT_FILE, CA_KEY_FILE, RENDEZVOUS_CERT_FILE, RENDEZVOUS_KEY_FILE)
+    for name in names:
+        if (directory / name).exists():
+            raise ConfigError(
+                f"{directory / name} already exists: refusing to overwrite a session"
+            )
+
+    session_id = str(uuid.uuid4())
+    join_token = secrets.token_urlsafe(JOIN_TOKEN_BYTES)
+    ca = CertificateAuthority.create(session_id)
+    rendezvous_identity = ca.issue_rendezvous(session_id, host)
+    session_path = directory / SESSION_FILE
+    text = _dump_toml(
+        {
+            "session": {
+                "id": session_id,
+                "rendezvous": format_hostport(host, port),
+                "bootstrap": bootstrap,
+                "join_token": join_token,
+                "ca_cert": ca.cert_pem.decode("ascii"),
+            }
+        },
+        header=(
+            "gridsock session file: hand it to every node of the session.\n"
+            "It holds no private key, but its join_token lets a host join:"
+            " keep it within the grid."
+        ),
+    )
+    contents = (
+        # The private files first, session.toml last: it is what marks the session as complete.
+        (CA_KEY_FILE, ca.key_pem, 0o600),
+        (RENDEZVOUS_KEY_FILE, rendezvous_identity.key_pem, 0o600),
+        (RENDEZVOUS_CERT_FILE, rendezvous_identity.cert_pem, 0o644),
+        (CA_CERT_FILE, ca.cert_pem, 0o644),
+        (SESSION_FILE, text.encode("utf-8"), 0o644),
+    )
+    written = []
+    try:
+        for name, data, mode in contents:
+            _write_new(directory / name, data, mode)
+            written.append(directory / name)
+    except FileExistsError as exc:
+        _remove(written)
+        raise ConfigError(
+            f"{exc.filename} already exists: refusing to overwrite a session"
+        ) from exc
+    except OSError as exc:
+        _remove(written)
+        raise ConfigError(f"{directory}: cannot write the session files: {exc}") from exc
+    except BaseException:
+        _remove(written)
+        raise
+    log.info("created session %s in %s (rendez-vous %s)", session_id, directory, rendezvous)
+    return Session(session_id, host, port, bootstrap, join_token, ca.cert_pem, session_path)
+
+
+def _remove(paths) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+def _context(protocol: int, session: Session) -> ssl.SSLContext:
+    context = gssl.SSLContext(protocol)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False  # identity comes from the SAN URI: see peer_identity()
+    context.load_verify_locations(cadata=session.ca_cert_pem.decode("ascii"))
+    # Python 3.13 sets this by default; set it everywhere so every version agrees.
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    return context
+
+
+def server_context(
+    session: Session, identity: Identity, *, require_client_cert: bool
+) -> ssl.SSLContext:
+    """A gevent TLS server context presenting ``identity`` and trusting only the session CA.
+
+    With ``require_client_cert=False`` clients without a certificate are accepted (enrollment
+    with the join token); a client that does present one must still chain to the session CA.
+    """
+    context = _context(gssl.PROTOCOL_TLS_SERVER, session)
+    context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    context.load_cert_chain(*identity.cert_files())
+    return context
+
+
+def client_context(session: Session, identity: Identity | None) -> ssl.SSLContext:
+    """A gevent TLS client context trusting only the session CA, presenting ``identity`` if any.
+
+    The server's certificate is always required; host names are not checked (use
+    :func:`peer_identity` to learn whom the link reached).
+    """
+    context = _context(gssl.PROTOCOL_TLS_CLIENT, session)
+    context.verify_mode = ssl.CERT_REQUIRED
+    if identity is not None:
+        context.load_cert_chain(*identity.cert_files())
+    return context
+
+
+def peer_identity(ssl_sock) -> PeerIdentity | None:
+    """Who is at the other end of a TLS socket whose handshake is done.
+
+    Returns the PeerIdentity from the SAN URI of the peer's verified certificate, or None when
+    the peer sent no certificate. Raises AuthError if the certificate carries no single valid
+    gridsock URI (gridsock never issues such a certificate), and ValueError if the handshake is
+    not done.
+    """
+    cert = ssl_sock.getpeercert()
+    if not cert:  # None: no certificate; {}: one that was not verified
+        return None
+    uris = [value for kind, value in cert.get("subjectAltName", ()) if kind == "URI"]
+    identity = _identity_from_uris(uris)
+    if identity is None:
+        raise AuthError("peer certificate carries no valid gridsock identity URI")
+    return identity
