@@ -91,11 +91,17 @@ def main(argv=None) -> int:
             return _print(result)
         sock = tls
         if mode == "oversized":
-            sock.sendall(b"\xff\xff\xff\xff" + os.urandom(1024))
+            data = b"\xff\xff\xff\xff" + os.urandom(1024)
         elif mode in ("hello-nocert", "foreign"):
-            sock.sendall(wire.encode(wire.Hello(name="intruder", cluster=None, role="leader")))
+            data = wire.encode(wire.Hello(name="intruder", cluster=None, role="leader"))
         else:
             raise SystemExit(f"unknown mode {mode!r}")
+        try:
+            sock.sendall(data)
+        except (ssl.SSLError, OSError) as exc:
+            # TLS 1.3: a refused client certificate surfaces at the first write or read.
+            result.update(outcome="closed", received=[], tls_error=getattr(exc, "reason", None) or str(exc))
+            return _print(result)
         result.update(_read_until_closed(sock))
         return _print(result)
     finally:

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -210,7 +211,7 @@ def test_strangers_are_refused_and_learn_nothing(grid, tmp_path):
     # A node with the right CA but a wrong join token is refused for good, by the rendez-vous
     # node (as a leader) and by a leader (as a member), and never appears in any directory.
     bad = tmp_path / "bad-token.toml"
-    text = open(grid.session).read()
+    text = Path(grid.session).read_text()
     token_line = next(line for line in text.splitlines() if line.startswith("join_token"))
     bad.write_text(text.replace(token_line, 'join_token = "' + "x" * 43 + '"'))
     for host, extra in (("a1", []), ("b2", ["--cluster", "B", "--leader", f"{lab.addr('b1')}:{NODE_PORT}"])):
