@@ -482,9 +482,10 @@ class Node:
     def _on_directory_change(self, joined, left) -> None:
         if self.role != "leader" or not self.members:
             return
-        update = wire.DirectoryUpdate(joined=tuple(joined), left=tuple(e.node_id for e in left))
+        updates = wire.directory_updates(joined, [e.node_id for e in left])
         for link in list(self.members.values()):
-            link.send(update)
+            for update in updates:
+                link.send(update)
 
     # --- node port ---------------------------------------------------------------------------
 

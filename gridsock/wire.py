@@ -12,7 +12,8 @@ Every message travels in one frame::
 
 ``length`` counts everything after itself and never exceeds :data:`MAX_FRAME_BYTES`. The header
 is a JSON object whose fields depend on the type; the payload is opaque bytes (only ``Routed``
-and ``MetaData`` carry one; the other types require it empty). The decoder checks the version,
+carries one; the other types require it empty). Header JSON is strict: no NaN or Infinity, no
+lone surrogates in strings. The decoder checks the version,
 the type, every field's presence, type and limit, and raises :class:`RemoteProtocolError` for
 anything else: that is the only exception it raises for bad input (h11's invariant), and after
 one error it stays broken. Unknown header fields are ignored, so a peer may add optional fields
@@ -62,6 +63,7 @@ __all__ = [
     "Message",
     "Decoder",
     "encode",
+    "directory_updates",
     "is_node_id",
     "check_name",
 ]
@@ -122,7 +124,11 @@ def _str(limit: int):
     def check(v):
         if not isinstance(v, str):
             return "must be a string"
-        if len(v.encode("utf-8", "surrogatepass")) > limit:
+        try:
+            size = len(v.encode("utf-8"))
+        except UnicodeEncodeError:
+            return "is not valid Unicode text (lone surrogate)"
+        if size > limit:
             return f"longer than {limit} bytes"
         return None
 
@@ -142,6 +148,13 @@ def _opt(check):
         return None if v is None else check(v)
 
     return opt
+
+
+def _topic(v):
+    why = _name(v)
+    if why is None and len(v.encode()) > MAX_TOPIC_BYTES:
+        return f"longer than {MAX_TOPIC_BYTES} bytes"
+    return why
 
 
 def _node_id(v):
@@ -384,7 +397,7 @@ class Welcome(_Message):
     TYPE: ClassVar[int] = 4
     entry: NodeEntry
     session_id: str
-    CHECKS: ClassVar[Dict[str, Any]] = {"entry": _entry, "session_id": _str(MAX_NAME_BYTES)}
+    CHECKS: ClassVar[Dict[str, Any]] = {"entry": _entry, "session_id": _node_id}
 
     @classmethod
     def _convert(cls, values):
@@ -479,7 +492,7 @@ class Routed(_Message):
         "src": _node_id,
         "dst": _dest,
         "kind": _choice(*ROUTED_KINDS),
-        "topic": _name,
+        "topic": _topic,
         "request_id": _int(0, 2**32 - 1),
         "hops": _int(0, MAX_HOPS),
         "route": _list(_name, MAX_HOPS + 1),
@@ -555,8 +568,8 @@ def encode(message: _Message) -> bytes:
     try:
         _check_object(header, cls.CHECKS, cls.DEFAULTS)
         header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    except (ValueError, TypeError) as exc:
-        raise LocalProtocolError(f"cannot encode {cls.__name__}: {exc}") from exc
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise LocalProtocolError(f"cannot encode {cls.__name__}: {exc!r}"[:MAX_REASON_BYTES]) from None
     payload = message.payload if cls.HAS_PAYLOAD else b""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise LocalProtocolError(f"{cls.__name__} payload must be bytes")
@@ -566,6 +579,26 @@ def encode(message: _Message) -> bytes:
     return b"".join(
         (_FRAME.pack(length, PROTOCOL_VERSION, cls.TYPE), _HEADER_LEN.pack(len(header_bytes)), header_bytes, payload)
     )
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} overflows")
+    return value
+
+
+def directory_updates(joined, left) -> List["DirectoryUpdate"]:
+    """``joined`` entries and ``left`` ids as DirectoryUpdate messages within the size limits."""
+    joined, left = list(joined), list(left)
+    step = MAX_ENTRIES_PER_UPDATE
+    out = [DirectoryUpdate(joined=tuple(joined[i : i + step])) for i in range(0, len(joined), step)]
+    out += [DirectoryUpdate(left=tuple(left[i : i + step])) for i in range(0, len(left), step)]
+    return out
 
 
 class Decoder:
@@ -640,7 +673,7 @@ class Decoder:
         if payload and not cls.HAS_PAYLOAD:
             raise self._fail(f"{cls.__name__} carries no payload, got {len(payload)} bytes")
         try:
-            header = json.loads(header_bytes.decode("utf-8"))
+            header = json.loads(header_bytes.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise self._fail(f"{cls.__name__}: header is not JSON: {exc}") from None
         try:

@@ -222,9 +222,10 @@ class RendezvousNode:
         added, gone = self.directory.apply(joined, left)
         if not (added or gone):
             return
-        update = wire.DirectoryUpdate(joined=tuple(added), left=tuple(e.node_id for e in gone))
+        updates = wire.directory_updates(added, [e.node_id for e in gone])
         for link in list(self.leaders.values()):
-            link.send(update)
+            for update in updates:
+                link.send(update)
 
     def _on_leader_close(self, link: Link) -> None:
         if self.leaders.get(link.peer_id) is not link:

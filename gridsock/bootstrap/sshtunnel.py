@@ -1,0 +1,646 @@
+"""TCP through an SSH gateway: ``direct-tcpip`` channels, handed to gevent code as real sockets.
+
+A cluster node with no route out reaches the rendez-vous node through its front-end's sshd:
+:func:`open_ssh_tunnel` asks the gateway to open a ``direct-tcpip`` channel to HOST:PORT and
+returns a :class:`gevent.socket.socket` whose bytes travel over that channel. The caller may run
+TLS over it with :mod:`gevent.ssl`, as over any TCP socket.
+
+Theory of operation
+-------------------
+paramiko is written for real threads: every call blocks, and each :class:`paramiko.Transport` runs
+its own reader thread. gridsock does not monkeypatch, so ``threading`` gives real OS threads and
+nothing here may block the gevent hub:
+
+- Setup (TCP connect to the gateway, SSH handshake, host key check, authentication, channel open)
+  runs in gevent's threadpool; the calling greenlet waits on the result while the others run. The
+  whole setup is bounded by ``timeout`` (one deadline, shared by every step).
+- Transports are cached, one per :class:`SSHGateway` (the key includes the credentials), and shared
+  by all channels to that gateway. ``_CACHE_LOCK`` guards the cache and is only held for dictionary
+  operations; a per-gateway dial lock makes concurrent openers wait for one handshake instead of
+  racing several. A cached transport that died is replaced on the next open; if it dies between the
+  check and the channel open, the open is retried once on a fresh transport.
+- Each tunnel is a ``socketpair``: the application gets one end (wrapped as a gevent socket), and
+  two daemon threads pump bytes between the other end and the channel, one per direction. EOF is
+  forwarded as a half-close (app EOF -> ``channel.shutdown_write()``; channel EOF ->
+  ``shutdown(SHUT_WR)`` on the pair end). After forwarding the app's EOF, the upstream thread
+  blocks in ``poll()`` for ``POLLHUP`` on its pair end, which fires when the application closed its
+  end entirely or the downstream direction finished: that is how a tunnel whose application is gone
+  ends even if the far side stays silent. When one direction fails (or the application is gone),
+  the tunnel is aborted: ``shutdown(SHUT_RDWR)`` of the pair end and ``channel.close()`` wake the
+  other thread. The last thread out closes the channel and the pair end; no fd outlives the threads.
+- Host keys are checked strictly against ``known_hosts`` (``[host]:port`` for ports other than 22,
+  hashed names, ``*``/``?``/``!`` patterns and ``@revoked`` lines understood; ``@cert-authority``
+  lines ignored, as paramiko cannot check host certificates). Unknown or mismatched keys raise
+  :class:`~gridsock.errors.AuthError` before any authentication is attempted.
+"""
+from __future__ import annotations
+
+import getpass
+import hmac
+import ipaddress
+import itertools
+import logging
+import os
+import re
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import gevent
+import gevent.socket
+import paramiko
+
+from ..errors import AuthError, ConfigError, ConnectError, GridsockError
+
+__all__ = [
+    "SSH_CONNECT_TIMEOUT_S",
+    "SSHGateway",
+    "open_ssh_tunnel",
+    "close_all_transports",
+]
+
+logger = logging.getLogger(__name__)
+
+SSH_CONNECT_TIMEOUT_S = 10.0
+SSH_DEFAULT_PORT = 22
+PUMP_CHUNK_BYTES = 64 * 1024  # two SSH packets' worth (OpenSSH's max packet is 32 KiB)
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+# Tried in this order when no key_filename is given (as ssh does; DSA is gone from paramiko).
+DEFAULT_KEY_FILES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
+METHOD = "ssh"
+
+_CACHE_LOCK = threading.Lock()
+_TRANSPORTS: dict[SSHGateway, paramiko.Transport] = {}
+_DIAL_LOCKS: dict[SSHGateway, threading.Lock] = {}
+_TUNNEL_IDS = itertools.count(1)
+
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+
+
+def _default_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception as exc:  # OSError (3.13+) or KeyError when the uid has no name
+        raise ConfigError("cannot tell the local user name: give the gateway as user@host") from exc
+
+
+def _parse_port(text: str, spec: str) -> int:
+    if not _PORT_RE.fullmatch(text) or not 0 < int(text) < 65536:
+        raise ConfigError(f"bad port {text!r} in SSH gateway {spec!r}")
+    return int(text)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class SSHGateway:
+    """An sshd that will open ``direct-tcpip`` channels for us, and how to log in to it.
+
+    Equal gateways share one SSH transport; the credentials are part of the identity.
+    ``known_hosts=None`` means ``~/.ssh/known_hosts``; ``key_filename=None`` means the usual
+    ``~/.ssh/id_*`` keys. Raises :class:`ConfigError` when a field is invalid.
+    """
+
+    host: str
+    port: int = SSH_DEFAULT_PORT
+    user: str = field(default_factory=_default_user)
+    key_filename: str | None = None
+    known_hosts: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host or any(c.isspace() for c in self.host):
+            raise ConfigError(f"bad SSH gateway host {self.host!r}")
+        if ":" in self.host and not _is_ipv6(self.host):
+            raise ConfigError(f"bad SSH gateway host {self.host!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise ConfigError(f"bad SSH gateway port {self.port!r}")
+        if not isinstance(self.user, str) or not self.user or any(c.isspace() for c in self.user):
+            raise ConfigError(f"bad SSH user name {self.user!r}")
+
+    @classmethod
+    def parse(
+        cls,
+        spec: str,
+        *,
+        key_filename: str | None = None,
+        known_hosts: str | None = None,
+    ) -> SSHGateway:
+        """Parse ``"host"``, ``"user@host"``, ``"user@host:port"``, ``"[v6]:port"`` or a bare v6.
+
+        Returns the :class:`SSHGateway`; raises :class:`ConfigError` on malformed input.
+        """
+        if not isinstance(spec, str) or not spec or any(c.isspace() for c in spec):
+            raise ConfigError(f"bad SSH gateway {spec!r}: expected [user@]host[:port]")
+        user, at, hostport = spec.rpartition("@")
+        if at and not user:
+            raise ConfigError(f"bad SSH gateway {spec!r}: empty user name")
+        port = SSH_DEFAULT_PORT
+        if hostport.startswith("["):
+            host, bracket, rest = hostport[1:].partition("]")
+            if not bracket or not _is_ipv6(host):
+                raise ConfigError(f"bad SSH gateway {spec!r}: expected [IPv6 address]")
+            if rest:
+                if not rest.startswith(":"):
+                    raise ConfigError(f"bad SSH gateway {spec!r}: junk after ']'")
+                port = _parse_port(rest[1:], spec)
+        elif hostport.count(":") > 1:  # a bare IPv6 address, which cannot carry a port
+            host = hostport
+            if not _is_ipv6(host):
+                raise ConfigError(f"bad SSH gateway {spec!r}: use [host]:port")
+        else:
+            host, colon, port_text = hostport.partition(":")
+            if colon:
+                port = _parse_port(port_text, spec)
+        if not host:
+            raise ConfigError(f"bad SSH gateway {spec!r}: empty host")
+        kwargs = {"user": user} if at else {}
+        return cls(host, port, key_filename=key_filename, known_hosts=known_hosts, **kwargs)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.user}@{host}:{self.port}"
+
+    @property
+    def _known_hosts_name(self) -> str:
+        # How OpenSSH names this server in known_hosts.
+        host = self.host.lower()
+        return host if self.port == SSH_DEFAULT_PORT else f"[{host}]:{self.port}"
+
+
+# --- known_hosts ------------------------------------------------------------------------------
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("|1|"):  # hashed name: HMAC-SHA1 of the name under the stored salt
+        try:
+            return hmac.compare_digest(paramiko.HostKeys.hash_host(name, pattern), pattern)
+        except Exception:  # malformed salt: this entry cannot match anything
+            return False
+    if "*" not in pattern and "?" not in pattern:
+        return pattern.lower() == name
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, name, re.IGNORECASE) is not None
+
+
+def _names_match(names: str, name: str) -> bool:
+    matched = False
+    for pattern in names.split(","):
+        if pattern.startswith("!"):
+            if _pattern_matches(pattern[1:], name):
+                return False  # a negated pattern vetoes the whole line, as in OpenSSH
+        elif _pattern_matches(pattern, name):
+            matched = True
+    return matched
+
+
+def _known_keys(path: str, name: str) -> tuple[list[paramiko.PKey], list[paramiko.PKey]]:
+    """Return (accepted keys, revoked keys) for ``name`` in the known_hosts file ``path``.
+
+    Unreadable lines are skipped (paramiko's own loader gives up on the whole file at the first
+    ``@revoked`` or ``@cert-authority`` line). Raises OSError when the file cannot be read.
+    """
+    accepted: list[paramiko.PKey] = []
+    revoked: list[paramiko.PKey] = []
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for lineno, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            marker = None
+            if line.startswith("@"):
+                marker, _, line = line.partition(" ")
+                line = line.lstrip()
+                if marker != "@revoked":
+                    continue  # @cert-authority: host certificates are not supported here
+            fields = line.split(None, 2)
+            if len(fields) < 3 or not _names_match(fields[0], name):
+                continue
+            try:
+                entry = paramiko.hostkeys.HostKeyEntry.from_line(" ".join(fields[:3]), lineno)
+            except Exception as exc:  # InvalidHostKey, UnknownKeyType...: skip the line
+                logger.debug("%s:%d: unusable known_hosts line: %s", path, lineno, exc)
+                continue
+            if entry is not None:
+                (revoked if marker else accepted).append(entry.key)
+    return accepted, revoked
+
+
+def _fingerprint(key: paramiko.PKey) -> str:
+    return f"{key.get_name()} {key.fingerprint}"
+
+
+def _prefer_known_key_types(transport: paramiko.Transport, keys: list[paramiko.PKey]) -> None:
+    # Ask for the host key types known_hosts holds first, so that a server with several host keys
+    # shows us one we can check (as ssh does with HostKeyAlgorithms).
+    options = transport.get_security_options()
+    offered = list(options.key_types)
+    wanted: list[str] = []
+    for key in keys:
+        names = [key.get_name()]
+        if names == ["ssh-rsa"]:  # one RSA key, three signature algorithms
+            names = ["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"]
+        wanted += [n for n in names if n in offered and n not in wanted]
+    options.key_types = wanted + [n for n in offered if n not in wanted]
+
+
+# --- dialing ----------------------------------------------------------------------------------
+
+
+class _Dial:
+    """One attempt to reach ``dest`` through ``gateway``, for error messages and the deadline."""
+
+    def __init__(self, gateway: SSHGateway, dest: str, deadline: float) -> None:
+        self.gateway = gateway
+        self.dest = dest
+        self.deadline = deadline
+
+    def connect_error(self, reason: str, cls: type[ConnectError] = ConnectError) -> ConnectError:
+        return cls(f"ssh via {self.gateway} to {self.dest}: {reason}", peer=self.dest, method=METHOD)
+
+    def remaining(self, step: str) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self.connect_error(f"timed out before {step}")
+        return left
+
+
+def _load_client_keys(gateway: SSHGateway) -> list[tuple[str, paramiko.PKey]]:
+    if gateway.key_filename is not None:
+        path = os.path.expanduser(gateway.key_filename)
+        try:
+            return [(path, paramiko.PKey.from_path(path))]
+        except (paramiko.PasswordRequiredException, TypeError) as exc:
+            # cryptography raises TypeError for an encrypted OpenSSH key and no password
+            raise ConfigError(f"SSH key {path} is encrypted; passphrases are not supported") from exc
+        except (OSError, ValueError, paramiko.SSHException, paramiko.UnknownKeyType) as exc:
+            raise ConfigError(f"cannot load SSH key {path}: {exc}") from exc
+    keys = []
+    for name in DEFAULT_KEY_FILES:
+        path = os.path.expanduser(name)
+        if not os.path.exists(path):
+            continue
+        try:
+            keys.append((path, paramiko.PKey.from_path(path)))
+        except Exception as exc:  # encrypted or unusable: skip it, as ssh -o BatchMode=yes would
+            logger.debug("skipping SSH key %s: %s", path, exc)
+    return keys
+
+
+def _authenticate(
+    dial: _Dial, transport: paramiko.Transport, keys: list[tuple[str, paramiko.PKey]]
+) -> None:
+    gateway = dial.gateway
+    rejection: Exception | None = None
+    for path, key in keys:
+        transport.auth_timeout = dial.remaining("authentication")
+        try:
+            more = transport.auth_publickey(gateway.user, key)
+        except paramiko.BadAuthenticationType as exc:
+            raise dial.connect_error(
+                f"gateway does not accept public keys (it allows {', '.join(exc.allowed_types)})",
+                AuthError,
+            ) from exc
+        except paramiko.AuthenticationException as exc:
+            logger.debug("gateway %s rejected key %s: %s", gateway, path, exc)
+            rejection = exc
+            if time.monotonic() >= dial.deadline:
+                raise dial.connect_error("timed out during authentication") from exc
+            if not transport.is_active():
+                raise dial.connect_error(f"gateway closed the connection during authentication: {exc}") from exc
+            continue
+        if more:
+            raise dial.connect_error(f"gateway wants more authentication ({', '.join(more)})", AuthError)
+        return
+    raise dial.connect_error(
+        f"authentication as {gateway.user!r} failed with key(s) {', '.join(p for p, _ in keys)}", AuthError
+    ) from rejection
+
+
+def _check_host_key(dial: _Dial, transport: paramiko.Transport, known_hosts: str,
+                    accepted: list[paramiko.PKey], revoked: list[paramiko.PKey]) -> None:
+    key = transport.get_remote_server_key()
+    blob = key.asbytes()
+    name = dial.gateway._known_hosts_name
+    if any(k.asbytes() == blob for k in revoked):
+        raise dial.connect_error(
+            f"host key of gateway is REVOKED in {known_hosts}: {_fingerprint(key)}", AuthError
+        )
+    if any(k.asbytes() == blob for k in accepted):
+        return
+    if accepted:
+        raise dial.connect_error(
+            f"host key of gateway does not match known_hosts entry {name!r} in {known_hosts} (mismatch: got "
+            f"{_fingerprint(key)}, expected {' or '.join(_fingerprint(k) for k in accepted)})",
+            AuthError,
+        )
+    raise dial.connect_error(
+        f"host key of gateway not in known_hosts {known_hosts} (no entry {name!r}; got {_fingerprint(key)})",
+        AuthError,
+    )
+
+
+def _dial_transport(dial: _Dial) -> paramiko.Transport:
+    """Connect, handshake, check the host key, authenticate. Blocks: run in a worker thread.
+
+    Returns an authenticated transport; raises ConnectError, AuthError or ConfigError.
+    """
+    gateway = dial.gateway
+    known_hosts = os.path.expanduser(gateway.known_hosts or DEFAULT_KNOWN_HOSTS)
+    try:
+        accepted, revoked = _known_keys(known_hosts, gateway._known_hosts_name)
+    except OSError as exc:
+        raise dial.connect_error(f"host key of gateway not in known_hosts: cannot read {known_hosts}: {exc}",
+                                 AuthError) from exc
+    keys = _load_client_keys(gateway)  # a bad key file is a ConfigError: report it before any I/O
+    if not keys:
+        raise dial.connect_error("no key_filename given and no usable key in ~/.ssh", AuthError)
+
+    timeout = dial.remaining("TCP connect")  # outside the try: ConnectError is an OSError
+    try:
+        sock = socket.create_connection((gateway.host, gateway.port), timeout=timeout)
+    except OSError as exc:  # includes socket.timeout and socket.gaierror
+        raise dial.connect_error(f"cannot reach the gateway: {exc or type(exc).__name__}") from exc
+    try:
+        transport = paramiko.Transport(sock)
+    except Exception:
+        sock.close()
+        raise
+    transport.name = f"gridsock-ssh-transport {gateway}"
+    try:
+        _prefer_known_key_types(transport, accepted)
+        transport.banner_timeout = transport.handshake_timeout = dial.remaining("SSH handshake")
+        done = threading.Event()
+        transport.start_client(event=done)
+        if not done.wait(dial.remaining("SSH handshake")):
+            raise dial.connect_error("timed out during the SSH handshake")
+        if not transport.is_active():
+            exc = transport.get_exception() or paramiko.SSHException("negotiation failed")
+            raise dial.connect_error(f"SSH handshake failed: {exc or type(exc).__name__}") from exc
+        _check_host_key(dial, transport, known_hosts, accepted, revoked)
+        _authenticate(dial, transport, keys)
+    except BaseException as exc:
+        transport.close()
+        sock.close()  # Transport.close() skips it when the transport never became active
+        # (ConnectError is an OSError too: ours pass through untouched)
+        if isinstance(exc, (paramiko.SSHException, OSError, EOFError)) and not isinstance(exc, GridsockError):
+            raise dial.connect_error(f"SSH session setup failed: {exc or type(exc).__name__}") from exc
+        raise
+    logger.info("SSH transport to gateway %s established", gateway)
+    return transport
+
+
+def _get_transport(dial: _Dial) -> tuple[paramiko.Transport, bool]:
+    """Return (the cached or a new transport to ``dial.gateway``, whether it is new)."""
+    gateway = dial.gateway
+    with _CACHE_LOCK:
+        dial_lock = _DIAL_LOCKS.setdefault(gateway, threading.Lock())
+    if not dial_lock.acquire(timeout=dial.remaining("waiting for another handshake to the gateway")):
+        raise dial.connect_error("timed out waiting for another handshake to the gateway")
+    try:
+        with _CACHE_LOCK:
+            transport = _TRANSPORTS.get(gateway)
+        if transport is not None and transport.is_active():
+            return transport, False
+        if transport is not None:
+            logger.info("SSH transport to gateway %s is dead; replacing it", gateway)
+            _discard_transport(gateway, transport)
+        transport = _dial_transport(dial)
+        with _CACHE_LOCK:
+            _TRANSPORTS[gateway] = transport
+        return transport, True
+    finally:
+        dial_lock.release()
+
+
+def _discard_transport(gateway: SSHGateway, transport: paramiko.Transport) -> None:
+    with _CACHE_LOCK:
+        if _TRANSPORTS.get(gateway) is transport:
+            del _TRANSPORTS[gateway]
+    transport.close()
+
+
+def _open_channel(gateway: SSHGateway, dest_host: str, dest_port: int, deadline: float) -> paramiko.Channel:
+    """Open a direct-tcpip channel to dest through gateway. Blocks: run in a worker thread."""
+    dial = _Dial(gateway, f"{dest_host}:{dest_port}", deadline)
+    while True:
+        transport, fresh = _get_transport(dial)
+        try:
+            origin = transport.sock.getsockname()[:2]
+        except OSError:
+            origin = ("127.0.0.1", 0)
+        timeout = dial.remaining("opening the channel")  # outside the try: ConnectError is an OSError
+        try:
+            return transport.open_channel("direct-tcpip", dest_addr=(dest_host, dest_port),
+                                          src_addr=origin, timeout=timeout)
+        except paramiko.ChannelException as exc:
+            # The gateway's refusal: 1 administratively prohibited, 2 connect failed, ...
+            raise dial.connect_error(f"gateway refused the channel: {exc.text} (code {exc.code})") from exc
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            # EOFError/OSError: writing to the gateway failed, before paramiko's reader thread
+            # noticed (is_active() may still say True). Such a transport is useless: drop it.
+            broken = isinstance(exc, (EOFError, OSError)) or not transport.is_active()
+            if broken:
+                _discard_transport(gateway, transport)
+            if broken and not fresh:
+                # The cached transport died under us: dial once more (the next one is fresh).
+                logger.info("SSH transport to gateway %s died; redialing", gateway)
+                continue
+            raise dial.connect_error(f"cannot open a channel: {exc or type(exc).__name__}") from exc
+
+
+def _open_channel_outcome(
+    gateway: SSHGateway, dest_host: str, dest_port: int, deadline: float
+) -> tuple[paramiko.Channel | None, Exception | None]:
+    # Errors are returned, not raised: gevent's threadpool prints a traceback to stderr for every
+    # exception that leaves a worker, and ours are ordinary outcomes. The caller raises them.
+    try:
+        return _open_channel(gateway, dest_host, dest_port, deadline), None
+    except Exception as exc:
+        return None, exc
+
+
+# --- the pump ---------------------------------------------------------------------------------
+
+
+class _PumpOwnsResources(Exception):
+    """Internal: a pump thread started, so the pump, not the caller, closes the channel and socket."""
+
+
+class _Pump:
+    """Two threads copying between a socketpair end and a channel; see the module docstring."""
+
+    def __init__(self, channel: paramiko.Channel, sock: socket.socket, label: str) -> None:
+        self._channel = channel
+        self._sock = sock
+        self._label = label
+        self._lock = threading.Lock()
+        self._running = 2
+        self._aborted = False
+        self.threads = (
+            threading.Thread(target=self._upstream, name=f"gridsock-ssh-pump {label} up", daemon=True),
+            threading.Thread(target=self._downstream, name=f"gridsock-ssh-pump {label} down", daemon=True),
+        )
+
+    def start(self) -> None:
+        """Start both threads. If this raises, the caller still owns the channel and the socket."""
+        self.threads[0].start()
+        try:
+            self.threads[1].start()
+        except BaseException as exc:  # e.g. RuntimeError: can't start new thread
+            # The upstream thread runs and owns everything now: abort it, it closes all on its way out.
+            self._finish(exc)
+            raise _PumpOwnsResources from exc
+
+    def _upstream(self) -> None:
+        """Application -> channel; then wait until the application or the other direction is done."""
+        try:
+            while True:
+                data = self._sock.recv(PUMP_CHUNK_BYTES)
+                if not data:
+                    break
+                self._channel.sendall(data)
+            if not self._aborted:
+                self._channel.shutdown_write()
+            # POLLHUP: our end is shut both ways (downstream done, or abort) or the app closed its end.
+            poller = select.poll()
+            poller.register(self._sock, select.POLLHUP)
+            poller.poll()  # no timeout: returns only on POLLHUP (or POLLERR/POLLNVAL)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            self._finish(exc)
+        else:
+            self._finish(None, app_gone=True)
+
+    def _downstream(self) -> None:
+        """Channel -> application."""
+        try:
+            while True:
+                data = self._channel.recv(PUMP_CHUNK_BYTES)
+                if not data:
+                    break
+                self._sock.sendall(data)
+            if not self._channel.eof_received and not self._aborted:
+                raise ConnectionResetError("channel closed without EOF (gateway connection lost?)")
+            self._sock.shutdown(socket.SHUT_WR)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            self._finish(exc)
+        else:
+            self._finish(None)
+
+    def _finish(self, exc: BaseException | None, app_gone: bool = False) -> None:
+        with self._lock:
+            self._running -= 1
+            last = self._running == 0
+            abort = not last and not self._aborted and (exc is not None or app_gone)
+            if abort:
+                self._aborted = True
+        if exc is not None:
+            logger.debug("tunnel %s: %s: %s", self._label, threading.current_thread().name, exc)
+        if abort:
+            logger.debug("tunnel %s: aborting", self._label)
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes a recv/send/poll in the other thread
+            except OSError:
+                pass
+            self._close_channel()  # wakes a channel recv/sendall in the other thread
+        if last:
+            self._close_channel()
+            self._sock.close()
+            logger.debug("tunnel %s closed", self._label)
+
+    def _close_channel(self) -> None:
+        try:
+            self._channel.close()
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            logger.debug("tunnel %s: closing the channel: %s", self._label, exc)
+
+
+# --- public API -------------------------------------------------------------------------------
+
+
+def open_ssh_tunnel(
+    gateway: SSHGateway,
+    dest_host: str,
+    dest_port: int,
+    *,
+    timeout: float = SSH_CONNECT_TIMEOUT_S,
+) -> gevent.socket.socket:
+    """Open a TCP connection to ``dest_host:dest_port`` as seen from ``gateway``.
+
+    Blocks the calling greenlet only (the SSH work runs in gevent's threadpool). ``timeout`` bounds
+    the whole setup: TCP connect, handshake, authentication and channel open.
+
+    Returns a connected stream :class:`gevent.socket.socket` (an ``AF_UNIX`` socketpair end, so
+    TCP socket options do not apply); ``shutdown(SHUT_WR)`` is forwarded as EOF, and closing it
+    closes the channel.
+
+    Raises :class:`AuthError` (host key unknown or mismatched, authentication refused),
+    :class:`ConnectError` (gateway unreachable, timeout, channel refused by the gateway) or
+    :class:`ConfigError` (bad arguments, unusable key file).
+    """
+    if not isinstance(gateway, SSHGateway):
+        raise ConfigError(f"gateway must be an SSHGateway, not {type(gateway).__name__}")
+    if not isinstance(dest_host, str) or not dest_host:
+        raise ConfigError(f"bad destination host {dest_host!r}")
+    if isinstance(dest_port, bool) or not isinstance(dest_port, int) or not 0 < dest_port < 65536:
+        raise ConfigError(f"bad destination port {dest_port!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ConfigError(f"bad timeout {timeout!r}")
+
+    deadline = time.monotonic() + timeout
+    pool = gevent.get_hub().threadpool
+    result = pool.spawn(_open_channel_outcome, gateway, dest_host, dest_port, deadline)
+    try:
+        channel, error = result.get()
+    except BaseException:
+        if not result.ready():  # we were killed or timed out while the worker still runs
+            def close_late(res, pool=pool):
+                if res.successful() and res.value[0] is not None:
+                    pool.spawn(res.value[0].close)
+            result.rawlink(close_late)
+        raise
+    if error is not None:
+        try:
+            raise error
+        finally:
+            del error  # no reference cycle through the traceback
+
+    app_end, pump_end = socket.socketpair()
+    label = f"#{next(_TUNNEL_IDS)} {gateway}->{dest_host}:{dest_port}"
+    try:
+        _Pump(channel, pump_end, label).start()
+    except _PumpOwnsResources as exc:
+        app_end.close()
+        raise exc.__cause__ from None
+    except BaseException:
+        app_end.close()
+        pump_end.close()
+        pool.spawn(channel.close)
+        raise
+    logger.debug("tunnel %s open", label)
+    return gevent.socket.socket(app_end.family, app_end.type, app_end.proto, fileno=app_end.detach())
+
+
+def close_all_transports() -> None:
+    """Close every cached SSH transport, and with them every tunnel that runs over them.
+
+    Meant for tests and shutdown. A handshake running concurrently may still add a transport.
+    Blocks the calling greenlet only.
+    """
+    with _CACHE_LOCK:
+        transports = list(_TRANSPORTS.values())
+        _TRANSPORTS.clear()
+    if not transports:
+        return
+
+    def close_them() -> None:
+        for transport in transports:
+            transport.close()
+
+    gevent.get_hub().threadpool.apply(close_them)
