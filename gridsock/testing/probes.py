@@ -26,32 +26,43 @@ PROBE_DEADLINE_S = 15.0
 
 
 def _read_until_closed(sock) -> dict:
+    """Read until the server closes (or the deadline): what it sent, and whether it closed.
+
+    ``received`` lists the gridsock messages among what came back; bytes that are no gridsock
+    frame (a TLS alert answering garbage, say) are only counted, in ``other_bytes``.
+    """
     from gridsock import wire
     from gridsock.errors import RemoteProtocolError
 
     decoder = wire.Decoder(peer="server")
-    received = []
+    received: list = []
+    other_bytes = 0
     sock.settimeout(PROBE_DEADLINE_S)
+    result: dict = {}
     try:
         while True:
             data = sock.recv(65536)
             if not data:
-                return {"outcome": "closed", "received": received}
+                result["outcome"] = "closed"
+                break
+            if decoder is None:
+                other_bytes += len(data)
+                continue
             decoder.feed(data)
-            while True:
-                try:
-                    message = decoder.next_message()
-                except RemoteProtocolError as exc:
-                    return {"outcome": "garbled", "received": received, "error": str(exc)}
-                if message is None:
-                    break
-                received.append(type(message).__name__)
+            try:
+                while (message := decoder.next_message()) is not None:
+                    received.append(type(message).__name__)
+            except RemoteProtocolError:
+                other_bytes += decoder.buffered
+                decoder = None
     except socket.timeout:
-        return {"outcome": "open", "received": received}
+        result["outcome"] = "open"
     except ssl.SSLError as exc:
-        return {"outcome": "closed", "received": received, "tls_error": exc.reason or str(exc)}
+        result.update(outcome="closed", tls_error=exc.reason or str(exc))
     except OSError as exc:
-        return {"outcome": "closed", "received": received, "error": str(exc)}
+        result.update(outcome="closed", error=str(exc))
+    result.update(received=received, other_bytes=other_bytes)
+    return result
 
 
 def _plain_tls_context(session):
