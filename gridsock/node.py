@@ -601,6 +601,8 @@ class Node:
 
     def _on_member_message(self, link: Link, message) -> None:
         if isinstance(message, wire.Routed):
+            if message.src != link.peer_id:
+                raise RemoteProtocolError(f"member sent a message with source {message.src}, not its own id")
             self._route(message)
         else:
             raise RemoteProtocolError(f"unexpected {type(message).__name__} on a member link")

@@ -237,6 +237,12 @@ class RendezvousNode:
 
     def _on_leader_message(self, link: Link, message) -> None:
         if isinstance(message, wire.Routed):
+            # A leader speaks for itself and its members only: no spoofed sources.
+            src = self.directory.get(message.src)
+            if message.src != link.peer_id and (src is None or src.leader != link.peer_id):
+                log.warning("%s: dropping %s %s with source %s, not of its cluster", link.label, message.kind,
+                            message.topic, message.src)
+                return
             self._route(message)
         elif isinstance(message, wire.Register):
             accepted = []

@@ -1,0 +1,172 @@
+"""Byte streams: the interface every method produces and every filter wraps.
+
+Theory of operation
+-------------------
+A :class:`Stream` is a reliable, ordered, bidirectional byte stream used in plain blocking
+style from gevent greenlets (trio's ``Stream`` names):
+
+- ``send_all(data)`` returns once all of ``data`` is handed to the layer below; it raises
+  :class:`BrokenStreamError` if the stream broke or was closed.
+- ``receive_some(max_bytes)`` returns at least one byte, or ``b""`` once the peer has sent EOF
+  (every later call returns ``b""`` too); it raises BrokenStreamError on a broken stream.
+- ``send_eof()`` half-closes: the peer's ``receive_some`` returns ``b""`` after everything sent
+  before; this side can still receive. Calling it twice is harmless.
+- ``close()`` releases everything, in both directions; idempotent. Data not yet sent may be lost.
+
+One greenlet may send while another receives; two concurrent senders (or receivers) on one
+stream are a bug. ``info`` describes the stream for ``gridsock status`` and errors (the stack,
+the peer); filters add their own keys to the info of the stream they wrap.
+
+:class:`SocketStream` is the stream of a connected (gevent) socket; :func:`memory_pair` makes
+two connected in-memory streams for tests.
+"""
+from __future__ import annotations
+
+import errno
+from typing import Any, Dict, Optional, Tuple
+
+import gevent
+import gevent.event
+from gevent import socket as gsocket
+
+from .errors import BrokenStreamError
+
+__all__ = ["Stream", "SocketStream", "MemoryStream", "memory_pair", "DEFAULT_RECEIVE_BYTES"]
+
+# What receive_some returns at most by default: large enough for bulk transfers to amortise
+# per-call costs, small enough to keep a greenlet's buffers modest.
+DEFAULT_RECEIVE_BYTES = 256 * 1024
+
+
+class Stream:
+    """Base class of streams; see the module docstring for the contract."""
+
+    info: Dict[str, Any]
+
+    def send_all(self, data) -> None:
+        raise NotImplementedError
+
+    def receive_some(self, max_bytes: int = DEFAULT_RECEIVE_BYTES) -> bytes:
+        raise NotImplementedError
+
+    def send_eof(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class SocketStream(Stream):
+    """A stream over a connected gevent socket (TCP, Unix, or a TLS socket)."""
+
+    def __init__(self, sock, *, info: Optional[Dict[str, Any]] = None) -> None:
+        self.socket = sock
+        self.info = dict(info or {})
+        self._closed = False
+        self._eof_sent = False
+
+    def send_all(self, data) -> None:
+        if self._closed:
+            raise BrokenStreamError("stream is closed")
+        if self._eof_sent:
+            raise BrokenStreamError("cannot send after send_eof()")
+        try:
+            self.socket.sendall(data)
+        except OSError as exc:
+            raise BrokenStreamError(f"send failed: {exc}") from exc
+
+    def receive_some(self, max_bytes: int = DEFAULT_RECEIVE_BYTES) -> bytes:
+        if self._closed:
+            raise BrokenStreamError("stream is closed")
+        try:
+            return self.socket.recv(max_bytes)
+        except OSError as exc:
+            if self._closed:
+                raise BrokenStreamError("stream is closed") from exc
+            raise BrokenStreamError(f"receive failed: {exc}") from exc
+
+    def send_eof(self) -> None:
+        if self._closed or self._eof_sent:
+            return
+        self._eof_sent = True
+        try:
+            self.socket.shutdown(gsocket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise BrokenStreamError(f"send_eof failed: {exc}") from exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.socket.close()
+        except OSError:
+            pass
+
+
+class MemoryStream(Stream):
+    """One end of an in-memory stream pair (unbounded buffers; for tests)."""
+
+    def __init__(self, name: str) -> None:
+        self.info = {"stack": "memory", "name": name}
+        self.peer: Optional["MemoryStream"] = None
+        self._buffer = bytearray()
+        self._eof = False  # the peer sent EOF
+        self._closed = False
+        self._eof_sent = False
+        self._readable = gevent.event.Event()
+
+    def send_all(self, data) -> None:
+        if self._closed:
+            raise BrokenStreamError("stream is closed")
+        if self._eof_sent:
+            raise BrokenStreamError("cannot send after send_eof()")
+        peer = self.peer
+        if peer._closed:
+            raise BrokenStreamError("peer closed the stream")
+        peer._buffer += data
+        peer._readable.set()
+        gevent.sleep(0)  # let the receiver run, as a real transport would
+
+    def receive_some(self, max_bytes: int = DEFAULT_RECEIVE_BYTES) -> bytes:
+        while True:
+            if self._closed:
+                raise BrokenStreamError("stream is closed")
+            if self._buffer:
+                data = bytes(self._buffer[:max_bytes])
+                del self._buffer[:max_bytes]
+                return data
+            if self._eof:
+                return b""
+            self._readable.clear()
+            self._readable.wait()
+
+    def send_eof(self) -> None:
+        if self._closed or self._eof_sent:
+            return
+        self._eof_sent = True
+        self.peer._eof = True
+        self.peer._readable.set()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._readable.set()
+        # As a FIN would: the peer reads what was sent, then EOF; its sends now fail.
+        self.peer._eof = True
+        self.peer._readable.set()
+
+
+def memory_pair() -> Tuple[MemoryStream, MemoryStream]:
+    """Two connected in-memory streams (client, server)."""
+    a, b = MemoryStream("client"), MemoryStream("server")
+    a.peer, b.peer = b, a
+    return a, b
