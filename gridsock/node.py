@@ -42,7 +42,7 @@ from . import __version__, wire
 from .bootstrap.control import ControlServer, control_path
 from .bootstrap.directory import RENDEZVOUS_NAME, Directory
 from .bootstrap.link import HANDSHAKE_TIMEOUT_S, Link, read_message, send_message, tune_socket
-from .bootstrap.routing import REQUEST_TIMEOUT_S, Requests, error_reply, first_send, forwarded, tree_route
+from .bootstrap.routing import REQUEST_TIMEOUT_S, Requests, error_reply, first_send, forwarded, is_bulk, tree_route
 from .bootstrap.transport import Address, dial, listen, parse_address, tls_client, tls_server
 from .errors import (
     AuthError,
@@ -266,12 +266,13 @@ class Node:
 
     def _forward(self, message: wire.Routed) -> bool:
         """Put ``message`` (hops already counted) on the right link; False if there is none."""
+        bulk = is_bulk(message)
         if self.role == "leader":
             entry = self.directory.resolve(message.dst)
             link = self.members.get(entry.node_id) if entry else None
             if link is not None:
-                return link.send(message)
-        return self.uplink is not None and self.uplink.send(message)
+                return link.send(message, bulk=bulk)
+        return self.uplink is not None and self.uplink.send(message, bulk=bulk)
 
     def _route(self, message: wire.Routed) -> None:
         """A routed message arrived on a link: deliver it here or send it on."""

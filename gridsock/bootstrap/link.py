@@ -6,9 +6,12 @@ A link starts after its handshake (TLS, Hello/Welcome) and runs three greenlets:
 
 - the *reader* receives bytes, feeds the :class:`~gridsock.wire.Decoder` and hands each
   message to ``on_message(link, message)``; it answers ``Ping`` itself;
-- the *writer* drains a bounded queue of encoded frames into the socket, so a router that
-  forwards to a slow peer never blocks: when the queue is full the link is closed
-  (``send queue full``), the slow peer is dropped, and everyone else is still served;
+- the *writer* drains two bounded queues of encoded frames into the socket, control frames
+  first and bulk frames (relayed data) after, so a bulk transfer never delays control traffic
+  by more than the frame being written. A router that forwards to a slow peer never blocks:
+  when a queue is full the link is closed (``send queue full``), the slow peer is dropped, and
+  everyone else is still served (relayed data is flow-controlled end to end, so a healthy
+  peer never gets there);
 - the *pinger* sends ``Ping`` every ``ping_interval_s`` and closes the link when nothing at all
   arrived for ``timeout_s`` (a peer that vanished without a FIN).
 
@@ -17,13 +20,14 @@ reason logged at WARNING. ``on_close(link)`` runs exactly once, whatever closed 
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
 from typing import Callable, Optional
 
 import gevent
-import gevent.queue
+import gevent.event
 from gevent import socket as gsocket
 
 from .. import wire
@@ -53,8 +57,10 @@ LINK_TIMEOUT_S = 6.0
 DEAD_PEER_S = LINK_TIMEOUT_S + PING_INTERVAL_S
 # Time for TLS and the Hello/Welcome exchange; a peer slower than this is dropped.
 HANDSHAKE_TIMEOUT_S = 10.0
-# Frames queued for one peer before it counts as too slow and is dropped.
+# Control frames queued for one peer before it counts as too slow and is dropped.
 SEND_QUEUE_FRAMES = 4096
+# Bulk (relayed) bytes queued for one peer before it counts as too slow and is dropped.
+SEND_QUEUE_BULK_BYTES = 64 * 1024 * 1024
 RECV_CHUNK_BYTES = 256 * 1024
 
 _link_ids = itertools.count(1)
@@ -113,7 +119,13 @@ class Link:
         self._on_close = on_close
         self._ping_interval_s = ping_interval_s
         self._timeout_s = timeout_s
-        self._queue: gevent.queue.Queue = gevent.queue.Queue(maxsize=send_queue_frames)
+        self._control: collections.deque = collections.deque()
+        self._bulk: collections.deque = collections.deque()
+        self._bulk_bytes = 0
+        self._max_frames = send_queue_frames
+        self._wakeup = gevent.event.Event()
+        self.bytes_sent = 0
+        self.bytes_received = 0
         self._last_rx = time.monotonic()
         self._greenlets: list = []
         self._nonce = itertools.count(1)
@@ -133,15 +145,26 @@ class Link:
         ]
         return self
 
-    def send(self, message) -> bool:
-        """Queue ``message``; return False if the link is closed (or just closed as too slow)."""
+    def send(self, message, *, bulk: bool = False) -> bool:
+        """Queue ``message``; return False if the link is closed (or just closed as too slow).
+
+        ``bulk`` frames (relayed data) wait behind every control frame.
+        """
         if self.closed:
             return False
-        try:
-            self._queue.put_nowait(wire.encode(message))
-        except gevent.queue.Full:
-            self.close(f"send queue full ({self._queue.maxsize} frames): peer too slow")
-            return False
+        frame = wire.encode(message)
+        if bulk:
+            if self._bulk_bytes + len(frame) > SEND_QUEUE_BULK_BYTES:
+                self.close(f"bulk send queue full ({SEND_QUEUE_BULK_BYTES} bytes): peer too slow")
+                return False
+            self._bulk.append(frame)
+            self._bulk_bytes += len(frame)
+        else:
+            if len(self._control) >= self._max_frames:
+                self.close(f"send queue full ({self._max_frames} frames): peer too slow")
+                return False
+            self._control.append(frame)
+        self._wakeup.set()
         return True
 
     def close(self, reason: str = "closed locally") -> None:
@@ -177,6 +200,7 @@ class Link:
                     self.close("peer closed the connection")
                     return
                 self._last_rx = time.monotonic()
+                self.bytes_received += len(data)
                 self._decoder.feed(data)
                 self._dispatch_buffered()
         except RemoteProtocolError as exc:
@@ -205,15 +229,24 @@ class Link:
     def _write_loop(self) -> None:
         try:
             while not self.closed:
-                frame = self._queue.get()
-                chunks = [frame]
-                # Coalesce what is already queued into one write: fewer syscalls and TLS records.
-                size = len(frame)
-                while size < RECV_CHUNK_BYTES and not self._queue.empty():
-                    frame = self._queue.get_nowait()
+                if not self._control and not self._bulk:
+                    self._wakeup.clear()
+                    self._wakeup.wait()
+                    continue
+                # Coalesce queued frames into one write (fewer syscalls and TLS records), control
+                # frames first; at most one chunk's worth, so control never waits long.
+                chunks, size = [], 0
+                while self._control and size < RECV_CHUNK_BYTES:
+                    frame = self._control.popleft()
+                    chunks.append(frame)
+                    size += len(frame)
+                while self._bulk and size < RECV_CHUNK_BYTES:
+                    frame = self._bulk.popleft()
+                    self._bulk_bytes -= len(frame)
                     chunks.append(frame)
                     size += len(frame)
                 self.sock.sendall(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+                self.bytes_sent += size
         except (OSError, ValueError) as exc:
             self.close(f"send failed: {exc or type(exc).__name__}")
 

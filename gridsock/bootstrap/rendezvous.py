@@ -41,7 +41,7 @@ from ..session import Session, client_context, peer_identity, server_context
 from .control import ControlServer, control_path
 from .directory import RENDEZVOUS_NAME, Directory
 from .link import DEAD_PEER_S, HANDSHAKE_TIMEOUT_S, Link, read_message, send_message, tune_socket
-from .routing import error_reply, forwarded
+from .routing import error_reply, forwarded, is_bulk
 from .transport import Address, dial, listen, parse_address, tls_client, tls_server
 
 __all__ = ["RendezvousNode", "DIALBACK_TIMEOUT_S", "LEAVE_BOUND_S"]
@@ -289,7 +289,7 @@ class RendezvousNode:
         if out is None:
             self._send_back(error_reply(message, self.id, self.name, f"hop limit ({wire.MAX_HOPS}) reached"))
             return
-        link.send(out)
+        link.send(out, bulk=is_bulk(out))
 
     def _send_back(self, message: Optional[wire.Routed]) -> None:
         if message is None:

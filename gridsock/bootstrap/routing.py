@@ -29,12 +29,21 @@ import gevent.event
 from .. import wire
 from ..errors import RoutingError
 
-__all__ = ["forwarded", "first_send", "error_reply", "tree_route", "Requests", "REQUEST_TIMEOUT_S"]
+__all__ = ["RELAY_TOPIC", "is_bulk", "forwarded", "first_send", "error_reply", "tree_route", "Requests", "REQUEST_TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
 
 # A routed request with no answer after this long fails with TimeoutError.
 REQUEST_TIMEOUT_S = 15.0
+
+
+# Routed messages on this topic carry relayed connection data: bulk, flow-controlled end to end.
+RELAY_TOPIC = "relay"
+
+
+def is_bulk(message: wire.Routed) -> bool:
+    """True for relayed data, which links send after all control traffic."""
+    return message.topic == RELAY_TOPIC and message.kind == "msg"
 
 
 def first_send(message: wire.Routed) -> wire.Routed:
