@@ -381,7 +381,7 @@ class Hello(_Message):
     CHECKS: ClassVar[Dict[str, Any]] = {
         "name": _name,
         "cluster": _opt(_name),
-        "role": _choice("leader", "member", "probe"),
+        "role": _choice("leader", "member", "probe", "peer"),
         "addrs": _list(_addr, MAX_ADDRS),
         "software": _str(MAX_NAME_BYTES),
         "node_id": _opt(_node_id),

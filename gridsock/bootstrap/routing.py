@@ -120,6 +120,10 @@ class Requests:
             raise RoutingError(reply.payload.decode("utf-8", "replace"), dst=dst)
         return reply
 
+    def cancel(self, request_id: int) -> None:
+        """Forget a request that was never sent."""
+        self._pending.pop(request_id, None)
+
     def resolve(self, reply: wire.Routed) -> bool:
         """Hand a ``rep`` or ``err`` to its waiter; False if nobody waits (late or unknown)."""
         result = self._pending.get(reply.request_id)
