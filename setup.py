@@ -18,6 +18,7 @@ setup(
     packages=[
         "gridsock",
         "gridsock.bootstrap",
+        "gridsock.components",
         "gridsock.testing",
         "gridsock.personalities",
         "gridsock.shims",

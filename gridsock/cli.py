@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--ssh-key", metavar="FILE", help="private key for the SSH gateway")
     node.add_argument("--ssh-known-hosts", metavar="FILE", help="known_hosts holding the gateway's host key")
     node.add_argument("--control", metavar="PATH", help="control socket (default: $GRIDSOCK_RUN_DIR/NAME.sock)")
+    node.add_argument("--rules", metavar="FILE", help="rules file (TOML): scheme, exceptions, server policy")
+    node.add_argument("--echo", type=int, metavar="PORT", help="serve an echo service on this grid port")
 
     status = sub.add_parser("status", help="what a running node (or the rendez-vous node) knows")
     _add_target(status)
@@ -75,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     ping.add_argument("-c", "--count", type=int, default=1)
     ping.add_argument("--timeout", type=float, default=10.0)
     ping.add_argument("--json", action="store_true")
+
+    echo = sub.add_parser("echo", help="serve an echo service on a grid port of a running node")
+    echo.add_argument("port", type=int)
+    _add_target(echo)
+
+    tr = sub.add_parser("transfer", help="send random bytes to an echo service and check them (a data connection)")
+    tr.add_argument("dst", metavar="NODE:PORT", help="where an echo service runs (gridsock echo)")
+    _add_target(tr)
+    tr.add_argument("--stack", help="stack string (default: what the rules choose)")
+    tr.add_argument("--bytes", default="1M", help="how much to send each way (suffixes K, M, G)")
+    tr.add_argument("--timeout", type=float, default=600.0)
+    tr.add_argument("--json", action="store_true")
 
     lab = sub.add_parser("lab", help="the network-namespace grid lab (root)", add_help=False)
     lab.add_argument("lab_args", nargs=argparse.REMAINDER)
@@ -144,6 +158,7 @@ def _cmd_node(args) -> int:
     import gevent
 
     from .node import Node
+    from .rules import Rules
     from .session import Session
 
     gateway = None
@@ -151,9 +166,15 @@ def _cmd_node(args) -> int:
         from .bootstrap.sshtunnel import SSHGateway
 
         gateway = SSHGateway.parse(args.ssh_gateway, key_filename=args.ssh_key, known_hosts=args.ssh_known_hosts)
-    node = Node(Session.load(args.session), args.name, cluster=args.cluster, leader=args.leader,
+    session = Session.load(args.session)
+    rules = Rules.load(args.rules, tls=session.tls) if args.rules else None
+    node = Node(session, args.name, cluster=args.cluster, leader=args.leader,
                 listen_address=args.listen, advertise=args.advertise, ssh_gateway=gateway,
-                control=args.control).start()
+                control=args.control, rules=rules).start()
+    if args.echo:
+        from .diag import serve_echo
+
+        serve_echo(node, args.echo)
     print(f"node {node.name} listening {node.address}", flush=True)
 
     def announce():
@@ -198,9 +219,18 @@ def format_status(status: dict) -> str:
                      str(len(route) - 1) if route else "-", " > ".join(route) if route else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.append("links:")
+    lines.append("bootstrap links:")
     for link in status["links"]:
         lines.append(f"  {link['kind']:7} {link.get('peer', '')} {link['label']}")
+    if status.get("meta_links"):
+        lines.append("meta links:")
+        for link in status["meta_links"]:
+            lines.append(f"  {link['peer']:12} {link['stack']:10} {link['label']}")
+    if "connections" in status:
+        lines.append(f"data connections ({len(status['connections'])}); listening on grid ports "
+                     f"{', '.join(map(str, status.get('listening', []))) or 'none'}:")
+        for c in status["connections"]:
+            lines.append(f"  #{c['conn']:<5} {c['side']:6} {c['peer']}:{c['port']:<6} {c['stack']}")
     return "\n".join(lines)
 
 
@@ -225,6 +255,46 @@ def _cmd_ping(args) -> int:
     return 1 if failures else 0
 
 
+def _parse_size(text: str) -> int:
+    from .errors import ConfigError
+
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    number, unit = text[:-1], text[-1:].upper()
+    if unit not in units or unit == "":
+        number, unit = text, ""
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise ConfigError(f"bad size {text!r}: a number with an optional K, M or G") from None
+
+
+def _cmd_echo(args) -> int:
+    from .bootstrap.control import call
+
+    call(_control_target(args), "echo", {"port": args.port})
+    print(f"echo service on grid port {args.port}")
+    return 0
+
+
+def _cmd_transfer(args) -> int:
+    from .bootstrap.control import call
+    from .errors import ConfigError
+
+    node, _, port = args.dst.rpartition(":")
+    if not node or not port.isdigit():
+        raise ConfigError(f"bad destination {args.dst!r}: NODE:PORT")
+    result = call(_control_target(args), "transfer",
+                  {"dst": node, "port": int(port), "bytes": _parse_size(args.bytes), "stack": args.stack,
+                   "timeout": min(args.timeout, 60.0)}, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        ok = "ok" if result["sha256_sent"] == result["sha256_received"] else "MISMATCH"
+        print(f"{result['bytes']} bytes each way to {args.dst} over {result['stack']}: {ok}, "
+              f"connect {result['connect_ms']:.1f} ms, {result['mb_per_s']} MB/s each way")
+    return 0 if result["sha256_sent"] == result["sha256_received"] else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .errors import GridsockError
 
@@ -245,6 +315,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "status": _cmd_status,
         "ping": _cmd_ping,
         "session": _cmd_session_new,
+        "echo": _cmd_echo,
+        "transfer": _cmd_transfer,
     }
     try:
         return handlers[args.command](args)

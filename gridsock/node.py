@@ -37,12 +37,13 @@ from typing import Callable, Dict, List, Optional
 
 import gevent
 import gevent.event
+from gevent import socket as gsocket
 
 from . import __version__, wire
 from .bootstrap.control import ControlServer, control_path
 from .bootstrap.directory import RENDEZVOUS_NAME, Directory
 from .bootstrap.link import HANDSHAKE_TIMEOUT_S, Link, read_message, send_message, tune_socket
-from .bootstrap.routing import REQUEST_TIMEOUT_S, Requests, error_reply, first_send, forwarded, is_bulk, tree_route
+from .bootstrap.routing import RELAY_TOPIC, REQUEST_TIMEOUT_S, Requests, error_reply, first_send, forwarded, is_bulk, tree_route
 from .bootstrap.transport import Address, dial, listen, parse_address, tls_client, tls_server
 from .errors import (
     AuthError,
@@ -54,6 +55,10 @@ from .errors import (
     RoutingError,
 )
 from .session import Identity, Session, client_context, new_node_key, peer_identity, server_context
+from .assembly import ASSEMBLE_TOPIC, DATA_PREAMBLE, Assembler, DataListener
+from .components.relay import RelayManager
+from .meta import MetaChannel
+from .rules import Rules
 
 __all__ = ["Node", "PingResult", "RECONNECT_INITIAL_S", "RECONNECT_MAX_S", "DEFAULT_NODE_PORT"]
 
@@ -115,6 +120,7 @@ class Node:
         ssh_gateway=None,
         control: str | None = None,
         identity: Identity | None = None,
+        rules: Rules | None = None,
     ) -> None:
         try:
             wire.check_name(name, "node name")
@@ -146,6 +152,11 @@ class Node:
         self.fatal_error: Optional[GridsockError] = None
         self.uplink_history: List[dict] = []
         self._handlers: Dict[str, Handler] = {"ping": self._handle_ping}
+        self.rules = rules if rules is not None else Rules(tls=session.tls)
+        self.relay = RelayManager(self._relay_send)
+        self.assembler = Assembler(self, self.rules)
+        self.meta = MetaChannel(self)
+        self._handlers[ASSEMBLE_TOPIC] = self.assembler.handle_request
         self._requests = Requests()
         self._joined = gevent.event.Event()
         self._stopped = gevent.event.Event()
@@ -180,6 +191,7 @@ class Node:
         self._stopped.set()
         for g in self._greenlets:
             g.kill(block=False)
+        self.meta.close_all()
         if self.uplink is not None:
             self.uplink.close("node stopping")
         for link in list(self.members.values()):
@@ -255,12 +267,52 @@ class Node:
         there = tuple(json.loads(reply.payload)["route"])
         return PingResult(dst=dst, rtt_s=rtt, route_there=there, route_back=tuple(reply.route) + (self.name,))
 
+    def listen(self, port: int) -> DataListener:
+        """Serve grid port ``port``: ``accept()`` on the result gives ``(socket, info)``."""
+        return self.assembler.listen(port)
+
+    def connect(self, peer: str, port: int, *, stack=None, timeout: float | None = None):
+        """Connect to grid port ``port`` of node ``peer`` (name or id); return ``(socket, info)``.
+
+        The socket is a real OS socket. ``stack`` (a stack string) overrides the rules.
+        Raises ConnectError with the reason when the connection cannot be made.
+        """
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        return self.assembler.connect(peer, port, stack=stack, **kwargs)
+
+    def open_stream(self, peer: str, port: int, *, stack=None, timeout: float | None = None):
+        """Like connect(), but return the framework's Stream instead of a socket."""
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        return self.assembler.open_stream(peer, port, stack=stack, **kwargs)
+
+    def meta_request(self, dst: str, topic: str, payload: bytes = b"", *, timeout: float = REQUEST_TIMEOUT_S):
+        """A request over the meta channel: a direct meta link if one can be had, else bootstrap."""
+        entry = self.directory.resolve(dst)
+        link = self.meta.link_for(entry.node_id) if entry is not None else None
+        if link is None:
+            return self.request(dst, topic, payload, timeout=timeout)
+        request_id, result = self._requests.new()
+        message = wire.Routed(src=self._require_id(), dst=entry.node_id, kind="req", topic=topic,
+                              request_id=request_id, hops=1, route=(self.name,), payload=bytes(payload))
+        if not link.send(message):
+            self._requests.cancel(request_id)
+            return self.request(dst, topic, payload, timeout=timeout)
+        reply = self._requests.wait(request_id, result, dst=dst, timeout=timeout)
+        return Delivery(reply.src, entry.name, reply.topic, reply.payload, reply.route, reply.kind)
+
+    def _relay_send(self, dst_id: str, payload: bytes) -> None:
+        self._originate(wire.Routed(src=self._require_id(), dst=dst_id, kind="msg", topic=RELAY_TOPIC,
+                                    route=(self.name,), payload=payload))
+
     def _require_id(self) -> str:
         if self.node_id is None:
             raise RoutingError("this node has not joined the session yet")
         return self.node_id
 
     def _originate(self, message: wire.Routed) -> None:
+        if len(message.payload) > wire.MAX_PAYLOAD_BYTES:
+            raise RoutingError(f"payload of {len(message.payload)} bytes exceeds MAX_PAYLOAD_BYTES "
+                               f"({wire.MAX_PAYLOAD_BYTES}); use a data connection", dst=message.dst)
         if not self._forward(first_send(message)):
             raise RoutingError(f"no route to {message.dst}: not linked to the grid", dst=message.dst)
 
@@ -274,13 +326,18 @@ class Node:
                 return link.send(message, bulk=bulk)
         return self.uplink is not None and self.uplink.send(message, bulk=bulk)
 
-    def _route(self, message: wire.Routed) -> None:
-        """A routed message arrived on a link: deliver it here or send it on."""
+    def _route(self, message: wire.Routed, via: Optional[Link] = None) -> None:
+        """A routed message arrived on a link: deliver it here or send it on.
+
+        ``via`` is the meta link it came on, if any: requests from a meta link are answered on it.
+        """
         if message.dst in (self.node_id, self.name):
-            if message.kind in ("rep", "err"):
+            if is_bulk(message):
+                self.relay.on_message(message.src, message.payload)
+            elif message.kind in ("rep", "err"):
                 self._requests.resolve(message)
             else:
-                gevent.spawn(self._deliver, message)
+                gevent.spawn(self._deliver, message, via)
             return
         if self.role == "member":
             log.info("member %s dropping %s for %s: not addressed to it", self.name, message.topic, message.dst)
@@ -294,7 +351,7 @@ class Node:
             if back is not None:
                 self._forward(first_send(back))
 
-    def _deliver(self, message: wire.Routed) -> None:
+    def _deliver(self, message: wire.Routed, via: Optional[Link] = None) -> None:
         if message.kind == "msg":
             handler = self._handlers.get(message.topic)
             if handler is None:
@@ -305,7 +362,9 @@ class Node:
             except Exception:
                 log.exception("handler for %r failed", message.topic)
             return
-        self._forward(first_send(self._answer(message)))
+        answer = first_send(self._answer(message))
+        if via is None or not via.send(answer):
+            self._forward(answer)
 
     def _answer(self, message: wire.Routed) -> wire.Routed:
         handler = self._handlers.get(message.topic)
@@ -313,6 +372,8 @@ class Node:
             if handler is None:
                 raise LookupError(f"node {self.name} has no handler for {message.topic!r}")
             payload = handler(self._delivery(message)) or b""
+            if len(payload) > wire.MAX_PAYLOAD_BYTES:
+                raise RoutingError(f"reply of {len(payload)} bytes exceeds MAX_PAYLOAD_BYTES ({wire.MAX_PAYLOAD_BYTES})")
             return wire.Routed(src=self.node_id, dst=message.src, kind="rep", topic=message.topic,
                                request_id=message.request_id, route=(self.name,), payload=bytes(payload))
         except Exception as exc:
@@ -500,6 +561,12 @@ class Node:
         label = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else f"unix:{self.listen_address.path}"
         handed_over = False
         try:
+            with gevent.Timeout(HANDSHAKE_TIMEOUT_S, TimeoutError("silent peer")):
+                first = sock.recv(1, gsocket.MSG_PEEK)
+            if first == DATA_PREAMBLE[:1]:
+                handed_over = True
+                self.assembler.handle_data_connection(sock, label)
+                return
             peer = None
             if self.session.tls:
                 if self.identity is None:
@@ -514,8 +581,20 @@ class Node:
                 if self.session.tls and (peer is None or peer.kind != "rendezvous"):
                     raise AuthError("a dial-back probe must come from the rendez-vous node", peer=label)
                 return
+            if isinstance(message, wire.Hello) and message.role == "peer":
+                if self.session.tls:
+                    if peer is None or peer.kind != "node":
+                        self._refuse(sock, "no-certificate", "a node certificate of this session is required", label)
+                    peer_id = peer.id
+                else:
+                    if message.node_id is None or not self.session.check_token(message.token or ""):
+                        self._refuse(sock, "bad-token", "join token refused", label)
+                    peer_id = message.node_id
+                self.meta.accept(sock, decoder, message, peer_id, label)
+                handed_over = True
+                return
             if self.role != "leader":
-                self._refuse(sock, "not-a-leader", f"{self.name} is a member, not a leader", label)
+                self._refuse(sock, "not-a-leader", "this node is a member, not a leader", label)
             if isinstance(message, wire.Enroll):
                 self._enroll_member(sock, message, label)
             elif isinstance(message, wire.Hello):
@@ -638,6 +717,9 @@ class Node:
             "directory": self.directory.to_json(),
             "routes": self._routes(),
             "links": links,
+            "connections": self.assembler.status(),
+            "meta_links": self.meta.status(),
+            "listening": sorted(self.assembler.listeners),
         }
 
     def _routes(self) -> dict:
@@ -660,7 +742,17 @@ class Node:
             return self.wait_directory(present=args.get("present", ()), absent=args.get("absent", ()),
                                        settled=bool(args.get("settled", False)),
                                        timeout=float(args.get("timeout", REQUEST_TIMEOUT_S)))
-        raise ConfigError(f"unknown control operation {op!r} (a node knows: status, ping, wait)")
+        if op == "echo":
+            from .diag import serve_echo
+
+            serve_echo(self, int(args.get("port", 0)))
+            return {"port": int(args.get("port", 0))}
+        if op == "transfer":
+            from .diag import transfer
+
+            return transfer(self, str(args["dst"]), int(args["port"]), int(args["bytes"]),
+                            stack=args.get("stack"), timeout=args.get("timeout"))
+        raise ConfigError(f"unknown control operation {op!r} (a node knows: status, ping, wait, echo, transfer)")
 
     def wait_directory(self, *, present=(), absent=(), settled: bool = False,
                        timeout: float = REQUEST_TIMEOUT_S) -> list:

@@ -843,7 +843,7 @@ def create_session(directory, rendezvous: str, *, bootstrap: str = "tls/tcp") ->
         (RENDEZVOUS_KEY_FILE, rendezvous_identity.key_pem, 0o600),
         (RENDEZVOUS_CERT_FILE, rendezvous_identity.cert_pem, 0o644),
         (CA_CERT_FILE, ca.cert_pem, 0o644),
-        (SESSION_FILE, text.encode("utf-8"), 0o644),
+        (SESSION_FILE, text.encode("utf-8"), 0o600),  # holds the join token: a secret
     )
     written = []
     try:

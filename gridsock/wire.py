@@ -44,6 +44,7 @@ __all__ = [
     "MAX_ADDRS",
     "MAX_ENTRIES_PER_UPDATE",
     "MAX_REASON_BYTES",
+    "MAX_PAYLOAD_BYTES",
     "MAX_TOKEN_BYTES",
     "MAX_PEM_BYTES",
     "NodeEntry",
@@ -83,6 +84,10 @@ MAX_ADDRS = 8
 MAX_ENTRIES_PER_UPDATE = 1000
 # Human-readable reasons in Refuse and error replies.
 MAX_REASON_BYTES = 1024
+# The largest routed payload a node may originate: a frame minus room for the header and for
+# the route, which grows by one name at every forward (so no forwarder ever holds a frame it
+# cannot send on).
+MAX_PAYLOAD_BYTES = MAX_FRAME_BYTES - 16 * 1024
 # Join tokens are 43 characters today; leave room for longer ones.
 MAX_TOKEN_BYTES = 256
 # A certificate or CSR in PEM form.

@@ -31,7 +31,7 @@ import gevent.event
 from gevent import socket as gsocket
 
 from .. import wire
-from ..errors import BrokenStreamError, RemoteProtocolError
+from ..errors import BrokenStreamError, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "PING_INTERVAL_S",
@@ -152,7 +152,12 @@ class Link:
         """
         if self.closed:
             return False
-        frame = wire.encode(message)
+        try:
+            frame = wire.encode(message)
+        except LocalProtocolError as exc:
+            # Our bug or an oversized message to forward: drop the message, never the link.
+            log.error("%s: not sending %s: %s", self.label, type(message).__name__, exc)
+            return False
         if bulk:
             if self._bulk_bytes + len(frame) > SEND_QUEUE_BULK_BYTES:
                 self.close(f"bulk send queue full ({SEND_QUEUE_BULK_BYTES} bytes): peer too slow")
@@ -211,6 +216,8 @@ class Link:
         except gevent.GreenletExit:
             raise
         except Exception as exc:
+            if self.closed:
+                return  # closed under us (e.g. a TLS socket closed while data arrived)
             log.exception("bug while handling a message from %s", self.label)
             self.close(f"internal error: {exc!r}")
 

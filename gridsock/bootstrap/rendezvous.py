@@ -271,6 +271,9 @@ class RendezvousNode:
         holder = self.directory.by_name(entry.name)
         if holder is not None and holder.node_id != entry.node_id and holder.leader != link.peer_id:
             return f"name taken by {holder.node_id}"
+        current = self.directory.get(entry.node_id)
+        if current is not None and current.leader != link.peer_id and current.leader in self.leaders:
+            return f"node {entry.node_id} belongs to another linked leader"
         return None
 
     # --- routing -----------------------------------------------------------------------------

@@ -53,11 +53,15 @@ def wait_for_line(proc: subprocess.Popen, match: Union[str, Callable[[str], bool
 
 def stop_process(proc: Optional[subprocess.Popen], *, timeout: float = 10.0) -> None:
     """Terminate ``proc`` and reap it; kill it if it does not stop within ``timeout``."""
-    if proc is None or proc.poll() is not None:
+    if proc is None:
         return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=timeout)
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()

@@ -1,0 +1,420 @@
+"""Dynamic assembly of data connections: choose a stack, agree on it, build both halves.
+
+Theory of operation
+-------------------
+``connect(peer, port)`` on the client:
+
+1. the rules choose a stack for the pair (or the caller names one), e.g. ``tls/tcp``;
+2. a one-time token (``TOKEN_BYTES`` random bytes) is made, and an *assembly request*
+   ``{port, stack, token, conn}`` goes to the server node over the meta channel;
+3. at the same time, not after, the client starts its half of the method: for ``tcp`` it dials
+   the server's node port and sends ``DATA_PREAMBLE`` + token in-band, so a direct connection
+   costs about one TCP handshake; for ``relay`` it opens its end of the relayed connection;
+4. when the server answers ``ok``, the filters are built bottom-up (``tls`` checks that the
+   server proves the expected node id), and the application gets a real socket.
+
+On the server, the request is checked before anything is built: someone must listen on the
+port, the stack must parse, and the server's policy must accept it (e.g. ``tls`` from outside
+its cluster — the client's rules cannot weaken that). The token is then *pending*. A data
+connection on the node port presents a token: an unknown one waits at most
+``MATCH_TIMEOUT_S`` for its request (request and connection race), a used or expired one is
+refused at once, and a stranger who connects gets nothing. The server builds its half of the
+filters (``tls`` requires the client's certificate to carry the requesting node's id) and
+queues the connection on the listener. Different clients of one server may use different
+stacks at the same time.
+
+What applications get is always a real OS socket: for a plain ``tcp`` stack the kernel TCP
+socket itself (nothing on the data path); otherwise one end of a socketpair bridged to the
+stream (:mod:`gridsock.bridge`).
+"""
+from __future__ import annotations
+
+import binascii
+import dataclasses
+import json
+import logging
+import secrets
+import socket
+import time
+from typing import Dict, Optional, Tuple
+
+import gevent
+import gevent.event
+import gevent.queue
+
+from . import wire
+from .bootstrap.transport import dial, parse_address
+from .errors import ConfigError, ConnectError, GridsockError, RemoteProtocolError, RoutingError
+from .rules import Rules
+from .stack import Stack, StackContext
+from .streams import SocketStream, Stream
+
+__all__ = [
+    "Assembler",
+    "DataListener",
+    "ConnectionInfo",
+    "DATA_PREAMBLE",
+    "TOKEN_BYTES",
+    "ASSEMBLY_TIMEOUT_S",
+    "MATCH_TIMEOUT_S",
+    "ASSEMBLE_TOPIC",
+]
+
+log = logging.getLogger(__name__)
+
+ASSEMBLE_TOPIC = "assemble"
+# First bytes of a data connection on a node port: magic and version. TLS starts with 0x16 and
+# wire frames with a 0x00 length byte, so the node port tells the three apart by one byte.
+DATA_PREAMBLE = b"GSDC\x01"
+TOKEN_BYTES = 32
+# A connect (request, reply, method, filters) gives up after this long.
+ASSEMBLY_TIMEOUT_S = 15.0
+# A data connection waits this long for its assembly request (they race), and a pending token
+# for its data connection, before it is dropped.
+MATCH_TIMEOUT_S = 10.0
+# Tokens remembered after use, so a replay is refused at once rather than after a wait.
+USED_TOKENS_KEPT = 4096
+# Connections accepted but not yet taken by accept().
+LISTEN_BACKLOG = 128
+
+
+@dataclasses.dataclass
+class ConnectionInfo:
+    """What one data connection is: for ``gridsock status`` and for the application."""
+
+    conn: int
+    peer_id: str
+    peer_name: str
+    port: int
+    stack: str
+    initiator: bool
+    opened_at: float = dataclasses.field(default_factory=time.time)
+    detail: Dict[str, object] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"conn": self.conn, "peer": self.peer_name, "peer_id": self.peer_id, "port": self.port,
+                "stack": self.stack, "side": "client" if self.initiator else "server",
+                "opened_at": self.opened_at, **{k: v for k, v in self.detail.items() if k != "stream"}}
+
+
+class DataListener:
+    """Connections to one grid port of this node; ``accept()`` hands them out."""
+
+    def __init__(self, assembler: "Assembler", port: int) -> None:
+        self.port = port
+        self._assembler = assembler
+        self._queue: gevent.queue.Queue = gevent.queue.Queue(maxsize=LISTEN_BACKLOG)
+        self.closed = False
+
+    def accept(self, timeout: float | None = None) -> Tuple[socket.socket, ConnectionInfo]:
+        """Return ``(socket, info)`` for the next connection; raise TimeoutError after ``timeout``.
+
+        The socket is a real OS socket (see the module docstring).
+        """
+        stream, info = self.accept_stream(timeout)
+        return self._assembler._hand_out(Stack.parse(info.stack), stream, info), info
+
+    def accept_stream(self, timeout: float | None = None) -> Tuple[Stream, ConnectionInfo]:
+        """Like accept(), but the framework's Stream itself (for framework code and tests)."""
+        if self.closed:
+            raise ConnectError(f"listener on port {self.port} is closed")
+        try:
+            item = self._queue.get(timeout=timeout)
+        except gevent.queue.Empty:
+            raise TimeoutError(f"no connection on port {self.port} within {timeout} s") from None
+        if item is None:
+            raise ConnectError(f"listener on port {self.port} is closed")
+        return item
+
+    def _deliver(self, item) -> bool:
+        if self.closed:
+            return False
+        try:
+            self._queue.put_nowait(item)
+        except gevent.queue.Full:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._assembler.listeners.pop(self.port, None)
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None:
+                item[0].close()
+        self._queue.put_nowait(None)
+
+
+@dataclasses.dataclass
+class _Pending:
+    client_id: str
+    port: int
+    stack: Stack
+    expires: float
+
+
+class Assembler:
+    """The data-connection side of one node (client and server)."""
+
+    def __init__(self, node, rules: Rules, *, streams_only: bool = False) -> None:
+        self.node = node
+        self.rules = rules
+        self.listeners: Dict[int, DataListener] = {}
+        self.connections: Dict[int, ConnectionInfo] = {}
+        self._pending: Dict[bytes, _Pending] = {}
+        self._arrived: Dict[bytes, gevent.event.Event] = {}
+        self._used: Dict[bytes, float] = {}
+        self._conn_ids = iter(range(1, 2**62))
+
+    # --- server side -------------------------------------------------------------------------
+
+    def listen(self, port: int) -> DataListener:
+        """Serve grid port ``port`` of this node; ConfigError if it is taken or invalid."""
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigError(f"bad port {port!r}")
+        if port in self.listeners:
+            raise ConfigError(f"port {port} of node {self.node.name} is already served")
+        listener = DataListener(self, port)
+        self.listeners[port] = listener
+        return listener
+
+    def handle_request(self, delivery) -> bytes:
+        """The ``assemble`` topic handler: check the request, make the token pending."""
+        try:
+            req = json.loads(delivery.payload)
+            port, stack_text, token_hex = req["port"], req["stack"], req["token"]
+            conn = req.get("conn")
+            if type(port) is not int or not isinstance(stack_text, str) or not isinstance(token_hex, str):
+                raise ValueError("ill-typed fields")
+            token = binascii.unhexlify(token_hex)
+            if len(token) != TOKEN_BYTES or (conn is not None and (type(conn) is not int or not 0 <= conn < 2**32)):
+                raise ValueError("bad token or connection id")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RemoteProtocolError(f"bad assembly request from {delivery.src}: {exc}") from None
+        client = self.node.directory.get(delivery.src)
+        me = self.node.entry
+        if client is None or me is None:
+            return _refuse("unknown-node", f"node {delivery.src} is not in {self.node.name}'s directory")
+        listener = self.listeners.get(port)
+        if listener is None:
+            return _refuse("refused", f"nothing listens on port {port} of {self.node.name}")
+        try:
+            stack = Stack.parse(stack_text)
+        except ConfigError as exc:
+            return _refuse("bad-stack", str(exc))
+        why = self.rules.refusal(me, client, stack)
+        if why:
+            log.warning("refused %s from %s to port %d: %s", stack, client.name, port, why)
+            return _refuse("policy", why)
+        if token in self._pending or token in self._used:
+            return _refuse("bad-token", "token already used")
+        method = stack.method.name
+        if method == "relay":
+            if conn is None:
+                raise RemoteProtocolError("relay assembly request without a connection id")
+            lower = self.node.relay.open(client.node_id, conn)
+            self._used[token] = time.monotonic()
+            gevent.spawn(self._finish_server, lower, client, port, stack)
+        elif method == "tcp":
+            self._pending[token] = _Pending(client.node_id, port, stack, time.monotonic() + MATCH_TIMEOUT_S)
+            event = self._arrived.pop(token, None)
+            if event is not None:
+                event.set()
+            gevent.spawn_later(MATCH_TIMEOUT_S, self._expire, token)
+        else:
+            return _refuse("bad-stack", f"method {method} is not available on {self.node.name}")
+        return json.dumps({"ok": True}).encode()
+
+    def _expire(self, token: bytes) -> None:
+        pending = self._pending.pop(token, None)
+        if pending is not None:
+            log.info("assembly token for port %d from %s expired unused", pending.port, pending.client_id)
+            self._remember_used(token)
+
+    def _remember_used(self, token: bytes) -> None:
+        self._used[token] = time.monotonic()
+        while len(self._used) > USED_TOKENS_KEPT:
+            self._used.pop(next(iter(self._used)))
+
+    def handle_data_connection(self, sock, label: str) -> None:
+        """A node-port connection that began with DATA_PREAMBLE (not yet read). Owns ``sock``."""
+        try:
+            with gevent.Timeout(MATCH_TIMEOUT_S, TimeoutError("no preamble")):
+                head = _recv_exactly(sock, len(DATA_PREAMBLE) + TOKEN_BYTES)
+            if head[: len(DATA_PREAMBLE)] != DATA_PREAMBLE:
+                raise RemoteProtocolError("bad data-connection preamble")
+            token = head[len(DATA_PREAMBLE) :]
+            if token in self._used:
+                raise RemoteProtocolError("token already used (replay)")
+            pending = self._pending.pop(token, None)
+            if pending is None:
+                event = self._arrived.setdefault(token, gevent.event.Event())
+                event.wait(MATCH_TIMEOUT_S)
+                self._arrived.pop(token, None)
+                pending = self._pending.pop(token, None)
+            if pending is None:
+                raise RemoteProtocolError("unknown token")
+            self._remember_used(token)
+        except (RemoteProtocolError, TimeoutError, OSError) as exc:
+            log.warning("node %s refused data connection from %s: %s", self.node.name, label, exc)
+            sock.close()
+            return
+        client = self.node.directory.get(pending.client_id)
+        if client is None:
+            log.warning("data connection from %s: client %s left meanwhile", label, pending.client_id)
+            sock.close()
+            return
+        self._finish_server(SocketStream(sock, info={"method": "tcp", "peer": label}), client, pending.port,
+                            pending.stack)
+
+    def _finish_server(self, lower: Stream, client: wire.NodeEntry, port: int, stack: Stack) -> None:
+        listener = self.listeners.get(port)
+        try:
+            if listener is None:
+                raise ConnectError(f"nothing listens on port {port} any more")
+            stream = self._build(stack, lower, client, initiator=False)
+        except (GridsockError, OSError) as exc:
+            log.warning("node %s: data connection from %s over %s failed: %s", self.node.name, client.name, stack, exc)
+            lower.close()
+            return
+        info = self._record(client, port, stack, initiator=False, stream=stream)
+        if not listener._deliver((stream, info)):
+            log.warning("port %d backlog full or closed: dropping connection from %s", port, client.name)
+            stream.close()
+
+    # --- client side -------------------------------------------------------------------------
+
+    def open_stream(self, peer: str, port: int, *, stack=None, timeout: float = ASSEMBLY_TIMEOUT_S):
+        """Connect to grid port ``port`` of node ``peer``; return ``(stream, info)``.
+
+        Raises ConnectError (with the reason) when the server refuses or the method fails.
+        """
+        entry = self.node.directory.resolve(peer)
+        me = self.node.entry
+        if entry is None or me is None:
+            raise ConnectError(f"unknown node {peer!r}" if me else "this node has not joined yet", peer=peer)
+        if stack is None:
+            stack = self.rules.choose(me, entry)
+        elif isinstance(stack, str):
+            stack = Stack.parse(stack)
+        method = stack.method.name
+        token = secrets.token_bytes(TOKEN_BYTES)
+        request = {"port": port, "stack": str(stack), "token": token.hex()}
+        lower: Optional[Stream] = None
+        dialer = None
+        deadline = time.monotonic() + timeout
+        try:
+            if method == "relay":
+                conn = self.node.relay.new_conn_id()
+                request["conn"] = conn
+                lower = self.node.relay.open(entry.node_id, conn)
+            elif method == "tcp":
+                if not entry.addrs:
+                    raise ConnectError(f"{entry.name} advertises no address for a direct connection",
+                                       peer=entry.name, method="tcp")
+                dialer = gevent.spawn(_dial_with_token, entry.addrs, token, timeout)
+            else:
+                raise ConnectError(f"method {method} is not available", peer=entry.name, method=method)
+            try:
+                reply = self.node.meta_request(entry.node_id, ASSEMBLE_TOPIC, json.dumps(request).encode(),
+                                               timeout=max(0.1, deadline - time.monotonic()))
+                answer = json.loads(reply.payload)
+            except (RoutingError, TimeoutError, ValueError) as exc:
+                raise ConnectError(f"assembly request to {entry.name} failed: {exc}", peer=entry.name,
+                                   method=method) from exc
+            if not answer.get("ok"):
+                raise ConnectError(f"{entry.name} refused {stack}: {answer.get('reason')}", peer=entry.name,
+                                   method=method, tried=[(str(stack), str(answer.get("reason")))])
+            if dialer is not None:
+                sock = dialer.get(timeout=max(0.1, deadline - time.monotonic()))
+                lower = SocketStream(sock, info={"method": "tcp"})
+            with gevent.Timeout(max(0.1, deadline - time.monotonic()),
+                                ConnectError(f"building {stack} to {entry.name} timed out", peer=entry.name)):
+                stream = self._build(stack, lower, entry, initiator=True)
+        except BaseException as exc:
+            if lower is not None:
+                lower.close()
+            if dialer is not None:
+                dialer.kill(block=False)
+                if dialer.successful() and dialer.value is not None:
+                    dialer.value.close()
+            if isinstance(exc, gevent.Timeout):
+                raise ConnectError(f"connecting to {entry.name} timed out", peer=entry.name, method=method) from None
+            if isinstance(exc, ConnectError) or not isinstance(exc, (GridsockError, OSError)):
+                raise
+            raise ConnectError(f"connecting to {entry.name} over {stack} failed: {exc}", peer=entry.name,
+                               method=method) from exc
+        info = self._record(entry, port, stack, initiator=True, stream=stream)
+        return stream, info
+
+    def connect(self, peer: str, port: int, *, stack=None, timeout: float = ASSEMBLY_TIMEOUT_S):
+        """Connect and return ``(socket.socket, ConnectionInfo)``: a real OS socket."""
+        stream, info = self.open_stream(peer, port, stack=stack, timeout=timeout)
+        return self._hand_out(Stack.parse(info.stack), stream, info), info
+
+    # --- both --------------------------------------------------------------------------------
+
+    def _build(self, stack: Stack, lower: Stream, peer: wire.NodeEntry, *, initiator: bool) -> Stream:
+        from .registry import build_filters
+
+        node = self.node
+        context = StackContext(session=node.session, identity=node.identity, local_id=node.node_id,
+                               peer_id=peer.node_id, peer_name=peer.name, initiator=initiator)
+        return build_filters(stack, lower, context)
+
+    def _record(self, peer: wire.NodeEntry, port: int, stack: Stack, *, initiator: bool, stream: Stream):
+        conn = next(self._conn_ids)
+        info = ConnectionInfo(conn=conn, peer_id=peer.node_id, peer_name=peer.name, port=port, stack=str(stack),
+                              initiator=initiator, detail={"stream": stream})
+        self.connections[conn] = info
+        return info
+
+    def _hand_out(self, stack: Stack, stream: Stream, info: ConnectionInfo) -> socket.socket:
+        from .bridge import bridge, to_std_socket
+
+        if not stack.filters and stack.method.name == "tcp" and isinstance(stream, SocketStream):
+            sock = to_std_socket(stream.socket)
+            info.detail["bridged"] = False
+        else:
+            sock = bridge(stream, name=f"{info.peer_name}:{info.port}")
+            info.detail["bridged"] = True
+        return sock
+
+    def status(self) -> list:
+        return [info.to_json() for info in self.connections.values()]
+
+
+def _refuse(code: str, reason: str) -> bytes:
+    return json.dumps({"ok": False, "code": code, "reason": reason}).encode()
+
+
+def _recv_exactly(sock, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise RemoteProtocolError(f"connection closed after {len(data)} of {n} preamble bytes")
+        data += chunk
+    return bytes(data)
+
+
+def _dial_with_token(addrs, token: bytes, timeout: float):
+    """Dial the first of ``addrs`` that answers and send the preamble; return the socket."""
+    reasons = []
+    for text in addrs:
+        try:
+            sock = dial(parse_address(text), timeout=min(timeout, 5.0))
+        except (ConnectError, ConfigError) as exc:
+            reasons.append(f"{text}: {exc}")
+            continue
+        try:
+            sock.sendall(DATA_PREAMBLE + token)
+        except OSError as exc:
+            sock.close()
+            reasons.append(f"{text}: {exc}")
+            continue
+        return sock
+    raise ConnectError("no address answered: " + "; ".join(reasons), method="tcp",
+                       tried=[("tcp", r) for r in reasons])

@@ -1,0 +1,246 @@
+"""The ``relay`` method: a connection tunnelled through the bootstrap routes, the last resort.
+
+Theory of operation
+-------------------
+Both ends of a relayed connection are :class:`RelayStream` objects, one in each node, named by
+``(peer node id, connection id)``; the client picks the connection id. Their bytes travel as
+routed messages with topic ``relay`` along the bootstrap tree (the same path for the whole
+life of the connection, so the links' FIFO order is the stream's order). Each message's
+payload starts with a header ``conn_id: u32 | type: u8 | value: u32``:
+
+- ``DATA``: the rest of the payload is stream data (at most ``RELAY_CHUNK_BYTES``);
+- ``EOF``: the sender half-closed;
+- ``CREDIT``: the receiver consumed ``value`` more bytes, the sender may send that much more;
+- ``RESET``: the connection is gone (closed, or unknown at the receiver).
+
+Flow control is end to end and credit based: a sender never has more than
+``RELAY_WINDOW_BYTES`` in flight, so a bulk transfer can grow no queue on any link or node
+beyond one window, and links send relayed frames after their control traffic. There is no cap
+on bytes or duration.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import struct
+from typing import Callable, Dict, Optional, Tuple
+
+import gevent.event
+
+from ..errors import BrokenStreamError, RemoteProtocolError
+from ..streams import DEFAULT_RECEIVE_BYTES, Stream
+
+__all__ = ["RelayMethod", "RelayStream", "RelayManager", "RELAY_WINDOW_BYTES", "RELAY_CHUNK_BYTES"]
+
+log = logging.getLogger(__name__)
+
+# Bytes a relay sender may have in flight: large enough to fill a 4-hop path on a LAN, small
+# enough that many relayed connections fit in the links' bulk queues.
+RELAY_WINDOW_BYTES = 1024 * 1024
+# Data per routed message: a quarter of the window keeps the pipe full while credit returns.
+RELAY_CHUNK_BYTES = 64 * 1024
+_HEADER = struct.Struct("!IBI")
+DATA, EOF, CREDIT, RESET = 1, 2, 3, 4
+_TYPES = {DATA: "DATA", EOF: "EOF", CREDIT: "CREDIT", RESET: "RESET"}
+
+
+class RelayMethod:
+    """Registry entry for ``relay``; the node's :class:`RelayManager` does the work."""
+
+    name = "relay"
+    kind = "method"
+    PARAMS: dict = {}
+    LIMITS: dict = {}
+
+    def __init__(self, **params) -> None:
+        self.params = params
+
+
+class RelayStream(Stream):
+    """One end of a relayed connection; see the module docstring."""
+
+    def __init__(self, manager: "RelayManager", peer_id: str, conn_id: int) -> None:
+        self.info = {"method": "relay", "peer_id": peer_id, "conn_id": conn_id}
+        self._manager = manager
+        self.peer_id = peer_id
+        self.conn_id = conn_id
+        self._buffer = bytearray()
+        self._credit = RELAY_WINDOW_BYTES  # what we may still send
+        self._received_unacked = 0  # consumed by the application, not yet credited back
+        self._in_flight_to_us = 0  # received, not yet credited (bounds a misbehaving sender)
+        self._peer_eof = False
+        self._reset = False
+        self._eof_sent = False
+        self._closed = False
+        self._readable = gevent.event.Event()
+        self._writable = gevent.event.Event()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def __repr__(self) -> str:
+        return f"<RelayStream {self.peer_id[:8]}#{self.conn_id}>"
+
+    # --- Stream ------------------------------------------------------------------------------
+
+    def send_all(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            self._check_sendable()
+            if self._credit <= 0:
+                self._writable.clear()
+                self._writable.wait()
+                continue
+            n = min(len(view), self._credit, RELAY_CHUNK_BYTES)
+            self._credit -= n
+            self._manager.transmit(self, DATA, 0, view[:n])
+            self.bytes_sent += n
+            view = view[n:]
+
+    def receive_some(self, max_bytes: int = DEFAULT_RECEIVE_BYTES) -> bytes:
+        while True:
+            if self._closed:
+                raise BrokenStreamError("stream is closed")
+            if self._buffer:
+                data = bytes(self._buffer[:max_bytes])
+                del self._buffer[:max_bytes]
+                self._consumed(len(data))
+                return data
+            if self._peer_eof or self._reset:
+                return b""
+            self._readable.clear()
+            self._readable.wait()
+
+    def send_eof(self) -> None:
+        if self._closed or self._eof_sent or self._reset:
+            return
+        self._eof_sent = True
+        self._manager.transmit(self, EOF, 0, b"")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._reset:
+            self._manager.transmit(self, RESET, 0, b"", quiet=True)
+        self._manager.forget(self)
+        self._readable.set()
+        self._writable.set()
+
+    # --- from the manager --------------------------------------------------------------------
+
+    def _check_sendable(self) -> None:
+        if self._closed:
+            raise BrokenStreamError("stream is closed")
+        if self._eof_sent:
+            raise BrokenStreamError("cannot send after send_eof()")
+        if self._reset:
+            raise BrokenStreamError("the peer closed the relayed connection")
+
+    def _consumed(self, n: int) -> None:
+        self._received_unacked += n
+        self._in_flight_to_us -= n
+        if self._received_unacked >= RELAY_WINDOW_BYTES // 4 and not self._reset:
+            credit, self._received_unacked = self._received_unacked, 0
+            self._manager.transmit(self, CREDIT, credit, b"", quiet=True)
+
+    def _on_frame(self, kind: int, value: int, data: bytes) -> None:
+        if kind == DATA:
+            if self._peer_eof:
+                raise RemoteProtocolError("relay data after EOF")
+            self._in_flight_to_us += len(data)
+            if self._in_flight_to_us > RELAY_WINDOW_BYTES:
+                raise RemoteProtocolError(f"relay peer sent beyond its window ({self._in_flight_to_us} bytes)")
+            self.bytes_received += len(data)
+            if not self._closed:
+                self._buffer += data
+            self._readable.set()
+        elif kind == EOF:
+            self._peer_eof = True
+            self._readable.set()
+        elif kind == CREDIT:
+            self._credit += value
+            if self._credit > RELAY_WINDOW_BYTES:
+                raise RemoteProtocolError("relay peer granted more credit than the window")
+            self._writable.set()
+        elif kind == RESET:
+            self._reset = True
+            self._readable.set()
+            self._writable.set()
+            self._manager.forget(self)
+
+
+class RelayManager:
+    """All relayed connections of one node; ``send(dst_id, payload)`` routes a relay message."""
+
+    def __init__(self, send: Callable[[str, bytes], None]) -> None:
+        self._send = send
+        self._streams: Dict[Tuple[str, int], RelayStream] = {}
+        self._conn_ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def new_conn_id(self) -> int:
+        return next(self._conn_ids) & 0xFFFFFFFF
+
+    def open(self, peer_id: str, conn_id: int) -> RelayStream:
+        """Make the local end of relayed connection ``conn_id`` with ``peer_id``."""
+        key = (peer_id, conn_id)
+        if key in self._streams:
+            raise RemoteProtocolError(f"relayed connection {conn_id} with {peer_id} exists already")
+        stream = RelayStream(self, peer_id, conn_id)
+        self._streams[key] = stream
+        return stream
+
+    def forget(self, stream: RelayStream) -> None:
+        if self._streams.get((stream.peer_id, stream.conn_id)) is stream:
+            del self._streams[(stream.peer_id, stream.conn_id)]
+
+    def transmit(self, stream: RelayStream, kind: int, value: int, data, *, quiet: bool = False) -> None:
+        payload = _HEADER.pack(stream.conn_id, kind, value) + bytes(data)
+        try:
+            self._send(stream.peer_id, payload)
+        except Exception as exc:  # any routing failure breaks this connection only
+            if quiet:
+                log.debug("relay %s: %s not sent: %s", stream, _TYPES[kind], exc)
+                return
+            stream._reset = True
+            raise BrokenStreamError(f"relay to {stream.peer_id}: {exc}") from exc
+
+    def on_message(self, src: str, payload: bytes) -> None:
+        """A relay message from node ``src`` arrived. Raises nothing: bad input resets."""
+        if len(payload) < _HEADER.size:
+            log.warning("dropping a short relay message from %s", src)
+            return
+        conn_id, kind, value = _HEADER.unpack_from(payload)
+        data = payload[_HEADER.size :]
+        stream = self._streams.get((src, conn_id))
+        if stream is None:
+            if kind != RESET:
+                log.debug("relay %s from %s for unknown connection %d: resetting", _TYPES.get(kind, kind), src, conn_id)
+                try:
+                    self._send(src, _HEADER.pack(conn_id, RESET, 0))
+                except Exception:
+                    pass
+            return
+        if kind not in _TYPES or (kind != DATA and data) or len(data) > RELAY_CHUNK_BYTES:
+            log.warning("relay from %s: malformed frame (type %s, %d bytes): resetting", src, kind, len(data))
+            stream._on_frame(RESET, 0, b"")
+            self._send_reset(stream)
+            return
+        try:
+            stream._on_frame(kind, value, data)
+        except RemoteProtocolError as exc:
+            log.warning("relay from %s: %s: resetting", src, exc)
+            stream._on_frame(RESET, 0, b"")
+            self._send_reset(stream)
+
+    def _send_reset(self, stream: RelayStream) -> None:
+        try:
+            self._send(stream.peer_id, _HEADER.pack(stream.conn_id, RESET, 0))
+        except Exception:
+            pass
+
+    def close_all(self, reason: str) -> None:
+        for stream in list(self._streams.values()):
+            stream._on_frame(RESET, 0, b"")

@@ -1,0 +1,104 @@
+"""Diagnostics over data connections: an echo service and a measured transfer through it.
+
+``serve_echo(node, port)`` answers every connection to grid port ``port`` by sending back what
+it receives. ``transfer(node, peer, port, nbytes, stack=...)`` connects (with the stack the rules
+or the caller choose), sends ``nbytes`` of random data while reading the echo, and reports the
+SHA-256 of both directions, the time taken and the stack: bytes that cross the grid each way and
+arrive unchanged. ``gridsock transfer`` runs it in a running node through its control socket.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+
+import gevent
+
+from .errors import BrokenStreamError, GridsockError
+
+__all__ = ["serve_echo", "transfer", "ECHO_CHUNK_BYTES"]
+
+log = logging.getLogger(__name__)
+
+ECHO_CHUNK_BYTES = 256 * 1024
+
+
+def serve_echo(node, port: int):
+    """Serve an echo service on grid port ``port`` of ``node``; return the serving greenlet."""
+    listener = node.listen(port)
+
+    def echo(stream) -> None:
+        try:
+            while True:
+                data = stream.receive_some(ECHO_CHUNK_BYTES)
+                if not data:
+                    stream.send_eof()
+                    return
+                stream.send_all(data)
+        except (BrokenStreamError, OSError) as exc:
+            log.info("echo on port %d: connection ended: %s", port, exc)
+        finally:
+            stream.close()
+
+    def serve() -> None:
+        while True:
+            stream, info = listener.accept_stream()
+            gevent.spawn(echo, stream)
+
+    return gevent.spawn(serve)
+
+
+def transfer(node, peer: str, port: int, nbytes: int, *, stack=None, timeout: float | None = None) -> dict:
+    """Send ``nbytes`` random bytes to the echo service at ``peer:port`` and read them back.
+
+    Returns a dict: ``stack``, ``bytes``, ``sha256_sent``, ``sha256_received``, ``connect_ms``,
+    ``seconds``, ``mb_per_s`` (each way). Raises ConnectError if no connection can be made and
+    BrokenStreamError if it breaks.
+    """
+    started = time.perf_counter()
+    stream, info = node.open_stream(peer, port, stack=stack, timeout=timeout)
+    connected = time.perf_counter()
+    sent = hashlib.sha256()
+    received = hashlib.sha256()
+    count = {"received": 0}
+
+    def sender() -> None:
+        left = nbytes
+        while left:
+            chunk = os.urandom(min(ECHO_CHUNK_BYTES, left))
+            sent.update(chunk)
+            stream.send_all(chunk)
+            left -= len(chunk)
+        stream.send_eof()
+
+    def receiver() -> None:
+        while True:
+            data = stream.receive_some(ECHO_CHUNK_BYTES)
+            if not data:
+                return
+            received.update(data)
+            count["received"] += len(data)
+
+    greenlets = [gevent.spawn(sender), gevent.spawn(receiver)]
+    try:
+        gevent.joinall(greenlets, raise_error=True)
+    except (GridsockError, OSError):
+        gevent.killall(greenlets)
+        raise
+    finally:
+        stream.close()
+    seconds = time.perf_counter() - connected
+    if count["received"] != nbytes:
+        raise BrokenStreamError(f"echo returned {count['received']} of {nbytes} bytes")
+    return {
+        "peer": peer,
+        "port": port,
+        "stack": info.stack,
+        "bytes": nbytes,
+        "sha256_sent": sent.hexdigest(),
+        "sha256_received": received.hexdigest(),
+        "connect_ms": round((connected - started) * 1000, 3),
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(nbytes / seconds / 1e6, 2) if seconds > 0 else None,
+    }

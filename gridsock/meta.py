@@ -1,0 +1,174 @@
+"""The meta-communication channel: lazy direct links between nodes, the bootstrap channel behind.
+
+Theory of operation
+-------------------
+Meta traffic (assembly requests and their answers) between two nodes goes over a direct *meta
+link* when one can be made, and over the bootstrap channel otherwise (the paper's last resort:
+it works everywhere). A meta link is opened lazily, by the first meta message between the
+pair, and only where the directory says it can work: the peer is in the same cluster (same
+network), or the rendez-vous node could dial it back (``inbound``). Its stack is ``tls/tcp``
+(mutual TLS with node certificates; plain ``tcp`` in a plain-TCP session), dialed to the peer's
+node port and greeted with ``Hello(role="peer")``; the listener answers ``Welcome`` with its
+own directory entry. A failed attempt is not retried for ``META_RETRY_S``, and while a link is
+being opened, other messages for that peer wait for the outcome (at most
+``META_LINK_TIMEOUT_S``), then take whichever path exists.
+
+On a meta link only routed messages from the link's own peer to this node are accepted
+(anything else is a protocol error that drops the link), so a meta link is never a way around
+the bootstrap channel's source checks. Requests that arrive on a meta link are answered on it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, Optional
+
+import gevent
+import gevent.event
+
+from . import wire
+from .bootstrap.link import HANDSHAKE_TIMEOUT_S, Link, read_message, send_message
+from .bootstrap.transport import dial, parse_address, tls_client
+from .errors import AuthError, BrokenStreamError, ConfigError, ConnectError, RemoteProtocolError
+from .rules import same_cluster
+from .session import client_context, peer_identity
+
+__all__ = ["MetaChannel", "META_LINK_TIMEOUT_S", "META_RETRY_S"]
+
+log = logging.getLogger(__name__)
+
+# Opening a meta link (connect, TLS, Hello/Welcome) gives up after this long; meanwhile the
+# message that asked for it waits, so keep it short: the bootstrap channel is always there.
+META_LINK_TIMEOUT_S = 3.0
+# After a failed attempt, meta traffic to that peer takes the bootstrap channel this long.
+META_RETRY_S = 60.0
+
+
+class MetaChannel:
+    """The meta links of one node; see the module docstring."""
+
+    def __init__(self, node) -> None:
+        self.node = node
+        self.links: Dict[str, Link] = {}
+        self._failed: Dict[str, tuple] = {}  # peer id -> (until, reason)
+        self._opening: Dict[str, gevent.event.AsyncResult] = {}
+
+    # --- choosing the path -------------------------------------------------------------------
+
+    def link_for(self, peer_id: str) -> Optional[Link]:
+        """The live meta link to ``peer_id``, opened now if worth trying; None: use bootstrap."""
+        link = self.links.get(peer_id)
+        if link is not None and not link.closed:
+            return link
+        entry = self.node.directory.get(peer_id)
+        if entry is None or not self._worth_trying(entry):
+            return None
+        pending = self._opening.get(peer_id)
+        if pending is None:
+            pending = gevent.event.AsyncResult()
+            self._opening[peer_id] = pending
+            gevent.spawn(self._open, entry, pending)
+        try:
+            return pending.get(timeout=META_LINK_TIMEOUT_S + 1)
+        except gevent.Timeout:
+            return None
+
+    def _worth_trying(self, entry: wire.NodeEntry) -> bool:
+        me = self.node.entry
+        if me is None or entry.node_id == me.node_id or not entry.addrs:
+            return False
+        failed = self._failed.get(entry.node_id)
+        if failed and failed[0] > time.monotonic():
+            return False
+        return same_cluster(me, entry) or bool(entry.inbound)
+
+    def _open(self, entry: wire.NodeEntry, result: gevent.event.AsyncResult) -> None:
+        reasons = []
+        link = None
+        try:
+            for text in entry.addrs:
+                try:
+                    with gevent.Timeout(META_LINK_TIMEOUT_S, TimeoutError(f"no answer in {META_LINK_TIMEOUT_S} s")):
+                        link = self._dial(parse_address(text), entry)
+                    break
+                except (ConnectError, ConfigError, OSError, TimeoutError, RemoteProtocolError, BrokenStreamError) as exc:
+                    reasons.append(f"{text}: {exc}")
+            if link is None:
+                why = "; ".join(reasons) or "no address"
+                self._failed[entry.node_id] = (time.monotonic() + META_RETRY_S, why)
+                log.info("node %s: no meta link to %s (%s); meta traffic takes the bootstrap channel",
+                         self.node.name, entry.name, why)
+        finally:
+            self._opening.pop(entry.node_id, None)
+            result.set(link)
+
+    def _dial(self, address, entry: wire.NodeEntry) -> Link:
+        node = self.node
+        sock = dial(address, timeout=META_LINK_TIMEOUT_S)
+        try:
+            if node.session.tls:
+                sock = tls_client(sock, client_context(node.session, node.identity), timeout=META_LINK_TIMEOUT_S)
+                peer = peer_identity(sock)
+                if peer is None or peer.kind != "node" or peer.id != entry.node_id:
+                    raise AuthError(f"{address} answered as {peer}, not as {entry.name}")
+            send_message(sock, wire.Hello(name=node.name, cluster=node.cluster, role="peer",
+                                          node_id=None if node.session.tls else node.node_id,
+                                          token=None if node.session.tls else node.session.join_token))
+            decoder = wire.Decoder(peer=str(address))
+            reply = read_message(sock, decoder, timeout=META_LINK_TIMEOUT_S)
+            if isinstance(reply, wire.Refuse):
+                raise AuthError(f"{entry.name} refused a meta link: {reply.reason}")
+            if not isinstance(reply, wire.Welcome) or reply.entry.node_id != entry.node_id:
+                raise RemoteProtocolError(f"expected Welcome from {entry.name}")
+        except BaseException:
+            sock.close()
+            raise
+        return self._add(sock, decoder, entry, f"meta link to {entry.name} ({address})")
+
+    def accept(self, sock, decoder, hello: wire.Hello, node_id: str, label: str) -> None:
+        """A peer asked for a meta link on our node port (its identity already checked)."""
+        entry = self.node.directory.get(node_id)
+        if entry is None:
+            send_message(sock, wire.Refuse("unknown-node", "not in this node's directory"))
+            raise AuthError(f"meta link from {node_id}, which is not in the directory", peer=label)
+        send_message(sock, wire.Welcome(self.node.entry, self.node.session.session_id))
+        self._add(sock, decoder, entry, f"meta link from {entry.name} ({label})")
+
+    def _add(self, sock, decoder, entry: wire.NodeEntry, label: str) -> Link:
+        link = Link(sock, decoder, label=label, on_message=self._on_message, on_close=self._on_close)
+        link.peer_id = entry.node_id
+        link.entry = entry
+        old = self.links.get(entry.node_id)
+        self.links[entry.node_id] = link
+        link.start()
+        if old is not None and not old.closed:
+            old.close("replaced by a newer meta link")
+        log.info("node %s: %s up", self.node.name, label)
+        return link
+
+    def _on_close(self, link: Link) -> None:
+        if self.links.get(link.peer_id) is link:
+            del self.links[link.peer_id]
+
+    def _on_message(self, link: Link, message) -> None:
+        if not isinstance(message, wire.Routed):
+            raise RemoteProtocolError(f"unexpected {type(message).__name__} on a meta link")
+        if message.src != link.peer_id or message.dst not in (self.node.node_id, self.node.name):
+            raise RemoteProtocolError("a meta link carries messages between its two ends only")
+        self.node._route(message, via=link)
+
+    def close_all(self) -> None:
+        for link in list(self.links.values()):
+            link.close("node stopping")
+
+    def status(self) -> list:
+        stack = "tls/tcp" if self.node.session.tls else "tcp"
+        out = [{"peer": l.entry.name, "peer_id": l.peer_id, "stack": stack, "label": l.label, "since": l.opened_at}
+               for l in self.links.values() if not l.closed]
+        now = time.monotonic()
+        for peer_id, (until, why) in self._failed.items():
+            if until > now:
+                entry = self.node.directory.get(peer_id)
+                out.append({"peer": entry.name if entry else peer_id, "peer_id": peer_id, "stack": "bootstrap",
+                            "label": f"direct link failed: {why}", "since": None})
+        return out

@@ -1,0 +1,192 @@
+"""Configuration rules: which stack a connection uses, and the least a server accepts.
+
+Theory of operation
+-------------------
+As in the paper's configuration section, a *scheme* gives the default and *rules* give the
+exceptions. A rule matches the connecting node (``from``) and the node it connects to
+(``to``) by pattern, and names the stack; the first rule that matches wins, else the scheme
+decides from the directory's facts:
+
+- ``cluster`` (the default): plain ``tcp`` inside a cluster; ``tls/tcp`` to a node outside it
+  that accepts inbound connections; ``tls/relay`` (through the bootstrap routes) otherwise.
+- ``direct``: direct TCP between all nodes (``tcp`` inside a cluster, ``tls/tcp`` outside).
+- ``relay``: the bootstrap channel carries everything (``tls/relay``); works everywhere.
+
+Patterns: ``*`` (anything), ``cluster:NAME``, ``name:GLOB`` and ``addr:GLOB`` (matched against the
+hosts of the node's advertised and observed addresses), ``!PATTERN`` negates.
+
+The *policy* is the server's side: filters it requires from clients inside its cluster and
+from clients outside it (default: nothing inside, ``tls`` outside). A request whose stack lacks
+a required filter is refused with the reason, whatever the client's rules said: the meta channel
+is no back door to a weaker stack. In a plain-TCP session there are no certificates, so ``tls``
+is neither chosen nor required.
+
+A rules file is TOML::
+
+    scheme = "cluster"
+    [policy]
+    inside_cluster = []
+    outside_cluster = ["tls"]
+    [[rule]]
+    from = "cluster:A"
+    to = "name:b*"
+    stack = "tls/lz4/relay"
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+from . import wire
+from .errors import ConfigError
+from .stack import Stack
+
+__all__ = ["Rule", "Rules", "SCHEMES"]
+
+SCHEMES = ("cluster", "direct", "relay")
+# A rules file larger than this is surely a mistake.
+MAX_RULES = 1000
+
+
+def _hosts(entry: wire.NodeEntry) -> List[str]:
+    hosts = []
+    for addr in list(entry.addrs) + ([entry.observed] if entry.observed else []):
+        host = addr.rsplit(":", 1)[0].strip("[]")
+        hosts.append(host)
+    return hosts
+
+
+def _match(pattern: str, entry: wire.NodeEntry) -> bool:
+    if pattern.startswith("!"):
+        return not _match(pattern[1:], entry)
+    if pattern == "*":
+        return True
+    kind, _, value = pattern.partition(":")
+    if kind == "cluster":
+        return entry.cluster == value
+    if kind == "name":
+        return fnmatch.fnmatchcase(entry.name, value)
+    if kind == "addr":
+        return any(fnmatch.fnmatchcase(h, value) for h in _hosts(entry))
+    raise ConfigError(f"bad pattern {pattern!r}: use *, cluster:NAME, name:GLOB or addr:GLOB (! negates)")
+
+
+def same_cluster(a: wire.NodeEntry, b: wire.NodeEntry) -> bool:
+    """True if ``a`` and ``b`` share a cluster network (a node without a cluster is alone)."""
+    return a.node_id == b.node_id or (a.cluster is not None and a.cluster == b.cluster)
+
+
+@dataclass(frozen=True)
+class Rule:
+    src: str
+    dst: str
+    stack: str
+
+    def __post_init__(self) -> None:
+        dummy = wire.NodeEntry(node_id="00000000-0000-4000-8000-000000000000", name="x", cluster=None,
+                               leader="00000000-0000-4000-8000-000000000000")
+        _match(self.src, dummy)
+        _match(self.dst, dummy)
+        Stack.parse(self.stack)
+
+    def matches(self, src: wire.NodeEntry, dst: wire.NodeEntry) -> bool:
+        return _match(self.src, src) and _match(self.dst, dst)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """A scheme, exception rules and the server policy; see the module docstring."""
+
+    scheme: str = "cluster"
+    rules: Tuple[Rule, ...] = ()
+    inside_cluster: Tuple[str, ...] = ()
+    outside_cluster: Tuple[str, ...] = ("tls",)
+    tls: bool = True  # False in a plain-TCP session: no certificates, no tls filter
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"unknown scheme {self.scheme!r}: choose one of {', '.join(SCHEMES)}")
+
+    @classmethod
+    def from_dict(cls, data: dict, *, tls: bool = True) -> "Rules":
+        """Build rules from parsed TOML (see the module docstring); ConfigError if bad."""
+        if not isinstance(data, dict):
+            raise ConfigError("rules must be a table")
+        unknown = set(data) - {"scheme", "policy", "rule"}
+        if unknown:
+            raise ConfigError(f"unknown rules keys: {', '.join(sorted(unknown))}")
+        raw_rules = data.get("rule", [])
+        if not isinstance(raw_rules, list) or len(raw_rules) > MAX_RULES:
+            raise ConfigError(f"[[rule]] must be a list of at most {MAX_RULES} tables")
+        rules = []
+        for i, r in enumerate(raw_rules):
+            if not isinstance(r, dict) or set(r) - {"from", "to", "stack"} or "stack" not in r:
+                raise ConfigError(f"rule {i + 1}: needs 'stack', optional 'from' and 'to', nothing else")
+            try:
+                rules.append(Rule(str(r.get("from", "*")), str(r.get("to", "*")), str(r["stack"])))
+            except ConfigError as exc:
+                raise ConfigError(f"rule {i + 1}: {exc}") from None
+        policy = data.get("policy", {})
+        if not isinstance(policy, dict) or set(policy) - {"inside_cluster", "outside_cluster"}:
+            raise ConfigError("[policy] takes inside_cluster and outside_cluster (lists of filter names)")
+
+        def names(key, default):
+            value = policy.get(key, default)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"policy.{key} must be a list of filter names")
+            return tuple(value)
+
+        return cls(scheme=str(data.get("scheme", "cluster")), rules=tuple(rules),
+                   inside_cluster=names("inside_cluster", []), outside_cluster=names("outside_cluster", ["tls"]),
+                   tls=tls)
+
+    @classmethod
+    def load(cls, path, *, tls: bool = True) -> "Rules":
+        from .session import tomllib
+
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read rules file {path}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"rules file {path}: {exc}") from None
+        try:
+            return cls.from_dict(data, tls=tls)
+        except ConfigError as exc:
+            raise ConfigError(f"rules file {path}: {exc}") from None
+
+    def choose(self, src: wire.NodeEntry, dst: wire.NodeEntry) -> Stack:
+        """The stack ``src`` uses to connect to ``dst``."""
+        for rule in self.rules:
+            if rule.matches(src, dst):
+                return Stack.parse(rule.stack)
+        secure = "tls/" if self.tls else ""
+        if same_cluster(src, dst):
+            text = "relay" if self.scheme == "relay" else "tcp"
+            if self.scheme == "relay":
+                text = secure + "relay"
+        elif self.scheme == "relay":
+            text = secure + "relay"
+        elif self.scheme == "direct" or dst.inbound:
+            text = secure + "tcp"
+        else:
+            text = secure + "relay"
+        return Stack.parse(text)
+
+    def required(self, server: wire.NodeEntry, client: wire.NodeEntry) -> Tuple[str, ...]:
+        """The filters ``server`` requires on a connection from ``client``."""
+        names = self.inside_cluster if same_cluster(server, client) else self.outside_cluster
+        return tuple(n for n in names if self.tls or n != "tls")
+
+    def refusal(self, server: wire.NodeEntry, client: wire.NodeEntry, stack: Stack) -> Optional[str]:
+        """Why ``server`` refuses ``stack`` from ``client``, or None if it accepts it."""
+        missing = [n for n in self.required(server, client) if not stack.has(n)]
+        if missing:
+            where = "inside" if same_cluster(server, client) else "outside"
+            return (f"{server.name} requires {' and '.join(missing)} from nodes {where} its cluster; "
+                    f"{client.name} asked for {stack}")
+        if stack.has("tls") and not self.tls:
+            return "this session has no certificates (plain TCP): the tls filter is not available"
+        return None

@@ -1,0 +1,280 @@
+"""The ``gridsock`` command line, run as real processes on loopback.
+
+Readiness is a line a process prints (``rendezvous listening``, ``joined``) or a control call
+that waits for the directory; processes are stopped in teardown.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+
+import pytest
+
+from gridsock.bootstrap.control import call
+from gridsock.session import Session
+from gridsock.testing.procs import gridsock_argv, stop_process, wait_for_line
+
+pytestmark = pytest.mark.timeout(60)
+
+# A gridsock process starts (imports included) and joins well within this on loopback.
+READY_TIMEOUT_S = 20.0
+# A one-shot command (session new, status, ping) finishes within this.
+COMMAND_TIMEOUT_S = 30.0
+DEMO_TIMEOUT_S = 120.0
+
+SESSION_FILES = {"session.toml", "ca.pem", "ca-key.pem", "rendezvous-cert.pem", "rendezvous-key.pem"}
+
+
+def gridsock(*args: str, env=None) -> subprocess.CompletedProcess:
+    """Run one ``gridsock`` command to completion."""
+    return subprocess.run(gridsock_argv(*args), capture_output=True, text=True, env=env, timeout=COMMAND_TIMEOUT_S)
+
+
+# Processes run with warnings as errors and in development mode (ResourceWarning shown).
+STRICT_ENV = {"PYTHONWARNINGS": "error", "PYTHONDEVMODE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def assert_no_trouble(stderr: str, what: str) -> None:
+    """No traceback and no Python warning in what a process wrote to stderr."""
+    assert "Traceback" not in stderr and not re.search(r"[A-Za-z]*Warning: ", stderr), f"{what}:\n{stderr}"
+
+
+# --- gridsock session new -----------------------------------------------------------------------
+
+
+def test_session_new_writes_the_private_files_0600_and_refuses_to_overwrite(tmp_path):
+    directory = tmp_path / "session"
+    first = gridsock("session", "new", str(directory), "--rendezvous", "127.0.0.1:7799")
+    assert first.returncode == 0, first.stderr
+    session = Session.load(directory / "session.toml")
+    assert first.stdout.startswith(f"session {session.session_id} written to {directory / 'session.toml'}")
+    assert (session.rendezvous, session.bootstrap, session.tls) == ("127.0.0.1:7799", "tls/tcp", True)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+    assert set(modes) == SESSION_FILES
+    assert modes["ca-key.pem"] == modes["rendezvous-key.pem"] == 0o600
+    assert all(not mode & 0o022 for mode in modes.values()), modes  # nobody else may write them
+    contents = {p.name: p.read_bytes() for p in directory.iterdir()}
+
+    second = gridsock("session", "new", str(directory), "--rendezvous", "127.0.0.1:7799")
+    assert second.returncode == 2
+    assert second.stdout == ""
+    assert re.fullmatch(r"gridsock session: .*session\.toml already exists: refusing to overwrite a session\n",
+                        second.stderr), second.stderr  # one clear line, no traceback
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == contents
+
+
+def test_session_new_plain_tcp_and_bad_addresses(tmp_path):
+    plain = gridsock("session", "new", str(tmp_path / "plain"), "--rendezvous", "grid.example.org:7700", "--plain-tcp")
+    assert plain.returncode == 0, plain.stderr
+    assert Session.load(tmp_path / "plain").bootstrap == "tcp"
+    for bad in ("0.0.0.0:7700", "127.0.0.1:99999", "::1:7700"):
+        result = gridsock("session", "new", str(tmp_path / "bad"), "--rendezvous", bad)
+        assert result.returncode == 2, (bad, result.stderr)
+        assert result.stderr.startswith("gridsock session: ") and result.stderr.count("\n") == 1, result.stderr
+        assert not (tmp_path / "bad" / "session.toml").exists()
+
+
+# --- a rendez-vous node and two nodes as processes ----------------------------------------------
+
+
+class Procs:
+    """Processes started by one test; stopped (and their pipes closed) in teardown."""
+
+    def __init__(self, logdir, env) -> None:
+        self.logdir = logdir
+        self.env = env
+        self.started = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        with open(self.logdir / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(gridsock_argv(*args), stdout=subprocess.PIPE, stderr=log, env=self.env)
+        self.started.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> int:
+        stop_process(proc)
+        proc.stdout.close()
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            self.stop(proc)
+        for log in sorted(self.logdir.glob("*.log")):
+            assert_no_trouble(log.read_text(), log.name)
+
+
+@pytest.fixture
+def run_dir(sock_dir):
+    return sock_dir / "run"
+
+
+@pytest.fixture
+def env(run_dir):
+    return dict(os.environ, GRIDSOCK_RUN_DIR=str(run_dir), **STRICT_ENV)
+
+
+@pytest.fixture
+def procs(tmp_path, env):
+    p = Procs(tmp_path, env)
+    yield p
+    p.stop_all()
+
+
+def with_port(session_file, port: int, target) -> None:
+    """Write a copy of ``session_file`` naming rendez-vous port ``port`` (the one the kernel chose)."""
+    text, count = re.subn(r'^rendezvous = "127\.0\.0\.1:[0-9]+"$', f'rendezvous = "127.0.0.1:{port}"',
+                          session_file.read_text(), flags=re.M)
+    assert count == 1
+    target.parent.mkdir()
+    target.write_text(text)
+
+
+def rendezvous_barrier(run_dir) -> None:
+    """Return once the rendez-vous node has handled all that ``lead`` sent it so far.
+
+    A ping travels on lead's uplink behind the Register and Unregister messages it queued before,
+    and the rendez-vous node handles a link's messages in order.
+    """
+    call(str(run_dir / "lead.sock"), "ping", {"dst": "rendezvous", "timeout": READY_TIMEOUT_S},
+         timeout=READY_TIMEOUT_S + 5)
+
+
+@pytest.fixture
+def cli_grid(tmp_path, sock_dir, procs, env, run_dir):
+    """``gridsock rendezvous``, leader ``lead`` (cluster A) and member ``mem`` (Unix node port)."""
+    rv_session = tmp_path / "rv" / "session.toml"
+    made = gridsock("session", "new", str(rv_session.parent), "--rendezvous", "127.0.0.1:1", env=env)
+    assert made.returncode == 0, made.stderr
+    rv = procs.start("rendezvous", "rendezvous", "--session", str(rv_session), "--listen", "127.0.0.1:0")
+    port = int(wait_for_line(rv, "rendezvous listening ", timeout=READY_TIMEOUT_S).rsplit(":", 1)[1])
+    node_session = tmp_path / "node" / "session.toml"
+    with_port(rv_session, port, node_session)
+    lead = procs.start("lead", "node", "--session", str(node_session), "--name", "lead", "--cluster", "A",
+                       "--listen", "127.0.0.1:0")
+    lead_address = wait_for_line(lead, "node lead listening ", timeout=READY_TIMEOUT_S).split()[-1]
+    assert wait_for_line(lead, "joined lead ", timeout=READY_TIMEOUT_S).endswith(" leader")
+    mem = procs.start("mem", "node", "--session", str(node_session), "--name", "mem", "--cluster", "A",
+                      "--leader", lead_address, "--listen", f"unix:{sock_dir}/mem.node")
+    assert wait_for_line(mem, "joined mem ", timeout=READY_TIMEOUT_S).endswith(" member")
+    for name in ("lead", "mem"):
+        call(str(run_dir / f"{name}.sock"), "wait", {"present": ["lead", "mem"], "timeout": READY_TIMEOUT_S},
+             timeout=READY_TIMEOUT_S + 5)
+    rendezvous_barrier(run_dir)
+    return {"rendezvous": rv, "lead": lead, "mem": mem, "session": node_session, "lead_address": lead_address}
+
+
+def test_ping_prints_the_route(cli_grid, env):
+    there = gridsock("ping", "--from", "mem", "lead", env=env)
+    assert there.returncode == 0, there.stderr
+    assert re.fullmatch(r"lead: [0-9]+\.[0-9]{3} ms, 1 hop\(s\): mem > lead; back: lead > mem\n",
+                        there.stdout), there.stdout
+    back = gridsock("ping", "--node", "lead", "mem", env=env)
+    assert back.returncode == 0, back.stderr
+    assert "1 hop(s): lead > mem; back: mem > lead" in back.stdout
+    root = gridsock("ping", "--from", "mem", "rendezvous", "--json", "-c", "2", env=env)
+    assert root.returncode == 0, root.stderr
+    results = [json.loads(line) for line in root.stdout.splitlines()]
+    assert len(results) == 2
+    for result in results:
+        assert result["route_there"] == ["mem", "lead", "rendezvous"]
+        assert result["route_back"] == ["rendezvous", "lead", "mem"]
+        assert result["hops"] == 2 and result["rtt_ms"] > 0
+
+
+def test_ping_an_unknown_node_fails_with_the_reason(cli_grid, env):
+    result = gridsock("ping", "--from", "mem", "nobody", "--timeout", "5", env=env)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "ping nobody: " in result.stderr and "unknown destination nobody" in result.stderr
+
+
+def test_status_json_lists_both_nodes(cli_grid, env, run_dir):
+    for name, role in (("lead", "leader"), ("mem", "member")):
+        result = gridsock("status", "--node", name, "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        status = json.loads(result.stdout)
+        assert (status["name"], status["role"], status["cluster"], status["joined"]) == (name, role, "A", True)
+        entries = {e["name"]: e for e in status["directory"]}
+        assert set(entries) == {"lead", "mem"}
+        assert entries["mem"]["leader"] == entries["lead"]["node_id"] == entries["lead"]["leader"]
+        assert status["bootstrap"] == "tls/tcp"
+    lead = json.loads(gridsock("status", "--node", "lead", "--json", env=env).stdout)
+    assert [link.get("peer") for link in lead["links"] if link["kind"] == "member"] == ["mem"]
+    rv = gridsock("status", "--control", str(run_dir / "rendezvous.sock"), "--json", env=env)
+    assert rv.returncode == 0, rv.stderr
+    rv_status = json.loads(rv.stdout)
+    assert rv_status["role"] == "rendezvous"
+    assert {e["name"] for e in rv_status["directory"]} == {"lead", "mem"}
+
+
+def test_status_text_names_both_nodes(cli_grid, env):
+    result = gridsock("status", "--node", "mem", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert re.match(r"node mem \(member, cluster A\) id [0-9a-f-]{36}: joined, node port unix:", lines[0]), lines[0]
+    assert lines[1] == "2 node(s) in the directory, 1 leader(s):"
+    rows = {line.split()[0]: line.split() for line in lines[3:5]}
+    assert rows["lead"][1:4] == ["A", "leader", "lead"]
+    assert rows["mem"][1:4] == ["A", "member", "lead"]
+
+
+def test_status_asks_which_node_when_several_run(cli_grid, env):
+    result = gridsock("status", env=env)
+    assert result.returncode == 2
+    assert "several gridsock processes run here" in result.stderr
+    assert all(name in result.stderr for name in ("lead", "mem", "rendezvous"))
+    assert "--node NAME" in result.stderr
+
+
+def test_a_node_that_stops_leaves_the_directory(cli_grid, procs, env, run_dir):
+    assert procs.stop(cli_grid["mem"]) == 0  # SIGTERM is a clean stop
+    assert not (run_dir / "mem.sock").exists()
+    call(str(run_dir / "lead.sock"), "wait", {"absent": ["mem"], "timeout": READY_TIMEOUT_S},
+         timeout=READY_TIMEOUT_S + 5)
+    rendezvous_barrier(run_dir)
+    status = json.loads(gridsock("status", "--control", str(run_dir / "rendezvous.sock"), "--json", env=env).stdout)
+    assert {e["name"] for e in status["directory"]} == {"lead"}
+    assert gridsock("ping", "--from", "lead", "mem", "--timeout", "5", env=env).returncode == 1
+
+
+def test_a_node_with_a_wrong_join_token_exits_with_the_reason(cli_grid, procs, tmp_path):
+    session_file = tmp_path / "intruder" / "session.toml"
+    session_file.parent.mkdir()
+    text, count = re.subn(r'^join_token = "[^"]+"$', 'join_token = "' + "x" * 43 + '"',
+                          cli_grid["session"].read_text(), flags=re.M)
+    assert count == 1
+    session_file.write_text(text)
+    intruder = procs.start("intruder", "node", "--session", str(session_file), "--name", "intruder",
+                           "--listen", "127.0.0.1:0")
+    wait_for_line(intruder, "node intruder listening ", timeout=READY_TIMEOUT_S)
+    assert intruder.wait(timeout=READY_TIMEOUT_S) == 2
+    log = (tmp_path / "intruder.log").read_text()
+    assert "gridsock node: enrollment refused" in log and "bad join token" in log, log
+
+
+# --- gridsock demo ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """One run of ``gridsock demo`` (it makes its own session and processes on loopback)."""
+    return subprocess.run(gridsock_argv("demo"), capture_output=True, text=True, timeout=DEMO_TIMEOUT_S,
+                          env=dict(os.environ, **STRICT_ENV))
+
+
+@pytest.mark.timeout(DEMO_TIMEOUT_S + 30)
+def test_demo_answers_every_ping(demo):
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "30 of 30 pings answered" in demo.stdout
+    assert "FAILED" not in demo.stdout
+    assert "6 nodes joined: a1, a2, alpha, b1, beta, solo" in demo.stdout
+
+
+@pytest.mark.timeout(DEMO_TIMEOUT_S + 30)
+def test_demo_leaves_no_warning_behind(demo):
+    # Run with warnings as errors and ResourceWarning shown: e.g. the stdout pipes of the node
+    # processes it started must be closed, not left to the garbage collector.
+    assert_no_trouble(demo.stderr, "gridsock demo")
