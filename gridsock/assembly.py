@@ -36,6 +36,7 @@ import logging
 import secrets
 import socket
 import time
+import weakref
 from typing import Dict, Optional, Tuple
 
 import gevent
@@ -94,7 +95,8 @@ class ConnectionInfo:
     def to_json(self) -> dict:
         return {"conn": self.conn, "peer": self.peer_name, "peer_id": self.peer_id, "port": self.port,
                 "stack": self.stack, "side": "client" if self.initiator else "server",
-                "opened_at": self.opened_at, **{k: v for k, v in self.detail.items() if k != "stream"}}
+                "opened_at": self.opened_at,
+                **{k: v for k, v in self.detail.items() if k not in ("stream", "socket")}}
 
 
 class DataListener:
@@ -380,10 +382,25 @@ class Assembler:
         else:
             sock = bridge(stream, name=f"{info.peer_name}:{info.port}")
             info.detail["bridged"] = True
+        info.detail["socket"] = weakref.ref(sock)
         return sock
 
     def status(self) -> list:
+        """The live data connections (closed ones are forgotten here)."""
+        for conn, info in list(self.connections.items()):
+            if _finished(info):
+                del self.connections[conn]
         return [info.to_json() for info in self.connections.values()]
+
+
+def _finished(info: ConnectionInfo) -> bool:
+    """True once the application closed (or dropped) what it was given."""
+    ref = info.detail.get("socket")
+    if ref is not None:
+        sock = ref()
+        return sock is None or sock.fileno() == -1
+    stream = info.detail.get("stream")
+    return stream is None or bool(getattr(stream, "closed", getattr(stream, "_closed", False)))
 
 
 def _refuse(code: str, reason: str) -> bytes:
