@@ -313,18 +313,27 @@ class Node:
         if len(message.payload) > wire.MAX_PAYLOAD_BYTES:
             raise RoutingError(f"payload of {len(message.payload)} bytes exceeds MAX_PAYLOAD_BYTES "
                                f"({wire.MAX_PAYLOAD_BYTES}); use a data connection", dst=message.dst)
-        if not self._forward(first_send(message)):
+        if not self._forward(first_send(message), originated=True):
             raise RoutingError(f"no route to {message.dst}: not linked to the grid", dst=message.dst)
 
-    def _forward(self, message: wire.Routed) -> bool:
-        """Put ``message`` (hops already counted) on the right link; False if there is none."""
-        bulk = is_bulk(message)
+    def _forward(self, message: wire.Routed, *, originated: bool = False) -> bool:
+        """Put ``message`` (hops already counted) on the right link; False if there is none.
+
+        A message this node ``originated`` waits for room on the link (back-pressure on the
+        sender); a forwarded one never waits.
+        """
+        link = None
         if self.role == "leader":
             entry = self.directory.resolve(message.dst)
             link = self.members.get(entry.node_id) if entry else None
-            if link is not None:
-                return link.send(message, bulk=bulk)
-        return self.uplink is not None and self.uplink.send(message, bulk=bulk)
+        if link is None:
+            link = self.uplink
+        if link is None:
+            return False
+        bulk = is_bulk(message)
+        if originated:
+            link.wait_room(bulk=bulk)
+        return link.send(message, bulk=bulk)
 
     def _route(self, message: wire.Routed, via: Optional[Link] = None) -> None:
         """A routed message arrived on a link: deliver it here or send it on.

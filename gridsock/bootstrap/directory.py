@@ -74,7 +74,9 @@ class Directory:
 
         With ``replace``, ``joined`` becomes the whole content and ``left`` is ignored.
         """
-        before = dict(self._by_id)
+        # Work proportional to the change, except for ``replace`` (a snapshot), which compares all.
+        before = dict(self._by_id) if replace else None
+        removed: Dict[str, wire.NodeEntry] = {}
         if replace:
             self._by_id.clear()
             self._by_name.clear()
@@ -83,6 +85,8 @@ class Directory:
                 entry = self._by_id.pop(node_id, None)
                 if entry is not None:
                     self._by_name.pop(entry.name, None)
+                    removed[node_id] = entry
+        added = []
         for entry in joined:
             old = self._by_id.get(entry.node_id)
             if old is not None and old.name != entry.name:
@@ -90,11 +94,16 @@ class Directory:
             other = self._by_name.get(entry.name)
             if other is not None and other != entry.node_id:
                 # The name moved to a new node id (a node restarted): the old id is gone.
-                del self._by_id[other]
+                removed[other] = self._by_id.pop(other)
             self._by_id[entry.node_id] = entry
             self._by_name[entry.name] = entry.node_id
-        added = [e for i, e in self._by_id.items() if before.get(i) != e]
-        gone = [e for i, e in before.items() if i not in self._by_id]
+            previous = before.get(entry.node_id) if before is not None else (old or removed.get(entry.node_id))
+            if previous != entry:
+                added.append(entry)
+        if before is not None:
+            gone = [e for i, e in before.items() if i not in self._by_id]
+        else:
+            gone = [e for i, e in removed.items() if i not in self._by_id]
         if added or gone:
             self.version += 1
             self.updated_at = time.time()

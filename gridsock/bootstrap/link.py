@@ -59,8 +59,15 @@ DEAD_PEER_S = LINK_TIMEOUT_S + PING_INTERVAL_S
 HANDSHAKE_TIMEOUT_S = 10.0
 # Control frames queued for one peer before it counts as too slow and is dropped.
 SEND_QUEUE_FRAMES = 4096
-# Bulk (relayed) bytes queued for one peer before it counts as too slow and is dropped.
-SEND_QUEUE_BULK_BYTES = 64 * 1024 * 1024
+# A node originating messages waits while a link holds more control frames than this (its own
+# back-pressure); forwarded traffic is never held up, its senders are.
+HIGH_WATER_FRAMES = 1024
+# Bulk (relayed) bytes queued for one peer before it counts as too slow and is dropped. Relayed
+# connections are flow-controlled end to end (one window each), so only a peer that stopped
+# reading, or hundreds of relayed connections through one link at once, get there.
+SEND_QUEUE_BULK_BYTES = 256 * 1024 * 1024
+# A node originating relayed data waits while a link holds more bulk bytes than this.
+HIGH_WATER_BULK_BYTES = 16 * 1024 * 1024
 RECV_CHUNK_BYTES = 256 * 1024
 
 _link_ids = itertools.count(1)
@@ -124,6 +131,7 @@ class Link:
         self._bulk_bytes = 0
         self._max_frames = send_queue_frames
         self._wakeup = gevent.event.Event()
+        self._drained = gevent.event.Event()
         self.bytes_sent = 0
         self.bytes_received = 0
         self._last_rx = time.monotonic()
@@ -172,6 +180,13 @@ class Link:
         self._wakeup.set()
         return True
 
+    def wait_room(self, *, bulk: bool = False) -> None:
+        """Block (cooperatively) while the queue is above its high-water mark."""
+        while not self.closed and (self._bulk_bytes > HIGH_WATER_BULK_BYTES if bulk
+                                   else len(self._control) > HIGH_WATER_FRAMES):
+            self._drained.clear()
+            self._drained.wait()
+
     def close(self, reason: str = "closed locally") -> None:
         """Close the link (idempotent); ``on_close`` runs once."""
         if self.closed:
@@ -182,6 +197,7 @@ class Link:
             self.sock.close()
         except OSError:
             pass
+        self._drained.set()
         current = gevent.getcurrent()
         for g in self._greenlets:
             if g is not current:
@@ -252,6 +268,8 @@ class Link:
                     self._bulk_bytes -= len(frame)
                     chunks.append(frame)
                     size += len(frame)
+                if len(self._control) <= HIGH_WATER_FRAMES // 2 and self._bulk_bytes <= HIGH_WATER_BULK_BYTES // 2:
+                    self._drained.set()
                 self.sock.sendall(b"".join(chunks) if len(chunks) > 1 else chunks[0])
                 self.bytes_sent += size
         except (OSError, ValueError) as exc:

@@ -74,6 +74,7 @@ class RendezvousNode:
         self._control: Optional[ControlServer] = None
         self._sock = None
         self._greenlets = []
+        self._verdicts: list = []
         if session.tls:
             self._ca = session.certificate_authority()
             self._identity = session.rendezvous_identity()
@@ -213,7 +214,10 @@ class RendezvousNode:
             link.send(part)
         link.start()
         log.info("leader %s (%s, cluster %s) joined from %s", hello.name, node_id, hello.cluster, label)
-        self._spawn_dialback(entry)
+        if entry.addrs:
+            self._spawn_dialback(entry)
+        else:
+            self._update([dataclasses.replace(entry, inbound=False)], [])
         return True
 
     # --- directory ---------------------------------------------------------------------------
@@ -251,10 +255,12 @@ class RendezvousNode:
                 if why:
                     log.warning("%s: ignoring registration of %s: %s", link.label, entry.name, why)
                     continue
-                accepted.append(dataclasses.replace(entry, observed=None, inbound=None))
+                # No address advertised: nothing to dial back, the verdict is known.
+                accepted.append(dataclasses.replace(entry, observed=None, inbound=None if entry.addrs else False))
             self._update(accepted, [])
             for entry in accepted:
-                self._spawn_dialback(entry)
+                if entry.addrs:
+                    self._spawn_dialback(entry)
         elif isinstance(message, wire.Unregister):
             mine = [i for i in message.node_ids if (e := self.directory.get(i)) and e.leader == link.peer_id and i != link.peer_id]
             self._update([], mine)
@@ -351,12 +357,23 @@ class RendezvousNode:
                 continue
             inbound = True
             break
-        current = self.directory.get(entry.node_id)
-        if current is None or current.addrs != entry.addrs:
-            return  # gone or re-registered meanwhile; its own dial-back will tell
         log.info("dial-back to %s: %s%s", entry.name, "reachable" if inbound else "not reachable",
                  "" if inbound or not reasons else f" ({'; '.join(reasons)})")
-        self._update([dataclasses.replace(current, inbound=inbound)], [])
+        # Verdicts are applied in batches: a burst of registrations makes one update per batch,
+        # not one per node (which would flood every leader's link).
+        self._verdicts.append((entry, inbound))
+        if len(self._verdicts) == 1:
+            gevent.spawn(self._apply_verdicts)
+
+    def _apply_verdicts(self) -> None:
+        verdicts, self._verdicts = self._verdicts, []
+        changed = []
+        for entry, inbound in verdicts:
+            current = self.directory.get(entry.node_id)
+            if current is None or current.addrs != entry.addrs:
+                continue  # gone or re-registered meanwhile; its own dial-back will tell
+            changed.append(dataclasses.replace(current, inbound=inbound))
+        self._update(changed, [])
 
     def _probe(self, address: Address, node_id: str) -> None:
         with gevent.Timeout(DIALBACK_TIMEOUT_S, TimeoutError(f"no answer within {DIALBACK_TIMEOUT_S:.1f} s")):
