@@ -13,6 +13,7 @@ from .errors import (
     ProtocolError,
     RemoteProtocolError,
     RoutingError,
+    UnknownComponentError,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "ProtocolError",
     "RemoteProtocolError",
     "RoutingError",
+    "UnknownComponentError",
 ]

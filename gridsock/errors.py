@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "GridsockError",
     "ConfigError",
+    "UnknownComponentError",
     "ProtocolError",
     "LocalProtocolError",
     "RemoteProtocolError",
@@ -27,6 +28,18 @@ class GridsockError(Exception):
 
 class ConfigError(GridsockError, ValueError):
     """A bad stack string, rule, command-line option or session file."""
+
+
+class UnknownComponentError(ConfigError):
+    """A stack names a component no registry entry has; ``suggestion`` is a close known name."""
+
+    def __init__(self, msg: str, name: str | None = None, suggestion: str | None = None) -> None:
+        super().__init__(msg)
+        self.name = name
+        self.suggestion = suggestion
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.name, self.suggestion))
 
 
 class ProtocolError(GridsockError):

@@ -45,7 +45,7 @@ import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Tuple
 
-from .errors import AuthError, ConfigError, ConnectError
+from .errors import AuthError, ConfigError, ConnectError, UnknownComponentError
 from .stack import MAX_NAME_CHARS, PARAM_TYPES, Layer, Stack, StackContext
 
 if TYPE_CHECKING:  # streams.py imports gevent: not needed to parse stacks
@@ -93,18 +93,6 @@ BUILTIN_COMPONENTS: Mapping[str, Tuple[str, str, Mapping[str, type], Mapping[str
 
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]*\Z")
 _TARGET_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
-
-
-class UnknownComponentError(ConfigError):
-    """A stack names a component no registry entry has; ``suggestion`` is a close known name."""
-
-    def __init__(self, msg: str, name: Optional[str] = None, suggestion: Optional[str] = None) -> None:
-        super().__init__(msg)
-        self.name = name
-        self.suggestion = suggestion
-
-    def __reduce__(self):
-        return (type(self), (self.args[0], self.name, self.suggestion))
 
 
 @dataclass(frozen=True)
