@@ -72,7 +72,7 @@ TOKEN_BYTES = 32
 ASSEMBLY_TIMEOUT_S = 15.0
 # A data connection waits this long for its assembly request (they race), and a pending token
 # for its data connection, before it is dropped.
-MATCH_TIMEOUT_S = 10.0
+MATCH_TIMEOUT_S = 5.0
 # Tokens remembered after use, so a replay is refused at once rather than after a wait.
 USED_TOKENS_KEPT = 4096
 # Connections accepted but not yet taken by accept().

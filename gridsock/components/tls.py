@@ -82,9 +82,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# A handshake is two round trips at most; this allows for slow relays and loaded hosts, and
-# still frees a connection from a peer that never answers.
-TLS_HANDSHAKE_TIMEOUT_S = 30.0
+# A handshake is two round trips at most: this allows for slow relays and loaded hosts, frees
+# what an unauthenticated peer holds soon, and stays below the assembly's deadline
+# (assembly.ASSEMBLY_TIMEOUT_S) so that a stuck handshake is reported as such. The bootstrap
+# links use the same value (bootstrap.link.HANDSHAKE_TIMEOUT_S).
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
 # The TLS maximum (RFC 8446 section 5.1): one SSLObject.write makes one record.
 MAX_RECORD_PLAINTEXT_BYTES = 16 * 1024
 # Ciphertext gathered before each lower.send_all: several records per call amortise its cost
@@ -174,8 +176,8 @@ class TlsStream(Stream):
         if self._eof_sent:
             raise BrokenStreamError("cannot send after send_eof()")
         view = memoryview(data)
-        if view.ndim != 1 or view.format not in ("B", "b", "c"):
-            view = view.cast("B")
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")  # lengths and slices in bytes
         total = len(view)
         offset = 0
         while offset < total:
@@ -252,8 +254,15 @@ class TlsStream(Stream):
             if self._peer_eof:
                 return b""
             self._raise_receive_failure()
-            with self._ssl_lock:
-                chunks = self._decrypt_locked(max_bytes)
+            try:
+                with self._ssl_lock:
+                    chunks = self._decrypt_locked(max_bytes)
+            except BrokenStreamError:
+                try:
+                    self._flush(wait=False)  # the alert that tells the peer why
+                except BrokenStreamError:
+                    pass
+                raise
             if self._outgoing.pending and not self._eof_sent:
                 self._flush(wait=False)  # what reading produced (a KeyUpdate answer...)
             if chunks:

@@ -1,0 +1,252 @@
+"""Data connections between nodes of an in-process grid on loopback: stacks, policy, tokens, rules.
+
+Grid (TLS session): cluster A = leader L1 + member m1; cluster B = leader L2 + member m2. Every
+node listens on loopback, so every direct method can work; m2 accepts any stack from outside
+its cluster (its policy is empty), L2 keeps the default policy (tls from outside its cluster).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+
+import gevent
+import pytest
+
+from gridsock import assembly
+from gridsock.assembly import DATA_PREAMBLE
+from gridsock.bootstrap.rendezvous import RendezvousNode
+from gridsock.errors import ConnectError
+from gridsock.node import Delivery, Node
+from gridsock.rules import Rule, Rules
+from gridsock.session import create_session
+from gridsock.testing.streams import check_stream
+
+pytestmark = pytest.mark.timeout(300)
+
+PORT = 5000
+NAMES = ("L1", "m1", "L2", "m2")
+STACKS = ["tcp", "tls/tcp", "lz4/tcp", "zlib/tcp", "bz2/tcp", "adoc/tcp", "tls/lz4/tcp", "relay", "tls/relay",
+          "lz4/relay"]
+JOIN_TIMEOUT_S = 20.0
+
+
+@dataclasses.dataclass
+class Grid:
+    rv: RendezvousNode
+    nodes: dict
+    listeners: dict
+
+    def __getitem__(self, name):
+        return self.nodes[name]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("asm")
+    session = create_session(workdir / "session", "127.0.0.1:7700")
+    rv = RendezvousNode(session, listen_address="127.0.0.1:0", control="").start()
+    session = dataclasses.replace(session, rendezvous_port=rv.address.port)
+    nodes = {}
+
+    def start(name, cluster, leader=None, rules=None):
+        node = Node(session, name, cluster=cluster, leader=str(nodes[leader].address) if leader else None,
+                    listen_address="127.0.0.1:0", control="", rules=rules).start()
+        assert node.wait_joined(JOIN_TIMEOUT_S)
+        nodes[name] = node
+
+    start("L1", "A")
+    start("m1", "A", "L1")
+    start("L2", "B")
+    start("m2", "B", "L2", rules=Rules(outside_cluster=()))
+    for node in nodes.values():
+        node.wait_directory(present=NAMES, settled=True, timeout=JOIN_TIMEOUT_S)
+    listeners = {name: node.listen(PORT) for name, node in nodes.items()}
+    yield Grid(rv, nodes, listeners)
+    for node in nodes.values():
+        node.stop()
+    rv.stop()
+
+
+def pair_maker(grid, src, dst, stack):
+    def make_pair():
+        client, info = grid[src].open_stream(dst, PORT, stack=stack)
+        server, server_info = grid.listeners[dst].accept_stream(timeout=JOIN_TIMEOUT_S)
+        assert info.stack == server_info.stack == stack
+        assert server_info.peer_id == grid[src].node_id and info.peer_id == grid[dst].node_id
+        return client, server
+
+    return make_pair
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_check_stream_across_clusters(grid, stack):
+    # m1 -> m2: four hops apart on the bootstrap tree; direct methods use loopback.
+    small = stack.endswith("relay") or "bz2" in stack
+    check_stream(pair_maker(grid, "m1", "m2", stack),
+                 bulk_bytes=(2 if small else 8) << 20, large_write_bytes=(4 if small else 16) << 20,
+                 tiny_writes=2000 if small else 10_000)
+
+
+def test_plain_tcp_hands_out_the_kernel_socket(grid):
+    sock, info = grid["m1"].connect("L1", PORT, stack="tcp")
+    server_sock, server_info = grid.listeners["L1"].accept(timeout=JOIN_TIMEOUT_S)
+    try:
+        assert isinstance(sock, socket.socket) and sock.family == socket.AF_INET  # no bridge
+        assert isinstance(server_sock, socket.socket) and server_sock.family == socket.AF_INET
+        assert info.detail["bridged"] is False
+    finally:
+        sock.close()
+        server_sock.close()
+
+
+def test_transformed_stacks_hand_out_a_bridged_real_socket(grid):
+    sock, info = grid["m1"].connect("m2", PORT, stack="tls/relay")
+    server_sock, _ = grid.listeners["m2"].accept(timeout=JOIN_TIMEOUT_S)
+    try:
+        assert isinstance(sock, socket.socket) and sock.fileno() >= 0 and info.detail["bridged"] is True
+        sock.setblocking(False)
+        server_sock.setblocking(False)
+        gsock = gevent.socket.socket(fileno=sock.detach())
+        gserver = gevent.socket.socket(fileno=server_sock.detach())
+        gsock.sendall(b"hello over tls/relay")
+        assert gserver.recv(100) == b"hello over tls/relay"
+        gserver.sendall(b"and back")
+        assert gsock.recv(100) == b"and back"
+    finally:
+        for s in (sock, server_sock):
+            s.close()
+        for name in ("gsock", "gserver"):
+            if name in locals():
+                locals()[name].close()
+
+
+def test_different_clients_of_one_server_use_different_stacks_at_once(grid):
+    streams = []
+    for src, stack in (("m1", "tls/tcp"), ("L1", "lz4/relay"), ("L2", "tcp")):
+        client, info = grid[src].open_stream("m2", PORT, stack=stack)
+        server, server_info = grid.listeners["m2"].accept_stream(timeout=JOIN_TIMEOUT_S)
+        streams.append((client, server, stack))
+    for client, server, stack in streams:
+        client.send_all(stack.encode())
+        assert server.receive_some(100) == stack.encode()
+    for client, server, _ in streams:
+        client.close()
+        server.close()
+
+
+@pytest.mark.parametrize("stack", ["tcp", "relay", "lz4/relay", "lz4/tcp"])
+def test_policy_refuses_a_stack_without_tls_from_outside_the_cluster(grid, stack):
+    with pytest.raises(ConnectError) as excinfo:
+        grid["m1"].open_stream("L2", PORT, stack=stack)
+    assert "requires tls" in str(excinfo.value)
+    assert excinfo.value.tried
+
+
+def test_a_forged_downgrade_request_is_refused(grid):
+    # Craft the assembly request by hand, as a client that ignores its own rules would.
+    request = {"port": PORT, "stack": "tcp", "token": "00" * assembly.TOKEN_BYTES}
+    reply = grid["m1"].meta_request("L2", assembly.ASSEMBLE_TOPIC, json.dumps(request).encode())
+    answer = json.loads(reply.payload)
+    assert answer["ok"] is False and answer["code"] == "policy"
+    assert grid.listeners["L2"]._queue.empty()
+
+
+def test_nothing_listens_is_a_clear_refusal(grid):
+    with pytest.raises(ConnectError) as excinfo:
+        grid["m1"].open_stream("L1", PORT + 1, stack="tcp")
+    assert "nothing listens on port" in str(excinfo.value)
+
+
+def raw_data_connection(node, payload: bytes) -> bytes:
+    """Connect to ``node``'s node port as a stranger, send ``payload``, read until closed."""
+    address = node.address
+    with socket.create_connection((address.host, address.port), timeout=15) as sock:
+        sock.sendall(payload)
+        received = b""
+        sock.settimeout(15)
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                return received
+            if not chunk:
+                return received
+            received += chunk
+
+
+def run_blocking(func, *args):
+    """Run a blocking stdlib call in a thread so the in-process grid keeps running."""
+    return gevent.get_hub().threadpool.apply(func, args)
+
+
+def test_a_replayed_token_is_refused(grid, monkeypatch):
+    tokens = []
+    real = assembly.secrets.token_bytes
+
+    def recording(n):
+        token = real(n)
+        tokens.append(token)
+        return token
+
+    monkeypatch.setattr(assembly.secrets, "token_bytes", recording)
+    client, _ = grid["m1"].open_stream("L1", PORT, stack="tcp")
+    server, _ = grid.listeners["L1"].accept_stream(timeout=JOIN_TIMEOUT_S)
+    client.close()
+    server.close()
+    monkeypatch.setattr(assembly.secrets, "token_bytes", real)
+    received = run_blocking(raw_data_connection, grid["L1"], DATA_PREAMBLE + tokens[-1] + b"replayed data")
+    assert received == b""
+    assert grid.listeners["L1"]._queue.empty()
+
+
+def test_a_stolen_token_does_not_pass_tls(grid):
+    # The request is genuine (from m1) and pending; a stranger uses its token first.
+    token = assembly.secrets.token_bytes(assembly.TOKEN_BYTES)
+    request = {"port": PORT, "stack": "tls/tcp", "token": token.hex()}
+    delivery = Delivery(grid["m1"].node_id, "m1", assembly.ASSEMBLE_TOPIC, json.dumps(request).encode(), ("m1",), "req")
+    assert json.loads(grid["L1"].assembler.handle_request(delivery))["ok"] is True
+    received = run_blocking(raw_data_connection, grid["L1"], DATA_PREAMBLE + token + b"\x16\x03\x01\x00\x05hello")
+    assert b"gridsock" not in received
+    assert grid.listeners["L1"]._queue.empty()
+
+
+def test_a_random_token_gets_nothing(grid):
+    token = b"\x00" * assembly.TOKEN_BYTES
+    received = run_blocking(raw_data_connection, grid["m1"], DATA_PREAMBLE + token + b"hello?")
+    assert received == b""
+    assert grid.listeners["m1"]._queue.empty()
+
+
+def test_a_rules_file_changes_the_stack(grid, tmp_path):
+    rules_file = tmp_path / "rules.toml"
+    rules_file.write_text('scheme = "cluster"\n[[rule]]\nfrom = "name:m*"\nto = "cluster:B"\nstack = "lz4/relay"\n')
+    rules = Rules.load(rules_file)
+    assert rules.rules == (Rule("name:m*", "cluster:B", "lz4/relay"),)
+    m1 = grid["m1"]
+    default = Rules()
+    assert str(default.choose(m1.entry, grid["m2"].entry)) == "tls/tcp"  # m2 accepts inbound (loopback)
+    assert str(rules.choose(m1.entry, grid["m2"].entry)) == "lz4/relay"
+    assert str(rules.choose(m1.entry, grid["L1"].entry)) == "tcp"  # no rule: the scheme
+    m1.assembler.rules = rules
+    try:
+        client, info = m1.open_stream("m2", PORT)
+        server, _ = grid.listeners["m2"].accept_stream(timeout=JOIN_TIMEOUT_S)
+    finally:
+        m1.assembler.rules = m1.rules
+    assert info.stack == "lz4/relay"
+    status = m1.status()
+    assert any(c["stack"] == "lz4/relay" and c["peer"] == "m2" for c in status["connections"])
+    client.close()
+    server.close()
+    assert not any(c["conn"] == info.conn for c in m1.status()["connections"])
+
+
+def test_meta_links_open_lazily_and_show_in_status(grid):
+    m1 = grid["m1"]
+    client, _ = m1.open_stream("L2", PORT, stack="tls/tcp")
+    server, _ = grid.listeners["L2"].accept_stream(timeout=JOIN_TIMEOUT_S)
+    client.close()
+    server.close()
+    links = {l["peer"]: l for l in m1.status()["meta_links"]}
+    assert links["L2"]["stack"] == "tls/tcp"
