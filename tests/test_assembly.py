@@ -250,3 +250,26 @@ def test_meta_links_open_lazily_and_show_in_status(grid):
     server.close()
     links = {l["peer"]: l for l in m1.status()["meta_links"]}
     assert links["L2"]["stack"] == "tls/tcp"
+
+
+def test_a_stalled_relay_holds_one_window_and_starves_nothing(grid):
+    from gridsock.components.relay import RELAY_WINDOW_BYTES
+
+    client, _ = grid["m1"].open_stream("m2", PORT, stack="relay")
+    server, _ = grid.listeners["m2"].accept_stream(timeout=JOIN_TIMEOUT_S)
+    sender = gevent.spawn(client.send_all, bytes(8 * RELAY_WINDOW_BYTES))  # m2 reads nothing yet
+    try:
+        # The bootstrap channel between the same nodes still answers, through the same links.
+        for _ in range(5):
+            assert grid["m1"].ping("m2").hops == 4
+        assert not sender.ready()  # blocked on credit...
+        assert client.bytes_sent <= RELAY_WINDOW_BYTES  # ...with at most one window in flight
+        received = 0
+        while received < 8 * RELAY_WINDOW_BYTES:
+            received += len(server.receive_some())
+        sender.get(timeout=JOIN_TIMEOUT_S)
+        assert client.bytes_sent == 8 * RELAY_WINDOW_BYTES
+    finally:
+        sender.kill()
+        client.close()
+        server.close()
