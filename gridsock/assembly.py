@@ -291,16 +291,40 @@ class Assembler:
     def open_stream(self, peer: str, port: int, *, stack=None, timeout: float = ASSEMBLY_TIMEOUT_S):
         """Connect to grid port ``port`` of node ``peer``; return ``(stream, info)``.
 
-        Raises ConnectError (with the reason) when the server refuses or the method fails.
+        With ``stack`` None the rules choose, and if the chosen direct method fails (not a
+        refusal by the server), the connection falls back to the relay, the method that works
+        everywhere; ``ConnectError.tried`` then says what failed and why.
+        Raises ConnectError (with the reason) when the server refuses or every method fails.
         """
         entry = self.node.directory.resolve(peer)
         me = self.node.entry
         if entry is None or me is None:
             raise ConnectError(f"unknown node {peer!r}" if me else "this node has not joined yet", peer=peer)
-        if stack is None:
-            stack = self.rules.choose(me, entry)
-        elif isinstance(stack, str):
-            stack = Stack.parse(stack)
+        if stack is not None:
+            return self._open(entry, port, Stack.parse(stack) if isinstance(stack, str) else stack, timeout)
+        chosen = self.rules.choose(me, entry)
+        deadline = time.monotonic() + timeout
+        try:
+            return self._open(entry, port, chosen, timeout)
+        except _Refused:
+            raise
+        except ConnectError as exc:
+            fallback = dataclasses.replace(self.rules, scheme="relay", rules=()).choose(me, entry)
+            if chosen.method.name == "relay" or time.monotonic() >= deadline:
+                raise
+            log.info("node %s: %s to %s failed (%s); falling back to %s", self.node.name, chosen, entry.name, exc,
+                     fallback)
+            tried = [(str(chosen), str(exc.args[0] if exc.args else exc))]
+            try:
+                stream, info = self._open(entry, port, fallback, deadline - time.monotonic())
+            except ConnectError as exc2:
+                tried.append((str(fallback), str(exc2.args[0] if exc2.args else exc2)))
+                raise ConnectError(f"cannot connect to {entry.name}:{port}", peer=entry.name,
+                                   method=fallback.method.name, tried=tried) from exc2
+            info.detail["tried"] = tried
+            return stream, info
+
+    def _open(self, entry: wire.NodeEntry, port: int, stack: Stack, timeout: float):
         method = stack.method.name
         token = secrets.token_bytes(TOKEN_BYTES)
         request = {"port": port, "stack": str(stack), "token": token.hex()}
@@ -327,8 +351,8 @@ class Assembler:
                 raise ConnectError(f"assembly request to {entry.name} failed: {exc}", peer=entry.name,
                                    method=method) from exc
             if not answer.get("ok"):
-                raise ConnectError(f"{entry.name} refused {stack}: {answer.get('reason')}", peer=entry.name,
-                                   method=method, tried=[(str(stack), str(answer.get("reason")))])
+                raise _Refused(f"{entry.name} refused {stack}: {answer.get('reason')}", peer=entry.name,
+                               method=method, tried=[(str(stack), str(answer.get("reason")))])
             if dialer is not None:
                 sock = dialer.get(timeout=max(0.1, deadline - time.monotonic()))
                 lower = SocketStream(sock, info={"method": "tcp"})
@@ -391,6 +415,10 @@ class Assembler:
             if _finished(info):
                 del self.connections[conn]
         return [info.to_json() for info in self.connections.values()]
+
+
+class _Refused(ConnectError):
+    """The server refused the request (policy, no listener): no other method will help."""
 
 
 def _finished(info: ConnectionInfo) -> bool:

@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from typing import List, Optional
 
 __all__ = ["main"]

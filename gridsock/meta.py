@@ -27,7 +27,7 @@ import gevent
 import gevent.event
 
 from . import wire
-from .bootstrap.link import HANDSHAKE_TIMEOUT_S, Link, read_message, send_message
+from .bootstrap.link import Link, read_message, send_message
 from .bootstrap.transport import dial, parse_address, tls_client
 from .errors import AuthError, BrokenStreamError, ConfigError, ConnectError, RemoteProtocolError
 from .rules import same_cluster

@@ -591,14 +591,7 @@ class Node:
                     raise AuthError("a dial-back probe must come from the rendez-vous node", peer=label)
                 return
             if isinstance(message, wire.Hello) and message.role == "peer":
-                if self.session.tls:
-                    if peer is None or peer.kind != "node":
-                        self._refuse(sock, "no-certificate", "a node certificate of this session is required", label)
-                    peer_id = peer.id
-                else:
-                    if message.node_id is None or not self.session.check_token(message.token or ""):
-                        self._refuse(sock, "bad-token", "join token refused", label)
-                    peer_id = message.node_id
+                peer_id = self._authenticate(sock, message, peer, label)
                 self.meta.accept(sock, decoder, message, peer_id, label)
                 handed_over = True
                 return
@@ -649,15 +642,19 @@ class Node:
             raise RemoteProtocolError(f"bad enroll answer from the rendez-vous node: {exc}") from None
         send_message(sock, enrolled)
 
-    def _accept_member(self, sock, decoder, hello: wire.Hello, peer, label: str) -> bool:
+    def _authenticate(self, sock, hello: wire.Hello, peer, label: str) -> str:
+        """The node id of the sender of ``hello``: from its certificate (TLS) or, in a plain-TCP
+        session, as it says after proving the join token. Refuses and raises AuthError if none."""
         if self.session.tls:
             if peer is None or peer.kind != "node":
                 self._refuse(sock, "no-certificate", "a node certificate of this session is required", label)
-            node_id = peer.id
-        else:
-            if hello.node_id is None or not self.session.check_token(hello.token or ""):
-                self._refuse(sock, "bad-token", "join token refused", label)
-            node_id = hello.node_id
+            return peer.id
+        if hello.node_id is None or not self.session.check_token(hello.token or ""):
+            self._refuse(sock, "bad-token", "join token refused", label)
+        return hello.node_id
+
+    def _accept_member(self, sock, decoder, hello: wire.Hello, peer, label: str) -> bool:
+        node_id = self._authenticate(sock, hello, peer, label)
         if hello.role != "member":
             self._refuse(sock, "not-a-member", f"a {hello.role} does not link to a leader", label)
         if hello.cluster not in (None, self.cluster):

@@ -35,8 +35,8 @@ A rules file is TOML::
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 from . import wire
 from .errors import ConfigError

@@ -273,3 +273,26 @@ def test_a_stalled_relay_holds_one_window_and_starves_nothing(grid):
         sender.kill()
         client.close()
         server.close()
+
+
+def test_a_failed_direct_method_falls_back_to_the_relay(grid):
+    # A node of cluster A whose advertised address is dead: the rules choose tcp (same
+    # cluster), the dial fails, and the connection falls back to the relay, saying why.
+    ghost = Node(grid["m1"].session, "ghost", cluster="A", leader=str(grid["L1"].address),
+                 listen_address="127.0.0.1:0", advertise="127.0.0.1:1", control="").start()
+    try:
+        assert ghost.wait_joined(JOIN_TIMEOUT_S)
+        grid["m1"].wait_directory(present=["ghost"], timeout=JOIN_TIMEOUT_S)
+        listener = ghost.listen(PORT)
+        client, info = grid["m1"].open_stream("ghost", PORT)
+        server, _ = listener.accept_stream(timeout=JOIN_TIMEOUT_S)
+        assert info.stack == "tls/relay"
+        assert [stack for stack, _ in info.detail["tried"]] == ["tcp"]
+        client.send_all(b"via the relay")
+        assert server.receive_some(100) == b"via the relay"
+        client.close()
+        server.close()
+        with pytest.raises(ConnectError):  # named explicitly, tcp does not fall back
+            grid["m1"].open_stream("ghost", PORT, stack="tcp")
+    finally:
+        ghost.stop()

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
 
 from gridsock.bootstrap.control import call
 from gridsock.node import RECONNECT_MAX_S

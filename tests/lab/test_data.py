@@ -65,6 +65,8 @@ def test_the_rules_pick_direct_inside_a_cluster_and_relay_across(grid):
     assert run_transfer(grid, "a1", "a2", None, 1 << 20)["stack"] == "tcp"
     assert run_transfer(grid, "a2", "b2", None, 1 << 20)["stack"] == "tls/relay"  # NAT to firewall
     assert run_transfer(grid, "b2", "rv", None, 1 << 20)["stack"] == "tls/tcp"  # rv accepts inbound
+    # rv accepts inbound, but C has no route out: tls/tcp fails at once and the relay takes over.
+    assert run_transfer(grid, "c2", "rv", None, 1 << 20)["stack"] == "tls/relay"
 
 
 def test_policy_refuses_plain_tcp_from_outside_the_cluster(grid):
