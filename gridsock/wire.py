@@ -557,18 +557,20 @@ _BY_TYPE: Dict[int, Type[_Message]] = {
 }
 
 
-def encode(message: _Message) -> bytes:
+def encode(message: _Message, *, checked: bool = True) -> bytes:
     """Return the frame for ``message``.
 
     Raises LocalProtocolError if the message breaks a field rule or a limit: we never send what
-    we would refuse to receive.
+    we would refuse to receive. ``checked=False`` skips the field rules (not the size limit) for
+    a message whose fields were already checked, such as a decoded message being forwarded.
     """
     cls = type(message)
     if _BY_TYPE.get(getattr(cls, "TYPE", None)) is not cls:
         raise LocalProtocolError(f"not a wire message: {message!r}")
     header = message.header()
     try:
-        _check_object(header, cls.CHECKS, cls.DEFAULTS)
+        if checked:
+            _check_object(header, cls.CHECKS, cls.DEFAULTS)
         header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     except (ValueError, TypeError, RecursionError) as exc:
         raise LocalProtocolError(f"cannot encode {cls.__name__}: {exc!r}"[:MAX_REASON_BYTES]) from None

@@ -153,15 +153,16 @@ class Link:
         ]
         return self
 
-    def send(self, message, *, bulk: bool = False) -> bool:
+    def send(self, message, *, bulk: bool = False, checked: bool = True) -> bool:
         """Queue ``message``; return False if the link is closed (or just closed as too slow).
 
-        ``bulk`` frames (relayed data) wait behind every control frame.
+        ``bulk`` frames (relayed data) wait behind every control frame; ``checked=False`` is for
+        forwarded messages, whose fields the decoder checked already (see ``wire.encode``).
         """
         if self.closed:
             return False
         try:
-            frame = wire.encode(message)
+            frame = wire.encode(message, checked=checked)
         except LocalProtocolError as exc:
             # Our bug or an oversized message to forward: drop the message, never the link.
             log.error("%s: not sending %s: %s", self.label, type(message).__name__, exc)

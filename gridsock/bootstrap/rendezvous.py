@@ -298,7 +298,7 @@ class RendezvousNode:
         if out is None:
             self._send_back(error_reply(message, self.id, self.name, f"hop limit ({wire.MAX_HOPS}) reached"))
             return
-        link.send(out, bulk=is_bulk(out))
+        link.send(out, bulk=is_bulk(out), checked=False)
 
     def _send_back(self, message: Optional[wire.Routed]) -> None:
         if message is None:
