@@ -44,7 +44,8 @@ import gevent.event
 import gevent.queue
 
 from . import wire
-from .bootstrap.transport import dial, parse_address
+from .bootstrap.transport import parse_address
+from .registry import default_registry
 from .errors import ConfigError, ConnectError, GridsockError, RemoteProtocolError, RoutingError
 from .rules import Rules
 from .stack import Stack, StackContext
@@ -213,20 +214,20 @@ class Assembler:
         if token in self._pending or token in self._used:
             return _refuse("bad-token", "token already used")
         method = stack.method.name
+        if method != "relay" and not _is_direct(method):
+            return _refuse("bad-stack", f"method {method} is not available on {self.node.name}")
         if method == "relay":
             if conn is None:
                 raise RemoteProtocolError("relay assembly request without a connection id")
             lower = self.node.relay.open(client.node_id, conn)
             self._used[token] = time.monotonic()
             gevent.spawn(self._finish_server, lower, client, port, stack)
-        elif method == "tcp":
+        else:  # tcp, or tcp through an intermediary (socks, ssh): the token arrives on the node port
             self._pending[token] = _Pending(client.node_id, port, stack, time.monotonic() + MATCH_TIMEOUT_S)
             event = self._arrived.pop(token, None)
             if event is not None:
                 event.set()
             gevent.spawn_later(MATCH_TIMEOUT_S, self._expire, token)
-        else:
-            return _refuse("bad-stack", f"method {method} is not available on {self.node.name}")
         return json.dumps({"ok": True}).encode()
 
     def _expire(self, token: bytes) -> None:
@@ -336,11 +337,12 @@ class Assembler:
                 conn = self.node.relay.new_conn_id()
                 request["conn"] = conn
                 lower = self.node.relay.open(entry.node_id, conn)
-            elif method == "tcp":
+            elif _is_direct(method):
                 if not entry.addrs:
-                    raise ConnectError(f"{entry.name} advertises no address for a direct connection",
-                                       peer=entry.name, method="tcp")
-                dialer = gevent.spawn(_dial_with_token, entry.addrs, token, timeout)
+                    raise ConnectError(f"{entry.name} advertises no address for a {method} connection",
+                                       peer=entry.name, method=method)
+                component = default_registry.create(stack.method)
+                dialer = gevent.spawn(_dial_with_token, component, self.node, entry.addrs, token, timeout)
             else:
                 raise ConnectError(f"method {method} is not available", peer=entry.name, method=method)
             try:
@@ -355,7 +357,7 @@ class Assembler:
                                method=method, tried=[(str(stack), str(answer.get("reason")))])
             if dialer is not None:
                 sock = dialer.get(timeout=max(0.1, deadline - time.monotonic()))
-                lower = SocketStream(sock, info={"method": "tcp"})
+                lower = SocketStream(sock, info={"method": method})
             with gevent.Timeout(max(0.1, deadline - time.monotonic()),
                                 ConnectError(f"building {stack} to {entry.name} timed out", peer=entry.name)):
                 stream = self._build(stack, lower, entry, initiator=True)
@@ -400,7 +402,7 @@ class Assembler:
     def _hand_out(self, stack: Stack, stream: Stream, info: ConnectionInfo) -> socket.socket:
         from .bridge import bridge, to_std_socket
 
-        if not stack.filters and stack.method.name == "tcp" and isinstance(stream, SocketStream):
+        if not stack.filters and isinstance(stream, SocketStream):
             sock = to_std_socket(stream.socket)
             info.detail["bridged"] = False
         else:
@@ -445,12 +447,22 @@ def _recv_exactly(sock, n: int) -> bytes:
     return bytes(data)
 
 
-def _dial_with_token(addrs, token: bytes, timeout: float):
-    """Dial the first of ``addrs`` that answers and send the preamble; return the socket."""
+def _is_direct(method: str) -> bool:
+    """True for methods that dial the server's node port (tcp, socks, ssh, third parties')."""
+    try:
+        return default_registry.kind(method) == "method" and hasattr(default_registry.get(method), "dial")
+    except ConfigError:
+        return False
+
+
+def _dial_with_token(component, node, addrs, token: bytes, timeout: float):
+    """Dial the first of ``addrs`` that answers (with the method ``component``) and send the
+    preamble; return the socket."""
     reasons = []
+    method = component.name
     for text in addrs:
         try:
-            sock = dial(parse_address(text), timeout=min(timeout, 5.0))
+            sock = component.dial(parse_address(text), node=node, timeout=min(timeout, 10.0))
         except (ConnectError, ConfigError) as exc:
             reasons.append(f"{text}: {exc}")
             continue
@@ -461,5 +473,5 @@ def _dial_with_token(addrs, token: bytes, timeout: float):
             reasons.append(f"{text}: {exc}")
             continue
         return sock
-    raise ConnectError("no address answered: " + "; ".join(reasons), method="tcp",
-                       tried=[("tcp", r) for r in reasons])
+    raise ConnectError("no address answered: " + "; ".join(reasons), method=method,
+                       tried=[(method, r) for r in reasons])

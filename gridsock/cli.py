@@ -60,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--listen", metavar="ADDR", help="node port (HOST:PORT or unix:PATH; default 0.0.0.0 and any port)")
     node.add_argument("--advertise", metavar="HOST:PORT", help="address to publish for the node port")
     node.add_argument("--ssh-gateway", metavar="USER@HOST[:PORT]", help="reach the rendez-vous node through this SSH gateway")
-    node.add_argument("--ssh-key", metavar="FILE", help="private key for the SSH gateway")
-    node.add_argument("--ssh-known-hosts", metavar="FILE", help="known_hosts holding the gateway's host key")
+    node.add_argument("--ssh-key", metavar="FILE", help="private key for SSH gateways (bootstrap and the ssh method)")
+    node.add_argument("--ssh-known-hosts", metavar="FILE", help="known_hosts holding the gateways' host keys")
     node.add_argument("--control", metavar="PATH", help="control socket (default: $GRIDSOCK_RUN_DIR/NAME.sock)")
     node.add_argument("--rules", metavar="FILE", help="rules file (TOML): scheme, exceptions, server policy")
     node.add_argument("--echo", type=int, metavar="PORT", help="serve an echo service on this grid port")
@@ -169,7 +169,8 @@ def _cmd_node(args) -> int:
     rules = Rules.load(args.rules, tls=session.tls) if args.rules else None
     node = Node(session, args.name, cluster=args.cluster, leader=args.leader,
                 listen_address=args.listen, advertise=args.advertise, ssh_gateway=gateway,
-                control=args.control, rules=rules).start()
+                control=args.control, rules=rules, ssh_key=args.ssh_key,
+                ssh_known_hosts=args.ssh_known_hosts).start()
     if args.echo:
         from .diag import serve_echo
 

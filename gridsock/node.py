@@ -121,6 +121,8 @@ class Node:
         control: str | None = None,
         identity: Identity | None = None,
         rules: Rules | None = None,
+        ssh_key: str | None = None,
+        ssh_known_hosts: str | None = None,
     ) -> None:
         try:
             wire.check_name(name, "node name")
@@ -140,6 +142,9 @@ class Node:
         self.listen_address = parse_address(listen_address or f"0.0.0.0:{DEFAULT_NODE_PORT}")
         self.advertise = parse_address(advertise) if advertise else None
         self.ssh_gateway = ssh_gateway
+        # Credentials for the ``ssh`` data method (the bootstrap gateway's, unless given).
+        self.ssh_key = ssh_key or (ssh_gateway.key_filename if ssh_gateway else None)
+        self.ssh_known_hosts = ssh_known_hosts or (ssh_gateway.known_hosts if ssh_gateway else None)
         self.identity = identity
         self.node_id: Optional[str] = identity.node_id if identity else None
         if not session.tls and self.node_id is None:

@@ -77,6 +77,8 @@ BUILTIN_COMPONENTS: Mapping[str, Tuple[str, str, Mapping[str, type], Mapping[str
         {
             "tcp": ("gridsock.components.tcp:TcpMethod", "method", {}, {}),
             "relay": ("gridsock.components.relay:RelayMethod", "method", {}, {}),
+            "socks": ("gridsock.components.socks:SocksMethod", "method", {"proxy": str}, {}),
+            "ssh": ("gridsock.components.ssh:SshMethod", "method", {"gateway": str}, {}),
             "tls": ("gridsock.components.tls:TlsFilter", "filter", {}, {}),
             "lz4": ("gridsock.components.lz4:Lz4Filter", "filter", {"level": int}, {"level": (0, 16)}),
             "zlib": ("gridsock.components.zlib:ZlibFilter", "filter", {"level": int}, {"level": (0, 9)}),

@@ -51,7 +51,8 @@ class Grid:
 
     def node_args(self, name: str) -> list:
         args = ["node", "--session", self.session, "--name", name,
-                "--listen", f"{self.lab.addr(name)}:{NODE_PORT}", "--echo", str(ECHO_PORT)]
+                "--listen", f"{self.lab.addr(name)}:{NODE_PORT}", "--echo", str(ECHO_PORT),
+                "--ssh-key", self.lab.ssh_client_key, "--ssh-known-hosts", self.lab.ssh_known_hosts]
         if name in self.rules:
             path = self.tmp / f"{name}-rules.toml"
             path.write_text(self.rules[name])
@@ -63,8 +64,7 @@ class Grid:
             if name != leader:
                 args += ["--leader", f"{self.lab.addr(leader)}:{NODE_PORT}"]
             elif cluster == "C":
-                args += ["--ssh-gateway", self.lab.ssh_gateway, "--ssh-key", self.lab.ssh_client_key,
-                         "--ssh-known-hosts", self.lab.ssh_known_hosts]
+                args += ["--ssh-gateway", self.lab.ssh_gateway]
         return args
 
     def start_node(self, name: str) -> subprocess.Popen:

@@ -61,6 +61,21 @@ def test_direct_stacks_where_the_network_allows(grid, src, dst, stack):
     check(run_transfer(grid, src, dst, stack), stack)
 
 
+# Through cluster C's front-end (203.0.113.4 outside, 10.3.0.1 inside): its SOCKS5 server and sshd.
+INTERMEDIARY_CASES = [
+    ("a1", "c2", "tls/socks(proxy=203.0.113.4:1080)"),
+    ("b2", "c1", "tls/ssh(gateway=root@203.0.113.4:22)"),
+    ("c1", "rv", "tls/socks(proxy=10.3.0.1:1080)"),
+    ("c2", "rv", "tls/ssh(gateway=root@10.3.0.1:22)"),
+    ("c2", "rv", "socks(proxy=10.3.0.1:1080)"),  # rv takes plain tcp from outside: a raw socket
+]
+
+
+@pytest.mark.parametrize("src,dst,stack", INTERMEDIARY_CASES)
+def test_socks_and_ssh_through_the_front_end(grid, src, dst, stack):
+    check(run_transfer(grid, src, dst, stack, 16 << 20), stack, 16 << 20)
+
+
 def test_the_rules_pick_direct_inside_a_cluster_and_relay_across(grid):
     assert run_transfer(grid, "a1", "a2", None, 1 << 20)["stack"] == "tcp"
     assert run_transfer(grid, "a2", "b2", None, 1 << 20)["stack"] == "tls/relay"  # NAT to firewall
