@@ -169,6 +169,7 @@ class Assembler:
         self._pending: Dict[bytes, _Pending] = {}
         self._arrived: Dict[bytes, gevent.event.Event] = {}
         self._used: Dict[bytes, float] = {}
+        self._reverse: Dict[bytes, gevent.event.AsyncResult] = {}  # our reverse connects, by token
         self._conn_ids = iter(range(1, 2**62))
 
     # --- server side -------------------------------------------------------------------------
@@ -214,9 +215,20 @@ class Assembler:
         if token in self._pending or token in self._used:
             return _refuse("bad-token", "token already used")
         method = stack.method.name
-        if method != "relay" and not _is_direct(method):
+        if method not in ("relay", "reverse") and not _is_direct(method):
             return _refuse("bad-stack", f"method {method} is not available on {self.node.name}")
-        if method == "relay":
+        if method == "reverse":
+            # The client cannot be dialed... by others; we dial it, token in-band, and answer how it went.
+            self._remember_used(token)
+            try:
+                if not client.addrs:
+                    raise ConnectError(f"{client.name} advertises no address to connect back to")
+                sock = _dial_with_token(default_registry.create(stack.method), self.node, client.addrs, token,
+                                        ASSEMBLY_TIMEOUT_S)
+            except ConnectError as exc:
+                return _refuse("unreachable", f"{self.node.name} cannot connect back to {client.name}: {exc.args[0]}")
+            gevent.spawn(self._finish_server, SocketStream(sock, info={"method": "reverse"}), client, port, stack)
+        elif method == "relay":
             if conn is None:
                 raise RemoteProtocolError("relay assembly request without a connection id")
             lower = self.node.relay.open(client.node_id, conn)
@@ -249,6 +261,11 @@ class Assembler:
             if head[: len(DATA_PREAMBLE)] != DATA_PREAMBLE:
                 raise RemoteProtocolError("bad data-connection preamble")
             token = head[len(DATA_PREAMBLE) :]
+            waiting = self._reverse.pop(token, None)
+            if waiting is not None:  # the server of a ``reverse`` connection of ours, calling back
+                self._remember_used(token)
+                waiting.set(sock)
+                return
             if token in self._used:
                 raise RemoteProtocolError("token already used (replay)")
             pending = self._pending.pop(token, None)
@@ -326,6 +343,7 @@ class Assembler:
             return stream, info
 
     def _open(self, entry: wire.NodeEntry, port: int, stack: Stack, timeout: float):
+        me = self.node.entry
         method = stack.method.name
         token = secrets.token_bytes(TOKEN_BYTES)
         request = {"port": port, "stack": str(stack), "token": token.hex()}
@@ -337,6 +355,12 @@ class Assembler:
                 conn = self.node.relay.new_conn_id()
                 request["conn"] = conn
                 lower = self.node.relay.open(entry.node_id, conn)
+            elif method == "reverse":
+                if not me.addrs:
+                    raise ConnectError(f"{me.name} advertises no address for {entry.name} to connect back to",
+                                       peer=entry.name, method=method)
+                called_back = gevent.event.AsyncResult()
+                self._reverse[token] = called_back
             elif _is_direct(method):
                 if not entry.addrs:
                     raise ConnectError(f"{entry.name} advertises no address for a {method} connection",
@@ -353,15 +377,20 @@ class Assembler:
                 raise ConnectError(f"assembly request to {entry.name} failed: {exc}", peer=entry.name,
                                    method=method) from exc
             if not answer.get("ok"):
-                raise _Refused(f"{entry.name} refused {stack}: {answer.get('reason')}", peer=entry.name,
-                               method=method, tried=[(str(stack), str(answer.get("reason")))])
+                raise _Refused(f"{entry.name} refused {stack}", peer=entry.name, method=method,
+                               tried=[(str(stack), str(answer.get("reason")))])
             if dialer is not None:
                 sock = dialer.get(timeout=max(0.1, deadline - time.monotonic()))
+                lower = SocketStream(sock, info={"method": method})
+            elif method == "reverse":
+                # The server answered once its connection back was made: it is here or arriving.
+                sock = called_back.get(timeout=max(0.1, deadline - time.monotonic()))
                 lower = SocketStream(sock, info={"method": method})
             with gevent.Timeout(max(0.1, deadline - time.monotonic()),
                                 ConnectError(f"building {stack} to {entry.name} timed out", peer=entry.name)):
                 stream = self._build(stack, lower, entry, initiator=True)
         except BaseException as exc:
+            self._reverse.pop(token, None)
             if lower is not None:
                 lower.close()
             if dialer is not None:

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(300)
 PORT = 5000
 NAMES = ("L1", "m1", "L2", "m2")
 STACKS = ["tcp", "tls/tcp", "lz4/tcp", "zlib/tcp", "bz2/tcp", "adoc/tcp", "tls/lz4/tcp", "relay", "tls/relay",
-          "lz4/relay"]
+          "lz4/relay", "reverse", "tls/reverse"]
 JOIN_TIMEOUT_S = 20.0
 
 

@@ -71,6 +71,21 @@ INTERMEDIARY_CASES = [
 ]
 
 
+# The server connects back: nodes that can connect out but not accept, serving a public client.
+REVERSE_CASES = [("rv", "a1"), ("rv", "b2")]  # (c1 has no route out at all: no reverse into C)
+
+
+@pytest.mark.parametrize("src,dst", REVERSE_CASES)
+def test_reverse_from_behind_nat_and_firewall(grid, src, dst):
+    check(run_transfer(grid, src, dst, "tls/reverse", 16 << 20), "tls/reverse", 16 << 20)
+
+
+def test_reverse_fails_fast_with_the_reason_when_the_client_cannot_be_reached(grid):
+    with pytest.raises(Exception) as excinfo:
+        run_transfer(grid, "a2", "b2", "tls/reverse", 1 << 10)  # b2 cannot reach a2 behind its NAT
+    assert "cannot connect back" in str(excinfo.value)
+
+
 @pytest.mark.parametrize("src,dst,stack", INTERMEDIARY_CASES)
 def test_socks_and_ssh_through_the_front_end(grid, src, dst, stack):
     check(run_transfer(grid, src, dst, stack, 16 << 20), stack, 16 << 20)
