@@ -170,6 +170,7 @@ class Assembler:
         self._arrived: Dict[bytes, gevent.event.Event] = {}
         self._used: Dict[bytes, float] = {}
         self._reverse: Dict[bytes, gevent.event.AsyncResult] = {}  # our reverse connects, by token
+        self._winners: Dict[str, Stack] = {}  # peer id -> the stack that worked last
         self._conn_ids = iter(range(1, 2**62))
 
     # --- server side -------------------------------------------------------------------------
@@ -320,27 +321,32 @@ class Assembler:
             raise ConnectError(f"unknown node {peer!r}" if me else "this node has not joined yet", peer=peer)
         if stack is not None:
             return self._open(entry, port, Stack.parse(stack) if isinstance(stack, str) else stack, timeout)
-        chosen = self.rules.choose(me, entry)
+        candidates = self.rules.candidates(me, entry)
+        winner = self._winners.get(entry.node_id)
+        if winner in candidates:  # what worked last time first
+            candidates.remove(winner)
+            candidates.insert(0, winner)
         deadline = time.monotonic() + timeout
-        try:
-            return self._open(entry, port, chosen, timeout)
-        except _Refused:
-            raise
-        except ConnectError as exc:
-            fallback = dataclasses.replace(self.rules, scheme="relay", rules=()).choose(me, entry)
-            if chosen.method.name == "relay" or time.monotonic() >= deadline:
-                raise
-            log.info("node %s: %s to %s failed (%s); falling back to %s", self.node.name, chosen, entry.name, exc,
-                     fallback)
-            tried = [(str(chosen), str(exc.args[0] if exc.args else exc))]
+        tried = []
+        for i, stack in enumerate(candidates):
+            last = i == len(candidates) - 1
             try:
-                stream, info = self._open(entry, port, fallback, deadline - time.monotonic())
-            except ConnectError as exc2:
-                tried.append((str(fallback), str(exc2.args[0] if exc2.args else exc2)))
-                raise ConnectError(f"cannot connect to {entry.name}:{port}", peer=entry.name,
-                                   method=fallback.method.name, tried=tried) from exc2
-            info.detail["tried"] = tried
+                stream, info = self._open(entry, port, stack, max(0.1, deadline - time.monotonic()))
+            except _Refused:
+                raise  # the server said no: another method would not change its mind
+            except ConnectError as exc:
+                tried.append((str(stack), str(exc.args[0] if exc.args else exc)))
+                if last or time.monotonic() >= deadline:
+                    raise ConnectError(f"cannot connect to {entry.name}:{port}", peer=entry.name,
+                                       method=stack.method.name, tried=tried) from exc
+                log.info("node %s: %s to %s failed (%s); trying %s", self.node.name, stack, entry.name,
+                         tried[-1][1], candidates[i + 1])
+                continue
+            self._winners[entry.node_id] = stack
+            if tried:
+                info.detail["tried"] = tried
             return stream, info
+        raise ConnectError(f"no stack to try for {entry.name}", peer=entry.name)  # candidates is never empty
 
     def _open(self, entry: wire.NodeEntry, port: int, stack: Stack, timeout: float):
         me = self.node.entry
@@ -377,7 +383,10 @@ class Assembler:
                 raise ConnectError(f"assembly request to {entry.name} failed: {exc}", peer=entry.name,
                                    method=method) from exc
             if not answer.get("ok"):
-                raise _Refused(f"{entry.name} refused {stack}", peer=entry.name, method=method,
+                # "unreachable": the method failed on the server's side (reverse could not
+                # connect back); another method may work. Anything else is the server's will.
+                cls = ConnectError if answer.get("code") == "unreachable" else _Refused
+                raise cls(f"{entry.name} refused {stack}", peer=entry.name, method=method,
                                tried=[(str(stack), str(answer.get("reason")))])
             if dialer is not None:
                 sock = dialer.get(timeout=max(0.1, deadline - time.monotonic()))

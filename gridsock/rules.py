@@ -7,8 +7,10 @@ exceptions. A rule matches the connecting node (``from``) and the node it connec
 (``to``) by pattern, and names the stack; the first rule that matches wins, else the scheme
 decides from the directory's facts:
 
-- ``cluster`` (the default): plain ``tcp`` inside a cluster; ``tls/tcp`` to a node outside it
-  that accepts inbound connections; ``tls/relay`` (through the bootstrap routes) otherwise.
+- ``cluster`` (the default): plain ``tcp`` inside a cluster; outside it ``tls/tcp`` to a node that
+  accepts inbound connections, ``tls/reverse`` (it connects back) when this node accepts them,
+  and ``tls/relay`` (through the bootstrap routes), which works everywhere. The candidates are
+  tried in that order; the first that works is kept for the peer (:meth:`Rules.candidates`).
 - ``direct``: direct TCP between all nodes (``tcp`` inside a cluster, ``tls/tcp`` outside).
 - ``relay``: the bootstrap channel carries everything (``tls/relay``); works everywhere.
 
@@ -158,22 +160,32 @@ class Rules:
             raise ConfigError(f"rules file {path}: {exc}") from None
 
     def choose(self, src: wire.NodeEntry, dst: wire.NodeEntry) -> Stack:
-        """The stack ``src`` uses to connect to ``dst``."""
+        """The stack ``src`` tries first to connect to ``dst``."""
+        return self.candidates(src, dst)[0]
+
+    def candidates(self, src: wire.NodeEntry, dst: wire.NodeEntry) -> List[Stack]:
+        """The stacks ``src`` tries, in order, to connect to ``dst``.
+
+        A matching rule names exactly one stack (no fallback: the user said so). Otherwise the
+        scheme orders what the directory says can work: a direct connection where ``dst`` is on
+        the same network or accepts inbound connections, ``reverse`` where ``src`` accepts them,
+        and the relay, which works everywhere, last.
+        """
         for rule in self.rules:
             if rule.matches(src, dst):
-                return Stack.parse(rule.stack)
+                return [Stack.parse(rule.stack)]
         secure = "tls/" if self.tls else ""
+        relay = Stack.parse(secure + "relay")
+        if self.scheme == "relay":
+            return [relay]
         if same_cluster(src, dst):
-            text = "relay" if self.scheme == "relay" else "tcp"
-            if self.scheme == "relay":
-                text = secure + "relay"
-        elif self.scheme == "relay":
-            text = secure + "relay"
-        elif self.scheme == "direct" or dst.inbound:
-            text = secure + "tcp"
-        else:
-            text = secure + "relay"
-        return Stack.parse(text)
+            return [Stack.parse("tcp"), relay]
+        texts = []
+        if self.scheme == "direct" or dst.inbound:
+            texts.append(secure + "tcp")
+        if src.inbound:
+            texts.append(secure + "reverse")
+        return [Stack.parse(t) for t in texts] + [relay]
 
     def required(self, server: wire.NodeEntry, client: wire.NodeEntry) -> Tuple[str, ...]:
         """The filters ``server`` requires on a connection from ``client``."""

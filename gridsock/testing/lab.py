@@ -192,6 +192,17 @@ STOP_POLL_S = 0.02  # how often down() checks that processes are gone
 STOP_ROUNDS = 3  # namespace sweeps: a dying daemon may still fork once
 LOG_TAIL_BYTES = 4000  # how much of a daemon's log goes into the error when it dies
 
+# WAN profile (Lab.set_wan): a delayer (gridsock.testing.delayer) per public host holds what leaves
+# its eth0 on an NFQUEUE; tbf limits the rate of that same egress. No netem in the lab's kernel.
+WAN_QUEUE = 7  # the NFQUEUE number in each public host; queues are per namespace, so one number
+WAN_RULE = (  # mangle POSTROUTING sees locally sent and forwarded packets, before gwa's MASQUERADE
+    "POSTROUTING", "-o", PUBLIC_IF, "-m", "comment", "--comment", "gridsock-wan",
+    "-j", "NFQUEUE", "--queue-num", str(WAN_QUEUE), "--queue-bypass",  # no delayer bound: pass
+)
+WAN_TBF_LATENCY_MS = 100  # a rate-limited uplink queues this long at most, then drops (tbf limit)
+WAN_TBF_BURST_S = 0.002  # the token bucket holds 2 ms at full rate...
+WAN_TBF_MIN_BURST_BYTES = 16 * 1024  # ...and at least ~10 full-size packets (timer granularity)
+
 # Runs inside a namespace: connect until success or until `patience` seconds have passed;
 # print the outcome of the last attempt ("connected", "timeout" or an errno name).
 _PROBE_SRC = r"""
@@ -653,6 +664,123 @@ class Lab:
         self.wait_listening("fec", FRONTEND_PRIVATE, SSH_PORT, proc=sshd, log_path=sshd_log)
         for addr in (FRONTEND_PRIVATE, FRONTEND_PUBLIC):
             self.wait_listening("fec", addr, SOCKS_PORT, proc=danted, log_path=danted_log)
+
+    # -- WAN profile ----------------------------------------------------------------------------
+
+    def set_wan(
+        self,
+        delay_ms: float = 0.0,
+        loss: float = 0.0,
+        rate_mbit: float | None = None,
+        hosts: Sequence[str] = PUBLIC_HOSTS,
+        *,
+        jitter_ms: float = 0.0,
+    ) -> None:
+        """Make the internet a WAN: what leaves a host of ``hosts`` onto the switch is delayed,
+        dropped at random and rate limited. ``set_wan()`` with the defaults removes the profile.
+
+        Every packet a host of ``hosts`` sends out of its ``eth0`` (its own or forwarded from its
+        cluster) waits ``delay_ms`` (+- ``jitter_ms``, order kept per flow), is dropped with
+        probability ``loss``, and shares a ``rate_mbit`` uplink (tbf). A packet crosses the
+        internet through exactly one such egress, so ``delay_ms`` is the one-way delay and
+        ``loss`` the loss rate per direction: between two hosts of ``hosts`` the RTT grows by
+        ``2 * delay_ms``. A new profile replaces the previous one on every public host.
+
+        How: one ``python -m gridsock.testing.delayer`` per host (spawned and tracked, so
+        :meth:`down` ends them), fed by a mangle POSTROUTING rule ``-o eth0 -j NFQUEUE
+        --queue-bypass`` (should a delayer die, packets pass undelayed rather than vanish), and
+        ``tc qdisc ... root tbf`` on eth0. Raises ConfigError on bad values, LabError when a
+        delayer, iptables or tc fails (the profile is removed again first).
+        """
+        for host in hosts:
+            _check_host(host, PUBLIC_HOSTS)
+        if delay_ms < 0 or jitter_ms < 0:
+            raise ConfigError(f"WAN delay and jitter must be >= 0 ms, not {delay_ms} and {jitter_ms}")
+        if not 0.0 <= loss < 1.0:
+            raise ConfigError(f"WAN loss is a probability in [0, 1), not {loss}")
+        if rate_mbit is not None and rate_mbit <= 0:
+            raise ConfigError(f"WAN rate must be > 0 Mbit/s, not {rate_mbit}")
+        self._clear_wan()
+        shaping = bool(delay_ms or jitter_ms or loss)
+        if not hosts or not (shaping or rate_mbit):
+            return
+        profile = {"delay_ms": delay_ms, "jitter_ms": jitter_ms, "loss": loss, "rate_mbit": rate_mbit}
+        with self._lock:
+            self._state["wan"] = {"profile": profile, "hosts": list(hosts), "delayers": []}
+            self._save_state()
+        try:
+            if shaping:
+                self._start_delayers(hosts, delay_ms, jitter_ms, loss)
+            if rate_mbit:
+                rate_bytes_s = rate_mbit * 1e6 / 8
+                burst = max(WAN_TBF_MIN_BURST_BYTES, int(rate_bytes_s * WAN_TBF_BURST_S))
+                for host in hosts:
+                    self._setup_cmd(
+                        self.command(host, ["tc", "qdisc", "replace", "dev", PUBLIC_IF, "root", "tbf",
+                                            "rate", f"{rate_mbit}mbit", "burst", str(burst),
+                                            "latency", f"{WAN_TBF_LATENCY_MS}ms"])
+                    )
+        except BaseException:
+            self._clear_wan()
+            raise
+        log.info("lab %s: WAN %s on %s", self.prefix, profile, ", ".join(hosts))
+
+    def _start_delayers(self, hosts: Sequence[str], delay_ms: float, jitter_ms: float, loss: float) -> None:
+        from gridsock.testing.procs import wait_for_line
+
+        argv = [sys.executable, "-m", "gridsock.testing.delayer", "--queue", str(WAN_QUEUE), "--verbose",
+                "--delay-ms", str(delay_ms), "--jitter-ms", str(jitter_ms), "--loss", str(loss)]
+        started = []
+        for host in hosts:  # start them all, then wait: their interpreters start in parallel
+            log_path = self.state_dir / f"delayer-{host}.log"
+            with open(log_path, "ab") as err:
+                proc = self.spawn(host, argv, stdout=subprocess.PIPE, stderr=err)
+            stat = _proc_stat(proc.pid)
+            with self._lock:
+                self._state["wan"]["delayers"].append(
+                    {"host": host, "pid": proc.pid, "start": stat[1] if stat else None}
+                )
+                self._save_state()
+            started.append((host, proc, log_path))
+        for host, proc, log_path in started:
+            try:
+                wait_for_line(proc, "ready", timeout=READY_TIMEOUT_S)
+            except (RuntimeError, TimeoutError) as exc:
+                raise LabError(self._died(f"delayer in {host}: {exc}", log_path)) from exc
+            self._setup_cmd(self.command(host, ["iptables", "-t", "mangle", "-A", *WAN_RULE]))
+
+    def _clear_wan(self) -> None:
+        # Rules first: from then on nothing new is queued, and the delayers, on SIGTERM, release
+        # what they hold. Every public host is swept, whatever the state says.
+        for host in PUBLIC_HOSTS:
+            for _ in range(STOP_ROUNDS):  # the rule is there once; more only after a crash mid-way
+                done = self.run(host, ["iptables", "-t", "mangle", "-D", *WAN_RULE], capture_output=True)
+                if done.returncode != 0:
+                    break
+            # Fails harmlessly when eth0 has no root qdisc of ours.
+            self.run(host, ["tc", "qdisc", "del", "dev", PUBLIC_IF, "root"], capture_output=True)
+        wan = self._state.get("wan")
+        if not wan:
+            return
+        own = {proc.pid: proc for proc in self._procs}
+
+        def alive(rec: dict[str, Any]) -> bool:  # the same process, not a recycled pid
+            stat = _proc_stat(rec["pid"])
+            return stat is not None and stat[1] == rec["start"] and self._running(rec["pid"], own)
+
+        pids = {rec["pid"] for rec in wan["delayers"] if alive(rec)}
+        if pids:
+            self._signal_and_wait(pids, own)
+        gone = {rec["pid"] for rec in wan["delayers"] if not alive(rec)}
+        with self._lock:
+            for proc in self._procs:
+                if proc.pid in gone and proc.stdout is not None:
+                    proc.stdout.close()
+            self._procs = [proc for proc in self._procs if proc.pid not in gone]
+            self._state["processes"] = [rec for rec in self._state["processes"] if rec["pid"] not in gone]
+            self._state.pop("wan", None)
+            if self.state_dir.is_dir():
+                self._save_state()
 
     # -- down -----------------------------------------------------------------------------------
 

@@ -97,6 +97,10 @@ def test_the_rules_pick_direct_inside_a_cluster_and_relay_across(grid):
     assert run_transfer(grid, "b2", "rv", None, 1 << 20)["stack"] == "tls/tcp"  # rv accepts inbound
     # rv accepts inbound, but C has no route out: tls/tcp fails at once and the relay takes over.
     assert run_transfer(grid, "c2", "rv", None, 1 << 20)["stack"] == "tls/relay"
+    # a1 is behind NAT but can connect out, and rv accepts: rv's connection is made backwards.
+    assert run_transfer(grid, "rv", "a1", None, 1 << 20)["stack"] == "tls/reverse"
+    # c1 has no route out: reverse fails (c1 says why) and the relay takes over.
+    assert run_transfer(grid, "rv", "c1", None, 1 << 20)["stack"] == "tls/relay"
 
 
 def test_policy_refuses_plain_tcp_from_outside_the_cluster(grid):
