@@ -1390,7 +1390,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 render_join(join, plan), render_profile(prof, plan)]
     text = render(sections, info, ["python3", "bench/bench_bootstrap.py", *argv], started, load_before,
                   info["load"](), time.perf_counter() - wall, args.quick)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    # Other benches append their own "## " sections after ours (bench_data.py): keep them.
+    old = out.read_text() if out.exists() else ""
+    kept = old.find("\n## Data connections in the lab")
+    out.write_text(text.rstrip("\n") + "\n" + (old[kept:] if kept >= 0 else ""))
     print(text)
     progress(f"wrote {args.out}")
     return 0

@@ -76,6 +76,9 @@ ASSEMBLY_TIMEOUT_S = 15.0
 MATCH_TIMEOUT_S = 5.0
 # Tokens remembered after use, so a replay is refused at once rather than after a wait.
 USED_TOKENS_KEPT = 4096
+# The connection table forgets closed connections when it reaches this many entries (and on
+# every status()), so a long-running node does not keep what its applications closed.
+CONNECTIONS_PRUNE_AT = 256
 # Connections accepted but not yet taken by accept().
 LISTEN_BACKLOG = 128
 
@@ -233,7 +236,7 @@ class Assembler:
             if conn is None:
                 raise RemoteProtocolError("relay assembly request without a connection id")
             lower = self.node.relay.open(client.node_id, conn)
-            self._used[token] = time.monotonic()
+            self._remember_used(token)
             gevent.spawn(self._finish_server, lower, client, port, stack)
         else:  # tcp, or tcp through an intermediary (socks, ssh): the token arrives on the node port
             self._pending[token] = _Pending(client.node_id, port, stack, time.monotonic() + MATCH_TIMEOUT_S)
@@ -431,6 +434,8 @@ class Assembler:
         return build_filters(stack, lower, context)
 
     def _record(self, peer: wire.NodeEntry, port: int, stack: Stack, *, initiator: bool, stream: Stream):
+        if len(self.connections) >= CONNECTIONS_PRUNE_AT:
+            self.status()  # forgets the closed ones
         conn = next(self._conn_ids)
         info = ConnectionInfo(conn=conn, peer_id=peer.node_id, peer_name=peer.name, port=port, stack=str(stack),
                               initiator=initiator, detail={"stream": stream})

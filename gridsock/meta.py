@@ -31,7 +31,7 @@ from .bootstrap.link import Link, read_message, send_message
 from .bootstrap.transport import dial, parse_address, tls_client
 from .errors import AuthError, BrokenStreamError, ConfigError, ConnectError, RemoteProtocolError
 from .rules import same_cluster
-from .session import client_context, peer_identity
+from .session import peer_identity
 
 __all__ = ["MetaChannel", "META_LINK_TIMEOUT_S", "META_RETRY_S"]
 
@@ -107,7 +107,7 @@ class MetaChannel:
         sock = dial(address, timeout=META_LINK_TIMEOUT_S)
         try:
             if node.session.tls:
-                sock = tls_client(sock, client_context(node.session, node.identity), timeout=META_LINK_TIMEOUT_S)
+                sock = tls_client(sock, node.client_context(), timeout=META_LINK_TIMEOUT_S)
                 peer = peer_identity(sock)
                 if peer is None or peer.kind != "node" or peer.id != entry.node_id:
                     raise AuthError(f"{address} answered as {peer}, not as {entry.name}")

@@ -169,6 +169,7 @@ class Node:
         self._control: Optional[ControlServer] = None
         self._sock = None
         self._server_ctx = None
+        self._client_ctx = None
         self._greenlets: list = []
 
     def __repr__(self) -> str:
@@ -447,10 +448,16 @@ class Node:
         local_ip = None if target.is_unix else sock.getsockname()[0]
         return sock, local_ip
 
+    def client_context(self):
+        """The TLS client context with this node's certificate (made once per identity)."""
+        if self._client_ctx is None or self._client_ctx[0] is not self.identity:
+            self._client_ctx = (self.identity, client_context(self.session, self.identity))
+        return self._client_ctx[1]
+
     def _secure(self, sock, *, expect: str):
         if not self.session.tls:
             return sock
-        context = client_context(self.session, self.identity)
+        context = self.client_context()
         tls = tls_client(sock, context, timeout=HANDSHAKE_TIMEOUT_S)
         peer = peer_identity(tls)
         ok = peer is not None and (
