@@ -296,3 +296,44 @@ def test_a_failed_direct_method_falls_back_to_the_relay(grid):
             grid["m1"].open_stream("ghost", PORT, stack="tcp")
     finally:
         ghost.stop()
+
+
+def stranger_meta_request(node, session) -> bytes:
+    """A client outside the session (no certificate) asks for a meta link and sends an
+    assembly request on it; return everything the node sends back."""
+    import ssl
+
+    from gridsock import wire
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(cadata=session.ca_cert_pem.decode())
+    address = node.address
+    with socket.create_connection((address.host, address.port), timeout=15) as raw:
+        with context.wrap_socket(raw) as sock:
+            request = {"port": PORT, "stack": "tcp", "token": "11" * assembly.TOKEN_BYTES}
+            sock.sendall(wire.encode(wire.Hello(name="stranger", cluster=None, role="peer"))
+                         + wire.encode(wire.Routed(src="00000000-0000-4000-8000-000000000bad", dst=node.node_id,
+                                                   kind="req", topic="assemble", request_id=1, hops=1,
+                                                   route=("stranger",), payload=json.dumps(request).encode())))
+            received = b""
+            try:
+                while chunk := sock.recv(65536):
+                    received += chunk
+            except (ssl.SSLError, OSError):
+                pass
+            return received
+
+
+def test_an_assembly_request_from_outside_the_session_gets_nothing(grid):
+    received = run_blocking(stranger_meta_request, grid["m2"], grid["m2"].session)
+    from gridsock import wire
+
+    decoder = wire.Decoder()
+    decoder.feed(received)
+    messages = []
+    while (message := decoder.next_message()) is not None:
+        messages.append(type(message).__name__)
+    assert messages == ["Refuse"]  # no Welcome, no answer to the request
+    assert grid.listeners["m2"]._queue.empty()
+    assert not grid["m2"].assembler._pending
