@@ -39,6 +39,12 @@ from the same prefix in another process reads it back (``load()``), so ``down`` 
 from the command line. ``down()`` works from any state, even half built or without ``state.json``:
 it ends the processes the lab started and whatever still runs inside its namespaces, deletes
 exactly the namespaces ``<prefix><host>`` and the state directory, nothing else.
+
+WAN profile (``set_wan``): the kernel has no netem, so a small user-space delayer per public host
+(``gridsock.testing.delayer``) holds the packets arriving on its ``eth0`` on an NFQUEUE, releases
+them after the delay and drops a fraction for loss; tbf on ``eth0`` limits the rate. No
+br_netfilter: the switch stays a plain bridge, every packet crossing the internet enters exactly
+one public host, so the delay there is the one-way delay.
 """
 from __future__ import annotations
 
@@ -59,6 +65,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gridsock.errors import ConfigError, GridsockError
+from gridsock.testing.procs import wait_for_line
 
 __all__ = [
     "LAB_HOSTS",
@@ -192,11 +199,14 @@ STOP_POLL_S = 0.02  # how often down() checks that processes are gone
 STOP_ROUNDS = 3  # namespace sweeps: a dying daemon may still fork once
 LOG_TAIL_BYTES = 4000  # how much of a daemon's log goes into the error when it dies
 
-# WAN profile (Lab.set_wan): a delayer (gridsock.testing.delayer) per public host holds what leaves
-# its eth0 on an NFQUEUE; tbf limits the rate of that same egress. No netem in the lab's kernel.
+# WAN profile (Lab.set_wan): a delayer (gridsock.testing.delayer) per public host holds what comes
+# in on its eth0 on an NFQUEUE; tbf limits the rate of eth0's egress. No netem in the lab's kernel.
 WAN_QUEUE = 7  # the NFQUEUE number in each public host; queues are per namespace, so one number
-WAN_RULE = (  # mangle POSTROUTING sees locally sent and forwarded packets, before gwa's MASQUERADE
-    "POSTROUTING", "-o", PUBLIC_IF, "-m", "comment", "--comment", "gridsock-wan",
+# Ingress, not egress: a packet held in its sender's namespace still counts against the sending
+# socket's TCP Small Queues budget (~2 packets), which cut a delayed local sender to ~1 Mbit/s.
+# Arriving through the veth, it belongs to no socket any more.
+WAN_RULE = (
+    "PREROUTING", "-i", PUBLIC_IF, "-m", "comment", "--comment", "gridsock-wan",
     "-j", "NFQUEUE", "--queue-num", str(WAN_QUEUE), "--queue-bypass",  # no delayer bound: pass
 )
 WAN_TBF_LATENCY_MS = 100  # a rate-limited uplink queues this long at most, then drops (tbf limit)
@@ -676,21 +686,22 @@ class Lab:
         *,
         jitter_ms: float = 0.0,
     ) -> None:
-        """Make the internet a WAN: what leaves a host of ``hosts`` onto the switch is delayed,
-        dropped at random and rate limited. ``set_wan()`` with the defaults removes the profile.
+        """Make the internet a WAN between ``hosts``: delay, random loss and a rate limit.
 
-        Every packet a host of ``hosts`` sends out of its ``eth0`` (its own or forwarded from its
-        cluster) waits ``delay_ms`` (+- ``jitter_ms``, order kept per flow), is dropped with
-        probability ``loss``, and shares a ``rate_mbit`` uplink (tbf). A packet crosses the
-        internet through exactly one such egress, so ``delay_ms`` is the one-way delay and
-        ``loss`` the loss rate per direction: between two hosts of ``hosts`` the RTT grows by
-        ``2 * delay_ms``. A new profile replaces the previous one on every public host.
+        Every packet reaching a host of ``hosts`` from the switch (for itself, or to forward into
+        its cluster) is held ``delay_ms`` (+- ``jitter_ms``, order kept per flow) and dropped with
+        probability ``loss``; every packet such a host sends onto the switch shares a
+        ``rate_mbit`` uplink (tbf). A packet crosses the internet into exactly one host, so
+        ``delay_ms`` is the one-way delay and ``loss`` the loss rate per direction: between two
+        hosts of ``hosts`` the RTT grows by ``2 * delay_ms``. A new profile replaces the previous
+        one on every public host; ``set_wan()`` with the defaults removes it.
 
         How: one ``python -m gridsock.testing.delayer`` per host (spawned and tracked, so
-        :meth:`down` ends them), fed by a mangle POSTROUTING rule ``-o eth0 -j NFQUEUE
-        --queue-bypass`` (should a delayer die, packets pass undelayed rather than vanish), and
-        ``tc qdisc ... root tbf`` on eth0. Raises ConfigError on bad values, LabError when a
-        delayer, iptables or tc fails (the profile is removed again first).
+        :meth:`down` ends them), fed by a mangle PREROUTING rule ``-i eth0 -j NFQUEUE
+        --queue-bypass`` (should a delayer die, packets pass undelayed instead of vanishing), and
+        ``tc qdisc replace dev eth0 root tbf``. Returns once every delayer is bound. Raises
+        ConfigError on bad values, LabError when a delayer, iptables or tc fails (after removing
+        the profile again).
         """
         for host in hosts:
             _check_host(host, PUBLIC_HOSTS)
@@ -714,22 +725,17 @@ class Lab:
             if rate_mbit:
                 rate_bytes_s = rate_mbit * 1e6 / 8
                 burst = max(WAN_TBF_MIN_BURST_BYTES, int(rate_bytes_s * WAN_TBF_BURST_S))
+                tbf = ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", f"{WAN_TBF_LATENCY_MS}ms"]
                 for host in hosts:
-                    self._setup_cmd(
-                        self.command(host, ["tc", "qdisc", "replace", "dev", PUBLIC_IF, "root", "tbf",
-                                            "rate", f"{rate_mbit}mbit", "burst", str(burst),
-                                            "latency", f"{WAN_TBF_LATENCY_MS}ms"])
-                    )
+                    self._setup_cmd(self.command(host, ["tc", "qdisc", "replace", "dev", PUBLIC_IF, "root", *tbf]))
         except BaseException:
             self._clear_wan()
             raise
         log.info("lab %s: WAN %s on %s", self.prefix, profile, ", ".join(hosts))
 
     def _start_delayers(self, hosts: Sequence[str], delay_ms: float, jitter_ms: float, loss: float) -> None:
-        from gridsock.testing.procs import wait_for_line
-
-        argv = [sys.executable, "-m", "gridsock.testing.delayer", "--queue", str(WAN_QUEUE), "--verbose",
-                "--delay-ms", str(delay_ms), "--jitter-ms", str(jitter_ms), "--loss", str(loss)]
+        argv = [sys.executable, "-m", "gridsock.testing.delayer", "--queue", str(WAN_QUEUE), "--verbose"]
+        argv += ["--delay-ms", str(delay_ms), "--jitter-ms", str(jitter_ms), "--loss", str(loss)]
         started = []
         for host in hosts:  # start them all, then wait: their interpreters start in parallel
             log_path = self.state_dir / f"delayer-{host}.log"
@@ -757,8 +763,9 @@ class Lab:
                 done = self.run(host, ["iptables", "-t", "mangle", "-D", *WAN_RULE], capture_output=True)
                 if done.returncode != 0:
                     break
-            # Fails harmlessly when eth0 has no root qdisc of ours.
-            self.run(host, ["tc", "qdisc", "del", "dev", PUBLIC_IF, "root"], capture_output=True)
+            shown = self.run(host, ["tc", "qdisc", "show", "dev", PUBLIC_IF, "root"], capture_output=True, text=True)
+            if " tbf " in shown.stdout:
+                self.run(host, ["tc", "qdisc", "del", "dev", PUBLIC_IF, "root"], capture_output=True)
         wan = self._state.get("wan")
         if not wan:
             return
