@@ -38,6 +38,7 @@ load spike of the shared machine hits all alike. Every loop is bounded by a coun
 a timeout; the lab is torn down (``Lab.down()``) whatever happens, SIGTERM included.
 
     python3 bench/bench_data.py [--quick] [--out docs/benchmarks.md] [--logs DIR]
+                                [--wan-delay-ms D] [--only establish] [--connects N]
 
 Needs root and the lab's tools, plus iperf3. ``--quick``: 10 connects per case and 8 MiB
 transfers (under half a minute here); the full run: 50 connects per case, 64 MiB transfers in 9
@@ -45,6 +46,13 @@ rounds (about two minutes here).
 The results replace the section "Data connections in the lab" of ``--out`` (the rest of the file
 is kept) and go to stdout; the raw samples go to a JSON file in the temporary directory, which
 ``--render-only FILE`` renders again without measuring.
+
+``--wan-delay-ms D`` (default 0: none) makes the lab's internet a WAN once the lab is up
+(``Lab.set_wan(delay_ms=D)``: D ms one way on each public host's ingress, so ``a1 -> rv`` gains
+``2 * D`` of round trip; ``a1 -> a2`` stays inside cluster A and crosses no delay); it is removed
+again before the lab is torn down, and the report says which delay was used. ``--only establish``
+skips the throughput part (and the reading, which needs it); ``--connects N`` sets the number of
+connects per case (fresh-node cases included).
 """
 from __future__ import annotations
 
@@ -1047,6 +1055,21 @@ def loadavg() -> str:
         return "?"
 
 
+def lab_line(results: dict) -> str:
+    """The report's "lab" line: which WAN delay, if any, the run used."""
+    delay = results.get("wan_delay_ms", 0.0)  # older raw files: none
+    if not delay:
+        return ("- lab: network namespaces, veth pairs and Linux bridges on one machine; **no WAN delay**: every "
+                f"link is a veth, round trips are tens of µs (kernel netem: {results['netem']}; `--wan-delay-ms` "
+                "was 0). So these figures show gridsock's own costs, which a real WAN's milliseconds would "
+                "mostly hide.")
+    return ("- lab: network namespaces, veth pairs and Linux bridges on one machine; **WAN delay "
+            f"{delay:g} ms one way** (`--wan-delay-ms {delay:g}`: `Lab.set_wan(delay_ms={delay:g})`, a delayer "
+            "on each public host's ingress): every crossing of the internet takes it, so a1 -> rv (through "
+            f"gwa's NAT) gains {2 * delay:g} ms per round trip; a1 -> a2 stays inside cluster A and crosses no "
+            "delay (its figures are the no-delay case, apart from what reaches the rendez-vous node).")
+
+
 def render(results: dict, info: dict, argv: List[str], plan: Plan, quick: bool) -> str:
     head = [
         SECTION_TITLE,
@@ -1059,10 +1082,7 @@ def render(results: dict, info: dict, argv: List[str], plan: Plan, quick: bool) 
         f"load average {results['load_before']} before, {results['load_after']} after",
         f"- software: gridsock at `{info['commit']}`{' with uncommitted changes' if info['dirty'] else ''}, "
         f"{info['impl']} {info['python']}, gevent {info['gevent']}, {info['openssl']}, {info['iperf']}",
-        f"- lab: network namespaces, veth pairs and Linux bridges on one machine; **no WAN delay**: every "
-        f"link is a veth, round trips are tens of µs (kernel netem: {results['netem']}; this bench does not "
-        "use a delayer process yet). So these figures show gridsock's own costs, which a real WAN's "
-        "milliseconds would mostly hide.",
+        lab_line(results),
         "- processes: rendez-vous node on rv; nodes `a1`, `a2` and `rv` run `bench_data.py node` "
         "(`gridsock node` plus a bench service and timing operations in the node process); `b1` and "
         "`c1` (through fec's sshd) run `gridsock node`. TLS session (mutual TLS on every link).",
@@ -1080,6 +1100,9 @@ def render(results: dict, info: dict, argv: List[str], plan: Plan, quick: bool) 
     parts = []
     for path in PATHS:
         parts.append(render_connect(path, results["connect"][path[1]], plan))
+    if not results["throughput"]:  # --only establish
+        parts.append(results.get("reading", ""))
+        return "\n".join(head) + "\n" + "\n\n".join(p for p in parts if p) + "\n"
     parts.append("### Throughput")
     parts.append(
         f"{plan.transfer_bytes >> 20} MiB one way per run, through `open_stream` (the framework's stream, "
@@ -1265,13 +1288,24 @@ def run_bench(argv: List[str]) -> int:
     parser.add_argument("--logs", metavar="DIR", help="copy the processes' logs into DIR before cleaning up")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # a smoke test of the bench itself
     parser.add_argument("--render-only", metavar="JSON", help="render the raw results a run saved; measure nothing")
+    parser.add_argument("--wan-delay-ms", type=float, default=0.0, metavar="D",
+                        help="one-way WAN delay of the lab's internet, Lab.set_wan(delay_ms=D) (default: 0, none)")
+    parser.add_argument("--only", choices=("all", "establish"), default="all",
+                        help="'establish': the establishment part only, no throughput (default: %(default)s)")
+    parser.add_argument("--connects", type=int, metavar="N", help="connects per case (default: the plan's)")
     args = parser.parse_args(argv)
+    if args.wan_delay_ms < 0:
+        parser.error("--wan-delay-ms must be >= 0")
     plan = TINY if args.tiny else QUICK if args.quick else FULL
+    if args.connects is not None:
+        if args.connects < 1:
+            parser.error("--connects must be >= 1")
+        plan = dataclasses.replace(plan, connects=args.connects, fresh=args.connects)
     if args.render_only:
         saved = json.loads(Path(args.render_only).read_text())
         results, info = saved["results"], saved["info"]
         results.setdefault("lz4_json_mb_s", lz4_speed(bytes(pattern("json"))))  # files of older versions
-        results["reading"] = reading(results)
+        results["reading"] = reading(results) if results["throughput"] else ""
         text = render(results, info, saved["argv"], Plan(**saved["plan"]), saved["quick"])
         write_section(Path(args.out), text)
         print(text)
@@ -1286,17 +1320,23 @@ def run_bench(argv: List[str]) -> int:
     results: dict = {"started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                      "load_before": loadavg(), "connect": {}, "throughput": {},
                      "lz4_ratio_json": PATTERN_BYTES / len(lz4.frame.compress(bytes(pattern("json")))),
-                     "lz4_json_mb_s": lz4_speed(bytes(pattern("json")))}
+                     "lz4_json_mb_s": lz4_speed(bytes(pattern("json"))),
+                     "wan_delay_ms": args.wan_delay_ms, "only": args.only}
     wall = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="gridsock-bench-data-"))
     lab = Lab(args.prefix)
     grid = LabGrid(lab, workdir)
     bench = Bench(lab, grid, plan, workdir)
     signal.signal(signal.SIGTERM, _terminated)
+    wan_set = False
     try:
         progress(f"lab {args.prefix} up")
         lab.up()
         results["netem"] = bench.netem()
+        if args.wan_delay_ms:
+            progress(f"WAN: {args.wan_delay_ms:g} ms one way on each public host's ingress")
+            wan_set = True  # set before the call: a half-made profile is removed too
+            lab.set_wan(delay_ms=args.wan_delay_ms)
         progress("grid: rendez-vous node, rv, a1, b1, c1 (ssh), a2")
         bench.start_grid()
         bench.make_tls_files()
@@ -1304,8 +1344,9 @@ def run_bench(argv: List[str]) -> int:
             server, tcp_port, tls_port = bench.start_plain_server(dst)
             progress(f"{src} -> {dst}: establishment")
             results["connect"][dst] = bench.bench_connect(src, dst, (tcp_port, tls_port))
-            progress(f"{src} -> {dst}: throughput")
-            results["throughput"][dst] = bench.bench_throughput(src, dst, (tcp_port, tls_port))
+            if args.only == "all":
+                progress(f"{src} -> {dst}: throughput")
+                results["throughput"][dst] = bench.bench_throughput(src, dst, (tcp_port, tls_port))
             server.terminate()
     except Exception:
         print(grid.logs_tail(), file=sys.stderr)
@@ -1315,6 +1356,11 @@ def run_bench(argv: List[str]) -> int:
         progress("tearing down")
         try:
             grid.stop()
+            if wan_set:
+                try:
+                    lab.set_wan()  # no arguments: the WAN profile (delayers, rules, qdiscs) is removed
+                except Exception as exc:  # down() removes what is left; the teardown goes on
+                    progress(f"removing the WAN profile failed: {exc}")
             lab.down()
         finally:
             if args.logs:
@@ -1330,7 +1376,7 @@ def run_bench(argv: List[str]) -> int:
     raw.write_text(json.dumps({"results": results, "info": info, "argv": command, "plan": dataclasses.asdict(plan),
                                "quick": args.quick or args.tiny}, default=sorted))
     progress(f"raw results in {raw} (--render-only {raw} renders them again)")
-    results["reading"] = reading(results)
+    results["reading"] = reading(results) if results["throughput"] else ""
     text = render(results, info, command, plan, args.quick or args.tiny)
     write_section(Path(args.out), text)
     print(text)

@@ -198,6 +198,7 @@ class Node:
         for g in self._greenlets:
             g.kill(block=False)
         self.meta.close_all()
+        self.relay.reset_peers(None, "node stopping")
         if self.uplink is not None:
             self.uplink.close("node stopping")
         for link in list(self.members.values()):
@@ -563,6 +564,9 @@ class Node:
             raise RemoteProtocolError(f"unexpected {type(message).__name__} on the uplink")
 
     def _on_directory_change(self, joined, left) -> None:
+        if left:
+            # A relayed connection cannot outlive its peer's place in the grid.
+            self.relay.reset_peers({e.node_id for e in left}, "the peer left the grid")
         if self.role != "leader" or not self.members:
             return
         updates = wire.directory_updates(joined, [e.node_id for e in left])
@@ -735,6 +739,7 @@ class Node:
             "directory": self.directory.to_json(),
             "routes": self._routes(),
             "links": links,
+            "uplink_history": self.uplink_history,
             "connections": self.assembler.status(),
             "meta_links": self.meta.status(),
             "listening": sorted(self.assembler.listeners),

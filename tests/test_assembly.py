@@ -337,3 +337,23 @@ def test_an_assembly_request_from_outside_the_session_gets_nothing(grid):
     assert messages == ["Refuse"]  # no Welcome, no answer to the request
     assert grid.listeners["m2"]._queue.empty()
     assert not grid["m2"].assembler._pending
+
+
+def test_a_relayed_connection_ends_when_its_peer_leaves_the_grid(grid):
+    from gridsock.errors import BrokenStreamError
+
+    peer = Node(grid["m1"].session, "leaver", cluster="B", leader=str(grid["L2"].address),
+                listen_address="127.0.0.1:0", control="", rules=Rules(outside_cluster=())).start()
+    assert peer.wait_joined(JOIN_TIMEOUT_S)
+    grid["m1"].wait_directory(present=["leaver"], timeout=JOIN_TIMEOUT_S)
+    listener = peer.listen(PORT)
+    client, _ = grid["m1"].open_stream("leaver", PORT, stack="relay")
+    server, _ = listener.accept_stream(timeout=JOIN_TIMEOUT_S)
+    client.send_all(b"before")
+    assert server.receive_some(100) == b"before"
+    peer.stop()
+    grid["m1"].wait_directory(absent=["leaver"], timeout=JOIN_TIMEOUT_S)
+    assert client.receive_some(100) == b""  # reset: the reader sees the end...
+    with pytest.raises(BrokenStreamError):  # ...and the writer a broken stream
+        client.send_all(b"after")
+    client.close()

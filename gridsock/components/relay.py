@@ -241,6 +241,10 @@ class RelayManager:
         except Exception:
             pass
 
-    def close_all(self, reason: str) -> None:
-        for stream in list(self._streams.values()):
-            stream._on_frame(RESET, 0, b"")
+    def reset_peers(self, peer_ids, reason: str) -> None:
+        """Reset the relayed connections with ``peer_ids`` (all of them for None): their
+        readers see EOF and their writers BrokenStreamError."""
+        for (peer_id, conn_id), stream in list(self._streams.items()):
+            if peer_ids is None or peer_id in peer_ids:
+                log.info("relay %s reset: %s", stream, reason)
+                stream._on_frame(RESET, 0, b"")
