@@ -49,6 +49,7 @@ from .registry import default_registry
 from .errors import ConfigError, ConnectError, GridsockError, RemoteProtocolError, RoutingError
 from .rules import Rules
 from .stack import Stack, StackContext
+from .components.splice import bind_splice_socket, public_host, routable, splice_connect
 from .streams import SocketStream, Stream
 
 __all__ = [
@@ -219,8 +220,20 @@ class Assembler:
         if token in self._pending or token in self._used:
             return _refuse("bad-token", "token already used")
         method = stack.method.name
-        if method not in ("relay", "reverse") and not _is_direct(method):
+        if method not in ("relay", "reverse", "splice") and not _is_direct(method):
             return _refuse("bad-stack", f"method {method} is not available on {self.node.name}")
+        if method == "splice":
+            try:
+                endpoint = parse_address(str(req.get("endpoint")))
+            except ConfigError as exc:
+                raise RemoteProtocolError(f"bad splice endpoint: {exc}") from None
+            host = public_host(me, self.node.directory)
+            if host is None or endpoint.is_unix or not routable(endpoint.host):
+                return _refuse("unreachable", f"{self.node.name} has no route to {client.name}'s endpoint {endpoint}"
+                               if host else f"{self.node.name} knows no public address of its own")
+            ssock = bind_splice_socket()
+            gevent.spawn(self._splice_server, ssock, endpoint, token, client, port, stack)
+            return json.dumps({"ok": True, "endpoint": f"{host}:{ssock.getsockname()[1]}"}).encode()
         if method == "reverse":
             # The client cannot be dialed... by others; we dial it, token in-band, and answer how it went.
             self._remember_used(token)
@@ -245,6 +258,24 @@ class Assembler:
                 event.set()
             gevent.spawn_later(MATCH_TIMEOUT_S, self._expire, token)
         return json.dumps({"ok": True}).encode()
+
+    def _splice_server(self, ssock, endpoint, token: bytes, client: wire.NodeEntry, port: int, stack: Stack) -> None:
+        """Our half of a splice: connect to the client while it connects to us, check its token."""
+        try:
+            sock = splice_connect(ssock, endpoint)
+            try:
+                with gevent.Timeout(MATCH_TIMEOUT_S, TimeoutError("no preamble")):
+                    head = _recv_exactly(sock, len(DATA_PREAMBLE) + TOKEN_BYTES)
+                if head != DATA_PREAMBLE + token:
+                    raise RemoteProtocolError("the spliced connection did not present our token (wrong node?)")
+            except BaseException:
+                sock.close()
+                raise
+        except (ConnectError, RemoteProtocolError, TimeoutError, OSError) as exc:
+            log.info("node %s: splice with %s failed: %s", self.node.name, client.name, exc)
+            return
+        self._remember_used(token)
+        self._finish_server(SocketStream(sock, info={"method": "splice"}), client, port, stack)
 
     def _expire(self, token: bytes) -> None:
         pending = self._pending.pop(token, None)
@@ -358,12 +389,20 @@ class Assembler:
         request = {"port": port, "stack": str(stack), "token": token.hex()}
         lower: Optional[Stream] = None
         dialer = None
+        splice_sock = None
         deadline = time.monotonic() + timeout
         try:
             if method == "relay":
                 conn = self.node.relay.new_conn_id()
                 request["conn"] = conn
                 lower = self.node.relay.open(entry.node_id, conn)
+            elif method == "splice":
+                host, theirs = public_host(me, self.node.directory), public_host(entry, self.node.directory)
+                if host is None or theirs is None or not routable(theirs):
+                    raise ConnectError(f"no route for a splice between {me.name} and {entry.name}",
+                                       peer=entry.name, method=method)
+                splice_sock = bind_splice_socket()
+                request["endpoint"] = f"{host}:{splice_sock.getsockname()[1]}"
             elif method == "reverse":
                 if not me.addrs:
                     raise ConnectError(f"{me.name} advertises no address for {entry.name} to connect back to",
@@ -394,6 +433,15 @@ class Assembler:
             if dialer is not None:
                 sock = dialer.get(timeout=max(0.1, deadline - time.monotonic()))
                 lower = SocketStream(sock, info={"method": method})
+            elif method == "splice":
+                try:
+                    remote = parse_address(str(answer.get("endpoint")))
+                except ConfigError as exc:
+                    raise ConnectError(f"bad splice endpoint from {entry.name}: {exc}", method=method) from None
+                sock = splice_connect(splice_sock, remote, timeout=max(0.1, deadline - time.monotonic()))
+                splice_sock = None
+                lower = SocketStream(sock, info={"method": method})
+                sock.sendall(DATA_PREAMBLE + token)
             elif method == "reverse":
                 # The server answered once its connection back was made: it is here or arriving.
                 sock = called_back.get(timeout=max(0.1, deadline - time.monotonic()))
@@ -403,6 +451,8 @@ class Assembler:
                 stream = self._build(stack, lower, entry, initiator=True)
         except BaseException as exc:
             self._reverse.pop(token, None)
+            if splice_sock is not None:
+                splice_sock.close()
             if lower is not None:
                 lower.close()
             if dialer is not None:

@@ -77,6 +77,7 @@ BUILTIN_COMPONENTS: Mapping[str, Tuple[str, str, Mapping[str, type], Mapping[str
         {
             "tcp": ("gridsock.components.tcp:TcpMethod", "method", {}, {}),
             "relay": ("gridsock.components.relay:RelayMethod", "method", {}, {}),
+            "splice": ("gridsock.components.splice:SpliceMethod", "method", {}, {}),
             "reverse": ("gridsock.components.reverse:ReverseMethod", "method", {}, {}),
             "socks": ("gridsock.components.socks:SocksMethod", "method", {"proxy": str}, {}),
             "ssh": ("gridsock.components.ssh:SshMethod", "method", {"gateway": str}, {}),

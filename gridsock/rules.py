@@ -185,6 +185,8 @@ class Rules:
             texts.append(secure + "tcp")
         if src.inbound:
             texts.append(secure + "reverse")
+        if not dst.inbound:
+            texts.append(secure + "splice")
         return [Stack.parse(t) for t in texts] + [relay]
 
     def required(self, server: wire.NodeEntry, client: wire.NodeEntry) -> Tuple[str, ...]:

@@ -28,6 +28,8 @@ PORT = 5000
 NAMES = ("L1", "m1", "L2", "m2")
 STACKS = ["tcp", "tls/tcp", "lz4/tcp", "zlib/tcp", "bz2/tcp", "adoc/tcp", "tls/lz4/tcp", "relay", "tls/relay",
           "lz4/relay", "reverse", "tls/reverse"]
+# (splice needs SYNs that a NAT or firewall drops, not a loopback port that answers RST between
+# attempts: tests/lab/test_data.py checks it through the lab's NAT and firewall.)
 JOIN_TIMEOUT_S = 20.0
 
 

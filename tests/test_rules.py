@@ -28,9 +28,9 @@ def names(stacks):
 
 @pytest.mark.parametrize("src,dst,expected", [
     (A1, A2, ["tcp", "tls/relay"]),                      # same cluster network
-    (A1, B1, ["tls/relay"]),                             # neither accepts inbound
+    (A1, B1, ["tls/splice", "tls/relay"]),               # neither accepts inbound: both dial
     (A1, PUB, ["tls/tcp", "tls/relay"]),                 # the peer accepts inbound
-    (PUB, A1, ["tls/reverse", "tls/relay"]),             # we accept: the peer can connect back
+    (PUB, A1, ["tls/reverse", "tls/splice", "tls/relay"]),  # we accept: the peer can connect back
 ])
 def test_cluster_scheme_orders_what_can_work(src, dst, expected):
     assert names(Rules().candidates(src, dst)) == expected
@@ -39,7 +39,7 @@ def test_cluster_scheme_orders_what_can_work(src, dst, expected):
 
 def test_other_schemes():
     assert names(Rules(scheme="relay").candidates(A1, A2)) == ["tls/relay"]
-    assert names(Rules(scheme="direct").candidates(A1, B1)) == ["tls/tcp", "tls/relay"]
+    assert names(Rules(scheme="direct").candidates(A1, B1)) == ["tls/tcp", "tls/splice", "tls/relay"]
     assert names(Rules(tls=False).candidates(A1, PUB)) == ["tcp", "relay"]  # a plain-TCP session
 
 

@@ -80,6 +80,15 @@ def test_reverse_from_behind_nat_and_firewall(grid, src, dst):
     check(run_transfer(grid, src, dst, "tls/reverse", 16 << 20), "tls/reverse", 16 << 20)
 
 
+# Both behind NAT or firewall: TCP simultaneous open through gwa's NAT and fwb's firewall.
+SPLICE_CASES = [("a2", "b2"), ("b1", "a1"), ("a1", "b2")]
+
+
+@pytest.mark.parametrize("src,dst", SPLICE_CASES)
+def test_splice_between_nat_and_firewall(grid, src, dst):
+    check(run_transfer(grid, src, dst, "tls/splice", 16 << 20), "tls/splice", 16 << 20)
+
+
 def test_reverse_fails_fast_with_the_reason_when_the_client_cannot_be_reached(grid):
     with pytest.raises(Exception) as excinfo:
         run_transfer(grid, "a2", "b2", "tls/reverse", 1 << 10)  # b2 cannot reach a2 behind its NAT
@@ -91,9 +100,9 @@ def test_socks_and_ssh_through_the_front_end(grid, src, dst, stack):
     check(run_transfer(grid, src, dst, stack, 16 << 20), stack, 16 << 20)
 
 
-def test_the_rules_pick_direct_inside_a_cluster_and_relay_across(grid):
+def test_the_rules_pick_what_the_topology_allows(grid):
     assert run_transfer(grid, "a1", "a2", None, 1 << 20)["stack"] == "tcp"
-    assert run_transfer(grid, "a2", "b2", None, 1 << 20)["stack"] == "tls/relay"  # NAT to firewall
+    assert run_transfer(grid, "a2", "b2", None, 1 << 20)["stack"] == "tls/splice"  # NAT to firewall
     assert run_transfer(grid, "b2", "rv", None, 1 << 20)["stack"] == "tls/tcp"  # rv accepts inbound
     # rv accepts inbound, but C has no route out: tls/tcp fails at once and the relay takes over.
     assert run_transfer(grid, "c2", "rv", None, 1 << 20)["stack"] == "tls/relay"
