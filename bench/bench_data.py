@@ -1175,8 +1175,8 @@ def reading(results: dict) -> str:
         f"{both(lambda d: step(d, 'tcp steady', 'rest'))} ms. So the overhead over a plain connect is a "
         f"fixed {both(lambda d: overhead[d])} ms of processing in the two node processes, not extra round trips. Over a network with round-trip "
         "time R both the dial and the request take R plus their CPU time, so the ratio becomes about "
-        f"(R + {ms(worst)} ms) / R: {wan(0.001)}, {wan(0.010)} — a model from these figures, not a "
-        "measurement, until the lab can delay packets. That is the issue's target (a direct connection "
+        f"(R + {ms(worst)} ms) / R: {wan(0.001)}, {wan(0.010)} — a model from these figures; "
+        "`--wan-delay-ms` measures it. That is the issue's target (a direct connection "
         "costs little more than one TCP handshake) on any real WAN; on a LAN the fixed CPU cost shows.",
         "",
         f"`relay` opens as fast ({both(lambda d: med(d, 'relay steady'))} ms): the request alone, no dial; "
