@@ -231,6 +231,8 @@ def format_status(status: dict) -> str:
                      f"{', '.join(map(str, status.get('listening', []))) or 'none'}:")
         for c in status["connections"]:
             lines.append(f"  #{c['conn']:<5} {c['side']:6} {c['peer']}:{c['port']:<6} {c['stack']}")
+            for stack, why in c.get("tried", []):  # what was tried before the winner, and why it failed
+                lines.append(f"         {stack} failed: {why}")
     return "\n".join(lines)
 
 
