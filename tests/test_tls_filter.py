@@ -475,3 +475,15 @@ def _tcp_socket_and_stream():
     finally:
         listener.close()
     return client, SocketStream(server, info={"stack": "tcp"})
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_a_refused_client_certificate_fails_the_initiator_at_connect_time(world, kind):
+    # The initiator trusts the server (same session CA) but presents another CA's certificate.
+    # Under TLS 1.3 its handshake completes before the server's check: wrap() must still fail,
+    # with the server's refusal, rather than hand out a stream that breaks at the first read.
+    contexts = (world.ctx(world.foreign, initiator=True), world.ctx(world.b, initiator=False))
+    (c_outcome, c_value), (s_outcome, s_value) = _wrap_both(PAIRS[kind](), *contexts)
+    assert (c_outcome, s_outcome) == ("error", "error"), (c_value, s_value)
+    assert type(c_value) is AuthError and "refused" in str(c_value), c_value
+    assert type(s_value) is AuthError, s_value

@@ -370,8 +370,11 @@ class TlsFilter:
         )
         timer = gevent.Timeout(self.handshake_timeout_s)
         timer.start()
+        early = b""
         try:
             self._handshake(lower, sslobj, incoming, outgoing, whom, peer_name)
+            if initiator and sslobj.version() == "TLSv1.3":
+                early = self._await_acceptance(lower, sslobj, incoming, whom, peer_name)
         except gevent.Timeout as exc:
             if exc is not timer:
                 raise
@@ -395,9 +398,40 @@ class TlsFilter:
                 peer=peer_name,
             )
         stream = TlsStream(lower, sslobj, incoming, outgoing, peer)
+        stream._plaintext += early
         log.debug("tls%s up: %s %s, peer %s", whom, stream.info["tls_version"],
                   stream.info["cipher"], peer.id)
         return stream
+
+    @staticmethod
+    def _await_acceptance(lower: Stream, sslobj, incoming, whom: str, peer_name) -> bytes:
+        """TLS 1.3: wait until the server has accepted our certificate; return early data.
+
+        A TLS 1.3 client finishes its handshake before the server has checked the client's
+        certificate; a refusal comes later, as an alert. The server's session ticket (or its
+        first data) comes only after the check, so the client waits for one of them: a refused
+        connection then fails here, at connect time, with the server's reason (AuthError),
+        not at the application's first read. Returns application data that arrived meanwhile.
+        """
+        while True:
+            try:
+                data = sslobj.read(RAW_RECEIVE_BYTES)
+                if data:
+                    return data  # the server talks to us: it accepted
+                raise BrokenStreamError(f"TLS{whom}: the server closed the connection at once")
+            except ssl.SSLWantReadError:
+                session = sslobj.session
+                if session is not None and session.has_ticket:
+                    return b""
+            except ssl.SSLError as exc:
+                raise AuthError(f"TLS server{whom} refused us: {_describe(exc)}", peer=peer_name) from exc
+            try:
+                raw = lower.receive_some(RAW_RECEIVE_BYTES)
+            except BrokenStreamError as exc:
+                raise BrokenStreamError(f"TLS{whom}: {exc}") from exc
+            if not raw:
+                raise BrokenStreamError(f"TLS{whom}: the server closed the connection after the handshake")
+            incoming.write(raw)
 
     @staticmethod
     def _handshake(lower: Stream, sslobj, incoming, outgoing, whom: str, peer_name) -> None:
