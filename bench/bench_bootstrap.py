@@ -72,6 +72,8 @@ from gridsock.bootstrap.transport import Address, dial, listen, tls_client, tls_
 from gridsock.node import Node
 from gridsock.session import Identity, client_context, create_session, new_node_key, server_context
 
+from _machine import cpu_model  # bench/ is sys.path[0] when run as python3 bench/bench_bootstrap.py
+
 # --- constants ---------------------------------------------------------------------------------
 
 RTT_PAYLOAD_BYTES = 64
@@ -1307,12 +1309,7 @@ def progress(text: str) -> None:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
 
     def load() -> str:
         try:

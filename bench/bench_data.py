@@ -87,6 +87,7 @@ from gridsock.bootstrap.control import ControlServer, call, control_path, run_di
 from gridsock.errors import GridsockError
 from gridsock.testing.streams import sample_data
 
+from _machine import cpu_model
 from lab_helpers import JOIN_TIMEOUT_S, LabGrid, proc_cpu_s
 
 log = logging.getLogger("bench_data")
@@ -1023,12 +1024,7 @@ def render_throughput(path: Tuple[str, str, str], res: dict, plan: Plan) -> str:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     here = Path(__file__).resolve().parent
 
     def git(*args: str) -> str:

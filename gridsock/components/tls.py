@@ -425,13 +425,7 @@ class TlsFilter:
                     return b""
             except ssl.SSLError as exc:
                 raise AuthError(f"TLS server{whom} refused us: {_describe(exc)}", peer=peer_name) from exc
-            try:
-                raw = lower.receive_some(RAW_RECEIVE_BYTES)
-            except BrokenStreamError as exc:
-                raise BrokenStreamError(f"TLS{whom}: {exc}") from exc
-            if not raw:
-                raise BrokenStreamError(f"TLS{whom}: the server closed the connection after the handshake")
-            incoming.write(raw)
+            _pull(lower, incoming, f"TLS{whom}", "the server closed the connection after the handshake")
 
     @staticmethod
     def _handshake(lower: Stream, sslobj, incoming, outgoing, whom: str, peer_name) -> None:
@@ -459,11 +453,19 @@ class TlsFilter:
                     f"TLS handshake{whom} failed: {_describe(exc)}", peer=peer_name
                 ) from exc
             flush()
-            try:
-                raw = lower.receive_some(RAW_RECEIVE_BYTES)
-            except BrokenStreamError as exc:
-                raise BrokenStreamError(f"TLS handshake{whom}: {exc}") from exc
-            if not raw:
-                raise BrokenStreamError(f"TLS handshake{whom}: the lower stream ended")
-            incoming.write(raw)
+            _pull(lower, incoming, f"TLS handshake{whom}", "the lower stream ended")
         flush()  # our last flight: the client's Finished, the server's session tickets
+
+
+def _pull(lower: Stream, incoming, what: str, ended: str) -> None:
+    """Move the next bytes from ``lower`` into the incoming BIO (handshake phase).
+
+    Raises BrokenStreamError, prefixed with ``what``, if ``lower`` broke or ended (``ended``).
+    """
+    try:
+        raw = lower.receive_some(RAW_RECEIVE_BYTES)
+    except BrokenStreamError as exc:
+        raise BrokenStreamError(f"{what}: {exc}") from exc
+    if not raw:
+        raise BrokenStreamError(f"{what}: {ended}")
+    incoming.write(raw)
