@@ -60,6 +60,8 @@ __all__ = [
     "TOKEN_BYTES",
     "ASSEMBLY_TIMEOUT_S",
     "MATCH_TIMEOUT_S",
+    "NOMINATE",
+    "STAGGER_S",
     "ASSEMBLE_TOPIC",
 ]
 
@@ -75,6 +77,15 @@ ASSEMBLY_TIMEOUT_S = 15.0
 # A data connection waits this long for its assembly request (they race), and a pending token
 # for its data connection, before it is dropped.
 MATCH_TIMEOUT_S = 5.0
+# The client's first byte on a method's connection once it has chosen it among the candidates
+# it raced (``_race``): the server builds nothing and delivers nothing before it.
+NOMINATE = b"\x01"
+# Happy eyeballs: the next candidate starts this long after the previous one, if no candidate
+# has connected by then (RFC 8305's connection attempt delay), or at once when all have failed.
+STAGGER_S = 0.25
+# The winner for a peer is tried first for this long; then the rules' order is raced again, so
+# a better method that lost a race (or was down) gets another chance.
+WINNER_TTL_S = 300.0
 # Tokens remembered after use, so a replay is refused at once rather than after a wait.
 USED_TOKENS_KEPT = 4096
 # The connection table forgets closed connections when it reaches this many entries (and on
@@ -172,7 +183,7 @@ class Assembler:
         self.connections: Dict[int, ConnectionInfo] = {}
         self._pending: Dict[bytes, _Pending] = {}
         self._arrived: Dict[bytes, gevent.event.Event] = {}
-        self._used: Dict[bytes, float] = {}
+        self._used: Dict[bytes, str] = {}  # token -> "used" or "cancelled", oldest first
         self._reverse: Dict[bytes, gevent.event.AsyncResult] = {}  # our reverse connects, by token
         self._winners: Dict[str, Stack] = {}  # peer id -> the stack that worked last
         self._conn_ids = iter(range(1, 2**62))
@@ -283,8 +294,8 @@ class Assembler:
             log.info("assembly token for port %d from %s expired unused", pending.port, pending.client_id)
             self._remember_used(token)
 
-    def _remember_used(self, token: bytes) -> None:
-        self._used[token] = time.monotonic()
+    def _remember_used(self, token: bytes, why: str = "used") -> None:
+        self._used[token] = why
         while len(self._used) > USED_TOKENS_KEPT:
             self._used.pop(next(iter(self._used)))
 
@@ -302,7 +313,7 @@ class Assembler:
                 waiting.set(sock)
                 return
             if token in self._used:
-                raise RemoteProtocolError("token already used (replay)")
+                raise RemoteProtocolError(f"token already {self._used[token]} (replay or late call back)")
             pending = self._pending.pop(token, None)
             if pending is None:
                 event = self._arrived.setdefault(token, gevent.event.Event())
@@ -325,6 +336,17 @@ class Assembler:
                             pending.stack)
 
     def _finish_server(self, lower: Stream, client: wire.NodeEntry, port: int, stack: Stack) -> None:
+        """Wait for the client's nomination, build our half of the filters, queue the connection."""
+        try:
+            with gevent.Timeout(MATCH_TIMEOUT_S, TimeoutError(f"not nominated within {MATCH_TIMEOUT_S:g} s")):
+                first = lower.receive_some(len(NOMINATE))
+            if first != NOMINATE:
+                raise RemoteProtocolError("closed before nomination" if not first else "bad nomination byte")
+        except (GridsockError, TimeoutError, OSError) as exc:
+            # The usual case: the client raced several candidates and another one won.
+            log.info("node %s: %s connection from %s not taken: %s", self.node.name, stack, client.name, exc)
+            lower.close()
+            return
         listener = self.listeners.get(port)
         try:
             if listener is None:
@@ -344,45 +366,135 @@ class Assembler:
     def open_stream(self, peer: str, port: int, *, stack=None, timeout: float = ASSEMBLY_TIMEOUT_S):
         """Connect to grid port ``port`` of node ``peer``; return ``(stream, info)``.
 
-        With ``stack`` None the rules choose, and if the chosen direct method fails (not a
-        refusal by the server), the connection falls back to the relay, the method that works
-        everywhere; ``ConnectError.tried`` then says what failed and why.
-        Raises ConnectError (with the reason) when the server refuses or every method fails.
+        With ``stack`` None the rules give the candidates (direct, reverse, splice, gateways,
+        relay), raced with staggered starts (see :meth:`_race`); the winner is remembered for
+        the peer. ``info.detail["tried"]`` lists the candidates that failed or lost, and why.
+        Raises ConnectError (``.tried`` says what failed and why) when the server refuses or
+        every candidate fails.
         """
         entry = self.node.directory.resolve(peer)
         me = self.node.entry
         if entry is None or me is None:
             raise ConnectError(f"unknown node {peer!r}" if me else "this node has not joined yet", peer=peer)
         if stack is not None:
-            return self._open(entry, port, Stack.parse(stack) if isinstance(stack, str) else stack, timeout)
+            return self._race(entry, port, [Stack.parse(stack) if isinstance(stack, str) else stack],
+                              timeout, remember=False)
         candidates = self.rules.candidates(me, entry)
-        winner = self._winners.get(entry.node_id)
-        if winner in candidates:  # what worked last time first
+        winner, until = self._winners.get(entry.node_id, (None, 0.0))
+        if winner in candidates and until > time.monotonic():  # what worked last time first
             candidates.remove(winner)
             candidates.insert(0, winner)
-        deadline = time.monotonic() + timeout
-        tried = []
-        for i, stack in enumerate(candidates):
-            last = i == len(candidates) - 1
-            try:
-                stream, info = self._open(entry, port, stack, max(0.1, deadline - time.monotonic()))
-            except _Refused:
-                raise  # the server said no: another method would not change its mind
-            except ConnectError as exc:
-                tried.append((str(stack), str(exc.args[0] if exc.args else exc)))
-                if last or time.monotonic() >= deadline:
-                    raise ConnectError(f"cannot connect to {entry.name}:{port}", peer=entry.name,
-                                       method=stack.method.name, tried=tried) from exc
-                log.info("node %s: %s to %s failed (%s); trying %s", self.node.name, stack, entry.name,
-                         tried[-1][1], candidates[i + 1])
-                continue
-            self._winners[entry.node_id] = stack
-            if tried:
-                info.detail["tried"] = tried
-            return stream, info
-        raise ConnectError(f"no stack to try for {entry.name}", peer=entry.name)  # candidates is never empty
+        return self._race(entry, port, candidates, timeout, remember=True)
 
-    def _open(self, entry: wire.NodeEntry, port: int, stack: Stack, timeout: float):
+    def _race(self, entry: wire.NodeEntry, port: int, candidates, timeout: float, *, remember: bool):
+        """Happy eyeballs over ``candidates``: return ``(stream, info)`` of the first that works.
+
+        The first candidate starts at once; each next one ``STAGGER_S`` after the previous
+        start, or as soon as every running one has failed. The first to be established is
+        nominated (the others are cancelled, their half-made connections closed, and the
+        server builds nothing for them); if its filters fail, the race goes on. A refusal by
+        the server ends it: no other method would change the server's mind.
+        """
+        deadline = time.monotonic() + timeout
+        results: gevent.queue.Queue = gevent.queue.Queue()
+        running: Dict[int, gevent.Greenlet] = {}
+        tried: list = []
+        started = 0
+        next_start = 0.0
+
+        def start() -> None:
+            nonlocal started, next_start
+            i = started
+            greenlet = gevent.spawn(self._establish, entry, port, candidates[i], deadline)
+            greenlet.link(lambda g, i=i: results.put((i, g)))
+            running[i] = greenlet
+            started += 1
+            next_start = time.monotonic() + STAGGER_S
+
+        def fail(last: Optional[Stack], cause: Optional[BaseException] = None):
+            return ConnectError(f"cannot connect to {entry.name}:{port}", peer=entry.name,
+                                method=last.method.name if last else None, tried=tried)
+
+        try:
+            start()
+            while running or started < len(candidates):
+                now = time.monotonic()
+                if now >= deadline:
+                    tried.extend((str(candidates[i]), f"no connection within {timeout:g} s") for i in sorted(running))
+                    raise fail(candidates[max(running)] if running else None)
+                if not running:
+                    start()
+                    continue
+                wait = deadline - now
+                if started < len(candidates):
+                    wait = min(wait, max(0.0, next_start - now))
+                try:
+                    i, greenlet = results.get(timeout=wait)
+                except gevent.queue.Empty:
+                    if started < len(candidates) and time.monotonic() >= next_start:
+                        log.info("node %s: %s to %s not there after %.0f ms; also trying %s", self.node.name,
+                                 candidates[started - 1], entry.name, STAGGER_S * 1000, candidates[started])
+                        start()
+                    continue
+                del running[i]
+                stack = candidates[i]
+                if not greenlet.successful():
+                    exc = greenlet.exception
+                    if isinstance(exc, _Refused):
+                        exc.tried = tried + exc.tried
+                        raise exc
+                    if not isinstance(exc, ConnectError):
+                        raise exc
+                    tried.append((str(stack), _reason(exc)))
+                    log.info("node %s: %s to %s failed: %s", self.node.name, stack, entry.name, tried[-1][1])
+                    if not running and started == len(candidates):
+                        raise fail(stack) from exc
+                    continue
+                try:
+                    stream = self._nominate(greenlet.value, stack, entry, deadline)
+                except ConnectError as exc:  # e.g. tls refused the peer: the others may still do
+                    tried.append((str(stack), _reason(exc)))
+                    if not running and started == len(candidates):
+                        raise fail(stack) from exc
+                    continue
+                for j in sorted(running):
+                    tried.append((str(candidates[j]), f"cancelled: {stack} connected first"))
+                info = self._record(entry, port, stack, initiator=True, stream=stream)
+                if tried:
+                    info.detail["tried"] = tried
+                if remember:
+                    self._winners[entry.node_id] = (stack, time.monotonic() + WINNER_TTL_S)
+                return stream, info
+            raise fail(None)  # candidates is never empty
+        finally:
+            for greenlet in running.values():
+                greenlet.kill(block=True)
+            while not results.empty():  # established meanwhile, never nominated
+                _, greenlet = results.get_nowait()
+                if greenlet.successful():
+                    greenlet.value.close()
+
+    def _nominate(self, lower: Stream, stack: Stack, entry: wire.NodeEntry, deadline: float) -> Stream:
+        """Tell the server this connection is the one (``NOMINATE``), then build the filters."""
+        try:
+            lower.send_all(NOMINATE)
+            with gevent.Timeout(max(0.1, deadline - time.monotonic()),
+                                ConnectError(f"building {stack} to {entry.name} timed out", peer=entry.name,
+                                             method=stack.method.name)):
+                return self._build(stack, lower, entry, initiator=True)
+        except ConnectError:
+            lower.close()
+            raise
+        except (GridsockError, OSError) as exc:
+            lower.close()
+            raise ConnectError(f"connecting to {entry.name} over {stack} failed: {exc}", peer=entry.name,
+                               method=stack.method.name) from exc
+
+    def _establish(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float) -> Stream:
+        """One candidate, up to the method's connection (not yet nominated): return its stream.
+
+        Runs in its own greenlet; killed, it closes whatever it made.
+        """
         me = self.node.entry
         method = stack.method.name
         token = secrets.token_bytes(TOKEN_BYTES)
@@ -390,7 +502,7 @@ class Assembler:
         lower: Optional[Stream] = None
         dialer = None
         splice_sock = None
-        deadline = time.monotonic() + timeout
+        timeout = max(0.1, deadline - time.monotonic())
         try:
             if method == "relay":
                 conn = self.node.relay.new_conn_id()
@@ -429,7 +541,7 @@ class Assembler:
                 # connect back); another method may work. Anything else is the server's will.
                 cls = ConnectError if answer.get("code") == "unreachable" else _Refused
                 raise cls(f"{entry.name} refused {stack}", peer=entry.name, method=method,
-                               tried=[(str(stack), str(answer.get("reason")))])
+                          tried=[(str(stack), str(answer.get("reason")))])
             if dialer is not None:
                 sock = dialer.get(timeout=max(0.1, deadline - time.monotonic()))
                 lower = SocketStream(sock, info={"method": method})
@@ -446,11 +558,10 @@ class Assembler:
                 # The server answered once its connection back was made: it is here or arriving.
                 sock = called_back.get(timeout=max(0.1, deadline - time.monotonic()))
                 lower = SocketStream(sock, info={"method": method})
-            with gevent.Timeout(max(0.1, deadline - time.monotonic()),
-                                ConnectError(f"building {stack} to {entry.name} timed out", peer=entry.name)):
-                stream = self._build(stack, lower, entry, initiator=True)
+            return lower
         except BaseException as exc:
-            self._reverse.pop(token, None)
+            if self._reverse.pop(token, None) is not None:
+                self._remember_used(token, "cancelled")  # a late call back is refused at once
             if splice_sock is not None:
                 splice_sock.close()
             if lower is not None:
@@ -465,8 +576,6 @@ class Assembler:
                 raise
             raise ConnectError(f"connecting to {entry.name} over {stack} failed: {exc}", peer=entry.name,
                                method=method) from exc
-        info = self._record(entry, port, stack, initiator=True, stream=stream)
-        return stream, info
 
     def connect(self, peer: str, port: int, *, stack=None, timeout: float = ASSEMBLY_TIMEOUT_S):
         """Connect and return ``(socket.socket, ConnectionInfo)``: a real OS socket."""
@@ -524,6 +633,13 @@ def _finished(info: ConnectionInfo) -> bool:
         return sock is None or sock.fileno() == -1
     stream = info.detail.get("stream")
     return stream is None or bool(getattr(stream, "closed", getattr(stream, "_closed", False)))
+
+
+def _reason(exc: ConnectError) -> str:
+    """Why a candidate failed, in one line: the server's reason if it gave one."""
+    if exc.tried and len(exc.tried) == 1:
+        return exc.tried[0][1]
+    return str(exc)
 
 
 def _refuse(code: str, reason: str) -> bytes:

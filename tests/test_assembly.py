@@ -11,6 +11,7 @@ import json
 import socket
 
 import gevent
+import gevent.event
 import pytest
 
 from gridsock import assembly
@@ -19,6 +20,7 @@ from gridsock.bootstrap.rendezvous import RendezvousNode
 from gridsock.errors import ConnectError
 from gridsock.node import Delivery, Node
 from gridsock.rules import Rule, Rules
+from gridsock.stack import Stack
 from gridsock.session import create_session
 from gridsock.testing.streams import check_stream
 
@@ -270,7 +272,7 @@ def test_a_stalled_relay_holds_one_window_and_starves_nothing(grid):
         while received < 8 * RELAY_WINDOW_BYTES:
             received += len(server.receive_some())
         sender.get(timeout=JOIN_TIMEOUT_S)
-        assert client.bytes_sent == 8 * RELAY_WINDOW_BYTES
+        assert client.bytes_sent == len(assembly.NOMINATE) + 8 * RELAY_WINDOW_BYTES  # the nomination, then ours
     finally:
         sender.kill()
         client.close()
@@ -359,3 +361,151 @@ def test_a_relayed_connection_ends_when_its_peer_leaves_the_grid(grid):
     with pytest.raises(BrokenStreamError):  # ...and the writer a broken stream
         client.send_all(b"after")
     client.close()
+
+
+# --- racing candidates (happy eyeballs) -------------------------------------------------------
+
+
+class StallMethod:
+    """A direct method whose dial never finishes (a SYN into a black hole); counts cancellations."""
+
+    name = "stall"
+    kind = "method"
+    PARAMS: dict = {}
+    cancelled = 0
+
+    def __init__(self, **params):
+        pass
+
+    def dial(self, address, *, node, timeout):
+        try:
+            gevent.sleep(timeout + 60)
+        except gevent.GreenletExit:
+            StallMethod.cancelled += 1
+            raise
+        raise AssertionError("a stalled dial outlived its connect")
+
+
+class FlopMethod:
+    """A direct method that fails at once, with a reason."""
+
+    name = "flop"
+    kind = "method"
+    PARAMS: dict = {}
+
+    def __init__(self, **params):
+        pass
+
+    def dial(self, address, *, node, timeout):
+        raise ConnectError("flop: network unreachable", method="flop")
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedRules(Rules):
+    """Rules whose candidates are a fixed list (the default policy)."""
+
+    order: tuple = ()
+
+    def candidates(self, src, dst):
+        return [Stack.parse(text) for text in self.order]
+
+
+@pytest.fixture
+def racing(grid, monkeypatch):
+    """m1's assembler with test methods registered and rules set by ``racing(order)``."""
+    from gridsock.registry import default_registry
+
+    default_registry.register("stall", StallMethod)
+    default_registry.register("flop", FlopMethod)
+    m1 = grid["m1"]
+
+    def use(*order, stagger_s):
+        monkeypatch.setattr(assembly, "STAGGER_S", stagger_s)
+        m1.assembler.rules = FixedRules(order=order)
+        m1.assembler._winners.clear()
+        return m1
+
+    yield use
+    m1.assembler.rules = m1.rules
+    m1.assembler._winners.clear()
+    default_registry.unregister("stall")
+    default_registry.unregister("flop")
+
+
+def test_a_stalled_candidate_is_raced_after_the_stagger_and_cancelled(grid, racing):
+    m1 = racing("stall", "tcp", stagger_s=0.05)
+    before = StallMethod.cancelled
+    client, info = m1.open_stream("L1", PORT)
+    server, server_info = grid.listeners["L1"].accept_stream(timeout=JOIN_TIMEOUT_S)
+    assert info.stack == server_info.stack == "tcp"
+    assert info.detail["tried"] == [("stall", "cancelled: tcp connected first")]
+    assert StallMethod.cancelled == before + 1  # its dial did not linger
+    client.send_all(b"raced")
+    assert server.receive_some(100) == b"raced"
+    client.close()
+    server.close()
+
+
+def test_a_failed_candidate_starts_the_next_at_once_and_the_winner_is_kept(grid, racing):
+    # With a stagger longer than the connect's whole budget, only the failure can start tcp.
+    m1 = racing("flop", "tcp", stagger_s=3600.0)
+    client, info = m1.open_stream("L1", PORT)
+    server, _ = grid.listeners["L1"].accept_stream(timeout=JOIN_TIMEOUT_S)
+    assert info.stack == "tcp"
+    [(stack, why)] = info.detail["tried"]
+    assert stack == "flop" and "flop: network unreachable" in why
+    client.close()
+    server.close()
+    client, info = m1.open_stream("L1", PORT)  # the winner goes first now: flop is not tried
+    server, _ = grid.listeners["L1"].accept_stream(timeout=JOIN_TIMEOUT_S)
+    assert info.stack == "tcp" and "tried" not in info.detail
+    client.close()
+    server.close()
+
+
+def test_every_candidate_failing_says_why_each_failed(grid, racing):
+    m1 = racing("flop", "flop", stagger_s=3600.0)
+    with pytest.raises(ConnectError) as failure:
+        m1.open_stream("L1", PORT)
+    assert [stack for stack, _ in failure.value.tried] == ["flop", "flop"]
+    assert all("network unreachable" in why for _, why in failure.value.tried)
+
+
+def test_a_refusal_ends_the_race(grid, racing):
+    m1 = racing("relay", "tcp", stagger_s=3600.0)
+    with pytest.raises(ConnectError) as failure:
+        m1.open_stream("L1", PORT + 1)  # nothing listens there: no other method would help
+    assert [stack for stack, _ in failure.value.tried] == ["relay"]
+    assert "nothing listens" in failure.value.tried[0][1]
+
+
+@pytest.mark.parametrize("stack", ["tcp", "relay", "tls/tcp"])
+def test_a_candidate_established_but_not_nominated_is_never_delivered(grid, stack):
+    import logging
+
+    m1, l1 = grid["m1"], grid["L1"]
+    taken_not = gevent.event.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record):
+            if record.name == "gridsock.assembly" and "not taken" in record.getMessage():
+                taken_not.set()
+
+    logger = logging.getLogger("gridsock.assembly")
+    handler, level = Watch(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        parsed = Stack.parse(stack)
+        lower = m1.assembler._establish(l1.entry, PORT, parsed, deadline=assembly.time.monotonic() + 15)
+        lower.close()  # it lost the race
+        assert taken_not.wait(timeout=JOIN_TIMEOUT_S)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert grid.listeners["L1"]._queue.empty()
+    # The server is unharmed: the next connection is delivered.
+    client, _ = m1.open_stream("L1", PORT, stack=stack)
+    server, _ = grid.listeners["L1"].accept_stream(timeout=JOIN_TIMEOUT_S)
+    client.close()
+    server.close()
