@@ -9,10 +9,17 @@ decides from the directory's facts:
 
 - ``cluster`` (the default): plain ``tcp`` inside a cluster; outside it ``tls/tcp`` to a node that
   accepts inbound connections, ``tls/reverse`` (it connects back) when this node accepts them,
-  and ``tls/relay`` (through the bootstrap routes), which works everywhere. The candidates are
-  tried in that order; the first that works is kept for the peer (:meth:`Rules.candidates`).
+  ``tls/splice`` (simultaneous open) when the peer does not, then the *via* stacks that match
+  (through a gateway: ``tls/socks(proxy=...)``, ``tls/ssh(gateway=...)``), and ``tls/relay``
+  (through the bootstrap routes), which works everywhere. The assembler races the candidates in
+  that order with staggered starts and keeps the winner for the peer (:meth:`Rules.candidates`,
+  :meth:`gridsock.assembly.Assembler._race`).
 - ``direct``: direct TCP between all nodes (``tcp`` inside a cluster, ``tls/tcp`` outside).
 - ``relay``: the bootstrap channel carries everything (``tls/relay``); works everywhere.
+
+A ``[[via]]`` entry names a gateway path for the pairs it matches (``from``, ``to``): for
+example the SOCKS proxy or sshd of a private cluster's front-end, for connections into (or out
+of) that cluster. Unlike a rule it adds a candidate rather than replacing them.
 
 Patterns: ``*`` (anything), ``cluster:NAME``, ``name:GLOB`` and ``addr:GLOB`` (matched against the
 hosts of the node's advertised and observed addresses), ``!PATTERN`` negates.
@@ -33,6 +40,10 @@ A rules file is TOML::
     from = "cluster:A"
     to = "name:b*"
     stack = "tls/lz4/relay"
+    [[via]]
+    from = "!cluster:C"
+    to = "cluster:C"
+    stack = "tls/socks(proxy=203.0.113.4:1080)"
 """
 from __future__ import annotations
 
@@ -96,12 +107,28 @@ class Rule:
         return _match(self.src, src) and _match(self.dst, dst)
 
 
+def _rule_list(data: dict, key: str) -> List[Rule]:
+    raw = data.get(key, [])
+    if not isinstance(raw, list) or len(raw) > MAX_RULES:
+        raise ConfigError(f"[[{key}]] must be a list of at most {MAX_RULES} tables")
+    out = []
+    for i, r in enumerate(raw):
+        if not isinstance(r, dict) or set(r) - {"from", "to", "stack"} or "stack" not in r:
+            raise ConfigError(f"{key} {i + 1}: needs 'stack', optional 'from' and 'to', nothing else")
+        try:
+            out.append(Rule(str(r.get("from", "*")), str(r.get("to", "*")), str(r["stack"])))
+        except ConfigError as exc:
+            raise ConfigError(f"{key} {i + 1}: {exc}") from None
+    return out
+
+
 @dataclass(frozen=True)
 class Rules:
     """A scheme, exception rules and the server policy; see the module docstring."""
 
     scheme: str = "cluster"
     rules: Tuple[Rule, ...] = ()
+    vias: Tuple[Rule, ...] = ()
     inside_cluster: Tuple[str, ...] = ()
     outside_cluster: Tuple[str, ...] = ("tls",)
     tls: bool = True  # False in a plain-TCP session: no certificates, no tls filter
@@ -115,20 +142,10 @@ class Rules:
         """Build rules from parsed TOML (see the module docstring); ConfigError if bad."""
         if not isinstance(data, dict):
             raise ConfigError("rules must be a table")
-        unknown = set(data) - {"scheme", "policy", "rule"}
+        unknown = set(data) - {"scheme", "policy", "rule", "via"}
         if unknown:
             raise ConfigError(f"unknown rules keys: {', '.join(sorted(unknown))}")
-        raw_rules = data.get("rule", [])
-        if not isinstance(raw_rules, list) or len(raw_rules) > MAX_RULES:
-            raise ConfigError(f"[[rule]] must be a list of at most {MAX_RULES} tables")
-        rules = []
-        for i, r in enumerate(raw_rules):
-            if not isinstance(r, dict) or set(r) - {"from", "to", "stack"} or "stack" not in r:
-                raise ConfigError(f"rule {i + 1}: needs 'stack', optional 'from' and 'to', nothing else")
-            try:
-                rules.append(Rule(str(r.get("from", "*")), str(r.get("to", "*")), str(r["stack"])))
-            except ConfigError as exc:
-                raise ConfigError(f"rule {i + 1}: {exc}") from None
+        rules, vias = _rule_list(data, "rule"), _rule_list(data, "via")
         policy = data.get("policy", {})
         if not isinstance(policy, dict) or set(policy) - {"inside_cluster", "outside_cluster"}:
             raise ConfigError("[policy] takes inside_cluster and outside_cluster (lists of filter names)")
@@ -139,7 +156,7 @@ class Rules:
                 raise ConfigError(f"policy.{key} must be a list of filter names")
             return tuple(value)
 
-        return cls(scheme=str(data.get("scheme", "cluster")), rules=tuple(rules),
+        return cls(scheme=str(data.get("scheme", "cluster")), rules=tuple(rules), vias=tuple(vias),
                    inside_cluster=names("inside_cluster", []), outside_cluster=names("outside_cluster", ["tls"]),
                    tls=tls)
 
@@ -169,7 +186,8 @@ class Rules:
         A matching rule names exactly one stack (no fallback: the user said so). Otherwise the
         scheme orders what the directory says can work: a direct connection where ``dst`` is on
         the same network or accepts inbound connections, ``reverse`` where ``src`` accepts them,
-        and the relay, which works everywhere, last.
+        ``splice`` where ``dst`` does not, the matching *via* stacks (gateways), and the relay,
+        which works everywhere, last.
         """
         for rule in self.rules:
             if rule.matches(src, dst):
@@ -187,7 +205,8 @@ class Rules:
             texts.append(secure + "reverse")
         if not dst.inbound:
             texts.append(secure + "splice")
-        return [Stack.parse(t) for t in texts] + [relay]
+        texts += [via.stack for via in self.vias if via.matches(src, dst)]
+        return [Stack.parse(t) for t in dict.fromkeys(texts)] + [relay]
 
     def required(self, server: wire.NodeEntry, client: wire.NodeEntry) -> Tuple[str, ...]:
         """The filters ``server`` requires on a connection from ``client``."""

@@ -72,7 +72,22 @@ def test_policy_requires_tls_from_outside_the_cluster_only():
     assert "no certificates" in plain.refusal(A1, B1, Stack.parse("tls/relay"))
 
 
+def test_via_entries_add_gateway_candidates_before_the_relay():
+    c1 = entry("c1", "C", addrs=("10.3.0.11:7701",))
+    socks = "tls/socks(proxy=203.0.113.4:1080)"
+    rules = Rules.from_dict({"via": [{"from": "!cluster:C", "to": "cluster:C", "stack": socks},
+                                     {"from": "cluster:C", "to": "!cluster:C", "stack": "tls/ssh(gateway=10.3.0.1:22)"}]})
+    assert names(rules.candidates(A1, c1)) == ["tls/splice", socks, "tls/relay"]
+    assert names(rules.candidates(PUB, c1)) == ["tls/reverse", "tls/splice", socks, "tls/relay"]
+    assert names(rules.candidates(c1, PUB)) == ["tls/tcp", "tls/ssh(gateway=10.3.0.1:22)", "tls/relay"]
+    c2 = entry("c2", "C")
+    assert names(rules.candidates(c1, c2)) == ["tcp", "tls/relay"]  # inside the cluster: no gateway
+    assert names(Rules(scheme="relay", vias=rules.vias).candidates(A1, c1)) == ["tls/relay"]
+
+
 @pytest.mark.parametrize("data,why", [
+    ({"via": [{"to": "cluster:C"}]}, "via 1: needs 'stack'"),
+    ({"via": [{"stack": "tls/socks(port=1)"}]}, "via 1"),
     ({"scheme": "fastest"}, "unknown scheme"),
     ({"rule": [{"from": "*"}]}, "needs 'stack'"),
     ({"rule": [{"stack": "tls/nope"}]}, "unknown component"),
