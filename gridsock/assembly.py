@@ -47,7 +47,7 @@ from . import wire
 from .bootstrap.transport import parse_address
 from .registry import default_registry
 from .errors import ConfigError, ConnectError, GridsockError, RemoteProtocolError, RoutingError
-from .rules import Rules
+from .rules import Rules, same_cluster
 from .stack import Stack, StackContext
 from .components.splice import bind_splice_socket, public_host, routable, splice_connect
 from .streams import SocketStream, Stream
@@ -80,6 +80,9 @@ MATCH_TIMEOUT_S = 5.0
 # The client's first byte on a method's connection once it has chosen it among the candidates
 # it raced (``_race``): the server builds nothing and delivers nothing before it.
 NOMINATE = b"\x01"
+# One dial of one address by a direct method (tcp, socks, ssh): a firewall that drops SYNs
+# silently costs this long, not the whole connect's budget.
+DIAL_TIMEOUT_S = 5.0
 # Happy eyeballs: the next candidate starts this long after the previous one, if no candidate
 # has connected by then (RFC 8305's connection attempt delay), or at once when all have failed.
 STAGGER_S = 0.25
@@ -543,7 +546,14 @@ class Assembler:
                 raise cls(f"{entry.name} refused {stack}", peer=entry.name, method=method,
                           tried=[(str(stack), str(answer.get("reason")))])
             if dialer is not None:
-                sock = dialer.get(timeout=max(0.1, deadline - time.monotonic()))
+                try:
+                    sock = dialer.get(timeout=max(0.1, deadline - time.monotonic()))
+                except ConnectError as exc:
+                    if method != "tcp" or entry.inbound or same_cluster(me, entry):
+                        raise
+                    raise ConnectError(f"{exc.args[0]} ({entry.name} accepts no connection from outside its "
+                                       "cluster: the rendez-vous node's dial-back failed too)", peer=entry.name,
+                                       method=method) from exc
                 lower = SocketStream(sock, info={"method": method})
             elif method == "splice":
                 try:
@@ -671,7 +681,7 @@ def _dial_with_token(component, node, addrs, token: bytes, timeout: float):
     method = component.name
     for text in addrs:
         try:
-            sock = component.dial(parse_address(text), node=node, timeout=min(timeout, 10.0))
+            sock = component.dial(parse_address(text), node=node, timeout=min(timeout, DIAL_TIMEOUT_S))
         except (ConnectError, ConfigError) as exc:
             reasons.append(f"{text}: {exc}")
             continue

@@ -101,4 +101,5 @@ def transfer(node, peer: str, port: int, nbytes: int, *, stack=None, timeout: fl
         "connect_ms": round((connected - started) * 1000, 3),
         "seconds": round(seconds, 3),
         "mb_per_s": round(nbytes / seconds / 1e6, 2) if seconds > 0 else None,
+        "tried": [list(pair) for pair in info.detail.get("tried", [])],
     }

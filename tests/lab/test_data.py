@@ -22,19 +22,36 @@ from .gridsession import ECHO_PORT, NODES, make_grid
 # 64 MiB each way, as the issue asks; GRIDSOCK_LAB_TRANSFER_MB makes a quick local run cheaper.
 TRANSFER_BYTES = int(float(os.environ.get("GRIDSOCK_LAB_TRANSFER_MB", "64")) * (1 << 20))
 TRANSFER_TIMEOUT_S = 300.0
+# Cluster C's front-end fec (203.0.113.4 outside, 10.3.0.1 inside) runs a SOCKS5 proxy: every
+# node may use it into C from outside, and out of C.
+SOCKS_IN = "tls/socks(proxy=203.0.113.4:1080)"
+SOCKS_OUT = "tls/socks(proxy=10.3.0.1:1080)"
+VIA_RULES = f"""
+[[via]]
+from = "!cluster:C"
+to = "cluster:C"
+stack = "{SOCKS_IN}"
+[[via]]
+from = "cluster:C"
+to = "!cluster:C"
+stack = "{SOCKS_OUT}"
+"""
 RV_RULES = """
 [policy]
 outside_cluster = []
-"""
+""" + VIA_RULES
 
 
 @pytest.fixture(scope="module")
 def grid(lab, tmp_path_factory):
-    yield from make_grid(lab, tmp_path_factory, rules={"rv": RV_RULES})
+    rules = {name: VIA_RULES for name in NODES}
+    rules["rv"] = RV_RULES
+    yield from make_grid(lab, tmp_path_factory, rules=rules)
 
 
-def run_transfer(grid, src: str, dst: str, stack: str | None, nbytes: int = TRANSFER_BYTES) -> dict:
-    args = {"dst": dst, "port": ECHO_PORT, "bytes": nbytes, "stack": stack, "timeout": 30}
+def run_transfer(grid, src: str, dst: str, stack: str | None, nbytes: int = TRANSFER_BYTES, *,
+                 timeout: float = 30) -> dict:
+    args = {"dst": dst, "port": ECHO_PORT, "bytes": nbytes, "stack": stack, "timeout": timeout}
     return call(grid.control(src), "transfer", args, timeout=TRANSFER_TIMEOUT_S)
 
 
@@ -100,16 +117,58 @@ def test_socks_and_ssh_through_the_front_end(grid, src, dst, stack):
     check(run_transfer(grid, src, dst, stack, 16 << 20), stack, 16 << 20)
 
 
-def test_the_rules_pick_what_the_topology_allows(grid):
-    assert run_transfer(grid, "a1", "a2", None, 1 << 20)["stack"] == "tcp"
-    assert run_transfer(grid, "a2", "b2", None, 1 << 20)["stack"] == "tls/splice"  # NAT to firewall
-    assert run_transfer(grid, "b2", "rv", None, 1 << 20)["stack"] == "tls/tcp"  # rv accepts inbound
-    # rv accepts inbound, but C has no route out: tls/tcp fails at once and the relay takes over.
-    assert run_transfer(grid, "c2", "rv", None, 1 << 20)["stack"] == "tls/relay"
-    # a1 is behind NAT but can connect out, and rv accepts: rv's connection is made backwards.
-    assert run_transfer(grid, "rv", "a1", None, 1 << 20)["stack"] == "tls/reverse"
-    # c1 has no route out: reverse fails (c1 says why) and the relay takes over.
-    assert run_transfer(grid, "rv", "c1", None, 1 << 20)["stack"] == "tls/relay"
+# What the topology calls for, for every ordered pair (auto selection: no stack named).
+def expected_stack(src: str, dst: str) -> str:
+    cluster = {name: (None if name == "rv" else name[0]) for name in NODES}
+    if cluster[src] is not None and cluster[src] == cluster[dst]:
+        return "tcp"  # one cluster network
+    if dst == "rv":  # public: direct, but C has no route out and goes through its front-end
+        return SOCKS_OUT if cluster[src] == "c" else "tls/tcp"
+    if src == "rv":  # the NAT'd or firewalled node connects back; C's is reached through fec
+        return SOCKS_IN if cluster[dst] == "c" else "tls/reverse"
+    if cluster[dst] == "c":
+        return SOCKS_IN  # splice cannot cross fec (no forwarding), its SOCKS proxy can
+    if cluster[src] == "c":
+        return "tls/relay"  # fec cannot reach into A or B, and A and B cannot accept: only the relay
+    return "tls/splice"  # NAT and firewall on both sides
+
+
+AUTO_PAIRS = list(itertools.permutations(NODES, 2))
+
+
+@pytest.mark.parametrize("src,dst", AUTO_PAIRS)
+def test_auto_selection_picks_what_the_topology_calls_for(grid, src, dst):
+    result = run_transfer(grid, src, dst, None)  # the pair's first auto connect: nothing cached
+    check(result, expected_stack(src, dst))
+    tried = dict(result["tried"])
+    assert all(tried.values()), "every loser says why"
+    if src[0] == "c" and dst[0] in "ab":  # what failed before the relay, and why
+        assert set(tried) == {"tls/splice", SOCKS_OUT}
+        assert "no route" in tried["tls/splice"]
+    if src == "rv" and dst[0] == "c":
+        assert "cannot connect back" in tried["tls/reverse"]
+
+
+# Each method named explicitly where the network cannot carry it: a clear reason, not a timeout.
+FORCED_FAILURES = [
+    ("c1", "rv", "tls/tcp", "Network is unreachable"),  # C has no route out
+    ("a1", "c1", "tls/tcp", "Network is unreachable"),  # C's addresses are private
+    ("a1", "b1", "tls/tcp", "accepts no connection from outside"),  # fwb drops the SYN: 5 s
+    ("rv", "c1", "tls/reverse", "cannot connect back"),
+    ("c1", "a1", "tls/splice", "no route for a splice"),
+    ("a1", "c1", "tls/splice", "c1 has no route to a1's endpoint"),
+    ("c1", "a1", SOCKS_OUT, "not allowed by ruleset"),  # fec's dante: A is not its business
+    ("a1", "c1", SOCKS_OUT, "Network is unreachable"),  # fec's inside address, from outside
+    ("c1", "a1", "tls/ssh(gateway=root@10.3.0.1:22)", "gateway refused the channel"),
+    ("rv", "a1", "tls/ssh(gateway=root@203.0.113.4:22)", "gateway refused the channel"),
+]
+
+
+@pytest.mark.parametrize("src,dst,stack,why", FORCED_FAILURES)
+def test_a_forced_method_that_cannot_work_fails_with_the_reason(grid, src, dst, stack, why):
+    with pytest.raises(Exception) as excinfo:  # (within the 10 s budget: not "no connection within")
+        run_transfer(grid, src, dst, stack, 1 << 10, timeout=10)
+    assert why in str(excinfo.value)
 
 
 def test_policy_refuses_plain_tcp_from_outside_the_cluster(grid):
