@@ -174,6 +174,7 @@ class _Pending:
     port: int
     stack: Stack
     expires: float
+    socks: Optional[list] = None  # parallel(streams=N): the sub-connections, by index, as they come
 
 
 class Assembler:
@@ -236,6 +237,9 @@ class Assembler:
         method = stack.method.name
         if method not in ("relay", "reverse", "splice") and not _is_direct(method):
             return _refuse("bad-stack", f"method {method} is not available on {self.node.name}")
+        why = _parallel_misplaced(stack)
+        if why:
+            return _refuse("bad-stack", why)
         if method == "splice":
             try:
                 endpoint = parse_address(str(req.get("endpoint")))
@@ -266,7 +270,9 @@ class Assembler:
             self._remember_used(token)
             gevent.spawn(self._finish_server, lower, client, port, stack)
         else:  # tcp, or tcp through an intermediary (socks, ssh): the token arrives on the node port
-            self._pending[token] = _Pending(client.node_id, port, stack, time.monotonic() + MATCH_TIMEOUT_S)
+            streams = _parallel_streams(stack)
+            self._pending[token] = _Pending(client.node_id, port, stack, time.monotonic() + MATCH_TIMEOUT_S,
+                                            [None] * streams if streams else None)
             event = self._arrived.pop(token, None)
             if event is not None:
                 event.set()
@@ -296,6 +302,9 @@ class Assembler:
         if pending is not None:
             log.info("assembly token for port %d from %s expired unused", pending.port, pending.client_id)
             self._remember_used(token)
+            for sock in pending.socks or ():
+                if sock is not None:
+                    sock.close()
 
     def _remember_used(self, token: bytes, why: str = "used") -> None:
         self._used[token] = why
@@ -317,32 +326,47 @@ class Assembler:
                 return
             if token in self._used:
                 raise RemoteProtocolError(f"token already {self._used[token]} (replay or late call back)")
-            pending = self._pending.pop(token, None)
+            pending = self._pending.get(token)
             if pending is None:
                 event = self._arrived.setdefault(token, gevent.event.Event())
                 event.wait(MATCH_TIMEOUT_S)
                 self._arrived.pop(token, None)
-                pending = self._pending.pop(token, None)
+                pending = self._pending.get(token)
             if pending is None:
                 raise RemoteProtocolError("unknown token")
+            if pending.socks is not None:  # one of N sub-connections: its index follows the token
+                with gevent.Timeout(MATCH_TIMEOUT_S, TimeoutError("no sub-connection index")):
+                    index = _recv_exactly(sock, 1)[0]
+                if self._pending.get(token) is not pending:
+                    raise RemoteProtocolError("token expired while its sub-connections gathered")
+                if index >= len(pending.socks) or pending.socks[index] is not None:
+                    raise RemoteProtocolError(f"bad or repeated sub-connection index {index}")
+                pending.socks[index] = sock
+                if any(s is None for s in pending.socks):
+                    return  # the last one to arrive carries on
+            del self._pending[token]
             self._remember_used(token)
         except (RemoteProtocolError, TimeoutError, OSError) as exc:
             log.warning("node %s refused data connection from %s: %s", self.node.name, label, exc)
             sock.close()
             return
+        if pending.socks is not None:
+            lower = _Lowers(SocketStream(s, info={"method": pending.stack.method.name, "peer": label})
+                            for s in pending.socks)
+        else:
+            lower = SocketStream(sock, info={"method": pending.stack.method.name, "peer": label})
         client = self.node.directory.get(pending.client_id)
         if client is None:
             log.warning("data connection from %s: client %s left meanwhile", label, pending.client_id)
-            sock.close()
+            lower.close()
             return
-        self._finish_server(SocketStream(sock, info={"method": "tcp", "peer": label}), client, pending.port,
-                            pending.stack)
+        self._finish_server(lower, client, pending.port, pending.stack)
 
     def _finish_server(self, lower: Stream, client: wire.NodeEntry, port: int, stack: Stack) -> None:
         """Wait for the client's nomination, build our half of the filters, queue the connection."""
         try:
             with gevent.Timeout(MATCH_TIMEOUT_S, TimeoutError(f"not nominated within {MATCH_TIMEOUT_S:g} s")):
-                first = lower.receive_some(len(NOMINATE))
+                first = _first(lower).receive_some(len(NOMINATE))
             if first != NOMINATE:
                 raise RemoteProtocolError("closed before nomination" if not first else "bad nomination byte")
         except (GridsockError, TimeoutError, OSError) as exc:
@@ -480,7 +504,7 @@ class Assembler:
     def _nominate(self, lower: Stream, stack: Stack, entry: wire.NodeEntry, deadline: float) -> Stream:
         """Tell the server this connection is the one (``NOMINATE``), then build the filters."""
         try:
-            lower.send_all(NOMINATE)
+            _first(lower).send_all(NOMINATE)
             with gevent.Timeout(max(0.1, deadline - time.monotonic()),
                                 ConnectError(f"building {stack} to {entry.name} timed out", peer=entry.name,
                                              method=stack.method.name)):
@@ -528,8 +552,15 @@ class Assembler:
                 if not entry.addrs:
                     raise ConnectError(f"{entry.name} advertises no address for a {method} connection",
                                        peer=entry.name, method=method)
+                why = _parallel_misplaced(stack)
+                if why:
+                    raise ConfigError(why)
                 component = default_registry.create(stack.method)
-                dialer = gevent.spawn(_dial_with_token, component, self.node, entry.addrs, token, timeout)
+                streams = _parallel_streams(stack)
+                if streams:
+                    dialer = gevent.spawn(_dial_many, component, self.node, entry.addrs, token, timeout, streams)
+                else:
+                    dialer = gevent.spawn(_dial_with_token, component, self.node, entry.addrs, token, timeout)
             else:
                 raise ConnectError(f"method {method} is not available", peer=entry.name, method=method)
             try:
@@ -554,7 +585,7 @@ class Assembler:
                     raise ConnectError(f"{exc.args[0]} ({entry.name} accepts no connection from outside its "
                                        "cluster: the rendez-vous node's dial-back failed too)", peer=entry.name,
                                        method=method) from exc
-                lower = SocketStream(sock, info={"method": method})
+                lower = sock if isinstance(sock, _Lowers) else SocketStream(sock, info={"method": method})
             elif method == "splice":
                 try:
                     remote = parse_address(str(answer.get("endpoint")))
@@ -594,12 +625,24 @@ class Assembler:
 
     # --- both --------------------------------------------------------------------------------
 
-    def _build(self, stack: Stack, lower: Stream, peer: wire.NodeEntry, *, initiator: bool) -> Stream:
+    def _build(self, stack: Stack, lower, peer: wire.NodeEntry, *, initiator: bool) -> Stream:
+        """Wrap the method's stream (or a parallel stack's sub-connections) in the filters."""
         from .registry import build_filters
 
         node = self.node
         context = StackContext(session=node.session, identity=node.identity, local_id=node.node_id,
                                peer_id=peer.node_id, peer_name=peer.name, initiator=initiator)
+        if isinstance(lower, _Lowers):  # parallel(...) sits right on the method: it joins them first
+            striping = stack.filters[-1]
+            try:
+                lower = default_registry.create(striping).wrap_many(list(lower), context=context)
+            except BaseException:
+                lower.close()
+                raise
+            stack = Stack(stack.filters[:-1] + (stack.method,))
+            stream = build_filters(stack, lower, context)
+            stream.info["stack"] = str(Stack(stack.filters + (striping, stack.method)))
+            return stream
         return build_filters(stack, lower, context)
 
     def _record(self, peer: wire.NodeEntry, port: int, stack: Stack, *, initiator: bool, stream: Stream):
@@ -645,6 +688,51 @@ def _finished(info: ConnectionInfo) -> bool:
     return stream is None or bool(getattr(stream, "closed", getattr(stream, "_closed", False)))
 
 
+class _Lowers(list):
+    """The sub-connections of a ``parallel`` stack, in index order: closed together."""
+
+    def close(self) -> None:
+        for stream in self:
+            stream.close()
+
+
+def _first(lower):
+    """The stream that carries the nomination: the method's, or sub-connection 0."""
+    return lower[0] if isinstance(lower, _Lowers) else lower
+
+
+def _parallel_streams(stack: Stack) -> int:
+    """N for a ``parallel(streams=N)/...`` stack, else 0."""
+    if not stack.has("parallel"):
+        return 0
+    return default_registry.create(stack.filters[-1]).streams
+
+
+def _parallel_misplaced(stack: Stack) -> Optional[str]:
+    if not stack.has("parallel"):
+        return None
+    if stack.filters[-1].name != "parallel" or sum(layer.name == "parallel" for layer in stack.filters) > 1:
+        return f"in {stack}: parallel must be the lowest filter, once, right above the method"
+    if not _is_direct(stack.method.name):
+        return f"in {stack}: parallel needs a method that dials (tcp, socks, ssh), not {stack.method.name}"
+    return None
+
+
+def _dial_many(component, node, addrs, token: bytes, timeout: float, streams: int) -> _Lowers:
+    """The ``streams`` sub-connections of a parallel stack, dialed at once: token, then index."""
+    dials = [gevent.spawn(_dial_with_token, component, node, addrs, token, timeout, bytes([i]))
+             for i in range(streams)]
+    try:
+        gevent.joinall(dials, raise_error=True)
+    except BaseException:
+        gevent.killall(dials)
+        for dial in dials:
+            if dial.successful() and dial.value is not None:
+                dial.value.close()
+        raise
+    return _Lowers(SocketStream(d.value, info={"method": component.name, "sub": i}) for i, d in enumerate(dials))
+
+
 def _reason(exc: ConnectError) -> str:
     """Why a candidate failed, in one line: the server's reason if it gave one."""
     if exc.tried and len(exc.tried) == 1:
@@ -674,9 +762,9 @@ def _is_direct(method: str) -> bool:
         return False
 
 
-def _dial_with_token(component, node, addrs, token: bytes, timeout: float):
+def _dial_with_token(component, node, addrs, token: bytes, timeout: float, suffix: bytes = b""):
     """Dial the first of ``addrs`` that answers (with the method ``component``) and send the
-    preamble; return the socket."""
+    preamble (and ``suffix``: a parallel stack's sub-connection index); return the socket."""
     reasons = []
     method = component.name
     for text in addrs:
@@ -686,7 +774,7 @@ def _dial_with_token(component, node, addrs, token: bytes, timeout: float):
             reasons.append(f"{text}: {exc}")
             continue
         try:
-            sock.sendall(DATA_PREAMBLE + token)
+            sock.sendall(DATA_PREAMBLE + token + suffix)
         except OSError as exc:
             sock.close()
             reasons.append(f"{text}: {exc}")
