@@ -21,10 +21,12 @@ setup(
         "gridsock.components",
         "gridsock.testing",
         "gridsock.personalities",
+        "gridsock.personalities._site",
         "gridsock.shims",
     ],
     package_dir={
         "gridsock.personalities": "personalities",
+        "gridsock.personalities._site": "personalities/_site",
         "gridsock.shims": "shims",
     },
     install_requires=[

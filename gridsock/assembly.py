@@ -432,7 +432,7 @@ class Assembler:
         def start() -> None:
             nonlocal started, next_start
             i = started
-            greenlet = gevent.spawn(self._establish, entry, port, candidates[i], deadline)
+            greenlet = gevent.spawn(self._attempt, entry, port, candidates[i], deadline)
             greenlet.link(lambda g, i=i: results.put((i, g)))
             running[i] = greenlet
             started += 1
@@ -465,12 +465,10 @@ class Assembler:
                     continue
                 del running[i]
                 stack = candidates[i]
-                if not greenlet.successful():
-                    exc = greenlet.exception
+                lower, exc = greenlet.get()  # (a bug in _attempt raises here, as it should)
+                if exc is not None:
                     if isinstance(exc, _Refused):
                         exc.tried = tried + exc.tried
-                        raise exc
-                    if not isinstance(exc, ConnectError):
                         raise exc
                     tried.append((str(stack), _reason(exc)))
                     log.info("node %s: %s to %s failed: %s", self.node.name, stack, entry.name, tried[-1][1])
@@ -478,7 +476,7 @@ class Assembler:
                         raise fail(stack) from exc
                     continue
                 try:
-                    stream = self._nominate(greenlet.value, stack, entry, deadline)
+                    stream = self._nominate(lower, stack, entry, deadline)
                 except ConnectError as exc:  # e.g. tls refused the peer: the others may still do
                     tried.append((str(stack), _reason(exc)))
                     if not running and started == len(candidates):
@@ -498,8 +496,8 @@ class Assembler:
                 greenlet.kill(block=True)
             while not results.empty():  # established meanwhile, never nominated
                 _, greenlet = results.get_nowait()
-                if greenlet.successful():
-                    greenlet.value.close()
+                if greenlet.successful() and greenlet.value[0] is not None:
+                    greenlet.value[0].close()
 
     def _nominate(self, lower: Stream, stack: Stack, entry: wire.NodeEntry, deadline: float) -> Stream:
         """Tell the server this connection is the one (``NOMINATE``), then build the filters."""
@@ -516,6 +514,13 @@ class Assembler:
             lower.close()
             raise ConnectError(f"connecting to {entry.name} over {stack} failed: {exc}", peer=entry.name,
                                method=stack.method.name) from exc
+
+    def _attempt(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float):
+        """:meth:`_establish` in a race: ``(stream, None)`` or ``(None, ConnectError)``."""
+        try:
+            return self._establish(entry, port, stack, deadline), None
+        except ConnectError as exc:  # expected: returned, not left to the hub to print
+            return None, exc
 
     def _establish(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float) -> Stream:
         """One candidate, up to the method's connection (not yet nominated): return its stream.
@@ -558,9 +563,11 @@ class Assembler:
                 component = default_registry.create(stack.method)
                 streams = _parallel_streams(stack)
                 if streams:
-                    dialer = gevent.spawn(_dial_many, component, self.node, entry.addrs, token, timeout, streams)
+                    dialer = gevent.spawn(_captured, _dial_many, component, self.node, entry.addrs, token, timeout,
+                                          streams)
                 else:
-                    dialer = gevent.spawn(_dial_with_token, component, self.node, entry.addrs, token, timeout)
+                    dialer = gevent.spawn(_captured, _dial_with_token, component, self.node, entry.addrs, token,
+                                          timeout)
             else:
                 raise ConnectError(f"method {method} is not available", peer=entry.name, method=method)
             try:
@@ -574,11 +581,13 @@ class Assembler:
                 # "unreachable": the method failed on the server's side (reverse could not
                 # connect back); another method may work. Anything else is the server's will.
                 cls = ConnectError if answer.get("code") == "unreachable" else _Refused
-                raise cls(f"{entry.name} refused {stack}", peer=entry.name, method=method,
-                          tried=[(str(stack), str(answer.get("reason")))])
+                refusal = cls(f"{entry.name} refused {stack}", peer=entry.name, method=method,
+                              tried=[(str(stack), str(answer.get("reason")))])
+                refusal.code = answer.get("code")
+                raise refusal
             if dialer is not None:
                 try:
-                    sock = dialer.get(timeout=max(0.1, deadline - time.monotonic()))
+                    sock = _uncaptured(dialer.get(timeout=max(0.1, deadline - time.monotonic())))
                 except ConnectError as exc:
                     if method != "tcp" or entry.inbound or same_cluster(me, entry):
                         raise
@@ -609,8 +618,8 @@ class Assembler:
                 lower.close()
             if dialer is not None:
                 dialer.kill(block=False)
-                if dialer.successful() and dialer.value is not None:
-                    dialer.value.close()
+                if dialer.successful() and dialer.value[0] is not None:
+                    dialer.value[0].close()
             if isinstance(exc, gevent.Timeout):
                 raise ConnectError(f"connecting to {entry.name} timed out", peer=entry.name, method=method) from None
             if isinstance(exc, ConnectError) or not isinstance(exc, (GridsockError, OSError)):
@@ -675,7 +684,12 @@ class Assembler:
 
 
 class _Refused(ConnectError):
-    """The server refused the request (policy, no listener): no other method will help."""
+    """The server refused the request (policy, no listener): no other method will help.
+
+    ``code`` is the server's: "refused" (nothing listens), "policy", "bad-stack", "unknown-node".
+    """
+
+    code = None
 
 
 def _finished(info: ConnectionInfo) -> bool:
@@ -720,17 +734,37 @@ def _parallel_misplaced(stack: Stack) -> Optional[str]:
 
 def _dial_many(component, node, addrs, token: bytes, timeout: float, streams: int) -> _Lowers:
     """The ``streams`` sub-connections of a parallel stack, dialed at once: token, then index."""
-    dials = [gevent.spawn(_dial_with_token, component, node, addrs, token, timeout, bytes([i]))
+    dials = [gevent.spawn(_captured, _dial_with_token, component, node, addrs, token, timeout, bytes([i]))
              for i in range(streams)]
     try:
-        gevent.joinall(dials, raise_error=True)
+        gevent.joinall(dials)
+        failed = [d.value[1] for d in dials if d.value[1] is not None]
+        if failed:
+            raise failed[0]
+        return _Lowers(SocketStream(d.value[0], info={"method": component.name, "sub": i})
+                       for i, d in enumerate(dials))
     except BaseException:
         gevent.killall(dials)
         for dial in dials:
-            if dial.successful() and dial.value is not None:
-                dial.value.close()
+            if dial.successful() and dial.value[0] is not None:
+                dial.value[0].close()
         raise
-    return _Lowers(SocketStream(d.value, info={"method": component.name, "sub": i}) for i, d in enumerate(dials))
+
+
+def _captured(fn, *args):
+    """``(fn(*args), None)``, or ``(None, error)`` for an expected failure: a greenlet that
+    returns its failure is not reported by the hub as a crash."""
+    try:
+        return fn(*args), None
+    except (ConnectError, ConfigError) as exc:
+        return None, exc
+
+
+def _uncaptured(result):
+    value, exc = result
+    if exc is not None:
+        raise exc
+    return value
 
 
 def _reason(exc: ConnectError) -> str:

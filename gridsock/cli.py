@@ -53,8 +53,21 @@ def _parser() -> argparse.ArgumentParser:
     rv.add_argument("--control", metavar="PATH", help="control socket (default: $GRIDSOCK_RUN_DIR/rendezvous.sock)")
 
     node = sub.add_parser("node", help="run a node")
-    node.add_argument("--session", required=True, metavar="FILE")
-    node.add_argument("--name", required=True)
+    _add_node_options(node, required=True)
+    node.add_argument("--echo", type=int, metavar="PORT", help="serve an echo service on this grid port")
+
+    run = sub.add_parser("run", help="run a command under the socket personality: its Python processes reach "
+                                     "grid nodes by name (a running node's, or a node of its own)")
+    run.add_argument("--node", metavar="NAME", help="use the node NAME running on this host")
+    _add_node_options(run, required=False)
+    run.add_argument("program", nargs=argparse.REMAINDER, help="-- command [args...]")
+    _more_commands(sub)
+    return parser
+
+
+def _add_node_options(node, *, required: bool) -> None:
+    node.add_argument("--session", required=required, metavar="FILE")
+    node.add_argument("--name", required=required)
     node.add_argument("--cluster", help="cluster name (a node without one is its own leader)")
     node.add_argument("--leader", metavar="ADDR", help="member of the cluster whose leader's node port is ADDR (HOST:PORT or unix:PATH)")
     node.add_argument("--listen", metavar="ADDR", help="node port (HOST:PORT or unix:PATH; default 0.0.0.0 and any port)")
@@ -64,8 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--ssh-known-hosts", metavar="FILE", help="known_hosts holding the gateways' host keys")
     node.add_argument("--control", metavar="PATH", help="control socket (default: $GRIDSOCK_RUN_DIR/NAME.sock)")
     node.add_argument("--rules", metavar="FILE", help="rules file (TOML): scheme, exceptions, server policy")
-    node.add_argument("--echo", type=int, metavar="PORT", help="serve an echo service on this grid port")
 
+
+def _more_commands(sub) -> None:
     status = sub.add_parser("status", help="what a running node (or the rendez-vous node) knows")
     _add_target(status)
     status.add_argument("--json", action="store_true")
@@ -94,7 +108,6 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run a rendez-vous node and a few nodes on this machine")
     demo.add_argument("--keep", action="store_true", help="leave the processes running until Ctrl-C")
-    return parser
 
 
 def _add_target(parser) -> None:
@@ -153,9 +166,7 @@ def _cmd_rendezvous(args) -> int:
     return _run_until_signalled(node)
 
 
-def _cmd_node(args) -> int:
-    import gevent
-
+def _make_node(args):
     from .node import Node
     from .rules import Rules
     from .session import Session
@@ -167,10 +178,16 @@ def _cmd_node(args) -> int:
         gateway = SSHGateway.parse(args.ssh_gateway, key_filename=args.ssh_key, known_hosts=args.ssh_known_hosts)
     session = Session.load(args.session)
     rules = Rules.load(args.rules, tls=session.tls) if args.rules else None
-    node = Node(session, args.name, cluster=args.cluster, leader=args.leader,
+    return Node(session, args.name, cluster=args.cluster, leader=args.leader,
                 listen_address=args.listen, advertise=args.advertise, ssh_gateway=gateway,
                 control=args.control, rules=rules, ssh_key=args.ssh_key,
                 ssh_known_hosts=args.ssh_known_hosts).start()
+
+
+def _cmd_node(args) -> int:
+    import gevent
+
+    node = _make_node(args)
     if args.echo:
         from .diag import serve_echo
 
@@ -183,6 +200,56 @@ def _cmd_node(args) -> int:
 
     gevent.spawn(announce)
     return _run_until_signalled(node)
+
+
+# ``gridsock run`` with a node of its own gives up if the node has not joined within this long.
+RUN_JOIN_TIMEOUT_S = 60.0
+
+
+def _cmd_run(args) -> int:
+    """Run ``args.command`` patched: with a running node's agent, or a node of our own."""
+    import socket as stdsocket
+
+    from .agent import agent_path
+    from .errors import ConfigError
+    # The launcher of the personality: the one place the framework names it.
+    from .personalities.monkey import child_environment
+
+    command = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not command:
+        raise ConfigError("nothing to run: gridsock run [options] -- command [args...]")
+    if args.node:
+        if args.session or args.name:
+            raise ConfigError("give either --node NAME (a running node) or --session and --name (a node of its own)")
+        agent = agent_path(args.node)
+        probe = stdsocket.socket(stdsocket.AF_UNIX)
+        try:
+            probe.connect(agent)
+        except OSError as exc:
+            raise ConfigError(f"no node {args.node} runs here (agent socket {agent}: {exc.strerror or exc})") from None
+        finally:
+            probe.close()
+        os.execvpe(command[0], command, child_environment(agent))
+    if not (args.session and args.name):
+        raise ConfigError("gridsock run needs --node NAME, or --session FILE and --name NAME for a node of its own")
+    import gevent
+    import gevent.subprocess
+
+    node = _make_node(args)
+    try:
+        if not node.wait_joined(RUN_JOIN_TIMEOUT_S):
+            raise ConfigError(f"node {node.name} did not join its grid within {RUN_JOIN_TIMEOUT_S:g} s")
+        child = gevent.subprocess.Popen(command, env=child_environment(node._agent_path))
+
+        def forward(signum):
+            if child.poll() is None:
+                child.send_signal(signum)
+
+        gevent.signal_handler(signal.SIGTERM, forward, signal.SIGTERM)
+        gevent.signal_handler(signal.SIGINT, forward, signal.SIGINT)
+        return child.wait()
+    finally:
+        node.stop()
 
 
 def _cmd_status(args) -> int:
@@ -314,6 +381,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     handlers = {
         "rendezvous": _cmd_rendezvous,
         "node": _cmd_node,
+        "run": _cmd_run,
         "status": _cmd_status,
         "ping": _cmd_ping,
         "session": _cmd_session_new,

@@ -55,6 +55,7 @@ from .errors import (
     RoutingError,
 )
 from .session import Identity, Session, client_context, new_node_key, peer_identity, server_context
+from .agent import AgentServer, agent_path
 from .assembly import ASSEMBLE_TOPIC, DATA_PREAMBLE, Assembler, DataListener
 from .components.relay import RelayManager
 from .meta import MetaChannel
@@ -119,6 +120,7 @@ class Node:
         advertise: str | None = None,
         ssh_gateway=None,
         control: str | None = None,
+        agent: str | None = None,
         identity: Identity | None = None,
         rules: Rules | None = None,
         ssh_key: str | None = None,
@@ -167,6 +169,9 @@ class Node:
         self._stopped = gevent.event.Event()
         self._control_path = control if control is not None else control_path(name)
         self._control: Optional[ControlServer] = None
+        # The agent socket (patched applications): by default next to the control socket.
+        self._agent_path = agent if agent is not None else (agent_path(name) if self._control_path else "")
+        self._agent: Optional[AgentServer] = None
         self._sock = None
         self._server_ctx = None
         self._client_ctx = None
@@ -189,6 +194,8 @@ class Node:
         self._sock = listen(self.listen_address)
         if self._control_path:
             self._control = ControlServer(self._control_path, self._control_op).start()
+        if self._agent_path:
+            self._agent = AgentServer(self, self._agent_path).start()
         self._greenlets = [gevent.spawn(self._accept_loop), gevent.spawn(self._uplink_loop)]
         log.info("node %s (%s) started; node port %s", self.name, self.role, self.address)
         return self
@@ -207,6 +214,8 @@ class Node:
             self._sock.close()
         if self._control is not None:
             self._control.stop()
+        if self._agent is not None:
+            self._agent.stop()
 
     def wait_joined(self, timeout: float | None = None) -> bool:
         """Wait until the uplink is up for the first time; False on timeout.

@@ -1,0 +1,256 @@
+"""The agent socket: how patched application processes use the node of their host.
+
+Theory of operation
+-------------------
+An application under the socket personality (``gridsock.personalities``) runs no gevent and
+no grid protocol: it asks a node process on its host. Every node serves, next to its control
+socket, a Unix socket ``<run dir>/<name>.agent`` (mode 0600: only its user). A client sends
+``Control(op, args)`` frames (the wire codec) and gets ``ControlReply`` frames back:
+
+- ``whoami`` -> ``{name, node_id, cluster, ip}``: this node, and its grid address.
+- ``resolve {host}`` -> ``{name, node_id, ip}`` for a node name, ``NAME.grid`` or a grid address;
+  error ``EAI_NONAME`` if the grid knows no such node.
+- ``connect {host, port, timeout, stack}`` -> ``{peer, ip, port, stack, tried}`` with the
+  connected socket's descriptor attached (``SCM_RIGHTS``): the kernel TCP socket itself for a
+  plain ``tcp`` stack, else one end of a socketpair the node bridges to the stack. The agent
+  closes its copy: from then on the descriptor is the application's alone.
+- ``listen {port}`` -> ``{port, ip}`` (port 0: the agent picks a free grid port); the same Unix
+  connection then carries one ``ControlReply`` per connection accepted on that grid port,
+  ``{peer, ip, port, peer_port, stack}`` with its descriptor attached. The application's listening socket
+  *is* this connection, so it is readable exactly when a connection waits to be accepted. When
+  the application closes it, the node stops serving the port.
+
+Failures are ``ControlReply(ok=False, result={"errno": NAME}, error=reason)``: ``ECONNREFUSED``
+(nothing listens, or the server's policy refused), ``ETIMEDOUT``, ``EHOSTUNREACH`` (every
+method failed), ``EADDRINUSE``, ``EAI_NONAME``; the personality raises the stdlib exception
+that errno names. A descriptor always travels on the first byte of its frame, in one
+``sendmsg``; frames without one are plain writes.
+"""
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+from typing import Any, Dict, Optional
+
+import gevent
+from gevent import socket as gsocket
+
+from . import wire
+from .bootstrap.control import run_dir
+from .bootstrap.link import read_message
+from .bootstrap.transport import Address, listen
+from .errors import BrokenStreamError, ConfigError, ConnectError, GridsockError, RemoteProtocolError
+from .names import grid_ip, grid_name, is_grid_ip
+
+__all__ = ["AgentServer", "agent_path", "EPHEMERAL_PORTS"]
+
+log = logging.getLogger(__name__)
+
+# Grid ports the agent hands out for ``listen`` on port 0 (IANA's dynamic range).
+EPHEMERAL_PORTS = range(49152, 65536)
+# What getpeername() gives as the port of an accepted connection's client (grid connections have
+# no client port): distinct per connection, from the connection's number.
+PEER_PORTS = range(1024, 65536)
+# An idle agent client is dropped after this long without a request (listeners excepted).
+IDLE_TIMEOUT_S = 3600.0
+
+
+def agent_path(name: str) -> str:
+    """Where node ``name`` serves its agent socket."""
+    return os.path.join(run_dir(), f"{name}.agent")
+
+
+class AgentServer:
+    """Serves the agent protocol of ``node`` on a Unix socket until stopped."""
+
+    def __init__(self, node, path: str) -> None:
+        self.node = node
+        self.path = path
+        self._sock = None
+        self._greenlet: Optional[gevent.Greenlet] = None
+        self._next_port = EPHEMERAL_PORTS.start
+
+    def start(self) -> "AgentServer":
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+        self._sock = listen(Address(path=self.path))
+        self._greenlet = gevent.spawn(self._serve)
+        return self
+
+    def stop(self) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill(block=False)
+        if self._sock is not None:
+            self._sock.close()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self._sock = None
+
+    def _serve(self) -> None:
+        while True:
+            conn, _ = self._sock.accept()
+            gevent.spawn(self._handle, conn)
+
+    def _handle(self, conn) -> None:
+        decoder = wire.Decoder(peer="agent client")
+        try:
+            while True:
+                try:
+                    message = read_message(conn, decoder, timeout=IDLE_TIMEOUT_S)
+                except BrokenStreamError:
+                    return
+                if not isinstance(message, wire.Control):
+                    raise RemoteProtocolError(f"expected Control, got {type(message).__name__}")
+                if message.op == "listen":
+                    self._listen(conn, message.args)
+                    return  # the connection was the listener's; it is over
+                fd = None
+                try:
+                    result, fd = self._op(message.op, message.args)
+                    reply = wire.ControlReply(True, result)
+                except _Failure as exc:
+                    reply = wire.ControlReply(False, {"errno": exc.errno}, str(exc)[: wire.MAX_REASON_BYTES])
+                try:
+                    _send(conn, reply, fd)
+                finally:
+                    if fd is not None:
+                        fd.close()
+        except RemoteProtocolError as exc:
+            log.warning("dropping agent client: %s", exc)
+        except (OSError, TimeoutError) as exc:
+            log.debug("agent client gone: %s", exc)
+        finally:
+            conn.close()
+
+    # --- operations ----------------------------------------------------------------------------
+
+    def _op(self, op: str, args: Dict[str, Any]):
+        if op == "whoami":
+            me = self.node.entry
+            if me is None:
+                raise _Failure("EHOSTUNREACH", f"node {self.node.name} has not joined its grid yet")
+            return {"name": me.name, "node_id": me.node_id, "cluster": me.cluster, "ip": grid_ip(me.node_id)}, None
+        if op == "resolve":
+            entry = self._resolve(args.get("host"))
+            return {"name": entry.name, "node_id": entry.node_id, "ip": grid_ip(entry.node_id)}, None
+        if op == "connect":
+            return self._connect(args)
+        raise _Failure("EINVAL", f"unknown agent operation {op!r} (whoami, resolve, connect, listen)")
+
+    def _resolve(self, host: Any) -> wire.NodeEntry:
+        if not isinstance(host, str) or not host:
+            raise _Failure("EAI_NONAME", f"bad host {host!r}")
+        name = grid_name(host) or host
+        if is_grid_ip(name):
+            matches = [e for e in self.node.directory if grid_ip(e.node_id) == name]
+            if len(matches) > 1:
+                raise _Failure("EAI_NONAME", f"grid address {name} is shared by "
+                                             f"{', '.join(e.name for e in matches)}: use a name")
+            entry = matches[0] if matches else None
+        else:
+            entry = self.node.directory.resolve(name)
+        if entry is None:
+            raise _Failure("EAI_NONAME", f"no node {name!r} in the grid of {self.node.name}")
+        return entry
+
+    def _connect(self, args: Dict[str, Any]):
+        entry = self._resolve(args.get("host"))
+        port, timeout, stack = args.get("port"), args.get("timeout"), args.get("stack")
+        if type(port) is not int or not 0 < port < 65536:
+            raise _Failure("EINVAL", f"bad port {port!r}")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise _Failure("EINVAL", f"bad timeout {timeout!r}")
+        try:
+            sock, info = self.node.connect(entry.node_id, port, stack=stack, timeout=timeout)
+        except ConfigError as exc:
+            raise _Failure("EINVAL", str(exc)) from exc
+        except ConnectError as exc:
+            raise _Failure(_errno_of(exc), str(exc)) from exc
+        result = {"peer": entry.name, "ip": grid_ip(entry.node_id), "port": port, "stack": info.stack,
+                  "tried": [list(t) for t in info.detail.get("tried", [])]}
+        return result, sock
+
+    def _listen(self, conn, args: Dict[str, Any]) -> None:
+        port = args.get("port")
+        if type(port) is not int or not 0 <= port < 65536:
+            _send(conn, wire.ControlReply(False, {"errno": "EINVAL"}, f"bad port {port!r}"))
+            return
+        try:
+            listener = self.node.listen(port or self._free_port())
+        except ConfigError as exc:
+            _send(conn, wire.ControlReply(False, {"errno": "EADDRINUSE"}, str(exc)[: wire.MAX_REASON_BYTES]))
+            return
+        me = self.node.entry
+        _send(conn, wire.ControlReply(True, {"port": listener.port, "ip": grid_ip(me.node_id) if me else None}))
+        watcher = gevent.spawn(_wait_closed, conn)
+        try:
+            while not watcher.ready():
+                accepting = gevent.spawn(listener.accept)
+                gevent.joinall([accepting, watcher], count=1)
+                if not accepting.ready():
+                    accepting.kill()
+                    break
+                sock, info = accepting.get()
+                peer = self.node.directory.get(info.peer_id)
+                result = {"peer": info.peer_name, "ip": grid_ip(info.peer_id), "port": info.port,
+                          "peer_port": PEER_PORTS.start + info.conn % len(PEER_PORTS),
+                          "stack": info.stack, "cluster": peer.cluster if peer else None}
+                try:
+                    _send(conn, wire.ControlReply(True, result), sock)
+                finally:
+                    sock.close()
+        except (OSError, GridsockError) as exc:
+            log.info("agent listener on grid port %d ends: %s", listener.port, exc)
+        finally:
+            watcher.kill()
+            listener.close()
+
+    def _free_port(self) -> int:
+        for _ in range(len(EPHEMERAL_PORTS)):
+            port = self._next_port
+            self._next_port = port + 1 if port + 1 < EPHEMERAL_PORTS.stop else EPHEMERAL_PORTS.start
+            if port not in self.node.assembler.listeners:
+                return port
+        raise ConfigError("no free grid port")
+
+
+class _Failure(Exception):
+    def __init__(self, errno_name: str, reason: str) -> None:
+        super().__init__(reason)
+        self.errno = errno_name
+
+
+def _errno_of(exc: ConnectError) -> str:
+    code = getattr(exc, "code", None)
+    if code in ("refused", "policy", "bad-stack"):
+        return "ECONNREFUSED"
+    if code == "unknown-node":
+        return "EHOSTUNREACH"
+    reasons = [why for _, why in exc.tried] or [str(exc)]
+    if all("no connection within" in why or "timed out" in why for why in reasons):
+        return "ETIMEDOUT"
+    return "EHOSTUNREACH"
+
+
+def _wait_closed(conn) -> None:
+    """Return when the client closes its end (anything it sends on a listener is ignored)."""
+    while True:
+        try:
+            if not conn.recv(4096):
+                return
+        except OSError:
+            return
+
+
+def _send(conn, reply: wire.ControlReply, sock: Optional[socket.socket] = None) -> None:
+    frame = wire.encode(reply)
+    if sock is None:
+        conn.sendall(frame)
+        return
+    fds = array.array("i", [sock.fileno()])
+    sent = conn.sendmsg([frame], [(gsocket.SOL_SOCKET, gsocket.SCM_RIGHTS, fds)])
+    if sent < len(frame):
+        conn.sendall(frame[sent:])

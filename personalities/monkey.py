@@ -1,0 +1,170 @@
+"""Install the socket personality into an unmodified program, after gevent's ``monkey``.
+
+Theory of operation
+-------------------
+``patch_all()`` (today: ``patch_socket()``) replaces, in the ``socket`` module, the class
+``socket`` and the name functions (``getaddrinfo``, ``gethostbyname``, ``gethostbyname_ex``,
+``gethostbyaddr``, ``getnameinfo``, ``getfqdn``) by the personality's
+(:mod:`gridsock.personalities.socket`). ``create_connection`` and every module that calls
+``socket.socket(...)`` or ``socket.getaddrinfo(...)`` through the module then reach grid nodes
+by name. The originals are kept here, in one place (:func:`get_original`); the personality's
+own Unix connections to its agent use them, and ``unpatch_all()`` puts them back.
+
+A module that bound the names itself before the patch (``from socket import socket``: ``ssl``
+does) keeps the originals; :func:`patch_socket` warns, naming such modules. Patch first:
+``python -m gridsock.monkey script.py``, ``gridsock run -- python script.py`` or the
+``sitecustomize`` they install for child processes do.
+
+The personality needs an agent: a node process on the host (``$GRIDSOCK_AGENT`` or
+``patch_all(agent=PATH)``). Without one, patching changes nothing anybody can see.
+
+Command line::
+
+    python -m gridsock.monkey [--node NAME | --agent PATH] script.py [args...]
+    python -m gridsock.monkey [--node NAME | --agent PATH] -m module [args...]
+
+runs the script patched, with ``$GRIDSOCK_AGENT`` set and this package's ``sitecustomize``
+first on ``PYTHONPATH``, so that Python child processes (``subprocess``, and multiprocessing's
+``spawn`` and ``forkserver`` children, which start a fresh interpreter) are patched too.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+__all__ = ["patch_all", "patch_socket", "unpatch_all", "is_patched", "get_original", "SOCKET_ITEMS",
+           "site_dir", "main"]
+
+#: What the personality replaces in the ``socket`` module.
+SOCKET_ITEMS = ("socket", "getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getnameinfo",
+                "getfqdn")
+#: The environment variable naming the agent socket (inherited by child processes).
+AGENT_ENV = "GRIDSOCK_AGENT"
+
+# The originals, captured when this module is first imported (before any patch of ours).
+_ORIGINALS: Dict[Tuple[str, str], Any] = {("socket", name): getattr(socket, name) for name in SOCKET_ITEMS}
+_patched: Dict[Tuple[str, str], Any] = {}
+
+
+def get_original(module_name: str, item_name):
+    """The original ``module_name.item_name`` (or a list of them, for a list of names)."""
+    if isinstance(item_name, (list, tuple)):
+        return [get_original(module_name, name) for name in item_name]
+    key = (module_name, item_name)
+    if key in _ORIGINALS:
+        return _ORIGINALS[key]
+    return getattr(sys.modules[module_name] if module_name in sys.modules else __import__(module_name), item_name)
+
+
+def is_patched(module_name: str = "socket", item_name: Optional[str] = None) -> bool:
+    """True if the personality is installed in ``module_name`` (or for that one item)."""
+    if item_name is None:
+        return any(mod == module_name for mod, _ in _patched)
+    return (module_name, item_name) in _patched
+
+
+def patch_socket(*, agent: Optional[str] = None, warn: bool = True) -> None:
+    """Install the socket personality in the ``socket`` module (idempotent).
+
+    ``agent``: the agent socket's path (default ``$GRIDSOCK_AGENT``); it is also exported to
+    child processes through the environment.
+    """
+    from . import socket as personality
+
+    if agent:
+        os.environ[AGENT_ENV] = agent
+    personality.configure(os.environ.get(AGENT_ENV))
+    if is_patched("socket"):
+        return
+    if warn:
+        _warn_early_bindings()
+    for name in SOCKET_ITEMS:
+        _patched[("socket", name)] = getattr(personality, "GridSocket" if name == "socket" else name)
+        setattr(socket, name, _patched[("socket", name)])
+
+
+def patch_all(*, agent: Optional[str] = None, warn: bool = True) -> None:
+    """Install every personality (today: the socket personality)."""
+    patch_socket(agent=agent, warn=warn)
+
+
+def unpatch_all() -> None:
+    """Put every original back."""
+    for (module_name, name) in list(_patched):
+        setattr(sys.modules[module_name], name, _ORIGINALS[(module_name, name)])
+        del _patched[(module_name, name)]
+
+
+def _warn_early_bindings() -> None:
+    originals = {id(_ORIGINALS[("socket", name)]): name for name in SOCKET_ITEMS}
+    culprits: List[str] = []
+    for module_name, module in list(sys.modules.items()):
+        if module is None or module_name == "socket" or module_name.startswith(("gridsock", "_")):
+            continue
+        try:
+            values = vars(module)
+        except TypeError:
+            continue
+        bound = sorted({originals[id(v)] for v in list(values.values()) if id(v) in originals
+                        and any(v is _ORIGINALS[("socket", n)] for n in SOCKET_ITEMS)})
+        if bound:
+            culprits.append(f"{module_name} ({', '.join(bound)})")
+    if culprits:
+        warnings.warn("gridsock personality installed after these modules bound socket names of their own, "
+                      "which keep the originals: " + "; ".join(sorted(culprits))
+                      + ". Patch earlier (python -m gridsock.monkey, gridsock run).", RuntimeWarning, stacklevel=3)
+
+
+def site_dir() -> str:
+    """The directory whose ``sitecustomize`` patches every Python process started with it on PYTHONPATH."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "_site")
+
+
+def child_environment(agent: str, env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """``env`` (default: ours) for a child process that must run patched."""
+    env = dict(os.environ if env is None else env)
+    env[AGENT_ENV] = agent
+    paths = [site_dir()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != site_dir()]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+    import runpy
+
+    parser = argparse.ArgumentParser(prog="python -m gridsock.monkey",
+                                     description="Run a Python program with the gridsock socket personality.")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--node", metavar="NAME", help="use the node NAME running on this host")
+    where.add_argument("--agent", metavar="PATH", help="agent socket of the node to use (default: $GRIDSOCK_AGENT)")
+    parser.add_argument("-m", dest="module", help="run a library module as a script")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="script.py and its arguments")
+    args = parser.parse_args(argv)
+    agent = args.agent
+    if args.node:
+        from gridsock.bootstrap.control import run_dir
+
+        agent = os.path.join(run_dir(), f"{args.node}.agent")
+    agent = agent or os.environ.get(AGENT_ENV)
+    if not agent:
+        parser.error("no agent: give --node NAME or --agent PATH, or set $GRIDSOCK_AGENT")
+    if not args.module and not args.args:
+        parser.error("nothing to run: give script.py or -m module")
+    os.environ.update(child_environment(agent))
+    patch_all(agent=agent)
+    if args.module:
+        sys.argv = [args.module] + args.args
+        runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(args.args)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""The socket personality: stdlib sockets and name functions that know the grid.
+
+Theory of operation
+-------------------
+Installed by :mod:`gridsock.personalities.monkey`, :class:`GridSocket` replaces
+``socket.socket`` and the functions below replace the stdlib's name functions. Everything that
+is not about a grid node passes through to the originals, untouched.
+
+Grid hosts are node names, ``NAME.grid`` and grid addresses (``240.0.0.0/4``, one per node,
+the same on every host: :mod:`gridsock.names`). The application runs no gevent and speaks no
+grid protocol: it asks the node process of its host, the *agent* (:mod:`gridsock.agent`), over
+a Unix socket, with the original socket class.
+
+- **connect** to a grid host: the agent builds the connection (its rules, its methods) and
+  sends back the descriptor, which is put in place of the socket's own with ``dup2``, so the
+  socket object, its ``fileno()`` and its timeout stay what the application knows. For a plain
+  ``tcp`` stack the application then holds the kernel's TCP socket to the peer itself.
+- **bind** to the wildcard address, the node's grid address or its name: the agent serves that
+  grid port (port 0: it picks one, which ``getsockname()`` then tells); **listen** puts the
+  agent connection in place of the socket's descriptor, so the listening socket is readable
+  exactly when a connection waits; **accept** reads one announcement and its descriptor. Any
+  other bind (127.0.0.1, a real interface) is an ordinary local socket.
+- ``getpeername()`` gives the peer's grid address, ``getsockname()`` this node's; a socket whose
+  descriptor is a Unix socketpair end (a stack that transforms bytes) accepts and remembers TCP
+  options it cannot apply, as a TCP socket would.
+- Names: a grid name resolves to its grid address (``getaddrinfo`` returns the stdlib's
+  ``AddressFamily`` and ``SocketKind`` enums); a ``.grid`` name the grid does not know is
+  ``gaierror(EAI_NONAME)`` and never reaches the system resolver; other names go to the system
+  resolver after one agent lookup (cached ``NAME_CACHE_S``).
+
+Errors are the stdlib's: ``ConnectionRefusedError`` (nothing listens, or policy),
+``TimeoutError``, ``OSError(EHOSTUNREACH)``, ``socket.gaierror``.
+"""
+from __future__ import annotations
+
+import array
+import errno
+import os
+import select
+import socket as _socket
+import threading
+import time
+from typing import Any, Dict, Optional, Tuple
+
+from gridsock import wire
+from gridsock.names import GRID_SUFFIX, grid_name, is_grid_ip
+
+from .monkey import get_original
+
+__all__ = ["GridSocket", "configure", "agent", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
+           "gethostbyaddr", "getnameinfo", "getfqdn", "NAME_CACHE_S"]
+
+_RealSocket = get_original("socket", "socket")
+(_real_getaddrinfo, _real_gethostbyname, _real_gethostbyname_ex, _real_gethostbyaddr, _real_getnameinfo,
+ _real_getfqdn) = get_original("socket", ["getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr",
+                                           "getnameinfo", "getfqdn"])
+
+# Name lookups (hits and misses) are remembered this long: a program resolving in a loop does
+# not ask the agent every time, and a node that joins is seen within this long.
+NAME_CACHE_S = 5.0
+# An agent call that is not a connect answers within this long.
+AGENT_TIMEOUT_S = 10.0
+_WILDCARDS = ("", "0.0.0.0", "::")
+_ERRNO_CLASSES = {"ECONNREFUSED": ConnectionRefusedError, "ETIMEDOUT": TimeoutError}
+
+
+class _Agent:
+    """The client side of the agent protocol, on original sockets; safe from any thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._names: Dict[str, Tuple[float, Optional[dict]]] = {}
+        self._me: Optional[dict] = None
+        self._lock = threading.Lock()
+
+    def open(self):
+        sock = _RealSocket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise ConnectionRefusedError(errno.ECONNREFUSED,
+                                         f"no gridsock agent at {self.path}: {exc.strerror or exc}") from None
+        return sock
+
+    def call(self, op: str, args: Dict[str, Any], *, timeout: Optional[float] = AGENT_TIMEOUT_S):
+        """Run ``op``; return ``(result, fd or None)``; raise the stdlib error it names."""
+        sock = self.open()
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(wire.encode(wire.Control(op, args)))
+            reply, fd = read_reply(sock)
+        finally:
+            sock.close()
+        return check(reply, fd), fd
+
+    def whoami(self) -> dict:
+        if self._me is None:
+            self._me, _ = self.call("whoami", {})
+        return self._me
+
+    def lookup(self, host: str) -> Optional[dict]:
+        """``{name, node_id, ip}`` for a grid host, None for anything else (cached)."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._names.get(host)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        try:
+            found, _ = self.call("resolve", {"host": host})
+        except _socket.gaierror:
+            found = None
+        with self._lock:
+            if len(self._names) > 4096:
+                self._names.clear()
+            self._names[host] = (now + NAME_CACHE_S, found)
+        return found
+
+
+_agent: Optional[_Agent] = None
+
+
+def configure(path: Optional[str]) -> None:
+    """Use the agent at ``path`` (None: none; the personality then passes everything through)."""
+    global _agent
+    _agent = _Agent(path) if path else None
+
+
+def agent() -> Optional[_Agent]:
+    return _agent
+
+
+def read_reply(sock) -> Tuple[wire.ControlReply, Optional[int]]:
+    """One ControlReply frame from ``sock`` (original socket), and the descriptor sent with it."""
+    fds = array.array("i")
+    data, ancdata, _, _ = _RealSocket.recvmsg(sock, 4, _socket.CMSG_SPACE(fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    fd = fds[0] if fds else None
+    for extra in fds[1:]:
+        os.close(extra)
+    try:
+        if len(data) < 4:
+            data += _recv_exactly(sock, 4 - len(data))
+        length = int.from_bytes(data, "big")
+        if length > wire.MAX_FRAME_BYTES:
+            raise ConnectionResetError(errno.ECONNRESET, "agent sent an oversized frame")
+        decoder = wire.Decoder(peer="agent")
+        decoder.feed(data + _recv_exactly(sock, length))
+        try:
+            reply = decoder.next_message()
+        except wire.RemoteProtocolError as exc:
+            raise ConnectionResetError(errno.ECONNRESET, f"agent: {exc}") from None
+        if not isinstance(reply, wire.ControlReply):
+            raise ConnectionResetError(errno.ECONNRESET, "agent sent something else than a reply")
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    return reply, fd
+
+
+def _recv_exactly(sock, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        try:
+            chunk = _RealSocket.recv(sock, n - len(data))
+        except BlockingIOError:  # a non-blocking listener: the rest of the frame is on its way
+            select.select([sock], [], [], AGENT_TIMEOUT_S)
+            continue
+        if not chunk:
+            raise ConnectionResetError(errno.ECONNRESET, "agent closed the connection")
+        data += chunk
+    return bytes(data)
+
+
+def check(reply: wire.ControlReply, fd: Optional[int]):
+    """The reply's result, or the stdlib exception its errno names."""
+    if reply.ok:
+        return reply.result
+    if fd is not None:
+        os.close(fd)
+    name = (reply.result or {}).get("errno", "EIO") if isinstance(reply.result, dict) else "EIO"
+    if name == "EAI_NONAME":
+        raise _socket.gaierror(_socket.EAI_NONAME, reply.error)
+    code = getattr(errno, name, errno.EIO)
+    raise _ERRNO_CLASSES.get(name, OSError)(code, reply.error)
+
+
+def _grid_host(host: Any) -> Optional[str]:
+    """The grid host ``host`` names, or None (not a grid host, or no agent)."""
+    if _agent is None or not isinstance(host, str) or not host:
+        return None
+    if is_grid_ip(host):
+        return host
+    if host in ("localhost",) or _is_ip_literal(host):
+        return None
+    found = _agent.lookup(host)
+    if found is None and grid_name(host):
+        raise _socket.gaierror(_socket.EAI_NONAME, f"no node {grid_name(host)!r} in the grid")
+    return found["ip"] if found else None
+
+
+def _domain(fd: int) -> int:
+    """The address family of the socket behind descriptor ``fd``."""
+    probe = _RealSocket(fileno=os.dup(fd))
+    try:
+        return probe.family
+    finally:
+        probe.close()
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        _socket.inet_pton(_socket.AF_INET6 if ":" in host else _socket.AF_INET, host.split("%")[0])
+        return True
+    except OSError:
+        return False
+
+
+class GridSocket(_RealSocket):
+    """``socket.socket``, reaching grid nodes too; see the module docstring."""
+
+    __slots__ = ("_grid_peer", "_grid_local", "_grid_channel", "_grid_unix", "_grid_opts")
+
+    def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+        super().__init__(family, type, proto, fileno)
+        self._grid_peer: Optional[tuple] = None  # (grid ip, port) of the peer
+        self._grid_local: Optional[tuple] = None  # (grid ip, port) of this end
+        self._grid_channel = None  # bound on the grid, not listening yet: the agent connection
+        self._grid_unix = False  # the descriptor is a Unix socketpair end
+        self._grid_opts: Dict[tuple, Any] = {}
+
+    def _grid_capable(self) -> bool:
+        return _agent is not None and self.family in (_socket.AF_INET, _socket.AF_INET6) \
+            and self.type == _socket.SOCK_STREAM
+
+    # --- client ----------------------------------------------------------------------------
+
+    def connect(self, address):
+        host = _grid_host(address[0]) if self._grid_capable() and isinstance(address, tuple) else None
+        if host is None:
+            return super().connect(address)
+        self._grid_connect(host, address[1])
+
+    def connect_ex(self, address):
+        host = _grid_host(address[0]) if self._grid_capable() and isinstance(address, tuple) else None
+        if host is None:
+            return super().connect_ex(address)
+        try:
+            self._grid_connect(host, address[1])
+        except TimeoutError:
+            return errno.ETIMEDOUT
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        return 0
+
+    def _grid_connect(self, host: str, port: int) -> None:
+        if self._grid_peer is not None:
+            raise OSError(errno.EISCONN, "Transport endpoint is already connected")
+        timeout = self.gettimeout()
+        result, fd = _agent.call("connect", {"host": host, "port": int(port), "timeout": timeout or None},
+                                 timeout=None)
+        self._adopt(fd)
+        me = _agent.whoami()
+        self._grid_peer = (result["ip"], int(port))
+        self._grid_local = (me["ip"], 0)
+
+    def _adopt(self, fd: int) -> None:
+        """Put descriptor ``fd`` in place of ours (same number, our timeout), and close ``fd``."""
+        try:
+            self._grid_unix = _domain(fd) == _socket.AF_UNIX
+            os.dup2(fd, self.fileno())
+        finally:
+            os.close(fd)
+        super().settimeout(self.gettimeout())  # O_NONBLOCK belongs to the new file: set it again
+
+    # --- server ----------------------------------------------------------------------------
+
+    def bind(self, address):
+        if not (self._grid_capable() and isinstance(address, tuple) and self._binds_grid(address[0])):
+            return super().bind(address)
+        if self._grid_channel is not None or self._grid_local is not None:
+            raise OSError(errno.EINVAL, "Invalid argument (already bound)")
+        channel = _agent.open()
+        try:
+            channel.sendall(wire.encode(wire.Control("listen", {"port": int(address[1])})))
+            reply, fd = read_reply(channel)
+            result = check(reply, fd)
+        except BaseException:
+            channel.close()
+            raise
+        self._grid_channel = channel
+        self._grid_local = (result["ip"], result["port"])
+
+    def _binds_grid(self, host) -> bool:
+        if host in _WILDCARDS:
+            return True
+        if not isinstance(host, str) or (_is_ip_literal(host) and not is_grid_ip(host)) or host == "localhost":
+            return False
+        me = _agent.whoami()
+        return host in (me["ip"], me["name"], me["name"] + GRID_SUFFIX)
+
+    def listen(self, backlog=None):
+        channel = self._grid_channel
+        if channel is None:
+            return super().listen() if backlog is None else super().listen(backlog)
+        self._grid_channel = None
+        fd = os.dup(channel.fileno())
+        channel.close()
+        self._adopt(fd)
+        self._grid_unix = True
+        self._grid_opts[("listening",)] = True
+
+    def accept(self):
+        if ("listening",) not in self._grid_opts:
+            return super().accept()
+        reply, fd = read_reply(self)
+        result = check(reply, fd)
+        if fd is None:
+            raise ConnectionResetError(errno.ECONNRESET, "agent announced a connection without its descriptor")
+        conn = type(self)(self.family, self.type, self.proto, fileno=fd)
+        conn._grid_unix = _domain(fd) == _socket.AF_UNIX
+        peer = (result["ip"], int(result.get("peer_port") or 0))
+        conn._grid_peer, conn._grid_local = peer, self._grid_local
+        if _socket.getdefaulttimeout() is None and self.gettimeout():
+            conn.setblocking(True)
+        else:
+            conn.settimeout(_socket.getdefaulttimeout())
+        return conn, peer
+
+    # --- addresses and options -------------------------------------------------------------
+
+    def getpeername(self):
+        if self._grid_peer is not None:
+            return self._grid_peer
+        return super().getpeername()
+
+    def getsockname(self):
+        if self._grid_local is not None:
+            return self._grid_local
+        return super().getsockname()
+
+    def setsockopt(self, level, optname, value, optlen=None):
+        args = (level, optname, value) if optlen is None else (level, optname, value, optlen)
+        if self._grid_unix and level in (_socket.IPPROTO_TCP, _socket.IPPROTO_IP, _socket.IPPROTO_IPV6):
+            self._grid_opts[(level, optname)] = value
+            return None
+        try:
+            return super().setsockopt(*args)
+        except OSError as exc:
+            if self._grid_unix and exc.errno in (errno.EOPNOTSUPP, errno.ENOPROTOOPT, errno.EINVAL):
+                self._grid_opts[(level, optname)] = value
+                return None
+            raise
+
+    def getsockopt(self, level, optname, buflen=None):
+        if (level, optname) in self._grid_opts:
+            value = self._grid_opts[(level, optname)]
+            if buflen is None:
+                return value if isinstance(value, int) else int.from_bytes(bytes(value)[:4], "little")
+            return bytes(value) if not isinstance(value, int) else value.to_bytes(4, "little")[:buflen]
+        if self._grid_unix and level in (_socket.IPPROTO_TCP, _socket.IPPROTO_IP, _socket.IPPROTO_IPV6):
+            return 0 if buflen is None else bytes(buflen)
+        return super().getsockopt(level, optname) if buflen is None else super().getsockopt(level, optname, buflen)
+
+    def dup(self):
+        sock = super().dup()
+        for name in ("_grid_peer", "_grid_local", "_grid_unix"):
+            setattr(sock, name, getattr(self, name))
+        sock._grid_opts = dict(self._grid_opts)
+        return sock
+
+    def close(self):
+        channel, self._grid_channel = self._grid_channel, None
+        if channel is not None:
+            channel.close()
+        super().close()
+
+    def detach(self):
+        channel, self._grid_channel = self._grid_channel, None
+        if channel is not None:
+            channel.close()
+        return super().detach()
+
+
+# --- names ---------------------------------------------------------------------------------------
+
+
+def _lookup(host) -> Optional[dict]:
+    if _agent is None:
+        return None
+    if isinstance(host, bytes):
+        host = host.decode("idna")
+    if not isinstance(host, str) or not host or host == "localhost" or (_is_ip_literal(host) and not is_grid_ip(host)):
+        return None
+    found = _agent.lookup(host)
+    if found is None and grid_name(host):
+        raise _socket.gaierror(_socket.EAI_NONAME, f"no node {grid_name(host)!r} in the grid")
+    return found
+
+
+def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
+    found = _lookup(host)
+    if found is None:
+        return _real_getaddrinfo(host, port, family, type, proto, flags)
+    if family not in (0, _socket.AF_UNSPEC, _socket.AF_INET):
+        raise _socket.gaierror(_socket.EAI_ADDRFAMILY, f"grid node {found['name']} has only an IPv4 grid address")
+    if type not in (0, _socket.SOCK_STREAM) or proto not in (0, _socket.IPPROTO_TCP):
+        raise _socket.gaierror(_socket.EAI_SOCKTYPE, "the grid carries TCP streams only")
+    if isinstance(port, (str, bytes)):
+        port = port.decode() if isinstance(port, bytes) else port
+        port = int(port) if port.isdigit() else _socket.getservbyname(port, "tcp")
+    canon = found["name"] if flags & _socket.AI_CANONNAME else ""
+    return [(_socket.AF_INET, _socket.SOCK_STREAM, _socket.IPPROTO_TCP, canon, (found["ip"], int(port or 0)))]
+
+
+def gethostbyname(hostname):
+    found = _lookup(hostname)
+    return found["ip"] if found else _real_gethostbyname(hostname)
+
+
+def gethostbyname_ex(hostname):
+    found = _lookup(hostname)
+    if found is None:
+        return _real_gethostbyname_ex(hostname)
+    return found["name"], [found["name"] + GRID_SUFFIX], [found["ip"]]
+
+
+def gethostbyaddr(ip_address):
+    found = _lookup(ip_address)
+    if found is None:
+        return _real_gethostbyaddr(ip_address)
+    return found["name"], [found["name"] + GRID_SUFFIX], [found["ip"]]
+
+
+def getnameinfo(sockaddr, flags):
+    host = sockaddr[0] if isinstance(sockaddr, tuple) and sockaddr else None
+    found = _lookup(host) if is_grid_ip(host) else None
+    if found is None:
+        return _real_getnameinfo(sockaddr, flags)
+    name = found["ip"] if flags & _socket.NI_NUMERICHOST else found["name"]
+    port = str(sockaddr[1])
+    if not flags & _socket.NI_NUMERICSERV:
+        try:
+            port = _socket.getservbyport(int(sockaddr[1]), "tcp")
+        except OSError:
+            pass
+    return name, port
+
+
+def getfqdn(name=""):
+    found = _lookup(name) if name and name not in _WILDCARDS else None
+    return found["name"] if found else _real_getfqdn(name)

@@ -1,0 +1,248 @@
+"""The socket personality: unmodified stdlib programs, patched, talking through real node processes.
+
+A rendez-vous node and two leaders (``na`` in cluster A, ``nb`` in cluster B) run as processes
+on loopback; every program here is a stdlib script run with ``python -m gridsock.monkey --node
+NAME``, which makes it use the agent socket of that node. Readiness is a line a script prints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gridsock.bootstrap.control import call
+from gridsock.names import grid_ip
+from gridsock.testing.procs import gridsock_argv, wait_for_line
+from test_cli import READY_TIMEOUT_S, STRICT_ENV, Procs, gridsock, with_port
+
+pytestmark = pytest.mark.timeout(120)
+
+# A script under the personality finishes (interpreter start included) within this.
+SCRIPT_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pers")
+    run_dir = tmp_path_factory.mktemp("r")
+    env = dict(os.environ, GRIDSOCK_RUN_DIR=str(run_dir), **STRICT_ENV)
+    procs = Procs(tmp, env)
+    try:
+        rv_session = tmp / "rv" / "session.toml"
+        made = gridsock("session", "new", str(rv_session.parent), "--rendezvous", "127.0.0.1:1", env=env)
+        assert made.returncode == 0, made.stderr
+        rv = procs.start("rendezvous", "rendezvous", "--session", str(rv_session), "--listen", "127.0.0.1:0")
+        port = int(wait_for_line(rv, "rendezvous listening ", timeout=READY_TIMEOUT_S).rsplit(":", 1)[1])
+        session = tmp / "node" / "session.toml"
+        with_port(rv_session, port, session)
+        for name, cluster in (("na", "A"), ("nb", "B")):
+            proc = procs.start(name, "node", "--session", str(session), "--name", name, "--cluster", cluster,
+                               "--listen", "127.0.0.1:0")
+            wait_for_line(proc, f"joined {name} ", timeout=READY_TIMEOUT_S)
+        for name in ("na", "nb"):
+            call(str(run_dir / f"{name}.sock"), "wait", {"present": ["na", "nb"], "settled": True,
+                                                         "timeout": READY_TIMEOUT_S}, timeout=READY_TIMEOUT_S + 5)
+        yield Grid(tmp, run_dir, env, procs, session)
+    finally:
+        procs.stop_all()
+
+
+class Grid:
+    def __init__(self, tmp, run_dir, env, procs, session) -> None:
+        self.tmp, self.run_dir, self.env, self.procs, self.session = tmp, run_dir, env, procs, session
+        self.scripts = 0
+
+    def node_id(self, name: str) -> str:
+        return call(str(self.run_dir / f"{name}.sock"), "status")["node_id"]
+
+    def script(self, text: str):
+        self.scripts += 1
+        path = self.tmp / f"script{self.scripts}.py"
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    def argv(self, node: str, path, *args: str) -> list:
+        return [sys.executable, "-m", "gridsock.monkey", "--node", node, str(path), *args]
+
+    def run(self, node: str, text: str, *args: str) -> str:
+        """Run a script to completion under the personality; return its stdout."""
+        done = subprocess.run(self.argv(node, self.script(text), *args), capture_output=True, text=True,
+                              env=self.env, timeout=SCRIPT_TIMEOUT_S)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def start(self, node: str, text: str, *args: str) -> subprocess.Popen:
+        """Start a server script; it is stopped with the grid's processes."""
+        path = self.script(text)
+        with open(self.tmp / f"{path.stem}.log", "wb") as log:
+            proc = subprocess.Popen(self.argv(node, path, *args), stdout=subprocess.PIPE, stderr=log, env=self.env)
+        self.procs.started.append(proc)
+        return proc
+
+
+def test_grid_names_resolve_to_grid_addresses_and_others_pass_through(grid):
+    out = grid.run("na", """
+        import json, socket
+        infos = socket.getaddrinfo("nb", 80, type=socket.SOCK_STREAM)
+        ip = socket.gethostbyname("nb.grid")
+        try:
+            socket.getaddrinfo("nobody.grid", 80)
+            missing = None
+        except socket.gaierror as exc:
+            missing = exc.errno
+        print(json.dumps({
+            "family": repr(infos[0][0]), "kind": repr(infos[0][1]), "addr": infos[0][4], "ip": ip,
+            "byaddr": socket.gethostbyaddr(ip)[0], "nameinfo": socket.getnameinfo((ip, 80), socket.NI_NUMERICSERV),
+            "fqdn": socket.getfqdn("nb"), "missing": missing, "eai_noname": socket.EAI_NONAME,
+            "localhost": socket.gethostbyname("localhost"),
+            "numeric": socket.getaddrinfo("127.0.0.1", 9, type=socket.SOCK_STREAM)[0][4],
+        }))
+    """)
+    got = json.loads(out)
+    ip = grid_ip(grid.node_id("nb"))
+    assert got["family"] == "<AddressFamily.AF_INET: 2>" and got["kind"] == "<SocketKind.SOCK_STREAM: 1>"
+    assert got["addr"] == [ip, 80] and got["ip"] == ip
+    assert got["byaddr"] == "nb" and got["nameinfo"] == ["nb", "80"] and got["fqdn"] == "nb"
+    assert got["missing"] == got["eai_noname"]
+    assert got["localhost"] == "127.0.0.1" and got["numeric"] == ["127.0.0.1", 9]
+
+
+SOCKETSERVER_ECHO = """
+    import socketserver
+
+    class Echo(socketserver.StreamRequestHandler):
+        def handle(self):
+            peer = self.client_address
+            for line in self.rfile:
+                self.wfile.write(line.strip().upper() + (" from %s:%d" % peer).encode() + b"\\n")
+
+    server = socketserver.ThreadingTCPServer(("", 0), Echo)
+    print("serving", server.server_address[0], server.server_address[1], flush=True)
+    server.serve_forever()
+"""
+
+
+def test_an_unmodified_socketserver_serves_the_grid(grid):
+    server = grid.start("nb", SOCKETSERVER_ECHO)
+    _, ip, port = wait_for_line(server, "serving ", timeout=SCRIPT_TIMEOUT_S).split()
+    assert ip == grid_ip(grid.node_id("nb"))
+    out = grid.run("na", f"""
+        import socket
+        with socket.create_connection(("nb", {port}), timeout=30) as sock:
+            f = sock.makefile("rwb")
+            for word in (b"hello", b"grid"):
+                f.write(word + b"\\n")
+                f.flush()
+                print(f.readline().decode().strip())
+            print(sock.getpeername()[0], sock.getsockname()[0])
+    """)
+    lines = out.splitlines()
+    me = grid_ip(grid.node_id("na"))
+    assert lines[0].startswith("HELLO from " + me) and lines[1].startswith("GRID from " + me)
+    assert lines[2] == f"{ip} {me}"
+
+
+def test_nothing_listening_is_connection_refused(grid):
+    out = grid.run("na", """
+        import socket
+        try:
+            socket.create_connection(("nb", 1), timeout=30)
+        except ConnectionRefusedError as exc:
+            print("refused", exc.errno)
+    """)
+    assert out.split()[0] == "refused"
+
+
+def test_an_unmodified_xmlrpc_server_and_client(grid):
+    server = grid.start("nb", """
+        from xmlrpc.server import SimpleXMLRPCServer
+        server = SimpleXMLRPCServer(("0.0.0.0", 0), logRequests=False)
+        server.register_function(lambda a, b: a + b, "add")
+        print("serving", server.server_address[1], flush=True)
+        server.serve_forever()
+    """)
+    port = wait_for_line(server, "serving ", timeout=SCRIPT_TIMEOUT_S).split()[1]
+    out = grid.run("na", f"""
+        import xmlrpc.client
+        print(xmlrpc.client.ServerProxy("http://nb.grid:{port}/").add(2, 40))
+    """)
+    assert out.strip() == "42"
+
+
+def test_local_traffic_is_untouched_and_asks_the_agent_nothing(grid):
+    out = grid.run("na", """
+        import socket, threading
+        from gridsock.personalities import socket as personality
+        calls = []
+        real_call = personality._Agent.call
+        personality._Agent.call = lambda self, op, args, **kw: (calls.append(op), real_call(self, op, args, **kw))[1]
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        def serve():
+            conn, _ = server.accept()
+            conn.sendall(conn.recv(100)[::-1])
+            conn.close()
+        threading.Thread(target=serve).start()
+        with socket.create_connection(("localhost", server.getsockname()[1])) as sock:
+            sock.sendall(b"local")
+            print(sock.recv(100).decode(), type(sock).__name__, sock.getpeername()[0], len(calls))
+        server.close()
+    """)
+    assert out.split() == ["lacol", "GridSocket", "127.0.0.1", "0"]
+
+
+@pytest.fixture(scope="module")
+def echo_port(grid):
+    server = grid.start("nb", SOCKETSERVER_ECHO)
+    return int(wait_for_line(server, "serving ", timeout=SCRIPT_TIMEOUT_S).split()[2])
+
+
+SPAWNED_CLIENT = """
+    import multiprocessing, socket, sys
+
+    def ask(port, queue):
+        with socket.create_connection(("nb", port), timeout=30) as sock:
+            sock.sendall(b"child\\n")
+            queue.put(sock.makefile("rb").readline().decode().split()[0])
+
+    if __name__ == "__main__":
+        port = int(sys.argv[1])
+        for method in ("spawn", "forkserver"):
+            context = multiprocessing.get_context(method)
+            queue = context.Queue()
+            child = context.Process(target=ask, args=(port, queue))
+            child.start()
+            print(method, queue.get(timeout=60))
+            child.join()
+"""
+
+
+def test_gridsock_run_patches_the_program_and_its_spawned_children(grid, echo_port):
+    script = grid.script(SPAWNED_CLIENT)
+    done = subprocess.run(gridsock_argv("run", "--node", "na", "--", sys.executable, str(script), str(echo_port)),
+                          capture_output=True, text=True, env=grid.env, timeout=SCRIPT_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["spawn CHILD", "forkserver CHILD"]
+
+
+def test_gridsock_run_with_a_node_of_its_own(grid, echo_port):
+    script = grid.script(f"""
+        import socket
+        with socket.create_connection(("nb.grid", {echo_port}), timeout=30) as sock:
+            sock.sendall(b"own node\\n")
+            print(sock.makefile("rb").readline().decode().strip())
+            print(sock.getsockname()[0], socket.gethostbyname("nc"))
+    """)
+    done = subprocess.run(gridsock_argv("run", "--session", str(grid.session), "--name", "nc", "--cluster", "C",
+                                        "--listen", "127.0.0.1:0", "--", sys.executable, str(script)),
+                          capture_output=True, text=True, env=grid.env, timeout=SCRIPT_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    reply, addresses = done.stdout.splitlines()
+    mine, resolved = addresses.split()
+    assert mine == resolved and mine.startswith(("24", "25"))  # nc's grid address, as the grid resolves it
+    assert reply.startswith(f"OWN NODE from {mine}:")
