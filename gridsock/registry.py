@@ -82,6 +82,12 @@ BUILTIN_COMPONENTS: Mapping[str, Tuple[str, str, Mapping[str, type], Mapping[str
             "socks": ("gridsock.components.socks:SocksMethod", "method", {"proxy": str}, {}),
             "ssh": ("gridsock.components.ssh:SshMethod", "method", {"gateway": str}, {}),
             "tls": ("gridsock.components.tls:TlsFilter", "filter", {}, {}),
+            "parallel": (
+                "gridsock.components.parallel:ParallelFilter",
+                "filter",
+                {"streams": int, "chunk": int},
+                {"streams": (1, 64), "chunk": (4096, 4 * 1024 * 1024)},
+            ),
             "lz4": ("gridsock.components.lz4:Lz4Filter", "filter", {"level": int}, {"level": (0, 16)}),
             "zlib": ("gridsock.components.zlib:ZlibFilter", "filter", {"level": int}, {"level": (0, 9)}),
             "bz2": ("gridsock.components.bz2:Bz2Filter", "filter", {"level": int}, {"level": (1, 9)}),

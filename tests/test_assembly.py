@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(300)
 PORT = 5000
 NAMES = ("L1", "m1", "L2", "m2")
 STACKS = ["tcp", "tls/tcp", "lz4/tcp", "zlib/tcp", "bz2/tcp", "adoc/tcp", "tls/lz4/tcp", "relay", "tls/relay",
-          "lz4/relay", "reverse", "tls/reverse"]
+          "lz4/relay", "reverse", "tls/reverse", "parallel(streams=4)/tcp", "tls/parallel(streams=2)/tcp"]
 # (splice needs SYNs that a NAT or firewall drops, not a loopback port that answers RST between
 # attempts: tests/lab/test_data.py checks it through the lab's NAT and firewall.)
 JOIN_TIMEOUT_S = 20.0
@@ -507,5 +507,31 @@ def test_a_candidate_established_but_not_nominated_is_never_delivered(grid, stac
     # The server is unharmed: the next connection is delivered.
     client, _ = m1.open_stream("L1", PORT, stack=stack)
     server, _ = grid.listeners["L1"].accept_stream(timeout=JOIN_TIMEOUT_S)
+    client.close()
+    server.close()
+
+
+@pytest.mark.parametrize("stack,why", [
+    ("parallel(streams=2)/relay", "parallel needs a method that dials"),
+    ("parallel(streams=2)/lz4/tcp", "parallel must be the lowest filter"),
+])
+def test_a_misplaced_parallel_is_refused_with_the_reason(grid, stack, why):
+    with pytest.raises(ConnectError) as failure:
+        grid["m1"].open_stream("m2", PORT, stack=stack)
+    assert why in str(failure.value)
+
+
+def test_parallel_sub_connections_are_gathered_under_one_token(grid):
+    client, info = grid["m1"].open_stream("m2", PORT, stack="parallel(streams=8)/tcp")
+    server, server_info = grid.listeners["m2"].accept_stream(timeout=JOIN_TIMEOUT_S)
+    assert info.stack == server_info.stack == "parallel(streams=8)/tcp"
+    assert client.info["streams"] == server.info["streams"] == 8
+    data = bytes(range(256)) * 4096  # 1 MiB: striped over the eight
+    sender = gevent.spawn(client.send_all, data)
+    received = bytearray()
+    while len(received) < len(data):
+        received += server.receive_some()
+    sender.get(timeout=JOIN_TIMEOUT_S)
+    assert received == data
     client.close()
     server.close()
