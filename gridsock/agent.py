@@ -29,6 +29,7 @@ that errno names. A descriptor always travels on the first byte of its frame, in
 from __future__ import annotations
 
 import array
+import errno
 import logging
 import os
 import socket
@@ -39,9 +40,9 @@ from gevent import socket as gsocket
 
 from . import wire
 from .bootstrap.control import run_dir
-from .bootstrap.link import read_message
+from .bridge import Bridge
 from .bootstrap.transport import Address, listen
-from .errors import BrokenStreamError, ConfigError, ConnectError, GridsockError, RemoteProtocolError
+from .errors import ConfigError, ConnectError, GridsockError, RemoteProtocolError
 from .names import grid_ip, grid_name, is_grid_ip
 
 __all__ = ["AgentServer", "agent_path", "EPHEMERAL_PORTS"]
@@ -53,6 +54,9 @@ EPHEMERAL_PORTS = range(49152, 65536)
 # What getpeername() gives as the port of an accepted connection's client (grid connections have
 # no client port): distinct per connection, from the connection's number.
 PEER_PORTS = range(1024, 65536)
+# A non-blocking connect's filler (see AgentServer._connect_into): a socketpair's send buffer at
+# its smallest is a few KiB; this bounds what the agent reads for a client.
+MAX_FILLER_BYTES = 1 << 20
 # An idle agent client is dropped after this long without a request (listeners excepted).
 IDLE_TIMEOUT_S = 3600.0
 
@@ -95,18 +99,24 @@ class AgentServer:
             gevent.spawn(self._handle, conn)
 
     def _handle(self, conn) -> None:
-        decoder = wire.Decoder(peer="agent client")
+        app = None
         try:
             while True:
-                try:
-                    message = read_message(conn, decoder, timeout=IDLE_TIMEOUT_S)
-                except BrokenStreamError:
+                with gevent.Timeout(IDLE_TIMEOUT_S, TimeoutError("idle agent client")):
+                    message, app = _read_request(conn)
+                if message is None:
                     return
                 if not isinstance(message, wire.Control):
                     raise RemoteProtocolError(f"expected Control, got {type(message).__name__}")
                 if message.op == "listen":
                     self._listen(conn, message.args)
                     return  # the connection was the listener's; it is over
+                if app is not None:
+                    if message.op != "connect":
+                        raise RemoteProtocolError(f"a descriptor came with {message.op!r}")
+                    self._connect_into(conn, message.args, app)
+                    app = None
+                    return
                 fd = None
                 try:
                     result, fd = self._op(message.op, message.args)
@@ -123,6 +133,8 @@ class AgentServer:
         except (OSError, TimeoutError) as exc:
             log.debug("agent client gone: %s", exc)
         finally:
+            if app is not None:
+                app.close()
             conn.close()
 
     # --- operations ----------------------------------------------------------------------------
@@ -156,13 +168,19 @@ class AgentServer:
             raise _Failure("EAI_NONAME", f"no node {name!r} in the grid of {self.node.name}")
         return entry
 
-    def _connect(self, args: Dict[str, Any]):
+    def _connect_args(self, args: Dict[str, Any]):
         entry = self._resolve(args.get("host"))
         port, timeout, stack = args.get("port"), args.get("timeout"), args.get("stack")
         if type(port) is not int or not 0 < port < 65536:
             raise _Failure("EINVAL", f"bad port {port!r}")
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise _Failure("EINVAL", f"bad timeout {timeout!r}")
+        if stack is not None and not isinstance(stack, str):
+            raise _Failure("EINVAL", f"bad stack {stack!r}")
+        return entry, port, timeout, stack
+
+    def _connect(self, args: Dict[str, Any]):
+        entry, port, timeout, stack = self._connect_args(args)
         try:
             sock, info = self.node.connect(entry.node_id, port, stack=stack, timeout=timeout)
         except ConfigError as exc:
@@ -172,6 +190,46 @@ class AgentServer:
         result = {"peer": entry.name, "ip": grid_ip(entry.node_id), "port": port, "stack": info.stack,
                   "tried": [list(t) for t in info.detail.get("tried", [])]}
         return result, sock
+
+    def _connect_into(self, conn, args: Dict[str, Any], app) -> None:
+        """``connect`` for a non-blocking connect: the application sent its end of a socketpair,
+        whose send buffer it filled with ``filler`` bytes so that it does not look writable.
+        Answer first, then drain the filler (on success: the application sees its socket turn
+        writable and finds the answer waiting) or close the end (on failure: the same, and its
+        reads see EOF); on success, bridge the connection's stream to it."""
+        filler = args.get("filler")
+        stream = None
+        try:
+            if type(filler) is not int or not 0 <= filler <= MAX_FILLER_BYTES:
+                raise _Failure("EINVAL", f"bad filler {filler!r}")
+            entry, port, timeout, stack = self._connect_args(args)
+            try:
+                stream, info = self.node.open_stream(entry.node_id, port, stack=stack, timeout=timeout)
+            except ConfigError as exc:
+                raise _Failure("EINVAL", str(exc)) from exc
+            except ConnectError as exc:
+                raise _Failure(_errno_of(exc), str(exc)) from exc
+            result = {"peer": entry.name, "ip": grid_ip(entry.node_id), "port": port, "stack": info.stack,
+                      "tried": [list(t) for t in info.detail.get("tried", [])]}
+            _send(conn, wire.ControlReply(True, result))
+        except _Failure as exc:
+            _send(conn, wire.ControlReply(False, {"errno": exc.errno}, str(exc)[: wire.MAX_REASON_BYTES]))
+            app.close()
+            return
+        try:
+            with gevent.Timeout(IDLE_TIMEOUT_S, TimeoutError("filler not drained")):
+                left = filler
+                while left:
+                    chunk = app.recv(min(left, 65536))
+                    if not chunk:
+                        raise OSError(errno.ECONNRESET, "application closed before the connection was up")
+                    left -= len(chunk)
+        except (OSError, TimeoutError) as exc:
+            log.info("agent: non-blocking connect to %s abandoned: %s", entry.name, exc)
+            stream.close()
+            app.close()
+            return
+        Bridge(stream, app, -1, f"{entry.name}:{port}")
 
     def _listen(self, conn, args: Dict[str, Any]) -> None:
         port = args.get("port")
@@ -233,6 +291,60 @@ def _errno_of(exc: ConnectError) -> str:
     if all("no connection within" in why or "timed out" in why for why in reasons):
         return "ETIMEDOUT"
     return "EHOSTUNREACH"
+
+
+def _read_request(conn):
+    """One Control frame from a client, and the descriptor that came with it (as a gevent
+    socket), or ``(None, None)`` at EOF. Raises RemoteProtocolError for bad input."""
+    fds = array.array("i")
+    data, ancdata, _, _ = conn.recvmsg(4, gsocket.CMSG_SPACE(fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == gsocket.SOL_SOCKET and kind == gsocket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    app = None
+    for i, fd in enumerate(fds):
+        if i == 0 and _is_stream_socket(fd):
+            app = gsocket.socket(fileno=fd)
+        else:
+            os.close(fd)
+    try:
+        if not data:
+            if app is not None:
+                raise RemoteProtocolError("a descriptor without a request")
+            return None, None
+        while len(data) < 4:
+            more = conn.recv(4 - len(data))
+            if not more:
+                raise RemoteProtocolError("agent client closed inside a frame")
+            data += more
+        length = int.from_bytes(data, "big")
+        if length > wire.MAX_FRAME_BYTES:
+            raise RemoteProtocolError(f"frame of {length} bytes")
+        body = bytearray()
+        while len(body) < length:
+            more = conn.recv(length - len(body))
+            if not more:
+                raise RemoteProtocolError("agent client closed inside a frame")
+            body += more
+        decoder = wire.Decoder(peer="agent client")
+        decoder.feed(data + bytes(body))
+        message = decoder.next_message()
+    except BaseException:
+        if app is not None:
+            app.close()
+        raise
+    return message, app
+
+
+def _is_stream_socket(fd: int) -> bool:
+    try:
+        probe = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    try:
+        return probe.type == socket.SOCK_STREAM and probe.family == socket.AF_UNIX
+    finally:
+        probe.close()
 
 
 def _wait_closed(conn) -> None:

@@ -102,7 +102,8 @@ def _warn_early_bindings() -> None:
     originals = {id(_ORIGINALS[("socket", name)]): name for name in SOCKET_ITEMS}
     culprits: List[str] = []
     for module_name, module in list(sys.modules.items()):
-        if module is None or module_name == "socket" or module_name.startswith(("gridsock", "_")):
+        if module is None or module_name == "socket" or module_name.startswith("gridsock") \
+                or (module_name.startswith("_") and module_name != "__main__"):
             continue
         try:
             values = vars(module)

@@ -15,8 +15,8 @@ a Unix socket, with the original socket class.
   sends back the descriptor, which is put in place of the socket's own with ``dup2``, so the
   socket object, its ``fileno()`` and its timeout stay what the application knows. For a plain
   ``tcp`` stack the application then holds the kernel's TCP socket to the peer itself.
-- **bind** to the wildcard address, the node's grid address or its name: the agent serves that
-  grid port (port 0: it picks one, which ``getsockname()`` then tells); **listen** puts the
+- **bind** of an IPv4 socket to the wildcard address, the node's grid address or its name: the
+  agent serves that grid port (port 0: it picks one, which ``getsockname()`` then tells); **listen** puts the
   agent connection in place of the socket's descriptor, so the listening socket is readable
   exactly when a connection waits; **accept** reads one announcement and its descriptor. Any
   other bind (127.0.0.1, a real interface) is an ordinary local socket.
@@ -202,6 +202,10 @@ def _grid_host(host: Any) -> Optional[str]:
     return found["ip"] if found else None
 
 
+def _readable(sock) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
 def _domain(fd: int) -> int:
     """The address family of the socket behind descriptor ``fd``."""
     probe = _RealSocket(fileno=os.dup(fd))
@@ -222,7 +226,7 @@ def _is_ip_literal(host: str) -> bool:
 class GridSocket(_RealSocket):
     """``socket.socket``, reaching grid nodes too; see the module docstring."""
 
-    __slots__ = ("_grid_peer", "_grid_local", "_grid_channel", "_grid_unix", "_grid_opts")
+    __slots__ = ("_grid_peer", "_grid_local", "_grid_channel", "_grid_unix", "_grid_opts", "_grid_pending")
 
     def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
         super().__init__(family, type, proto, fileno)
@@ -231,6 +235,7 @@ class GridSocket(_RealSocket):
         self._grid_channel = None  # bound on the grid, not listening yet: the agent connection
         self._grid_unix = False  # the descriptor is a Unix socketpair end
         self._grid_opts: Dict[tuple, Any] = {}
+        self._grid_pending = None  # a non-blocking connect in progress: (agent connection, port)
 
     def _grid_capable(self) -> bool:
         return _agent is not None and self.family in (_socket.AF_INET, _socket.AF_INET6) \
@@ -259,13 +264,78 @@ class GridSocket(_RealSocket):
     def _grid_connect(self, host: str, port: int) -> None:
         if self._grid_peer is not None:
             raise OSError(errno.EISCONN, "Transport endpoint is already connected")
+        if self._grid_pending is not None:
+            raise OSError(errno.EALREADY, "Operation already in progress")
         timeout = self.gettimeout()
+        if timeout == 0.0:
+            self._grid_connect_nonblocking(host, port)
         result, fd = _agent.call("connect", {"host": host, "port": int(port), "timeout": timeout or None},
                                  timeout=None)
         self._adopt(fd)
         me = _agent.whoami()
         self._grid_peer = (result["ip"], int(port))
         self._grid_local = (me["ip"], 0)
+
+    def _grid_connect_nonblocking(self, host: str, port: int) -> None:
+        """Start a connect and raise BlockingIOError(EINPROGRESS); the socket turns writable when
+        it is done, and ``getsockopt(SOL_SOCKET, SO_ERROR)`` then tells how it went.
+
+        The socket becomes one end of a socketpair whose send buffer is filled (so it is not
+        writable); the other end goes to the agent, which answers on the agent connection and
+        then drains the filler (success: the connection is bridged to our end) or closes it
+        (failure). Either way our end turns writable only once the answer is waiting.
+        """
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        ours = _RealSocket(fileno=ours.detach())
+        theirs = _RealSocket(fileno=theirs.detach())
+        channel = None
+        try:
+            ours.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, 1)  # the kernel's minimum
+            ours.setblocking(False)
+            filler = 0
+            block = bytes(4096)
+            while True:
+                try:
+                    filler += ours.send(block)
+                except BlockingIOError:
+                    break
+            channel = _agent.open()
+            frame = wire.encode(wire.Control("connect", {"host": host, "port": int(port), "timeout": None,
+                                                         "filler": filler}))
+            fds = array.array("i", [theirs.fileno()])
+            sent = channel.sendmsg([frame], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+            if sent < len(frame):
+                channel.sendall(frame[sent:])
+            theirs.close()
+            self._adopt(os.dup(ours.fileno()))
+            ours.close()
+        except BaseException:
+            for sock in (ours, theirs, channel):
+                if sock is not None:
+                    sock.close()
+            raise
+        self._grid_pending = (channel, int(port))
+        raise BlockingIOError(errno.EINPROGRESS, "Operation now in progress")
+
+    def _grid_finish(self) -> int:
+        """The outcome of a non-blocking connect (0 or an errno); waits for it if need be."""
+        channel, port = self._grid_pending
+        self._grid_pending = None
+        try:
+            channel.settimeout(None)
+            reply, fd = read_reply(channel)
+            result = check(reply, fd)
+        except TimeoutError:
+            return errno.ETIMEDOUT
+        except _socket.gaierror:
+            return errno.EHOSTUNREACH
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        finally:
+            channel.close()
+        self._grid_peer = (result["ip"], port)
+        self._grid_local = (_agent.whoami()["ip"], 0)
+        return 0
 
     def _adopt(self, fd: int) -> None:
         """Put descriptor ``fd`` in place of ours (same number, our timeout), and close ``fd``."""
@@ -295,6 +365,8 @@ class GridSocket(_RealSocket):
         self._grid_local = (result["ip"], result["port"])
 
     def _binds_grid(self, host) -> bool:
+        if self.family != _socket.AF_INET:
+            return False  # grid addresses are IPv4: an IPv6 socket (asyncio's "::" twin) stays local
         if host in _WILDCARDS:
             return True
         if not isinstance(host, str) or (_is_ip_literal(host) and not is_grid_ip(host)) or host == "localhost":
@@ -333,6 +405,8 @@ class GridSocket(_RealSocket):
     # --- addresses and options -------------------------------------------------------------
 
     def getpeername(self):
+        if self._grid_pending is not None and _readable(self._grid_pending[0]):
+            self._grid_finish()  # (asyncio asks SO_ERROR first; a selector loop may not)
         if self._grid_peer is not None:
             return self._grid_peer
         return super().getpeername()
@@ -356,6 +430,9 @@ class GridSocket(_RealSocket):
             raise
 
     def getsockopt(self, level, optname, buflen=None):
+        if self._grid_pending is not None and level == _socket.SOL_SOCKET and optname == _socket.SO_ERROR:
+            error = self._grid_finish()
+            return error if buflen is None else error.to_bytes(4, "little")[:buflen]
         if (level, optname) in self._grid_opts:
             value = self._grid_opts[(level, optname)]
             if buflen is None:
@@ -373,9 +450,10 @@ class GridSocket(_RealSocket):
         return sock
 
     def close(self):
-        channel, self._grid_channel = self._grid_channel, None
-        if channel is not None:
-            channel.close()
+        for channel in (self._grid_channel, self._grid_pending and self._grid_pending[0]):
+            if channel is not None:
+                channel.close()
+        self._grid_channel = self._grid_pending = None
         super().close()
 
     def detach(self):

@@ -246,3 +246,70 @@ def test_gridsock_run_with_a_node_of_its_own(grid, echo_port):
     mine, resolved = addresses.split()
     assert mine == resolved and mine.startswith(("24", "25"))  # nc's grid address, as the grid resolves it
     assert reply.startswith(f"OWN NODE from {mine}:")
+
+
+ASYNCIO_ECHO = """
+    import asyncio
+
+    async def echo(reader, writer):
+        data = await reader.readline()
+        writer.write(data.upper())
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(echo, "0.0.0.0", 0)
+        print("serving", server.sockets[0].getsockname()[1], flush=True)
+        await server.serve_forever()
+
+    asyncio.run(main())
+"""
+
+
+def test_asyncio_server_and_client_with_non_blocking_connect(grid):
+    server = grid.start("nb", ASYNCIO_ECHO)
+    port = wait_for_line(server, "serving ", timeout=SCRIPT_TIMEOUT_S).split()[1]
+    out = grid.run("na", f"""
+        import asyncio, socket
+
+        async def main():
+            reader, writer = await asyncio.open_connection("nb", {port})
+            writer.write(b"asyncio\\n")
+            print((await reader.readline()).decode().strip(), writer.get_extra_info("peername")[0])
+            writer.close()
+            await writer.wait_closed()
+            try:
+                await asyncio.open_connection("nb", 1)
+            except ConnectionRefusedError:
+                print("refused")
+
+        asyncio.run(main())
+        sock = socket.socket()
+        sock.setblocking(False)
+        print(sock.connect_ex(("nb", {port})) == __import__("errno").EINPROGRESS)
+        sock.close()
+    """)
+    ip = grid_ip(grid.node_id("nb"))
+    assert out.splitlines() == [f"ASYNCIO {ip}", "refused", "True"]
+
+
+def test_patching_after_a_module_bound_socket_names_warns_naming_it(grid):
+    code = textwrap.dedent("""
+        import ssl, warnings
+        from socket import getaddrinfo
+        from gridsock.personalities.monkey import is_patched, patch_all, unpatch_all
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            patch_all()
+        print(is_patched(), is_patched("socket", "getaddrinfo"))
+        print(got[0].message)
+        unpatch_all()
+        print(is_patched())
+    """)
+    env = dict(grid.env, GRIDSOCK_AGENT=str(grid.run_dir / "na.agent"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=SCRIPT_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    patched, message, unpatched = done.stdout.splitlines()
+    assert patched == "True True" and unpatched == "False"
+    assert "__main__ (getaddrinfo)" in message and "ssl (socket" in message, message
