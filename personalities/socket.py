@@ -47,10 +47,11 @@ from gridsock.names import GRID_SUFFIX, grid_name, is_grid_ip
 
 from .monkey import get_original
 
-__all__ = ["GridSocket", "configure", "agent", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
+__all__ = ["GridSocket", "configure", "agent", "create_connection", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
            "gethostbyaddr", "getnameinfo", "getfqdn", "NAME_CACHE_S"]
 
 _RealSocket = get_original("socket", "socket")
+_real_create_connection = _socket.create_connection  # (it calls the module's names: fine unpatched)
 (_real_getaddrinfo, _real_gethostbyname, _real_gethostbyname_ex, _real_gethostbyaddr, _real_getnameinfo,
  _real_getfqdn) = get_original("socket", ["getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr",
                                            "getnameinfo", "getfqdn"])
@@ -128,6 +129,26 @@ def configure(path: Optional[str]) -> None:
 
 def agent() -> Optional[_Agent]:
     return _agent
+
+
+def create_connection(address, timeout=_socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
+    """``socket.create_connection`` with grid hosts, whether or not the personality is patched in
+    (the shims use it): a grid host gives a connected :class:`GridSocket`."""
+    host, port = address[0], address[1]
+    if _grid_host(host) is None:
+        return _real_create_connection(address, timeout, source_address)
+    sock = GridSocket(_socket.AF_INET, _socket.SOCK_STREAM)
+    try:
+        if timeout is not _socket._GLOBAL_DEFAULT_TIMEOUT:
+            sock.settimeout(timeout)
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+configure(os.environ.get("GRIDSOCK_AGENT"))  # patched or not, a process started with an agent uses it
 
 
 def read_reply(sock) -> Tuple[wire.ControlReply, Optional[int]]:
