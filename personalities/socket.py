@@ -62,6 +62,7 @@ NAME_CACHE_S = 5.0
 # An agent call that is not a connect answers within this long.
 AGENT_TIMEOUT_S = 10.0
 _WILDCARDS = ("", "0.0.0.0", "::")
+_MAPPED = "::ffff:"  # an IPv4 address seen through an IPv6 socket
 _ERRNO_CLASSES = {"ECONNREFUSED": ConnectionRefusedError, "ETIMEDOUT": TimeoutError}
 
 
@@ -213,6 +214,8 @@ def _grid_host(host: Any) -> Optional[str]:
     """The grid host ``host`` names, or None (not a grid host, or no agent)."""
     if _agent is None or not isinstance(host, str) or not host:
         return None
+    if host.startswith(_MAPPED) and is_grid_ip(host[len(_MAPPED):]):
+        return host[len(_MAPPED):]
     if is_grid_ip(host):
         return host
     if host in ("localhost",) or _is_ip_literal(host):
@@ -294,8 +297,8 @@ class GridSocket(_RealSocket):
                                  timeout=None)
         self._adopt(fd)
         me = _agent.whoami()
-        self._grid_peer = (result["ip"], int(port))
-        self._grid_local = (me["ip"], 0)
+        self._grid_peer = self._addr(result["ip"], int(port))
+        self._grid_local = self._addr(me["ip"], 0)
 
     def _grid_connect_nonblocking(self, host: str, port: int) -> None:
         """Start a connect and raise BlockingIOError(EINPROGRESS); the socket turns writable when
@@ -354,8 +357,8 @@ class GridSocket(_RealSocket):
             return exc.errno or errno.EIO
         finally:
             channel.close()
-        self._grid_peer = (result["ip"], port)
-        self._grid_local = (_agent.whoami()["ip"], 0)
+        self._grid_peer = self._addr(result["ip"], port)
+        self._grid_local = self._addr(_agent.whoami()["ip"], 0)
         return 0
 
     def _adopt(self, fd: int) -> None:
@@ -383,11 +386,19 @@ class GridSocket(_RealSocket):
             channel.close()
             raise
         self._grid_channel = channel
-        self._grid_local = (result["ip"], result["port"])
+        self._grid_local = self._addr(result["ip"], result["port"])
+
+    def _addr(self, ip: str, port: int) -> tuple:
+        """A socket address of our family for grid address ``ip`` (IPv4-mapped on IPv6 sockets)."""
+        return (ip, port) if self.family == _socket.AF_INET else (_MAPPED + ip, port, 0, 0)
 
     def _binds_grid(self, host) -> bool:
-        if self.family != _socket.AF_INET:
-            return False  # grid addresses are IPv4: an IPv6 socket (asyncio's "::" twin) stays local
+        if isinstance(host, str) and host.startswith(_MAPPED) and is_grid_ip(host[len(_MAPPED):]):
+            return True
+        if self.family == _socket.AF_INET6:
+            # Grid addresses are IPv4: a dual-stack wildcard (http.server's) serves the grid, a
+            # V6ONLY one (asyncio's twin of its IPv4 socket) stays local.
+            return host in ("", "::") and not super().getsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY)
         if host in _WILDCARDS:
             return True
         if not isinstance(host, str) or (_is_ip_literal(host) and not is_grid_ip(host)) or host == "localhost":
@@ -415,7 +426,7 @@ class GridSocket(_RealSocket):
             raise ConnectionResetError(errno.ECONNRESET, "agent announced a connection without its descriptor")
         conn = type(self)(self.family, self.type, self.proto, fileno=fd)
         conn._grid_unix = _domain(fd) == _socket.AF_UNIX
-        peer = (result["ip"], int(result.get("peer_port") or 0))
+        peer = self._addr(result["ip"], int(result.get("peer_port") or 0))
         conn._grid_peer, conn._grid_local = peer, self._grid_local
         if _socket.getdefaulttimeout() is None and self.gettimeout():
             conn.setblocking(True)

@@ -6,6 +6,7 @@ NAME``, which makes it use the agent socket of that node. Readiness is a line a 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -313,3 +314,20 @@ def test_patching_after_a_module_bound_socket_names_warns_naming_it(grid):
     patched, message, unpatched = done.stdout.splitlines()
     assert patched == "True True" and unpatched == "False"
     assert "__main__ (getaddrinfo)" in message and "ssl (socket" in message, message
+
+
+def test_a_dual_stack_http_server_serves_the_grid_and_urllib_fetches_byte_exact(grid, tmp_path):
+    (tmp_path / "data.bin").write_bytes(os.urandom(3 << 20))
+    server = grid.start("nb", """
+        import runpy, sys
+        sys.argv = ["http.server", "0", "--directory", sys.argv[1]]
+        runpy.run_module("http.server", run_name="__main__")
+    """, str(tmp_path))
+    line = wait_for_line(server, "Serving HTTP on ", timeout=SCRIPT_TIMEOUT_S)
+    port = line.split(" port ")[1].split()[0]
+    out = grid.run("na", f"""
+        import hashlib, urllib.request
+        with urllib.request.urlopen("http://nb:{port}/data.bin", timeout=30) as response:
+            print(hashlib.sha256(response.read()).hexdigest())
+    """)
+    assert out.strip() == hashlib.sha256((tmp_path / "data.bin").read_bytes()).hexdigest()
