@@ -40,7 +40,7 @@ setup(
         'tomli>=2; python_version < "3.11"',
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "requests>=2.28"],
     },
     entry_points={
         "console_scripts": ["gridsock = gridsock.cli:main"],
