@@ -44,6 +44,8 @@ setup(
     },
     entry_points={
         "console_scripts": ["gridsock = gridsock.cli:main"],
+        # gevent's monkey.patch_all() after ours: put the personality back on top of gevent's.
+        "gevent.plugins.monkey.did_patch_all": ["gridsock = gridsock.personalities.monkey:gevent_did_patch_all"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -3,12 +3,16 @@
 Theory of operation
 -------------------
 ``patch_all()`` (today: ``patch_socket()``) replaces, in the ``socket`` module, the class
-``socket`` and the name functions (``getaddrinfo``, ``gethostbyname``, ``gethostbyname_ex``,
-``gethostbyaddr``, ``getnameinfo``, ``getfqdn``) by the personality's
-(:mod:`gridsock.personalities.socket`). ``create_connection`` and every module that calls
-``socket.socket(...)`` or ``socket.getaddrinfo(...)`` through the module then reach grid nodes
-by name. The originals are kept here, in one place (:func:`get_original`); the personality's
+``socket``, ``create_connection`` (gevent's does not go through the module's names) and the
+name functions (``getaddrinfo``, ``gethostbyname``, ``gethostbyname_ex``, ``gethostbyaddr``,
+``getnameinfo``, ``getfqdn``) by the personality's (:mod:`gridsock.personalities.socket`).
+Every module that calls ``socket.socket(...)`` or ``socket.getaddrinfo(...)`` through the module
+then reaches grid nodes by name. The originals are kept here, in one place (:func:`get_original`); the personality's
 own Unix connections to its agent use them, and ``unpatch_all()`` puts them back.
+
+A program that runs patched and then lets gevent patch (``monkey.patch_all()``) gets the
+personality back on top of gevent's sockets: gevent calls :func:`gevent_did_patch_all` (an entry
+point). Patching gevent first and the personality second works as well.
 
 A module that bound the names itself before the patch (``from socket import socket``: ``ssl``
 does) keeps the originals; :func:`patch_socket` warns, naming such modules. Patch first:
@@ -36,11 +40,11 @@ import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = ["patch_all", "patch_socket", "unpatch_all", "is_patched", "get_original", "SOCKET_ITEMS",
-           "site_dir", "main"]
+           "site_dir", "child_environment", "gevent_did_patch_all", "main"]
 
 #: What the personality replaces in the ``socket`` module.
-SOCKET_ITEMS = ("socket", "getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getnameinfo",
-                "getfqdn")
+SOCKET_ITEMS = ("socket", "create_connection", "getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr",
+                "getnameinfo", "getfqdn")
 #: The environment variable naming the agent socket (inherited by child processes).
 AGENT_ENV = "GRIDSOCK_AGENT"
 
@@ -102,7 +106,7 @@ def _warn_early_bindings() -> None:
     originals = {id(_ORIGINALS[("socket", name)]): name for name in SOCKET_ITEMS}
     culprits: List[str] = []
     for module_name, module in list(sys.modules.items()):
-        if module is None or module_name == "socket" or module_name.startswith("gridsock") \
+        if module is None or module_name == "socket" or module_name.startswith(("gridsock", "gevent")) \
                 or (module_name.startswith("_") and module_name != "__main__"):
             continue
         try:
@@ -117,6 +121,27 @@ def _warn_early_bindings() -> None:
         warnings.warn("gridsock personality installed after these modules bound socket names of their own, "
                       "which keep the originals: " + "; ".join(sorted(culprits))
                       + ". Patch earlier (python -m gridsock.monkey, gridsock run).", RuntimeWarning, stacklevel=3)
+
+
+def gevent_did_patch_all(event=None) -> None:
+    """gevent's plugin hook (entry point ``gevent.plugins.monkey.did_patch_all``).
+
+    A program run patched (``gridsock run``, ``python -m gridsock.monkey``) that then calls
+    gevent's ``monkey.patch_all()`` has just had its socket names replaced by gevent's, ours
+    included. Install the personality again, on top of gevent's socket class this time, so grid
+    connections are cooperative too.
+    """
+    if not _patched or getattr(socket, "socket") is _patched.get(("socket", "socket")):
+        return
+    import importlib
+
+    from . import socket as personality
+
+    for name in SOCKET_ITEMS:
+        _ORIGINALS[("socket", name)] = getattr(socket, name)  # gevent's now
+    _patched.clear()
+    importlib.reload(personality)  # a GridSocket built on gevent's class
+    patch_socket(warn=False)
 
 
 def site_dir() -> str:

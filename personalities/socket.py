@@ -51,7 +51,7 @@ __all__ = ["GridSocket", "configure", "agent", "create_connection", "getaddrinfo
            "gethostbyaddr", "getnameinfo", "getfqdn", "NAME_CACHE_S"]
 
 _RealSocket = get_original("socket", "socket")
-_real_create_connection = _socket.create_connection  # (it calls the module's names: fine unpatched)
+_real_create_connection = get_original("socket", "create_connection")
 (_real_getaddrinfo, _real_gethostbyname, _real_gethostbyname_ex, _real_gethostbyaddr, _real_getnameinfo,
  _real_getfqdn) = get_original("socket", ["getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr",
                                            "getnameinfo", "getfqdn"])

@@ -313,7 +313,7 @@ def test_patching_after_a_module_bound_socket_names_warns_naming_it(grid):
     assert done.returncode == 0, done.stderr
     patched, message, unpatched = done.stdout.splitlines()
     assert patched == "True True" and unpatched == "False"
-    assert "__main__ (getaddrinfo)" in message and "ssl (socket" in message, message
+    assert "__main__ (getaddrinfo)" in message and "ssl (create_connection, socket)" in message, message
 
 
 def test_a_dual_stack_http_server_serves_the_grid_and_urllib_fetches_byte_exact(grid, tmp_path):
@@ -331,3 +331,38 @@ def test_a_dual_stack_http_server_serves_the_grid_and_urllib_fetches_byte_exact(
             print(hashlib.sha256(response.read()).hexdigest())
     """)
     assert out.strip() == hashlib.sha256((tmp_path / "data.bin").read_bytes()).hexdigest()
+
+
+GEVENT_ECHO = """
+    from gevent import monkey; monkey.patch_all()
+    import gevent, socket
+
+    def handle(conn):
+        with conn:
+            while data := conn.recv(100):
+                conn.sendall(data.upper())
+
+    server = socket.socket()
+    server.bind(("", 0))
+    server.listen()
+    print("serving", server.getsockname()[1], flush=True)
+    while True:
+        gevent.spawn(handle, server.accept()[0])
+"""
+
+
+def test_a_gevent_patched_program_under_the_personality(grid):
+    server = grid.start("nb", GEVENT_ECHO)
+    port = wait_for_line(server, "serving ", timeout=SCRIPT_TIMEOUT_S).split()[1]
+    out = grid.run("na", f"""
+        from gevent import monkey; monkey.patch_all()
+        import gevent, socket
+
+        def ask(i):
+            with socket.create_connection(("nb", {port}), timeout=30) as sock:
+                sock.sendall(b"greenlet %d" % i)
+                return sock.recv(100).decode()
+
+        print(sorted(g.get() for g in gevent.joinall([gevent.spawn(ask, i) for i in range(8)], raise_error=True)))
+    """)
+    assert out.strip() == str(sorted(f"GREENLET {i}" for i in range(8)))
