@@ -12,7 +12,8 @@ socket, a Unix socket ``<run dir>/<name>.agent`` (mode 0600: only its user). A c
   error ``EAI_NONAME`` if the grid knows no such node.
 - ``connect {host, port, timeout, stack}`` -> ``{peer, ip, port, stack, tried}`` with the
   connected socket's descriptor attached (``SCM_RIGHTS``): the kernel TCP socket itself for a
-  plain ``tcp`` stack, else one end of a socketpair the node bridges to the stack. The agent
+  plain ``tcp`` stack, else one end of a loopback TCP pair the node bridges to the stack (TCP,
+  so that TCP options and ``ssl`` work on it as on any TCP socket). The agent
   closes its copy: from then on the descriptor is the application's alone.
 - ``listen {port}`` -> ``{port, ip}`` (port 0: the agent picks a free grid port); the same Unix
   connection then carries one ``ControlReply`` per connection accepted on that grid port,
@@ -182,7 +183,7 @@ class AgentServer:
     def _connect(self, args: Dict[str, Any]):
         entry, port, timeout, stack = self._connect_args(args)
         try:
-            sock, info = self.node.connect(entry.node_id, port, stack=stack, timeout=timeout)
+            sock, info = self.node.connect(entry.node_id, port, stack=stack, timeout=timeout, tcp_bridge=True)
         except ConfigError as exc:
             raise _Failure("EINVAL", str(exc)) from exc
         except ConnectError as exc:
@@ -246,7 +247,7 @@ class AgentServer:
         watcher = gevent.spawn(_wait_closed, conn)
         try:
             while not watcher.ready():
-                accepting = gevent.spawn(listener.accept)
+                accepting = gevent.spawn(listener.accept, tcp_bridge=True)
                 gevent.joinall([accepting, watcher], count=1)
                 if not accepting.ready():
                     accepting.kill()

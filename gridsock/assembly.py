@@ -127,13 +127,14 @@ class DataListener:
         self._queue: gevent.queue.Queue = gevent.queue.Queue(maxsize=LISTEN_BACKLOG)
         self.closed = False
 
-    def accept(self, timeout: float | None = None) -> Tuple[socket.socket, ConnectionInfo]:
+    def accept(self, timeout: float | None = None, *, tcp_bridge: bool = False) -> Tuple[socket.socket, ConnectionInfo]:
         """Return ``(socket, info)`` for the next connection; raise TimeoutError after ``timeout``.
 
-        The socket is a real OS socket (see the module docstring).
+        The socket is a real OS socket (see the module docstring); ``tcp_bridge``: a bridged one
+        is a loopback TCP socket rather than a Unix one.
         """
         stream, info = self.accept_stream(timeout)
-        return self._assembler._hand_out(Stack.parse(info.stack), stream, info), info
+        return self._assembler._hand_out(Stack.parse(info.stack), stream, info, tcp_bridge=tcp_bridge), info
 
     def accept_stream(self, timeout: float | None = None) -> Tuple[Stream, ConnectionInfo]:
         """Like accept(), but the framework's Stream itself (for framework code and tests)."""
@@ -627,10 +628,12 @@ class Assembler:
             raise ConnectError(f"connecting to {entry.name} over {stack} failed: {exc}", peer=entry.name,
                                method=method) from exc
 
-    def connect(self, peer: str, port: int, *, stack=None, timeout: float = ASSEMBLY_TIMEOUT_S):
-        """Connect and return ``(socket.socket, ConnectionInfo)``: a real OS socket."""
+    def connect(self, peer: str, port: int, *, stack=None, timeout: float = ASSEMBLY_TIMEOUT_S,
+                tcp_bridge: bool = False):
+        """Connect and return ``(socket.socket, ConnectionInfo)``: a real OS socket (with
+        ``tcp_bridge``, a bridged one is a loopback TCP socket rather than a Unix one)."""
         stream, info = self.open_stream(peer, port, stack=stack, timeout=timeout)
-        return self._hand_out(Stack.parse(info.stack), stream, info), info
+        return self._hand_out(Stack.parse(info.stack), stream, info, tcp_bridge=tcp_bridge), info
 
     # --- both --------------------------------------------------------------------------------
 
@@ -663,14 +666,14 @@ class Assembler:
         self.connections[conn] = info
         return info
 
-    def _hand_out(self, stack: Stack, stream: Stream, info: ConnectionInfo) -> socket.socket:
-        from .bridge import bridge, to_std_socket
+    def _hand_out(self, stack: Stack, stream: Stream, info: ConnectionInfo, *, tcp_bridge: bool = False):
+        from .bridge import start_bridge, to_std_socket
 
         if not stack.filters and isinstance(stream, SocketStream):
             sock = to_std_socket(stream.socket)
             info.detail["bridged"] = False
         else:
-            sock = bridge(stream, name=f"{info.peer_name}:{info.port}")
+            sock = start_bridge(stream, name=f"{info.peer_name}:{info.port}", tcp=tcp_bridge)[0]
             info.detail["bridged"] = True
         info.detail["socket"] = weakref.ref(sock)
         return sock

@@ -213,17 +213,19 @@ class Bridge:
         self._done.set()
 
 
-def start_bridge(stream: Stream, *, name: str = "") -> Tuple[socket.socket, Bridge]:
+def start_bridge(stream: Stream, *, name: str = "", tcp: bool = False) -> Tuple[socket.socket, Bridge]:
     """Bridge ``stream`` to a new socket; return ``(app_socket, bridge)``.
 
     ``app_socket`` is a stdlib ``socket.socket`` (AF_UNIX, SOCK_STREAM, blocking) that the
     caller owns and must close; ``bridge`` is the framework's handle (see :class:`Bridge`),
-    which owns ``stream`` from now on. Raises OSError if no socketpair can be made (too many
+    which owns ``stream`` from now on. With ``tcp``, the pair is a loopback TCP connection
+    instead, for programs that treat the socket as TCP (TCP options, ``ssl`` wrapping with
+    ``TCP_NODELAY``): the socket personality's. Raises OSError if no pair can be made (too many
     open files...), after closing ``stream``.
     """
     name = name or f"bridge-{next(_serial)}"
     try:
-        app, framework = socket.socketpair()
+        app, framework = tcp_pair() if tcp else socket.socketpair()
     except OSError:
         stream.close()
         raise
@@ -237,6 +239,35 @@ def start_bridge(stream: Stream, *, name: str = "") -> Tuple[socket.socket, Brid
         stream.close()
         raise
     return app, Bridge(stream, framework_end, app.fileno(), name)
+
+
+def tcp_pair() -> Tuple[socket.socket, socket.socket]:
+    """Two connected stdlib TCP sockets on loopback (blocking, TCP_NODELAY), as a socketpair.
+
+    The listening socket lives only for the one connect, and the accepted connection must come
+    from our own socket (anyone else's is closed and waited past).
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client = None
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client.connect(listener.getsockname())  # loopback: done once the kernel queued it
+        for _ in range(8):
+            server, peer = listener.accept()
+            if peer == client.getsockname():
+                for sock in (client, server):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return client, server
+            server.close()  # a stranger raced us to the port
+        raise OSError(errno.EADDRINUSE, "could not make a loopback TCP pair")
+    except BaseException:
+        if client is not None:
+            client.close()
+        raise
+    finally:
+        listener.close()
 
 
 def bridge(stream: Stream, *, name: str = "") -> socket.socket:

@@ -287,14 +287,15 @@ class Node:
         """Serve grid port ``port``: ``accept()`` on the result gives ``(socket, info)``."""
         return self.assembler.listen(port)
 
-    def connect(self, peer: str, port: int, *, stack=None, timeout: float | None = None):
+    def connect(self, peer: str, port: int, *, stack=None, timeout: float | None = None, tcp_bridge: bool = False):
         """Connect to grid port ``port`` of node ``peer`` (name or id); return ``(socket, info)``.
 
-        The socket is a real OS socket. ``stack`` (a stack string) overrides the rules.
+        The socket is a real OS socket. ``stack`` (a stack string) overrides the rules;
+        ``tcp_bridge`` makes a bridged socket a loopback TCP one rather than a Unix one.
         Raises ConnectError with the reason when the connection cannot be made.
         """
         kwargs = {} if timeout is None else {"timeout": timeout}
-        return self.assembler.connect(peer, port, stack=stack, **kwargs)
+        return self.assembler.connect(peer, port, stack=stack, tcp_bridge=tcp_bridge, **kwargs)
 
     def open_stream(self, peer: str, port: int, *, stack=None, timeout: float | None = None):
         """Like connect(), but return the framework's Stream instead of a socket."""

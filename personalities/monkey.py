@@ -158,37 +158,62 @@ def child_environment(agent: str, env: Optional[Dict[str, str]] = None) -> Dict[
     return env
 
 
+USAGE = """usage: python -m gridsock.monkey [--node NAME | --agent PATH] (script.py | -m module) [args...]
+
+Run a Python program with the gridsock socket personality: its sockets reach grid nodes by name,
+through the node NAME running on this host (or the agent socket PATH, default $GRIDSOCK_AGENT).
+Everything after the script (or -m module) is the program's own."""
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    import argparse
     import runpy
 
-    parser = argparse.ArgumentParser(prog="python -m gridsock.monkey",
-                                     description="Run a Python program with the gridsock socket personality.")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--node", metavar="NAME", help="use the node NAME running on this host")
-    where.add_argument("--agent", metavar="PATH", help="agent socket of the node to use (default: $GRIDSOCK_AGENT)")
-    parser.add_argument("-m", dest="module", help="run a library module as a script")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="script.py and its arguments")
-    args = parser.parse_args(argv)
-    agent = args.agent
-    if args.node:
+    args = list(sys.argv[1:] if argv is None else argv)
+    agent, node, module, program = None, None, None, None
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            print(USAGE)
+            return 0
+        if arg in ("--node", "--agent", "-m") and not args:
+            print(f"{USAGE}\n\nerror: {arg} needs a value", file=sys.stderr)
+            return 2
+        if arg == "--node":
+            node = args.pop(0)
+        elif arg == "--agent":
+            agent = args.pop(0)
+        elif arg == "-m":
+            module = args.pop(0)
+            break
+        elif arg.startswith("-"):
+            print(f"{USAGE}\n\nerror: unknown option {arg}", file=sys.stderr)
+            return 2
+        else:
+            program = arg
+            break
+    if node and agent:
+        print(f"{USAGE}\n\nerror: give --node or --agent, not both", file=sys.stderr)
+        return 2
+    if node:
         from gridsock.bootstrap.control import run_dir
 
-        agent = os.path.join(run_dir(), f"{args.node}.agent")
+        agent = os.path.join(run_dir(), f"{node}.agent")
     agent = agent or os.environ.get(AGENT_ENV)
     if not agent:
-        parser.error("no agent: give --node NAME or --agent PATH, or set $GRIDSOCK_AGENT")
-    if not args.module and not args.args:
-        parser.error("nothing to run: give script.py or -m module")
+        print(f"{USAGE}\n\nerror: no agent: give --node NAME or --agent PATH, or set ${AGENT_ENV}", file=sys.stderr)
+        return 2
+    if not module and not program:
+        print(f"{USAGE}\n\nerror: nothing to run: give script.py or -m module", file=sys.stderr)
+        return 2
     os.environ.update(child_environment(agent))
     patch_all(agent=agent)
-    if args.module:
-        sys.argv = [args.module] + args.args
-        runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+    if module:
+        sys.argv = [module] + args
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
     else:
-        sys.argv = list(args.args)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
-        runpy.run_path(sys.argv[0], run_name="__main__")
+        sys.argv = [program] + args
+        sys.path.insert(0, os.path.dirname(os.path.abspath(program)))
+        runpy.run_path(program, run_name="__main__")
     return 0
 
 

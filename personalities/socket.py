@@ -47,7 +47,7 @@ from gridsock.names import GRID_SUFFIX, grid_name, is_grid_ip
 
 from .monkey import get_original
 
-__all__ = ["GridSocket", "configure", "agent", "create_connection", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
+__all__ = ["GridSocket", "configure", "agent", "create_connection", "is_grid_host", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
            "gethostbyaddr", "getnameinfo", "getfqdn", "NAME_CACHE_S"]
 
 _RealSocket = get_original("socket", "socket")
@@ -120,28 +120,49 @@ class _Agent:
 
 
 _agent: Optional[_Agent] = None
+# Force mode ($GRIDSOCK_FORCE=1): loopback TCP goes through the grid too, to this very node, so
+# a test suite that talks to itself on 127.0.0.1 exercises the whole path.
+_force = False
+_LOOPBACK = ("127.0.0.1", "::1", "localhost", "::ffff:127.0.0.1")
 
 
-def configure(path: Optional[str]) -> None:
-    """Use the agent at ``path`` (None: none; the personality then passes everything through)."""
-    global _agent
+def configure(path: Optional[str], *, force: Optional[bool] = None) -> None:
+    """Use the agent at ``path`` (None: none; the personality then passes everything through).
+
+    ``force`` (default: ``$GRIDSOCK_FORCE == "1"``) sends loopback TCP through the grid as well.
+    """
+    global _agent, _force
     _agent = _Agent(path) if path else None
+    _force = os.environ.get("GRIDSOCK_FORCE") == "1" if force is None else force
 
 
 def agent() -> Optional[_Agent]:
     return _agent
 
 
-def create_connection(address, timeout=_socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
+def is_grid_host(host) -> bool:
+    """True if a connection to ``host`` goes through the grid: a node name, ``NAME.grid`` (an
+    unknown one too: connecting then fails to resolve), a grid address, or loopback in force
+    mode; always False without an agent. Asks the agent at most once per ``NAME_CACHE_S``."""
+    try:
+        return _grid_host(host) is not None
+    except _socket.gaierror:
+        return True
+
+
+def create_connection(address, timeout=_socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, **kwargs):
     """``socket.create_connection`` with grid hosts, whether or not the personality is patched in
-    (the shims use it): a grid host gives a connected :class:`GridSocket`."""
+    (the shims use it): a grid host gives a connected :class:`GridSocket`. ``all_errors``
+    (Python 3.11+) goes to the stdlib for other hosts; a grid connect has one error anyway."""
     host, port = address[0], address[1]
     if _grid_host(host) is None:
-        return _real_create_connection(address, timeout, source_address)
+        return _real_create_connection(address, timeout, source_address, **kwargs)
     sock = GridSocket(_socket.AF_INET, _socket.SOCK_STREAM)
     try:
         if timeout is not _socket._GLOBAL_DEFAULT_TIMEOUT:
             sock.settimeout(timeout)
+        if source_address:
+            sock.bind(source_address)
         sock.connect((host, port))
     except BaseException:
         sock.close()
@@ -216,6 +237,8 @@ def _grid_host(host: Any) -> Optional[str]:
         return None
     if host.startswith(_MAPPED) and is_grid_ip(host[len(_MAPPED):]):
         return host[len(_MAPPED):]
+    if _force and _is_loopback(host):
+        return _agent.whoami()["ip"]
     if is_grid_ip(host):
         return host
     if host in ("localhost",) or _is_ip_literal(host):
@@ -224,6 +247,18 @@ def _grid_host(host: Any) -> Optional[str]:
     if found is None and grid_name(host):
         raise _socket.gaierror(_socket.EAI_NONAME, f"no node {grid_name(host)!r} in the grid")
     return found["ip"] if found else None
+
+
+def _check_port(op: str, port) -> None:
+    """What CPython's socket module says of a bad port, before any system call."""
+    if not isinstance(port, int):
+        raise TypeError(f"'{type(port).__name__}' object cannot be interpreted as an integer")
+    if not 0 <= port <= 65535:
+        raise OverflowError(f"{op}(): port must be 0-65535.")
+
+
+def _is_loopback(host: str) -> bool:
+    return host in _LOOPBACK or host.startswith("127.")
 
 
 def _readable(sock) -> bool:
@@ -272,6 +307,7 @@ class GridSocket(_RealSocket):
         if host is None:
             return super().connect(address)
         self._grid_connect(host, address[1])
+        self._forced_names(address[0])
 
     def connect_ex(self, address):
         host = _grid_host(address[0]) if self._grid_capable() and isinstance(address, tuple) else None
@@ -283,13 +319,27 @@ class GridSocket(_RealSocket):
             return errno.ETIMEDOUT
         except OSError as exc:
             return exc.errno or errno.EIO
+        self._forced_names(address[0])
         return 0
 
+    def _forced_names(self, requested: str) -> None:
+        """In force mode a loopback connection keeps loopback addresses, as the program expects."""
+        if _force and _is_loopback(requested) and self._grid_peer is not None:
+            self._grid_peer = (requested,) + tuple(self._grid_peer[1:])
+            if not _is_loopback(self._grid_local[0]):
+                self._grid_local = (requested,) + tuple(self._grid_local[1:])
+
     def _grid_connect(self, host: str, port: int) -> None:
+        _check_port("connect", port)
         if self._grid_peer is not None:
             raise OSError(errno.EISCONN, "Transport endpoint is already connected")
         if self._grid_pending is not None:
             raise OSError(errno.EALREADY, "Operation already in progress")
+        bound = None
+        if self._grid_channel is not None:  # bound as a source address: it serves nothing now
+            bound, self._grid_local = self._grid_local, None
+            self._grid_channel.close()
+            self._grid_channel = None
         timeout = self.gettimeout()
         if timeout == 0.0:
             self._grid_connect_nonblocking(host, port)
@@ -298,7 +348,7 @@ class GridSocket(_RealSocket):
         self._adopt(fd)
         me = _agent.whoami()
         self._grid_peer = self._addr(result["ip"], int(port))
-        self._grid_local = self._addr(me["ip"], 0)
+        self._grid_local = bound or self._addr(me["ip"], 0)
 
     def _grid_connect_nonblocking(self, host: str, port: int) -> None:
         """Start a connect and raise BlockingIOError(EINPROGRESS); the socket turns writable when
@@ -377,6 +427,7 @@ class GridSocket(_RealSocket):
             return super().bind(address)
         if self._grid_channel is not None or self._grid_local is not None:
             raise OSError(errno.EINVAL, "Invalid argument (already bound)")
+        _check_port("bind", address[1])
         channel = _agent.open()
         try:
             channel.sendall(wire.encode(wire.Control("listen", {"port": int(address[1])})))
@@ -387,6 +438,8 @@ class GridSocket(_RealSocket):
             raise
         self._grid_channel = channel
         self._grid_local = self._addr(result["ip"], result["port"])
+        if _force and isinstance(address[0], str) and _is_loopback(address[0]):
+            self._grid_local = (address[0],) + self._grid_local[1:]
 
     def _addr(self, ip: str, port: int) -> tuple:
         """A socket address of our family for grid address ``ip`` (IPv4-mapped on IPv6 sockets)."""
@@ -394,6 +447,8 @@ class GridSocket(_RealSocket):
 
     def _binds_grid(self, host) -> bool:
         if isinstance(host, str) and host.startswith(_MAPPED) and is_grid_ip(host[len(_MAPPED):]):
+            return True
+        if _force and isinstance(host, str) and _is_loopback(host):
             return True
         if self.family == _socket.AF_INET6:
             # Grid addresses are IPv4: a dual-stack wildcard (http.server's) serves the grid, a
@@ -420,19 +475,40 @@ class GridSocket(_RealSocket):
     def accept(self):
         if ("listening",) not in self._grid_opts:
             return super().accept()
-        reply, fd = read_reply(self)
+        try:
+            reply, fd = read_reply(self)
+        except ConnectionResetError:
+            self._grid_orphaned()
+            raise
         result = check(reply, fd)
         if fd is None:
             raise ConnectionResetError(errno.ECONNRESET, "agent announced a connection without its descriptor")
         conn = type(self)(self.family, self.type, self.proto, fileno=fd)
         conn._grid_unix = _domain(fd) == _socket.AF_UNIX
         peer = self._addr(result["ip"], int(result.get("peer_port") or 0))
+        if _force and _is_loopback(self._grid_local[0]):  # a loopback server sees loopback clients
+            peer = (self._grid_local[0],) + peer[1:]
         conn._grid_peer, conn._grid_local = peer, self._grid_local
         if _socket.getdefaulttimeout() is None and self.gettimeout():
             conn.setblocking(True)
         else:
             conn.settimeout(_socket.getdefaulttimeout())
         return conn, peer
+
+    def _grid_orphaned(self) -> None:
+        """The node behind this listener went away: put a listening socket that never gets a
+        connection in place of ours, so a server loop waits (its accept times out or blocks) instead
+        of finding the socket readable, and failing, forever."""
+        idle = _RealSocket(_socket.AF_INET, _socket.SOCK_STREAM)
+        try:
+            idle.bind(("127.0.0.1", 0))
+            idle.listen(1)
+            os.dup2(idle.fileno(), self.fileno())
+        finally:
+            idle.close()
+        super().settimeout(self.gettimeout())
+        self._grid_opts.pop(("listening",), None)
+        self._grid_unix = False
 
     # --- addresses and options -------------------------------------------------------------
 

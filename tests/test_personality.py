@@ -366,3 +366,31 @@ def test_a_gevent_patched_program_under_the_personality(grid):
         print(sorted(g.get() for g in gevent.joinall([gevent.spawn(ask, i) for i in range(8)], raise_error=True)))
     """)
     assert out.strip() == str(sorted(f"GREENLET {i}" for i in range(8)))
+
+
+def test_a_listener_whose_node_goes_away_waits_instead_of_spinning(grid):
+    node = grid.procs.start("nx", "node", "--session", str(grid.session), "--name", "nx", "--cluster", "X",
+                            "--listen", "127.0.0.1:0")
+    wait_for_line(node, "joined nx ", timeout=SCRIPT_TIMEOUT_S)
+    server = grid.start("nx", """
+        import select, socket, sys
+        server = socket.socket()
+        server.bind(("", 0))
+        server.listen()
+        print("serving", flush=True)
+        select.select([server], [], [], 60)  # the node's end of the listener closes: readable
+        try:
+            server.accept()
+        except ConnectionResetError:
+            print("reset", flush=True)
+        server.settimeout(0.2)
+        try:
+            server.accept()
+        except socket.timeout:
+            print("waits", select.select([server], [], [], 0)[0] == [], flush=True)
+        server.close()
+    """)
+    wait_for_line(server, "serving", timeout=SCRIPT_TIMEOUT_S)
+    grid.procs.stop(node)
+    assert wait_for_line(server, "reset", timeout=SCRIPT_TIMEOUT_S) == "reset"
+    assert wait_for_line(server, "waits ", timeout=SCRIPT_TIMEOUT_S) == "waits True"
