@@ -106,6 +106,16 @@ def test_splice_between_nat_and_firewall(grid, src, dst):
     check(run_transfer(grid, src, dst, "tls/splice", 16 << 20), "tls/splice", 16 << 20)
 
 
+# Striped over N TCP connections: inside a cluster, and through fwb's firewall to rv with tls.
+PARALLEL_CASES = [("a1", "a2", "parallel(streams=4)/tcp"), ("b2", "rv", "tls/parallel(streams=8)/tcp"),
+                  ("c1", "rv", "tls/parallel(streams=4)/socks(proxy=10.3.0.1:1080)")]
+
+
+@pytest.mark.parametrize("src,dst,stack", PARALLEL_CASES)
+def test_parallel_streams(grid, src, dst, stack):
+    check(run_transfer(grid, src, dst, stack), stack)
+
+
 def test_reverse_fails_fast_with_the_reason_when_the_client_cannot_be_reached(grid):
     with pytest.raises(Exception) as excinfo:
         run_transfer(grid, "a2", "b2", "tls/reverse", 1 << 10)  # b2 cannot reach a2 behind its NAT
