@@ -497,8 +497,7 @@ class Assembler:
                 greenlet.kill(block=True)
             while not results.empty():  # established meanwhile, never nominated
                 _, greenlet = results.get_nowait()
-                if greenlet.successful() and greenlet.value[0] is not None:
-                    greenlet.value[0].close()
+                _close_made(greenlet)
 
     def _nominate(self, lower: Stream, stack: Stack, entry: wire.NodeEntry, deadline: float) -> Stream:
         """Tell the server this connection is the one (``NOMINATE``), then build the filters."""
@@ -619,8 +618,7 @@ class Assembler:
                 lower.close()
             if dialer is not None:
                 dialer.kill(block=False)
-                if dialer.successful() and dialer.value[0] is not None:
-                    dialer.value[0].close()
+                _close_made(dialer)
             if isinstance(exc, gevent.Timeout):
                 raise ConnectError(f"connecting to {entry.name} timed out", peer=entry.name, method=method) from None
             if isinstance(exc, ConnectError) or not isinstance(exc, (GridsockError, OSError)):
@@ -749,8 +747,7 @@ def _dial_many(component, node, addrs, token: bytes, timeout: float, streams: in
     except BaseException:
         gevent.killall(dials)
         for dial in dials:
-            if dial.successful() and dial.value[0] is not None:
-                dial.value[0].close()
+            _close_made(dial)
         raise
 
 
@@ -761,6 +758,14 @@ def _captured(fn, *args):
         return fn(*args), None
     except (ConnectError, ConfigError) as exc:
         return None, exc
+
+
+def _close_made(greenlet) -> None:
+    """Close what a finished ``_captured``-style greenlet made, if it made something. (A killed
+    greenlet counts as successful, its value a GreenletExit: nothing to close then.)"""
+    value = greenlet.value if greenlet.successful() else None
+    if isinstance(value, tuple) and value and value[0] is not None:
+        value[0].close()
 
 
 def _uncaptured(result):

@@ -535,3 +535,20 @@ def test_parallel_sub_connections_are_gathered_under_one_token(grid):
     assert received == data
     client.close()
     server.close()
+
+
+def test_a_refusal_while_the_dial_is_under_way_leaves_no_crash(grid):
+    # The request is refused (nothing listens) while the dials run: they are killed, and nothing
+    # they made (or their GreenletExit) is mistaken for a socket to close.
+    hub = gevent.get_hub()
+    hub_errors = []
+    real = hub.handle_error
+    hub.handle_error = lambda *args: hub_errors.append(args)
+    try:
+        for stack in ["tcp", "parallel(streams=4)/tcp", None] * 10:
+            with pytest.raises(ConnectError) as failure:
+                grid["m1"].open_stream("L1", PORT + 2, stack=stack)
+            assert "nothing listens" in str(failure.value)
+    finally:
+        hub.handle_error = real
+    assert hub_errors == []
