@@ -161,7 +161,8 @@ class DataListener:
         if self.closed:
             return
         self.closed = True
-        self._assembler.listeners.pop(self.port, None)
+        if self._assembler.listeners.get(self.port) is self:  # (not a newer listener of the port)
+            del self._assembler.listeners[self.port]
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if item is not None:

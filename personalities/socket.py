@@ -63,6 +63,11 @@ NAME_CACHE_S = 5.0
 AGENT_TIMEOUT_S = 10.0
 _WILDCARDS = ("", "0.0.0.0", "::")
 _MAPPED = "::ffff:"  # an IPv4 address seen through an IPv6 socket
+# Options a server sets before bind() whose value getsockopt() must still give once the
+# listening socket is the agent connection.
+_CLOSE_LOCK = threading.Lock()
+_KEPT_OPTIONS = tuple(getattr(_socket, name) for name in ("SO_REUSEADDR", "SO_REUSEPORT", "SO_KEEPALIVE")
+                      if hasattr(_socket, name))
 _ERRNO_CLASSES = {"ECONNREFUSED": ConnectionRefusedError, "ETIMEDOUT": TimeoutError}
 
 
@@ -123,7 +128,9 @@ _agent: Optional[_Agent] = None
 # Force mode ($GRIDSOCK_FORCE=1): loopback TCP goes through the grid too, to this very node, so
 # a test suite that talks to itself on 127.0.0.1 exercises the whole path.
 _force = False
-_LOOPBACK = ("127.0.0.1", "::1", "localhost", "::ffff:127.0.0.1")
+# (IPv4 only: an IPv6 "::1" server may sit on a V6ONLY wildcard next to an IPv4 one of the same
+# port, which the grid, with one port space per node, cannot tell apart.)
+_LOOPBACK = ("127.0.0.1", "localhost", "::ffff:127.0.0.1", "0.0.0.0")
 
 
 def configure(path: Optional[str], *, force: Optional[bool] = None) -> None:
@@ -157,13 +164,20 @@ def create_connection(address, timeout=_socket._GLOBAL_DEFAULT_TIMEOUT, source_a
     host, port = address[0], address[1]
     if _grid_host(host) is None:
         return _real_create_connection(address, timeout, source_address, **kwargs)
-    sock = GridSocket(_socket.AF_INET, _socket.SOCK_STREAM)
+    # Patched in, the module's class (ours, or whatever a test put there); else ours.
+    cls = _socket.socket if _socket.socket is not _RealSocket else GridSocket
+    sock = cls(_socket.AF_INET, _socket.SOCK_STREAM)
     try:
         if timeout is not _socket._GLOBAL_DEFAULT_TIMEOUT:
             sock.settimeout(timeout)
         if source_address:
             sock.bind(source_address)
         sock.connect((host, port))
+    except OSError as exc:
+        sock.close()
+        if kwargs.get("all_errors"):
+            raise ExceptionGroup("create_connection failed", [exc]) from None  # noqa: F821 (3.11+)
+        raise
     except BaseException:
         sock.close()
         raise
@@ -257,8 +271,32 @@ def _check_port(op: str, port) -> None:
         raise OverflowError(f"{op}(): port must be 0-65535.")
 
 
+def _check_address(op: str, address: tuple) -> None:
+    """CPython's checks of an (IPv4 or IPv6) socket address, before any system call."""
+    _check_port(op, address[1])
+    if len(address) > 2 and isinstance(address[2], int) and not 0 <= address[2] <= 0xFFFFF:
+        raise OverflowError(f"{op}(): flowinfo must be 0-1048575.")
+
+
 def _is_loopback(host: str) -> bool:
     return host in _LOOPBACK or host.startswith("127.")
+
+
+def _release(channel) -> None:
+    """Close an agent connection and wait (briefly) until the agent has closed its end: after a
+    listener's, its grid port is free. Announcements still queued are dropped with their
+    descriptors."""
+    try:
+        channel.setblocking(True)
+        channel.shutdown(_socket.SHUT_WR)
+        deadline = time.monotonic() + AGENT_TIMEOUT_S
+        while time.monotonic() < deadline and select.select([channel], [], [], deadline - time.monotonic())[0]:
+            if not _RealSocket.recv(channel, 65536):
+                break
+    except OSError:
+        pass
+    finally:
+        channel.close()
 
 
 def _readable(sock) -> bool:
@@ -306,6 +344,7 @@ class GridSocket(_RealSocket):
         host = _grid_host(address[0]) if self._grid_capable() and isinstance(address, tuple) else None
         if host is None:
             return super().connect(address)
+        _check_address("connect", address)
         self._grid_connect(host, address[1])
         self._forced_names(address[0])
 
@@ -427,7 +466,7 @@ class GridSocket(_RealSocket):
             return super().bind(address)
         if self._grid_channel is not None or self._grid_local is not None:
             raise OSError(errno.EINVAL, "Invalid argument (already bound)")
-        _check_port("bind", address[1])
+        _check_address("bind", address)
         channel = _agent.open()
         try:
             channel.sendall(wire.encode(wire.Control("listen", {"port": int(address[1])})))
@@ -438,8 +477,8 @@ class GridSocket(_RealSocket):
             raise
         self._grid_channel = channel
         self._grid_local = self._addr(result["ip"], result["port"])
-        if _force and isinstance(address[0], str) and _is_loopback(address[0]):
-            self._grid_local = (address[0],) + self._grid_local[1:]
+        if _force and isinstance(address[0], str) and (_is_loopback(address[0]) or address[0] in _WILDCARDS):
+            self._grid_local = (address[0] or "0.0.0.0",) + self._grid_local[1:]
 
     def _addr(self, ip: str, port: int) -> tuple:
         """A socket address of our family for grid address ``ip`` (IPv4-mapped on IPv6 sockets)."""
@@ -465,11 +504,21 @@ class GridSocket(_RealSocket):
         channel = self._grid_channel
         if channel is None:
             return super().listen() if backlog is None else super().listen(backlog)
+        if backlog is not None and not -2**31 <= int(backlog) < 2**31:
+            raise OverflowError("signed integer is greater than maximum" if backlog > 0
+                                else "signed integer is less than minimum")
+        kept = {}
+        for option in _KEPT_OPTIONS:  # set on the socket before it was bound: still true after
+            kept[(_socket.SOL_SOCKET, option)] = super().getsockopt(_socket.SOL_SOCKET, option)
+        if self.family == _socket.AF_INET6:
+            v6only = (_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY)
+            kept[v6only] = super().getsockopt(*v6only)
         self._grid_channel = None
         fd = os.dup(channel.fileno())
         channel.close()
         self._adopt(fd)
         self._grid_unix = True
+        self._grid_opts.update(kept)
         self._grid_opts[("listening",)] = True
 
     def accept(self):
@@ -513,6 +562,8 @@ class GridSocket(_RealSocket):
     # --- addresses and options -------------------------------------------------------------
 
     def getpeername(self):
+        if self._grid_peer is not None and self.fileno() == -1:
+            raise OSError(errno.EBADF, "Bad file descriptor")
         if self._grid_pending is not None and _readable(self._grid_pending[0]):
             self._grid_finish()  # (asyncio asks SO_ERROR first; a selector loop may not)
         if self._grid_peer is not None:
@@ -521,6 +572,8 @@ class GridSocket(_RealSocket):
 
     def getsockname(self):
         if self._grid_local is not None:
+            if self.fileno() == -1:
+                raise OSError(errno.EBADF, "Bad file descriptor")
             return self._grid_local
         return super().getsockname()
 
@@ -558,11 +611,18 @@ class GridSocket(_RealSocket):
         return sock
 
     def close(self):
-        for channel in (self._grid_channel, self._grid_pending and self._grid_pending[0]):
-            if channel is not None:
-                channel.close()
-        self._grid_channel = self._grid_pending = None
-        super().close()
+        # One lock for all: two threads closing one socket must not dup a descriptor number the
+        # other has closed and the kernel has given to someone else meanwhile.
+        with _CLOSE_LOCK:
+            for channel in (self._grid_channel, self._grid_pending and self._grid_pending[0]):
+                if channel is not None:
+                    _release(channel)
+            self._grid_channel = self._grid_pending = None
+            if ("listening",) in self._grid_opts and self.fileno() != -1 and not self._io_refs:
+                # The grid port is free again when close() returns, as a kernel port would be.
+                self._grid_opts.pop(("listening",))
+                _release(_RealSocket(fileno=os.dup(self.fileno())))
+            super().close()
 
     def detach(self):
         channel, self._grid_channel = self._grid_channel, None
@@ -622,7 +682,10 @@ def gethostbyaddr(ip_address):
 
 
 def getnameinfo(sockaddr, flags):
-    host = sockaddr[0] if isinstance(sockaddr, tuple) and sockaddr else None
+    if not isinstance(sockaddr, tuple):
+        sockaddr = None  # (the traceback must not keep the caller's object alive)
+        raise TypeError("getnameinfo() argument 1 must be a tuple")
+    host = sockaddr[0] if sockaddr else None
     found = _lookup(host) if is_grid_ip(host) else None
     if found is None:
         return _real_getnameinfo(sockaddr, flags)
