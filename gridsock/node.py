@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import ssl
 import time
@@ -55,7 +56,7 @@ from .errors import (
     RoutingError,
 )
 from .session import Identity, Session, client_context, new_node_key, peer_identity, server_context
-from .agent import AgentServer, agent_path
+from .agent import AgentServer
 from .assembly import ASSEMBLE_TOPIC, DATA_PREAMBLE, Assembler, DataListener
 from .components.relay import RelayManager
 from .meta import MetaChannel
@@ -170,7 +171,8 @@ class Node:
         self._control_path = control if control is not None else control_path(name)
         self._control: Optional[ControlServer] = None
         # The agent socket (patched applications): by default next to the control socket.
-        self._agent_path = agent if agent is not None else (agent_path(name) if self._control_path else "")
+        self._agent_path = agent if agent is not None else \
+            (os.path.splitext(self._control_path)[0] + ".agent" if self._control_path else "")
         self._agent: Optional[AgentServer] = None
         self._sock = None
         self._server_ctx = None
