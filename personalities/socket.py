@@ -323,7 +323,8 @@ def _is_ip_literal(host: str) -> bool:
 class GridSocket(_RealSocket):
     """``socket.socket``, reaching grid nodes too; see the module docstring."""
 
-    __slots__ = ("_grid_peer", "_grid_local", "_grid_channel", "_grid_unix", "_grid_opts", "_grid_pending")
+    __slots__ = ("_grid_peer", "_grid_local", "_grid_channel", "_grid_unix", "_grid_opts", "_grid_pending",
+                 "_grid_requested")
 
     def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
         super().__init__(family, type, proto, fileno)
@@ -332,7 +333,8 @@ class GridSocket(_RealSocket):
         self._grid_channel = None  # bound on the grid, not listening yet: the agent connection
         self._grid_unix = False  # the descriptor is a Unix socketpair end
         self._grid_opts: Dict[tuple, Any] = {}
-        self._grid_pending = None  # a non-blocking connect in progress: (agent connection, port)
+        self._grid_pending = None  # a non-blocking connect in progress: (agent connection, port, ...)
+        self._grid_requested = None  # the host the program asked to connect to
 
     def _grid_capable(self) -> bool:
         return _agent is not None and self.family in (_socket.AF_INET, _socket.AF_INET6) \
@@ -345,6 +347,7 @@ class GridSocket(_RealSocket):
         if host is None:
             return super().connect(address)
         _check_address("connect", address)
+        self._grid_requested = address[0]
         self._grid_connect(host, address[1])
         self._forced_names(address[0])
 
@@ -352,6 +355,7 @@ class GridSocket(_RealSocket):
         host = _grid_host(address[0]) if self._grid_capable() and isinstance(address, tuple) else None
         if host is None:
             return super().connect_ex(address)
+        self._grid_requested = address[0]
         try:
             self._grid_connect(host, address[1])
         except TimeoutError:
@@ -381,7 +385,7 @@ class GridSocket(_RealSocket):
             self._grid_channel = None
         timeout = self.gettimeout()
         if timeout == 0.0:
-            self._grid_connect_nonblocking(host, port)
+            self._grid_connect_nonblocking(host, port, bound)
         result, fd = _agent.call("connect", {"host": host, "port": int(port), "timeout": timeout or None},
                                  timeout=None)
         self._adopt(fd)
@@ -389,7 +393,7 @@ class GridSocket(_RealSocket):
         self._grid_peer = self._addr(result["ip"], int(port))
         self._grid_local = bound or self._addr(me["ip"], 0)
 
-    def _grid_connect_nonblocking(self, host: str, port: int) -> None:
+    def _grid_connect_nonblocking(self, host: str, port: int, bound: Optional[tuple]) -> None:
         """Start a connect and raise BlockingIOError(EINPROGRESS); the socket turns writable when
         it is done, and ``getsockopt(SOL_SOCKET, SO_ERROR)`` then tells how it went.
 
@@ -427,12 +431,12 @@ class GridSocket(_RealSocket):
                 if sock is not None:
                     sock.close()
             raise
-        self._grid_pending = (channel, int(port))
+        self._grid_pending = (channel, int(port), bound, self._grid_requested)
         raise BlockingIOError(errno.EINPROGRESS, "Operation now in progress")
 
     def _grid_finish(self) -> int:
         """The outcome of a non-blocking connect (0 or an errno); waits for it if need be."""
-        channel, port = self._grid_pending
+        channel, port, bound, requested = self._grid_pending
         self._grid_pending = None
         try:
             channel.settimeout(None)
@@ -447,7 +451,9 @@ class GridSocket(_RealSocket):
         finally:
             channel.close()
         self._grid_peer = self._addr(result["ip"], port)
-        self._grid_local = self._addr(_agent.whoami()["ip"], 0)
+        self._grid_local = bound or self._addr(_agent.whoami()["ip"], 0)
+        if requested:
+            self._forced_names(requested)
         return 0
 
     def _adopt(self, fd: int) -> None:
@@ -502,6 +508,8 @@ class GridSocket(_RealSocket):
 
     def listen(self, backlog=None):
         channel = self._grid_channel
+        if channel is None and ("listening",) in self._grid_opts:
+            return None  # listening already (a second listen() only changes the kernel's backlog)
         if channel is None:
             return super().listen() if backlog is None else super().listen(backlog)
         if backlog is not None and not -2**31 <= int(backlog) < 2**31:
@@ -536,7 +544,7 @@ class GridSocket(_RealSocket):
         conn._grid_unix = _domain(fd) == _socket.AF_UNIX
         peer = self._addr(result["ip"], int(result.get("peer_port") or 0))
         if _force and _is_loopback(self._grid_local[0]):  # a loopback server sees loopback clients
-            peer = (self._grid_local[0],) + peer[1:]
+            peer = ("127.0.0.1" if self._grid_local[0] in _WILDCARDS else self._grid_local[0],) + peer[1:]
         conn._grid_peer, conn._grid_local = peer, self._grid_local
         if _socket.getdefaulttimeout() is None and self.gettimeout():
             conn.setblocking(True)
