@@ -41,11 +41,15 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "requests>=2.28"],
+        # The gridsock:// comm backend (gridsock.shims.dask); the tests also use dask.array.
+        "dask": ["dask[array,distributed]>=2024.8.0"],
     },
     entry_points={
         "console_scripts": ["gridsock = gridsock.cli:main"],
         # gevent's monkey.patch_all() after ours: put the personality back on top of gevent's.
         "gevent.plugins.monkey.did_patch_all": ["gridsock = gridsock.personalities.monkey:gevent_did_patch_all"],
+        # gridsock://NODE:PORT addresses for Dask (distributed loads the Backend class by scheme).
+        "distributed.comm.backends": ["gridsock = gridsock.shims.dask:GridsockBackend"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
