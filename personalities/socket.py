@@ -345,6 +345,7 @@ class GridSocket(_RealSocket):
     def connect(self, address):
         host = _grid_host(address[0]) if self._grid_capable() and isinstance(address, tuple) else None
         if host is None:
+            self._no_datagrams_to_the_grid(address)
             return super().connect(address)
         _check_address("connect", address)
         self._grid_requested = address[0]
@@ -354,6 +355,7 @@ class GridSocket(_RealSocket):
     def connect_ex(self, address):
         host = _grid_host(address[0]) if self._grid_capable() and isinstance(address, tuple) else None
         if host is None:
+            self._no_datagrams_to_the_grid(address)
             return super().connect_ex(address)
         self._grid_requested = address[0]
         try:
@@ -364,6 +366,17 @@ class GridSocket(_RealSocket):
             return exc.errno or errno.EIO
         self._forced_names(address[0])
         return 0
+
+    def _no_datagrams_to_the_grid(self, address) -> None:
+        """A UDP (or raw) socket connected to a grid name would send the name to the system
+        resolver: refuse it here, as an unknown name (the grid carries TCP streams only)."""
+        if _agent is None or self.type == _socket.SOCK_STREAM or self.family not in (_socket.AF_INET,
+                                                                                    _socket.AF_INET6):
+            return
+        host = address[0] if isinstance(address, tuple) and address else None
+        if isinstance(host, str) and host and not _is_ip_literal(host) and host != "localhost" \
+                and (grid_name(host) or _agent.lookup(host) is not None):
+            raise _socket.gaierror(_socket.EAI_NONAME, f"{host} is a grid node: the grid carries TCP streams only")
 
     def _forced_names(self, requested: str) -> None:
         """In force mode a loopback connection keeps loopback addresses, as the program expects."""

@@ -394,3 +394,19 @@ def test_a_listener_whose_node_goes_away_waits_instead_of_spinning(grid):
     grid.procs.stop(node)
     assert wait_for_line(server, "reset", timeout=SCRIPT_TIMEOUT_S) == "reset"
     assert wait_for_line(server, "waits ", timeout=SCRIPT_TIMEOUT_S) == "waits True"
+
+
+def test_a_datagram_socket_never_sends_a_grid_name_to_the_system_resolver(grid):
+    out = grid.run("na", """
+        import socket
+        for host in ("nb", "nb.grid", "nobody.grid"):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.connect((host, 9))
+                print("connected")
+            except socket.gaierror as exc:
+                print("gaierror", exc.errno == socket.EAI_NONAME)
+            finally:
+                sock.close()
+    """)
+    assert out.splitlines() == ["gaierror True"] * 3
