@@ -31,6 +31,7 @@ __all__ = [
     "JOIN_TIMEOUT_S",
     "LabGrid",
     "proc_cpu_s",
+    "replace_section",
 ]
 
 RV_PORT = 7700
@@ -55,6 +56,25 @@ def proc_cpu_s(pid: int) -> Optional[float]:
         return None
     fields = raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces and parens
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def replace_section(path: Path, title: str, text: str) -> None:
+    """Replace the section headed ``title`` (a ``## `` line) of Markdown file ``path`` with ``text``.
+
+    The section runs to the next ``## `` heading or the end of the file; everything else is kept.
+    Without such a section, ``text`` is appended; without the file, it starts as ``# Benchmarks``.
+    """
+    path = Path(path)
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    marker = "\n" + title + "\n"
+    start = old.find(marker)
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(marker))
+        rest = old[end:] if end >= 0 else ""
+        new = old[:start].rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n" + rest
+    path.write_text(new)
 
 
 class LabGrid:
