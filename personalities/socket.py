@@ -473,7 +473,9 @@ class GridSocket(_RealSocket):
         """Put descriptor ``fd`` in place of ours (same number, our timeout), and close ``fd``."""
         try:
             self._grid_unix = _domain(fd) == _socket.AF_UNIX
-            os.dup2(fd, self.fileno())
+            # (os.dup2 makes the copy inheritable unless told: keep the socket's own flag, so no
+            # grid connection leaks into the program's child processes.)
+            os.dup2(fd, self.fileno(), inheritable=self.get_inheritable())
         finally:
             os.close(fd)
         super().settimeout(self.gettimeout())  # O_NONBLOCK belongs to the new file: set it again
@@ -573,7 +575,7 @@ class GridSocket(_RealSocket):
         try:
             idle.bind(("127.0.0.1", 0))
             idle.listen(1)
-            os.dup2(idle.fileno(), self.fileno())
+            os.dup2(idle.fileno(), self.fileno(), inheritable=self.get_inheritable())
         finally:
             idle.close()
         super().settimeout(self.gettimeout())

@@ -410,3 +410,17 @@ def test_a_datagram_socket_never_sends_a_grid_name_to_the_system_resolver(grid):
                 sock.close()
     """)
     assert out.splitlines() == ["gaierror True"] * 3
+
+
+def test_grid_sockets_are_not_inherited_by_child_processes(grid, echo_port):
+    out = grid.run("na", f"""
+        import os, socket
+        server = socket.socket()
+        server.bind(("", 0))
+        server.listen()
+        client = socket.create_connection(("nb", {echo_port}), timeout=30)
+        print(server.get_inheritable(), client.get_inheritable(), os.get_inheritable(client.fileno()))
+        client.close()
+        server.close()
+    """)
+    assert out.split() == ["False", "False", "False"]

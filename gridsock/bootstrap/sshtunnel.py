@@ -368,6 +368,9 @@ def _dial_transport(dial: _Dial) -> paramiko.Transport:
     except OSError as exc:  # includes socket.timeout and socket.gaierror
         raise dial.connect_error(f"cannot reach the gateway: {exc or type(exc).__name__}") from exc
     try:
+        # SSH messages are small and latency-bound (a channel open is one round trip): without
+        # this, Nagle holds each behind the last unacknowledged one (bench: 43 -> 22 ms at 20 ms RTT).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = paramiko.Transport(sock)
     except Exception:
         sock.close()
