@@ -67,7 +67,7 @@ from typing import Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import cpu_model  # noqa: E402
-from lab_helpers import JOIN_TIMEOUT_S, LabGrid  # noqa: E402
+from lab_helpers import JOIN_TIMEOUT_S, LabGrid, replace_section  # noqa: E402
 
 from gridsock.testing.lab import Lab, missing_tools  # noqa: E402
 from gridsock.testing.procs import gridsock_argv  # noqa: E402
@@ -435,16 +435,7 @@ def render(results: dict, info: dict, argv: List[str], plan: Plan, quick: bool) 
 
 def write_section(path: Path, text: str) -> None:
     """Replace this bench's section of ``path`` (or append it), keeping everything else."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    marker = "\n" + SECTION_TITLE + "\n"
-    start = old.find(marker)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(marker))
-        rest = old[end:] if end >= 0 else ""
-        new = old[:start].rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n" + rest
-    path.write_text(new)
+    replace_section(path, SECTION_TITLE, text)
 
 
 def _terminated(signum, frame):

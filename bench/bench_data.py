@@ -88,7 +88,7 @@ from gridsock.errors import GridsockError
 from gridsock.testing.streams import sample_data
 
 from _machine import cpu_model
-from lab_helpers import JOIN_TIMEOUT_S, LabGrid, proc_cpu_s
+from lab_helpers import JOIN_TIMEOUT_S, LabGrid, proc_cpu_s, replace_section
 
 log = logging.getLogger("bench_data")
 
@@ -1247,16 +1247,7 @@ def lz4_speed(data: bytes) -> float:
 
 def write_section(path: Path, text: str) -> None:
     """Replace this bench's section of ``path`` (or append it), keeping everything else."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    marker = "\n" + SECTION_TITLE + "\n"
-    start = old.find(marker)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(marker))
-        rest = old[end:] if end >= 0 else ""
-        new = old[:start].rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n" + rest
-    path.write_text(new)
+    replace_section(path, SECTION_TITLE, text)
 
 
 # --- main ------------------------------------------------------------------------------------------
