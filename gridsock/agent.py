@@ -40,9 +40,8 @@ import gevent
 from gevent import socket as gsocket
 
 from . import wire
-from .bootstrap.control import run_dir
+from .bootstrap.control import UnixServer, run_dir
 from .bridge import Bridge
-from .bootstrap.transport import Address, listen
 from .errors import ConfigError, ConnectError, GridsockError, RemoteProtocolError
 from .names import grid_ip, grid_name, is_grid_ip
 
@@ -67,37 +66,13 @@ def agent_path(name: str) -> str:
     return os.path.join(run_dir(), f"{name}.agent")
 
 
-class AgentServer:
+class AgentServer(UnixServer):
     """Serves the agent protocol of ``node`` on a Unix socket until stopped."""
 
     def __init__(self, node, path: str) -> None:
+        super().__init__(path)
         self.node = node
-        self.path = path
-        self._sock = None
-        self._greenlet: Optional[gevent.Greenlet] = None
         self._next_port = EPHEMERAL_PORTS.start
-
-    def start(self) -> "AgentServer":
-        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
-        self._sock = listen(Address(path=self.path))
-        self._greenlet = gevent.spawn(self._serve)
-        return self
-
-    def stop(self) -> None:
-        if self._greenlet is not None:
-            self._greenlet.kill(block=False)
-        if self._sock is not None:
-            self._sock.close()
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            self._sock = None
-
-    def _serve(self) -> None:
-        while True:
-            conn, _ = self._sock.accept()
-            gevent.spawn(self._handle, conn)
 
     def _handle(self, conn) -> None:
         app = None

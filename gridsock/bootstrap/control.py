@@ -19,7 +19,7 @@ from ..errors import BrokenStreamError, ConnectError, GridsockError, RemoteProto
 from .link import read_message, send_message
 from .transport import Address, listen
 
-__all__ = ["run_dir", "control_path", "list_control_sockets", "ControlServer", "call", "CONTROL_TIMEOUT_S"]
+__all__ = ["run_dir", "control_path", "list_control_sockets", "UnixServer", "ControlServer", "call", "CONTROL_TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +44,16 @@ def list_control_sockets() -> List[str]:
         return []
 
 
-class ControlServer:
-    """Serves ``handler(op, args) -> result`` on a Unix socket until stopped."""
+class UnixServer:
+    """A Unix socket (mode 0600 directory) served until stopped: one greenlet per client runs
+    :meth:`_handle`, which owns the connection. The control and the agent socket are two."""
 
-    def __init__(self, path: str, handler: Callable[[str, Dict[str, Any]], Any]) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self._handler = handler
         self._sock = None
         self._greenlet = None
 
-    def start(self) -> "ControlServer":
+    def start(self):
         os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
         self._sock = listen(Address(path=self.path))
         self._greenlet = gevent.spawn(self._serve)
@@ -74,6 +74,17 @@ class ControlServer:
         while True:
             conn, _ = self._sock.accept()
             gevent.spawn(self._handle, conn)
+
+    def _handle(self, conn) -> None:
+        raise NotImplementedError
+
+
+class ControlServer(UnixServer):
+    """Serves ``handler(op, args) -> result`` on a Unix socket until stopped."""
+
+    def __init__(self, path: str, handler: Callable[[str, Dict[str, Any]], Any]) -> None:
+        super().__init__(path)
+        self._handler = handler
 
     def _handle(self, conn) -> None:
         decoder = wire.Decoder(peer="control client")
