@@ -491,23 +491,31 @@ def op_anatomy(node, args: dict) -> dict:
 BENCH_OPS = {"connects": op_connects, "pings": op_pings, "stream": op_stream, "anatomy": op_anatomy}
 
 
-def run_node(argv: List[str]) -> int:
-    """``bench_data.py node ARGS``: ``gridsock node ARGS`` plus the bench service and operations."""
+def run_node(argv: List[str], ops: Optional[Dict[str, Callable]] = None, prog: str = "bench_data.py node") -> int:
+    """``bench_data.py node ARGS``: ``gridsock node ARGS`` plus the bench service and operations
+    (``ops``, default BENCH_OPS; bench_methods.py passes its own)."""
     from gridsock.diag import serve_echo
     from gridsock.node import Node
     from gridsock.rules import Rules
     from gridsock.session import Session
 
-    parser = argparse.ArgumentParser(prog="bench_data.py node")
-    for option in ("--session", "--name", "--listen", "--rules", "--cluster", "--leader"):
+    ops = BENCH_OPS if ops is None else ops
+    parser = argparse.ArgumentParser(prog=prog)
+    for option in ("--session", "--name", "--listen", "--rules", "--cluster", "--leader", "--ssh-gateway",
+                   "--ssh-key", "--ssh-known-hosts"):
         parser.add_argument(option)
     parser.add_argument("--echo", type=int)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"{args.name} %(name)s: %(message)s")
     session = Session.load(args.session)
     rules = Rules.load(args.rules, tls=session.tls) if args.rules else None
+    gateway = None
+    if args.ssh_gateway:
+        from gridsock.bootstrap.sshtunnel import SSHGateway
+
+        gateway = SSHGateway.parse(args.ssh_gateway, key_filename=args.ssh_key, known_hosts=args.ssh_known_hosts)
     node = Node(session, args.name, cluster=args.cluster, leader=args.leader, listen_address=args.listen,
-                rules=rules).start()
+                rules=rules, ssh_gateway=gateway, ssh_key=args.ssh_key, ssh_known_hosts=args.ssh_known_hosts).start()
     if args.echo:
         serve_echo(node, args.echo)
     for kind in KINDS:  # before any timing
@@ -515,10 +523,10 @@ def run_node(argv: List[str]) -> int:
     serve_bench(node, BENCH_PORT)
 
     def handle(op: str, op_args: dict):
-        if op not in BENCH_OPS:
+        if op not in ops:
             raise GridsockError(f"unknown bench operation {op!r}")
         try:
-            return BENCH_OPS[op](node, op_args)
+            return ops[op](node, op_args)
         except GridsockError:
             raise
         except Exception as exc:  # the orchestrator gets the reason, not "internal error"

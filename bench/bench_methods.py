@@ -119,14 +119,12 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import gevent
-
 import bench_data
-from bench_data import (BENCH_OPS, BENCH_PORT, CHUNK_BYTES, COLD_WAIT_S, CONNECT_TIMEOUT_S, CONTROL_SLACK_S,
+from bench_data import (BENCH_OPS, CHUNK_BYTES, COLD_WAIT_S, CONNECT_TIMEOUT_S, CONTROL_SLACK_S,
                         IPERF_PORT, SERVER_READY_S, TRANSFER_TIMEOUT_S, Bench, BenchError, Reader, _connect_once,
                         _drop_meta_link, _kernel_timeouts, _terminated, client_transfer, loadavg, machine, ms,
-                        percentile, progress, serve_bench, shuffled, table)
-from gridsock.bootstrap.control import ControlServer, call, run_dir
+                        percentile, progress, shuffled, table)
+from gridsock.bootstrap.control import call
 from gridsock.errors import GridsockError
 from gridsock.testing.lab import ADDRESSES, SOCKS_PORT, SSH_PORT
 from gridsock.testing.procs import stop_process, wait_for_line
@@ -399,60 +397,8 @@ NODE_OPS = {**BENCH_OPS, "first": op_first, "ssh_ciphers": op_ssh_ciphers}
 
 
 def run_node(argv: List[str]) -> int:
-    """``bench_methods.py node ARGS``: ``bench_data.py node`` plus the SSH options and ``first``."""
-    from gridsock.bootstrap.sshtunnel import SSHGateway
-    from gridsock.diag import serve_echo
-    from gridsock.node import Node
-    from gridsock.rules import Rules
-    from gridsock.session import Session
-
-    parser = argparse.ArgumentParser(prog="bench_methods.py node")
-    for option in ("--session", "--name", "--listen", "--rules", "--cluster", "--leader", "--ssh-gateway",
-                   "--ssh-key", "--ssh-known-hosts"):
-        parser.add_argument(option)
-    parser.add_argument("--echo", type=int)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format=f"{args.name} %(name)s: %(message)s")
-    session = Session.load(args.session)
-    rules = Rules.load(args.rules, tls=session.tls) if args.rules else None
-    gateway = None
-    if args.ssh_gateway:
-        gateway = SSHGateway.parse(args.ssh_gateway, key_filename=args.ssh_key, known_hosts=args.ssh_known_hosts)
-    node = Node(session, args.name, cluster=args.cluster, leader=args.leader, listen_address=args.listen,
-                rules=rules, ssh_gateway=gateway, ssh_key=args.ssh_key, ssh_known_hosts=args.ssh_known_hosts).start()
-    if args.echo:
-        serve_echo(node, args.echo)
-    for kind in bench_data.KINDS:  # before any timing
-        bench_data.pattern(kind)
-    serve_bench(node, BENCH_PORT)
-
-    def handle(op: str, op_args: dict):
-        if op not in NODE_OPS:
-            raise GridsockError(f"unknown bench operation {op!r}")
-        try:
-            return NODE_OPS[op](node, op_args)
-        except GridsockError:
-            raise
-        except Exception as exc:  # the orchestrator gets the reason, not "internal error"
-            log.exception("bench operation %s failed", op)
-            raise GridsockError(f"{op}: {type(exc).__name__}: {exc}") from exc
-
-    bench_control = ControlServer(os.path.join(run_dir(), f"{args.name}-bench.sock"), handle).start()
-    print(f"node {node.name} listening {node.address}", flush=True)
-
-    def announce() -> None:
-        if node.wait_joined():
-            print(f"joined {node.name} {node.node_id} {node.role}", flush=True)
-
-    def stop(*_) -> None:
-        bench_control.stop()
-        node.stop()
-
-    gevent.spawn(announce)
-    gevent.signal_handler(signal.SIGTERM, stop)
-    gevent.signal_handler(signal.SIGINT, stop)
-    node.serve_forever()
-    return 0
+    """``bench_methods.py node ARGS``: ``bench_data.py node`` with this bench's operations."""
+    return bench_data.run_node(argv, ops=NODE_OPS, prog="bench_methods.py node")
 
 
 # --- baselines that are not bench_data's ----------------------------------------------------------------
