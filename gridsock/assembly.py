@@ -666,14 +666,10 @@ class Assembler:
         return info
 
     def _hand_out(self, stack: Stack, stream: Stream, info: ConnectionInfo, *, tcp_bridge: bool = False):
-        from .bridge import start_bridge, to_std_socket
+        from .bridge import hand_out
 
-        if not stack.filters and isinstance(stream, SocketStream):
-            sock = to_std_socket(stream.socket)
-            info.detail["bridged"] = False
-        else:
-            sock = start_bridge(stream, name=f"{info.peer_name}:{info.port}", tcp=tcp_bridge)[0]
-            info.detail["bridged"] = True
+        sock, bridge = hand_out(stream, plain=not stack.filters, name=f"{info.peer_name}:{info.port}", tcp=tcp_bridge)
+        info.detail["bridged"] = bridge is not None
         info.detail["socket"] = weakref.ref(sock)
         return sock
 

@@ -67,6 +67,7 @@ __all__ = [
     "start_bridge",
     "active_bridges",
     "to_std_socket",
+    "hand_out",
 ]
 
 log = logging.getLogger(__name__)
@@ -295,3 +296,16 @@ def to_std_socket(sock) -> socket.socket:
     std = socket.socket(family, type_, proto, fileno=sock.detach())
     std.setblocking(True)  # gevent left O_NONBLOCK on the descriptor
     return std
+
+
+def hand_out(stream: Stream, *, plain: bool, name: str = "", tcp: bool = False) -> Tuple[socket.socket, Optional[Bridge]]:
+    """The real OS socket an application gets for ``stream``: ``(socket, bridge or None)``.
+
+    ``plain``: the stack has no filter, so a stream over a kernel socket is handed over as that
+    socket itself (no bridge); otherwise the stream is bridged (see :func:`start_bridge`).
+    """
+    from .streams import SocketStream
+
+    if plain and isinstance(stream, SocketStream):
+        return to_std_socket(stream.socket), None
+    return start_bridge(stream, name=name, tcp=tcp)
