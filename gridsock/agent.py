@@ -26,10 +26,13 @@ Failures are ``ControlReply(ok=False, result={"errno": NAME}, error=reason)``: `
 method failed), ``EADDRINUSE``, ``EAI_NONAME``; the personality raises the stdlib exception
 that errno names. A descriptor always travels on the first byte of its frame, in one
 ``sendmsg``; frames without one are plain writes.
+
+The framing, the descriptor rules and the errno mapping are :mod:`gridsock.agentwire`'s (one
+codec for both sides); the client is :class:`gridsock.agentclient.AgentClient`, re-exported
+here. A client that breaks the protocol is dropped (and logged); the agent serves on.
 """
 from __future__ import annotations
 
-import array
 import errno
 import logging
 import os
@@ -39,13 +42,14 @@ from typing import Any, Dict, Optional
 import gevent
 from gevent import socket as gsocket
 
-from . import wire
+from . import agentwire, wire
+from .agentclient import AgentClient
 from .bootstrap.control import UnixServer, run_dir
 from .bridge import Bridge
 from .errors import ConfigError, ConnectError, GridsockError, RemoteProtocolError
 from .names import grid_ip, grid_name, is_grid_ip
 
-__all__ = ["AgentServer", "agent_path", "EPHEMERAL_PORTS"]
+__all__ = ["AgentServer", "AgentClient", "agent_path", "EPHEMERAL_PORTS"]
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +80,13 @@ class AgentServer(UnixServer):
 
     def _handle(self, conn) -> None:
         app = None
+        reader = agentwire.AgentReader(wire.Control, peer="agent client")
         try:
             while True:
                 with gevent.Timeout(IDLE_TIMEOUT_S, TimeoutError("idle agent client")):
-                    message, app = _read_request(conn)
+                    message, app = _read_request(conn, reader)
                 if message is None:
                     return
-                if not isinstance(message, wire.Control):
-                    raise RemoteProtocolError(f"expected Control, got {type(message).__name__}")
                 if message.op == "listen":
                     self._listen(conn, message.args)
                     return  # the connection was the listener's; it is over
@@ -98,7 +101,7 @@ class AgentServer(UnixServer):
                     result, fd = self._op(message.op, message.args)
                     reply = wire.ControlReply(True, result)
                 except _Failure as exc:
-                    reply = wire.ControlReply(False, {"errno": exc.errno}, str(exc)[: wire.MAX_REASON_BYTES])
+                    reply = agentwire.failure(exc.errno, str(exc))
                 try:
                     _send(conn, reply, fd)
                 finally:
@@ -111,6 +114,7 @@ class AgentServer(UnixServer):
         finally:
             if app is not None:
                 app.close()
+            reader.close()
             conn.close()
 
     # --- operations ----------------------------------------------------------------------------
@@ -189,7 +193,7 @@ class AgentServer(UnixServer):
                       "tried": [list(t) for t in info.detail.get("tried", [])]}
             _send(conn, wire.ControlReply(True, result))
         except _Failure as exc:
-            _send(conn, wire.ControlReply(False, {"errno": exc.errno}, str(exc)[: wire.MAX_REASON_BYTES]))
+            _send(conn, agentwire.failure(exc.errno, str(exc)))
             app.close()
             return
         try:
@@ -210,12 +214,12 @@ class AgentServer(UnixServer):
     def _listen(self, conn, args: Dict[str, Any]) -> None:
         port = args.get("port")
         if type(port) is not int or not 0 <= port < 65536:
-            _send(conn, wire.ControlReply(False, {"errno": "EINVAL"}, f"bad port {port!r}"))
+            _send(conn, agentwire.failure("EINVAL", f"bad port {port!r}"))
             return
         try:
             listener = self.node.listen(port or self._free_port())
         except ConfigError as exc:
-            _send(conn, wire.ControlReply(False, {"errno": "EADDRINUSE"}, str(exc)[: wire.MAX_REASON_BYTES]))
+            _send(conn, agentwire.failure("EADDRINUSE", str(exc)))
             return
         me = self.node.entry
         _send(conn, wire.ControlReply(True, {"port": listener.port, "ip": grid_ip(me.node_id) if me else None}))
@@ -269,47 +273,21 @@ def _errno_of(exc: ConnectError) -> str:
     return "EHOSTUNREACH"
 
 
-def _read_request(conn):
-    """One Control frame from a client, and the descriptor that came with it (as a gevent
-    socket), or ``(None, None)`` at EOF. Raises RemoteProtocolError for bad input."""
-    fds = array.array("i")
-    data, ancdata, _, _ = conn.recvmsg(4, gsocket.CMSG_SPACE(fds.itemsize))
-    for level, kind, payload in ancdata:
-        if level == gsocket.SOL_SOCKET and kind == gsocket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    app = None
-    for i, fd in enumerate(fds):
-        if i == 0 and _is_stream_socket(fd):
-            app = gsocket.socket(fileno=fd)
-        else:
-            os.close(fd)
-    try:
-        if not data:
-            if app is not None:
-                raise RemoteProtocolError("a descriptor without a request")
-            return None, None
-        while len(data) < 4:
-            more = conn.recv(4 - len(data))
-            if not more:
-                raise RemoteProtocolError("agent client closed inside a frame")
-            data += more
-        length = int.from_bytes(data, "big")
-        if length > wire.MAX_FRAME_BYTES:
-            raise RemoteProtocolError(f"frame of {length} bytes")
-        body = bytearray()
-        while len(body) < length:
-            more = conn.recv(length - len(body))
-            if not more:
-                raise RemoteProtocolError("agent client closed inside a frame")
-            body += more
-        decoder = wire.Decoder(peer="agent client")
-        decoder.feed(data + bytes(body))
-        message = decoder.next_message()
-    except BaseException:
-        if app is not None:
-            app.close()
-        raise
-    return message, app
+def _read_request(conn, reader: agentwire.AgentReader):
+    """One request from a client, and the socketpair end that came with it (as a gevent socket),
+    or ``(None, None)`` when the client closes between requests. Raises RemoteProtocolError for
+    bad input, a descriptor that is not a Unix stream socket included."""
+    got = agentwire.recv_message(conn, reader)
+    if got is None:
+        return None, None
+    message, fd = got
+    if fd is None:
+        return message, None
+    if not _is_stream_socket(fd):
+        os.close(fd)
+        raise RemoteProtocolError(f"{message.op!r} came with a descriptor that is not a Unix stream socket",
+                                  peer="agent client")
+    return message, gsocket.socket(fileno=fd)
 
 
 def _is_stream_socket(fd: int) -> bool:
@@ -334,11 +312,4 @@ def _wait_closed(conn) -> None:
 
 
 def _send(conn, reply: wire.ControlReply, sock: Optional[socket.socket] = None) -> None:
-    frame = wire.encode(reply)
-    if sock is None:
-        conn.sendall(frame)
-        return
-    fds = array.array("i", [sock.fileno()])
-    sent = conn.sendmsg([frame], [(gsocket.SOL_SOCKET, gsocket.SCM_RIGHTS, fds)])
-    if sent < len(frame):
-        conn.sendall(frame[sent:])
+    agentwire.send_frame(conn, agentwire.encode_reply(reply), None if sock is None else sock.fileno())

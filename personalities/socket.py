@@ -28,27 +28,26 @@ a Unix socket, with the original socket class.
   ``gaierror(EAI_NONAME)`` and never reaches the system resolver; other names go to the system
   resolver after one agent lookup (cached ``NAME_CACHE_S``).
 
-Errors are the stdlib's: ``ConnectionRefusedError`` (nothing listens, or policy),
-``TimeoutError``, ``OSError(EHOSTUNREACH)``, ``socket.gaierror``.
+The agent calls go through the public client, :class:`gridsock.agentclient.AgentClient`
+(:func:`agent` gives the personality's). Errors are the stdlib's: ``ConnectionRefusedError``
+(nothing listens, or policy), ``TimeoutError``, ``OSError(EHOSTUNREACH)``, ``socket.gaierror``.
 """
 from __future__ import annotations
 
-import array
 import errno
 import os
 import select
 import socket as _socket
 import threading
-import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
-from gridsock import wire
+from gridsock.agentclient import NAME_CACHE_S, AgentChannel, AgentClient
 from gridsock.names import GRID_SUFFIX, grid_name, is_grid_ip
 
 from .monkey import get_original
 
-__all__ = ["GridSocket", "configure", "agent", "create_connection", "is_grid_host", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
-           "gethostbyaddr", "getnameinfo", "getfqdn", "NAME_CACHE_S"]
+__all__ = ["GridSocket", "configure", "agent", "create_connection", "is_grid_host", "getaddrinfo", "gethostbyname",
+           "gethostbyname_ex", "gethostbyaddr", "getnameinfo", "getfqdn", "NAME_CACHE_S"]
 
 _RealSocket = get_original("socket", "socket")
 _real_create_connection = get_original("socket", "create_connection")
@@ -56,11 +55,6 @@ _real_create_connection = get_original("socket", "create_connection")
  _real_getfqdn) = get_original("socket", ["getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr",
                                            "getnameinfo", "getfqdn"])
 
-# Name lookups (hits and misses) are remembered this long: a program resolving in a loop does
-# not ask the agent every time, and a node that joins is seen within this long.
-NAME_CACHE_S = 5.0
-# An agent call that is not a connect answers within this long.
-AGENT_TIMEOUT_S = 10.0
 _WILDCARDS = ("", "0.0.0.0", "::")
 _MAPPED = "::ffff:"  # an IPv4 address seen through an IPv6 socket
 # Options a server sets before bind() whose value getsockopt() must still give once the
@@ -68,63 +62,7 @@ _MAPPED = "::ffff:"  # an IPv4 address seen through an IPv6 socket
 _CLOSE_LOCK = threading.Lock()
 _KEPT_OPTIONS = tuple(getattr(_socket, name) for name in ("SO_REUSEADDR", "SO_REUSEPORT", "SO_KEEPALIVE")
                       if hasattr(_socket, name))
-_ERRNO_CLASSES = {"ECONNREFUSED": ConnectionRefusedError, "ETIMEDOUT": TimeoutError}
-
-
-class _Agent:
-    """The client side of the agent protocol, on original sockets; safe from any thread."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._names: Dict[str, Tuple[float, Optional[dict]]] = {}
-        self._me: Optional[dict] = None
-        self._lock = threading.Lock()
-
-    def open(self):
-        sock = _RealSocket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        try:
-            sock.connect(self.path)
-        except OSError as exc:
-            sock.close()
-            raise ConnectionRefusedError(errno.ECONNREFUSED,
-                                         f"no gridsock agent at {self.path}: {exc.strerror or exc}") from None
-        return sock
-
-    def call(self, op: str, args: Dict[str, Any], *, timeout: Optional[float] = AGENT_TIMEOUT_S):
-        """Run ``op``; return ``(result, fd or None)``; raise the stdlib error it names."""
-        sock = self.open()
-        try:
-            sock.settimeout(timeout)
-            sock.sendall(wire.encode(wire.Control(op, args)))
-            reply, fd = read_reply(sock)
-        finally:
-            sock.close()
-        return check(reply, fd), fd
-
-    def whoami(self) -> dict:
-        if self._me is None:
-            self._me, _ = self.call("whoami", {})
-        return self._me
-
-    def lookup(self, host: str) -> Optional[dict]:
-        """``{name, node_id, ip}`` for a grid host, None for anything else (cached)."""
-        now = time.monotonic()
-        with self._lock:
-            hit = self._names.get(host)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        try:
-            found, _ = self.call("resolve", {"host": host})
-        except _socket.gaierror:
-            found = None
-        with self._lock:
-            if len(self._names) > 4096:
-                self._names.clear()
-            self._names[host] = (now + NAME_CACHE_S, found)
-        return found
-
-
-_agent: Optional[_Agent] = None
+_agent: Optional[AgentClient] = None
 # Force mode ($GRIDSOCK_FORCE=1): loopback TCP goes through the grid too, to this very node, so
 # a test suite that talks to itself on 127.0.0.1 exercises the whole path.
 _force = False
@@ -139,11 +77,16 @@ def configure(path: Optional[str], *, force: Optional[bool] = None) -> None:
     ``force`` (default: ``$GRIDSOCK_FORCE == "1"``) sends loopback TCP through the grid as well.
     """
     global _agent, _force
-    _agent = _Agent(path) if path else None
+    _agent = AgentClient(path, socket_class=_RealSocket) if path else None
     _force = os.environ.get("GRIDSOCK_FORCE") == "1" if force is None else force
 
 
-def agent() -> Optional[_Agent]:
+def agent() -> Optional[AgentClient]:
+    """The agent client the personality uses (:class:`gridsock.agentclient.AgentClient`, on the
+    original socket class), or None when this process has no agent: the personality then passes
+    everything through. Set from ``$GRIDSOCK_AGENT`` at import, by :func:`configure` and by
+    ``patch_all(agent=PATH)``. The shims ask it whether there is an agent, and the Dask backend
+    for this node's name and for name lookups (which share its cache)."""
     return _agent
 
 
@@ -187,64 +130,6 @@ def create_connection(address, timeout=_socket._GLOBAL_DEFAULT_TIMEOUT, source_a
 configure(os.environ.get("GRIDSOCK_AGENT"))  # patched or not, a process started with an agent uses it
 
 
-def read_reply(sock) -> Tuple[wire.ControlReply, Optional[int]]:
-    """One ControlReply frame from ``sock`` (original socket), and the descriptor sent with it."""
-    fds = array.array("i")
-    data, ancdata, _, _ = _RealSocket.recvmsg(sock, 4, _socket.CMSG_SPACE(fds.itemsize))
-    for level, kind, payload in ancdata:
-        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    fd = fds[0] if fds else None
-    for extra in fds[1:]:
-        os.close(extra)
-    try:
-        if len(data) < 4:
-            data += _recv_exactly(sock, 4 - len(data))
-        length = int.from_bytes(data, "big")
-        if length > wire.MAX_FRAME_BYTES:
-            raise ConnectionResetError(errno.ECONNRESET, "agent sent an oversized frame")
-        decoder = wire.Decoder(peer="agent")
-        decoder.feed(data + _recv_exactly(sock, length))
-        try:
-            reply = decoder.next_message()
-        except wire.RemoteProtocolError as exc:
-            raise ConnectionResetError(errno.ECONNRESET, f"agent: {exc}") from None
-        if not isinstance(reply, wire.ControlReply):
-            raise ConnectionResetError(errno.ECONNRESET, "agent sent something else than a reply")
-    except BaseException:
-        if fd is not None:
-            os.close(fd)
-        raise
-    return reply, fd
-
-
-def _recv_exactly(sock, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        try:
-            chunk = _RealSocket.recv(sock, n - len(data))
-        except BlockingIOError:  # a non-blocking listener: the rest of the frame is on its way
-            select.select([sock], [], [], AGENT_TIMEOUT_S)
-            continue
-        if not chunk:
-            raise ConnectionResetError(errno.ECONNRESET, "agent closed the connection")
-        data += chunk
-    return bytes(data)
-
-
-def check(reply: wire.ControlReply, fd: Optional[int]):
-    """The reply's result, or the stdlib exception its errno names."""
-    if reply.ok:
-        return reply.result
-    if fd is not None:
-        os.close(fd)
-    name = (reply.result or {}).get("errno", "EIO") if isinstance(reply.result, dict) else "EIO"
-    if name == "EAI_NONAME":
-        raise _socket.gaierror(_socket.EAI_NONAME, reply.error)
-    code = getattr(errno, name, errno.EIO)
-    raise _ERRNO_CLASSES.get(name, OSError)(code, reply.error)
-
-
 def _grid_host(host: Any) -> Optional[str]:
     """The grid host ``host`` names, or None (not a grid host, or no agent)."""
     if _agent is None or not isinstance(host, str) or not host:
@@ -280,23 +165,6 @@ def _check_address(op: str, address: tuple) -> None:
 
 def _is_loopback(host: str) -> bool:
     return host in _LOOPBACK or host.startswith("127.")
-
-
-def _release(channel) -> None:
-    """Close an agent connection and wait (briefly) until the agent has closed its end: after a
-    listener's, its grid port is free. Announcements still queued are dropped with their
-    descriptors."""
-    try:
-        channel.setblocking(True)
-        channel.shutdown(_socket.SHUT_WR)
-        deadline = time.monotonic() + AGENT_TIMEOUT_S
-        while time.monotonic() < deadline and select.select([channel], [], [], deadline - time.monotonic())[0]:
-            if not _RealSocket.recv(channel, 65536):
-                break
-    except OSError:
-        pass
-    finally:
-        channel.close()
 
 
 def _readable(sock) -> bool:
@@ -399,9 +267,8 @@ class GridSocket(_RealSocket):
         timeout = self.gettimeout()
         if timeout == 0.0:
             self._grid_connect_nonblocking(host, port, bound)
-        result, fd = _agent.call("connect", {"host": host, "port": int(port), "timeout": timeout or None},
-                                 timeout=None)
-        self._adopt(fd)
+        conn, result = _agent.connect(host, int(port), timeout=timeout or None)
+        self._adopt(conn.detach())
         me = _agent.whoami()
         self._grid_peer = self._addr(result["ip"], int(port))
         self._grid_local = bound or self._addr(me["ip"], 0)
@@ -429,13 +296,7 @@ class GridSocket(_RealSocket):
                     filler += ours.send(block)
                 except BlockingIOError:
                     break
-            channel = _agent.open()
-            frame = wire.encode(wire.Control("connect", {"host": host, "port": int(port), "timeout": None,
-                                                         "filler": filler}))
-            fds = array.array("i", [theirs.fileno()])
-            sent = channel.sendmsg([frame], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
-            if sent < len(frame):
-                channel.sendall(frame[sent:])
+            channel = _agent.connect_into(host, int(port), theirs.fileno(), filler=filler)
             theirs.close()
             self._adopt(os.dup(ours.fileno()))
             ours.close()
@@ -453,8 +314,9 @@ class GridSocket(_RealSocket):
         self._grid_pending = None
         try:
             channel.settimeout(None)
-            reply, fd = read_reply(channel)
-            result = check(reply, fd)
+            result, conn = channel.receive()
+            if conn is not None:
+                conn.close()
         except TimeoutError:
             return errno.ETIMEDOUT
         except _socket.gaierror:
@@ -488,16 +350,9 @@ class GridSocket(_RealSocket):
         if self._grid_channel is not None or self._grid_local is not None:
             raise OSError(errno.EINVAL, "Invalid argument (already bound)")
         _check_address("bind", address)
-        channel = _agent.open()
-        try:
-            channel.sendall(wire.encode(wire.Control("listen", {"port": int(address[1])})))
-            reply, fd = read_reply(channel)
-            result = check(reply, fd)
-        except BaseException:
-            channel.close()
-            raise
+        channel = _agent.listen(int(address[1]))
         self._grid_channel = channel
-        self._grid_local = self._addr(result["ip"], result["port"])
+        self._grid_local = self._addr(channel.ip, channel.port)
         if _force and isinstance(address[0], str) and (_is_loopback(address[0]) or address[0] in _WILDCARDS):
             self._grid_local = (address[0] or "0.0.0.0",) + self._grid_local[1:]
 
@@ -548,15 +403,14 @@ class GridSocket(_RealSocket):
         if ("listening",) not in self._grid_opts:
             return super().accept()
         try:
-            reply, fd = read_reply(self)
+            # (a channel over our own descriptor, which it does not own: never closed here)
+            announced, result = AgentChannel(self, socket_class=_RealSocket).accept()
         except ConnectionResetError:
             self._grid_orphaned()
             raise
-        result = check(reply, fd)
-        if fd is None:
-            raise ConnectionResetError(errno.ECONNRESET, "agent announced a connection without its descriptor")
-        conn = type(self)(self.family, self.type, self.proto, fileno=fd)
-        conn._grid_unix = _domain(fd) == _socket.AF_UNIX
+        unix = announced.family == _socket.AF_UNIX
+        conn = type(self)(self.family, self.type, self.proto, fileno=announced.detach())
+        conn._grid_unix = unix
         peer = self._addr(result["ip"], int(result.get("peer_port") or 0))
         if _force and _is_loopback(self._grid_local[0]):  # a loopback server sees loopback clients
             peer = ("127.0.0.1" if self._grid_local[0] in _WILDCARDS else self._grid_local[0],) + peer[1:]
@@ -639,12 +493,12 @@ class GridSocket(_RealSocket):
         with _CLOSE_LOCK:
             for channel in (self._grid_channel, self._grid_pending and self._grid_pending[0]):
                 if channel is not None:
-                    _release(channel)
+                    channel.release()
             self._grid_channel = self._grid_pending = None
             if ("listening",) in self._grid_opts and self.fileno() != -1 and not self._io_refs:
                 # The grid port is free again when close() returns, as a kernel port would be.
                 self._grid_opts.pop(("listening",))
-                _release(_RealSocket(fileno=os.dup(self.fileno())))
+                AgentChannel(_RealSocket(fileno=os.dup(self.fileno()))).release()
             super().close()
 
     def detach(self):

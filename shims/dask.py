@@ -113,7 +113,8 @@ def _close_abandoned(future: concurrent.futures.Future) -> None:
 
 
 def _agent():
-    """The personality's agent client; raises FatalCommClosedError if this process has none."""
+    """The personality's agent client (:func:`gridsock.personalities.socket.agent`, a
+    :class:`gridsock.agentclient.AgentClient`); raises FatalCommClosedError if this process has none."""
     agent = personality.agent()
     if agent is None:
         raise FatalCommClosedError(_NO_AGENT)
