@@ -440,7 +440,7 @@ def op_anatomy(node, args: dict) -> dict:
     alone: opening a meta link to ``dst`` (``link_open``) and making a TLS client context
     (``client_context``, which every meta link dial does).
     """
-    import gridsock.assembly as assembly
+    import gridsock.components.tcp as tcp
     from gridsock.session import client_context
 
     dst, stack, n, mode = str(args["dst"]), str(args["stack"]), int(args["n"]), str(args["mode"])
@@ -458,8 +458,8 @@ def op_anatomy(node, args: dict) -> dict:
                 current[step] = time.perf_counter() - started
         return wrapper
 
-    real_dial = assembly._dial_with_token
-    assembly._dial_with_token = timed("dial", real_dial)
+    real_dial = tcp.TcpMethod.dial_node_port
+    tcp.TcpMethod.dial_node_port = timed("dial", real_dial)
     node.meta_request = timed("request", node.meta_request)  # instance attributes hide the methods
     node.assembler._build = timed("build", node.assembler._build)
     try:
@@ -471,7 +471,7 @@ def op_anatomy(node, args: dict) -> dict:
             open_s, _, _ = _connect_once(node, dst, stack)
             samples.append(dict(current, open=open_s))
     finally:
-        assembly._dial_with_token = real_dial
+        tcp.TcpMethod.dial_node_port = real_dial
         del node.meta_request
         del node.assembler._build
     entry = node.directory.resolve(dst)

@@ -4,53 +4,64 @@ Theory of operation
 -------------------
 ``connect(peer, port)`` on the client:
 
-1. the rules choose a stack for the pair (or the caller names one), e.g. ``tls/tcp``;
-2. a one-time token (``TOKEN_BYTES`` random bytes) is made, and an *assembly request*
-   ``{port, stack, token, conn}`` goes to the server node over the meta channel;
-3. at the same time, not after, the client starts its half of the method: for ``tcp`` it dials
-   the server's node port and sends ``DATA_PREAMBLE`` + token in-band, so a direct connection
-   costs about one TCP handshake; for ``relay`` it opens its end of the relayed connection;
-4. when the server answers ``ok``, the filters are built bottom-up (``tls`` checks that the
-   server proves the expected node id), and the application gets a real socket.
+1. the rules give the candidate stacks for the pair (or the caller names one, or several to
+   race), e.g. ``tls/tcp``, then ``tls/relay``;
+2. for each candidate (raced with staggered starts, :meth:`Assembler._race`) a one-time token
+   is made and the stack's *method* component starts its initiator half
+   (:mod:`gridsock.methods`): ``tcp`` starts dialing the server's node port at once, ``relay``
+   opens its end, ``splice`` binds its port. An ``AssemblyRequest`` ``{port, stack, token,
+   offer}`` (the method's own fields in ``offer``) goes to the server node over the meta
+   channel (:mod:`gridsock.wire`);
+3. the server checks the request before anything is built: someone must listen on the port,
+   the stack must parse, the server's policy must accept it (e.g. ``tls`` from outside its
+   cluster: the client's rules cannot weaken that) and the token must be fresh. It then calls
+   the method's responder half, which answers (``AssemblyAccept``, with the method's fields) or
+   refuses (``AssemblyRefuse`` with a code of :data:`gridsock.wire.REFUSAL_CODES`);
+4. the client's method completes its connection with the answer; the first candidate whose
+   connection is up is *nominated* (the client sends ``NOMINATE`` on it, the others are
+   cancelled), the filters are built bottom-up (``tls`` checks that the server proves the
+   expected node id), and the application gets a real socket.
 
-On the server, the request is checked before anything is built: someone must listen on the
-port, the stack must parse, and the server's policy must accept it (e.g. ``tls`` from outside
-its cluster — the client's rules cannot weaken that). The token is then *pending*. A data
-connection on the node port presents a token: an unknown one waits at most
-``MATCH_TIMEOUT_S`` for its request (request and connection race), a used or expired one is
-refused at once, and a stranger who connects gets nothing. The server builds its half of the
-filters (``tls`` requires the client's certificate to carry the requesting node's id) and
-queues the connection on the listener. Different clients of one server may use different
-stacks at the same time.
+On the server, the method delivers its connection to :meth:`Assembler._deliver`, which waits
+for the nomination, builds the server's half of the filters (``tls`` requires the client's
+certificate to carry the requesting node's id) and queues the connection on the listener. A
+connection that is not nominated is closed: nothing is built for it, nothing is queued.
+
+The assembler knows no method by name: a stack's method component (with the method wrapper
+right above it, ``parallel``) does all that is particular to it, on both sides. What the
+assembler provides is the token bookkeeping: connections that arrive on a node port with a
+preamble (``tcp`` family, ``parallel``, a ``reverse`` call back) are matched by token to what
+awaits them (:class:`gridsock.methods.Arrival`); an unknown token waits at most
+``MATCH_TIMEOUT_S`` for its request (request and connection race), a used or cancelled one is
+refused at once, and a stranger who connects gets nothing.
 
 What applications get is always a real OS socket: for a plain ``tcp`` stack the kernel TCP
-socket itself (nothing on the data path); otherwise one end of a socketpair bridged to the
-stream (:mod:`gridsock.bridge`).
+socket itself (nothing on the data path); otherwise a socket bridged to the stream
+(:mod:`gridsock.bridge`).
 """
 from __future__ import annotations
 
-import binascii
 import dataclasses
-import json
+import errno
 import logging
 import secrets
 import socket
 import time
 import weakref
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import gevent
 import gevent.event
 import gevent.queue
 
 from . import wire
-from .bootstrap.transport import parse_address
-from .registry import default_registry
 from .errors import ConfigError, ConnectError, GridsockError, RemoteProtocolError, RoutingError
-from .rules import Rules, same_cluster
+from .methods import Arrival, InitiatorContext, MethodRefusal, ResponderContext
+from .registry import Registry, default_registry
+from .rules import Rules
 from .stack import Stack, StackContext
-from .components.splice import bind_splice_socket, public_host, routable, splice_connect
-from .streams import SocketStream, Stream
+from .streams import Stream
+from .components.tcp import MATCH_TIMEOUT_S
 
 __all__ = [
     "Assembler",
@@ -63,26 +74,19 @@ __all__ = [
     "NOMINATE",
     "STAGGER_S",
     "ASSEMBLE_TOPIC",
+    "method_of",
+    "errno_of",
 ]
 
 log = logging.getLogger(__name__)
 
 ASSEMBLE_TOPIC = "assemble"
-# First bytes of a data connection on a node port: magic and version. TLS starts with 0x16 and
-# wire frames with a 0x00 length byte, so the node port tells the three apart by one byte.
-DATA_PREAMBLE = b"GSDC\x01"
-TOKEN_BYTES = 32
+# First bytes of a data connection on a node port (the node port tells it by the first byte).
+DATA_PREAMBLE = wire.DATA_MAGIC
+TOKEN_BYTES = wire.TOKEN_BYTES
+NOMINATE = wire.NOMINATE
 # A connect (request, reply, method, filters) gives up after this long.
 ASSEMBLY_TIMEOUT_S = 15.0
-# A data connection waits this long for its assembly request (they race), and a pending token
-# for its data connection, before it is dropped.
-MATCH_TIMEOUT_S = 5.0
-# The client's first byte on a method's connection once it has chosen it among the candidates
-# it raced (``_race``): the server builds nothing and delivers nothing before it.
-NOMINATE = b"\x01"
-# One dial of one address by a direct method (tcp, socks, ssh): a firewall that drops SYNs
-# silently costs this long, not the whole connect's budget.
-DIAL_TIMEOUT_S = 5.0
 # Happy eyeballs: the next candidate starts this long after the previous one, if no candidate
 # has connected by then (RFC 8305's connection attempt delay), or at once when all have failed.
 STAGGER_S = 0.25
@@ -96,6 +100,25 @@ USED_TOKENS_KEPT = 4096
 CONNECTIONS_PRUNE_AT = 256
 # Connections accepted but not yet taken by accept().
 LISTEN_BACKLOG = 128
+
+
+def method_of(stack: Stack, registry: Optional[Registry] = None) -> Tuple[Any, Stack]:
+    """The component that makes ``stack``'s connections, and the stack of the filters above it.
+
+    The method, wrapped by the method wrappers right above it (``parallel``); the filters'
+    stack keeps the method as its bottom layer (for messages). Raises ConfigError if a layer
+    cannot be created or a wrapper stands anywhere but right above the method.
+    """
+    registry = registry if registry is not None else default_registry
+    component = registry.create(stack.method)
+    filters = list(stack.filters)
+    while filters and getattr(registry.get(filters[-1].name), "wraps_method", False):
+        component = registry.create(filters.pop()).over(component)
+    for layer in filters:
+        if getattr(registry.get(layer.name), "wraps_method", False):
+            raise ConfigError(f"in {stack}: {layer.name} must be the lowest filter, right above the method "
+                              "(it makes the connections)")
+    return component, Stack(tuple(filters) + (stack.method,))
 
 
 @dataclasses.dataclass
@@ -170,28 +193,25 @@ class DataListener:
         self._queue.put_nowait(None)
 
 
-@dataclasses.dataclass
-class _Pending:
-    client_id: str
-    port: int
-    stack: Stack
-    expires: float
-    socks: Optional[list] = None  # parallel(streams=N): the sub-connections, by index, as they come
-
-
 class Assembler:
-    """The data-connection side of one node (client and server)."""
+    """The data-connection side of one node (client and server); see the module docstring.
 
-    def __init__(self, node, rules: Rules, *, streams_only: bool = False) -> None:
+    ``registry`` gives the components (the default registry unless told otherwise).
+    ``counters`` counts what the server side did with method connections: ``delivered``
+    (nominated, built, queued) and ``not_taken`` (closed unnominated, failed, or not queued).
+    """
+
+    def __init__(self, node, rules: Rules, *, registry: Optional[Registry] = None) -> None:
         self.node = node
         self.rules = rules
+        self.registry = registry if registry is not None else default_registry
         self.listeners: Dict[int, DataListener] = {}
         self.connections: Dict[int, ConnectionInfo] = {}
-        self._pending: Dict[bytes, _Pending] = {}
-        self._arrived: Dict[bytes, gevent.event.Event] = {}
+        self.counters: Dict[str, int] = {"delivered": 0, "not_taken": 0}
+        self._arrivals: Dict[bytes, Arrival] = {}  # token -> connections awaited on the node port
+        self._registered: Dict[bytes, gevent.event.Event] = {}  # tokens that arrived before their request
         self._used: Dict[bytes, str] = {}  # token -> "used" or "cancelled", oldest first
-        self._reverse: Dict[bytes, gevent.event.AsyncResult] = {}  # our reverse connects, by token
-        self._winners: Dict[str, Stack] = {}  # peer id -> the stack that worked last
+        self._winners: Dict[str, Tuple[Stack, float]] = {}  # peer id -> the stack that worked last, until
         self._conn_ids = iter(range(1, 2**62))
 
     # --- server side -------------------------------------------------------------------------
@@ -207,106 +227,69 @@ class Assembler:
         return listener
 
     def handle_request(self, delivery) -> bytes:
-        """The ``assemble`` topic handler: check the request, make the token pending."""
+        """The ``assemble`` topic handler: check the request, hand it to its method, answer.
+
+        Returns the encoded AssemblyAccept or AssemblyRefuse. Malformed input is refused with
+        ``bad-request`` (and logged): the requester gets a structured answer, nothing else.
+        """
         try:
-            req = json.loads(delivery.payload)
-            port, stack_text, token_hex = req["port"], req["stack"], req["token"]
-            conn = req.get("conn")
-            if type(port) is not int or not isinstance(stack_text, str) or not isinstance(token_hex, str):
-                raise ValueError("ill-typed fields")
-            token = binascii.unhexlify(token_hex)
-            if len(token) != TOKEN_BYTES or (conn is not None and (type(conn) is not int or not 0 <= conn < 2**32)):
-                raise ValueError("bad token or connection id")
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RemoteProtocolError(f"bad assembly request from {delivery.src}: {exc}") from None
-        client = self.node.directory.get(delivery.src)
+            request = wire.decode_assembly(delivery.payload, peer=delivery.src)
+            if not isinstance(request, wire.AssemblyRequest):
+                raise RemoteProtocolError(f"expected an AssemblyRequest, got {type(request).__name__}")
+        except RemoteProtocolError as exc:
+            log.warning("node %s: bad assembly request from %s: %s", self.node.name, delivery.src, exc)
+            return _refuse("bad-request", f"bad assembly request: {exc}")
+        try:
+            return wire.encode_assembly(self._answer(request, delivery.src))
+        except MethodRefusal as exc:
+            return _refuse(exc.code, exc.reason)
+        except RemoteProtocolError as exc:
+            log.warning("node %s: bad assembly request from %s: %s", self.node.name, delivery.src, exc)
+            return _refuse("bad-request", str(exc))
+
+    def _answer(self, request: wire.AssemblyRequest, src: str) -> wire.AssemblyAccept:
+        """Check ``request`` and start its method's responder; MethodRefusal if refused."""
+        client = self.node.directory.get(src)
         me = self.node.entry
         if client is None or me is None:
-            return _refuse("unknown-node", f"node {delivery.src} is not in {self.node.name}'s directory")
-        listener = self.listeners.get(port)
-        if listener is None:
-            return _refuse("refused", f"nothing listens on port {port} of {self.node.name}")
+            raise MethodRefusal("unknown-node", f"node {src} is not in {self.node.name}'s directory")
+        port = request.port
+        if port not in self.listeners:
+            raise MethodRefusal("refused", f"nothing listens on port {port} of {self.node.name}")
         try:
-            stack = Stack.parse(stack_text)
+            stack = Stack.parse(request.stack, self.registry)
+            method, filters = method_of(stack, self.registry)
         except ConfigError as exc:
-            return _refuse("bad-stack", str(exc))
+            raise MethodRefusal("bad-stack", str(exc)) from None
         why = self.rules.refusal(me, client, stack)
         if why:
             log.warning("refused %s from %s to port %d: %s", stack, client.name, port, why)
-            return _refuse("policy", why)
-        if token in self._pending or token in self._used:
-            return _refuse("bad-token", "token already used")
-        method = stack.method.name
-        if method not in ("relay", "reverse", "splice") and not _is_direct(method):
-            return _refuse("bad-stack", f"method {method} is not available on {self.node.name}")
-        why = _parallel_misplaced(stack)
-        if why:
-            return _refuse("bad-stack", why)
-        if method == "splice":
-            try:
-                endpoint = parse_address(str(req.get("endpoint")))
-            except ConfigError as exc:
-                raise RemoteProtocolError(f"bad splice endpoint: {exc}") from None
-            host = public_host(me, self.node.directory)
-            if host is None or endpoint.is_unix or not routable(endpoint.host):
-                return _refuse("unreachable", f"{self.node.name} has no route to {client.name}'s endpoint {endpoint}"
-                               if host else f"{self.node.name} knows no public address of its own")
-            ssock = bind_splice_socket()
-            gevent.spawn(self._splice_server, ssock, endpoint, token, client, port, stack)
-            return json.dumps({"ok": True, "endpoint": f"{host}:{ssock.getsockname()[1]}"}).encode()
-        if method == "reverse":
-            # The client cannot be dialed... by others; we dial it, token in-band, and answer how it went.
-            self._remember_used(token)
-            try:
-                if not client.addrs:
-                    raise ConnectError(f"{client.name} advertises no address to connect back to")
-                sock = _dial_with_token(default_registry.create(stack.method), self.node, client.addrs, token,
-                                        ASSEMBLY_TIMEOUT_S)
-            except ConnectError as exc:
-                return _refuse("unreachable", f"{self.node.name} cannot connect back to {client.name}: {exc.args[0]}")
-            gevent.spawn(self._finish_server, SocketStream(sock, info={"method": "reverse"}), client, port, stack)
-        elif method == "relay":
-            if conn is None:
-                raise RemoteProtocolError("relay assembly request without a connection id")
-            lower = self.node.relay.open(client.node_id, conn)
-            self._remember_used(token)
-            gevent.spawn(self._finish_server, lower, client, port, stack)
-        else:  # tcp, or tcp through an intermediary (socks, ssh): the token arrives on the node port
-            streams = _parallel_streams(stack)
-            self._pending[token] = _Pending(client.node_id, port, stack, time.monotonic() + MATCH_TIMEOUT_S,
-                                            [None] * streams if streams else None)
-            event = self._arrived.pop(token, None)
-            if event is not None:
-                event.set()
-            gevent.spawn_later(MATCH_TIMEOUT_S, self._expire, token)
-        return json.dumps({"ok": True}).encode()
+            raise MethodRefusal("policy", why)
+        token = request.token_bytes
+        if token in self._used or token in self._arrivals:
+            raise MethodRefusal("bad-token", "token already used")
+        self._remember_used(token)  # a request, once: whatever the method does with it
+        ctx = ResponderContext(
+            node=self.node, me=me, client=client, request=request,
+            expect=lambda count: self._expect(token, count),
+            deliver=lambda lower: self._deliver(lower, client, port, stack, filters),
+            request_timeout=ASSEMBLY_TIMEOUT_S,
+        )
+        return wire.AssemblyAccept(method.respond(ctx))
 
-    def _splice_server(self, ssock, endpoint, token: bytes, client: wire.NodeEntry, port: int, stack: Stack) -> None:
-        """Our half of a splice: connect to the client while it connects to us, check its token."""
-        try:
-            sock = splice_connect(ssock, endpoint)
-            try:
-                with gevent.Timeout(MATCH_TIMEOUT_S, TimeoutError("no preamble")):
-                    head = _recv_exactly(sock, len(DATA_PREAMBLE) + TOKEN_BYTES)
-                if head != DATA_PREAMBLE + token:
-                    raise RemoteProtocolError("the spliced connection did not present our token (wrong node?)")
-            except BaseException:
-                sock.close()
-                raise
-        except (ConnectError, RemoteProtocolError, TimeoutError, OSError) as exc:
-            log.info("node %s: splice with %s failed: %s", self.node.name, client.name, exc)
-            return
-        self._remember_used(token)
-        self._finish_server(SocketStream(sock, info={"method": "splice"}), client, port, stack)
+    def _expect(self, token: bytes, count: int) -> Arrival:
+        """Await ``count`` node-port connections presenting ``token``."""
+        arrival = Arrival(token, count, self._arrival_done)
+        self._arrivals[token] = arrival
+        event = self._registered.pop(token, None)
+        if event is not None:  # its first connection came before the request: let it in
+            event.set()
+        return arrival
 
-    def _expire(self, token: bytes) -> None:
-        pending = self._pending.pop(token, None)
-        if pending is not None:
-            log.info("assembly token for port %d from %s expired unused", pending.port, pending.client_id)
-            self._remember_used(token)
-            for sock in pending.socks or ():
-                if sock is not None:
-                    sock.close()
+    def _arrival_done(self, arrival: Arrival, why: str) -> None:
+        if self._arrivals.get(arrival.token) is arrival:
+            del self._arrivals[arrival.token]
+        self._remember_used(arrival.token, why)
 
     def _remember_used(self, token: bytes, why: str = "used") -> None:
         self._used[token] = why
@@ -317,97 +300,80 @@ class Assembler:
         """A node-port connection that began with DATA_PREAMBLE (not yet read). Owns ``sock``."""
         try:
             with gevent.Timeout(MATCH_TIMEOUT_S, TimeoutError("no preamble")):
-                head = _recv_exactly(sock, len(DATA_PREAMBLE) + TOKEN_BYTES)
-            if head[: len(DATA_PREAMBLE)] != DATA_PREAMBLE:
-                raise RemoteProtocolError("bad data-connection preamble")
-            token = head[len(DATA_PREAMBLE) :]
-            waiting = self._reverse.pop(token, None)
-            if waiting is not None:  # the server of a ``reverse`` connection of ours, calling back
-                self._remember_used(token)
-                waiting.set(sock)
-                return
-            if token in self._used:
-                raise RemoteProtocolError(f"token already {self._used[token]} (replay or late call back)")
-            pending = self._pending.get(token)
-            if pending is None:
-                event = self._arrived.setdefault(token, gevent.event.Event())
+                preamble = wire.decode_preamble(_recv_exactly(sock, wire.PREAMBLE_BYTES), peer=label)
+            assert preamble is not None  # (all its bytes were read)
+            token = preamble.token
+            arrival = self._arrivals.get(token)
+            if arrival is None:
+                if token in self._used:
+                    raise RemoteProtocolError(f"token already {self._used[token]} (replay or late call back)")
+                event = self._registered.setdefault(token, gevent.event.Event())
                 event.wait(MATCH_TIMEOUT_S)
-                self._arrived.pop(token, None)
-                pending = self._pending.get(token)
-            if pending is None:
+                self._registered.pop(token, None)
+                arrival = self._arrivals.get(token)
+            if arrival is None:
                 raise RemoteProtocolError("unknown token")
-            if pending.socks is not None:  # one of N sub-connections: its index follows the token
-                with gevent.Timeout(MATCH_TIMEOUT_S, TimeoutError("no sub-connection index")):
-                    index = _recv_exactly(sock, 1)[0]
-                if self._pending.get(token) is not pending:
-                    raise RemoteProtocolError("token expired while its sub-connections gathered")
-                if index >= len(pending.socks) or pending.socks[index] is not None:
-                    raise RemoteProtocolError(f"bad or repeated sub-connection index {index}")
-                pending.socks[index] = sock
-                if any(s is None for s in pending.socks):
-                    return  # the last one to arrive carries on
-            del self._pending[token]
-            self._remember_used(token)
+            arrival.put(preamble.index, sock)
         except (RemoteProtocolError, TimeoutError, OSError) as exc:
             log.warning("node %s refused data connection from %s: %s", self.node.name, label, exc)
             sock.close()
-            return
-        if pending.socks is not None:
-            lower = _Lowers(SocketStream(s, info={"method": pending.stack.method.name, "peer": label})
-                            for s in pending.socks)
-        else:
-            lower = SocketStream(sock, info={"method": pending.stack.method.name, "peer": label})
-        client = self.node.directory.get(pending.client_id)
-        if client is None:
-            log.warning("data connection from %s: client %s left meanwhile", label, pending.client_id)
-            lower.close()
-            return
-        self._finish_server(lower, client, pending.port, pending.stack)
 
-    def _finish_server(self, lower: Stream, client: wire.NodeEntry, port: int, stack: Stack) -> None:
-        """Wait for the client's nomination, build our half of the filters, queue the connection."""
+    def _deliver(self, lower: Stream, client: wire.NodeEntry, port: int, stack: Stack, filters: Stack) -> None:
+        """A method's connection is up: wait for the client's nomination, build our half of the
+        filters, queue the connection on the listener; close it if any of that fails."""
         try:
             with gevent.Timeout(MATCH_TIMEOUT_S, TimeoutError(f"not nominated within {MATCH_TIMEOUT_S:g} s")):
-                first = _first(lower).receive_some(len(NOMINATE))
+                first = lower.receive_some(len(NOMINATE))
             if first != NOMINATE:
                 raise RemoteProtocolError("closed before nomination" if not first else "bad nomination byte")
         except (GridsockError, TimeoutError, OSError) as exc:
             # The usual case: the client raced several candidates and another one won.
             log.info("node %s: %s connection from %s not taken: %s", self.node.name, stack, client.name, exc)
+            self.counters["not_taken"] += 1
             lower.close()
             return
         listener = self.listeners.get(port)
         try:
             if listener is None:
                 raise ConnectError(f"nothing listens on port {port} any more")
-            stream = self._build(stack, lower, client, initiator=False)
+            stream = self._build(stack, filters, lower, client, initiator=False)
         except (GridsockError, OSError) as exc:
             log.warning("node %s: data connection from %s over %s failed: %s", self.node.name, client.name, stack, exc)
+            self.counters["not_taken"] += 1
             lower.close()
             return
         info = self._record(client, port, stack, initiator=False, stream=stream)
         if not listener._deliver((stream, info)):
             log.warning("port %d backlog full or closed: dropping connection from %s", port, client.name)
+            self.counters["not_taken"] += 1
             stream.close()
+            return
+        self.counters["delivered"] += 1
 
     # --- client side -------------------------------------------------------------------------
 
-    def open_stream(self, peer: str, port: int, *, stack=None, timeout: float = ASSEMBLY_TIMEOUT_S):
+    def open_stream(self, peer: str, port: int, *, stack: Union[None, str, Stack, Sequence[Union[str, Stack]]] = None,
+                    timeout: float = ASSEMBLY_TIMEOUT_S):
         """Connect to grid port ``port`` of node ``peer``; return ``(stream, info)``.
 
         With ``stack`` None the rules give the candidates (direct, reverse, splice, gateways,
         relay), raced with staggered starts (see :meth:`_race`); the winner is remembered for
-        the peer. ``info.detail["tried"]`` lists the candidates that failed or lost, and why.
-        Raises ConnectError (``.tried`` says what failed and why) when the server refuses or
-        every candidate fails.
+        the peer. A stack (string or Stack) is used alone; a list of them is raced in order.
+        ``info.detail["tried"]`` lists the candidates that failed or lost, and why. Raises
+        ConnectError (``.tried`` says what failed and why, ``.code`` the server's refusal code
+        if it refused) when the server refuses or every candidate fails; ConfigError for a bad
+        stack string.
         """
         entry = self.node.directory.resolve(peer)
         me = self.node.entry
         if entry is None or me is None:
             raise ConnectError(f"unknown node {peer!r}" if me else "this node has not joined yet", peer=peer)
         if stack is not None:
-            return self._race(entry, port, [Stack.parse(stack) if isinstance(stack, str) else stack],
-                              timeout, remember=False)
+            given = [stack] if isinstance(stack, (str, Stack)) else list(stack)
+            if not given:
+                raise ConfigError("no stack to connect with")
+            candidates = [Stack.parse(s, self.registry) if isinstance(s, str) else s for s in given]
+            return self._race(entry, port, candidates, timeout, remember=False)
         candidates = self.rules.candidates(me, entry)
         winner, until = self._winners.get(entry.node_id, (None, 0.0))
         if winner in candidates and until > time.monotonic():  # what worked last time first
@@ -440,7 +406,7 @@ class Assembler:
             started += 1
             next_start = time.monotonic() + STAGGER_S
 
-        def fail(last: Optional[Stack], cause: Optional[BaseException] = None):
+        def fail(last: Optional[Stack]):
             return ConnectError(f"cannot connect to {entry.name}:{port}", peer=entry.name,
                                 method=last.method.name if last else None, tried=tried)
 
@@ -467,9 +433,9 @@ class Assembler:
                     continue
                 del running[i]
                 stack = candidates[i]
-                lower, exc = greenlet.get()  # (a bug in _attempt raises here, as it should)
+                made, exc = greenlet.get()  # (a bug in _attempt raises here, as it should)
                 if exc is not None:
-                    if isinstance(exc, _Refused):
+                    if exc.code is not None and exc.code != "unreachable":  # the server's will
                         exc.tried = tried + exc.tried
                         raise exc
                     tried.append((str(stack), _reason(exc)))
@@ -477,8 +443,9 @@ class Assembler:
                     if not running and started == len(candidates):
                         raise fail(stack) from exc
                     continue
+                lower, filters = made
                 try:
-                    stream = self._nominate(lower, stack, entry, deadline)
+                    stream = self._nominate(lower, stack, filters, entry, deadline)
                 except ConnectError as exc:  # e.g. tls refused the peer: the others may still do
                     tried.append((str(stack), _reason(exc)))
                     if not running and started == len(candidates):
@@ -498,16 +465,66 @@ class Assembler:
                 greenlet.kill(block=True)
             while not results.empty():  # established meanwhile, never nominated
                 _, greenlet = results.get_nowait()
-                _close_made(greenlet)
+                value = greenlet.value if greenlet.successful() else None
+                if isinstance(value, tuple) and value[0] is not None:
+                    value[0][0].close()
 
-    def _nominate(self, lower: Stream, stack: Stack, entry: wire.NodeEntry, deadline: float) -> Stream:
+    def _attempt(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float):
+        """:meth:`_establish` in a race: ``((stream, filters), None)`` or ``(None, ConnectError)``."""
+        try:
+            return self._establish(entry, port, stack, deadline), None
+        except ConnectError as exc:  # expected: returned, not left to the hub to print
+            return None, exc
+
+    def _establish(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float) -> Tuple[Stream, Stack]:
+        """One candidate, up to the method's connection (not yet nominated): return its stream
+        and the stack of its filters. Raises ConnectError (``code`` set if the server refused).
+
+        Runs in its own greenlet; killed, it closes whatever it made.
+        """
+        name = stack.method.name
+        token = secrets.token_bytes(TOKEN_BYTES)
+        initiation = None
+        try:
+            method, filters = method_of(stack, self.registry)
+            ctx = InitiatorContext(node=self.node, me=self.node.entry, peer=entry, token=token, deadline=deadline,
+                                   expect=lambda count: self._expect(token, count))
+            initiation = method.initiate(ctx)
+            request = wire.AssemblyRequest(port=port, stack=str(stack), token=token.hex(), offer=dict(initiation.offer))
+            try:
+                reply = self.node.meta_request(entry.node_id, ASSEMBLE_TOPIC, wire.encode_assembly(request),
+                                               timeout=max(0.1, deadline - time.monotonic()))
+                answer = wire.decode_assembly(reply.payload, peer=entry.name)
+            except (RoutingError, TimeoutError, RemoteProtocolError) as exc:
+                raise ConnectError(f"assembly request to {entry.name} failed: {exc}", peer=entry.name,
+                                   method=name) from exc
+            if isinstance(answer, wire.AssemblyRefuse):
+                refusal = ConnectError(f"{entry.name} refused {stack}", peer=entry.name, method=name,
+                                       tried=[(str(stack), answer.reason)])
+                refusal.code = answer.code
+                raise refusal
+            if not isinstance(answer, wire.AssemblyAccept):
+                raise ConnectError(f"{entry.name} answered an assembly request with {type(answer).__name__}",
+                                   peer=entry.name, method=name)
+            return initiation.complete(answer.answer), filters
+        except BaseException as exc:
+            if initiation is not None:
+                initiation.abort()
+            if isinstance(exc, gevent.Timeout):
+                raise ConnectError(f"connecting to {entry.name} timed out", peer=entry.name, method=name) from None
+            if isinstance(exc, ConnectError) or not isinstance(exc, (GridsockError, OSError)):
+                raise
+            raise ConnectError(f"connecting to {entry.name} over {stack} failed: {exc}", peer=entry.name,
+                               method=name) from exc
+
+    def _nominate(self, lower: Stream, stack: Stack, filters: Stack, entry: wire.NodeEntry, deadline: float) -> Stream:
         """Tell the server this connection is the one (``NOMINATE``), then build the filters."""
         try:
-            _first(lower).send_all(NOMINATE)
+            lower.send_all(NOMINATE)
             with gevent.Timeout(max(0.1, deadline - time.monotonic()),
                                 ConnectError(f"building {stack} to {entry.name} timed out", peer=entry.name,
                                              method=stack.method.name)):
-                return self._build(stack, lower, entry, initiator=True)
+                return self._build(stack, filters, lower, entry, initiator=True)
         except ConnectError:
             lower.close()
             raise
@@ -516,145 +533,25 @@ class Assembler:
             raise ConnectError(f"connecting to {entry.name} over {stack} failed: {exc}", peer=entry.name,
                                method=stack.method.name) from exc
 
-    def _attempt(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float):
-        """:meth:`_establish` in a race: ``(stream, None)`` or ``(None, ConnectError)``."""
-        try:
-            return self._establish(entry, port, stack, deadline), None
-        except ConnectError as exc:  # expected: returned, not left to the hub to print
-            return None, exc
-
-    def _establish(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float) -> Stream:
-        """One candidate, up to the method's connection (not yet nominated): return its stream.
-
-        Runs in its own greenlet; killed, it closes whatever it made.
-        """
-        me = self.node.entry
-        method = stack.method.name
-        token = secrets.token_bytes(TOKEN_BYTES)
-        request = {"port": port, "stack": str(stack), "token": token.hex()}
-        lower: Optional[Stream] = None
-        dialer = None
-        splice_sock = None
-        timeout = max(0.1, deadline - time.monotonic())
-        try:
-            if method == "relay":
-                conn = self.node.relay.new_conn_id()
-                request["conn"] = conn
-                lower = self.node.relay.open(entry.node_id, conn)
-            elif method == "splice":
-                host, theirs = public_host(me, self.node.directory), public_host(entry, self.node.directory)
-                if host is None or theirs is None or not routable(theirs):
-                    raise ConnectError(f"no route for a splice between {me.name} and {entry.name}",
-                                       peer=entry.name, method=method)
-                splice_sock = bind_splice_socket()
-                request["endpoint"] = f"{host}:{splice_sock.getsockname()[1]}"
-            elif method == "reverse":
-                if not me.addrs:
-                    raise ConnectError(f"{me.name} advertises no address for {entry.name} to connect back to",
-                                       peer=entry.name, method=method)
-                called_back = gevent.event.AsyncResult()
-                self._reverse[token] = called_back
-            elif _is_direct(method):
-                if not entry.addrs:
-                    raise ConnectError(f"{entry.name} advertises no address for a {method} connection",
-                                       peer=entry.name, method=method)
-                why = _parallel_misplaced(stack)
-                if why:
-                    raise ConfigError(why)
-                component = default_registry.create(stack.method)
-                streams = _parallel_streams(stack)
-                if streams:
-                    dialer = gevent.spawn(_captured, _dial_many, component, self.node, entry.addrs, token, timeout,
-                                          streams)
-                else:
-                    dialer = gevent.spawn(_captured, _dial_with_token, component, self.node, entry.addrs, token,
-                                          timeout)
-            else:
-                raise ConnectError(f"method {method} is not available", peer=entry.name, method=method)
-            try:
-                reply = self.node.meta_request(entry.node_id, ASSEMBLE_TOPIC, json.dumps(request).encode(),
-                                               timeout=max(0.1, deadline - time.monotonic()))
-                answer = json.loads(reply.payload)
-            except (RoutingError, TimeoutError, ValueError) as exc:
-                raise ConnectError(f"assembly request to {entry.name} failed: {exc}", peer=entry.name,
-                                   method=method) from exc
-            if not answer.get("ok"):
-                # "unreachable": the method failed on the server's side (reverse could not
-                # connect back); another method may work. Anything else is the server's will.
-                cls = ConnectError if answer.get("code") == "unreachable" else _Refused
-                refusal = cls(f"{entry.name} refused {stack}", peer=entry.name, method=method,
-                              tried=[(str(stack), str(answer.get("reason")))])
-                refusal.code = answer.get("code")
-                raise refusal
-            if dialer is not None:
-                try:
-                    sock = _uncaptured(dialer.get(timeout=max(0.1, deadline - time.monotonic())))
-                except ConnectError as exc:
-                    if method != "tcp" or entry.inbound or same_cluster(me, entry):
-                        raise
-                    raise ConnectError(f"{exc.args[0]} ({entry.name} accepts no connection from outside its "
-                                       "cluster: the rendez-vous node's dial-back failed too)", peer=entry.name,
-                                       method=method) from exc
-                lower = sock if isinstance(sock, _Lowers) else SocketStream(sock, info={"method": method})
-            elif method == "splice":
-                try:
-                    remote = parse_address(str(answer.get("endpoint")))
-                except ConfigError as exc:
-                    raise ConnectError(f"bad splice endpoint from {entry.name}: {exc}", method=method) from None
-                sock = splice_connect(splice_sock, remote, timeout=max(0.1, deadline - time.monotonic()))
-                splice_sock = None
-                lower = SocketStream(sock, info={"method": method})
-                sock.sendall(DATA_PREAMBLE + token)
-            elif method == "reverse":
-                # The server answered once its connection back was made: it is here or arriving.
-                sock = called_back.get(timeout=max(0.1, deadline - time.monotonic()))
-                lower = SocketStream(sock, info={"method": method})
-            return lower
-        except BaseException as exc:
-            if self._reverse.pop(token, None) is not None:
-                self._remember_used(token, "cancelled")  # a late call back is refused at once
-            if splice_sock is not None:
-                splice_sock.close()
-            if lower is not None:
-                lower.close()
-            if dialer is not None:
-                dialer.kill(block=False)
-                _close_made(dialer)
-            if isinstance(exc, gevent.Timeout):
-                raise ConnectError(f"connecting to {entry.name} timed out", peer=entry.name, method=method) from None
-            if isinstance(exc, ConnectError) or not isinstance(exc, (GridsockError, OSError)):
-                raise
-            raise ConnectError(f"connecting to {entry.name} over {stack} failed: {exc}", peer=entry.name,
-                               method=method) from exc
-
     def connect(self, peer: str, port: int, *, stack=None, timeout: float = ASSEMBLY_TIMEOUT_S,
                 tcp_bridge: bool = False):
         """Connect and return ``(socket.socket, ConnectionInfo)``: a real OS socket (with
         ``tcp_bridge``, a bridged one is a loopback TCP socket rather than a Unix one)."""
         stream, info = self.open_stream(peer, port, stack=stack, timeout=timeout)
-        return self._hand_out(Stack.parse(info.stack), stream, info, tcp_bridge=tcp_bridge), info
+        return self._hand_out(Stack.parse(info.stack, self.registry), stream, info, tcp_bridge=tcp_bridge), info
 
     # --- both --------------------------------------------------------------------------------
 
-    def _build(self, stack: Stack, lower, peer: wire.NodeEntry, *, initiator: bool) -> Stream:
-        """Wrap the method's stream (or a parallel stack's sub-connections) in the filters."""
+    def _build(self, stack: Stack, filters: Stack, lower: Stream, peer: wire.NodeEntry, *, initiator: bool) -> Stream:
+        """Wrap the method's stream in the filters; the top stream's info names the whole stack."""
         from .registry import build_filters
 
         node = self.node
         context = StackContext(session=node.session, identity=node.identity, local_id=node.node_id,
                                peer_id=peer.node_id, peer_name=peer.name, initiator=initiator)
-        if isinstance(lower, _Lowers):  # parallel(...) sits right on the method: it joins them first
-            striping = stack.filters[-1]
-            try:
-                lower = default_registry.create(striping).wrap_many(list(lower), context=context)
-            except BaseException:
-                lower.close()
-                raise
-            stack = Stack(stack.filters[:-1] + (stack.method,))
-            stream = build_filters(stack, lower, context)
-            stream.info["stack"] = str(Stack(stack.filters + (striping, stack.method)))
-            return stream
-        return build_filters(stack, lower, context)
+        stream = build_filters(filters, lower, context, registry=self.registry)
+        stream.info["stack"] = str(stack)
+        return stream
 
     def _record(self, peer: wire.NodeEntry, port: int, stack: Stack, *, initiator: bool, stream: Stream):
         if len(self.connections) >= CONNECTIONS_PRUNE_AT:
@@ -681,13 +578,11 @@ class Assembler:
         return [info.to_json() for info in self.connections.values()]
 
 
-class _Refused(ConnectError):
-    """The server refused the request (policy, no listener): no other method will help.
-
-    ``code`` is the server's: "refused" (nothing listens), "policy", "bad-stack", "unknown-node".
-    """
-
-    code = None
+def errno_of(exc: ConnectError) -> int:
+    """The errno a program gets for a failed connect: from the server's refusal code if it
+    refused (:data:`gridsock.wire.REFUSAL_CODES`), else ``EHOSTUNREACH`` (no method worked)."""
+    name = wire.REFUSAL_CODES.get(exc.code or "", "EHOSTUNREACH")
+    return getattr(errno, name)
 
 
 def _finished(info: ConnectionInfo) -> bool:
@@ -700,78 +595,6 @@ def _finished(info: ConnectionInfo) -> bool:
     return stream is None or bool(getattr(stream, "closed", getattr(stream, "_closed", False)))
 
 
-class _Lowers(list):
-    """The sub-connections of a ``parallel`` stack, in index order: closed together."""
-
-    def close(self) -> None:
-        for stream in self:
-            stream.close()
-
-
-def _first(lower):
-    """The stream that carries the nomination: the method's, or sub-connection 0."""
-    return lower[0] if isinstance(lower, _Lowers) else lower
-
-
-def _parallel_streams(stack: Stack) -> int:
-    """N for a ``parallel(streams=N)/...`` stack, else 0."""
-    if not stack.has("parallel"):
-        return 0
-    return default_registry.create(stack.filters[-1]).streams
-
-
-def _parallel_misplaced(stack: Stack) -> Optional[str]:
-    if not stack.has("parallel"):
-        return None
-    if stack.filters[-1].name != "parallel" or sum(layer.name == "parallel" for layer in stack.filters) > 1:
-        return f"in {stack}: parallel must be the lowest filter, once, right above the method"
-    if not _is_direct(stack.method.name):
-        return f"in {stack}: parallel needs a method that dials (tcp, socks, ssh), not {stack.method.name}"
-    return None
-
-
-def _dial_many(component, node, addrs, token: bytes, timeout: float, streams: int) -> _Lowers:
-    """The ``streams`` sub-connections of a parallel stack, dialed at once: token, then index."""
-    dials = [gevent.spawn(_captured, _dial_with_token, component, node, addrs, token, timeout, bytes([i]))
-             for i in range(streams)]
-    try:
-        gevent.joinall(dials)
-        failed = [d.value[1] for d in dials if d.value[1] is not None]
-        if failed:
-            raise failed[0]
-        return _Lowers(SocketStream(d.value[0], info={"method": component.name, "sub": i})
-                       for i, d in enumerate(dials))
-    except BaseException:
-        gevent.killall(dials)
-        for dial in dials:
-            _close_made(dial)
-        raise
-
-
-def _captured(fn, *args):
-    """``(fn(*args), None)``, or ``(None, error)`` for an expected failure: a greenlet that
-    returns its failure is not reported by the hub as a crash."""
-    try:
-        return fn(*args), None
-    except (ConnectError, ConfigError) as exc:
-        return None, exc
-
-
-def _close_made(greenlet) -> None:
-    """Close what a finished ``_captured``-style greenlet made, if it made something. (A killed
-    greenlet counts as successful, its value a GreenletExit: nothing to close then.)"""
-    value = greenlet.value if greenlet.successful() else None
-    if isinstance(value, tuple) and value and value[0] is not None:
-        value[0].close()
-
-
-def _uncaptured(result):
-    value, exc = result
-    if exc is not None:
-        raise exc
-    return value
-
-
 def _reason(exc: ConnectError) -> str:
     """Why a candidate failed, in one line: the server's reason if it gave one."""
     if exc.tried and len(exc.tried) == 1:
@@ -780,7 +603,7 @@ def _reason(exc: ConnectError) -> str:
 
 
 def _refuse(code: str, reason: str) -> bytes:
-    return json.dumps({"ok": False, "code": code, "reason": reason}).encode()
+    return wire.encode_assembly(wire.AssemblyRefuse(code, reason.encode()[: wire.MAX_REASON_BYTES].decode("utf-8", "ignore")))
 
 
 def _recv_exactly(sock, n: int) -> bytes:
@@ -791,33 +614,3 @@ def _recv_exactly(sock, n: int) -> bytes:
             raise RemoteProtocolError(f"connection closed after {len(data)} of {n} preamble bytes")
         data += chunk
     return bytes(data)
-
-
-def _is_direct(method: str) -> bool:
-    """True for methods that dial the server's node port (tcp, socks, ssh, third parties')."""
-    try:
-        return default_registry.kind(method) == "method" and hasattr(default_registry.get(method), "dial")
-    except ConfigError:
-        return False
-
-
-def _dial_with_token(component, node, addrs, token: bytes, timeout: float, suffix: bytes = b""):
-    """Dial the first of ``addrs`` that answers (with the method ``component``) and send the
-    preamble (and ``suffix``: a parallel stack's sub-connection index); return the socket."""
-    reasons = []
-    method = component.name
-    for text in addrs:
-        try:
-            sock = component.dial(parse_address(text), node=node, timeout=min(timeout, DIAL_TIMEOUT_S))
-        except (ConnectError, ConfigError) as exc:
-            reasons.append(f"{text}: {exc}")
-            continue
-        try:
-            sock.sendall(DATA_PREAMBLE + token + suffix)
-        except OSError as exc:
-            sock.close()
-            reasons.append(f"{text}: {exc}")
-            continue
-        return sock
-    raise ConnectError("no address answered: " + "; ".join(reasons), method=method,
-                       tried=[(method, r) for r in reasons])

@@ -66,6 +66,9 @@ class ConnectError(GridsockError, ConnectionError):
 
     ``peer`` is who we tried to reach, ``method`` the method that failed last, and
     ``tried`` a list of ``(method, reason)`` pairs: everything attempted and why it failed.
+    ``code`` is the server's refusal code when the server refused (one of
+    :data:`gridsock.wire.REFUSAL_CODES`; ``unreachable`` means its side of the method failed,
+    any other that no method would do), None when no server refused.
     """
 
     def __init__(
@@ -74,11 +77,13 @@ class ConnectError(GridsockError, ConnectionError):
         peer: str | None = None,
         method: str | None = None,
         tried: list[tuple[str, str]] | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(msg)
         self.peer = peer
         self.method = method
         self.tried = list(tried or [])
+        self.code = code
 
     def __str__(self) -> str:
         text = self.args[0] if self.args else ""
@@ -87,7 +92,7 @@ class ConnectError(GridsockError, ConnectionError):
         return text
 
     def __reduce__(self):
-        return (type(self), (self.args[0], self.peer, self.method, self.tried))
+        return (type(self), (self.args[0], self.peer, self.method, self.tried, self.code))
 
 
 class AuthError(ConnectError):

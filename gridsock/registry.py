@@ -83,7 +83,7 @@ BUILTIN_COMPONENTS: Mapping[str, Tuple[str, str, Mapping[str, type], Mapping[str
             "ssh": ("gridsock.components.ssh:SshMethod", "method", {"gateway": str}, {}),
             "tls": ("gridsock.components.tls:TlsFilter", "filter", {}, {}),
             "parallel": (
-                "gridsock.components.parallel:ParallelFilter",
+                "gridsock.components.parallel:ParallelMethod",
                 "filter",
                 {"streams": int, "chunk": int},
                 {"streams": (1, 64), "chunk": (4096, 4 * 1024 * 1024)},

@@ -60,6 +60,21 @@ __all__ = [
     "Pong",
     "Control",
     "ControlReply",
+    "AssemblyRequest",
+    "AssemblyAccept",
+    "AssemblyRefuse",
+    "REFUSAL_CODES",
+    "MAX_OFFER_BYTES",
+    "TOKEN_BYTES",
+    "DATA_MAGIC",
+    "DATA_VERSION",
+    "PREAMBLE_BYTES",
+    "NOMINATE",
+    "DataPreamble",
+    "encode_preamble",
+    "decode_preamble",
+    "encode_assembly",
+    "decode_assembly",
     "Message",
     "Decoder",
     "encode",
@@ -93,6 +108,11 @@ MAX_TOKEN_BYTES = 256
 MAX_PEM_BYTES = 16 * 1024
 # "host:port" with the longest DNS name.
 MAX_ADDR_BYTES = 270
+# A method's own fields in an assembly request or answer (an endpoint, a connection id): small,
+# so a request always fits one routed message with room to spare.
+MAX_OFFER_BYTES = 4096
+# A stack string in an assembly request (gridsock.stack.MAX_STACK_CHARS, ASCII).
+MAX_STACK_BYTES = 512
 
 _FRAME = struct.Struct("!IBB")
 _HEADER_LEN = struct.Struct("!I")
@@ -102,6 +122,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _ADDR_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}\Z")
 
 
+_HEX_RE = re.compile(r"[0-9a-f]*\Z")
 _NODE_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
 
@@ -217,6 +238,25 @@ def _json_object(v):
 
 def _any(v):
     return None
+
+
+def _offer(v):
+    if not isinstance(v, dict):
+        return "must be an object"
+    try:
+        size = len(json.dumps(v, separators=(",", ":"), allow_nan=False).encode())
+    except (ValueError, TypeError, RecursionError) as exc:
+        return f"is not encodable: {exc}"
+    return f"longer than {MAX_OFFER_BYTES} bytes" if size > MAX_OFFER_BYTES else None
+
+
+def _hex(nbytes: int):
+    def check(v):
+        if not isinstance(v, str) or len(v) != 2 * nbytes or not _HEX_RE.match(v):
+            return f"must be {nbytes} bytes in lower-case hex"
+        return None
+
+    return check
 
 
 # --- messages --------------------------------------------------------------------------------
@@ -543,16 +583,169 @@ class ControlReply(_Message):
         return values
 
 
+# --- assembly: data connections (gridsock.assembly) -----------------------------------------
+#
+# An assembly request and its answer travel as the payload of a ``Routed`` request and reply
+# with topic ``assemble``, over the meta channel; each payload is exactly one frame of this
+# codec (:func:`encode_assembly`, :func:`decode_assembly`). The data connection that a method
+# makes to a node port starts with a fixed-size preamble (:func:`encode_preamble`), and the
+# client's first byte on the connection it keeps is :data:`NOMINATE`.
+
+#: One-time assembly tokens: 256 random bits, shown in requests as 64 hex digits.
+TOKEN_BYTES = 32
+
+#: Refusal codes of :class:`AssemblyRefuse` and the errno a program gets for each. Only
+#: ``unreachable`` lets the client try another method: the method failed on the server's side
+#: (a connection back could not be made); every other code is the server's will.
+REFUSAL_CODES: Dict[str, str] = {
+    "refused": "ECONNREFUSED",  # nothing listens on the port
+    "policy": "ECONNREFUSED",  # the server's policy refuses this stack from this client
+    "bad-stack": "ECONNREFUSED",  # the stack does not parse, or a layer is unknown here
+    "unavailable": "ECONNREFUSED",  # the method cannot work on this server (no address...)
+    "bad-token": "ECONNREFUSED",  # the token was seen before (a replay)
+    "bad-request": "ECONNREFUSED",  # the request or the method's offer is malformed
+    "unknown-node": "EHOSTUNREACH",  # the server does not know the client (yet)
+    "unreachable": "EHOSTUNREACH",  # the method failed on the server's side: try another
+}
+
+
+@dataclass(frozen=True)
+class AssemblyRequest(_Message):
+    """Client -> server: connect to my grid ``port`` with ``stack``; ``token`` ties the data
+    connection to this request; ``offer`` holds the method's own fields."""
+
+    TYPE: ClassVar[int] = 14
+    port: int
+    stack: str
+    token: str
+    offer: Dict[str, Any] = field(default_factory=dict)
+    CHECKS: ClassVar[Dict[str, Any]] = {
+        "port": _int(1, 65535),
+        "stack": _str(MAX_STACK_BYTES),
+        "token": _hex(TOKEN_BYTES),
+        "offer": _offer,
+    }
+    DEFAULTS: ClassVar[Dict[str, Any]] = {"offer": {}}
+
+    @classmethod
+    def _convert(cls, values):
+        return values
+
+    @property
+    def token_bytes(self) -> bytes:
+        return bytes.fromhex(self.token)
+
+
+@dataclass(frozen=True)
+class AssemblyAccept(_Message):
+    """Server -> client: the request is accepted; ``answer`` holds the method's own fields."""
+
+    TYPE: ClassVar[int] = 15
+    answer: Dict[str, Any] = field(default_factory=dict)
+    CHECKS: ClassVar[Dict[str, Any]] = {"answer": _offer}
+    DEFAULTS: ClassVar[Dict[str, Any]] = {"answer": {}}
+
+    @classmethod
+    def _convert(cls, values):
+        return values
+
+
+@dataclass(frozen=True)
+class AssemblyRefuse(_Message):
+    """Server -> client: the request is refused; ``code`` is one of :data:`REFUSAL_CODES`."""
+
+    TYPE: ClassVar[int] = 16
+    code: str
+    reason: str
+    CHECKS: ClassVar[Dict[str, Any]] = {"code": _choice(*REFUSAL_CODES), "reason": _str(MAX_REASON_BYTES)}
+
+
+_ASSEMBLY_TYPES = (AssemblyRequest, AssemblyAccept, AssemblyRefuse)
+
+
+def encode_assembly(message: Union[AssemblyRequest, AssemblyAccept, AssemblyRefuse]) -> bytes:
+    """The payload for an assembly message: one frame. LocalProtocolError as :func:`encode`."""
+    if not isinstance(message, _ASSEMBLY_TYPES):
+        raise LocalProtocolError(f"not an assembly message: {message!r}")
+    return encode(message)
+
+
+def decode_assembly(payload: bytes, *, peer: str | None = None):
+    """The one assembly message in ``payload``.
+
+    Raises RemoteProtocolError if ``payload`` is not exactly one well-formed frame of an
+    assembly message type (truncated, trailing bytes, another type, bad fields).
+    """
+    decoder = Decoder(peer=peer)
+    decoder.feed(payload)
+    message = decoder.next_message()
+    if message is None:
+        raise RemoteProtocolError(f"truncated assembly message ({len(payload)} bytes)", peer=peer)
+    if decoder.buffered:
+        raise RemoteProtocolError(f"{decoder.buffered} bytes after the assembly message", peer=peer)
+    if not isinstance(message, _ASSEMBLY_TYPES):
+        raise RemoteProtocolError(f"{type(message).__name__} is not an assembly message", peer=peer)
+    return message
+
+
+#: First bytes of a data connection on a node port. TLS starts with 0x16 and wire frames with a
+#: 0x00 length byte, so the node port tells the three apart by one byte.
+DATA_MAGIC = b"GSDC"
+#: Version of the preamble (1 had no sub-connection index).
+DATA_VERSION = 2
+_PREAMBLE = struct.Struct(f"!4sB{TOKEN_BYTES}sB")
+#: The preamble's fixed size: magic, version, token, sub-connection index.
+PREAMBLE_BYTES = _PREAMBLE.size
+#: The client's first byte on the connection it chose among the candidates it raced: the server
+#: builds no filter and delivers nothing before it.
+NOMINATE = b"\x01"
+
+
+@dataclass(frozen=True)
+class DataPreamble:
+    """The preamble of a data connection: the assembly ``token`` it belongs to and, for a
+    method that makes several connections (``parallel``), this one's ``index``."""
+
+    token: bytes
+    index: int = 0
+
+
+def encode_preamble(token: bytes, index: int = 0) -> bytes:
+    """The :data:`PREAMBLE_BYTES` bytes that open a data connection; LocalProtocolError if bad."""
+    if len(token) != TOKEN_BYTES or not 0 <= index <= 255:
+        raise LocalProtocolError(f"bad preamble: {len(token)}-byte token, index {index}")
+    return _PREAMBLE.pack(DATA_MAGIC, DATA_VERSION, bytes(token), index)
+
+
+def decode_preamble(data: bytes, *, peer: str | None = None) -> Optional[DataPreamble]:
+    """The preamble at the start of ``data``, or None if fewer than :data:`PREAMBLE_BYTES` bytes
+    are there yet (bytes after the preamble belong to the connection and are not looked at).
+
+    Raises RemoteProtocolError for a wrong magic or an unsupported version, as soon as the
+    bytes seen show it.
+    """
+    head = bytes(data[: len(DATA_MAGIC)])
+    if head != DATA_MAGIC[: len(head)]:
+        raise RemoteProtocolError("not a data connection (bad preamble magic)", peer=peer)
+    if len(data) > len(DATA_MAGIC) and data[len(DATA_MAGIC)] != DATA_VERSION:
+        raise RemoteProtocolError(f"unsupported data preamble version {data[len(DATA_MAGIC)]} "
+                                  f"(we speak {DATA_VERSION})", peer=peer)
+    if len(data) < PREAMBLE_BYTES:
+        return None
+    _, _, token, index = _PREAMBLE.unpack_from(data)
+    return DataPreamble(token, index)
+
+
 Message = Union[
     Enroll, Enrolled, Hello, Welcome, Refuse, Register, Unregister, DirectoryUpdate, Routed,
-    Ping, Pong, Control, ControlReply,
+    Ping, Pong, Control, ControlReply, AssemblyRequest, AssemblyAccept, AssemblyRefuse,
 ]
 
 _BY_TYPE: Dict[int, Type[_Message]] = {
     cls.TYPE: cls
     for cls in (
         Enroll, Enrolled, Hello, Welcome, Refuse, Register, Unregister, DirectoryUpdate, Routed,
-        Ping, Pong, Control, ControlReply,
+        Ping, Pong, Control, ControlReply, AssemblyRequest, AssemblyAccept, AssemblyRefuse,
     )
 }
 

@@ -15,7 +15,8 @@ import gevent.event
 import pytest
 
 from gridsock import assembly
-from gridsock.assembly import DATA_PREAMBLE
+from gridsock import wire
+from gridsock.components.tcp import TcpMethod
 from gridsock.bootstrap.rendezvous import RendezvousNode
 from gridsock.errors import ConnectError
 from gridsock.node import Delivery, Node
@@ -149,10 +150,10 @@ def test_policy_refuses_a_stack_without_tls_from_outside_the_cluster(grid, stack
 
 def test_a_forged_downgrade_request_is_refused(grid):
     # Craft the assembly request by hand, as a client that ignores its own rules would.
-    request = {"port": PORT, "stack": "tcp", "token": "00" * assembly.TOKEN_BYTES}
-    reply = grid["m1"].meta_request("L2", assembly.ASSEMBLE_TOPIC, json.dumps(request).encode())
-    answer = json.loads(reply.payload)
-    assert answer["ok"] is False and answer["code"] == "policy"
+    request = wire.AssemblyRequest(port=PORT, stack="tcp", token="00" * assembly.TOKEN_BYTES)
+    reply = grid["m1"].meta_request("L2", assembly.ASSEMBLE_TOPIC, wire.encode_assembly(request))
+    answer = wire.decode_assembly(reply.payload)
+    assert isinstance(answer, wire.AssemblyRefuse) and answer.code == "policy"
     assert grid.listeners["L2"]._queue.empty()
 
 
@@ -199,7 +200,7 @@ def test_a_replayed_token_is_refused(grid, monkeypatch):
     client.close()
     server.close()
     monkeypatch.setattr(assembly.secrets, "token_bytes", real)
-    received = run_blocking(raw_data_connection, grid["L1"], DATA_PREAMBLE + tokens[-1] + b"replayed data")
+    received = run_blocking(raw_data_connection, grid["L1"], wire.encode_preamble(tokens[-1]) + b"replayed data")
     assert received == b""
     assert grid.listeners["L1"]._queue.empty()
 
@@ -207,17 +208,17 @@ def test_a_replayed_token_is_refused(grid, monkeypatch):
 def test_a_stolen_token_does_not_pass_tls(grid):
     # The request is genuine (from m1) and pending; a stranger uses its token first.
     token = assembly.secrets.token_bytes(assembly.TOKEN_BYTES)
-    request = {"port": PORT, "stack": "tls/tcp", "token": token.hex()}
-    delivery = Delivery(grid["m1"].node_id, "m1", assembly.ASSEMBLE_TOPIC, json.dumps(request).encode(), ("m1",), "req")
-    assert json.loads(grid["L1"].assembler.handle_request(delivery))["ok"] is True
-    received = run_blocking(raw_data_connection, grid["L1"], DATA_PREAMBLE + token + b"\x16\x03\x01\x00\x05hello")
+    request = wire.AssemblyRequest(port=PORT, stack="tls/tcp", token=token.hex())
+    delivery = Delivery(grid["m1"].node_id, "m1", assembly.ASSEMBLE_TOPIC, wire.encode_assembly(request), ("m1",), "req")
+    assert isinstance(wire.decode_assembly(grid["L1"].assembler.handle_request(delivery)), wire.AssemblyAccept)
+    received = run_blocking(raw_data_connection, grid["L1"], wire.encode_preamble(token) + b"\x16\x03\x01\x00\x05hello")
     assert b"gridsock" not in received
     assert grid.listeners["L1"]._queue.empty()
 
 
 def test_a_random_token_gets_nothing(grid):
     token = b"\x00" * assembly.TOKEN_BYTES
-    received = run_blocking(raw_data_connection, grid["m1"], DATA_PREAMBLE + token + b"hello?")
+    received = run_blocking(raw_data_connection, grid["m1"], wire.encode_preamble(token) + b"hello?")
     assert received == b""
     assert grid.listeners["m1"]._queue.empty()
 
@@ -315,11 +316,11 @@ def stranger_meta_request(node, session) -> bytes:
     address = node.address
     with socket.create_connection((address.host, address.port), timeout=15) as raw:
         with context.wrap_socket(raw) as sock:
-            request = {"port": PORT, "stack": "tcp", "token": "11" * assembly.TOKEN_BYTES}
+            request = wire.AssemblyRequest(port=PORT, stack="tcp", token="11" * assembly.TOKEN_BYTES)
             sock.sendall(wire.encode(wire.Hello(name="stranger", cluster=None, role="peer"))
                          + wire.encode(wire.Routed(src="00000000-0000-4000-8000-000000000bad", dst=node.node_id,
                                                    kind="req", topic="assemble", request_id=1, hops=1,
-                                                   route=("stranger",), payload=json.dumps(request).encode())))
+                                                   route=("stranger",), payload=wire.encode_assembly(request))))
             received = b""
             try:
                 while chunk := sock.recv(65536):
@@ -340,7 +341,7 @@ def test_an_assembly_request_from_outside_the_session_gets_nothing(grid):
         messages.append(type(message).__name__)
     assert messages == ["Refuse"]  # no Welcome, no answer to the request
     assert grid.listeners["m2"]._queue.empty()
-    assert not grid["m2"].assembler._pending
+    assert not grid["m2"].assembler._arrivals
 
 
 def test_a_relayed_connection_ends_when_its_peer_leaves_the_grid(grid):
@@ -357,8 +358,9 @@ def test_a_relayed_connection_ends_when_its_peer_leaves_the_grid(grid):
     assert server.receive_some(100) == b"before"
     peer.stop()
     grid["m1"].wait_directory(absent=["leaver"], timeout=JOIN_TIMEOUT_S)
-    assert client.receive_some(100) == b""  # reset: the reader sees the end...
-    with pytest.raises(BrokenStreamError):  # ...and the writer a broken stream
+    with pytest.raises(BrokenStreamError):  # a break, not an end: the reader sees it...
+        client.receive_some(100)
+    with pytest.raises(BrokenStreamError):  # ...and so does the writer
         client.send_all(b"after")
     client.close()
 
@@ -366,16 +368,11 @@ def test_a_relayed_connection_ends_when_its_peer_leaves_the_grid(grid):
 # --- racing candidates (happy eyeballs) -------------------------------------------------------
 
 
-class StallMethod:
+class StallMethod(TcpMethod):
     """A direct method whose dial never finishes (a SYN into a black hole); counts cancellations."""
 
     name = "stall"
-    kind = "method"
-    PARAMS: dict = {}
     cancelled = 0
-
-    def __init__(self, **params):
-        pass
 
     def dial(self, address, *, node, timeout):
         try:
@@ -386,15 +383,10 @@ class StallMethod:
         raise AssertionError("a stalled dial outlived its connect")
 
 
-class FlopMethod:
+class FlopMethod(TcpMethod):
     """A direct method that fails at once, with a reason."""
 
     name = "flop"
-    kind = "method"
-    PARAMS: dict = {}
-
-    def __init__(self, **params):
-        pass
 
     def dial(self, address, *, node, timeout):
         raise ConnectError("flop: network unreachable", method="flop")
@@ -497,7 +489,7 @@ def test_a_candidate_established_but_not_nominated_is_never_delivered(grid, stac
     logger.setLevel(logging.INFO)
     try:
         parsed = Stack.parse(stack)
-        lower = m1.assembler._establish(l1.entry, PORT, parsed, deadline=assembly.time.monotonic() + 15)
+        lower, _ = m1.assembler._establish(l1.entry, PORT, parsed, deadline=assembly.time.monotonic() + 15)
         lower.close()  # it lost the race
         assert taken_not.wait(timeout=JOIN_TIMEOUT_S)
     finally:

@@ -67,6 +67,12 @@ BASE = {
     "reply": wire.ControlReply(ok=True, result={"links": [{"peer": "a", "since": 1.5}], "joined": True}),
     "reply-list": wire.ControlReply(ok=True, result=[1, "two", None, False, -0.5]),
     "reply-error": wire.ControlReply(ok=False, error="unknown control operation 'x'"),
+    "assembly-request": wire.AssemblyRequest(port=65535, stack="tls/parallel(streams=4)/tcp", token="0f" * 32,
+                                             offer={"endpoint": "203.0.113.2:40000"}),
+    "assembly-request-min": wire.AssemblyRequest(port=1, stack="relay", token="00" * 32),
+    "assembly-accept": wire.AssemblyAccept(answer={"endpoint": "198.51.100.11:5"}),
+    "assembly-accept-empty": wire.AssemblyAccept(),
+    "assembly-refuse": wire.AssemblyRefuse(code="policy", reason="b1 requires tls from nodes outside its cluster"),
 }
 SAMPLES = list(BASE.values())
 SAMPLE_IDS = list(BASE)
@@ -86,6 +92,9 @@ REQUIRED = {
     wire.Pong: {"nonce"},
     wire.Control: {"op"},
     wire.ControlReply: {"ok"},
+    wire.AssemblyRequest: {"port", "stack", "token"},
+    wire.AssemblyAccept: set(),
+    wire.AssemblyRefuse: {"code", "reason"},
 }
 ENTRY_REQUIRED = {"node_id", "name", "cluster", "leader"}
 
@@ -93,7 +102,8 @@ ENTRY_REQUIRED = {"node_id", "name", "cluster", "leader"}
 TYPE_CODES = {
     wire.Enroll: 1, wire.Enrolled: 2, wire.Hello: 3, wire.Welcome: 4, wire.Refuse: 5, wire.Register: 6,
     wire.Unregister: 7, wire.DirectoryUpdate: 8, wire.Routed: 9, wire.Ping: 10, wire.Pong: 11,
-    wire.Control: 12, wire.ControlReply: 13,
+    wire.Control: 12, wire.ControlReply: 13, wire.AssemblyRequest: 14, wire.AssemblyAccept: 15,
+    wire.AssemblyRefuse: 16,
 }
 
 
@@ -397,7 +407,7 @@ def test_wrong_version_is_rejected_before_the_body(version):
     rejected(frame(10, {"nonce": 1}, version=version))
 
 
-@pytest.mark.parametrize("type_code", [0, 14, 99, 255])
+@pytest.mark.parametrize("type_code", [0, 17, 99, 255])
 def test_unknown_type_is_rejected_before_the_body(type_code):
     rejected(struct.pack("!IBB", 100, 1, type_code))
     rejected(frame(type_code, {"nonce": 1}))
@@ -620,6 +630,24 @@ BAD_FIELDS = [
     ("control-args", ("args",), None),
     ("control-args", ("args",), ["dst", "m1"]),
     ("control-args", ("args",), "dst=m1"),
+    # assembly
+    ("assembly-request", ("port",), 0),
+    ("assembly-request", ("port",), 65536),
+    ("assembly-request", ("port",), "80"),
+    ("assembly-request", ("stack",), None),
+    ("assembly-request", ("stack",), "x" * (wire.MAX_STACK_BYTES + 1)),
+    ("assembly-request", ("token",), "0f" * 31),
+    ("assembly-request", ("token",), "0F" * 32),
+    ("assembly-request", ("token",), "zz" * 32),
+    ("assembly-request", ("token",), 0),
+    ("assembly-request", ("offer",), None),
+    ("assembly-request", ("offer",), ["endpoint"]),
+    ("assembly-request", ("offer",), {"pad": "x" * wire.MAX_OFFER_BYTES}),
+    ("assembly-accept", ("answer",), "ok"),
+    ("assembly-accept", ("answer",), {"pad": "x" * wire.MAX_OFFER_BYTES}),
+    ("assembly-refuse", ("code",), "no-such-code"),
+    ("assembly-refuse", ("code",), 1),
+    ("assembly-refuse", ("reason",), "x" * (wire.MAX_REASON_BYTES + 1)),
 ]
 
 
@@ -894,6 +922,8 @@ entries = st.builds(
     observed=st.none() | addresses,
     inbound=st.none() | st.booleans(),
 )
+# A method's fields: small (well under MAX_OFFER_BYTES), as methods send them.
+offers = st.dictionaries(st.text(max_size=10), st.none() | st.booleans() | u32 | st.text(max_size=40), max_size=4)
 messages = st.one_of(
     st.builds(wire.Enroll, token=texts(wire.MAX_TOKEN_BYTES), csr_pem=texts(1024), name=names),
     st.builds(wire.Enrolled, node_id=node_ids, cert_pem=texts(1024)),
@@ -913,6 +943,12 @@ messages = st.one_of(
     st.builds(wire.Pong, nonce=u32),
     st.builds(wire.Control, op=names, args=st.dictionaries(st.text(max_size=10), json_values, max_size=5)),
     st.builds(wire.ControlReply, ok=st.booleans(), result=json_values, error=texts(wire.MAX_REASON_BYTES)),
+    st.builds(wire.AssemblyRequest, port=st.integers(1, 65535), stack=texts(64),
+              token=st.binary(min_size=32, max_size=32).map(bytes.hex),
+              offer=offers),
+    st.builds(wire.AssemblyAccept, answer=offers),
+    st.builds(wire.AssemblyRefuse, code=st.sampled_from(sorted(wire.REFUSAL_CODES)),
+              reason=texts(wire.MAX_REASON_BYTES)),
 )
 chunk_sizes = st.lists(st.integers(1, 64), min_size=1, max_size=8)
 
@@ -927,7 +963,7 @@ json_headers = st.dictionaries(st.sampled_from(FIELD_NAMES), field_values, max_s
     lambda header: json.dumps(header).encode())
 frame_like = st.builds(
     frame,
-    type_code=st.integers(0, 15),
+    type_code=st.integers(0, 17),
     header=st.binary(max_size=64) | json_headers,
     payload=st.binary(max_size=16) | st.just(b""),
     version=st.sampled_from([1, 1, 1, 0, 2, 255]),

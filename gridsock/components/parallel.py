@@ -78,9 +78,10 @@ import gevent.queue
 
 from ..errors import BrokenStreamError, ConfigError, RemoteProtocolError
 from ..stack import Layer
-from ..streams import DEFAULT_RECEIVE_BYTES, Stream
+from ..streams import DEFAULT_RECEIVE_BYTES, SocketStream, Stream
 
 __all__ = [
+    "ParallelMethod",
     "ParallelFilter",
     "ParallelStream",
     "Reassembler",
@@ -606,19 +607,26 @@ class ParallelStream(Stream):
                 log.debug("closing parallel sub-stream %r: %s", lower, exc)
 
 
-class ParallelFilter:
-    """The ``parallel`` component: ``parallel(streams=N,chunk=BYTES)``.
+class ParallelMethod:
+    """The ``parallel`` component: ``parallel(streams=N,chunk=BYTES)`` right above a method that
+    dials node ports (``parallel(streams=4)/tcp``, ``tls/parallel(streams=8)/socks(...)``).
 
-    A multi-stream filter (``multi = True``): the assembly opens :attr:`streams` connections with
-    the method below it (each with the filters between), on both sides, and calls
-    :meth:`wrap_many` with them.
+    A *method wrapper* (``wraps_method``): it sits in the stack string among the filters, but it
+    makes connections. The assembly calls :meth:`over` with the method below it, and drives the
+    result as a method (:mod:`gridsock.methods`). Initiator: dial the server's node port
+    :attr:`streams` times with the method below, each connection's preamble carrying the token
+    and its index, and stripe over them (:class:`ParallelStream`). Responder: await the
+    :attr:`streams` connections of the token on the node port, then stripe over them. The
+    client's nomination travels as the striped stream's first byte.
     """
 
     name = "parallel"
     kind = "filter"
     PARAMS = {"streams": int, "chunk": int}
     LIMITS = {"streams": (MIN_STREAMS, MAX_STREAMS), "chunk": (MIN_CHUNK_BYTES, MAX_CHUNK_BYTES)}
-    #: Needs several lower streams: call :meth:`wrap_many`, not :meth:`wrap`.
+    #: Not a filter over one stream: it makes the connections (see the class docstring).
+    wraps_method = True
+    #: Needs several lower streams: :meth:`wrap_many`, not :meth:`wrap`.
     multi = True
 
     def __init__(self, streams: int = DEFAULT_STREAMS, chunk: int = DEFAULT_CHUNK_BYTES) -> None:
@@ -628,12 +636,40 @@ class ParallelFilter:
             raise ConfigError(f"parallel: chunk must be within [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}], not {chunk}")
         self.streams = streams
         self.chunk = chunk
+        self.inner = None
+
+    def over(self, method) -> "ParallelMethod":
+        """This wrapper driving ``method`` (which must dial node ports); ConfigError if not."""
+        if not getattr(method, "dials_node_port", False):
+            raise ConfigError(f"parallel needs a method that dials (tcp, socks, ssh), not {method.name}")
+        self.inner = method
+        return self
+
+    def initiate(self, ctx):
+        from .tcp import DialInitiation
+
+        inner = self.inner
+        if not ctx.peer.addrs:
+            raise ctx.fail(f"{ctx.peer.name} advertises no address for a {inner.name} connection", method=inner.name)
+        return DialInitiation(inner, ctx, self.streams, lambda socks: self._stripe(socks, ctx.peer.name))
+
+    def respond(self, ctx):
+        from .tcp import serve_arrival
+
+        arrival = ctx.expect(self.streams)
+        gevent.spawn(serve_arrival, ctx, arrival, lambda socks: self._stripe(socks, ctx.client.name),
+                     f"parallel({self.streams}) connection")
+        return {}
+
+    def _stripe(self, socks, peer_name: str) -> "ParallelStream":
+        lowers = [SocketStream(sock, info={"method": self.inner.name, "sub": i}) for i, sock in enumerate(socks)]
+        return ParallelStream(lowers, chunk=self.chunk, peer_name=peer_name)
 
     def wrap(self, lower: Stream, *, context) -> Stream:
         """Always raises ConfigError: parallel stripes over several connections, not one."""
         raise ConfigError(
             f"parallel(streams={self.streams}) cannot wrap a single stream: it needs {self.streams} "
-            "sub-connections made by the method below it (the assembly opens them and calls wrap_many)"
+            "sub-connections made by the method below it"
         )
 
     def wrap_many(self, lowers: Sequence[Stream], *, context) -> ParallelStream:
@@ -647,3 +683,7 @@ class ParallelFilter:
             raise ConfigError(f"parallel(streams={self.streams}) given {len(lowers)} lower streams")
         peer_name = getattr(context, "peer_name", None) or getattr(context, "peer_id", None)
         return ParallelStream(lowers, chunk=self.chunk, peer_name=peer_name)
+
+
+#: The name this component had while it was a filter.
+ParallelFilter = ParallelMethod

@@ -13,6 +13,17 @@ payload starts with a header ``conn_id: u32 | type: u8 | value: u32``:
 - ``CREDIT``: the receiver consumed ``value`` more bytes, the sender may send that much more;
 - ``RESET``: the connection is gone (closed, or unknown at the receiver).
 
+Ends. ``send_eof`` sends EOF: the peer's ``receive_some`` returns what came before, then
+``b""``. ``close`` sends RESET (and forgets the connection). A RESET that arrives after the
+peer's EOF is the tail of an orderly end (the peer sent everything, then closed): receiving
+still ends with ``b""``, sending raises BrokenStreamError. A RESET *before* the peer's EOF --
+the peer closed without ``send_eof``, its node reset the connection, or a malformed frame --
+breaks the stream: ``receive_some`` returns the data that arrived, then raises
+BrokenStreamError, as does ``send_all``. So does losing the path: the peer's node left the
+grid (:meth:`RelayManager.reset_peers`, called when a route or the rendez-vous node is lost),
+or a frame could not be routed. A relayed connection never reads as a clean end unless the
+peer's EOF arrived.
+
 Flow control is end to end and credit based: a sender never has more than
 ``RELAY_WINDOW_BYTES`` in flight, so a bulk transfer can grow no queue on any link or node
 beyond one window, and links send relayed frames after their control traffic. There is no cap
@@ -23,11 +34,13 @@ from __future__ import annotations
 import itertools
 import logging
 import struct
-from typing import Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
+import gevent
 import gevent.event
 
 from ..errors import BrokenStreamError, RemoteProtocolError
+from ..methods import Initiation, InitiatorContext, Method, ResponderContext
 from ..streams import DEFAULT_RECEIVE_BYTES, Stream
 
 __all__ = ["RelayMethod", "RelayStream", "RelayManager", "RELAY_WINDOW_BYTES", "RELAY_CHUNK_BYTES"]
@@ -44,16 +57,40 @@ DATA, EOF, CREDIT, RESET = 1, 2, 3, 4
 _TYPES = {DATA: "DATA", EOF: "EOF", CREDIT: "CREDIT", RESET: "RESET"}
 
 
-class RelayMethod:
-    """Registry entry for ``relay``; the node's :class:`RelayManager` does the work."""
+class _RelayOpening(Initiation):
+    def __init__(self, stream: "RelayStream") -> None:
+        self.offer: Dict[str, Any] = {"conn": stream.conn_id}
+        self._stream = stream
+
+    def complete(self, answer: Dict[str, Any]) -> Stream:
+        return self._stream
+
+    def abort(self) -> None:
+        self._stream.close()
+
+
+class RelayMethod(Method):
+    """``relay``: both ends are :class:`RelayStream` objects of the nodes' :class:`RelayManager`.
+
+    Initiator: open our end under a new connection id and offer the id (``{"conn": id}``).
+    Responder: open the other end under that id and deliver it at once.
+    """
 
     name = "relay"
-    kind = "method"
     PARAMS: dict = {}
     LIMITS: dict = {}
 
-    def __init__(self, **params) -> None:
-        self.params = params
+    def initiate(self, ctx: InitiatorContext) -> Initiation:
+        relay = ctx.node.relay
+        return _RelayOpening(relay.open(ctx.peer.node_id, relay.new_conn_id()))
+
+    def respond(self, ctx: ResponderContext) -> Dict[str, Any]:
+        conn = ctx.offer.get("conn")
+        if type(conn) is not int or not 0 <= conn < 2**32:
+            raise RemoteProtocolError(f"bad relay connection id {conn!r}")
+        stream = ctx.node.relay.open(ctx.client.node_id, conn)
+        gevent.spawn(ctx.deliver, stream)
+        return {}
 
 
 class RelayStream(Stream):
@@ -70,6 +107,7 @@ class RelayStream(Stream):
         self._in_flight_to_us = 0  # received, not yet credited (bounds a misbehaving sender)
         self._peer_eof = False
         self._reset = False
+        self._reset_reason = "the peer reset the relayed connection"
         self._eof_sent = False
         self._closed = False
         self._readable = gevent.event.Event()
@@ -97,6 +135,9 @@ class RelayStream(Stream):
             view = view[n:]
 
     def receive_some(self, max_bytes: int = DEFAULT_RECEIVE_BYTES) -> bytes:
+        """Return 1 to ``max_bytes`` bytes, or ``b""`` after the peer's EOF. Raises
+        BrokenStreamError once the data that arrived is read if the connection was reset
+        before the peer's EOF (see "Ends" in the module docstring), or after ``close()``."""
         while True:
             if self._closed:
                 raise BrokenStreamError("stream is closed")
@@ -105,8 +146,10 @@ class RelayStream(Stream):
                 del self._buffer[:max_bytes]
                 self._consumed(len(data))
                 return data
-            if self._peer_eof or self._reset:
+            if self._peer_eof:
                 return b""
+            if self._reset:
+                raise BrokenStreamError(f"relay with {self.peer_id}: {self._reset_reason}")
             self._readable.clear()
             self._readable.wait()
 
@@ -134,7 +177,7 @@ class RelayStream(Stream):
         if self._eof_sent:
             raise BrokenStreamError("cannot send after send_eof()")
         if self._reset:
-            raise BrokenStreamError("the peer closed the relayed connection")
+            raise BrokenStreamError(f"relay with {self.peer_id}: {self._reset_reason}")
 
     def _consumed(self, n: int) -> None:
         self._received_unacked += n
@@ -163,10 +206,17 @@ class RelayStream(Stream):
                 raise RemoteProtocolError("relay peer granted more credit than the window")
             self._writable.set()
         elif kind == RESET:
-            self._reset = True
-            self._readable.set()
-            self._writable.set()
-            self._manager.forget(self)
+            self._break(None)
+
+    def _break(self, reason) -> None:
+        """The connection is gone (a RESET, a lost path): wake both directions; ``reason``
+        replaces the default one in later errors."""
+        if reason is not None and not self._reset:
+            self._reset_reason = reason
+        self._reset = True
+        self._readable.set()
+        self._writable.set()
+        self._manager.forget(self)
 
 
 class RelayManager:
@@ -204,7 +254,7 @@ class RelayManager:
             if quiet:
                 log.debug("relay %s: %s not sent: %s", stream, _TYPES[kind], exc)
                 return
-            stream._reset = True
+            stream._break(f"sending {_TYPES[kind]} failed: {exc}")
             raise BrokenStreamError(f"relay to {stream.peer_id}: {exc}") from exc
 
     def on_message(self, src: str, payload: bytes) -> None:
@@ -225,14 +275,14 @@ class RelayManager:
             return
         if kind not in _TYPES or (kind != DATA and data) or len(data) > RELAY_CHUNK_BYTES:
             log.warning("relay from %s: malformed frame (type %s, %d bytes): resetting", src, kind, len(data))
-            stream._on_frame(RESET, 0, b"")
+            stream._break(f"malformed relay frame (type {kind}, {len(data)} bytes)")
             self._send_reset(stream)
             return
         try:
             stream._on_frame(kind, value, data)
         except RemoteProtocolError as exc:
             log.warning("relay from %s: %s: resetting", src, exc)
-            stream._on_frame(RESET, 0, b"")
+            stream._break(str(exc))
             self._send_reset(stream)
 
     def _send_reset(self, stream: RelayStream) -> None:
@@ -242,9 +292,10 @@ class RelayManager:
             pass
 
     def reset_peers(self, peer_ids, reason: str) -> None:
-        """Reset the relayed connections with ``peer_ids`` (all of them for None): their
-        readers see EOF and their writers BrokenStreamError."""
+        """Break the relayed connections with ``peer_ids`` (all of them for None): the path
+        is lost. Their readers get what arrived, then BrokenStreamError (``b""`` if the peer's
+        EOF had arrived); their writers BrokenStreamError."""
         for (peer_id, conn_id), stream in list(self._streams.items()):
             if peer_ids is None or peer_id in peer_ids:
                 log.info("relay %s reset: %s", stream, reason)
-                stream._on_frame(RESET, 0, b"")
+                stream._break(reason)

@@ -32,6 +32,9 @@ class SocksMethod(TcpMethod):
             raise ConfigError("socks needs a proxy: socks(proxy=HOST:PORT)")
         self.proxy = parse_address(proxy, default_port=1080)
 
+    def explain(self, ctx, exc: ConnectError) -> ConnectError:
+        return exc  # the proxy's own reason says it all: the directory's dial-back facts do not apply
+
     def dial(self, address: Address, *, node, timeout: float = CONNECT_TIMEOUT_S):
         if address.is_unix:
             raise ConnectError("a SOCKS proxy cannot reach a Unix socket", method="socks")

@@ -20,14 +20,20 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import time
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import gevent
 from gevent import socket as gsocket
 
+from .. import wire
 from ..bootstrap.transport import Address, parse_address
-from ..errors import ConnectError
+from ..errors import ConfigError, ConnectError, RemoteProtocolError
+from ..methods import Initiation, InitiatorContext, Method, MethodRefusal, ResponderContext
+from ..streams import SocketStream, Stream
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SpliceMethod", "bind_splice_socket", "splice_connect", "public_host", "routable", "SPLICE_TIMEOUT_S"]
 
@@ -42,16 +48,89 @@ _PRIVATE_NETS = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.
                                                          "100.64.0.0/10", "fc00::/7"))
 
 
-class SpliceMethod:
-    """Registry entry for ``splice``; :class:`gridsock.assembly.Assembler` drives it."""
+class _Splicing(Initiation):
+    """The client's half: its bound socket travels in the offer; the answer names the
+    server's endpoint, which both connect to at once."""
+
+    def __init__(self, ctx: InitiatorContext, sock, host: str) -> None:
+        self._ctx = ctx
+        self._sock = sock
+        self.offer: Dict[str, Any] = {"endpoint": f"{host}:{sock.getsockname()[1]}"}
+
+    def complete(self, answer: Dict[str, Any]) -> Stream:
+        try:
+            remote = parse_address(str(answer.get("endpoint")))
+        except ConfigError as exc:
+            raise RemoteProtocolError(f"bad splice endpoint from {self._ctx.peer.name}: {exc}") from None
+        sock, self._sock = self._sock, None
+        sock = splice_connect(sock, remote, timeout=self._ctx.remaining())
+        try:
+            sock.sendall(wire.encode_preamble(self._ctx.token))
+        except OSError as exc:
+            sock.close()
+            raise self._ctx.fail(f"splice to {remote}: {exc}", method="splice") from exc
+        return SocketStream(sock, info={"method": "splice"})
+
+    def abort(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+class SpliceMethod(Method):
+    """``splice``: TCP simultaneous open (see the module docstring)."""
 
     name = "splice"
-    kind = "method"
     PARAMS: dict = {}
     LIMITS: dict = {}
 
-    def __init__(self, **params) -> None:
-        self.params = params
+    def initiate(self, ctx: InitiatorContext) -> Initiation:
+        host, theirs = public_host(ctx.me, ctx.node.directory), public_host(ctx.peer, ctx.node.directory)
+        if host is None or theirs is None or not routable(theirs):
+            raise ctx.fail(f"no route for a splice between {ctx.me.name} and {ctx.peer.name}", method=self.name)
+        return _Splicing(ctx, bind_splice_socket(), host)
+
+    def respond(self, ctx: ResponderContext) -> Dict[str, Any]:
+        try:
+            endpoint = parse_address(str(ctx.offer.get("endpoint")))
+        except ConfigError as exc:
+            raise RemoteProtocolError(f"bad splice endpoint: {exc}") from None
+        host = public_host(ctx.me, ctx.node.directory)
+        if host is None:
+            raise MethodRefusal("unreachable", f"{ctx.me.name} knows no public address of its own")
+        if endpoint.is_unix or not routable(endpoint.host):
+            raise MethodRefusal("unreachable", f"{ctx.me.name} has no route to {ctx.client.name}'s endpoint {endpoint}")
+        sock = bind_splice_socket()
+        gevent.spawn(self._serve, ctx, sock, endpoint)
+        return {"endpoint": f"{host}:{sock.getsockname()[1]}"}
+
+    def _serve(self, ctx: ResponderContext, sock, endpoint: Address) -> None:
+        """Connect to the client while it connects to us; check its preamble; deliver."""
+        try:
+            sock = splice_connect(sock, endpoint)
+            try:
+                with gevent.Timeout(SPLICE_TIMEOUT_S, TimeoutError("no preamble")):
+                    head = _recv_exactly(sock, wire.PREAMBLE_BYTES)
+                preamble = wire.decode_preamble(head)
+                if preamble is None or preamble.token != ctx.token:
+                    raise RemoteProtocolError("the spliced connection did not present our token (wrong node?)")
+            except BaseException:
+                sock.close()
+                raise
+        except (ConnectError, RemoteProtocolError, TimeoutError, OSError) as exc:
+            log.info("node %s: splice with %s failed: %s", ctx.me.name, ctx.client.name, exc)
+            return
+        ctx.deliver(SocketStream(sock, info={"method": "splice"}))
+
+
+def _recv_exactly(sock, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise RemoteProtocolError(f"connection closed after {len(data)} of {n} preamble bytes")
+        data += chunk
+    return bytes(data)
 
 
 def is_private(host: str) -> bool:

@@ -28,8 +28,14 @@ class SshMethod(TcpMethod):
             raise ConfigError("ssh needs a gateway: ssh(gateway=USER@HOST:PORT)")
         self.gateway_spec = gateway
 
+    def explain(self, ctx, exc: ConnectError) -> ConnectError:
+        return exc  # the gateway's own reason says it all: the directory's dial-back facts do not apply
+
     def dial(self, address: Address, *, node, timeout: float = CONNECT_TIMEOUT_S):
         if address.is_unix:
             raise ConnectError("an SSH gateway cannot reach a Unix socket here", method="ssh")
         gateway = SSHGateway.parse(self.gateway_spec, key_filename=node.ssh_key, known_hosts=node.ssh_known_hosts)
-        return open_ssh_tunnel(gateway, address.host, address.port, timeout=timeout)
+        try:
+            return open_ssh_tunnel(gateway, address.host, address.port, timeout=timeout)
+        except OSError as exc:  # the one foreign error open_ssh_tunnel lets through (socketpair)
+            raise ConnectError(f"through SSH gateway {gateway} to {address}: {exc}", method="ssh") from exc
