@@ -155,7 +155,7 @@ class MetaChannel:
             raise RemoteProtocolError(f"unexpected {type(message).__name__} on a meta link")
         if message.src != link.peer_id or message.dst not in (self.node.node_id, self.node.name):
             raise RemoteProtocolError("a meta link carries messages between its two ends only")
-        self.node._route(message, via=link)
+        self.node.router.route(message, via=link)
 
     def close_all(self) -> None:
         for link in list(self.links.values()):

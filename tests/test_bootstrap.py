@@ -480,7 +480,7 @@ def test_a_node_of_another_session_fails_tls_and_never_appears(grid, where, tmp_
         return record.msg.startswith("node %s: uplink to %s failed") and record.args[0] == f"alien-{where}" \
             and isinstance(record.args[2], ssl.SSLError)
 
-    with watch_log("gridsock.node", tls_failure) as failed:
+    with watch_log("gridsock.bootstrap.uplink", tls_failure) as failed:
         alien = grid.node(f"alien-{where}", session=other, **kwargs)
         try:
             assert failed.wait(JOIN_TIMEOUT_S), "the node did not report a TLS failure"

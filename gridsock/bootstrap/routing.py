@@ -15,21 +15,52 @@ Each router decides with what it knows:
   leader (or answers itself for the name ``rendezvous``).
 A request that cannot be delivered is answered with an ``err`` message carrying the reason;
 an undeliverable one-way message or reply is dropped with a log line.
+
+:class:`Router` is that decision for a node (the rendez-vous node routes in
+:mod:`gridsock.bootstrap.rendezvous`). It is given its links as two callables: ``up()`` (the
+uplink, or None while it is down) and, on a leader, ``down(node_id)`` (the link to that member,
+or None). A router with no ``down`` is a member's: it delivers what is addressed to its node
+and drops everything else. It
+
+- *originates*: ``send`` (one way), ``request`` (waits for the ``rep``/``err`` in
+  :class:`Requests`), ``relay_send`` (relayed data, bulk); a message this node originates
+  waits for room on its link (back-pressure), a forwarded one never waits;
+- *forwards*: ``route(message)`` is called for every routed message that arrives on a link;
+- *answers*: messages for this node go to the handler registered for their topic (``ping`` is
+  built in and answers with the route the request took), each in a greenlet of its own;
+  relayed data goes to ``on_bulk(src, payload)`` in arrival order; replies to the waiting
+  request. A request that arrived on a meta link (``via``) is answered on it.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
-from typing import Dict, Optional, Tuple
+import time
+from typing import Callable, Dict, Optional, Tuple
 
 import gevent
 import gevent.event
 
 from .. import wire
-from ..errors import RoutingError
+from ..errors import GridsockError, RoutingError
+from .link import Link
 
-__all__ = ["RELAY_TOPIC", "is_bulk", "forwarded", "first_send", "error_reply", "tree_route", "Requests", "REQUEST_TIMEOUT_S"]
+__all__ = [
+    "RELAY_TOPIC",
+    "REQUEST_TIMEOUT_S",
+    "Delivery",
+    "Handler",
+    "PingResult",
+    "Requests",
+    "Router",
+    "error_reply",
+    "first_send",
+    "forwarded",
+    "is_bulk",
+    "tree_route",
+]
 
 log = logging.getLogger(__name__)
 
@@ -131,3 +162,236 @@ class Requests:
             return False
         result.set(reply)
         return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """A routed message delivered to this node: what a topic handler receives."""
+
+    src: str
+    src_name: Optional[str]
+    topic: str
+    payload: bytes
+    route: tuple
+    kind: str
+
+
+Handler = Callable[[Delivery], Optional[bytes]]
+
+
+@dataclasses.dataclass(frozen=True)
+class PingResult:
+    """The answer of :meth:`Router.ping`: round-trip time and the routes both ways."""
+
+    dst: str
+    rtt_s: float
+    route_there: tuple
+    route_back: tuple
+
+    @property
+    def hops(self) -> int:
+        return len(self.route_there) - 1
+
+    def to_json(self) -> dict:
+        return {"dst": self.dst, "rtt_ms": round(self.rtt_s * 1000, 3), "route_there": list(self.route_there),
+                "route_back": list(self.route_back), "hops": self.hops}
+
+
+class Router:
+    """Originates, forwards and answers the routed messages of one node; see the module docstring.
+
+    ``host`` is the node: the router reads its ``name``, ``node_id`` (None until it joins: the
+    id can come later, with enrollment) and ``directory``.
+    """
+
+    def __init__(
+        self,
+        host,
+        *,
+        up: Callable[[], Optional[Link]],
+        down: Optional[Callable[[str], Optional[Link]]] = None,
+        on_bulk: Callable[[str, bytes], None] = lambda src, payload: None,
+    ) -> None:
+        self.host = host
+        self.requests = Requests()
+        self.handlers: Dict[str, Handler] = {"ping": self._handle_ping}
+        self._up = up
+        self._down = down
+        self._on_bulk = on_bulk
+
+    @property
+    def forwards(self) -> bool:
+        """True for a leader's router, which passes on messages for other nodes."""
+        return self._down is not None
+
+    # --- originating -------------------------------------------------------------------------
+
+    def handle(self, topic: str, handler: Handler) -> None:
+        """Call ``handler(delivery)`` for messages and requests on ``topic`` (see Node.handle)."""
+        wire.check_name(topic, "topic")
+        self.handlers[topic] = handler
+
+    def send(self, dst: str, topic: str, payload: bytes = b"") -> None:
+        """Send a one-way message to node ``dst`` (id or name). Raises RoutingError if no route."""
+        self.originate(wire.Routed(src=self.require_id(), dst=dst, kind="msg", topic=topic,
+                                   route=(self.host.name,), payload=bytes(payload)))
+
+    def relay_send(self, dst_id: str, payload: bytes) -> None:
+        """Send relayed connection data (bulk) to ``dst_id``. Raises RoutingError if no route."""
+        self.originate(wire.Routed(src=self.require_id(), dst=dst_id, kind="msg", topic=RELAY_TOPIC,
+                                   route=(self.host.name,), payload=payload))
+
+    def request(self, dst: str, topic: str, payload: bytes = b"", *, timeout: float = REQUEST_TIMEOUT_S) -> Delivery:
+        """Send a request to ``dst`` and return its reply.
+
+        Raises RoutingError if it cannot be delivered or the handler failed, TimeoutError if no
+        reply comes within ``timeout`` seconds.
+        """
+        request_id, result = self.requests.new()
+        message = wire.Routed(src=self.require_id(), dst=dst, kind="req", topic=topic, request_id=request_id,
+                              route=(self.host.name,), payload=bytes(payload))
+        if message.dst in (self.host.node_id, self.host.name):
+            self.requests.resolve(self.answer(message))
+        else:
+            self.originate(message)
+        reply = self.requests.wait(request_id, result, dst=dst, timeout=timeout)
+        src = self.host.directory.get(reply.src)
+        return Delivery(reply.src, src.name if src else None, reply.topic, reply.payload, reply.route, reply.kind)
+
+    def request_on(self, link: Link, dst: wire.NodeEntry, topic: str, payload: bytes = b"", *,
+                   timeout: float = REQUEST_TIMEOUT_S, dst_label: Optional[str] = None) -> Optional[Delivery]:
+        """Send a request straight to ``dst`` on ``link`` (a meta link to it) and return its reply.
+
+        Returns None if the link would not take the message (closed); raises like ``request``
+        (naming the destination ``dst_label``, by default its name).
+        """
+        request_id, result = self.requests.new()
+        message = wire.Routed(src=self.require_id(), dst=dst.node_id, kind="req", topic=topic,
+                              request_id=request_id, hops=1, route=(self.host.name,), payload=bytes(payload))
+        if not link.send(message):
+            self.requests.cancel(request_id)
+            return None
+        reply = self.requests.wait(request_id, result, dst=dst_label or dst.name, timeout=timeout)
+        return Delivery(reply.src, dst.name, reply.topic, reply.payload, reply.route, reply.kind)
+
+    def ping(self, dst: str, *, timeout: float = REQUEST_TIMEOUT_S) -> PingResult:
+        """Round trip to ``dst`` over the bootstrap channel; the routes taken both ways."""
+        start = time.perf_counter()
+        reply = self.request(dst, "ping", b"", timeout=timeout)
+        rtt = time.perf_counter() - start
+        there = tuple(json.loads(reply.payload)["route"])
+        return PingResult(dst=dst, rtt_s=rtt, route_there=there, route_back=tuple(reply.route) + (self.host.name,))
+
+    def require_id(self) -> str:
+        """This node's id; RoutingError before it has one (not enrolled yet)."""
+        if self.host.node_id is None:
+            raise RoutingError("this node has not joined the session yet")
+        return self.host.node_id
+
+    def originate(self, message: wire.Routed) -> None:
+        """Put a message this node sends on its first link. Raises RoutingError if it cannot."""
+        if len(message.payload) > wire.MAX_PAYLOAD_BYTES:
+            raise RoutingError(f"payload of {len(message.payload)} bytes exceeds MAX_PAYLOAD_BYTES "
+                               f"({wire.MAX_PAYLOAD_BYTES}); use a data connection", dst=message.dst)
+        if not self._forward(first_send(message), originated=True):
+            raise RoutingError(f"no route to {message.dst}: not linked to the grid", dst=message.dst)
+
+    # --- forwarding --------------------------------------------------------------------------
+
+    def _forward(self, message: wire.Routed, *, originated: bool = False, checked: bool = True) -> bool:
+        """Put ``message`` (hops already counted) on the right link; False if there is none.
+
+        A message this node ``originated`` waits for room on the link (back-pressure on the
+        sender); a forwarded one never waits.
+        """
+        link = None
+        if self._down is not None:
+            entry = self.host.directory.resolve(message.dst)
+            link = self._down(entry.node_id) if entry else None
+        if link is None:
+            link = self._up()
+        if link is None:
+            return False
+        bulk = is_bulk(message)
+        if originated:
+            link.wait_room(bulk=bulk)
+        return link.send(message, bulk=bulk, checked=checked)
+
+    def route(self, message: wire.Routed, via: Optional[Link] = None) -> None:
+        """A routed message arrived on a link: deliver it here or send it on.
+
+        ``via`` is the meta link it came on, if any: requests from a meta link are answered on it.
+        """
+        host = self.host
+        if message.dst in (host.node_id, host.name):
+            if is_bulk(message):
+                self._on_bulk(message.src, message.payload)
+            elif message.kind in ("rep", "err"):
+                self.requests.resolve(message)
+            else:
+                gevent.spawn(self._deliver, message, via)
+            return
+        if not self.forwards:
+            log.info("member %s dropping %s for %s: not addressed to it", host.name, message.topic, message.dst)
+            return
+        out = forwarded(message, host.name)
+        reason = f"hop limit ({wire.MAX_HOPS}) reached" if out is None else None
+        if out is not None and not self._forward(out, checked=False):
+            reason = f"no route to {message.dst} from {host.name}"
+        if reason:
+            back = error_reply(message, host.node_id, host.name, reason)
+            if back is not None:
+                self._forward(first_send(back))
+
+    # --- answering ---------------------------------------------------------------------------
+
+    def _deliver(self, message: wire.Routed, via: Optional[Link] = None) -> None:
+        if message.kind == "msg":
+            handler = self.handlers.get(message.topic)
+            if handler is None:
+                log.info("no handler for message topic %r from %s", message.topic, message.src)
+                return
+            try:
+                handler(self._delivery(message))
+            except Exception:
+                log.exception("handler for %r failed", message.topic)
+            return
+        answer = first_send(self.answer(message))
+        if via is None or not via.send(answer):
+            self._forward(answer)
+
+    def answer(self, message: wire.Routed) -> wire.Routed:
+        """The ``rep`` (or ``err``) of this node's handler to the request ``message``."""
+        host = self.host
+        handler = self.handlers.get(message.topic)
+        try:
+            if handler is None:
+                raise LookupError(f"node {host.name} has no handler for {message.topic!r}")
+            payload = handler(self._delivery(message)) or b""
+            if len(payload) > wire.MAX_PAYLOAD_BYTES:
+                raise RoutingError(f"reply of {len(payload)} bytes exceeds MAX_PAYLOAD_BYTES ({wire.MAX_PAYLOAD_BYTES})")
+            return wire.Routed(src=host.node_id, dst=message.src, kind="rep", topic=message.topic,
+                               request_id=message.request_id, route=(host.name,), payload=bytes(payload))
+        except Exception as exc:
+            if not isinstance(exc, (LookupError, GridsockError)):
+                log.exception("handler for %r failed", message.topic)
+            return wire.Routed(src=host.node_id, dst=message.src, kind="err", topic=message.topic,
+                               request_id=message.request_id, route=(host.name,),
+                               payload=str(exc).encode()[: wire.MAX_REASON_BYTES])
+
+    def _delivery(self, message: wire.Routed) -> Delivery:
+        src = self.host.directory.get(message.src)
+        return Delivery(message.src, src.name if src else None, message.topic, message.payload, message.route,
+                        message.kind)
+
+    def _handle_ping(self, delivery: Delivery) -> bytes:
+        return json.dumps({"route": list(delivery.route) + [self.host.name]}).encode()
+
+    # --- status ------------------------------------------------------------------------------
+
+    def routes(self) -> dict:
+        """For each node in the directory, the bootstrap route from here (names)."""
+        me = self.host.directory.get(self.host.node_id) if self.host.node_id else None
+        if me is None:
+            return {}
+        return {e.node_id: list(tree_route(self.host.directory, me, e)) for e in self.host.directory}

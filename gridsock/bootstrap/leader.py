@@ -1,0 +1,181 @@
+"""A leader's service to the members of its cluster.
+
+Theory of operation
+-------------------
+A leader (a node with no ``--leader``) accepts its cluster's members on its node port; the
+:class:`~gridsock.bootstrap.nodeport.NodePort` hands it two kinds of connection:
+
+- ``Enroll`` (a new member proving the join token): forwarded to the rendez-vous node as a
+  routed ``enroll`` request; its answer goes back as ``Enrolled``, or as ``Refuse`` with the
+  rendez-vous node's code. So a member needs no route out of its cluster to get a certificate.
+- ``Hello(role="member")``: after these checks, in order (each failure is a ``Refuse``): the
+  sender is a node of the session (certificate, or the join token in a plain-TCP session); it
+  says it is a member; of this leader's cluster; with a name that is not ``rendezvous``, not
+  the leader's, and not held by another node (a name held by a node of this cluster that has
+  no link any more may be taken over: that is a member that restarted with a new identity).
+  The member gets ``Welcome`` with its directory entry, then the whole directory, and its link
+  is kept in ``members`` (one per node id: a member that links again replaces its old link).
+  The leader registers it up the uplink (``Register``) and puts it in its own directory.
+
+On a member link only routed messages whose source is the member itself are accepted (they go
+to ``on_routed``); anything else is a protocol error that drops the member. When a member
+link closes, the member leaves the directory and the leader sends ``Unregister`` up.
+
+Every directory change the leader sees (from the rendez-vous node, or its own members coming
+and going) is passed on to every member (``on_directory_change``), so a member's directory is
+its leader's. The uplink's ``Register`` of all members after a relink is the uplink's job
+(:mod:`gridsock.bootstrap.uplink`), with the entries ``entries()`` returns.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Callable, Dict, List, Optional
+
+from .. import wire
+from ..errors import RemoteProtocolError, RoutingError
+from .directory import RENDEZVOUS_NAME
+from .link import LINK_TIMEOUT_S, PING_INTERVAL_S, Link, send_message
+from .nodeport import authenticate, refuse
+
+__all__ = ["LeaderService", "ENROLL_TOPIC"]
+
+log = logging.getLogger(__name__)
+
+# The rendez-vous node's topic for enrollments a leader forwards for its members.
+ENROLL_TOPIC = "enroll"
+
+
+class LeaderService:
+    """The member links of leader ``host`` (``name``, ``node_id``, ``cluster``, ``session``,
+    ``directory``); see the module docstring.
+
+    ``on_routed(message)`` gets the routed messages members send; ``request(dst, topic,
+    payload)`` sends a routed request and returns its reply (a Delivery; the router's);
+    ``send_up(message)`` queues a message on the uplink (False if it is down).
+    """
+
+    def __init__(
+        self,
+        host,
+        *,
+        on_routed: Callable[[wire.Routed], None],
+        request: Callable[[str, str, bytes], object],
+        send_up: Callable[[object], bool],
+        ping_interval_s: float = PING_INTERVAL_S,
+        link_timeout_s: float = LINK_TIMEOUT_S,
+    ) -> None:
+        self.host = host
+        self.members: Dict[str, Link] = {}
+        self._on_routed = on_routed
+        self._request = request
+        self._send_up = send_up
+        self._ping_interval_s = ping_interval_s
+        self._link_timeout_s = link_timeout_s
+
+    def link_for(self, node_id: str) -> Optional[Link]:
+        """The link to member ``node_id``, or None if it is not one of ours."""
+        return self.members.get(node_id)
+
+    def entries(self) -> List[wire.NodeEntry]:
+        """The directory entries of the members whose link is up."""
+        return [link.entry for link in self.members.values() if not link.closed]
+
+    def close_all(self, reason: str = "leader stopping") -> None:
+        for link in list(self.members.values()):
+            link.close(reason)
+
+    def status(self) -> list:
+        """One line per member link, for ``Node.status``."""
+        return [{"kind": "member", "peer": l.entry.name, "peer_id": l.peer_id, "label": l.label, "since": l.opened_at}
+                for l in self.members.values()]
+
+    # --- the node port hands these over ------------------------------------------------------
+
+    def enroll(self, sock, message: wire.Enroll, label: str) -> None:
+        """Forward a member's ``Enroll`` to the rendez-vous node; answer ``Enrolled`` or refuse.
+
+        Raises AuthError (refused; the member was told), RemoteProtocolError (a bad answer, or
+        Enroll in a plain-TCP session) or OSError.
+        """
+        if not self.host.session.tls:
+            raise RemoteProtocolError("Enroll in a plain-TCP session")
+        request = json.dumps({"token": message.token, "csr_pem": message.csr_pem, "name": message.name}).encode()
+        try:
+            reply = self._request(RENDEZVOUS_NAME, ENROLL_TOPIC, request)
+        except RoutingError as exc:
+            refuse(sock, "enroll-failed", f"cannot reach the rendez-vous node to enroll: {exc}", label)
+        try:
+            answer = json.loads(reply.payload)
+        except ValueError as exc:
+            raise RemoteProtocolError(f"bad enroll answer from the rendez-vous node: {exc}") from None
+        if isinstance(answer, dict) and "refused" in answer:
+            refuse(sock, str(answer["refused"]), str(answer.get("reason", "enrollment refused")), label)
+        try:
+            enrolled = wire.Enrolled.from_header(answer, b"")
+        except (ValueError, TypeError) as exc:
+            raise RemoteProtocolError(f"bad enroll answer from the rendez-vous node: {exc}") from None
+        send_message(sock, enrolled)
+
+    def accept(self, sock, decoder: wire.Decoder, hello: wire.Hello, peer, label: str) -> bool:
+        """Check a member's ``Hello`` and keep its link; True (the socket is the link's now).
+
+        Raises AuthError after refusing it (see the module docstring for the checks).
+        """
+        host = self.host
+        node_id = authenticate(host.session, sock, hello, peer, label)
+        if hello.role != "member":
+            refuse(sock, "not-a-member", f"a {hello.role} does not link to a leader", label)
+        if hello.cluster not in (None, host.cluster):
+            refuse(sock, "wrong-cluster", f"{host.name} leads cluster {host.cluster!r}, not {hello.cluster!r}", label)
+        if hello.name in (RENDEZVOUS_NAME, host.name):
+            refuse(sock, "name-taken", f"node name {hello.name!r} is taken", label)
+        holder = host.directory.by_name(hello.name)
+        holder_link = self.members.get(holder.node_id) if holder else None
+        if holder is not None and holder.node_id != node_id and (holder_link is not None or holder.leader != host.node_id):
+            refuse(sock, "name-taken", f"node name {hello.name!r} is already used by {holder.node_id}", label)
+        entry = wire.NodeEntry(node_id=node_id, name=hello.name, cluster=host.cluster, leader=host.node_id,
+                               role="member", addrs=hello.addrs)
+        old = self.members.pop(node_id, None)
+        if old is not None:
+            old.close("the same member linked again")
+        link = Link(sock, decoder, label=f"member {hello.name} ({label})", on_message=self._on_message,
+                    on_close=self._on_close, ping_interval_s=self._ping_interval_s, timeout_s=self._link_timeout_s)
+        link.peer_id = node_id
+        link.entry = entry
+        link.send(wire.Welcome(entry, host.session.session_id))
+        host.directory.put([entry])  # tells the other members
+        for part in host.directory.snapshot_updates():
+            link.send(part)
+        self.members[node_id] = link
+        link.start()
+        self._send_up(wire.Register((entry,)))
+        log.info("member %s (%s) joined leader %s from %s", hello.name, node_id, host.name, label)
+        return True
+
+    # --- member links ------------------------------------------------------------------------
+
+    def on_directory_change(self, joined, left) -> None:
+        """Pass a directory change on to every member."""
+        if not self.members:
+            return
+        updates = wire.directory_updates(joined, [e.node_id for e in left])
+        for link in list(self.members.values()):
+            for update in updates:
+                link.send(update)
+
+    def _on_message(self, link: Link, message) -> None:
+        if isinstance(message, wire.Routed):
+            if message.src != link.peer_id:
+                raise RemoteProtocolError(f"member sent a message with source {message.src}, not its own id")
+            self._on_routed(message)
+        else:
+            raise RemoteProtocolError(f"unexpected {type(message).__name__} on a member link")
+
+    def _on_close(self, link: Link) -> None:
+        if self.members.get(link.peer_id) is not link:
+            return
+        del self.members[link.peer_id]
+        log.info("member %s left leader %s: %s", link.entry.name, self.host.name, link.close_reason)
+        self.host.directory.remove([link.peer_id])
+        self._send_up(wire.Unregister((link.peer_id,)))

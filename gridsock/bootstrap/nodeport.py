@@ -1,0 +1,174 @@
+"""The node port: one listening socket per node, and what tells its connections apart.
+
+Theory of operation
+-------------------
+Every node listens on its *node port* (TCP, or a Unix socket for the nodes of one host). An
+accepted connection gets a greenlet that reads the first byte without consuming it
+(``MSG_PEEK``), within ``handshake_timeout_s``:
+
+- the first byte of the data-connection preamble: a data connection of the assembly layer,
+  handed over whole, first byte unread, to ``on_data(sock, label)`` (this module does not know
+  the assembly layer; the node passes the callable and the byte in);
+- anything else is a bootstrap handshake: TLS first in a TLS session (the node's certificate;
+  a client certificate is optional here, each message below says whether it needs one), then
+  one message:
+
+  * ``Hello(role="probe")``: the rendez-vous node's dial-back probe, which decides ``inbound``
+    in the directory; it must come from the rendez-vous certificate, and is closed at once;
+  * ``Hello(role="peer")``: a meta link from another node (:func:`authenticate` names it), handed
+    to ``on_peer(sock, decoder, hello, node_id, label)``;
+  * ``Enroll`` or ``Hello(role="member")``: for the leader's service to its members
+    (:class:`~gridsock.bootstrap.leader.LeaderService`); a member's node port refuses them with
+    ``not-a-leader``.
+
+A connection that is refused gets ``Refuse(code, reason)`` first. Whatever goes wrong in a
+handshake (TLS, bad token, protocol error, silent peer) closes that connection with a log line
+and nothing else: the accept loop never stops for a peer's fault.
+"""
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import TYPE_CHECKING, Callable, Optional
+
+import gevent
+from gevent import socket as gsocket
+
+from .. import wire
+from ..errors import AuthError, BrokenStreamError, RemoteProtocolError, RoutingError
+from ..session import peer_identity, server_context
+from .link import HANDSHAKE_TIMEOUT_S, read_message, send_message, tune_socket
+from .transport import Address, listen, tls_server
+
+if TYPE_CHECKING:
+    from .leader import LeaderService
+
+__all__ = ["NodePort", "authenticate", "refuse"]
+
+log = logging.getLogger(__name__)
+
+
+def refuse(sock, code: str, reason: str, label: str) -> None:
+    """Send ``Refuse(code, reason)`` (best effort) and raise AuthError(method=code)."""
+    try:
+        send_message(sock, wire.Refuse(code, reason))
+    except OSError:
+        pass
+    raise AuthError(f"{reason} ({code})", peer=label, method=code)
+
+
+def authenticate(session, sock, hello: wire.Hello, peer, label: str) -> str:
+    """The node id of the sender of ``hello``.
+
+    From its certificate (``peer``, in a TLS session) or, in a plain-TCP session, as it says
+    after proving the join token. Refuses and raises AuthError if there is none.
+    """
+    if session.tls:
+        if peer is None or peer.kind != "node":
+            refuse(sock, "no-certificate", "a node certificate of this session is required", label)
+        return peer.id
+    if hello.node_id is None or not session.check_token(hello.token or ""):
+        refuse(sock, "bad-token", "join token refused", label)
+    return hello.node_id
+
+
+class NodePort:
+    """The node port of ``host`` (a node: ``name``, ``session``, ``identity``); see the module docstring.
+
+    ``leader`` is the node's service to its members (None on a member).
+    """
+
+    def __init__(
+        self,
+        host,
+        listen_address: Address,
+        *,
+        on_data: Callable[[object, str], None],
+        data_first_byte: bytes,
+        on_peer: Callable[[object, wire.Decoder, wire.Hello, str, str], None],
+        leader: Optional["LeaderService"] = None,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+    ) -> None:
+        self.host = host
+        self.listen_address = listen_address
+        self.leader = leader
+        self._on_data = on_data
+        self._data_first_byte = data_first_byte[:1]
+        self._on_peer = on_peer
+        self._handshake_timeout_s = handshake_timeout_s
+        self._sock = None
+        self._server_ctx = None
+
+    def open(self) -> "NodePort":
+        """Bind and listen. Raises ConfigError/ConnectError if the address cannot be had."""
+        self._sock = listen(self.listen_address)
+        return self
+
+    @property
+    def address(self) -> Address:
+        """The bound address (the kernel's choice when the port was 0)."""
+        if self.listen_address.is_unix:
+            return self.listen_address
+        host, port = self._sock.getsockname()[:2]
+        return Address(host=host, port=port)
+
+    def serve(self) -> None:
+        """Accept connections until the socket is closed (or the greenlet killed)."""
+        while True:
+            sock, addr = self._sock.accept()
+            tune_socket(sock)
+            gevent.spawn(self._handle, sock, addr)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+
+    def _handle(self, sock, addr) -> None:
+        host = self.host
+        label = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else f"unix:{self.listen_address.path}"
+        handed_over = False
+        try:
+            with gevent.Timeout(self._handshake_timeout_s, TimeoutError("silent peer")):
+                first = sock.recv(1, gsocket.MSG_PEEK)
+            if first == self._data_first_byte:
+                handed_over = True
+                self._on_data(sock, label)
+                return
+            peer = None
+            if host.session.tls:
+                if host.identity is None:
+                    return  # not enrolled yet: nothing to offer
+                if self._server_ctx is None:
+                    self._server_ctx = server_context(host.session, host.identity, require_client_cert=False)
+                sock = tls_server(sock, self._server_ctx, timeout=self._handshake_timeout_s)
+                peer = peer_identity(sock)
+            decoder = wire.Decoder(peer=label)
+            message = read_message(sock, decoder, timeout=self._handshake_timeout_s)
+            if isinstance(message, wire.Hello) and message.role == "probe":
+                if host.session.tls and (peer is None or peer.kind != "rendezvous"):
+                    raise AuthError("a dial-back probe must come from the rendez-vous node", peer=label)
+                return
+            if isinstance(message, wire.Hello) and message.role == "peer":
+                peer_id = authenticate(host.session, sock, message, peer, label)
+                self._on_peer(sock, decoder, message, peer_id, label)
+                handed_over = True
+                return
+            if self.leader is None:
+                refuse(sock, "not-a-leader", "this node is a member, not a leader", label)
+            if isinstance(message, wire.Enroll):
+                self.leader.enroll(sock, message, label)
+            elif isinstance(message, wire.Hello):
+                handed_over = self.leader.accept(sock, decoder, message, peer, label)
+            else:
+                raise RemoteProtocolError(f"expected Enroll or Hello, got {type(message).__name__}")
+        except ssl.SSLError as exc:
+            log.warning("node %s refused %s: TLS handshake failed: %s", host.name, label, exc.reason or exc)
+        except AuthError as exc:
+            log.warning("node %s refused %s: %s", host.name, label, exc)
+        except RemoteProtocolError as exc:
+            log.warning("node %s dropped %s: protocol error: %s", host.name, label, exc)
+        except (OSError, TimeoutError, BrokenStreamError, RoutingError) as exc:
+            log.info("node %s: connection from %s ended during handshake: %s", host.name, label, exc)
+        finally:
+            if not handed_over:
+                sock.close()
