@@ -48,12 +48,18 @@ A rules file is TOML::
 from __future__ import annotations
 
 import fnmatch
+import sys
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from . import wire
 from .errors import ConfigError
 from .stack import Stack
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
 
 __all__ = ["Rule", "Rules", "SCHEMES"]
 
@@ -162,8 +168,6 @@ class Rules:
 
     @classmethod
     def load(cls, path, *, tls: bool = True) -> "Rules":
-        from .session import tomllib
-
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)

@@ -36,6 +36,7 @@ import re
 import secrets
 import shutil
 import ssl
+import sys
 import tempfile
 import uuid
 import warnings
@@ -53,9 +54,9 @@ from gevent import ssl as gssl
 
 from .errors import AuthError, ConfigError, LocalProtocolError, RemoteProtocolError
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python < 3.11
+else:  # the same parser, before it joined the standard library
     import tomli as tomllib
 
 __all__ = [
@@ -531,12 +532,13 @@ class CertificateAuthority:
         )
         return _cert_pem(cert)
 
-    def sign_node(self, csr_pem: bytes, node_id: str) -> bytes:
+    def sign_node(self, csr_pem: object, node_id: str) -> bytes:
         """Sign a node's CSR for ``node_id`` (a canonical uuid string); return the cert PEM.
 
         The certificate gets CN = node_id and SAN URI ``urn:gridsock:node:<node_id>``, whatever
         the CSR asked for; only its public key is used. The CSR comes from the enrolling peer, so
-        a bad one raises RemoteProtocolError: one that does not parse, is larger than
+        ``csr_pem`` may be anything: PEM bytes (or a str, encoded as ASCII) are parsed, any other
+        type raises RemoteProtocolError, and so does a CSR that does not parse, is larger than
         MAX_CSR_BYTES, has a bad signature or a key that is neither RSA of 2048 to 8192 bits nor
         EC on P-256/384/521. The rendez-vous picks node_id, so one that is not a uuid in
         canonical form is our bug: LocalProtocolError. ConfigError if the CA itself has expired.
@@ -586,6 +588,7 @@ class CertificateAuthority:
         if _canonical_uuid(session_id) is None:
             raise ConfigError(f"session id {session_id!r} is not a uuid in canonical form")
         _check_host(host, "rendez-vous host")
+        host_name: x509.GeneralName
         try:
             host_name = x509.IPAddress(ipaddress.ip_address(host))
         except ValueError:
@@ -708,7 +711,7 @@ class Session:
             log.warning("%s: ignoring unknown [session] keys: %s", path, ", ".join(unknown))
         return cls(session_id, host, port, bootstrap, join_token, ca_cert_pem, path)
 
-    def check_token(self, token: str) -> bool:
+    def check_token(self, token: object) -> bool:
         """True if ``token`` is this session's join token (constant time); False for non-str."""
         if not isinstance(token, str):
             return False

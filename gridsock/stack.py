@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, NoReturn, Optional, Tuple, Union
 
 from .errors import ConfigError
 
@@ -218,7 +218,7 @@ class _Parser:
         self.pos = 0
 
     # -- errors -----------------------------------------------------------------------------
-    def fail(self, why: str, pos: Optional[int] = None, cls=ConfigError, **attrs):
+    def fail(self, why: str, pos: Optional[int] = None, cls=ConfigError, **attrs) -> NoReturn:
         pos = self.pos if pos is None else pos
         shown = self.text if len(self.text) <= 80 else self.text[:77] + "..."
         msg = f"bad stack string {shown!r} at position {pos}: {why}"
@@ -273,8 +273,8 @@ class _Parser:
             self.fail(f"longer than {MAX_STACK_CHARS} characters", MAX_STACK_CHARS)
         if self.text.strip(_BLANKS) == "":
             self.fail("empty stack string; expected e.g. 'tcp' or 'tls/tcp'", 0)
-        layers = []
-        starts = []
+        layers: List[Layer] = []
+        starts: List[int] = []
         while True:
             if len(layers) == MAX_LAYERS:
                 self.fail(f"more than {MAX_LAYERS} layers")
