@@ -18,11 +18,55 @@ socketpair's kernel buffers plus one chunk per direction):
 
 The bridge ends (the stream and the framework end are closed) when both directions have ended
 cleanly; or as soon as either fails (the stream broke, the application closed its end while
-data was still coming), which the application sees as EOF or ECONNRESET on its next receive
-and EPIPE on its next send; or when the application closed its end entirely (not just
+data was still coming); or when the application closed its end entirely (not just
 ``shutdown(SHUT_WR)``), which is noticed when its EOF arrives: then no one would read what the
 peer sends, so the stream is closed after ``send_eof()``, as a TCP stack would answer later data
 with a reset.
+
+Breaks
+------
+An application must be able to tell a connection that ended from one that broke, as it can
+with a kernel TCP socket: EOF (``recv`` returns ``b""``) means the peer closed in order and
+every byte it sent has been read; a connection reset (``ConnectionResetError`` from ``recv``,
+``EPIPE`` or ``ECONNRESET`` from ``send``) means data may be missing. The streams report the
+difference (``receive_some`` returns ``b""`` only on the peer's orderly EOF and raises
+BrokenStreamError otherwise: a dead peer process or node, a lost relay path, TLS cut without
+close_notify, a lost parallel sub-stream, corrupt compressed data), and the bridge carries it
+over:
+
+- the stream's EOF becomes ``shutdown(SHUT_WR)`` of the framework end (the application reads
+  everything, then EOF); when the bridge ends in order, the framework end is closed in order;
+- when the bridge ends on an error, or :meth:`Bridge.close` aborts it, the framework end is
+  closed *abortively*: the application reads what had been delivered, then gets
+  ``ConnectionResetError``; its sends fail with ``EPIPE``/``ECONNRESET``.
+
+How the reset is made depends on the pair. A loopback TCP pair (``tcp=True``, what the socket
+personality and the agent use): the framework end is closed with ``SO_LINGER`` {on, 0}, which
+sends an RST. An ``AF_UNIX`` socketpair has no RST: Linux reports ECONNRESET to the peer of a
+closing stream socket only if the closing socket still holds unread data in its receive queue
+(``unix_release_sock``). So the framework end always *holds one byte back*: the application
+end sends one sentinel byte when the pair is made, and the application -> stream pump reads
+with ``MSG_PEEK`` at a peek offset of one (``SO_PEEK_OFF``), forwards what it peeked, then
+consumes as many bytes from the head of the queue: the byte left at the head is always one
+already forwarded (or the sentinel). An orderly end drains it before closing (the application
+reads EOF); an abortive end closes with it (ECONNRESET). As the held byte keeps the socket
+readable, the pump waits for new data on an edge-triggered epoll descriptor (``EPOLLET``)
+rather than on the socket. Cost, measured with ``bench/bridge_breaks.py``: see
+docs/architecture.md, "Breaks". A framework end that cannot hold a byte (a kernel without
+``SO_PEEK_OFF`` on stream sockets; a socket the agent received that the application has not
+written to yet: it holds the first byte the application sends) ends with EOF instead: the
+Bridge's ``stats.app_reset`` says whether the application was sent a reset.
+
+Plain stacks: when the framework hands over a kernel TCP socket (no bridge,
+:func:`hand_out` with ``plain=True``), the socket is a :class:`HandedSocket` with ``SO_LINGER``
+{on, 0} set while the connection is open (the framework's own TCP sockets,
+:class:`~gridsock.streams.SocketStream`, are set the same way): if the process that holds it
+dies (SIGKILL, a crash) the kernel resets the connection, so the peer cannot mistake a dead
+process for an orderly close. ``close()`` (also the last close of a ``makefile()``) and
+``detach()`` restore an orderly close first: a program that closes its socket sends FIN after
+all its data, as always. A socket dropped without ``close()`` resets its peer once the garbage
+collector finalizes it closes in order too; only what is still open when the process dies
+(killed, or exiting with sockets the interpreter did not finalize) is reset by the kernel.
 
 A :class:`Bridge` is the framework's handle on one bridge (:func:`start_bridge` returns it with
 the socket): its :class:`BridgeStats` count the bytes each way and say whether it is open and
@@ -37,15 +81,20 @@ would wait for bytes that only the hub, now blocked, could deliver). There, use
 ``gevent.socket.socket(fileno=sock.detach())`` or the socket personality.
 
 When the stack is plain kernel TCP there is nothing to pump: the framework hands over the TCP
-socket itself, turned into a stdlib socket by :func:`to_std_socket`.
+socket itself, as a :class:`HandedSocket` (see "Breaks").
 """
 from __future__ import annotations
 
+import _socket
 import errno
 import itertools
 import logging
+import os
 import select
 import socket
+import ssl
+import struct
+import sys
 import time
 import weakref
 from dataclasses import dataclass
@@ -68,6 +117,9 @@ __all__ = [
     "active_bridges",
     "to_std_socket",
     "hand_out",
+    "HandedSocket",
+    "set_abortive_close",
+    "set_orderly_close",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,6 +127,16 @@ log = logging.getLogger(__name__)
 # What each pump moves per call: large enough to amortise the system calls, small enough that
 # a bridge buffers little beyond the kernel's socket buffers.
 BRIDGE_CHUNK_BYTES = 64 * 1024
+
+# SO_LINGER values: {on, 0 s} makes close() (and the kernel's close of a dead process's sockets)
+# send an RST and drop unsent data; {off} is the default orderly close (FIN after the data).
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+_LINGER_ORDERLY = struct.pack("ii", 0, 0)
+# Linux's SO_PEEK_OFF (the stdlib names it only from Python 3.14 on); the same value on every
+# architecture the lab and CI run (x86-64, arm64). Checked by reading it back before use.
+SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
+# The byte the application end sends first when a socketpair bridge is made (see "Breaks").
+_SENTINEL = b"\0"
 
 _active: "weakref.WeakSet[Bridge]" = weakref.WeakSet()
 _serial = itertools.count(1)
@@ -91,6 +153,7 @@ class BridgeStats:
     opened_at: float = 0.0
     closed_at: Optional[float] = None
     error: Optional[str] = None  # why it ended, if it did not end cleanly
+    app_reset: bool = False  # the application was sent a reset (it ended on an error, and could)
 
     @property
     def open(self) -> bool:
@@ -100,14 +163,22 @@ class BridgeStats:
 class Bridge:
     """The framework's side of one bridge; made by :func:`start_bridge`.
 
-    Owns ``stream`` and the framework end of the socketpair, and closes both when it ends.
+    Owns ``stream`` and the framework end of the socketpair (a gevent socket), and closes both
+    when it ends. An ``AF_UNIX`` framework end made elsewhere (the agent's) holds the first
+    byte the application sends (see "Breaks" in the module docstring); :func:`start_bridge`
+    has the application end send a sentinel byte, so that its bridges hold one from the start.
     """
 
-    def __init__(self, stream: Stream, framework_end, app_fileno: int, name: str) -> None:
+    def __init__(self, stream: Stream, framework_end, app_fileno: int, name: str, *,
+                 _holder: "Optional[_HoldingReader]" = None) -> None:
         self.stream = stream
         self.name = name
         self.stats = BridgeStats(name=name, app_fileno=app_fileno, opened_at=time.time())
         self._fw = framework_end
+        self._tcp = framework_end.family in (socket.AF_INET, socket.AF_INET6)
+        self._holder = _holder
+        if _holder is None and framework_end.family == socket.AF_UNIX:
+            self._holder = _HoldingReader.open(framework_end, sentinel=False)
         self._done = gevent.event.Event()
         self._directions_done = 0
         self._closed = False
@@ -161,9 +232,10 @@ class Bridge:
         self._direction_done()
 
     def _pump_to_stream(self) -> None:
+        receive = self._holder.recv if self._holder is not None else self._fw.recv
         try:
             while True:
-                data = self._fw.recv(BRIDGE_CHUNK_BYTES)
+                data = receive(BRIDGE_CHUNK_BYTES)
                 if not data:
                     break
                 self.stream.send_all(data)
@@ -209,9 +281,151 @@ class Bridge:
             self.stream.close()
         except Exception as exc:  # closing is best effort
             log.debug("bridge %s: closing the stream: %s", self.name, exc)
-        self._fw.close()  # a pump blocked on it gets OSError(EBADF) and finds us closed
+        self.stats.app_reset = self._close_framework_end(abortive=error is not None)
         _active.discard(self)
         self._done.set()
+
+    def _close_framework_end(self, *, abortive: bool) -> bool:
+        """Close the framework end: in order (the application reads EOF) or abortively (it
+        gets ECONNRESET once it read what was delivered). Returns whether it was a reset."""
+        reset = False
+        holder, self._holder = self._holder, None
+        try:
+            if abortive and self._tcp:
+                set_abortive_close(self._fw)
+                reset = True
+            if holder is not None:
+                reset = holder.close(abortive=abortive)
+        except OSError as exc:  # the application end is gone already: nobody to tell
+            log.debug("bridge %s: closing the framework end: %s", self.name, exc)
+        self._fw.close()  # a pump blocked on it gets OSError(EBADF) and finds us closed
+        return reset
+
+
+class _HoldingReader:
+    """Reads an ``AF_UNIX`` stream socket (the framework end) keeping one forwarded byte unread,
+    so that closing it can reset the application end (see "Breaks" in the module docstring).
+
+    Invariant once ``holding``: the receive queue starts with one byte already returned (or the
+    sentinel), and the socket's peek offset is 1. :meth:`recv` peeks at offset 1, then consumes
+    as many bytes from the head as it returns. Waiting uses an edge-triggered epoll descriptor:
+    the socket itself stays readable because of the held byte.
+    """
+
+    def __init__(self, sock: socket.socket, epoll, holding: bool) -> None:
+        self._sock = sock  # a dup of the framework end's descriptor, non-blocking
+        self._epoll = epoll
+        self.holding = holding
+        self._hub = gevent.get_hub()
+        self._watcher = self._hub.loop.io(epoll.fileno(), 1)
+        self._scratch = bytearray(BRIDGE_CHUNK_BYTES)
+
+    @classmethod
+    def open(cls, framework_end, *, sentinel: bool) -> "Optional[_HoldingReader]":
+        """A reader for ``framework_end``, or None where the kernel cannot peek at an offset."""
+        if not sys.platform.startswith("linux"):
+            return None
+        sock = socket.socket(framework_end.family, framework_end.type, framework_end.proto,
+                             fileno=os.dup(framework_end.fileno()))
+        epoll = None
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 1 if sentinel else 0)
+            if sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF) != (1 if sentinel else 0):
+                raise OSError(errno.ENOPROTOOPT, "SO_PEEK_OFF did not stick")
+            epoll = select.epoll(1)
+            epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+        except OSError as exc:
+            log.debug("bridge: cannot hold a byte on %r (%s): breaks will read as EOF", sock, exc)
+            sock.close()
+            if epoll is not None:
+                epoll.close()
+            return None
+        return cls(sock, epoll, holding=sentinel)
+
+    def recv(self, max_bytes: int) -> bytes:
+        """Like ``recv``: 1 to ``max_bytes`` bytes the application sent, ``b""`` at its EOF.
+        Raises OSError (ECONNRESET if the application reset; EBADF once closed)."""
+        sock = self._sock
+        while True:
+            try:
+                data = sock.recv(max_bytes, socket.MSG_PEEK)
+            except BlockingIOError:
+                # The next edge: data, EOF, a close; close() throws EBADF in here.
+                self._hub.wait(self._watcher)
+                self._epoll.poll(0)  # consume the edge
+                continue
+            if data:
+                left = len(data) if self.holding else len(data) - 1
+                view = memoryview(self._scratch)
+                while left:  # the bytes are there (we peeked them): this never waits
+                    left -= sock.recv_into(view[:left])
+                self.holding = True
+            return data
+
+    def close(self, *, abortive: bool) -> bool:
+        """Release the reader; unless ``abortive``, drain the held byte first, so that closing
+        the framework end reads as EOF. Returns True if a byte is left held (a reset)."""
+        held = self.holding
+        try:
+            if not abortive:
+                while True:  # everything here was forwarded already (or is the sentinel)
+                    try:
+                        if not self._sock.recv_into(self._scratch):
+                            break
+                    except (BlockingIOError, ConnectionError):
+                        break
+                held = False
+        finally:
+            # A pump waiting on the watcher gets EBADF; the descriptors go once it has left.
+            self._hub.cancel_waits_close_and_then([self._watcher], OSError(errno.EBADF, "bridge closed"),
+                                                  self._release)
+        return held
+
+    def _release(self) -> None:
+        self._epoll.close()
+        self._sock.close()
+
+
+def set_abortive_close(sock) -> None:
+    """Make closing ``sock`` (a TCP socket) reset the connection (``SO_LINGER`` {on, 0}), also
+    when the kernel closes it because the process died. Raises OSError."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+
+
+def set_orderly_close(sock) -> None:
+    """Undo :func:`set_abortive_close`: closing ``sock`` sends FIN after the data. Raises
+    nothing (a closed socket is left as it is)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ORDERLY)
+    except OSError:
+        pass
+
+
+class HandedSocket(socket.socket):
+    """A kernel TCP socket handed to the application (plain stacks): a ``socket.socket`` whose
+    connection is reset if the process dies with it open, and closed in order by ``close()``.
+
+    See "Breaks" in the module docstring. ``close()`` (or the last close of its ``makefile()``
+    objects), ``detach()`` and finalization by the garbage collector set ``SO_LINGER`` back to
+    the orderly default first. ``dup()`` returns a HandedSocket too (the option is per
+    connection: closing either restores the orderly close for both).
+    """
+
+    __slots__ = ()
+
+    def _real_close(self, _ss=_socket.socket) -> None:  # close(), and makefile()'s last close
+        set_orderly_close(self)
+        super()._real_close(_ss)
+
+    def detach(self) -> int:
+        set_orderly_close(self)
+        return super().detach()
+
+    def __del__(self) -> None:
+        if self.fileno() != -1:
+            set_orderly_close(self)
+        super().__del__()  # _socket.socket's finalizer: the ResourceWarning, then the close
 
 
 def start_bridge(stream: Stream, *, name: str = "", tcp: bool = False) -> Tuple[socket.socket, Bridge]:
@@ -234,12 +448,20 @@ def start_bridge(stream: Stream, *, name: str = "", tcp: bool = False) -> Tuple[
         framework_end = gsocket.socket(
             framework.family, framework.type, framework.proto, fileno=framework.detach()
         )
+        holder = None
+        if not tcp:
+            # The byte the framework end holds until the application sends its own (see
+            # "Breaks"), where the kernel can peek past it.
+            holder = _HoldingReader.open(framework_end, sentinel=True)
+            if holder is not None:
+                app.sendall(_SENTINEL)
+        handle = Bridge(stream, framework_end, app.fileno(), name, _holder=holder)
     except BaseException:
         app.close()
         framework.close()
         stream.close()
         raise
-    return app, Bridge(stream, framework_end, app.fileno(), name)
+    return app, handle
 
 
 def tcp_pair() -> Tuple[socket.socket, socket.socket]:
@@ -302,10 +524,21 @@ def hand_out(stream: Stream, *, plain: bool, name: str = "", tcp: bool = False) 
     """The real OS socket an application gets for ``stream``: ``(socket, bridge or None)``.
 
     ``plain``: the stack has no filter, so a stream over a kernel socket is handed over as that
-    socket itself (no bridge); otherwise the stream is bridged (see :func:`start_bridge`).
+    socket itself (no bridge): a TCP socket as a :class:`HandedSocket`, reset if the process
+    dies with it open (see "Breaks" in the module docstring); otherwise the stream is bridged
+    (see :func:`start_bridge`).
     """
     from .streams import SocketStream
 
     if plain and isinstance(stream, SocketStream):
-        return to_std_socket(stream.socket), None
+        sock = stream.socket
+        if isinstance(sock, (gevent.ssl.SSLSocket, ssl.SSLSocket)) or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return to_std_socket(sock), None
+        handed = HandedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        handed.setblocking(True)  # gevent left O_NONBLOCK on the descriptor
+        try:
+            set_abortive_close(handed)  # SocketStream has, but a stream may come from elsewhere
+        except OSError as exc:
+            log.debug("hand_out %s: SO_LINGER: %s", name, exc)
+        return handed, None
     return start_bridge(stream, name=name, tcp=tcp)

@@ -17,12 +17,30 @@ One greenlet may send while another receives; two concurrent senders (or receive
 stream are a bug. ``info`` describes the stream for ``gridsock status`` and errors (the stack,
 the peer); filters add their own keys to the info of the stream they wrap.
 
+Orderly ends and breaks. ``b""`` from ``receive_some`` means exactly one thing: the peer
+ended its direction in order (``send_eof``, a FIN after its data, TLS close_notify, an end
+marker...) and everything it sent before has been received. Anything else that ends a
+stream -- the peer process or its node died, the path was lost, a layer saw a truncation or
+corrupt input -- is BrokenStreamError, from ``receive_some`` as from ``send_all``: a layer that
+cannot tell must say "broken", never "EOF". The bridge turns BrokenStreamError into a
+connection reset of the application's socket (:mod:`gridsock.bridge`, "Breaks").
+
 :class:`SocketStream` is the stream of a connected (gevent) socket; :func:`memory_pair` makes
 two connected in-memory streams for tests.
+
+A kernel TCP connection tells an orderly close (FIN) from a break (RST, ECONNRESET) only if
+the closing side says which: when a process dies, the kernel closes its sockets with a FIN
+unless ``SO_LINGER`` is {on, 0}. So a SocketStream over a TCP socket sets ``SO_LINGER`` {on, 0}
+while it is open (a killed node resets its peers instead of seeming to end in order) and
+``close()`` restores the orderly default before closing (FIN after the data, as before).
+Over a TLS socket (``ssl``) a TCP EOF without close_notify is a break too (ragged EOFs are not
+suppressed).
 """
 from __future__ import annotations
 
 import errno
+import socket
+import struct
 from typing import Any, Dict, Optional, Tuple
 
 import gevent
@@ -36,6 +54,10 @@ __all__ = ["Stream", "SocketStream", "MemoryStream", "memory_pair", "DEFAULT_REC
 # What receive_some returns at most by default: large enough for bulk transfers to amortise
 # per-call costs, small enough to keep a greenlet's buffers modest.
 DEFAULT_RECEIVE_BYTES = 256 * 1024
+# SO_LINGER {on, 0 s}: the kernel resets the connection when the socket is closed, also when it
+# closes it for a process that died; {off}: the default orderly close.
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+_LINGER_ORDERLY = struct.pack("ii", 0, 0)
 
 
 class Stream:
@@ -63,13 +85,28 @@ class Stream:
 
 
 class SocketStream(Stream):
-    """A stream over a connected gevent socket (TCP, Unix, or a TLS socket)."""
+    """A stream over a connected gevent socket (TCP, Unix, or a TLS socket).
+
+    ``receive_some`` returns ``b""`` on the socket's EOF (the peer's FIN; for TLS, its
+    close_notify) and raises BrokenStreamError on ECONNRESET and other errors. Over TCP the
+    socket resets its peer if this process dies, and closes in order on ``close()`` (module
+    docstring).
+    """
 
     def __init__(self, sock, *, info: Optional[Dict[str, Any]] = None) -> None:
         self.socket = sock
         self.info = dict(info or {})
         self._closed = False
         self._eof_sent = False
+        self._tcp = False
+        try:
+            if getattr(sock, "suppress_ragged_eofs", False):
+                sock.suppress_ragged_eofs = False  # a TCP EOF without close_notify is a truncation
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+                self._tcp = True
+        except OSError:
+            pass  # a closed or detached socket: nothing to protect
 
     def send_all(self, data) -> None:
         if self._closed:
@@ -102,9 +139,15 @@ class SocketStream(Stream):
                 raise BrokenStreamError(f"send_eof failed: {exc}") from exc
 
     def close(self) -> None:
+        """Close the socket in order (a FIN after the data sent); idempotent."""
         if self._closed:
             return
         self._closed = True
+        try:
+            if self._tcp and self.socket.fileno() != -1:
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ORDERLY)
+        except OSError:
+            pass
         try:
             self.socket.close()
         except OSError:

@@ -329,21 +329,26 @@ def test_corrupt_input_raises_only_protocol_errors(kind):
 def test_data_after_the_end_raises(kind):
     wire = _wire_of(kind, SMALL)
     out, exc = _decode(kind, wire + b"garbage and more garbage")
-    assert isinstance(exc, RemoteProtocolError) or (kind == "lz4" and isinstance(exc, BrokenStreamError))
+    assert isinstance(exc, BrokenStreamError)
+    assert isinstance(exc.__cause__, RemoteProtocolError) or kind == "lz4"  # lz4: a cut frame
 
 
 @pytest.mark.parametrize("sender, receiver", [("lz4", "zlib"), ("zlib", "lz4"), ("bz2", "adoc"), ("adoc", "bz2")])
-def test_mismatched_filters_raise_protocol_errors(sender, receiver):
+def test_mismatched_filters_break_the_stream(sender, receiver):
+    """Corrupt input is a broken stream to the reader (the Stream contract), the decoder's
+    RemoteProtocolError its cause."""
     out, exc = _decode(receiver, _wire_of(sender, SMALL))
-    assert isinstance(exc, RemoteProtocolError) and out == b""
+    assert isinstance(exc, BrokenStreamError) and isinstance(exc.__cause__, RemoteProtocolError)
+    assert out == b""
 
 
 def test_a_failed_receive_stays_failed():
     a, b = memory_pair()
     a.send_all(b"not lz4 at all")
     stream = Lz4Stream(b)
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(BrokenStreamError) as excinfo:
         stream.receive_some()
+    assert isinstance(excinfo.value.__cause__, RemoteProtocolError)
     with pytest.raises(BrokenStreamError):
         stream.receive_some()
     stream.close()

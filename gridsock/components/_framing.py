@@ -23,9 +23,14 @@ buffered are bounded by one read plus the decoder's own bounded state, and each
 ``receive_some`` returns at most ``max_bytes`` however much the input inflates (no zip bomb).
 ``receive_some`` returns ``b""`` exactly when the lower stream ended at a stream boundary.
 
+Errors keep the Stream contract too: the decoders raise RemoteProtocolError for corrupt input,
+and the driver turns it into BrokenStreamError (``from`` it, so the reason stays in
+``__cause__``): to whoever reads the stream, bad input and a dead peer are the same thing, a
+stream that cannot go on (the bridge resets the application's socket for both).
+
 After a send fails the encoder's state no longer matches what the peer got: later sends raise
-BrokenStreamError. After a receive fails (corrupt or truncated input, broken lower stream),
-later receives raise BrokenStreamError. ``close`` closes the lower stream; idempotent.
+BrokenStreamError. After a receive fails (corrupt or truncated input, broken lower stream), it
+and every later receive raise BrokenStreamError. ``close`` closes the lower stream; idempotent.
 """
 from __future__ import annotations
 
@@ -129,6 +134,11 @@ class CodecStream(Stream):
     # --- receiving ---------------------------------------------------------------------------
 
     def receive_some(self, max_bytes: int = DEFAULT_RECEIVE_BYTES) -> bytes:
+        """Return 1 to ``max_bytes`` decompressed bytes, or ``b""`` once the lower stream ended
+        at a stream boundary. Raises BrokenStreamError if the lower stream broke, ended inside
+        compressed data (truncated), or carried corrupt data (``__cause__`` is the decoder's
+        RemoteProtocolError), and on every call after such a failure or ``close()``.
+        """
         if max_bytes < 1:
             raise ValueError("max_bytes must be at least 1")
         if self._closed:
@@ -152,6 +162,8 @@ class CodecStream(Stream):
             self._receive_error = exc
             if self._closed:
                 raise BrokenStreamError("stream is closed") from exc
+            if isinstance(exc, RemoteProtocolError):
+                raise BrokenStreamError(f"{self._name}: {exc}") from exc
             raise
 
     def close(self) -> None:

@@ -47,9 +47,10 @@ sends nothing sends no bytes at all, not even the prelude and the end marker. Th
 prelude and every header as soon as it arrives and decompresses at most ``raw_len`` bytes, so
 nothing a peer sends costs more than one chunk of memory; anything else (bad magic or version,
 unknown codec, oversized or inconsistent lengths, a payload that does not decode to exactly
-``raw_len`` bytes, bytes after the end marker) raises RemoteProtocolError. Input that ends
-before the end marker (inside a chunk, or between chunks: the peer closed without EOF) raises
-BrokenStreamError. There is no checksum: raw and LZ4 chunks rely on the layers below (TCP's
+``raw_len`` bytes, bytes after the end marker) makes the decoder raise RemoteProtocolError,
+which ``receive_some`` reports as BrokenStreamError (``from`` it). Input that ends before the
+end marker (inside a chunk, or between chunks: the peer closed without EOF or died) raises
+BrokenStreamError too. There is no checksum: raw and LZ4 chunks rely on the layers below (TCP's
 checksum, TLS) for integrity, as an uncompressed stream does.
 """
 from __future__ import annotations

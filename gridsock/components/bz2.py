@@ -14,8 +14,9 @@ bulk transfers over slow links, where its ratio wins). ``send_eof`` sends an emp
 Wire format: bzip2 streams back to back (``bzcat`` reads them), each non-empty but the last,
 which is empty. The receiver feeds what follows one stream to a fresh decompressor; each ``receive_some`` returns at most ``max_bytes``
 (bzip2's run-length stage reaches ratios in the millions: the bound matters). Corrupt input
-raises RemoteProtocolError (every block carries a CRC), and so does data after the marker;
-input that ends without the marker raises BrokenStreamError.
+makes the decoder raise RemoteProtocolError (every block carries a CRC), and so does data after
+the marker; ``receive_some`` raises BrokenStreamError for both, and for input that ends
+without the marker.
 
 Parameter ``level``: 1-9, the block size in units of 100 kB. Default 1: on JSON-like data it
 compresses 1.5x faster than 9 (16 vs 10 MB/s here) for a ratio only ~10% worse (0.113 vs

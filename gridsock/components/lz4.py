@@ -15,9 +15,10 @@ direction that sent nothing sends no bytes at all.
 
 The receiver decodes frames back to back: when one ends, what follows starts a fresh
 decompressor, so a peer that starts a new frame (another implementation) is understood too.
-Output per ``receive_some`` is bounded by ``max_bytes``; corrupt input raises
-RemoteProtocolError, input that ends inside a frame (the peer closed without EOF) raises
-BrokenStreamError.
+Output per ``receive_some`` is bounded by ``max_bytes``. Corrupt input (the decoder raises
+RemoteProtocolError) and input that ends inside a frame (the peer closed without EOF, died, or
+the link broke) both make ``receive_some`` raise BrokenStreamError; only a frame's end mark
+followed by the lower stream's EOF (or no data at all, then EOF) is a clean ``b""``.
 
 Parameter ``level``: 0 (default) is LZ4's fast mode, several hundred MB/s; 3-16 select LZ4-HC,
 slower for a somewhat better ratio.

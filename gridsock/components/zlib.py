@@ -11,9 +11,9 @@ stream starts a new one).
 
 Decompression is bounded: each ``receive_some`` inflates at most ``max_bytes`` and keeps the
 rest of the input (``unconsumed_tail``) for the next call, so a zip bomb (zlib reaches 1000:1)
-costs the receiver no more memory than any other stream. Corrupt input raises
-RemoteProtocolError; input that ends inside a stream (the peer closed without EOF) raises
-BrokenStreamError.
+costs the receiver no more memory than any other stream. Corrupt input (the decoder raises
+RemoteProtocolError) and input that ends inside a stream (the peer closed without EOF, died,
+or the link broke) both make ``receive_some`` raise BrokenStreamError.
 
 Parameter ``level``: 0-9, default 6 (zlib's own default: about 50 MB/s and a quarter of the
 size on JSON). The per-send sync flush costs 4-5 bytes and resets nothing: the window carries
