@@ -461,7 +461,8 @@ def serve_delayer(
                     messages = parse_messages(sock.recv(RECV_BYTES))
                 except (OSError, RemoteProtocolError):  # nothing left (EAGAIN), or nothing to save
                     break
-                last += [msg.packet_id for msg in messages if isinstance(msg, Packet)]
+                else:
+                    last += [msg.packet_id for msg in messages if isinstance(msg, Packet)]
             for start in range(0, len(last), MAX_VERDICTS_PER_SEND):
                 _send_all(sock, queue, [(pid, NF_ACCEPT) for pid in last[start : start + MAX_VERDICTS_PER_SEND]])
         finally:

@@ -279,6 +279,14 @@ def _alive(pid: int) -> bool:
     return stat is not None and stat[0] not in ("Z", "X")
 
 
+def _program_name(proc: subprocess.Popen[Any]) -> str:
+    """Return the name of the program that ``proc`` runs: the word after ``ip netns exec NS``
+    for a process started by :meth:`Lab.spawn`, else its first word."""
+    args = proc.args
+    argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+    return Path(os.fsdecode(argv[4] if len(argv) > 4 else argv[0])).name
+
+
 def _log_tail(path: Path) -> str:
     try:
         with open(path, "rb") as f:
@@ -400,7 +408,7 @@ class Lab:
         outcome = "not tried"
         while True:
             if proc is not None and proc.poll() is not None:
-                raise LabError(self._died(f"{Path(proc.args[4]).name} exited with {proc.returncode}", log_path))
+                raise LabError(self._died(f"{_program_name(proc)} exited with {proc.returncode}", log_path))
             left = deadline - time.monotonic()
             if left <= 0:
                 raise LabError(self._died(f"{addr}:{port} not listening after {timeout_s} s ({outcome})", log_path))

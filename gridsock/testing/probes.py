@@ -34,7 +34,7 @@ def _read_until_closed(sock) -> dict:
     from gridsock import wire
     from gridsock.errors import RemoteProtocolError
 
-    decoder = wire.Decoder(peer="server")
+    decoder: wire.Decoder | None = wire.Decoder(peer="server")  # None once a non-frame came
     received: list = []
     other_bytes = 0
     sock.settimeout(PROBE_DEADLINE_S)

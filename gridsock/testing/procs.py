@@ -22,8 +22,11 @@ def wait_for_line(proc: subprocess.Popen, match: Union[str, Callable[[str], bool
     Returns that line without its newline. Raises RuntimeError if the process exits first and
     TimeoutError after ``timeout`` seconds; both name the lines seen so far. Reads the pipe's
     file descriptor directly (bytes not yet split into lines wait on the Popen object), so
-    several calls on one process never lose a line to a reader's buffer.
+    several calls on one process never lose a line to a reader's buffer. ValueError if ``proc``
+    was not started with ``stdout=subprocess.PIPE``.
     """
+    if proc.stdout is None:
+        raise ValueError(f"{proc.args!r} was not started with stdout=subprocess.PIPE")
     check = (lambda line: line.startswith(match)) if isinstance(match, str) else match
     seen: List[str] = []
     pending: bytearray = proc.__dict__.setdefault("_gridsock_pending", bytearray())
@@ -41,13 +44,13 @@ def wait_for_line(proc: subprocess.Popen, match: Union[str, Callable[[str], bool
                     return line
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"no line matching {match!r} from {proc.args} within {timeout} s; seen: {seen[-10:]}")
+                raise TimeoutError(f"no line matching {match!r} from {proc.args!r} within {timeout} s; seen: {seen[-10:]}")
             if not selector.select(remaining):
                 continue
             data = os.read(fd, 65536)
             if not data:
                 proc.wait(timeout=5)
-                raise RuntimeError(f"{proc.args} exited ({proc.returncode}) before printing {match!r}; seen: {seen[-10:]}")
+                raise RuntimeError(f"{proc.args!r} exited ({proc.returncode}) before printing {match!r}; seen: {seen[-10:]}")
             pending += data
 
 

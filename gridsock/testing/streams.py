@@ -173,6 +173,7 @@ def stream_over(
     layers = _filter_layers(filters, registry)
     if context is None:
         context = StackContext(initiator=True)
+    contexts: Tuple[StackContext, ...]
     if isinstance(context, StackContext):
         contexts = (dataclasses.replace(context, initiator=True), dataclasses.replace(context, initiator=False))
     else:
