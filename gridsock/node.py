@@ -124,14 +124,14 @@ class Node:
         self.directory.add_listener(self._on_directory_change)
         # The roles (bootstrap layer); each reads and writes the shared state above.
         self._leader: Optional[LeaderService] = None
-        self.router = Router(self, up=lambda: self.uplink,
-                             down=(lambda node_id: self._leader.link_for(node_id)) if self.role == "leader" else None,
+        if self.role == "leader":
+            self._leader = LeaderService(self, on_routed=lambda message: self.router.route(message),
+                                         request=lambda dst, topic, payload: self.router.request(dst, topic, payload),
+                                         send_up=lambda message: self._uplink.send(message))
+        self.router = Router(self, up=lambda: self.uplink, down=self._leader.link_for if self._leader else None,
                              on_bulk=lambda src, payload: self.relay.on_message(src, payload))
         self._uplink = Uplink(self, on_routed=self.router.route,
-                              members=lambda: self._leader.entries() if self._leader is not None else [])
-        if self.role == "leader":
-            self._leader = LeaderService(self, on_routed=self.router.route, request=self.router.request,
-                                         send_up=self._uplink.send)
+                              members=self._leader.entries if self._leader else list)
         self._node_port = NodePort(
             self, self.listen_address, leader=self._leader, data_first_byte=DATA_PREAMBLE[:1],
             on_data=lambda sock, label: self.assembler.handle_data_connection(sock, label),
@@ -289,7 +289,7 @@ class Node:
         entry = self.directory.resolve(dst)
         link = self.meta.link_for(entry.node_id) if entry is not None else None
         reply = None
-        if link is not None:
+        if entry is not None and link is not None:
             reply = self.router.request_on(link, entry, topic, payload, timeout=timeout, dst_label=dst)
         if reply is None:  # no meta link, or it closed under us
             return self.request(dst, topic, payload, timeout=timeout)
@@ -333,6 +333,7 @@ class Node:
             "links": links,
             "uplink_history": self.uplink_history,
             "connections": self.assembler.status(),
+            "assembly": dict(self.assembler.counters),
             "meta_links": self.meta.status(),
             "listening": sorted(self.assembler.listeners),
         }
@@ -353,7 +354,8 @@ class Node:
         if op == "echo":
             from .diag import serve_echo
 
-            serve_echo(self, int(args.get("port", 0)))
+            abort_after = args.get("abort_after")
+            serve_echo(self, int(args.get("port", 0)), abort_after=None if abort_after is None else int(abort_after))
             return {"port": int(args.get("port", 0))}
         if op == "transfer":
             from .diag import transfer

@@ -16,6 +16,7 @@ import random
 import ssl
 import struct
 import time
+import types
 import uuid
 
 import gevent
@@ -25,9 +26,12 @@ from gevent import socket as gsocket
 
 from gridsock import wire
 from gridsock.bootstrap.control import call as control_call
+from gridsock.bootstrap.directory import Directory
 from gridsock.bootstrap.link import LINK_TIMEOUT_S, PING_INTERVAL_S, read_message, send_message
 from gridsock.bootstrap.rendezvous import LEAVE_BOUND_S, RendezvousNode
+from gridsock.bootstrap.routing import Router
 from gridsock.bootstrap.transport import dial, parse_address, tls_client
+from gridsock.bootstrap.uplink import RECONNECT_INITIAL_S, backoff_delays
 from gridsock.errors import AuthError, GridsockError, RoutingError
 from gridsock.node import RECONNECT_MAX_S, Node
 from gridsock.session import CertificateAuthority, Identity, client_context, create_session, new_node_key
@@ -819,3 +823,87 @@ def test_every_node_comes_back_after_the_rendezvous_node_restarts(sock_dir, boot
             assert grid[src].ping(dst, timeout=ANSWER_TIMEOUT_S).route_there == tree_route(src, dst)
     finally:
         grid.stop()
+
+
+# --- the roles alone: the router with recording links, the uplink's backoff -----------------
+
+
+class RecordingLink:
+    """A link that keeps what it is given (a router needs only send and wait_room)."""
+
+    def __init__(self) -> None:
+        self.sent = []
+
+    def send(self, message, *, bulk: bool = False, checked: bool = True) -> bool:
+        self.sent.append(message)
+        return True
+
+    def wait_room(self, *, bulk: bool = False) -> None:
+        pass
+
+
+def lone_router(*, leader: bool):
+    """A router for node "L" (leader of member "m", id "id-m") or for member "m"; its two links."""
+    directory = Directory()
+    directory.put([wire.NodeEntry(node_id="id-L", name="L", cluster="A", leader="id-L"),
+                   wire.NodeEntry(node_id="id-m", name="m", cluster="A", leader="id-L", role="member")])
+    host = types.SimpleNamespace(name="L" if leader else "m", node_id="id-L" if leader else "id-m",
+                                 directory=directory)
+    up, down = RecordingLink(), RecordingLink()
+    router = Router(host, up=lambda: up, down=(lambda node_id: down if node_id == "id-m" else None) if leader else None)
+    return router, up, down
+
+
+def test_a_leaders_router_sends_down_to_its_member_and_up_for_anyone_else():
+    router, up, down = lone_router(leader=True)
+    router.route(wire.Routed(src="id-x", dst="m", kind="msg", topic="t", hops=2, route=("x", "rendezvous")))
+    router.send("x", "t", b"up")
+    (forwarded,) = down.sent
+    assert (forwarded.dst, forwarded.hops, forwarded.route) == ("m", 3, ("x", "rendezvous", "L"))
+    (sent,) = up.sent
+    assert (sent.src, sent.dst, sent.hops, sent.route, sent.payload) == ("id-L", "x", 1, ("L",), b"up")
+
+
+def test_a_request_past_the_hop_limit_is_answered_with_an_error():
+    router, up, down = lone_router(leader=True)
+    router.route(wire.Routed(src="id-x", dst="m", kind="req", topic="t", request_id=7, hops=wire.MAX_HOPS,
+                             route=("x",)))
+    assert down.sent == []
+    (answer,) = up.sent
+    assert (answer.kind, answer.dst, answer.request_id) == ("err", "id-x", 7)
+    assert b"hop limit" in answer.payload
+
+
+def test_a_members_router_drops_what_is_not_addressed_to_it():
+    router, up, down = lone_router(leader=False)
+    router.route(wire.Routed(src="id-x", dst="L", kind="req", topic="t", request_id=1, hops=2, route=("x",)))
+    assert up.sent == [] and down.sent == []
+
+
+def test_a_request_to_this_node_is_answered_without_a_link():
+    router, up, down = lone_router(leader=False)
+    router.handle("echo", lambda delivery: delivery.payload[::-1])
+    assert router.request("m", "echo", b"abc").payload == b"cba"
+    assert router.ping("id-m").route_there == ("m", "m")
+    assert up.sent == [] and down.sent == []
+
+
+def test_no_node_id_yet_means_no_route():
+    router, up, down = lone_router(leader=False)
+    router.host.node_id = None
+    with pytest.raises(RoutingError, match="not joined"):
+        router.send("L", "t")
+
+
+@pytest.mark.parametrize("initial_s, max_s", [(RECONNECT_INITIAL_S, RECONNECT_MAX_S), (0.001, 0.004)])
+def test_reconnect_backoff_doubles_up_to_its_cap_with_jitter(initial_s, max_s):
+    delays = backoff_delays(initial_s, max_s, rng=random.Random(1))
+    for attempt in range(12):
+        base = min(initial_s * 2 ** attempt, max_s)
+        assert base * 0.5 <= next(delays) < base
+
+
+def test_the_jitter_comes_from_the_given_random_source():
+    first = list(itertools.islice(backoff_delays(rng=random.Random(3)), 8))
+    assert first == list(itertools.islice(backoff_delays(rng=random.Random(3)), 8))
+    assert first != list(itertools.islice(backoff_delays(rng=random.Random(4)), 8))

@@ -37,6 +37,7 @@ from ..errors import RemoteProtocolError, RoutingError
 from .directory import RENDEZVOUS_NAME
 from .link import LINK_TIMEOUT_S, PING_INTERVAL_S, Link, send_message
 from .nodeport import authenticate, refuse
+from .routing import Delivery
 
 __all__ = ["LeaderService", "ENROLL_TOPIC"]
 
@@ -60,7 +61,7 @@ class LeaderService:
         host,
         *,
         on_routed: Callable[[wire.Routed], None],
-        request: Callable[[str, str, bytes], object],
+        request: Callable[[str, str, bytes], Delivery],
         send_up: Callable[[object], bool],
         ping_interval_s: float = PING_INTERVAL_S,
         link_timeout_s: float = LINK_TIMEOUT_S,

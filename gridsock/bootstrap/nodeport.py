@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, NoReturn, Optional
 
 import gevent
 from gevent import socket as gsocket
@@ -48,7 +48,7 @@ __all__ = ["NodePort", "authenticate", "refuse"]
 log = logging.getLogger(__name__)
 
 
-def refuse(sock, code: str, reason: str, label: str) -> None:
+def refuse(sock, code: str, reason: str, label: str) -> NoReturn:
     """Send ``Refuse(code, reason)`` (best effort) and raise AuthError(method=code)."""
     try:
         send_message(sock, wire.Refuse(code, reason))
@@ -96,26 +96,32 @@ class NodePort:
         self._data_first_byte = data_first_byte[:1]
         self._on_peer = on_peer
         self._handshake_timeout_s = handshake_timeout_s
-        self._sock = None
-        self._server_ctx = None
+        self._sock: Optional[gsocket.socket] = None
+        self._server_ctx: Optional[ssl.SSLContext] = None
 
     def open(self) -> "NodePort":
         """Bind and listen. Raises ConfigError/ConnectError if the address cannot be had."""
         self._sock = listen(self.listen_address)
         return self
 
+    def _bound(self) -> gsocket.socket:
+        if self._sock is None:
+            raise RuntimeError("the node port is not open (start the node first)")
+        return self._sock
+
     @property
     def address(self) -> Address:
         """The bound address (the kernel's choice when the port was 0)."""
         if self.listen_address.is_unix:
             return self.listen_address
-        host, port = self._sock.getsockname()[:2]
+        host, port = self._bound().getsockname()[:2]
         return Address(host=host, port=port)
 
     def serve(self) -> None:
         """Accept connections until the socket is closed (or the greenlet killed)."""
+        listener = self._bound()
         while True:
-            sock, addr = self._sock.accept()
+            sock, addr = listener.accept()
             tune_socket(sock)
             gevent.spawn(self._handle, sock, addr)
 

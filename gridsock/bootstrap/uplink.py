@@ -37,7 +37,7 @@ import logging
 import random
 import ssl
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import gevent.event
 
@@ -47,7 +47,7 @@ from ..session import Identity, client_context, new_node_key, peer_identity
 from .link import HANDSHAKE_TIMEOUT_S, LINK_TIMEOUT_S, PING_INTERVAL_S, Link, read_message, send_message
 from .transport import CONNECT_TIMEOUT_S, Address, dial, tls_client
 
-__all__ = ["Uplink", "RECONNECT_INITIAL_S", "RECONNECT_MAX_S", "FATAL_REFUSALS", "UPLINK_HISTORY_LENGTH"]
+__all__ = ["Uplink", "backoff_delays", "RECONNECT_INITIAL_S", "RECONNECT_MAX_S", "FATAL_REFUSALS", "UPLINK_HISTORY_LENGTH"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,17 @@ RECONNECT_MAX_S = 5.0
 FATAL_REFUSALS = ("bad-token", "no-certificate", "name-reserved", "not-a-leader", "wrong-cluster")
 # Uplink ups and downs kept for `gridsock status` (the latest ones).
 UPLINK_HISTORY_LENGTH = 20
+
+
+def backoff_delays(initial_s: float = RECONNECT_INITIAL_S, max_s: float = RECONNECT_MAX_S, *,
+                   rng: random.Random | None = None) -> Iterator[float]:
+    """The waits between failed attempts: ``initial_s`` doubling up to ``max_s``, each times a
+    jitter drawn from [0.5, 1) (``rng``'s ``uniform``), forever."""
+    rng = rng if rng is not None else random.Random()
+    backoff = initial_s
+    while True:
+        yield backoff * rng.uniform(0.5, 1.0)
+        backoff = min(backoff * 2, max_s)
 
 
 class Uplink:
@@ -112,12 +123,12 @@ class Uplink:
 
     def serve(self) -> None:
         """Keep the uplink up until ``stop()``, or until a fatal refusal (kept in ``fatal_error``)."""
-        backoff = self._reconnect_initial_s
+        delays = self._backoff()
         while not self._stopped.is_set():
             target = self.target()
             try:
                 self._run(target)
-                backoff = self._reconnect_initial_s
+                delays = self._backoff()  # it was up: the next failure starts from the first wait
             except AuthError as exc:
                 log.error("node %s refused by %s: %s", self.host.name, target, exc)
                 if exc.method in FATAL_REFUSALS:
@@ -126,10 +137,11 @@ class Uplink:
             except (ConnectError, ssl.SSLError, OSError, TimeoutError, RemoteProtocolError, BrokenStreamError) as exc:
                 log.warning("node %s: uplink to %s failed: %s", self.host.name, target, exc)
             self._record("down")
-            delay = backoff * self._rng.uniform(0.5, 1.0)
-            backoff = min(backoff * 2, self._reconnect_max_s)
-            if self._stopped.wait(delay):
+            if self._stopped.wait(next(delays)):
                 return
+
+    def _backoff(self) -> Iterator[float]:
+        return backoff_delays(self._reconnect_initial_s, self._reconnect_max_s, rng=self._rng)
 
     def stop(self, reason: str = "node stopping") -> None:
         """End ``serve()`` and close the link (the caller kills the greenlet running ``serve``)."""
@@ -161,6 +173,7 @@ class Uplink:
         if gateway is not None:
             from .sshtunnel import open_ssh_tunnel
 
+            assert target.host is not None  # a gateway is for leaders, whose target is TCP
             return open_ssh_tunnel(gateway, target.host, target.port), None
         sock = dial(target, timeout=self._connect_timeout_s)
         local_ip = None if target.is_unix else sock.getsockname()[0]
