@@ -48,7 +48,7 @@ import secrets
 import socket
 import time
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import gevent
 import gevent.event
@@ -239,9 +239,12 @@ class Assembler:
         except RemoteProtocolError as exc:
             log.warning("node %s: bad assembly request from %s: %s", self.node.name, delivery.src, exc)
             return _refuse("bad-request", f"bad assembly request: {exc}")
+        token = request.token_bytes
         try:
             return wire.encode_assembly(self._answer(request, delivery.src))
         except MethodRefusal as exc:
+            if exc.code != "bad-token":  # its connection, if one races the request, is refused at once
+                self._remember_used(token, "refused")
             return _refuse(exc.code, exc.reason)
         except RemoteProtocolError as exc:
             log.warning("node %s: bad assembly request from %s: %s", self.node.name, delivery.src, exc)

@@ -24,17 +24,26 @@ log = logging.getLogger(__name__)
 ECHO_CHUNK_BYTES = 256 * 1024
 
 
-def serve_echo(node, port: int):
-    """Serve an echo service on grid port ``port`` of ``node``; return the serving greenlet."""
+def serve_echo(node, port: int, *, abort_after: int | None = None):
+    """Serve an echo service on grid port ``port`` of ``node``; return the serving greenlet.
+
+    With ``abort_after``, each connection is closed abortively (no end of stream sent) once
+    that many bytes have come in: a peer that dies in the middle of a stream, for tests.
+    """
     listener = node.listen(port)
 
     def echo(stream) -> None:
+        received = 0
         try:
             while True:
                 data = stream.receive_some(ECHO_CHUNK_BYTES)
                 if not data:
                     stream.send_eof()
                     return
+                received += len(data)
+                if abort_after is not None and received >= abort_after:
+                    log.info("echo on port %d: aborting after %d bytes, as asked", port, received)
+                    return  # (closed below, with no end of stream)
                 stream.send_all(data)
         except (BrokenStreamError, OSError) as exc:
             log.info("echo on port %d: connection ended: %s", port, exc)

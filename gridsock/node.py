@@ -333,6 +333,7 @@ class Node:
             "links": links,
             "uplink_history": self.uplink_history,
             "connections": self.assembler.status(),
+            "assembly": dict(self.assembler.counters),
             "meta_links": self.meta.status(),
             "listening": sorted(self.assembler.listeners),
         }
@@ -353,7 +354,8 @@ class Node:
         if op == "echo":
             from .diag import serve_echo
 
-            serve_echo(self, int(args.get("port", 0)))
+            abort_after = args.get("abort_after")
+            serve_echo(self, int(args.get("port", 0)), abort_after=None if abort_after is None else int(abort_after))
             return {"port": int(args.get("port", 0))}
         if op == "transfer":
             from .diag import transfer

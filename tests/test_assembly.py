@@ -7,7 +7,6 @@ its cluster (its policy is empty), L2 keeps the default policy (tls from outside
 from __future__ import annotations
 
 import dataclasses
-import json
 import socket
 
 import gevent
@@ -17,28 +16,24 @@ import pytest
 from gridsock import assembly
 from gridsock import wire
 from gridsock.components.tcp import TcpMethod
-from gridsock.bootstrap.rendezvous import RendezvousNode
 from gridsock.errors import ConnectError
 from gridsock.node import Delivery, Node
 from gridsock.rules import Rule, Rules
 from gridsock.stack import Stack
-from gridsock.session import create_session
+from gridsock.testing.grid import JOIN_TIMEOUT_S, loopback_grid
 from gridsock.testing.streams import check_stream
 
 pytestmark = pytest.mark.timeout(300)
 
 PORT = 5000
-NAMES = ("L1", "m1", "L2", "m2")
 STACKS = ["tcp", "tls/tcp", "lz4/tcp", "zlib/tcp", "bz2/tcp", "adoc/tcp", "tls/lz4/tcp", "relay", "tls/relay",
           "lz4/relay", "reverse", "tls/reverse", "parallel(streams=4)/tcp", "tls/parallel(streams=2)/tcp"]
 # (splice needs SYNs that a NAT or firewall drops, not a loopback port that answers RST between
 # attempts: tests/lab/test_data.py checks it through the lab's NAT and firewall.)
-JOIN_TIMEOUT_S = 20.0
 
 
 @dataclasses.dataclass
 class Grid:
-    rv: RendezvousNode
     nodes: dict
     listeners: dict
 
@@ -48,29 +43,9 @@ class Grid:
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("asm")
-    session = create_session(workdir / "session", "127.0.0.1:7700")
-    rv = RendezvousNode(session, listen_address="127.0.0.1:0", control="").start()
-    session = dataclasses.replace(session, rendezvous_port=rv.address.port)
-    nodes = {}
-
-    def start(name, cluster, leader=None, rules=None):
-        node = Node(session, name, cluster=cluster, leader=str(nodes[leader].address) if leader else None,
-                    listen_address="127.0.0.1:0", control="", rules=rules).start()
-        assert node.wait_joined(JOIN_TIMEOUT_S)
-        nodes[name] = node
-
-    start("L1", "A")
-    start("m1", "A", "L1")
-    start("L2", "B")
-    start("m2", "B", "L2", rules=Rules(outside_cluster=()))
-    for node in nodes.values():
-        node.wait_directory(present=NAMES, settled=True, timeout=JOIN_TIMEOUT_S)
-    listeners = {name: node.listen(PORT) for name, node in nodes.items()}
-    yield Grid(rv, nodes, listeners)
-    for node in nodes.values():
-        node.stop()
-    rv.stop()
+    with loopback_grid(tmp_path_factory.mktemp("asm")) as running:
+        listeners = {name: node.listen(PORT) for name, node in running.nodes.items()}
+        yield Grid(running.nodes, listeners)
 
 
 def pair_maker(grid, src, dst, stack):

@@ -114,11 +114,11 @@ class DialInitiation(Initiation):
         done = gevent.joinall(self._dials, timeout=self._ctx.remaining())
         if len(done) < len(self._dials):
             raise self._ctx.fail(f"dialing {self._ctx.peer.name} timed out", method=self._method.name)
-        for dial in self._dials:
-            value, exc = dial.value
+        for greenlet in self._dials:
+            value, exc = greenlet.value
             if exc is not None:
                 raise self._method.explain(self._ctx, exc)
-        return [dial.value[0] for dial in self._dials]
+        return [greenlet.value[0] for greenlet in self._dials]
 
     def complete(self, answer: Dict[str, Any]) -> Stream:
         socks = self.sockets()
@@ -133,8 +133,8 @@ class DialInitiation(Initiation):
     def abort(self) -> None:
         dials, self._dials = self._dials, []
         gevent.killall(dials)
-        for dial in dials:
-            value = dial.value if dial.successful() else None  # a killed dial's value is GreenletExit
+        for greenlet in dials:
+            value = greenlet.value if greenlet.successful() else None  # a killed dial's value is GreenletExit
             if isinstance(value, tuple) and value[0] is not None:
                 value[0].close()
 
