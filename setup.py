@@ -43,6 +43,14 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "requests>=2.28"],
         # The gridsock:// comm backend (gridsock.shims.dask); the tests also use dask.array.
         "dask": ["dask[array,distributed]>=2024.8.0"],
+        # mypy and the stubs of the dependencies that ship no types (tox -e typecheck, mypy.ini).
+        "typecheck": [
+            "mypy==2.4.1",
+            "types-gevent==26.9.0.20261107",
+            "types-greenlet==3.5.0.20260518",
+            "types-paramiko==5.1.0.20261030",
+            "types-PySocks==1.7.1.20261115",
+        ],
     },
     entry_points={
         "console_scripts": ["gridsock = gridsock.cli:main"],
