@@ -94,7 +94,7 @@ class ControlServer:
     def _call(self, op: str, args: Optional[dict] = None):
         from ..bootstrap.control import call
 
-        return gevent.get_hub().threadpool.apply(call, (self.path, op, args or {}))
+        return call(self.path, op, args or {})
 
     def serve_echo(self, port: int, *, abort_after: Optional[int] = None) -> None:
         self._call("echo", {"port": port, "abort_after": abort_after})
@@ -266,3 +266,55 @@ _CASES: Dict[str, Callable[[_Env], None]] = {
     "cancelled": _cancelled,
     "peer_dies": _peer_dies,
 }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m gridsock.testing.methods``: run check_method from a node of this process (a
+    new node joining the session, placed where the test runs this, such as a lab namespace) to
+    a running node reached through its control socket. Prints one line ``check_method ok
+    {...}`` or ``check_method failed: ...``; exit status 0 or 1."""
+    import argparse
+    import json
+    import logging
+
+    from ..node import Node
+    from ..session import Session
+
+    parser = argparse.ArgumentParser(prog="python -m gridsock.testing.methods", description=main.__doc__)
+    parser.add_argument("--session", required=True)
+    parser.add_argument("--name", required=True, help="the name of the client node this process starts")
+    parser.add_argument("--cluster")
+    parser.add_argument("--leader", help="the leader's node port (a member); none: a leader itself")
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--ssh-key")
+    parser.add_argument("--ssh-known-hosts")
+    parser.add_argument("--server", required=True, help="the server node's name")
+    parser.add_argument("--server-control", required=True, help="the server node's control socket")
+    parser.add_argument("--stack", required=True)
+    parser.add_argument("--refused", help="a stack the server's policy refuses from this client")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--timeout", type=float, default=30.0, help="for joining")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    node = Node(Session.load(args.session), args.name, cluster=args.cluster, leader=args.leader,
+                listen_address=args.listen, control="", agent="", ssh_key=args.ssh_key,
+                ssh_known_hosts=args.ssh_known_hosts).start()
+    try:
+        if not node.wait_joined(args.timeout):
+            print(f"check_method failed: {args.name} did not join within {args.timeout:g} s", flush=True)
+            return 1
+        node.wait_directory(present=[args.server], settled=True, timeout=args.timeout)
+        results = check_method(node, ControlServer(args.server_control, args.server), args.stack, port=args.port,
+                               refused_stack=args.refused, cases=args.cases.split(","))
+    except AssertionError as exc:
+        print(f"check_method failed: {exc}", flush=True)
+        return 1
+    finally:
+        node.stop()
+    print("check_method ok " + json.dumps(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

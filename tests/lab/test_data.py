@@ -195,3 +195,36 @@ def test_status_lists_connections_and_meta_links(grid):
     status = json.loads(grid.lab.run("a1", gridsock_argv("status", "--node", "a1", "--json"), env=grid.env,
                                      capture_output=True, text=True, check=True).stdout)
     assert ECHO_PORT in status["listening"]
+
+
+# --- check_method for the methods that need the lab ---------------------------------------------
+# A client node of its own (in the namespace of the host named first, in that host's cluster)
+# runs the whole conformance kit against a lab node through its control socket.
+CHECK_METHOD_CASES = [
+    # (client host, client cluster, leader host, server, stack, refused by the server's policy, port)
+    ("a2", "A", "a1", "b1", "tls/splice", "splice", 6200),
+    ("rv", None, None, "c1", SOCKS_IN, SOCKS_IN[len("tls/"):], 6210),
+    ("rv", None, None, "c2", "tls/ssh(gateway=root@203.0.113.4:22)", "ssh(gateway=root@203.0.113.4:22)", 6220),
+]
+
+
+@pytest.mark.parametrize("host,cluster,leader,server,stack,refused,port", CHECK_METHOD_CASES,
+                         ids=[case[4] for case in CHECK_METHOD_CASES])
+def test_check_method_in_the_lab(grid, host, cluster, leader, server, stack, refused, port):
+    import subprocess
+    import sys
+
+    from .gridsession import NODE_PORT
+
+    lab = grid.lab
+    argv = [sys.executable, "-m", "gridsock.testing.methods", "--session", grid.session,
+            "--name", f"probe-{port}", "--listen", f"{lab.addr(host)}:0", "--server", server,
+            "--server-control", grid.control(server), "--stack", stack, "--refused", refused, "--port", str(port),
+            "--ssh-key", lab.ssh_client_key, "--ssh-known-hosts", lab.ssh_known_hosts]
+    if cluster:
+        argv += ["--cluster", cluster]
+    if leader:
+        argv += ["--leader", f"{lab.addr(leader)}:{NODE_PORT}"]
+    result = lab.run(host, argv, env=grid.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=240)
+    out = result.stdout.decode(errors="replace")
+    assert result.returncode == 0 and out.startswith("check_method ok"), out + result.stderr.decode(errors="replace")[-3000:]
