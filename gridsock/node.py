@@ -30,12 +30,12 @@ directory, session, identity) and adds the data layer: the assembler (``connect`
 """
 from __future__ import annotations
 
-import os
 import logging
+import os
 import time
 import types
 import uuid
-from typing import Dict, List, Mapping, Optional
+from typing import List, Mapping, Optional
 
 import gevent
 import gevent.event

@@ -80,7 +80,7 @@ class LeaderService:
 
     def entries(self) -> List[wire.NodeEntry]:
         """The directory entries of the members whose link is up."""
-        return [link.entry for link in self.members.values() if not link.closed]
+        return [link.entry for link in self.members.values() if not link.closed and link.entry is not None]
 
     def close_all(self, reason: str = "leader stopping") -> None:
         for link in list(self.members.values()):
@@ -88,8 +88,8 @@ class LeaderService:
 
     def status(self) -> list:
         """One line per member link, for ``Node.status``."""
-        return [{"kind": "member", "peer": l.entry.name, "peer_id": l.peer_id, "label": l.label, "since": l.opened_at}
-                for l in self.members.values()]
+        return [{"kind": "member", "peer": l.entry.name if l.entry else None, "peer_id": node_id, "label": l.label,
+                 "since": l.opened_at} for node_id, l in self.members.items()]
 
     # --- the node port hands these over ------------------------------------------------------
 
@@ -141,7 +141,7 @@ class LeaderService:
         if old is not None:
             old.close("the same member linked again")
         link = Link(sock, decoder, label=f"member {hello.name} ({label})", on_message=self._on_message,
-                    on_close=self._on_close, ping_interval_s=self._ping_interval_s, timeout_s=self._link_timeout_s)
+                    on_close=lambda link: self._on_close(link, entry), ping_interval_s=self._ping_interval_s, timeout_s=self._link_timeout_s)
         link.peer_id = node_id
         link.entry = entry
         link.send(wire.Welcome(entry, host.session.session_id))
@@ -173,10 +173,10 @@ class LeaderService:
         else:
             raise RemoteProtocolError(f"unexpected {type(message).__name__} on a member link")
 
-    def _on_close(self, link: Link) -> None:
-        if self.members.get(link.peer_id) is not link:
+    def _on_close(self, link: Link, entry: wire.NodeEntry) -> None:
+        if self.members.get(entry.node_id) is not link:
             return
-        del self.members[link.peer_id]
-        log.info("member %s left leader %s: %s", link.entry.name, self.host.name, link.close_reason)
-        self.host.directory.remove([link.peer_id])
-        self._send_up(wire.Unregister((link.peer_id,)))
+        del self.members[entry.node_id]
+        log.info("member %s left leader %s: %s", entry.name, self.host.name, link.close_reason)
+        self.host.directory.remove([entry.node_id])
+        self._send_up(wire.Unregister((entry.node_id,)))
