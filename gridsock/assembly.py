@@ -404,7 +404,7 @@ class Assembler:
             nonlocal started, next_start
             i = started
             greenlet = gevent.spawn(self._attempt, entry, port, candidates[i], deadline)
-            greenlet.link(lambda g, i=i: results.put((i, g)))
+            greenlet.link(lambda g, i=i: results.put((i, g)))  # type: ignore[misc]  # a lambda with a default argument
             running[i] = greenlet
             started += 1
             next_start = time.monotonic() + STAGGER_S
@@ -437,7 +437,8 @@ class Assembler:
                 del running[i]
                 stack = candidates[i]
                 made, exc = greenlet.get()  # (a bug in _attempt raises here, as it should)
-                if exc is not None:
+                if made is None:
+                    assert exc is not None
                     if exc.code is not None and exc.code != "unreachable":  # the server's will
                         exc.tried = tried + exc.tried
                         raise exc
@@ -472,7 +473,8 @@ class Assembler:
                 if isinstance(value, tuple) and value[0] is not None:
                     value[0][0].close()
 
-    def _attempt(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float):
+    def _attempt(self, entry: wire.NodeEntry, port: int, stack: Stack,
+                 deadline: float) -> Tuple[Optional[Tuple[Stream, Stack]], Optional[ConnectError]]:
         """:meth:`_establish` in a race: ``((stream, filters), None)`` or ``(None, ConnectError)``."""
         try:
             return self._establish(entry, port, stack, deadline), None
@@ -591,7 +593,7 @@ def errno_of(exc: ConnectError) -> int:
 def _finished(info: ConnectionInfo) -> bool:
     """True once the application closed (or dropped) what it was given."""
     ref = info.detail.get("socket")
-    if ref is not None:
+    if isinstance(ref, weakref.ref):
         sock = ref()
         return sock is None or sock.fileno() == -1
     stream = info.detail.get("stream")

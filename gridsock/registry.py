@@ -307,7 +307,7 @@ def _entry_points(group: str) -> Iterable[Any]:
 
     if sys.version_info >= (3, 10):
         return md.entry_points(group=group)
-    return md.entry_points().get(group, ())  # Python 3.9: a dict of group -> entry points
+    return md.entry_points().get(group, ())  # type: ignore[unreachable]  # Python 3.9: a dict of group -> entry points
 
 
 def _dist_name(ep) -> str:

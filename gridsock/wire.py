@@ -758,7 +758,7 @@ def encode(message: _Message, *, checked: bool = True) -> bytes:
     a message whose fields were already checked, such as a decoded message being forwarded.
     """
     cls = type(message)
-    if _BY_TYPE.get(getattr(cls, "TYPE", None)) is not cls:
+    if _BY_TYPE.get(getattr(cls, "TYPE", -1)) is not cls:
         raise LocalProtocolError(f"not a wire message: {message!r}")
     header = message.header()
     try:
@@ -767,7 +767,7 @@ def encode(message: _Message, *, checked: bool = True) -> bytes:
         header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     except (ValueError, TypeError, RecursionError) as exc:
         raise LocalProtocolError(f"cannot encode {cls.__name__}: {exc!r}"[:MAX_REASON_BYTES]) from None
-    payload = message.payload if cls.HAS_PAYLOAD else b""
+    payload = getattr(message, "payload") if cls.HAS_PAYLOAD else b""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise LocalProtocolError(f"{cls.__name__} payload must be bytes")
     length = 2 + _HEADER_LEN.size + len(header_bytes) + len(payload)
@@ -874,6 +874,6 @@ class Decoder:
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise self._fail(f"{cls.__name__}: header is not JSON: {exc}") from None
         try:
-            return cls.from_header(header, payload)  # type: ignore[return-value]
+            return cls.from_header(header, payload)
         except (ValueError, TypeError) as exc:
             raise self._fail(f"{cls.__name__}: {exc}") from None

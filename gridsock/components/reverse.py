@@ -50,8 +50,6 @@ class ReverseMethod(Method):
     """``reverse``: the server dials the client (see the module docstring)."""
 
     name = "reverse"
-    PARAMS: dict = {}
-    LIMITS: dict = {}
 
     def initiate(self, ctx: InitiatorContext) -> Initiation:
         if not ctx.me.addrs:

@@ -24,7 +24,6 @@ class SocksMethod(TcpMethod):
 
     name = "socks"
     PARAMS = {"proxy": str}
-    LIMITS: dict = {}
 
     def __init__(self, proxy: str | None = None, **params) -> None:
         super().__init__(**params)
@@ -54,6 +53,7 @@ def _socks_connect(proxy: Address, address: Address, timeout: float):
     sock = socks.socksocket(socket.AF_INET, socket.SOCK_STREAM)
     sock.set_proxy(socks.SOCKS5, proxy.host, proxy.port, rdns=True)
     sock.settimeout(timeout)
+    assert address.host is not None  # (a TCP address: checked by the caller)
     try:
         sock.connect((address.host, address.port))
     except (socks.ProxyError, OSError) as exc:

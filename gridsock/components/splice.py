@@ -81,8 +81,6 @@ class SpliceMethod(Method):
     """``splice``: TCP simultaneous open (see the module docstring)."""
 
     name = "splice"
-    PARAMS: dict = {}
-    LIMITS: dict = {}
 
     def initiate(self, ctx: InitiatorContext) -> Initiation:
         host, theirs = public_host(ctx.me, ctx.node.directory), public_host(ctx.peer, ctx.node.directory)
@@ -98,7 +96,7 @@ class SpliceMethod(Method):
         host = public_host(ctx.me, ctx.node.directory)
         if host is None:
             raise MethodRefusal("unreachable", f"{ctx.me.name} knows no public address of its own")
-        if endpoint.is_unix or not routable(endpoint.host):
+        if endpoint.host is None or not routable(endpoint.host):
             raise MethodRefusal("unreachable", f"{ctx.me.name} has no route to {ctx.client.name}'s endpoint {endpoint}")
         sock = bind_splice_socket()
         gevent.spawn(self._serve, ctx, sock, endpoint)

@@ -20,7 +20,6 @@ class SshMethod(TcpMethod):
 
     name = "ssh"
     PARAMS = {"gateway": str}
-    LIMITS: dict = {}
 
     def __init__(self, gateway: str | None = None, **params) -> None:
         super().__init__(**params)
@@ -32,7 +31,7 @@ class SshMethod(TcpMethod):
         return exc  # the gateway's own reason says it all: the directory's dial-back facts do not apply
 
     def dial(self, address: Address, *, node, timeout: float = CONNECT_TIMEOUT_S):
-        if address.is_unix:
+        if address.is_unix or address.host is None:
             raise ConnectError("an SSH gateway cannot reach a Unix socket here", method="ssh")
         gateway = SSHGateway.parse(self.gateway_spec, key_filename=node.ssh_key, known_hosts=node.ssh_known_hosts)
         try:

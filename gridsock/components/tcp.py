@@ -20,7 +20,7 @@ any method that dials node ports, ``parallel`` included (several connections, on
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 import gevent
 
@@ -114,11 +114,12 @@ class DialInitiation(Initiation):
         done = gevent.joinall(self._dials, timeout=self._ctx.remaining())
         if len(done) < len(self._dials):
             raise self._ctx.fail(f"dialing {self._ctx.peer.name} timed out", method=self._method.name)
-        for greenlet in self._dials:
-            value, exc = greenlet.value
+        # Each dial returned (socket, None) or (None, error): _captured.
+        outcomes = [cast(Tuple[Any, Optional[ConnectError]], greenlet.value) for greenlet in self._dials]
+        for value, exc in outcomes:
             if exc is not None:
                 raise self._method.explain(self._ctx, exc)
-        return [greenlet.value[0] for greenlet in self._dials]
+        return [value for value, _ in outcomes]
 
     def complete(self, answer: Dict[str, Any]) -> Stream:
         socks = self.sockets()
@@ -143,8 +144,6 @@ class TcpMethod(Method):
     """``tcp``: dial the peer's node port directly (see the module docstring)."""
 
     name = "tcp"
-    PARAMS: dict = {}
-    LIMITS: dict = {}
     dials_node_port = True
 
     def dial(self, address: Address, *, node, timeout: float = CONNECT_TIMEOUT_S):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Any, Dict, Iterator
 
 __all__ = ["LoopbackGrid", "loopback_grid", "NAMES", "JOIN_TIMEOUT_S"]
 
@@ -25,11 +25,11 @@ JOIN_TIMEOUT_S = 20.0
 class LoopbackGrid:
     """The running grid: ``rv`` and ``nodes`` by name (``grid["m1"]``)."""
 
-    session: object
-    rv: object
-    nodes: Dict[str, object]
+    session: Any
+    rv: Any
+    nodes: Dict[str, Any]
 
-    def __getitem__(self, name: str):
+    def __getitem__(self, name: str) -> Any:
         return self.nodes[name]
 
 
@@ -44,7 +44,7 @@ def loopback_grid(workdir: Path) -> Iterator[LoopbackGrid]:
     session = create_session(Path(workdir) / "session", "127.0.0.1:7700")
     rv = RendezvousNode(session, listen_address="127.0.0.1:0", control="").start()
     session = dataclasses.replace(session, rendezvous_port=rv.address.port)
-    nodes: Dict[str, object] = {}
+    nodes: Dict[str, Any] = {}
     try:
         def start(name, cluster, leader=None, rules=None):
             node = Node(session, name, cluster=cluster, leader=str(nodes[leader].address) if leader else None,
