@@ -8,6 +8,8 @@ All errors pickle, so they can cross process boundaries.
 """
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "GridsockError",
     "ConfigError",
@@ -17,6 +19,7 @@ __all__ = [
     "RemoteProtocolError",
     "ConnectError",
     "AuthError",
+    "ConnectTimeoutError",
     "BrokenStreamError",
     "RoutingError",
 ]
@@ -38,7 +41,7 @@ class UnknownComponentError(ConfigError):
         self.name = name
         self.suggestion = suggestion
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.args[0], self.name, self.suggestion))
 
 
@@ -49,7 +52,7 @@ class ProtocolError(GridsockError):
         super().__init__(msg)
         self.peer = peer
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.args[0], self.peer))
 
 
@@ -91,8 +94,13 @@ class ConnectError(GridsockError, ConnectionError):
             text += " (tried: " + "; ".join(f"{m}: {why}" for m, why in self.tried) + ")"
         return text
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.args[0], self.peer, self.method, self.tried, self.code))
+
+
+class ConnectTimeoutError(ConnectError, TimeoutError):
+    """A connection could not be made in time: every attempt timed out (a dial whose SYN went
+    unanswered, a connect's deadline). A program gets ``ETIMEDOUT`` for it."""
 
 
 class AuthError(ConnectError):
@@ -110,5 +118,5 @@ class RoutingError(GridsockError):
         super().__init__(msg)
         self.dst = dst
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.args[0], self.dst))

@@ -43,6 +43,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -53,6 +54,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gevent import ssl as gssl
 
 from .errors import AuthError, ConfigError, LocalProtocolError, RemoteProtocolError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import (
+        CertificatePublicKeyTypes,
+        PrivateKeyTypes,
+        PublicKeyTypes,
+    )
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -145,7 +153,7 @@ def _canonical_uuid(text: object) -> str | None:
     return canonical if canonical == text else None
 
 
-def _key_pem(key) -> bytes:
+def _key_pem(key: PrivateKeyTypes) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -157,13 +165,16 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _spki(public_key) -> bytes:
+def _spki(public_key: PublicKeyTypes) -> bytes:
     return public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 
-def _strictly(parse):
+_T = TypeVar("_T")
+
+
+def _strictly(parse: Callable[[], _T]) -> _T:
     """Return ``parse()``, with cryptography's warnings about malformed input raised as errors.
 
     cryptography still loads some malformed input (a certificate with a negative serial number,
@@ -418,7 +429,7 @@ def new_node_key() -> tuple[bytes, bytes]:
     return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
 
 
-def _parse_csr(csr_pem: bytes):
+def _parse_csr(csr_pem: bytes) -> tuple[x509.CertificateSigningRequest, bool, CertificatePublicKeyTypes]:
     """Return ``(csr, signature_ok, public_key)``; raises one of _PARSE_ERRORS."""
     csr = x509.load_pem_x509_csr(csr_pem)
     return csr, csr.is_signature_valid, csr.public_key()
