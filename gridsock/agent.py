@@ -43,6 +43,7 @@ import gevent
 from gevent import socket as gsocket
 
 from . import agentwire, wire
+from .assembly import errno_of
 from .agentclient import AgentClient
 from .bootstrap.control import UnixServer, run_dir
 from .bridge import Bridge
@@ -262,15 +263,8 @@ class _Failure(Exception):
 
 
 def _errno_of(exc: ConnectError) -> str:
-    code = getattr(exc, "code", None)
-    if code in ("refused", "policy", "bad-stack"):
-        return "ECONNREFUSED"
-    if code == "unknown-node":
-        return "EHOSTUNREACH"
-    reasons = [why for _, why in exc.tried] or [str(exc)]
-    if all("no connection within" in why or "timed out" in why for why in reasons):
-        return "ETIMEDOUT"
-    return "EHOSTUNREACH"
+    """The errno name a program gets for a failed connect (chosen from the refusal code)."""
+    return errno.errorcode[errno_of(exc)]
 
 
 def _read_request(conn, reader: agentwire.AgentReader):

@@ -48,14 +48,14 @@ import secrets
 import socket
 import time
 import weakref
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import gevent
 import gevent.event
 import gevent.queue
 
 from . import wire
-from .errors import ConfigError, ConnectError, GridsockError, RemoteProtocolError, RoutingError
+from .errors import ConfigError, ConnectError, ConnectTimeoutError, GridsockError, RemoteProtocolError, RoutingError
 from .methods import Arrival, InitiatorContext, MethodRefusal, ResponderContext
 from .registry import Registry, default_registry
 from .rules import Rules
@@ -409,9 +409,13 @@ class Assembler:
             started += 1
             next_start = time.monotonic() + STAGGER_S
 
-        def fail(last: Optional[Stack]):
-            return ConnectError(f"cannot connect to {entry.name}:{port}", peer=entry.name,
-                                method=last.method.name if last else None, tried=tried)
+        timed_out: List[bool] = []  # one flag per failed candidate: it failed by a timeout
+
+        def fail(last: Optional[Stack], *, deadline_passed: bool = False):
+            # Every candidate ran out of time (a SYN into a black hole): ETIMEDOUT for a program.
+            cls = ConnectTimeoutError if deadline_passed or (timed_out and all(timed_out)) else ConnectError
+            return cls(f"cannot connect to {entry.name}:{port}", peer=entry.name,
+                       method=last.method.name if last else None, tried=tried)
 
         try:
             start()
@@ -419,7 +423,7 @@ class Assembler:
                 now = time.monotonic()
                 if now >= deadline:
                     tried.extend((str(candidates[i]), f"no connection within {timeout:g} s") for i in sorted(running))
-                    raise fail(candidates[max(running)] if running else None)
+                    raise fail(candidates[max(running)] if running else None, deadline_passed=True)
                 if not running:
                     start()
                     continue
@@ -443,6 +447,7 @@ class Assembler:
                         exc.tried = tried + exc.tried
                         raise exc
                     tried.append((str(stack), _reason(exc)))
+                    timed_out.append(isinstance(exc, TimeoutError))
                     log.info("node %s: %s to %s failed: %s", self.node.name, stack, entry.name, tried[-1][1])
                     if not running and started == len(candidates):
                         raise fail(stack) from exc
@@ -452,6 +457,7 @@ class Assembler:
                     stream = self._nominate(lower, stack, filters, entry, deadline)
                 except ConnectError as exc:  # e.g. tls refused the peer: the others may still do
                     tried.append((str(stack), _reason(exc)))
+                    timed_out.append(isinstance(exc, TimeoutError))
                     if not running and started == len(candidates):
                         raise fail(stack) from exc
                     continue
@@ -516,7 +522,8 @@ class Assembler:
             if initiation is not None:
                 initiation.abort()
             if isinstance(exc, gevent.Timeout):
-                raise ConnectError(f"connecting to {entry.name} timed out", peer=entry.name, method=name) from None
+                raise ConnectTimeoutError(f"connecting to {entry.name} timed out", peer=entry.name,
+                                          method=name) from None
             if isinstance(exc, ConnectError) or not isinstance(exc, (GridsockError, OSError)):
                 raise
             raise ConnectError(f"connecting to {entry.name} over {stack} failed: {exc}", peer=entry.name,
@@ -527,8 +534,8 @@ class Assembler:
         try:
             lower.send_all(NOMINATE)
             with gevent.Timeout(max(0.1, deadline - time.monotonic()),
-                                ConnectError(f"building {stack} to {entry.name} timed out", peer=entry.name,
-                                             method=stack.method.name)):
+                                ConnectTimeoutError(f"building {stack} to {entry.name} timed out", peer=entry.name,
+                                                    method=stack.method.name)):
                 return self._build(stack, filters, lower, entry, initiator=True)
         except ConnectError:
             lower.close()
@@ -585,9 +592,11 @@ class Assembler:
 
 def errno_of(exc: ConnectError) -> int:
     """The errno a program gets for a failed connect: from the server's refusal code if it
-    refused (:data:`gridsock.wire.REFUSAL_CODES`), else ``EHOSTUNREACH`` (no method worked)."""
-    name = wire.REFUSAL_CODES.get(exc.code or "", "EHOSTUNREACH")
-    return getattr(errno, name)
+    refused (:data:`gridsock.wire.REFUSAL_CODES`), ``ETIMEDOUT`` if every attempt timed out,
+    else ``EHOSTUNREACH`` (no method could reach the peer)."""
+    if exc.code is not None:
+        return int(getattr(errno, wire.REFUSAL_CODES.get(exc.code, "ECONNREFUSED")))
+    return errno.ETIMEDOUT if isinstance(exc, TimeoutError) else errno.EHOSTUNREACH
 
 
 def _finished(info: ConnectionInfo) -> bool:

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from gridsock import wire
 from gridsock.assembly import errno_of
-from gridsock.errors import ConnectError, LocalProtocolError, RemoteProtocolError
+from gridsock.errors import ConnectError, ConnectTimeoutError, LocalProtocolError, RemoteProtocolError
 
 TOKEN = bytes(range(32))
 REQUEST = wire.AssemblyRequest(port=5000, stack="tls/tcp", token=TOKEN.hex(), offer={"conn": 7})
@@ -65,6 +65,7 @@ def test_every_refusal_code_names_an_errno():
     assert errno_of(refused) == errno.ECONNREFUSED
     assert errno_of(ConnectError("b1 refused", code="unknown-node")) == errno.EHOSTUNREACH
     assert errno_of(ConnectError("no method worked")) == errno.EHOSTUNREACH
+    assert errno_of(ConnectTimeoutError("every SYN went unanswered")) == errno.ETIMEDOUT
 
 
 def test_connect_errors_keep_their_code_across_pickling():

@@ -26,7 +26,7 @@ import gevent
 
 from .. import wire
 from ..bootstrap.transport import Address, dial, parse_address
-from ..errors import ConfigError, ConnectError, RemoteProtocolError
+from ..errors import ConfigError, ConnectError, ConnectTimeoutError, RemoteProtocolError
 from ..methods import DIAL_TIMEOUT_S, Arrival, Initiation, InitiatorContext, Method, ResponderContext
 from ..streams import SocketStream, Stream
 
@@ -50,12 +50,14 @@ def dial_with_preamble(dial_one: Callable[..., Any], addrs, token: bytes, *, ind
     Raises ConnectError listing why each address failed.
     """
     reasons = []
+    timeouts = 0
     preamble = wire.encode_preamble(token, index)
     for text in addrs:
         try:
             sock = dial_one(parse_address(text), node=node, timeout=min(timeout, DIAL_TIMEOUT_S))
         except (ConnectError, ConfigError) as exc:
             reasons.append(f"{text}: {exc}")
+            timeouts += isinstance(exc, TimeoutError)
             continue
         try:
             sock.sendall(preamble)
@@ -64,8 +66,8 @@ def dial_with_preamble(dial_one: Callable[..., Any], addrs, token: bytes, *, ind
             reasons.append(f"{text}: {exc}")
             continue
         return sock
-    raise ConnectError("no address answered: " + "; ".join(reasons), method=method,
-                       tried=[(method, r) for r in reasons])
+    cls = ConnectTimeoutError if reasons and timeouts == len(reasons) else ConnectError
+    raise cls("no address answered: " + "; ".join(reasons), method=method, tried=[(method, r) for r in reasons])
 
 
 def serve_arrival(ctx: ResponderContext, arrival: Arrival, make_stream: Callable[[List[Any]], Stream],
@@ -113,7 +115,8 @@ class DialInitiation(Initiation):
         """The connected sockets, by index; ConnectError (the first failure) otherwise."""
         done = gevent.joinall(self._dials, timeout=self._ctx.remaining())
         if len(done) < len(self._dials):
-            raise self._ctx.fail(f"dialing {self._ctx.peer.name} timed out", method=self._method.name)
+            raise ConnectTimeoutError(f"dialing {self._ctx.peer.name} timed out", peer=self._ctx.peer.name,
+                                      method=self._method.name)
         # Each dial returned (socket, None) or (None, error): _captured.
         outcomes = [cast(Tuple[Any, Optional[ConnectError]], greenlet.value) for greenlet in self._dials]
         for value, exc in outcomes:
@@ -162,7 +165,7 @@ class TcpMethod(Method):
         rendez-vous node could not dial back either accepts nothing from outside its cluster."""
         if ctx.peer.inbound or ctx.me.cluster is not None and ctx.me.cluster == ctx.peer.cluster:
             return exc
-        error = ConnectError(f"{exc.args[0]} ({ctx.peer.name} accepts no connection from outside its cluster: "
+        error = type(exc)(f"{exc.args[0]} ({ctx.peer.name} accepts no connection from outside its cluster: "
                              "the rendez-vous node's dial-back failed too)", peer=ctx.peer.name, method=self.name)
         error.__cause__ = exc
         return error

@@ -207,6 +207,7 @@ def _deadline(env: _Env) -> None:
             stream, _ = client.open_stream(env.server.name, env.port, stack=env.stack, timeout=deadline_s)
         except ConnectError as exc:
             assert exc.code is None, f"a refusal ({exc.code}), not a deadline"
+            assert isinstance(exc, TimeoutError), f"not a timeout ({type(exc).__name__}): {exc}"
         else:
             stream.close()
             raise AssertionError("connected although the request was held back past the deadline")
