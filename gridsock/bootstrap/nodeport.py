@@ -167,8 +167,6 @@ class NodePort:
                 handed_over = self.leader.accept(sock, decoder, message, peer, label)
             else:
                 raise RemoteProtocolError(f"expected Enroll or Hello, got {type(message).__name__}")
-        except ssl.SSLError as exc:
-            log.warning("node %s refused %s: TLS handshake failed: %s", host.name, label, exc.reason or exc)
         except AuthError as exc:
             log.warning("node %s refused %s: %s", host.name, label, exc)
         except RemoteProtocolError as exc:

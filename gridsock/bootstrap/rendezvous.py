@@ -31,13 +31,14 @@ import json
 import logging
 import ssl
 import uuid
-from typing import Dict, Optional
+from typing import Dict, List, NoReturn, Optional
 
 import gevent
+from gevent import socket as gsocket
 
 from .. import __version__, wire
 from ..errors import AuthError, BrokenStreamError, ConfigError, ConnectError, RemoteProtocolError
-from ..session import Session, client_context, peer_identity, server_context
+from ..session import CertificateAuthority, Identity, Session, client_context, peer_identity, server_context
 from .control import ControlServer, control_path
 from .directory import RENDEZVOUS_NAME, Directory
 from .link import DEAD_PEER_S, HANDSHAKE_TIMEOUT_S, Link, read_message, send_message, tune_socket
@@ -72,21 +73,24 @@ class RendezvousNode:
         self.leaders: Dict[str, Link] = {}
         self._control_path = control if control is not None else control_path(RENDEZVOUS_NAME)
         self._control: Optional[ControlServer] = None
-        self._sock = None
-        self._greenlets = []
+        self._sock: Optional[gsocket.socket] = None
+        self._greenlets: List[gevent.Greenlet] = []
         self._verdicts: list = []
+        # TLS sessions only (None in a plain-TCP one):
+        self._ca: Optional[CertificateAuthority] = None
+        self._identity: Optional[Identity] = None
+        self._server_ctx: Optional[ssl.SSLContext] = None
+        self._client_ctx: Optional[ssl.SSLContext] = None
         if session.tls:
             self._ca = session.certificate_authority()
             self._identity = session.rendezvous_identity()
             self._server_ctx = server_context(session, self._identity, require_client_cert=False)
             self._client_ctx = client_context(session, self._identity)
-        else:
-            self._ca = self._identity = self._server_ctx = self._client_ctx = None
 
     @property
     def address(self) -> Address:
         """The bound address (the real port when the configured one was 0)."""
-        host, port = self._sock.getsockname()[:2]
+        host, port = self._bound().getsockname()[:2]
         return Address(host=host, port=port)
 
     def start(self) -> "RendezvousNode":
@@ -107,14 +111,20 @@ class RendezvousNode:
         if self._control is not None:
             self._control.stop()
 
+    def _bound(self) -> gsocket.socket:
+        if self._sock is None:
+            raise RuntimeError("the rendez-vous node is not started")
+        return self._sock
+
     def serve_forever(self) -> None:
         gevent.joinall(self._greenlets)
 
     # --- connections -------------------------------------------------------------------------
 
     def _accept_loop(self) -> None:
+        listener = self._bound()
         while True:
-            sock, addr = self._sock.accept()
+            sock, addr = listener.accept()
             tune_socket(sock)
             gevent.spawn(self._handle, sock, addr)
 
@@ -134,8 +144,6 @@ class RendezvousNode:
                 handed_over = self._accept_leader(sock, decoder, message, peer, label, addr)
             else:
                 raise RemoteProtocolError(f"expected Enroll or Hello, got {type(message).__name__}")
-        except ssl.SSLError as exc:
-            log.warning("refused %s: TLS handshake failed: %s", label, exc.reason or exc)
         except AuthError as exc:
             log.warning("refused %s: %s", label, exc)
         except RemoteProtocolError as exc:
@@ -146,7 +154,7 @@ class RendezvousNode:
             if not handed_over:
                 sock.close()
 
-    def _refuse(self, sock, code: str, reason: str, label: str) -> None:
+    def _refuse(self, sock, code: str, reason: str, label: str) -> NoReturn:
         try:
             send_message(sock, wire.Refuse(code, reason))
         except OSError:
@@ -167,6 +175,7 @@ class RendezvousNode:
         if not self.session.check_token(token):
             raise AuthError(f"enrollment of {name!r} refused: bad join token", peer=label)
         node_id = str(uuid.uuid4())
+        assert self._ca is not None  # (callers enroll in TLS sessions only)
         cert_pem = self._ca.sign_node(csr_pem.encode(), node_id).decode()
         log.info("enrolled %s as node %s (from %s)", name, node_id, label)
         return node_id, cert_pem
@@ -203,8 +212,9 @@ class RendezvousNode:
         old = self.leaders.get(node_id)
         if old is not None:
             old.close("the same leader linked again")
-        link = Link(sock, decoder, label=f"leader {hello.name} ({label})", on_message=self._on_leader_message,
-                    on_close=self._on_leader_close)
+        link = Link(sock, decoder, label=f"leader {hello.name} ({label})",
+                    on_message=lambda link, message: self._on_leader_message(link, entry, message),
+                    on_close=lambda link: self._on_leader_close(link, entry))
         link.peer_id = node_id
         link.entry = entry
         self._update([entry], [])
@@ -231,15 +241,15 @@ class RendezvousNode:
             for update in updates:
                 link.send(update)
 
-    def _on_leader_close(self, link: Link) -> None:
-        if self.leaders.get(link.peer_id) is not link:
+    def _on_leader_close(self, link: Link, leader: wire.NodeEntry) -> None:
+        if self.leaders.get(leader.node_id) is not link:
             return  # replaced by a newer link of the same leader
-        del self.leaders[link.peer_id]
-        gone = [link.peer_id] + [e.node_id for e in self.directory.members_of(link.peer_id)]
-        log.info("leader %s gone (%s): unregistering it and %d member(s)", link.entry.name, link.close_reason, len(gone) - 1)
+        del self.leaders[leader.node_id]
+        gone = [leader.node_id] + [e.node_id for e in self.directory.members_of(leader.node_id)]
+        log.info("leader %s gone (%s): unregistering it and %d member(s)", leader.name, link.close_reason, len(gone) - 1)
         self._update([], gone)
 
-    def _on_leader_message(self, link: Link, message) -> None:
+    def _on_leader_message(self, link: Link, leader: wire.NodeEntry, message) -> None:
         if isinstance(message, wire.Routed):
             # A leader speaks for itself and its members only: no spoofed sources.
             src = self.directory.get(message.src)
@@ -251,7 +261,7 @@ class RendezvousNode:
         elif isinstance(message, wire.Register):
             accepted = []
             for entry in message.entries:
-                why = self._check_member(link, entry)
+                why = self._check_member(leader, entry)
                 if why:
                     log.warning("%s: ignoring registration of %s: %s", link.label, entry.name, why)
                     continue
@@ -267,18 +277,18 @@ class RendezvousNode:
         else:
             raise RemoteProtocolError(f"unexpected {type(message).__name__} on a leader link")
 
-    def _check_member(self, link: Link, entry: wire.NodeEntry) -> Optional[str]:
-        if entry.role != "member" or entry.leader != link.peer_id or entry.node_id == link.peer_id:
+    def _check_member(self, leader: wire.NodeEntry, entry: wire.NodeEntry) -> Optional[str]:
+        if entry.role != "member" or entry.leader != leader.node_id or entry.node_id == leader.node_id:
             return "a leader registers only members that it leads"
-        if entry.cluster != link.entry.cluster:
-            return f"cluster {entry.cluster!r} is not the leader's ({link.entry.cluster!r})"
+        if entry.cluster != leader.cluster:
+            return f"cluster {entry.cluster!r} is not the leader's ({leader.cluster!r})"
         if entry.name == RENDEZVOUS_NAME:
             return "reserved name"
         holder = self.directory.by_name(entry.name)
-        if holder is not None and holder.node_id != entry.node_id and holder.leader != link.peer_id:
+        if holder is not None and holder.node_id != entry.node_id and holder.leader != leader.node_id:
             return f"name taken by {holder.node_id}"
         current = self.directory.get(entry.node_id)
-        if current is not None and current.leader != link.peer_id and current.leader in self.leaders:
+        if current is not None and current.leader != leader.node_id and current.leader in self.leaders:
             return f"node {entry.node_id} belongs to another linked leader"
         return None
 
@@ -312,6 +322,7 @@ class RendezvousNode:
         if message.kind != "req":
             log.info("ignoring %s %s from %s: the rendez-vous node answers requests only", message.kind, message.topic, message.src)
             return
+        reply: Optional[wire.Routed]
         try:
             if message.topic == "enroll":
                 payload = self._enroll_routed(message)
@@ -402,8 +413,9 @@ class RendezvousNode:
                 "bootstrap": self.session.bootstrap,
                 "directory": self.directory.to_json(),
                 "links": [
-                    {"peer": link.entry.name, "peer_id": link.peer_id, "kind": "leader", "label": link.label}
-                    for link in self.leaders.values()
+                    {"peer": link.entry.name if link.entry else None, "peer_id": node_id, "kind": "leader",
+                     "label": link.label}
+                    for node_id, link in self.leaders.items()
                 ],
             }
         raise ConfigError(f"unknown control operation {op!r} (the rendez-vous node knows: status)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import ssl
 import stat
 from dataclasses import dataclass
 from typing import Optional
@@ -15,7 +16,7 @@ from typing import Optional
 import gevent
 from gevent import socket as gsocket
 
-from ..errors import ConfigError, ConnectError, ConnectTimeoutError
+from ..errors import AuthError, ConfigError, ConnectError, ConnectTimeoutError
 
 __all__ = ["Address", "parse_address", "dial", "listen", "tls_client", "tls_server", "CONNECT_TIMEOUT_S"]
 
@@ -142,8 +143,9 @@ def listen(address: Address):
 def tls_client(sock, context, *, timeout: float):
     """Run the client TLS handshake on ``sock``; return the TLS socket.
 
-    Raises ssl.SSLError / OSError from the handshake, TimeoutError after ``timeout`` seconds;
-    closes ``sock`` on failure.
+    Raises AuthError when the handshake fails (a certificate refused, not TLS at all: the
+    ``ssl.SSLError`` is its ``__cause__``), ConnectError when the connection fails during it,
+    ConnectTimeoutError after ``timeout`` seconds; closes ``sock`` on failure.
     """
     return _handshake(sock, context, server_side=False, timeout=timeout)
 
@@ -156,8 +158,16 @@ def tls_server(sock, context, *, timeout: float):
 def _handshake(sock, context, *, server_side: bool, timeout: float):
     tls = context.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
     try:
-        with gevent.Timeout(timeout, TimeoutError(f"TLS handshake took more than {timeout:.1f} s")):
+        with gevent.Timeout(timeout, ConnectTimeoutError(f"TLS handshake took more than {timeout:.1f} s",
+                                                         method="tls")):
             tls.do_handshake()
+    except ssl.SSLError as exc:  # the one place the bootstrap meets ssl's errors: translated here
+        tls.close()
+        why = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+        raise AuthError(f"TLS handshake failed: {why}", method="tls") from exc
+    except OSError as exc:
+        tls.close()
+        raise ConnectError(f"connection lost during the TLS handshake: {exc.strerror or exc}", method="tls") from exc
     except BaseException:
         tls.close()
         raise

@@ -130,11 +130,12 @@ class Uplink:
                 self._run(target)
                 delays = self._backoff()  # it was up: the next failure starts from the first wait
             except AuthError as exc:
-                log.error("node %s refused by %s: %s", self.host.name, target, exc)
                 if exc.method in FATAL_REFUSALS:
+                    log.error("node %s refused by %s: %s", self.host.name, target, exc)
                     self.fatal_error = exc
                     return
-            except (ConnectError, ssl.SSLError, OSError, TimeoutError, RemoteProtocolError, BrokenStreamError) as exc:
+                log.warning("node %s: uplink to %s failed: %s", self.host.name, target, exc)
+            except (ConnectError, OSError, TimeoutError, RemoteProtocolError, BrokenStreamError) as exc:
                 log.warning("node %s: uplink to %s failed: %s", self.host.name, target, exc)
             self._record("down")
             if self._stopped.wait(next(delays)):
