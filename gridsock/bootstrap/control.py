@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import gevent
 from gevent import socket as gsocket
@@ -50,8 +50,8 @@ class UnixServer:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._sock = None
-        self._greenlet = None
+        self._sock: Optional[gsocket.socket] = None
+        self._greenlet: Optional[gevent.Greenlet] = None
 
     def start(self):
         os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
@@ -71,8 +71,9 @@ class UnixServer:
             self._sock = None
 
     def _serve(self) -> None:
-        while True:
-            conn, _ = self._sock.accept()
+        listener = self._sock
+        while listener is not None:
+            conn, _ = listener.accept()
             gevent.spawn(self._handle, conn)
 
     def _handle(self, conn) -> None:

@@ -38,7 +38,7 @@ import itertools
 import json
 import logging
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, cast
 
 import gevent
 import gevent.event
@@ -131,18 +131,19 @@ class Requests:
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
-        self._pending: Dict[int, gevent.event.AsyncResult] = {}
+        self._pending: Dict[int, gevent.event.AsyncResult[wire.Routed]] = {}
 
-    def new(self) -> Tuple[int, gevent.event.AsyncResult]:
+    def new(self) -> Tuple[int, gevent.event.AsyncResult[wire.Routed]]:
         request_id = next(self._ids) & 0xFFFFFFFF
-        result = gevent.event.AsyncResult()
+        result: gevent.event.AsyncResult[wire.Routed] = gevent.event.AsyncResult()
         self._pending[request_id] = result
         return request_id, result
 
-    def wait(self, request_id: int, result: gevent.event.AsyncResult, *, dst: str, timeout: float) -> wire.Routed:
+    def wait(self, request_id: int, result: gevent.event.AsyncResult[wire.Routed], *, dst: str,
+             timeout: float) -> wire.Routed:
         """Return the ``rep`` for the request; raise RoutingError for ``err``, TimeoutError."""
         try:
-            reply = result.get(timeout=timeout)
+            reply = cast(wire.Routed, result.get(timeout=timeout))  # (resolve() sets only messages)
         except gevent.Timeout:
             raise TimeoutError(f"no answer from {dst} within {timeout:.1f} s") from None
         finally:

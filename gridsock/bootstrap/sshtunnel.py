@@ -47,6 +47,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Optional, cast
 
 import gevent
 import gevent.socket
@@ -279,7 +280,8 @@ def _load_client_keys(gateway: SSHGateway) -> list[tuple[str, paramiko.PKey]]:
         except (paramiko.PasswordRequiredException, TypeError) as exc:
             # cryptography raises TypeError for an encrypted OpenSSH key and no password
             raise ConfigError(f"SSH key {path} is encrypted; passphrases are not supported") from exc
-        except (OSError, ValueError, paramiko.SSHException, paramiko.UnknownKeyType) as exc:
+        except (OSError, ValueError, paramiko.SSHException,
+                paramiko.UnknownKeyType) as exc:  # type: ignore[attr-defined]  # (exported since paramiko 3.2; not in the stubs)
             raise ConfigError(f"cannot load SSH key {path}: {exc}") from exc
     keys = []
     for name in DEFAULT_KEY_FILES:
@@ -384,8 +386,8 @@ def _dial_transport(dial: _Dial) -> paramiko.Transport:
         if not done.wait(dial.remaining("SSH handshake")):
             raise dial.connect_error("timed out during the SSH handshake")
         if not transport.is_active():
-            exc = transport.get_exception() or paramiko.SSHException("negotiation failed")
-            raise dial.connect_error(f"SSH handshake failed: {exc or type(exc).__name__}") from exc
+            cause = transport.get_exception() or paramiko.SSHException("negotiation failed")
+            raise dial.connect_error(f"SSH handshake failed: {cause or type(cause).__name__}") from cause
         _check_host_key(dial, transport, known_hosts, accepted, revoked)
         _authenticate(dial, transport, keys)
     except BaseException as exc:
@@ -435,7 +437,7 @@ def _open_channel(gateway: SSHGateway, dest_host: str, dest_port: int, deadline:
     while True:
         transport, fresh = _get_transport(dial)
         try:
-            origin = transport.sock.getsockname()[:2]
+            origin = cast(socket.socket, transport.sock).getsockname()[:2]  # (ours: never a Channel)
         except OSError:
             origin = ("127.0.0.1", 0)
         timeout = dial.remaining("opening the channel")  # outside the try: ConnectError is an OSError
@@ -600,7 +602,7 @@ def open_ssh_tunnel(
     pool = gevent.get_hub().threadpool
     result = pool.spawn(_open_channel_outcome, gateway, dest_host, dest_port, deadline)
     try:
-        channel, error = result.get()
+        channel, error = cast("tuple[Optional[paramiko.Channel], Optional[Exception]]", result.get())
     except BaseException:
         if not result.ready():  # we were killed or timed out while the worker still runs
             def close_late(res, pool=pool):
@@ -613,6 +615,7 @@ def open_ssh_tunnel(
             raise error
         finally:
             del error  # no reference cycle through the traceback
+    assert channel is not None  # (an outcome holds a channel or an error)
 
     app_end, pump_end = socket.socketpair()
     label = f"#{next(_TUNNEL_IDS)} {gateway}->{dest_host}:{dest_port}"
@@ -620,6 +623,7 @@ def open_ssh_tunnel(
         _Pump(channel, pump_end, label).start()
     except _PumpOwnsResources as exc:
         app_end.close()
+        assert exc.__cause__ is not None  # (always raised "from" the pump's own error)
         raise exc.__cause__ from None
     except BaseException:
         app_end.close()
