@@ -60,7 +60,8 @@ Bridge's ``stats.app_reset`` says whether the application was sent a reset.
 Plain stacks: when the framework hands over a kernel TCP socket (no bridge,
 :func:`hand_out` with ``plain=True``), the socket is a :class:`HandedSocket` with ``SO_LINGER``
 {on, 0} set while the connection is open (the framework's own TCP sockets,
-:class:`~gridsock.streams.SocketStream`, are set the same way): if the process that holds it
+:class:`~gridsock.streams.SocketStream`, are set the same way until ``send_eof()``; see
+:mod:`gridsock.streams`): if the process that holds it
 dies (SIGKILL, a crash) the kernel resets the connection, so the peer cannot mistake a dead
 process for an orderly close. ``close()`` (also the last close of a ``makefile()``) and
 ``detach()`` restore an orderly close first: a program that closes its socket sends FIN after

@@ -28,11 +28,18 @@ connection reset of the application's socket (:mod:`gridsock.bridge`, "Breaks").
 :class:`SocketStream` is the stream of a connected (gevent) socket; :func:`memory_pair` makes
 two connected in-memory streams for tests.
 
+``close()`` of any stream is an abort unless ``send_eof()`` came first: the peer's
+``receive_some`` then raises BrokenStreamError (after the data that arrived) rather than
+returning ``b""`` -- what a TLS, relay, parallel or compressed stream does by construction, and
+a SocketStream too, so that a program written against ``tcp`` behaves the same over
+``tls/tcp``. For a clean end: ``send_eof()``, then ``close()``.
+
 A kernel TCP connection tells an orderly close (FIN) from a break (RST, ECONNRESET) only if
 the closing side says which: when a process dies, the kernel closes its sockets with a FIN
 unless ``SO_LINGER`` is {on, 0}. So a SocketStream over a TCP socket sets ``SO_LINGER`` {on, 0}
-while it is open (a killed node resets its peers instead of seeming to end in order) and
-``close()`` restores the orderly default before closing (FIN after the data, as before).
+while it is open: a killed node resets its peers instead of seeming to end in order, and so
+does ``close()`` without ``send_eof()``; after ``send_eof()`` the socket is back to the orderly
+default (the FIN is sent; the kernel delivers what is queued even if this process dies).
 Over a TLS socket (``ssl``) a TCP EOF without close_notify is a break too (ragged EOFs are not
 suppressed).
 """
@@ -89,8 +96,8 @@ class SocketStream(Stream):
 
     ``receive_some`` returns ``b""`` on the socket's EOF (the peer's FIN; for TLS, its
     close_notify) and raises BrokenStreamError on ECONNRESET and other errors. Over TCP the
-    socket resets its peer if this process dies, and closes in order on ``close()`` (module
-    docstring).
+    socket resets its peer if this process dies or ``close()`` comes without ``send_eof()``
+    (module docstring).
     """
 
     def __init__(self, sock, *, info: Optional[Dict[str, Any]] = None) -> None:
@@ -137,17 +144,23 @@ class SocketStream(Stream):
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:
                 raise BrokenStreamError(f"send_eof failed: {exc}") from exc
+        self._set_orderly()  # our side ended in order: what is queued must still arrive
+
+    def _set_orderly(self) -> None:
+        if not self._tcp:
+            return
+        self._tcp = False
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ORDERLY)
+        except OSError:
+            pass
 
     def close(self) -> None:
-        """Close the socket in order (a FIN after the data sent); idempotent."""
+        """Close the socket: in order after ``send_eof()``, else abortively (over TCP, an RST:
+        the peer's receive breaks); idempotent."""
         if self._closed:
             return
         self._closed = True
-        try:
-            if self._tcp and self.socket.fileno() != -1:
-                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ORDERLY)
-        except OSError:
-            pass
         try:
             self.socket.close()
         except OSError:

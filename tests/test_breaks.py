@@ -85,11 +85,25 @@ def test_socket_stream_orderly_end_is_eof():
         b.close()
 
 
-def test_socket_stream_close_is_orderly():
-    """close() without send_eof still sends FIN after the data (the linger is restored)."""
+def test_socket_stream_send_eof_then_close_is_orderly():
+    """After send_eof() the socket closes in order: what was queued still arrives, then EOF."""
     a, b = tcp_pair()
     try:
-        run_concurrently(lambda: (a.send_all(PAYLOAD), a.close()), lambda: assert_orderly(*receive_until_end(b)))
+        run_concurrently(lambda: (a.send_all(PAYLOAD), a.send_eof(), a.close()),
+                         lambda: assert_orderly(*receive_until_end(b)))
+    finally:
+        b.close()
+
+
+def test_socket_stream_close_without_eof_is_an_abort():
+    """As for every other stream (TLS, relay, parallel...): the peer's receive breaks."""
+    a, b = tcp_pair()
+    try:
+        a.send_all(b"unfinished")
+        a.close()
+        received, exc = receive_until_end(b)
+        assert_broken(received, exc, b"unfinished")
+        assert isinstance(exc.__cause__, ConnectionResetError)
     finally:
         b.close()
 
@@ -523,7 +537,7 @@ CHILD = textwrap.dedent("""
         sock, _ = hand_out(stream, plain=True)
         send, close = sock.sendall, sock.close
     else:
-        send, close = stream.send_all, stream.close
+        send, close = stream.send_all, lambda: (stream.send_eof(), stream.close())
     send(b"x" * 100000)
     sys.stdout.write("sent\\n")
     sys.stdout.flush()
@@ -538,7 +552,7 @@ CHILD = textwrap.dedent("""
 @pytest.mark.parametrize("end", ["kill", "close"])
 def test_a_killed_process_resets_its_tcp_connections(what, end):
     """A process SIGKILLed with a connection open (a HandedSocket, or a SocketStream of its
-    node) resets it; one that closes it ends it in order."""
+    node) resets it; one that closes it (a stream: send_eof, then close) ends it in order."""
     listener = socket.create_server(("127.0.0.1", 0))
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(listener.getsockname()[1]), what, end],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)

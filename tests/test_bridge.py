@@ -310,6 +310,7 @@ def test_peer_close_gives_the_application_eof(pair):
     sock, handle = start_bridge(ours)
     try:
         peer.send_all(b"last words")
+        peer.send_eof()  # an orderly end (close() alone is an abort: tests/test_breaks.py)
         peer.close()
         assert app_recv_all(sock) == b"last words"
         # Sending on: the bridge ends when the stream refuses, then the app gets EPIPE.
@@ -419,7 +420,8 @@ def test_no_descriptor_leak(kind):
             assert peer.receive_some(100) == b""
             peer.close()
         else:
-            peer.close()  # the peer leaves first
+            peer.send_eof()  # the peer leaves first, in order
+            peer.close()
             assert app_recv(sock) == b""
             sock.close()
         assert handle.join(10)
