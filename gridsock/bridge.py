@@ -417,7 +417,7 @@ class HandedSocket(socket.socket):
 
     def _real_close(self, _ss=_socket.socket) -> None:  # close(), and makefile()'s last close
         set_orderly_close(self)
-        super()._real_close(_ss)
+        super()._real_close(_ss)  # type: ignore[misc]  # socket.socket's, not in typeshed
 
     def detach(self) -> int:
         set_orderly_close(self)
@@ -426,7 +426,8 @@ class HandedSocket(socket.socket):
     def __del__(self) -> None:
         if self.fileno() != -1:
             set_orderly_close(self)
-        super().__del__()  # _socket.socket's finalizer: the ResourceWarning, then the close
+        # _socket.socket's finalizer (the ResourceWarning, then the close), not in typeshed.
+        super().__del__()  # type: ignore[misc]
 
 
 def start_bridge(stream: Stream, *, name: str = "", tcp: bool = False) -> Tuple[socket.socket, Bridge]:

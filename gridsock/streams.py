@@ -184,7 +184,7 @@ class MemoryStream(Stream):
             raise BrokenStreamError("stream is closed")
         if self._eof_sent:
             raise BrokenStreamError("cannot send after send_eof()")
-        peer = self.peer
+        peer = self._other()
         if peer._closed:
             raise BrokenStreamError("peer closed the stream")
         peer._buffer += data
@@ -208,8 +208,9 @@ class MemoryStream(Stream):
         if self._closed or self._eof_sent:
             return
         self._eof_sent = True
-        self.peer._eof = True
-        self.peer._readable.set()
+        peer = self._other()
+        peer._eof = True
+        peer._readable.set()
 
     def close(self) -> None:
         if self._closed:
@@ -217,8 +218,14 @@ class MemoryStream(Stream):
         self._closed = True
         self._readable.set()
         # As a FIN would: the peer reads what was sent, then EOF; its sends now fail.
-        self.peer._eof = True
-        self.peer._readable.set()
+        peer = self._other()
+        peer._eof = True
+        peer._readable.set()
+
+    def _other(self) -> "MemoryStream":
+        if self.peer is None:
+            raise BrokenStreamError("not connected (make streams with memory_pair())")
+        return self.peer
 
 
 def memory_pair() -> Tuple[MemoryStream, MemoryStream]:

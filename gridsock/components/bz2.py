@@ -27,6 +27,7 @@ ratio on large sends.
 from __future__ import annotations
 
 import bz2
+from typing import Optional
 
 from ..errors import ConfigError
 from ..stack import StackContext
@@ -45,7 +46,7 @@ class Bz2Encoder:
 
     def __init__(self, level: int) -> None:
         self._level = level
-        self._c = None  # the compressor of the send in progress
+        self._c: Optional[bz2.BZ2Compressor] = None  # the compressor of the send in progress
         self._started = False
 
     def compress(self, piece) -> bytes:

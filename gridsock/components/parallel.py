@@ -549,6 +549,7 @@ class ParallelStream(Stream):
             r.data_header(index, seq)
             r.check_reachable()
             end = HEADER_BYTES + length
+            pieces: List[Any]
             if len(buf) >= end:
                 pieces = [buf[HEADER_BYTES:end]]
                 buf = buf[end:]
@@ -636,7 +637,7 @@ class ParallelMethod:
             raise ConfigError(f"parallel: chunk must be within [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}], not {chunk}")
         self.streams = streams
         self.chunk = chunk
-        self.inner = None
+        self.inner: Any = None  # the method below, once over() is called
 
     def over(self, method) -> "ParallelMethod":
         """This wrapper driving ``method`` (which must dial node ports); ConfigError if not."""

@@ -267,7 +267,7 @@ class TlsStream(Stream):
                 self._flush(wait=False)  # what reading produced (a KeyUpdate answer...)
             if chunks:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            if self._peer_eof:
+            if self._close_notify_read():  # set by _decrypt_locked
                 return b""
             raw = self.lower.receive_some(RAW_RECEIVE_BYTES)
             if self._closed:
@@ -297,14 +297,18 @@ class TlsStream(Stream):
                 self._peer_eof = True
                 break
             except ssl.SSLError as exc:
-                self._receive_failure = (f"TLS receive failed: {_describe(exc)}", exc)
-                self._raise_receive_failure()
+                message = f"TLS receive failed: {_describe(exc)}"
+                self._receive_failure = (message, exc)
+                raise BrokenStreamError(message) from exc
             if not data:  # close_notify, as read() reports it while ours is not sent yet
                 self._peer_eof = True
                 break
             chunks.append(data)
             total += len(data)
         return chunks
+
+    def _close_notify_read(self) -> bool:
+        return self._peer_eof
 
     def _raise_receive_failure(self) -> None:
         if self._receive_failure is not None:
