@@ -38,11 +38,14 @@ over:
   everything, then EOF); when the bridge ends in order, the framework end is closed in order;
 - when the bridge ends on an error, or :meth:`Bridge.close` aborts it, the framework end is
   closed *abortively*: the application reads what had been delivered, then gets
-  ``ConnectionResetError``; its sends fail with ``EPIPE``/``ECONNRESET``.
+  ``ConnectionResetError``; its sends fail with ``EPIPE``/``ECONNRESET``. As with any kernel
+  socket, the error is reported once, to the first call that looks: a program that sends from
+  one thread while another receives may see the reset in the sender and EOF in the receiver.
 
 How the reset is made depends on the pair. A loopback TCP pair (``tcp=True``, what the socket
 personality and the agent use): the framework end is closed with ``SO_LINGER`` {on, 0}, which
-sends an RST. An ``AF_UNIX`` socketpair has no RST: Linux reports ECONNRESET to the peer of a
+sends an RST (bytes the framework end still had queued towards the application are dropped,
+as an RST drops them). An ``AF_UNIX`` socketpair has no RST: Linux reports ECONNRESET to the peer of a
 closing stream socket only if the closing socket still holds unread data in its receive queue
 (``unix_release_sock``). So the framework end always *holds one byte back*: the application
 end sends one sentinel byte when the pair is made, and the application -> stream pump reads
@@ -51,7 +54,7 @@ consumes as many bytes from the head of the queue: the byte left at the head is 
 already forwarded (or the sentinel). An orderly end drains it before closing (the application
 reads EOF); an abortive end closes with it (ECONNRESET). As the held byte keeps the socket
 readable, the pump waits for new data on an edge-triggered epoll descriptor (``EPOLLET``)
-rather than on the socket. Cost, measured with ``bench/bridge_breaks.py``: see
+rather than on the socket. Cost, measured with ``bench/bench_bridge.py``: see
 docs/architecture.md, "Breaks". A framework end that cannot hold a byte (a kernel without
 ``SO_PEEK_OFF`` on stream sockets; a socket the agent received that the application has not
 written to yet: it holds the first byte the application sends) ends with EOF instead: the
@@ -61,13 +64,12 @@ Plain stacks: when the framework hands over a kernel TCP socket (no bridge,
 :func:`hand_out` with ``plain=True``), the socket is a :class:`HandedSocket` with ``SO_LINGER``
 {on, 0} set while the connection is open (the framework's own TCP sockets,
 :class:`~gridsock.streams.SocketStream`, are set the same way until ``send_eof()``; see
-:mod:`gridsock.streams`): if the process that holds it
-dies (SIGKILL, a crash) the kernel resets the connection, so the peer cannot mistake a dead
-process for an orderly close. ``close()`` (also the last close of a ``makefile()``) and
+:mod:`gridsock.streams`): if the process that holds it dies (SIGKILL, a crash) the kernel
+resets the connection, so the peer cannot mistake a dead process for an orderly close. ``close()`` (also the last close of a ``makefile()``) and
 ``detach()`` restore an orderly close first: a program that closes its socket sends FIN after
-all its data, as always. A socket dropped without ``close()`` resets its peer once the garbage
-collector finalizes it closes in order too; only what is still open when the process dies
-(killed, or exiting with sockets the interpreter did not finalize) is reset by the kernel.
+all its data, as always. A socket dropped without ``close()`` closes in order too when the
+garbage collector finalizes it; only what is still open when the process dies (killed, or
+exiting with sockets the interpreter did not finalize) is reset by the kernel.
 
 A :class:`Bridge` is the framework's handle on one bridge (:func:`start_bridge` returns it with
 the socket): its :class:`BridgeStats` count the bytes each way and say whether it is open and
@@ -205,7 +207,8 @@ class Bridge:
         return self._done.wait(timeout)
 
     def close(self) -> None:
-        """Abort the bridge: close the stream and the framework end (idempotent)."""
+        """Abort the bridge: close the stream (an abort, for its peer too) and the framework end
+        abortively (the application gets ConnectionResetError); idempotent."""
         self._end("closed by the framework")
 
     # --- the pumps -------------------------------------------------------------------------
