@@ -135,7 +135,8 @@ class MetaChannel:
         self._add(sock, decoder, entry, f"meta link from {entry.name} ({label})")
 
     def _add(self, sock, decoder, entry: wire.NodeEntry, label: str) -> Link:
-        link = Link(sock, decoder, label=label, on_message=self._on_message, on_close=self._on_close)
+        link = Link(sock, decoder, label=label, on_message=self._on_message,
+                    on_close=lambda closed: self._on_close(closed, entry))
         link.peer_id = entry.node_id
         link.entry = entry
         old = self.links.get(entry.node_id)
@@ -146,9 +147,9 @@ class MetaChannel:
         log.info("node %s: %s up", self.node.name, label)
         return link
 
-    def _on_close(self, link: Link) -> None:
-        if self.links.get(link.peer_id) is link:
-            del self.links[link.peer_id]
+    def _on_close(self, link: Link, entry: wire.NodeEntry) -> None:
+        if self.links.get(entry.node_id) is link:
+            del self.links[entry.node_id]
 
     def _on_message(self, link: Link, message) -> None:
         if not isinstance(message, wire.Routed):
@@ -163,7 +164,7 @@ class MetaChannel:
 
     def status(self) -> list:
         stack = "tls/tcp" if self.node.session.tls else "tcp"
-        out = [{"peer": l.entry.name, "peer_id": l.peer_id, "stack": stack, "label": l.label, "since": l.opened_at}
+        out = [{"peer": l.entry.name if l.entry else None, "peer_id": l.peer_id, "stack": stack, "label": l.label, "since": l.opened_at}
                for l in self.links.values() if not l.closed]
         now = time.monotonic()
         for peer_id, (until, why) in self._failed.items():
