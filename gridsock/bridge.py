@@ -56,9 +56,10 @@ reads EOF); an abortive end closes with it (ECONNRESET). As the held byte keeps 
 readable, the pump waits for new data on an edge-triggered epoll descriptor (``EPOLLET``)
 rather than on the socket. Cost, measured with ``bench/bench_bridge.py``: see
 docs/architecture.md, "Breaks". A framework end that cannot hold a byte (a kernel without
-``SO_PEEK_OFF`` on stream sockets; a socket the agent received that the application has not
-written to yet: it holds the first byte the application sends) ends with EOF instead: the
-Bridge's ``stats.app_reset`` says whether the application was sent a reset.
+``SO_PEEK_OFF`` on stream sockets; an end made elsewhere without a sentinel, such as the
+agent's, before the application has written to it: it holds the first byte the application
+sends) ends with EOF instead: the Bridge's ``stats.app_reset`` says whether the application
+was sent a reset.
 
 Plain stacks: when the framework hands over a kernel TCP socket (no bridge,
 :func:`hand_out` with ``plain=True``), the socket is a :class:`HandedSocket` with ``SO_LINGER``
@@ -167,13 +168,15 @@ class Bridge:
     """The framework's side of one bridge; made by :func:`start_bridge`.
 
     Owns ``stream`` and the framework end of the socketpair (a gevent socket), and closes both
-    when it ends. An ``AF_UNIX`` framework end made elsewhere (the agent's) holds the first
-    byte the application sends (see "Breaks" in the module docstring); :func:`start_bridge`
-    has the application end send a sentinel byte, so that its bridges hold one from the start.
+    when it ends. An ``AF_UNIX`` framework end holds a byte back to be able to reset the
+    application (see "Breaks" in the module docstring): with ``sentinel``, the first byte
+    waiting on ``framework_end`` is one the application end sent for that purpose, not data
+    (:func:`start_bridge` sends one; the agent may leave the last byte of its filler); without,
+    the framework end holds the first byte the application sends.
     """
 
     def __init__(self, stream: Stream, framework_end, app_fileno: int, name: str, *,
-                 _holder: "Optional[_HoldingReader]" = None) -> None:
+                 sentinel: bool = False, _holder: "Optional[_HoldingReader]" = None) -> None:
         self.stream = stream
         self.name = name
         self.stats = BridgeStats(name=name, app_fileno=app_fileno, opened_at=time.time())
@@ -181,7 +184,9 @@ class Bridge:
         self._tcp = framework_end.family in (socket.AF_INET, socket.AF_INET6)
         self._holder = _holder
         if _holder is None and framework_end.family == socket.AF_UNIX:
-            self._holder = _HoldingReader.open(framework_end, sentinel=False)
+            self._holder = _HoldingReader.open(framework_end, sentinel=sentinel)
+            if self._holder is None and sentinel:
+                framework_end.recv(1)  # no peeking past it here: it must not pass for data
         self._done = gevent.event.Event()
         self._directions_done = 0
         self._closed = False

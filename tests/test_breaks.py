@@ -481,6 +481,24 @@ def test_unix_bridge_forwards_single_bytes_at_once():
         peer.close()
 
 
+def test_unix_bridge_made_elsewhere_with_a_sentinel_resets_at_once():
+    """The agent's way: the application end's first byte is a sentinel (the filler's last)."""
+    w = RelayWorld()
+    app, framework = socket.socketpair()
+    app.sendall(b"\0")
+    fw = gsocket.socket(framework.family, framework.type, framework.proto, fileno=framework.detach())
+    handle = Bridge(w.a, fw, app.fileno(), "agent-style", sentinel=True)
+    try:
+        w.b.send_all(b"partial")
+        w.b.close()
+        received, exc = app_read_until_end(app)
+        assert received == b"partial" and isinstance(exc, ConnectionResetError)
+        assert handle.join(PROMPT_S) and handle.stats.app_reset
+        assert w.a.bytes_sent == 0  # the sentinel was not forwarded
+    finally:
+        app.close()
+
+
 @pytest.mark.parametrize("app_wrote_first", [True, False])
 def test_unix_bridge_made_elsewhere_holds_the_first_byte_the_application_sends(app_wrote_first):
     """A Bridge over an AF_UNIX end it did not make (the agent's: no sentinel) can reset the
