@@ -24,6 +24,9 @@ Which server, so that killing "the server's node" really breaks the path:
   reset comes, only the bridge's abortive close can turn the break into a reset (a kernel
   resets a socket closed with unread data whatever the bridge does, which would hide a bug).
 
+The other side: a server program reading an upload gets the reset when the client's node
+dies (``tls/splice``, a2 to b2).
+
 The unmodified-application case: ``python -m http.server`` under ``gridsock run`` on b2 and a
 ``urllib`` download under ``gridsock run`` on a2 (``tls/splice``, named by a2's rules: killing
 b2's node breaks the path), read in chunks as ``shutil.copyfileobj`` does (``read(amt)`` is
@@ -269,6 +272,69 @@ def test_rendezvous_killed_under_a_relayed_connection_resets_the_client(grid, pr
     finally:
         programs.stop()
         restart(grid, "rendezvous")
+
+
+SINK_SERVER = """
+    import socket, sys
+    before = int(sys.argv[1])
+    server = socket.socket()
+    server.bind(("", 0))
+    server.listen(1)
+    print("serving", server.getsockname()[1], flush=True)
+    conn, _ = server.accept()
+    conn.settimeout(90)
+    got = 0
+    try:
+        while got < before:
+            data = conn.recv(65536)
+            if not data:
+                break
+            got += len(data)
+        print("streaming", got, flush=True)
+        sys.stdin.readline()  # the test killed the client's node meanwhile
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                print("RESULT eof", got, flush=True)
+                break
+            got += len(data)
+    except ConnectionResetError:
+        print("RESULT reset", got, flush=True)
+    except OSError as exc:
+        print("RESULT", type(exc).__name__, got, flush=True)
+"""
+
+PUSH_CLIENT = """
+    import os, sys
+    from gridsock.agentclient import AgentClient
+    peer, port, stack = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    sock, info = AgentClient.from_env().connect(peer, port, stack=stack, timeout=60)
+    print("connected", info["stack"], flush=True)
+    block = os.urandom(1 << 20)
+    try:
+        while True:
+            sock.sendall(block)
+    except OSError:
+        pass  # its node died
+"""
+
+
+def test_client_node_killed_mid_upload_resets_the_server(grid, programs):
+    """The other side: a server program (under ``gridsock run`` on b2) reading an upload gets
+    the reset when the client's node (a2) dies. The server only reads, so its bridge has
+    nothing unread: only the bridge's abortive close can make the reset."""
+    try:
+        sink = programs.script("b2", SINK_SERVER, str(READ_BEFORE_KILL_BYTES))
+        port = wait_for_line(sink, "serving", timeout=APP_TIMEOUT_S).split()[1]
+        client = programs.script("a2", PUSH_CLIENT, "b2", port, "tls/splice")
+        assert wait_for_line(client, "connected", timeout=APP_TIMEOUT_S).split()[1] == "tls/splice"
+        wait_for_line(sink, "streaming", timeout=APP_TIMEOUT_S)
+        kill(grid, "a2")
+        result = go_on(sink)
+        assert result.split()[1] == "reset", f"{result} (a dead client read as a clean close?)"
+    finally:
+        programs.stop()
+        restart(grid, "a2")
 
 
 def test_urllib_download_raises_when_the_server_node_dies(grid, programs):
