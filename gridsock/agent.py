@@ -37,7 +37,7 @@ import errno
 import logging
 import os
 import socket
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import gevent
 from gevent import socket as gsocket
@@ -228,7 +228,8 @@ class AgentServer(UnixServer):
         try:
             while not watcher.ready():
                 accepting = gevent.spawn(listener.accept, tcp_bridge=True)
-                gevent.joinall([accepting, watcher], count=1)
+                both: List[gevent.Greenlet] = [accepting, watcher]
+                gevent.joinall(both, count=1)
                 if not accepting.ready():
                     accepting.kill()
                     break

@@ -194,17 +194,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if node and agent:
         print(f"{USAGE}\n\nerror: give --node or --agent, not both", file=sys.stderr)
         return 2
-    if node:
-        from gridsock.bootstrap.control import run_dir
-
-        agent = os.path.join(run_dir(), f"{node}.agent")
-    agent = agent or os.environ.get(AGENT_ENV)
-    if not agent:
+    if not node and not (agent or os.environ.get(AGENT_ENV)):
         print(f"{USAGE}\n\nerror: no agent: give --node NAME or --agent PATH, or set ${AGENT_ENV}", file=sys.stderr)
         return 2
     if not module and not program:
         print(f"{USAGE}\n\nerror: nothing to run: give script.py or -m module", file=sys.stderr)
         return 2
+    if node:
+        # Patch before importing run_dir(): the bootstrap package imports ssl (and gevent), and
+        # ssl binds socket names of its own at import, which would keep the originals.
+        patch_all()
+        from gridsock.bootstrap.control import run_dir
+
+        agent = os.path.join(run_dir(), f"{node}.agent")
+    agent = agent or os.environ[AGENT_ENV]
     os.environ.update(child_environment(agent))
     patch_all(agent=agent)
     if module:

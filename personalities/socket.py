@@ -280,13 +280,17 @@ class GridSocket(_RealSocket):
         The socket becomes one end of a socketpair whose send buffer is filled (so it is not
         writable); the other end goes to the agent, which answers on the agent connection and
         then drains the filler (success: the connection is bridged to our end) or closes it
-        (failure). Either way our end turns writable only once the answer is waiting.
+        (failure). Either way our end turns writable only once the answer is waiting. Its send
+        buffer gets its usual size back once the connect is done (:meth:`_grid_finish`): at the
+        minimum, one chunk the bridge has not wholly consumed (it holds a byte back to be able
+        to reset the application) would use up the whole buffer, and sends would stall.
         """
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         ours = _RealSocket(fileno=ours.detach())
         theirs = _RealSocket(fileno=theirs.detach())
         channel = None
         try:
+            sndbuf = ours.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF)
             ours.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, 1)  # the kernel's minimum
             ours.setblocking(False)
             filler = 0
@@ -305,12 +309,12 @@ class GridSocket(_RealSocket):
                 if sock is not None:
                     sock.close()
             raise
-        self._grid_pending = (channel, int(port), bound, self._grid_requested)
+        self._grid_pending = (channel, int(port), bound, self._grid_requested, sndbuf)
         raise BlockingIOError(errno.EINPROGRESS, "Operation now in progress")
 
     def _grid_finish(self) -> int:
         """The outcome of a non-blocking connect (0 or an errno); waits for it if need be."""
-        channel, port, bound, requested = self._grid_pending
+        channel, port, bound, requested, sndbuf = self._grid_pending
         self._grid_pending = None
         try:
             channel.settimeout(None)
@@ -325,6 +329,10 @@ class GridSocket(_RealSocket):
             return exc.errno or errno.EIO
         finally:
             channel.close()
+        try:  # (Linux doubles what is set, and getsockopt() gave the doubled size)
+            _RealSocket.setsockopt(self, _socket.SOL_SOCKET, _socket.SO_SNDBUF, max(sndbuf // 2, 1))
+        except OSError:
+            pass
         self._grid_peer = self._addr(result["ip"], port)
         self._grid_local = bound or self._addr(_agent.whoami()["ip"], 0)
         if requested:

@@ -297,6 +297,47 @@ def test_asyncio_server_and_client_with_non_blocking_connect(grid):
     assert out.splitlines() == [f"ASYNCIO {ip}", "refused", "True"]
 
 
+COUNTING_SERVER = """
+    import hashlib, socketserver
+
+    class Count(socketserver.BaseRequestHandler):
+        def handle(self):
+            digest, size = hashlib.sha256(), 0
+            while data := self.request.recv(65536):
+                digest.update(data)
+                size += len(data)
+            self.request.sendall(b"%d %s\\n" % (size, digest.hexdigest().encode()))
+
+    server = socketserver.ThreadingTCPServer(("", 0), Count)
+    print("serving", server.server_address[1], flush=True)
+    server.serve_forever()
+"""
+
+
+def test_a_non_blocking_connect_carries_bulk_data(grid):
+    # A non-blocking connect is bridged through a socketpair whose send buffer was shrunk for
+    # the connect; once connected, a megabyte must flow as through any socket.
+    server = grid.start("nb", COUNTING_SERVER)
+    port = wait_for_line(server, "serving ", timeout=SCRIPT_TIMEOUT_S).split()[1]
+    out = grid.run("na", f"""
+        import asyncio, hashlib
+
+        async def main():
+            reader, writer = await asyncio.open_connection("nb", {port})
+            data = bytes(range(256)) * 4096
+            writer.write(data)
+            await writer.drain()
+            writer.write_eof()
+            print((await asyncio.wait_for(reader.readline(), 30)).decode().strip())
+            print(len(data), hashlib.sha256(data).hexdigest())
+            writer.close()
+
+        asyncio.run(main())
+    """)
+    got, sent = out.splitlines()
+    assert got == sent
+
+
 def test_patching_after_a_module_bound_socket_names_warns_naming_it(grid):
     code = textwrap.dedent("""
         import ssl, warnings
