@@ -168,13 +168,18 @@ class SocketStream(Stream):
 
 
 class MemoryStream(Stream):
-    """One end of an in-memory stream pair (unbounded buffers; for tests)."""
+    """One end of an in-memory stream pair (unbounded buffers; for tests).
+
+    Ends as a SocketStream does: after ``send_eof()`` the peer reads everything, then ``b""``;
+    ``close()`` without it is an abort (the peer reads what was sent, then BrokenStreamError).
+    """
 
     def __init__(self, name: str) -> None:
         self.info = {"stack": "memory", "name": name}
         self.peer: Optional["MemoryStream"] = None
         self._buffer = bytearray()
         self._eof = False  # the peer sent EOF
+        self._aborted = False  # the peer closed without EOF
         self._closed = False
         self._eof_sent = False
         self._readable = gevent.event.Event()
@@ -201,6 +206,8 @@ class MemoryStream(Stream):
                 return data
             if self._eof:
                 return b""
+            if self._aborted:
+                raise BrokenStreamError("the peer closed the stream without EOF")
             self._readable.clear()
             self._readable.wait()
 
@@ -217,9 +224,10 @@ class MemoryStream(Stream):
             return
         self._closed = True
         self._readable.set()
-        # As a FIN would: the peer reads what was sent, then EOF; its sends now fail.
+        # As a SocketStream's would: after send_eof() the peer reads what was sent, then EOF;
+        # without, what was sent, then BrokenStreamError (an abort). Its sends now fail.
         peer = self._other()
-        peer._eof = True
+        peer._aborted = True
         peer._readable.set()
 
     def _other(self) -> "MemoryStream":
