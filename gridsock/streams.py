@@ -12,6 +12,8 @@ style from gevent greenlets (trio's ``Stream`` names):
 - ``send_eof()`` half-closes: the peer's ``receive_some`` returns ``b""`` after everything sent
   before; this side can still receive. Calling it twice is harmless.
 - ``close()`` releases everything, in both directions; idempotent. Data not yet sent may be lost.
+  After ``send_eof()`` it ends the stream in order; without, it is an abort: the peer's
+  ``receive_some`` raises BrokenStreamError once it has read what arrived.
 
 One greenlet may send while another receives; two concurrent senders (or receivers) on one
 stream are a bug. ``info`` describes the stream for ``gridsock status`` and errors (the stack,
