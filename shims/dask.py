@@ -57,6 +57,7 @@ from distributed.comm.registry import Backend
 from distributed.comm.tcp import MAX_BUFFER_SIZE, TCP
 from tornado.iostream import IOStream
 
+from gridsock.agentclient import AgentClient
 from gridsock.names import GRID_SUFFIX, grid_name, is_grid_ip
 from gridsock.personalities import socket as personality
 
@@ -112,7 +113,7 @@ def _close_abandoned(future: concurrent.futures.Future) -> None:
         sock.close()
 
 
-def _agent():
+def _agent() -> AgentClient:
     """The personality's agent client (:func:`gridsock.personalities.socket.agent`, a
     :class:`gridsock.agentclient.AgentClient`); raises FatalCommClosedError if this process has none."""
     agent = personality.agent()
