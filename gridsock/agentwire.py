@@ -97,7 +97,8 @@ class AgentReader:
     ``wire.ControlReply`` in a client); any other raises RemoteProtocolError.
     """
 
-    def __init__(self, expect: Union[Type[wire.Control], Type[wire.ControlReply]], *, peer: Optional[str] = None) -> None:
+    def __init__(self, expect: Union[Type[wire.Control], Type[wire.ControlReply]], *,
+                 peer: Optional[str] = None) -> None:
         self.expect = expect
         self.peer = peer
         self._buf = bytearray()
