@@ -9,7 +9,7 @@ with a connection open resets it, a close() ends it in order.
 """
 from __future__ import annotations
 
-import os
+import gc
 import random
 import socket
 import struct
@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+import warnings
 
 import gevent
 import pytest
@@ -540,6 +541,33 @@ def test_hand_out_plain_gives_a_handed_socket_closing_in_order():
                          lambda: assert_orderly(*receive_until_end(b)))
     finally:
         sock.close()
+        b.close()
+
+
+def _linger(sock):
+    return struct.unpack("ii", sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8))
+
+
+def test_handed_socket_detach_and_finalizer_restore_the_orderly_close():
+    a, b = tcp_pair()
+    sock, _ = hand_out(a, plain=True)
+    fd = sock.detach()  # the new owner gets an ordinary socket
+    plain = socket.socket(fileno=fd)
+    try:
+        assert _linger(plain) == (0, 0)
+    finally:
+        plain.close()
+        b.close()
+    a, b = tcp_pair()
+    sock, _ = hand_out(a, plain=True)
+    sock.sendall(b"dropped, not closed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # "unclosed socket": that is the point
+        del sock
+        gc.collect()
+    try:
+        assert_orderly(*receive_until_end(b), b"dropped, not closed")
+    finally:
         b.close()
 
 
