@@ -39,9 +39,9 @@ import os
 import select
 import socket as _socket
 import threading
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, NoReturn, Optional, Tuple
 
-from gridsock.agentclient import NAME_CACHE_S, AgentChannel, AgentClient
+from gridsock.agentclient import NAME_CACHE_S, AgentChannel, AgentClient, AgentListener
 from gridsock.names import GRID_SUFFIX, grid_name, is_grid_ip
 
 from .monkey import get_original
@@ -49,12 +49,17 @@ from .monkey import get_original
 __all__ = ["GridSocket", "configure", "agent", "create_connection", "is_grid_host", "getaddrinfo", "gethostbyname",
            "gethostbyname_ex", "gethostbyaddr", "getnameinfo", "getfqdn", "NAME_CACHE_S"]
 
-_RealSocket = get_original("socket", "socket")
+if TYPE_CHECKING:  # the original class is the stdlib's (or gevent's, which has its interface)
+    _RealSocket = _socket.socket
+else:
+    _RealSocket = get_original("socket", "socket")
 _real_create_connection = get_original("socket", "create_connection")
 (_real_getaddrinfo, _real_gethostbyname, _real_gethostbyname_ex, _real_gethostbyaddr, _real_getnameinfo,
  _real_getfqdn) = get_original("socket", ["getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr",
                                            "getnameinfo", "getfqdn"])
 
+# socket.create_connection's "no timeout given" sentinel (typeshed does not declare this private name).
+_GLOBAL_DEFAULT_TIMEOUT: object = _socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]
 _WILDCARDS = ("", "0.0.0.0", "::")
 _MAPPED = "::ffff:"  # an IPv4 address seen through an IPv6 socket
 # Options a server sets before bind() whose value getsockopt() must still give once the
@@ -100,7 +105,7 @@ def is_grid_host(host) -> bool:
         return True
 
 
-def create_connection(address, timeout=_socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, **kwargs):
+def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=None, **kwargs):
     """``socket.create_connection`` with grid hosts, whether or not the personality is patched in
     (the shims use it): a grid host gives a connected :class:`GridSocket`. ``all_errors``
     (Python 3.11+) goes to the stdlib for other hosts; a grid connect has one error anyway."""
@@ -111,7 +116,7 @@ def create_connection(address, timeout=_socket._GLOBAL_DEFAULT_TIMEOUT, source_a
     cls = _socket.socket if _socket.socket is not _RealSocket else GridSocket
     sock = cls(_socket.AF_INET, _socket.SOCK_STREAM)
     try:
-        if timeout is not _socket._GLOBAL_DEFAULT_TIMEOUT:
+        if timeout is not _GLOBAL_DEFAULT_TIMEOUT:
             sock.settimeout(timeout)
         if source_address:
             sock.bind(source_address)
@@ -163,6 +168,14 @@ def _check_address(op: str, address: tuple) -> None:
         raise OverflowError(f"{op}(): flowinfo must be 0-1048575.")
 
 
+def _agent_or_refuse() -> AgentClient:
+    """The agent, for a grid operation already under way (the personality found a grid host, or
+    a grid connect is pending); refuses the connection if :func:`configure` has dropped it since."""
+    if _agent is None:
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "no gridsock agent (the personality was reconfigured)")
+    return _agent
+
+
 def _is_loopback(host: str) -> bool:
     return host in _LOOPBACK or host.startswith("127.")
 
@@ -188,6 +201,11 @@ def _is_ip_literal(host: str) -> bool:
         return False
 
 
+# A non-blocking connect in progress: (agent connection, port, the address bound before it or
+# None, the host the program asked for, our end's send buffer size before it was shrunk).
+_Pending = Tuple[AgentChannel, int, Optional[tuple], Optional[str], int]
+
+
 class GridSocket(_RealSocket):
     """``socket.socket``, reaching grid nodes too; see the module docstring."""
 
@@ -198,11 +216,11 @@ class GridSocket(_RealSocket):
         super().__init__(family, type, proto, fileno)
         self._grid_peer: Optional[tuple] = None  # (grid ip, port) of the peer
         self._grid_local: Optional[tuple] = None  # (grid ip, port) of this end
-        self._grid_channel = None  # bound on the grid, not listening yet: the agent connection
+        self._grid_channel: Optional[AgentListener] = None  # bound on the grid, not listening yet
         self._grid_unix = False  # the descriptor is a Unix socketpair end
         self._grid_opts: Dict[tuple, Any] = {}
-        self._grid_pending = None  # a non-blocking connect in progress: (agent connection, port, ...)
-        self._grid_requested = None  # the host the program asked to connect to
+        self._grid_pending: Optional[_Pending] = None  # a non-blocking connect in progress
+        self._grid_requested: Optional[str] = None  # the host the program asked to connect to
 
     def _grid_capable(self) -> bool:
         return _agent is not None and self.family in (_socket.AF_INET, _socket.AF_INET6) \
@@ -250,7 +268,7 @@ class GridSocket(_RealSocket):
         """In force mode a loopback connection keeps loopback addresses, as the program expects."""
         if _force and _is_loopback(requested) and self._grid_peer is not None:
             self._grid_peer = (requested,) + tuple(self._grid_peer[1:])
-            if not _is_loopback(self._grid_local[0]):
+            if self._grid_local is not None and not _is_loopback(self._grid_local[0]):
                 self._grid_local = (requested,) + tuple(self._grid_local[1:])
 
     def _grid_connect(self, host: str, port: int) -> None:
@@ -259,6 +277,7 @@ class GridSocket(_RealSocket):
             raise OSError(errno.EISCONN, "Transport endpoint is already connected")
         if self._grid_pending is not None:
             raise OSError(errno.EALREADY, "Operation already in progress")
+        agent = _agent_or_refuse()
         bound = None
         if self._grid_channel is not None:  # bound as a source address: it serves nothing now
             bound, self._grid_local = self._grid_local, None
@@ -266,14 +285,14 @@ class GridSocket(_RealSocket):
             self._grid_channel = None
         timeout = self.gettimeout()
         if timeout == 0.0:
-            self._grid_connect_nonblocking(host, port, bound)
-        conn, result = _agent.connect(host, int(port), timeout=timeout or None)
+            self._grid_connect_nonblocking(agent, host, port, bound)
+        conn, result = agent.connect(host, int(port), timeout=timeout or None)
         self._adopt(conn.detach())
-        me = _agent.whoami()
+        me = agent.whoami()
         self._grid_peer = self._addr(result["ip"], int(port))
         self._grid_local = bound or self._addr(me["ip"], 0)
 
-    def _grid_connect_nonblocking(self, host: str, port: int, bound: Optional[tuple]) -> None:
+    def _grid_connect_nonblocking(self, agent: AgentClient, host: str, port: int, bound: Optional[tuple]) -> NoReturn:
         """Start a connect and raise BlockingIOError(EINPROGRESS); the socket turns writable when
         it is done, and ``getsockopt(SOL_SOCKET, SO_ERROR)`` then tells how it went.
 
@@ -288,7 +307,7 @@ class GridSocket(_RealSocket):
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         ours = _RealSocket(fileno=ours.detach())
         theirs = _RealSocket(fileno=theirs.detach())
-        channel = None
+        channel: Optional[AgentChannel] = None
         try:
             sndbuf = ours.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF)
             ours.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, 1)  # the kernel's minimum
@@ -300,7 +319,7 @@ class GridSocket(_RealSocket):
                     filler += ours.send(block)
                 except BlockingIOError:
                     break
-            channel = _agent.connect_into(host, int(port), theirs.fileno(), filler=filler)
+            channel = agent.connect_into(host, int(port), theirs.fileno(), filler=filler)
             theirs.close()
             self._adopt(os.dup(ours.fileno()))
             ours.close()
@@ -312,9 +331,10 @@ class GridSocket(_RealSocket):
         self._grid_pending = (channel, int(port), bound, self._grid_requested, sndbuf)
         raise BlockingIOError(errno.EINPROGRESS, "Operation now in progress")
 
-    def _grid_finish(self) -> int:
-        """The outcome of a non-blocking connect (0 or an errno); waits for it if need be."""
-        channel, port, bound, requested, sndbuf = self._grid_pending
+    def _grid_finish(self, pending: _Pending) -> int:
+        """The outcome of the non-blocking connect ``pending`` (ours: 0 or an errno); waits for
+        it if need be."""
+        channel, port, bound, requested, sndbuf = pending
         self._grid_pending = None
         try:
             channel.settimeout(None)
@@ -334,7 +354,7 @@ class GridSocket(_RealSocket):
         except OSError:
             pass
         self._grid_peer = self._addr(result["ip"], port)
-        self._grid_local = bound or self._addr(_agent.whoami()["ip"], 0)
+        self._grid_local = bound or self._addr(_agent_or_refuse().whoami()["ip"], 0)
         if requested:
             self._forced_names(requested)
         return 0
@@ -358,9 +378,10 @@ class GridSocket(_RealSocket):
         if self._grid_channel is not None or self._grid_local is not None:
             raise OSError(errno.EINVAL, "Invalid argument (already bound)")
         _check_address("bind", address)
-        channel = _agent.listen(int(address[1]))
+        channel = _agent_or_refuse().listen(int(address[1]))
         self._grid_channel = channel
-        self._grid_local = self._addr(channel.ip, channel.port)
+        # (No grid address while the node has not joined its grid: the wildcard, until it has.)
+        self._grid_local = self._addr(channel.ip or "0.0.0.0", channel.port)
         if _force and isinstance(address[0], str) and (_is_loopback(address[0]) or address[0] in _WILDCARDS):
             self._grid_local = (address[0] or "0.0.0.0",) + self._grid_local[1:]
 
@@ -381,7 +402,7 @@ class GridSocket(_RealSocket):
             return True
         if not isinstance(host, str) or (_is_ip_literal(host) and not is_grid_ip(host)) or host == "localhost":
             return False
-        me = _agent.whoami()
+        me = _agent_or_refuse().whoami()
         return host in (me["ip"], me["name"], me["name"] + GRID_SUFFIX)
 
     def listen(self, backlog=None):
@@ -420,9 +441,10 @@ class GridSocket(_RealSocket):
         conn = type(self)(self.family, self.type, self.proto, fileno=announced.detach())
         conn._grid_unix = unix
         peer = self._addr(result["ip"], int(result.get("peer_port") or 0))
-        if _force and _is_loopback(self._grid_local[0]):  # a loopback server sees loopback clients
-            peer = ("127.0.0.1" if self._grid_local[0] in _WILDCARDS else self._grid_local[0],) + peer[1:]
-        conn._grid_peer, conn._grid_local = peer, self._grid_local
+        local = self._grid_local
+        if _force and local is not None and _is_loopback(local[0]):  # a loopback server sees loopback clients
+            peer = ("127.0.0.1" if local[0] in _WILDCARDS else local[0],) + peer[1:]
+        conn._grid_peer, conn._grid_local = peer, local
         if _socket.getdefaulttimeout() is None and self.gettimeout():
             conn.setblocking(True)
         else:
@@ -449,8 +471,9 @@ class GridSocket(_RealSocket):
     def getpeername(self):
         if self._grid_peer is not None and self.fileno() == -1:
             raise OSError(errno.EBADF, "Bad file descriptor")
-        if self._grid_pending is not None and _readable(self._grid_pending[0]):
-            self._grid_finish()  # (asyncio asks SO_ERROR first; a selector loop may not)
+        pending = self._grid_pending
+        if pending is not None and _readable(pending[0]):
+            self._grid_finish(pending)  # (asyncio asks SO_ERROR first; a selector loop may not)
         if self._grid_peer is not None:
             return self._grid_peer
         return super().getpeername()
@@ -476,8 +499,9 @@ class GridSocket(_RealSocket):
             raise
 
     def getsockopt(self, level, optname, buflen=None):
-        if self._grid_pending is not None and level == _socket.SOL_SOCKET and optname == _socket.SO_ERROR:
-            error = self._grid_finish()
+        pending = self._grid_pending
+        if pending is not None and level == _socket.SOL_SOCKET and optname == _socket.SO_ERROR:
+            error = self._grid_finish(pending)
             return error if buflen is None else error.to_bytes(4, "little")[:buflen]
         if (level, optname) in self._grid_opts:
             value = self._grid_opts[(level, optname)]
@@ -503,7 +527,9 @@ class GridSocket(_RealSocket):
                 if channel is not None:
                     channel.release()
             self._grid_channel = self._grid_pending = None
-            if ("listening",) in self._grid_opts and self.fileno() != -1 and not self._io_refs:
+            # (_io_refs: socket.socket's count of open makefile() objects; typeshed omits the private name)
+            if ("listening",) in self._grid_opts and self.fileno() != -1 \
+                    and not self._io_refs:  # type: ignore[attr-defined]
                 # The grid port is free again when close() returns, as a kernel port would be.
                 self._grid_opts.pop(("listening",))
                 AgentChannel(_RealSocket(fileno=os.dup(self.fileno()))).release()
