@@ -77,8 +77,6 @@ class RelayMethod(Method):
     """
 
     name = "relay"
-    PARAMS: dict = {}
-    LIMITS: dict = {}
 
     def initiate(self, ctx: InitiatorContext) -> Initiation:
         relay = ctx.node.relay
