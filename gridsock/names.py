@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 from typing import Optional
 
-__all__ = ["GRID_NET", "GRID_SUFFIX", "grid_ip", "is_grid_ip", "grid_name"]
+__all__ = ["GRID_NET", "GRID_SUFFIX", "grid_ip", "is_grid_ip", "grid_name", "run_dir"]
 
 #: Where grid addresses live: reserved (RFC 1112 "class E"), never routed.
 GRID_NET = ipaddress.ip_network("240.0.0.0/4")
@@ -52,3 +53,10 @@ def grid_name(host: str) -> Optional[str]:
     if host.lower().endswith(GRID_SUFFIX) and len(host) > len(GRID_SUFFIX):
         return host[: -len(GRID_SUFFIX)]
     return None
+
+
+def run_dir() -> str:
+    """The directory holding the control and agent sockets of this host's gridsock processes:
+    $GRIDSOCK_RUN_DIR or /tmp/gridsock-<uid>. (Here, not in the bootstrap package, because the
+    personality's launcher needs it before it patches, and must import no gevent or ssl first.)"""
+    return os.environ.get("GRIDSOCK_RUN_DIR") or f"/tmp/gridsock-{os.getuid()}"

@@ -39,6 +39,8 @@ import sys
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
+from gridsock.names import run_dir
+
 __all__ = ["patch_all", "patch_socket", "unpatch_all", "is_patched", "get_original", "SOCKET_ITEMS",
            "site_dir", "child_environment", "gevent_did_patch_all", "main"]
 
@@ -169,7 +171,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     import runpy
 
     args = list(sys.argv[1:] if argv is None else argv)
-    agent, node, module, program = None, None, None, None
+    agent: Optional[str] = None
+    node: Optional[str] = None
+    module: Optional[str] = None
+    program: Optional[str] = None
     while args:
         arg = args.pop(0)
         if arg in ("-h", "--help"):
@@ -201,11 +206,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{USAGE}\n\nerror: nothing to run: give script.py or -m module", file=sys.stderr)
         return 2
     if node:
-        # Patch before importing run_dir(): the bootstrap package imports ssl (and gevent), and
-        # ssl binds socket names of its own at import, which would keep the originals.
-        patch_all()
-        from gridsock.bootstrap.control import run_dir
-
         agent = os.path.join(run_dir(), f"{node}.agent")
     agent = agent or os.environ[AGENT_ENV]
     os.environ.update(child_environment(agent))
@@ -213,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if module:
         sys.argv = [module] + args
         runpy.run_module(module, run_name="__main__", alter_sys=True)
-    else:
+    elif program:
         sys.argv = [program] + args
         sys.path.insert(0, os.path.dirname(os.path.abspath(program)))
         runpy.run_path(program, run_name="__main__")

@@ -16,6 +16,7 @@ from gevent import socket as gsocket
 
 from .. import wire
 from ..errors import BrokenStreamError, ConnectError, GridsockError, RemoteProtocolError
+from ..names import run_dir  # re-exported: it lives in gridsock.names, which imports no gevent
 from .link import read_message, send_message
 from .transport import Address, listen
 
@@ -25,11 +26,6 @@ log = logging.getLogger(__name__)
 
 # A control call (a ping across the grid included) answers within this long.
 CONTROL_TIMEOUT_S = 30.0
-
-
-def run_dir() -> str:
-    """The directory holding control sockets: $GRIDSOCK_RUN_DIR or /tmp/gridsock-<uid>."""
-    return os.environ.get("GRIDSOCK_RUN_DIR") or f"/tmp/gridsock-{os.getuid()}"
 
 
 def control_path(name: str) -> str:
