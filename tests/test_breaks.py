@@ -244,6 +244,27 @@ def test_relay_lost_route_breaks_both_directions():
         w.a.receive_some()
 
 
+def test_relay_lost_frame_is_a_break_not_a_hole():
+    # A frame lost on the path (a link replaced under the connection) shows as a gap in the
+    # offsets: the receiver resets instead of delivering the stream with a hole in it.
+    w = RelayWorld()
+    real = w.managers["A"]._send
+    sent = []
+
+    def lose_the_second(dst, payload):
+        sent.append(payload)
+        if len(sent) != 2:
+            real(dst, payload)
+
+    w.managers["A"]._send = lose_the_second
+    w.a.send_all(b"first")
+    w.a.send_all(b"second")
+    w.a.send_all(b"third")
+    received, exc = receive_until_end(w.b)
+    assert_broken(received, exc, b"first")
+    assert "frame was lost" in str(exc)
+
+
 def test_relay_malformed_frame_is_broken():
     w = RelayWorld()
     w.managers["B"].on_message("A", struct.pack("!IBI", 1, 9, 0))  # unknown frame type

@@ -8,7 +8,10 @@ routed messages with topic ``relay`` along the bootstrap tree (the same path for
 life of the connection, so the links' FIFO order is the stream's order). Each message's
 payload starts with a header ``conn_id: u32 | type: u8 | value: u32``:
 
-- ``DATA``: the rest of the payload is stream data (at most ``RELAY_CHUNK_BYTES``);
+- ``DATA``: the rest of the payload is stream data (at most ``RELAY_CHUNK_BYTES``); ``value``
+  is the stream offset of its first byte, modulo 2^32: a receiver that finds another offset
+  than the bytes it has had (a frame lost when a link on the path was replaced) resets the
+  connection rather than deliver a stream with a hole in it;
 - ``EOF``: the sender half-closed;
 - ``CREDIT``: the receiver consumed ``value`` more bytes, the sender may send that much more;
 - ``RESET``: the connection is gone (closed, or unknown at the receiver).
@@ -128,7 +131,7 @@ class RelayStream(Stream):
                 continue
             n = min(len(view), self._credit, RELAY_CHUNK_BYTES)
             self._credit -= n
-            self._manager.transmit(self, DATA, 0, view[:n])
+            self._manager.transmit(self, DATA, self.bytes_sent & 0xFFFFFFFF, view[:n])
             self.bytes_sent += n
             view = view[n:]
 
@@ -188,6 +191,9 @@ class RelayStream(Stream):
         if kind == DATA:
             if self._peer_eof:
                 raise RemoteProtocolError("relay data after EOF")
+            if value != self.bytes_received & 0xFFFFFFFF:
+                raise RemoteProtocolError(f"relay data at offset {value}, expected {self.bytes_received & 0xFFFFFFFF} "
+                                          "(a frame was lost on the path)")
             self._in_flight_to_us += len(data)
             if self._in_flight_to_us > RELAY_WINDOW_BYTES:
                 raise RemoteProtocolError(f"relay peer sent beyond its window ({self._in_flight_to_us} bytes)")
