@@ -328,7 +328,7 @@ class GridsockListener(BaseListener):
 
     def get_host_port(self) -> Tuple[str, int]:
         """``(node name, grid port)``; ValueError before :meth:`start`."""
-        if self._node is None:
+        if self._node is None or self._bound_port is None:  # (start() sets both)
             raise ValueError("invalid operation on a gridsock listener that has not started")
         return self._node, self._bound_port
 

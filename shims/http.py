@@ -31,7 +31,7 @@ import http.client
 import socket
 import sys
 import urllib.request
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from gridsock.personalities.socket import create_connection, is_grid_host
 
@@ -108,10 +108,12 @@ def build_opener(*handlers) -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(*extra, *handlers)
 
 
-_opener = None
+_opener: Optional[urllib.request.OpenerDirector] = None
+# urlopen()'s "no timeout given" sentinel, the socket module's (typeshed does not declare this private name).
+_GLOBAL_DEFAULT_TIMEOUT: object = socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]
 
 
-def urlopen(url, data=None, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, *, context=None):
+def urlopen(url, data=None, timeout=_GLOBAL_DEFAULT_TIMEOUT, *, context=None):
     """``urllib.request.urlopen`` reaching grid hosts too (``context``: the ``ssl.SSLContext``
     for https URLs). Returns what urllib's ``urlopen`` returns and raises what it raises
     (``URLError`` wrapping the connection's error, ``HTTPError``)."""
@@ -138,11 +140,11 @@ else:
     # urllib3 2 names a failed lookup; urllib3 1.26 calls it a failed connection.
     _NameResolutionError = getattr(urllib3.exceptions, "NameResolutionError", None)
 
-    class _GridNewConn:
-        """Mixin for urllib3 connections: ``_new_conn`` makes grid connections through the agent
-        and leaves every other host to urllib3."""
+    class _GridNewConn(urllib3.connection.HTTPConnection):
+        """Mixin for urllib3 connections (put first among the bases): ``_new_conn`` makes grid
+        connections through the agent and leaves every other host to the next class's."""
 
-        def _new_conn(self):
+        def _new_conn(self) -> socket.socket:
             if not _is_grid_host(self.host):
                 return super()._new_conn()
             try:

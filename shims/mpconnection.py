@@ -33,11 +33,25 @@ import multiprocessing.connection as _mpc
 import multiprocessing.managers as _managers
 import socket
 import xmlrpc.client
-from typing import Dict
+from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple
 
 from gridsock.personalities.socket import GridSocket, agent
 
 __all__ = ["Listener", "Client", "GridManager", "GridSyncManager", "SERIALIZERS"]
+
+# What this module uses of multiprocessing that every CPython 3 has but typeshed does not declare
+# (module helpers, the managers' serializer table and the xmlrpclib serializer's classes), named
+# once here with their types.
+_address_type: Callable[[Any], str] = _mpc.address_type  # type: ignore[attr-defined]
+_arbitrary_address: Callable[[str], Any] = _mpc.arbitrary_address  # type: ignore[attr-defined]
+_default_family: str = _mpc.default_family  # type: ignore[attr-defined]
+_ConnectionWrapper: Callable[[Any, Callable[[Any], bytes], Callable[[bytes], Any]], Any] = \
+    _mpc.ConnectionWrapper  # type: ignore[attr-defined]
+_listener_client: Dict[str, Tuple[Any, Any]] = _managers.listener_client  # type: ignore[attr-defined]
+if TYPE_CHECKING:  # XmlListener is a Listener whose accept() wraps the connection
+    _StdXmlListener = _mpc.Listener
+else:
+    _StdXmlListener = _mpc.XmlListener
 
 
 # --- multiprocessing.connection ------------------------------------------------------------------
@@ -81,14 +95,14 @@ class Listener(_mpc.Listener):
     """
 
     def __init__(self, address=None, family=None, backlog=1, authkey=None):
-        family = family or (address and _mpc.address_type(address)) or _mpc.default_family
+        family = family or (address and _address_type(address)) or _default_family
         if family != "AF_INET" or agent() is None:
             super().__init__(address, family, backlog, authkey)
             return
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError("authkey should be a byte string")
         # The stdlib Listener's state: accept(), close(), address and last_accepted are its own.
-        self._listener = _GridSocketListener(address or _mpc.arbitrary_address(family), backlog)
+        self._listener = _GridSocketListener(address or _arbitrary_address(family), backlog)
         self._authkey = authkey
 
 
@@ -99,7 +113,7 @@ def Client(address, family=None, authkey=None):
     differ, ``ConnectionRefusedError`` when nothing listens on the grid port, ``socket.gaierror``
     for a ``.grid`` name the grid does not know.
     """
-    family = family or _mpc.address_type(address)
+    family = family or _address_type(address)
     if family != "AF_INET" or agent() is None:
         return _mpc.Client(address, family, authkey)
     with GridSocket(socket.AF_INET) as sock:
@@ -118,17 +132,17 @@ def Client(address, family=None, authkey=None):
     return connection
 
 
-class _XmlListener(Listener, _mpc.XmlListener):
+class _XmlListener(Listener, _StdXmlListener):
     """``multiprocessing.connection.XmlListener`` on grid ports (its ``accept()`` is the stdlib's)."""
 
 
 def _xml_client(*args, **kwargs):
     """``multiprocessing.connection.XmlClient`` reaching grid hosts."""
-    return _mpc.ConnectionWrapper(Client(*args, **kwargs), _xml_dumps, _xml_loads)
+    return _ConnectionWrapper(Client(*args, **kwargs), _xml_dumps, _xml_loads)
 
 
 def _xml_dumps(obj) -> bytes:
-    return xmlrpc.client.dumps((obj,), None, None, None, 1).encode("utf-8")
+    return xmlrpc.client.dumps((obj,), None, None, None, allow_none=True).encode("utf-8")
 
 
 def _xml_loads(data: bytes):
@@ -149,8 +163,8 @@ class _Serializer(str):
 SERIALIZERS: Dict[str, _Serializer] = {"pickle": _Serializer("gridsock-pickle"),
                                        "xmlrpclib": _Serializer("gridsock-xmlrpclib")}
 _BY_NAME = {str(name): name for name in SERIALIZERS.values()}
-_managers.listener_client[SERIALIZERS["pickle"]] = (Listener, Client)
-_managers.listener_client[SERIALIZERS["xmlrpclib"]] = (_XmlListener, _xml_client)
+_listener_client[SERIALIZERS["pickle"]] = (Listener, Client)
+_listener_client[SERIALIZERS["xmlrpclib"]] = (_XmlListener, _xml_client)
 
 
 def _grid_serializer(serializer: str) -> _Serializer:
@@ -182,4 +196,4 @@ class GridSyncManager(GridManager, _managers.SyncManager):
     ... served on a grid port; see :class:`GridManager`."""
 
     # Its own copy: a typeid registered on GridManager must not hide SyncManager's.
-    _registry = dict(_managers.SyncManager._registry)
+    _registry = dict(_managers.SyncManager._registry)  # type: ignore[attr-defined]  # (BaseManager's, undeclared)

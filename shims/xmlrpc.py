@@ -48,7 +48,9 @@ class SafeTransport(xmlrpc.client.SafeTransport):
         if self._connection and host == self._connection[0]:
             return self._connection[1]
         chost, self._extra_headers, x509 = self.get_host_info(host)
-        self._connection = host, HTTPSConnection(chost, None, context=self.context, **(x509 or {}))
+        # (SafeTransport.__init__ stores ``context``; typeshed's stub does not declare the attribute.)
+        context = self.context  # type: ignore[attr-defined]
+        self._connection = host, HTTPSConnection(chost, None, context=context, **(x509 or {}))
         return self._connection[1]
 
 
