@@ -207,3 +207,42 @@ def test_an_asyncio_echo_server_and_clients(apps, client):
     """)
     assert json.loads(out) == ["GRID", "LAB", client.upper()]
     server.terminate()
+
+
+@pytest.fixture
+def wan(grid):
+    """The lab's internet as a WAN for one test: 10 ms each way between the public hosts (20 ms
+    round trip across sites); back to none afterwards, for the other tests of the session."""
+    grid.lab.set_wan(delay_ms=10.0)
+    try:
+        yield
+    finally:
+        grid.lab.set_wan()
+
+
+def test_an_http_download_across_clusters_under_wan_delay(apps, grid, wan):
+    # As a user meets it: unmodified http.server behind B's firewall, unmodified urllib behind
+    # A's NAT, the default policy (tls from outside the cluster), 20 ms round trip. Which
+    # stack the node picks is its business (tls/splice through both, here); the bytes must be
+    # exact, twice.
+    directory = grid.tmp / "www-wan"
+    directory.mkdir(exist_ok=True)
+    payload = os.urandom(16 << 20)
+    (directory / "data.bin").write_bytes(payload)
+    server = apps.start("b2", """
+        import runpy, sys
+        sys.argv = ["http.server", "0", "--directory", sys.argv[1]]
+        runpy.run_module("http.server", run_name="__main__")
+    """, str(directory))
+    try:
+        port = wait_for_line(server, "Serving HTTP on ", timeout=APP_TIMEOUT_S).split(" port ")[1].split()[0]
+        out = apps.run("a2", f"""
+            import hashlib, urllib.request
+            for _ in range(2):  # the second finds the winner of the first race
+                with urllib.request.urlopen("http://b2:{port}/data.bin", timeout=60) as response:
+                    print(hashlib.sha256(response.read()).hexdigest())
+        """)
+        assert out.split() == [hashlib.sha256(payload).hexdigest()] * 2
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
