@@ -61,7 +61,7 @@ from .registry import Registry, default_registry
 from .rules import Rules
 from .stack import Stack, StackContext
 from .streams import Stream
-from .components.tcp import MATCH_TIMEOUT_S
+from .components.tcp import MATCH_TIMEOUT_S, recv_exactly
 
 __all__ = [
     "Assembler",
@@ -303,7 +303,7 @@ class Assembler:
         """A node-port connection that began with DATA_PREAMBLE (not yet read). Owns ``sock``."""
         try:
             with gevent.Timeout(MATCH_TIMEOUT_S, TimeoutError("no preamble")):
-                preamble = wire.decode_preamble(_recv_exactly(sock, wire.PREAMBLE_BYTES), peer=label)
+                preamble = wire.decode_preamble(recv_exactly(sock, wire.PREAMBLE_BYTES), peer=label)
             assert preamble is not None  # (all its bytes were read)
             token = preamble.token
             arrival = self._arrivals.get(token)
@@ -618,13 +618,3 @@ def _reason(exc: ConnectError) -> str:
 
 def _refuse(code: str, reason: str) -> bytes:
     return wire.encode_assembly(wire.AssemblyRefuse(code, reason.encode()[: wire.MAX_REASON_BYTES].decode("utf-8", "ignore")))
-
-
-def _recv_exactly(sock, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise RemoteProtocolError(f"connection closed after {len(data)} of {n} preamble bytes")
-        data += chunk
-    return bytes(data)

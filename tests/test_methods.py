@@ -206,32 +206,33 @@ def test_a_third_party_method_is_raced_nominated_and_used(grid, unixpipe):
         listener.close()
 
 
-def test_a_bad_offer_is_refused_by_the_method_with_its_code(grid, unixpipe):
+def raw_request(grid, port: int, stack: str, token_byte: int, offer=None):
+    """A hand-made assembly request from m1 to a listening port of L2; return the answer."""
     from gridsock import assembly, wire
 
-    listener = grid["L2"].listen(PORT + 50)
+    listener = grid["L2"].listen(port)
     try:
-        request = wire.AssemblyRequest(port=PORT + 50, stack="tls/unixpipe", token="22" * 32, offer={"hello": 1})
+        request = wire.AssemblyRequest(port=port, stack=stack, token=bytes([token_byte]).hex() * 32, offer=offer or {})
         reply = grid["m1"].meta_request("L2", assembly.ASSEMBLE_TOPIC, wire.encode_assembly(request))
-        answer = wire.decode_assembly(reply.payload)
-        assert isinstance(answer, wire.AssemblyRefuse) and answer.code == "bad-request"
-        assert "unexpected offer" in answer.reason
+        return wire.decode_assembly(reply.payload)
     finally:
         listener.close()
 
 
+def test_a_bad_offer_is_refused_by_the_method_with_its_code(grid, unixpipe):
+    from gridsock import wire
+
+    answer = raw_request(grid, PORT + 50, "tls/unixpipe", 0x22, {"hello": 1})
+    assert isinstance(answer, wire.AssemblyRefuse) and answer.code == "bad-request"
+    assert "unexpected offer" in answer.reason
+
+
 def test_an_unknown_method_is_the_callers_error_or_the_servers_refusal(grid):
-    from gridsock import assembly, wire
+    from gridsock import wire
     from gridsock.errors import UnknownComponentError
 
     with pytest.raises(UnknownComponentError):  # the client's own stack string: before any I/O
         grid["m1"].open_stream("L2", PORT, stack="nosuchmethod")
-    listener = grid["L2"].listen(PORT + 60)
-    try:  # a method the server does not have
-        request = wire.AssemblyRequest(port=PORT + 60, stack="tls/nosuchmethod", token="33" * 32)
-        reply = grid["m1"].meta_request("L2", assembly.ASSEMBLE_TOPIC, wire.encode_assembly(request))
-        answer = wire.decode_assembly(reply.payload)
-        assert isinstance(answer, wire.AssemblyRefuse) and answer.code == "bad-stack"
-        assert "nosuchmethod" in answer.reason
-    finally:
-        listener.close()
+    answer = raw_request(grid, PORT + 60, "tls/nosuchmethod", 0x33)  # a method the server does not have
+    assert isinstance(answer, wire.AssemblyRefuse) and answer.code == "bad-stack"
+    assert "nosuchmethod" in answer.reason

@@ -32,6 +32,7 @@ from ..bootstrap.transport import Address, parse_address
 from ..errors import ConfigError, ConnectError, RemoteProtocolError
 from ..methods import Initiation, InitiatorContext, Method, MethodRefusal, ResponderContext
 from ..streams import SocketStream, Stream
+from .tcp import recv_exactly
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class SpliceMethod(Method):
             sock = splice_connect(sock, endpoint)
             try:
                 with gevent.Timeout(SPLICE_TIMEOUT_S, TimeoutError("no preamble")):
-                    head = _recv_exactly(sock, wire.PREAMBLE_BYTES)
+                    head = recv_exactly(sock, wire.PREAMBLE_BYTES)
                 preamble = wire.decode_preamble(head)
                 if preamble is None or preamble.token != ctx.token:
                     raise RemoteProtocolError("the spliced connection did not present our token (wrong node?)")
@@ -119,16 +120,6 @@ class SpliceMethod(Method):
             log.info("node %s: splice with %s failed: %s", ctx.me.name, ctx.client.name, exc)
             return
         ctx.deliver(SocketStream(sock, info={"method": "splice"}))
-
-
-def _recv_exactly(sock, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise RemoteProtocolError(f"connection closed after {len(data)} of {n} preamble bytes")
-        data += chunk
-    return bytes(data)
 
 
 def is_private(host: str) -> bool:

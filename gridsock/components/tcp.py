@@ -30,7 +30,7 @@ from ..errors import ConfigError, ConnectError, ConnectTimeoutError, RemoteProto
 from ..methods import DIAL_TIMEOUT_S, Arrival, Initiation, InitiatorContext, Method, ResponderContext
 from ..streams import SocketStream, Stream
 
-__all__ = ["TcpMethod", "DialInitiation", "dial_with_preamble", "serve_arrival", "check_offer_field",
+__all__ = ["TcpMethod", "DialInitiation", "dial_with_preamble", "serve_arrival", "recv_exactly",
            "CONNECT_TIMEOUT_S", "MATCH_TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
@@ -184,10 +184,12 @@ class TcpMethod(Method):
         return SocketStream(socks[0], info={"method": self.name})
 
 
-def check_offer_field(offer: Dict[str, Any], key: str, kind: type, what: str) -> Any:
-    """``offer[key]`` if it is a ``kind``; RemoteProtocolError naming ``what`` otherwise."""
-    value = offer.get(key)
-    if type(value) is not kind:
-        raise RemoteProtocolError(f"bad {what}: {key}={value!r}")
-    return value
-
+def recv_exactly(sock, n: int) -> bytes:
+    """Exactly ``n`` bytes from socket ``sock`` (a preamble); RemoteProtocolError if it closes first."""
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise RemoteProtocolError(f"connection closed after {len(data)} of {n} preamble bytes")
+        data += chunk
+    return bytes(data)

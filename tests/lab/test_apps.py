@@ -102,17 +102,22 @@ def test_an_unmodified_xmlrpc_server_in_the_firewalled_cluster(apps, client):
     server.terminate()
 
 
+def start_http_server(apps, node: str, directory) -> tuple:
+    """``python -m http.server`` on any port, under ``gridsock run`` on ``node``: (process, port)."""
+    server = apps.start(node, """
+        import runpy, sys
+        sys.argv = ["http.server", "0", "--directory", sys.argv[1]]
+        runpy.run_module("http.server", run_name="__main__")
+    """, str(directory))
+    return server, wait_for_line(server, "Serving HTTP on ", timeout=APP_TIMEOUT_S).split(" port ")[1].split()[0]
+
+
 def test_python_http_server_in_the_private_cluster_urllib_and_requests(apps, grid):
     directory = grid.tmp / "www"
     directory.mkdir(exist_ok=True)
     payload = os.urandom(8 << 20)
     (directory / "data.bin").write_bytes(payload)
-    server = apps.start("c2", """
-        import runpy, sys
-        sys.argv = ["http.server", "0", "--directory", sys.argv[1]]
-        runpy.run_module("http.server", run_name="__main__")
-    """, str(directory))
-    port = wait_for_line(server, "Serving HTTP on ", timeout=APP_TIMEOUT_S).split(" port ")[1].split()[0]
+    server, port = start_http_server(apps, "c2", directory)
     for client in ("a1", "b1"):
         out = apps.run(client, f"""
             import hashlib, urllib.request, requests
@@ -229,13 +234,8 @@ def test_an_http_download_across_clusters_under_wan_delay(apps, grid, wan):
     directory.mkdir(exist_ok=True)
     payload = os.urandom(16 << 20)
     (directory / "data.bin").write_bytes(payload)
-    server = apps.start("b2", """
-        import runpy, sys
-        sys.argv = ["http.server", "0", "--directory", sys.argv[1]]
-        runpy.run_module("http.server", run_name="__main__")
-    """, str(directory))
+    server, port = start_http_server(apps, "b2", directory)
     try:
-        port = wait_for_line(server, "Serving HTTP on ", timeout=APP_TIMEOUT_S).split(" port ")[1].split()[0]
         out = apps.run("a2", f"""
             import hashlib, urllib.request
             for _ in range(2):  # the second finds the winner of the first race
