@@ -176,11 +176,15 @@ def render(results: dict, nbytes: int, rounds: int) -> str:
         up, down = results[kind, "upload"], results[kind, "download"]
         lines.append(f"| {LABELS[kind]} | {_cell(up)} | {statistics.median(up) / base['upload']:.2f} | "
                      f"{_cell(down)} | {statistics.median(down) / base['download']:.2f} |")
+    held = {d: statistics.median(results["unix", d]) / statistics.median(results["unix-noreset", d])
+            for d in ("upload", "download")}
     lines += [
         "",
         "The held byte is how an AF_UNIX bridge makes the application's `recv` raise `ECONNRESET` when the stream "
-        "breaks (Linux resets a Unix stream peer only if the closing end has unread data); it costs upload "
-        "throughput only, far above what any stack below a bridge carries (docs/architecture.md, \"Breaks\").",
+        "breaks (Linux resets a Unix stream peer only if the closing end has unread data; docs/architecture.md, "
+        f"\"Breaks\"). In this run the bridge holding it moves {held['upload']:.2f}x the upload and "
+        f"{held['download']:.2f}x the download of the same bridge without it. The AF_UNIX framework end's send "
+        "buffer is `UNIX_BRIDGE_SNDBUF_BYTES` (1 MiB): with Linux's default, downloads ran at about 250 MB/s.",
         "",
     ]
     return "\n".join(lines)

@@ -131,6 +131,11 @@ log = logging.getLogger(__name__)
 # What each pump moves per call: large enough to amortise the system calls, small enough that
 # a bridge buffers little beyond the kernel's socket buffers.
 BRIDGE_CHUNK_BYTES = 64 * 1024
+# The send buffer of an AF_UNIX pair's framework end (stream -> application). Linux's default
+# (about 200 KiB) wakes a blocked sender only once three quarters have drained, so every few
+# chunks the pump and the application wait on each other: downloads ran at a tenth of a TCP
+# pair's speed (bench/bench_bridge.py). A loopback TCP pair autotunes its own.
+UNIX_BRIDGE_SNDBUF_BYTES = 1024 * 1024
 
 # SO_LINGER values: {on, 0 s} makes close() (and the kernel's close of a dead process's sockets)
 # send an RST and drop unsent data; {off} is the default orderly close (FIN after the data).
@@ -455,6 +460,8 @@ def start_bridge(stream: Stream, *, name: str = "", tcp: bool = False) -> Tuple[
         stream.close()
         raise
     try:
+        if not tcp:
+            framework.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_BRIDGE_SNDBUF_BYTES)
         framework_end = gsocket.socket(
             framework.family, framework.type, framework.proto, fileno=framework.detach()
         )
