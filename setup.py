@@ -38,6 +38,8 @@ setup(
         "pysocks>=1.7",
         "lz4>=4",
         'tomli>=2; python_version < "3.11"',
+        # Progress bars of long CLI work (gridsock transfer).
+        "tqdm>=4.66",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "requests>=2.28"],
@@ -50,6 +52,7 @@ setup(
             "types-greenlet==3.5.0.20260518",
             "types-paramiko==5.1.0.20261030",
             "types-PySocks==1.7.1.20261115",
+            "types-tqdm==4.70.0.20261106",
         ],
     },
     entry_points={

@@ -17,9 +17,12 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from typing import List, Optional
+
+from . import __version__
 
 __all__ = ["main"]
 
@@ -35,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gridsock", description="Sockets across NAT, firewalls and private clusters.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--version", action="version", version=f"gridsock {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -102,8 +106,12 @@ def _more_commands(sub) -> None:
     tr.add_argument("--bytes", default="1M", help="how much to send each way (suffixes K, M, G)")
     tr.add_argument("--timeout", type=float, default=600.0)
     tr.add_argument("--json", action="store_true")
+    tr.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="show progress on stderr (default: when stderr is a terminal)")
 
-    lab = sub.add_parser("lab", help="the network-namespace grid lab (root)", add_help=False)
+    # main() hands everything after ``lab`` to gridsock.testing.lab.main untouched (its own
+    # options, --help included, in any order); this entry only lists the command.
+    lab = sub.add_parser("lab", help="the network-namespace grid lab (root): gridsock lab --help", add_help=False)
     lab.add_argument("lab_args", nargs=argparse.REMAINDER)
 
     demo = sub.add_parser("demo", help="run a rendez-vous node and a few nodes on this machine")
@@ -294,8 +302,10 @@ def format_status(status: dict) -> str:
         for link in status["meta_links"]:
             lines.append(f"  {link['peer']:12} {link['stack']:10} {link['label']}")
     if "connections" in status:
-        lines.append(f"data connections ({len(status['connections'])}); listening on grid ports "
-                     f"{', '.join(map(str, status.get('listening', []))) or 'none'}:")
+        ports = ", ".join(map(str, status.get("listening", [])))
+        lines.append(f"data connections: {len(status['connections']) or 'none'}; "
+                     + (f"listening on grid port(s) {ports}" if ports else "not listening on any grid port")
+                     + (":" if status["connections"] else ""))
         for c in status["connections"]:
             lines.append(f"  #{c['conn']:<5} {c['side']:6} {c['peer']}:{c['port']:<6} {c['stack']}")
             for stack, why in c.get("tried", []):  # what was tried before the winner, and why it failed
@@ -345,16 +355,50 @@ def _cmd_echo(args) -> int:
     return 0
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) during a command that stops cleanly on it."""
+
+
 def _cmd_transfer(args) -> int:
+    """Run a transfer in the node; Ctrl-C closes the control connection, which cancels it there."""
+    import gevent
+
     from .bootstrap.control import call
     from .errors import ConfigError
 
     node, _, port = args.dst.rpartition(":")
     if not node or not port.isdigit():
         raise ConfigError(f"bad destination {args.dst!r}: NODE:PORT")
-    result = call(_control_target(args), "transfer",
-                  {"dst": node, "port": int(port), "bytes": _parse_size(args.bytes), "stack": args.stack,
-                   "timeout": min(args.timeout, 60.0)}, timeout=args.timeout)
+    nbytes = _parse_size(args.bytes)
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=nbytes, file=sys.stderr, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=f"{args.dst} echoed", dynamic_ncols=True)
+
+    def progress(fields: dict) -> None:
+        if bar is not None:
+            bar.update(max(0, int(fields.get("received", 0)) - bar.n))
+
+    main_greenlet = gevent.getcurrent()
+    # The signal arrives in the hub; raise it where the call waits, so its socket is closed.
+    handler = gevent.signal_handler(signal.SIGINT, lambda: main_greenlet.throw(Interrupted()))
+    try:
+        result = call(_control_target(args), "transfer",
+                      {"dst": node, "port": int(port), "bytes": nbytes, "stack": args.stack,
+                       "timeout": min(args.timeout, 60.0)}, timeout=args.timeout,
+                      progress=progress if show else None)
+    except Interrupted:
+        if bar is not None:
+            bar.close()
+        print(f"gridsock transfer: interrupted; the transfer to {args.dst} is cancelled", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        handler.cancel()
+    if bar is not None:
+        bar.close()
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -364,16 +408,48 @@ def _cmd_transfer(args) -> int:
     return 0 if result["sha256_sent"] == result["sha256_received"] else 1
 
 
+# The exit status after stdout was closed under us (``gridsock status | head``): what a shell
+# reports for a command killed by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the ``gridsock`` command line; return the exit status.
+
+    A reader that goes away (stdout a closed pipe) ends any command quietly with
+    :data:`EXIT_BROKEN_PIPE`, as CPython's documentation of SIGPIPE recommends: stdout is pointed
+    at /dev/null so that the interpreter's last flush does not complain again.
+    """
+    try:
+        try:
+            return _main(argv)
+        finally:  # (--help and --version exit here too)
+            sys.stdout.flush()  # a broken pipe shows here, while we can still handle it
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+
+
+# Options of ``gridsock`` itself that may stand before the command (see _parser).
+_GLOBAL_FLAGS = re.compile(r"-v+|--verbose|-q|--quiet")
+
+
+def _main(argv: Optional[List[str]]) -> int:
     from .errors import GridsockError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
-    _setup_logging(args.verbose, args.quiet)
-    if args.command == "lab":
+    # ``gridsock [-v] [-q] lab ...``: the lab's own parser reads the rest as is, options first
+    # included (``lab --prefix X up``, ``lab --help``): argparse's REMAINDER would not take them.
+    command_at = next((i for i, arg in enumerate(argv) if not _GLOBAL_FLAGS.fullmatch(arg)), len(argv))
+    if argv[command_at:command_at + 1] == ["lab"]:
+        args = _parser().parse_args(argv[:command_at + 1])
         from .testing import lab
 
-        return lab.main(args.lab_args)
+        return lab.main((["-v"] if args.verbose else []) + argv[command_at + 1:])
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
     if args.command == "demo":
         from .demo import run_demo
 

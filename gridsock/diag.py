@@ -5,6 +5,12 @@ it receives. ``transfer(node, peer, port, nbytes, stack=...)`` connects (with th
 or the caller choose), sends ``nbytes`` of random data while reading the echo, and reports the
 SHA-256 of both directions, the time taken and the stack: bytes that cross the grid each way and
 arrive unchanged. ``gridsock transfer`` runs it in a running node through its control socket.
+
+While it runs, ``transfer`` reports ``{"bytes", "sent", "received"}`` every
+:data:`PROGRESS_INTERVAL_S` to ``progress`` (by default to the control client that asked for
+progress: :func:`gridsock.bootstrap.control.report_progress`). Killed (its control client went
+away, Ctrl-C on ``gridsock transfer``), it stops its sender and receiver and closes the
+connection before it dies, so neither end moves the transfer's bytes any more.
 """
 from __future__ import annotations
 
@@ -12,16 +18,19 @@ import hashlib
 import logging
 import os
 import time
+from typing import Any, Callable, Dict, Optional
 
 import gevent
 
-from .errors import BrokenStreamError, GridsockError
+from .errors import BrokenStreamError
 
-__all__ = ["serve_echo", "transfer", "ECHO_CHUNK_BYTES"]
+__all__ = ["serve_echo", "transfer", "ECHO_CHUNK_BYTES", "PROGRESS_INTERVAL_S"]
 
 log = logging.getLogger(__name__)
 
 ECHO_CHUNK_BYTES = 256 * 1024
+# How often a running transfer reports its progress (a terminal's progress bar stays lively).
+PROGRESS_INTERVAL_S = 0.2
 
 
 def serve_echo(node, port: int, *, abort_after: int | None = None):
@@ -58,19 +67,25 @@ def serve_echo(node, port: int, *, abort_after: int | None = None):
     return gevent.spawn(serve)
 
 
-def transfer(node, peer: str, port: int, nbytes: int, *, stack=None, timeout: float | None = None) -> dict:
+def transfer(node, peer: str, port: int, nbytes: int, *, stack=None, timeout: float | None = None,
+             progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> dict:
     """Send ``nbytes`` random bytes to the echo service at ``peer:port`` and read them back.
 
+    ``progress`` (default: the control client's, see the module docstring) is called with
+    ``{"bytes", "sent", "received"}`` every :data:`PROGRESS_INTERVAL_S` and once at the end.
     Returns a dict: ``stack``, ``bytes``, ``sha256_sent``, ``sha256_received``, ``connect_ms``,
     ``seconds``, ``mb_per_s`` (each way). Raises ConnectError if no connection can be made and
     BrokenStreamError if it breaks.
     """
+    from .bootstrap.control import report_progress
+
+    report = progress if progress is not None else report_progress
     started = time.perf_counter()
     stream, info = node.open_stream(peer, port, stack=stack, timeout=timeout)
     connected = time.perf_counter()
     sent = hashlib.sha256()
     received = hashlib.sha256()
-    count = {"received": 0}
+    count = {"sent": 0, "received": 0}
 
     def sender() -> None:
         left = nbytes
@@ -79,6 +94,7 @@ def transfer(node, peer: str, port: int, nbytes: int, *, stack=None, timeout: fl
             sent.update(chunk)
             stream.send_all(chunk)
             left -= len(chunk)
+            count["sent"] += len(chunk)
         stream.send_eof()
 
     def receiver() -> None:
@@ -91,8 +107,10 @@ def transfer(node, peer: str, port: int, nbytes: int, *, stack=None, timeout: fl
 
     greenlets = [gevent.spawn(sender), gevent.spawn(receiver)]
     try:
-        gevent.joinall(greenlets, raise_error=True)
-    except (GridsockError, OSError):
+        while len(gevent.joinall(greenlets, timeout=PROGRESS_INTERVAL_S, raise_error=True)) < len(greenlets):
+            report({"bytes": nbytes, **count})
+        report({"bytes": nbytes, **count})
+    except BaseException:  # failed, or killed (cancelled): nothing may go on moving bytes
         gevent.killall(greenlets)
         raise
     finally:

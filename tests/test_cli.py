@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import selectors
+import signal
 import stat
 import subprocess
+import time
 
 import pytest
 
@@ -278,3 +281,150 @@ def test_demo_leaves_no_warning_behind(demo):
     # Run with warnings as errors and ResourceWarning shown: e.g. the stdout pipes of the node
     # processes it started must be closed, not left to the garbage collector.
     assert_no_trouble(demo.stderr, "gridsock demo")
+
+
+# --- gridsock transfer: progress, and Ctrl-C --------------------------------------------------
+
+
+def io_bytes(pid: int) -> int:
+    """What process ``pid`` read and wrote through system calls so far (/proc/PID/io)."""
+    with open(f"/proc/{pid}/io") as io:
+        fields = dict(line.split(": ") for line in io.read().splitlines())
+    return int(fields["rchar"]) + int(fields["wchar"])
+
+
+def read_stderr_until(proc: subprocess.Popen, pattern: bytes, *, timeout: float) -> bytes:
+    """Read ``proc.stderr`` until what came so far matches ``pattern``; return it all.
+
+    Progress bars rewrite one line with carriage returns, so this does not wait for newlines.
+    Raises TimeoutError (naming what came) after ``timeout`` seconds, RuntimeError at its end.
+    """
+    seen = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stderr.fileno(), selectors.EVENT_READ)
+        while not re.search(pattern, seen):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {pattern!r} on stderr within {timeout} s: {seen[-500:]!r}")
+            if selector.select(remaining):
+                data = os.read(proc.stderr.fileno(), 65536)
+                if not data:
+                    raise RuntimeError(f"stderr ended before {pattern!r}: {seen[-500:]!r}")
+                seen += data
+    return seen
+
+
+def data_connections(run_dir, name: str) -> list:
+    return call(str(run_dir / f"{name}.sock"), "status")["connections"]
+
+
+# A transfer the test interrupts long before it could end (at loopback speed, minutes).
+ENDLESS_TRANSFER = "1000G"
+# Both nodes stop moving the transfer's bytes within this after Ctrl-C (the issue's bound).
+CANCEL_BOUND_S = 1.0
+# What a node may still read or write while idle over IDLE_WINDOW_S: status calls and logs, far
+# from the hundreds of MB a running transfer moves per second on loopback.
+IDLE_BYTES = 1 << 20
+IDLE_WINDOW_S = 0.5
+
+
+def test_transfer_shows_progress_and_reports(cli_grid, env):
+    assert gridsock("echo", "7", "--node", "mem", env=env).returncode == 0
+    result = gridsock("transfer", "--node", "lead", "mem:7", "--bytes", "4M", "--progress", env=env)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"4194304 bytes each way to mem:7 over \S+: ok, connect [0-9.]+ ms, [0-9.]+ MB/s each way\n",
+                        result.stdout), result.stdout
+    assert "mem:7 echoed: 100%" in result.stderr and "4.00M/4.00M" in result.stderr, result.stderr
+    assert_no_trouble(result.stderr, "gridsock transfer --progress")
+    quiet = gridsock("transfer", "--node", "lead", "mem:7", "--bytes", "1M", "--json", env=env)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr  # stderr is no terminal here
+    assert json.loads(quiet.stdout)["bytes"] == 1 << 20
+
+
+def test_ctrl_c_stops_a_transfer_on_both_nodes(cli_grid, env, run_dir):
+    assert gridsock("echo", "7", "--node", "mem", env=env).returncode == 0
+    nodes = {"lead": cli_grid["lead"].pid, "mem": cli_grid["mem"].pid}
+    transfer = subprocess.Popen(gridsock_argv("transfer", "--node", "lead", "mem:7", "--bytes", ENDLESS_TRANSFER,
+                                              "--progress"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        # Under way: the bar counts echoed megabytes, both nodes hold the data connection.
+        read_stderr_until(transfer, rb"echoed: +0%\|[^\r]*\| *[1-9][0-9.]*M/", timeout=READY_TIMEOUT_S)
+        assert [len(data_connections(run_dir, name)) for name in nodes] == [1, 1]
+        before = {name: io_bytes(pid) for name, pid in nodes.items()}
+        read_stderr_until(transfer, rb"\| *[1-9][0-9.]*G/", timeout=READY_TIMEOUT_S)  # a gigabyte later
+        assert all(io_bytes(pid) - before[name] > IDLE_BYTES for name, pid in nodes.items())
+
+        transfer.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        gone = {}
+        while len(gone) < len(nodes) and time.monotonic() < interrupted + CANCEL_BOUND_S:
+            for name in nodes:
+                if name not in gone and not data_connections(run_dir, name):
+                    gone[name] = time.monotonic() - interrupted
+        assert set(gone) == set(nodes), f"after {CANCEL_BOUND_S} s, only {gone} closed the transfer's connection"
+        stdout, stderr = transfer.communicate(timeout=COMMAND_TIMEOUT_S)
+    finally:
+        if transfer.poll() is None:
+            transfer.kill()
+            transfer.communicate()
+    assert transfer.returncode == 130
+    assert stdout == b""
+    text = stderr.decode()
+    assert text.rstrip().endswith("gridsock transfer: interrupted; the transfer to mem:7 is cancelled"), text
+    assert_no_trouble(text, "gridsock transfer after Ctrl-C")
+    # And the nodes stay quiet: nothing moves the transfer's bytes any more.
+    idle = {name: io_bytes(pid) for name, pid in nodes.items()}
+    time.sleep(IDLE_WINDOW_S)  # a measuring window, not a wait for readiness
+    moved = {name: io_bytes(pid) - idle[name] for name, pid in nodes.items()}
+    assert all(count < IDLE_BYTES for count in moved.values()), moved
+
+
+# --- the rough edges: --version, lab options, a closed pipe -----------------------------------
+
+
+def test_version():
+    from gridsock import __version__
+
+    result = gridsock("--version")
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"gridsock {__version__}\n", "")
+
+
+@pytest.mark.parametrize("args", [("lab", "--help"), ("lab", "status", "--help"), ("lab", "--prefix", "gs-x", "up", "--help"),
+                                  ("-v", "lab", "--prefix", "gs-x", "--help")])
+def test_lab_takes_its_options_where_its_usage_shows_them(args):
+    result = gridsock(*args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: gridsock lab "), result.stdout
+
+
+def test_lab_status_with_the_prefix_first_or_last(tmp_path):
+    # An absent lab (a prefix nobody uses): status says so and exits 1, whatever the order.
+    for args in (("lab", "--prefix", "gs-nolab", "status"), ("lab", "status", "--prefix", "gs-nolab")):
+        result = gridsock(*args)
+        assert result.returncode == 1, result.stderr
+        assert result.stdout.startswith("lab gs-nolab: absent "), result.stdout
+        assert result.stderr == ""
+
+
+def closed_pipe_run(*args: str, env=None) -> subprocess.CompletedProcess:
+    """Run ``gridsock ARGS`` with stdout a pipe whose reader is gone (``gridsock ... | head``)."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run(gridsock_argv(*args), stdout=writer, stderr=subprocess.PIPE, text=True,
+                              env=dict(env or os.environ, PYTHONUNBUFFERED=""), timeout=COMMAND_TIMEOUT_S)
+    finally:
+        os.close(writer)
+
+
+@pytest.mark.parametrize("args", [("--help",), ("--version",), ("lab", "--help")])
+def test_a_closed_pipe_ends_a_command_quietly(args):
+    result = closed_pipe_run(*args)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_a_closed_pipe_ends_status_quietly(cli_grid, env):
+    result = closed_pipe_run("status", "--node", "lead", env=env)
+    assert (result.returncode, result.stderr) == (141, "")
