@@ -14,7 +14,9 @@ socket, a Unix socket ``<run dir>/<name>.agent`` (mode 0600: only its user). A c
   connected socket's descriptor attached (``SCM_RIGHTS``): the kernel TCP socket itself for a
   plain ``tcp`` stack, else one end of a loopback TCP pair the node bridges to the stack (TCP,
   so that TCP options and ``ssl`` work on it as on any TCP socket). The agent
-  closes its copy: from then on the descriptor is the application's alone.
+  closes its copy: from then on the descriptor is the application's alone. The node keeps a
+  record of the connection, with the application's pid (``SO_PEERCRED``), until the application
+  closes it (:meth:`gridsock.assembly.Assembler.hand_over`): ``gridsock status`` lists it.
 - ``listen {port}`` -> ``{port, ip}`` (port 0: the agent picks a free grid port); the same Unix
   connection then carries one ``ControlReply`` per connection accepted on that grid port,
   ``{peer, ip, port, peer_port, stack}`` with its descriptor attached. The application's listening socket
@@ -37,6 +39,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 from typing import Any, Dict, List, Optional
 
 import gevent
@@ -99,7 +102,7 @@ class AgentServer(UnixServer):
                     return
                 fd = None
                 try:
-                    result, fd = self._op(message.op, message.args)
+                    result, fd = self._op(message.op, message.args, conn)
                     reply = wire.ControlReply(True, result)
                 except _Failure as exc:
                     reply = agentwire.failure(exc.errno, str(exc))
@@ -120,7 +123,7 @@ class AgentServer(UnixServer):
 
     # --- operations ----------------------------------------------------------------------------
 
-    def _op(self, op: str, args: Dict[str, Any]):
+    def _op(self, op: str, args: Dict[str, Any], conn=None):
         if op == "whoami":
             me = self.node.entry
             if me is None:
@@ -130,7 +133,7 @@ class AgentServer(UnixServer):
             entry = self._resolve(args.get("host"))
             return {"name": entry.name, "node_id": entry.node_id, "ip": grid_ip(entry.node_id)}, None
         if op == "connect":
-            return self._connect(args)
+            return self._connect(args, _peer_pid(conn))
         raise _Failure("EINVAL", f"unknown agent operation {op!r} (whoami, resolve, connect, listen)")
 
     def _resolve(self, host: Any) -> wire.NodeEntry:
@@ -160,7 +163,7 @@ class AgentServer(UnixServer):
             raise _Failure("EINVAL", f"bad stack {stack!r}")
         return entry, port, timeout, stack
 
-    def _connect(self, args: Dict[str, Any]):
+    def _connect(self, args: Dict[str, Any], pid: Optional[int] = None):
         entry, port, timeout, stack = self._connect_args(args)
         try:
             sock, info = self.node.connect(entry.node_id, port, stack=stack, timeout=timeout, tcp_bridge=True)
@@ -170,6 +173,7 @@ class AgentServer(UnixServer):
             raise _Failure(_errno_of(exc), str(exc)) from exc
         result = {"peer": entry.name, "ip": grid_ip(entry.node_id), "port": port, "stack": info.stack,
                   "tried": [list(t) for t in info.detail.get("tried", [])]}
+        self.node.assembler.hand_over(info, sock, pid)  # listed until the program closes it
         return result, sock
 
     def _connect_into(self, conn, args: Dict[str, Any], app) -> None:
@@ -210,7 +214,8 @@ class AgentServer(UnixServer):
             stream.close()
             app.close()
             return
-        Bridge(stream, app, -1, f"{entry.name}:{port}")
+        bridge = Bridge(stream, app, -1, f"{entry.name}:{port}")
+        self.node.assembler.hand_over(info, None, _peer_pid(conn), bridge=bridge)
 
     def _listen(self, conn, args: Dict[str, Any]) -> None:
         port = args.get("port")
@@ -225,6 +230,7 @@ class AgentServer(UnixServer):
         me = self.node.entry
         _send(conn, wire.ControlReply(True, {"port": listener.port, "ip": grid_ip(me.node_id) if me else None}))
         watcher = gevent.spawn(_wait_closed, conn)
+        pid = _peer_pid(conn)
         try:
             while not watcher.ready():
                 accepting = gevent.spawn(listener.accept, tcp_bridge=True)
@@ -238,6 +244,7 @@ class AgentServer(UnixServer):
                 result = {"peer": info.peer_name, "ip": grid_ip(info.peer_id), "port": info.port,
                           "peer_port": PEER_PORTS.start + info.conn % len(PEER_PORTS),
                           "stack": info.stack, "cluster": peer.cluster if peer else None}
+                self.node.assembler.hand_over(info, sock, pid)  # listed until the program closes it
                 try:
                     _send(conn, wire.ControlReply(True, result), sock)
                 finally:
@@ -294,6 +301,18 @@ def _is_stream_socket(fd: int) -> bool:
         return probe.type == socket.SOCK_STREAM and probe.family == socket.AF_UNIX
     finally:
         probe.close()
+
+
+def _peer_pid(conn) -> Optional[int]:
+    """The pid of the process at the other end of agent connection ``conn`` (SO_PEERCRED), or
+    None where the platform does not say."""
+    if conn is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        pid, _, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except OSError:
+        return None
+    return int(pid) or None
 
 
 def _wait_closed(conn) -> None:

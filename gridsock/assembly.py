@@ -44,11 +44,14 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import os
 import secrets
 import socket
+import struct
 import time
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import gevent
 import gevent.event
@@ -67,6 +70,8 @@ __all__ = [
     "Assembler",
     "DataListener",
     "ConnectionInfo",
+    "PathRecord",
+    "PATHS_KEPT",
     "DATA_PREAMBLE",
     "TOKEN_BYTES",
     "ASSEMBLY_TIMEOUT_S",
@@ -100,6 +105,14 @@ USED_TOKENS_KEPT = 4096
 CONNECTIONS_PRUNE_AT = 256
 # Connections accepted but not yet taken by accept().
 LISTEN_BACKLOG = 128
+# Peers whose last race ``gridsock status`` shows (the peer raced least recently is forgotten
+# first): a node talks to a few hundred peers at most; beyond, the oldest news matters least.
+PATHS_KEPT = 256
+# Reasons kept per peer, one per stack that failed or lost (the rules give a handful).
+REASONS_KEPT_PER_PEER = 16
+# Where the kernel lists the TCP sockets of this process's network namespace (a handed-over
+# socket is live while its inode is listed: see :meth:`Assembler.hand_over`).
+PROC_NET_TCP = ("/proc/self/net/tcp", "/proc/self/net/tcp6")
 
 
 def method_of(stack: Stack, registry: Optional[Registry] = None) -> Tuple[Any, Stack]:
@@ -135,10 +148,62 @@ class ConnectionInfo:
     detail: Dict[str, object] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
+        """The documented form (docs/status.md): bytes each way where the node sees them (a
+        bridge counts them; a kernel socket handed over is the program's alone: None)."""
+        bridge = self.detail.get("bridge")
+        stats = getattr(bridge, "stats", None)
+        handed = self.detail.get("handed")
         return {"conn": self.conn, "peer": self.peer_name, "peer_id": self.peer_id, "port": self.port,
                 "stack": self.stack, "side": "client" if self.initiator else "server",
-                "opened_at": self.opened_at,
-                **{k: v for k, v in self.detail.items() if k not in ("stream", "socket")}}
+                "opened_at": self.opened_at, "age_s": round(max(0.0, time.time() - self.opened_at), 3),
+                "bytes_sent": stats.bytes_to_stream if stats is not None else None,
+                "bytes_received": stats.bytes_from_stream if stats is not None else None,
+                "handed": isinstance(handed, _HandOver),
+                "pid": handed.pid if isinstance(handed, _HandOver) else None,
+                **{k: v for k, v in self.detail.items() if k not in _INTERNAL_DETAIL}}
+
+
+# What ConnectionInfo.detail holds for the node's own use, never shown.
+_INTERNAL_DETAIL = ("stream", "socket", "bridge", "handed")
+
+
+@dataclasses.dataclass
+class _HandOver:
+    """A connection whose descriptor went to a program (through the agent): the program's pid
+    (SO_PEERCRED), and the kernel socket it got (inode, local and remote address) if TCP."""
+
+    pid: Optional[int]
+    inode: Optional[int] = None
+    local: Optional[Tuple[str, int]] = None
+    remote: Optional[Tuple[str, int]] = None
+
+
+@dataclasses.dataclass
+class PathRecord:
+    """How this node last reached one peer: the outcome of the last race to it.
+
+    ``stack`` is the winner (None: every candidate failed); ``tried`` the last race's losers
+    and failures, with why; ``reasons`` the latest reason for every stack that failed or lost
+    to this peer in any race (a winner's is dropped), so that a race the cached winner won
+    alone still shows why the others are not used.
+    """
+
+    peer_id: str
+    peer_name: str
+    stack: Optional[str]
+    method: Optional[str]
+    at: float  # time.time() when the race ended
+    chosen: str  # "rules" (the node's candidates) or "caller" (a stack named by the caller)
+    connect_ms: Optional[float]
+    tried: List[Tuple[str, str]]
+    reasons: "OrderedDict[str, Tuple[str, float]]"
+
+    def to_json(self) -> dict:
+        return {"peer": self.peer_name, "peer_id": self.peer_id, "stack": self.stack, "method": self.method,
+                "direct": None if self.method is None else self.method != "relay",
+                "at": self.at, "chosen": self.chosen, "connect_ms": self.connect_ms,
+                "tried": [[stack, why] for stack, why in self.tried],
+                "reasons": [{"stack": stack, "reason": why, "at": at} for stack, (why, at) in self.reasons.items()]}
 
 
 class DataListener:
@@ -212,6 +277,7 @@ class Assembler:
         self._registered: Dict[bytes, gevent.event.Event] = {}  # tokens that arrived before their request
         self._used: Dict[bytes, str] = {}  # token -> "used" or "cancelled", oldest first
         self._winners: Dict[str, Tuple[Stack, float]] = {}  # peer id -> the stack that worked last, until
+        self._paths: "OrderedDict[str, PathRecord]" = OrderedDict()  # peer id -> last race, oldest first
         self._conn_ids = iter(range(1, 2**62))
 
     # --- server side -------------------------------------------------------------------------
@@ -393,7 +459,8 @@ class Assembler:
         server builds nothing for them); if its filters fail, the race goes on. A refusal by
         the server ends it: no other method would change the server's mind.
         """
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = began + timeout
         results: gevent.queue.Queue = gevent.queue.Queue()
         running: Dict[int, gevent.Greenlet] = {}
         tried: list = []
@@ -414,6 +481,7 @@ class Assembler:
         def fail(last: Optional[Stack], *, deadline_passed: bool = False):
             # Every candidate ran out of time (a SYN into a black hole): ETIMEDOUT for a program.
             cls = ConnectTimeoutError if deadline_passed or (timed_out and all(timed_out)) else ConnectError
+            self._note_path(entry, None, tried, remember=remember)
             return cls(f"cannot connect to {entry.name}:{port}", peer=entry.name,
                        method=last.method.name if last else None, tried=tried)
 
@@ -445,6 +513,7 @@ class Assembler:
                     assert exc is not None
                     if exc.code is not None and exc.code != "unreachable":  # the server's will
                         exc.tried = tried + exc.tried
+                        self._note_path(entry, None, exc.tried, remember=remember)
                         raise exc
                     tried.append((str(stack), _reason(exc)))
                     timed_out.append(isinstance(exc, TimeoutError))
@@ -468,6 +537,8 @@ class Assembler:
                     info.detail["tried"] = tried
                 if remember:
                     self._winners[entry.node_id] = (stack, time.monotonic() + WINNER_TTL_S)
+                self._note_path(entry, stack, tried, remember=remember,
+                                connect_ms=round((time.monotonic() - began) * 1000, 3))
                 return stream, info
             raise fail(None)  # candidates is never empty
         finally:
@@ -478,6 +549,40 @@ class Assembler:
                 value = greenlet.value if greenlet.successful() else None
                 if isinstance(value, tuple) and value[0] is not None:
                     value[0][0].close()
+
+    def _note_path(self, entry: wire.NodeEntry, winner: Optional[Stack], tried: List[Tuple[str, str]], *,
+                   remember: bool, connect_ms: Optional[float] = None) -> None:
+        """Keep the outcome of a race to ``entry`` for :meth:`paths` (bounded: PATHS_KEPT)."""
+        now = time.time()
+        old = self._paths.pop(entry.node_id, None)
+        reasons: "OrderedDict[str, Tuple[str, float]]" = old.reasons if old is not None else OrderedDict()
+        for stack, why in tried:
+            reasons.pop(stack, None)
+            reasons[stack] = (why, now)
+        if winner is not None:
+            reasons.pop(str(winner), None)
+        while len(reasons) > REASONS_KEPT_PER_PEER:
+            reasons.popitem(last=False)
+        self._paths[entry.node_id] = PathRecord(
+            peer_id=entry.node_id, peer_name=entry.name, stack=None if winner is None else str(winner),
+            method=None if winner is None else winner.method.name, at=now, chosen="rules" if remember else "caller",
+            connect_ms=connect_ms, tried=list(tried), reasons=reasons)
+        while len(self._paths) > PATHS_KEPT:
+            self._paths.popitem(last=False)
+
+    def paths(self) -> list:
+        """How this node last reached each peer it raced to (most recent last), as JSON: the
+        :class:`PathRecord` fields, ``direct`` (the method is not ``relay``) and ``cached``
+        (``{stack, until}``: the winner tried first until ``until``, a ``time.time()``; or None)."""
+        now, wall = time.monotonic(), time.time()
+        out = []
+        for peer_id, record in self._paths.items():
+            item = record.to_json()
+            winner, until = self._winners.get(peer_id, (None, 0.0))
+            item["cached"] = ({"stack": str(winner), "until": round(wall + (until - now), 3)}
+                              if winner is not None and until > now else None)
+            out.append(item)
+        return out
 
     def _attempt(self, entry: wire.NodeEntry, port: int, stack: Stack,
                  deadline: float) -> Tuple[Optional[Tuple[Stream, Stack]], Optional[ConnectError]]:
@@ -580,12 +685,48 @@ class Assembler:
         sock, bridge = hand_out(stream, plain=not stack.filters, name=f"{info.peer_name}:{info.port}", tcp=tcp_bridge)
         info.detail["bridged"] = bridge is not None
         info.detail["socket"] = weakref.ref(sock)
+        if bridge is not None:
+            info.detail["bridge"] = bridge
         return sock
+
+    def hand_over(self, info: ConnectionInfo, sock: Optional[socket.socket], pid: Optional[int], *,
+                  bridge: Any = None) -> None:
+        """Note that connection ``info``'s descriptor goes to program ``pid`` (the agent's
+        client), so that it stays listed until the program closes it, although the node keeps
+        no descriptor of it. Call before the node closes its copy of ``sock``.
+
+        A TCP ``sock`` (the kernel socket of a plain ``tcp`` stack, or the program's end of a
+        loopback bridge) is remembered by inode and addresses: it is live while the kernel
+        lists it in /proc/net/tcp{,6} with that inode (a socket no descriptor refers to any
+        more is listed with inode 0, or not at all). Otherwise (an ``AF_UNIX`` end, made by the
+        program) the bridge says: ``bridge``, or the one :meth:`connect` made.
+        """
+        handed = _HandOver(pid=pid)
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                handed.inode = os.fstat(sock.fileno()).st_ino
+                handed.local = (sock.getsockname()[0], sock.getsockname()[1])
+                handed.remote = (sock.getpeername()[0], sock.getpeername()[1])
+            except OSError as exc:  # reset already: nothing will list it
+                log.debug("hand over #%d: %s", info.conn, exc)
+                handed.inode = 0
+        if bridge is not None:
+            info.detail["bridge"] = bridge
+            info.detail["bridged"] = True
+        info.detail["handed"] = handed
 
     def status(self) -> list:
         """The live data connections (closed ones are forgotten here)."""
+        listed: Optional[Set[Tuple[int, Tuple[str, int], Tuple[str, int]]]] = None
+
+        def tcp_sockets() -> Set[Tuple[int, Tuple[str, int], Tuple[str, int]]]:
+            nonlocal listed
+            if listed is None:
+                listed = _tcp_sockets()
+            return listed
+
         for conn, info in list(self.connections.items()):
-            if _finished(info):
+            if _finished(info, tcp_sockets):
                 del self.connections[conn]
         return [info.to_json() for info in self.connections.values()]
 
@@ -599,14 +740,53 @@ def errno_of(exc: ConnectError) -> int:
     return errno.ETIMEDOUT if isinstance(exc, TimeoutError) else errno.EHOSTUNREACH
 
 
-def _finished(info: ConnectionInfo) -> bool:
-    """True once the application closed (or dropped) what it was given."""
+def _finished(info: ConnectionInfo,
+              tcp_sockets: Callable[[], Set[Tuple[int, Tuple[str, int], Tuple[str, int]]]]) -> bool:
+    """True once the application closed (or dropped) what it was given; for a program that got
+    the descriptor through the agent, once the program closed it (see Assembler.hand_over)."""
+    handed = info.detail.get("handed")
+    if isinstance(handed, _HandOver):
+        if handed.inode is not None:
+            assert handed.local is not None and handed.remote is not None
+            return not handed.inode or (handed.inode, handed.local, handed.remote) not in tcp_sockets()
+        bridge = info.detail.get("bridge")
+        return bridge is None or bool(getattr(bridge, "closed", True))
     ref = info.detail.get("socket")
     if isinstance(ref, weakref.ref):
         sock = ref()
         return sock is None or sock.fileno() == -1
     stream = info.detail.get("stream")
     return stream is None or bool(getattr(stream, "closed", getattr(stream, "_closed", False)))
+
+
+def _tcp_sockets() -> Set[Tuple[int, Tuple[str, int], Tuple[str, int]]]:
+    """``(inode, local, remote)`` of the TCP sockets of this network namespace that a
+    descriptor refers to (an orphan, closed by every process, is listed with inode 0)."""
+    found: Set[Tuple[int, Tuple[str, int], Tuple[str, int]]] = set()
+    for path in PROC_NET_TCP:
+        try:
+            with open(path) as table:
+                lines = table.readlines()[1:]
+        except OSError:  # no IPv6 here
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[9] == "0":
+                continue
+            try:
+                found.add((int(fields[9]), _proc_address(fields[1]), _proc_address(fields[2])))
+            except ValueError:
+                continue
+    return found
+
+
+def _proc_address(text: str) -> Tuple[str, int]:
+    """``("1.2.3.4", port)`` from /proc/net/tcp's ``0100007F:1F90``: each 32-bit word of the
+    address in host byte order, the port in hex. Raises ValueError."""
+    hexaddr, _, hexport = text.partition(":")
+    raw = b"".join(struct.pack("=I", int(hexaddr[i:i + 8], 16)) for i in range(0, len(hexaddr), 8))
+    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, raw), int(hexport, 16)
 
 
 def _reason(exc: ConnectError) -> str:

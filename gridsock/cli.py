@@ -306,11 +306,85 @@ def format_status(status: dict) -> str:
         lines.append(f"data connections: {len(status['connections']) or 'none'}; "
                      + (f"listening on grid port(s) {ports}" if ports else "not listening on any grid port")
                      + (":" if status["connections"] else ""))
-        for c in status["connections"]:
-            lines.append(f"  #{c['conn']:<5} {c['side']:6} {c['peer']}:{c['port']:<6} {c['stack']}")
-            for stack, why in c.get("tried", []):  # what was tried before the winner, and why it failed
-                lines.append(f"         {stack} failed: {why}")
+        lines += _format_connections(status["connections"])
+    if "paths" in status:
+        lines += _format_paths(status["paths"])
     return "\n".join(lines)
+
+
+def _table(rows: List[tuple]) -> List[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _format_bytes(count: Optional[int]) -> str:
+    if count is None:
+        return "-"  # a kernel socket handed to a program: only the program sees its bytes
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def _format_age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _format_connections(connections: List[dict]) -> List[str]:
+    """The live data connections: one row each, then what was tried before the winner."""
+    if not connections:
+        return []
+    rows = [("CONN", "SIDE", "PEER:PORT", "STACK", "SENT", "RECEIVED", "AGE", "PROGRAM")]
+    tried: dict = {}
+    for c in connections:
+        rows.append((f"#{c['conn']}", c["side"], f"{c['peer']}:{c['port']}", c["stack"],
+                     _format_bytes(c.get("bytes_sent")), _format_bytes(c.get("bytes_received")),
+                     _format_age(c.get("age_s", 0.0)),
+                     (f"pid {c['pid']}" if c.get("pid") else "a program") if c.get("handed") else "this node"))
+        tried[c["conn"]] = c.get("tried", [])
+    table = _table(rows)
+    lines = table[:1]
+    for row, c in zip(table[1:], connections):
+        lines.append(row)
+        for stack, why in tried[c["conn"]]:  # what was tried before the winner, and why it failed
+            lines.append(f"      {stack} failed: {why}")
+    return lines
+
+
+def _format_paths(paths: List[dict]) -> List[str]:
+    """How this node reaches each peer it connected to: the path in use or cached, and why
+    each other candidate is not used."""
+    import time
+
+    if not paths:
+        return ["paths: none yet (no connection made from this node)"]
+    lines = ["paths (how this node last reached each peer):"]
+    rows = [("PEER", "PATH", "METHOD", "STACK", "CONNECT", "CACHED UNTIL")]
+    now = time.time()
+    for p in sorted(paths, key=lambda p: p["peer"]):
+        path = "failed" if p["stack"] is None else ("direct" if p["direct"] else "relayed")
+        cached = p.get("cached")
+        until = "-"
+        if cached:
+            until = (time.strftime("%H:%M:%S", time.localtime(cached["until"]))
+                     + f" (in {_format_age(max(0.0, cached['until'] - now))})")
+            if cached["stack"] != p["stack"]:
+                until += f": {cached['stack']}"
+        rows.append((p["peer"], path + (" (stack named)" if p.get("chosen") == "caller" else ""),
+                     p["method"] or "-", p["stack"] or "-",
+                     f"{p['connect_ms']:.1f} ms" if p.get("connect_ms") is not None else "-", until))
+    table = _table(rows)
+    lines.append(table[0])
+    for row, p in zip(table[1:], sorted(paths, key=lambda p: p["peer"])):
+        lines.append(row)
+        for reason in p["reasons"]:  # why each other candidate is not the path
+            lines.append(f"      not {reason['stack']}: {reason['reason']}")
+    return lines
 
 
 def _cmd_ping(args) -> int:

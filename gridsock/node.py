@@ -333,6 +333,7 @@ class Node:
             "links": links,
             "uplink_history": self.uplink_history,
             "connections": self.assembler.status(),
+            "paths": self.assembler.paths(),
             "assembly": dict(self.assembler.counters),
             "meta_links": self.meta.status(),
             "listening": sorted(self.assembler.listeners),
