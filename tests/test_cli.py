@@ -428,3 +428,13 @@ def test_a_closed_pipe_ends_a_command_quietly(args):
 def test_a_closed_pipe_ends_status_quietly(cli_grid, env):
     result = closed_pipe_run("status", "--node", "lead", env=env)
     assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_run_help_explains_grid_addresses():
+    result = gridsock("run", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "240.0.0.0/4" in text and "never routed" in text and "socket.gethostbyaddr" in text, text
+    assert 'docs/personality.md, "Grid addresses"' in text
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "personality.md"), encoding="utf-8") as doc:
+        assert "\n## Grid addresses\n" in doc.read()
