@@ -61,12 +61,28 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--echo", type=int, metavar="PORT", help="serve an echo service on this grid port")
 
     run = sub.add_parser("run", help="run a command under the socket personality: its Python processes reach "
-                                     "grid nodes by name (a running node's, or a node of its own)")
+                                     "grid nodes by name (a running node's, or a node of its own)",
+                         description=RUN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--node", metavar="NAME", help="use the node NAME running on this host")
     _add_node_options(run, required=False)
     run.add_argument("program", nargs=argparse.REMAINDER, help="-- command [args...]")
     _more_commands(sub)
     return parser
+
+
+RUN_DESCRIPTION = """\
+Run a command under the socket personality: its Python processes reach the nodes of the grid
+by name (b2, b2.grid) with ordinary socket calls, and serve a grid port when they bind the
+wildcard address. Use the node running on this host (--node NAME), or a node of its own
+(--session FILE --name NAME ...).
+
+Grid addresses: under the personality a node name resolves to an IPv4 address in 240.0.0.0/4,
+the node's grid address (derived from its id, the same on every host). That range is reserved
+and never routed: the addresses are on no interface, they name nodes, and connections to them
+go through the grid. Servers log their clients by them (e.g. "242.132.145.52 - - ... GET /").
+socket.gethostbyaddr(ADDRESS) in a program under gridsock run gives the node's name
+(docs/personality.md, "Grid addresses").
+"""
 
 
 def _add_node_options(node, *, required: bool) -> None:
