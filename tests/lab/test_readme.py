@@ -1,0 +1,124 @@
+"""The README's Quick start, run in the lab as written.
+
+Every command of the Quick start's block runs in the lab host it belongs to: the host of the node
+it names (``--name``, ``--node``, ``--from``), the rendez-vous host for ``session new`` and
+``rendezvous``. Daemons (``rendezvous``, ``node``, the ``http.server`` under ``gridsock run``)
+run in the background, each waited for on the line it prints when ready. Then the end-to-end
+check of the same section: ``gridsock echo`` and ``gridsock transfer`` as its text gives them.
+
+Three adaptations, to this test's lab and nothing else: the default lab's state directory
+(``/run/gridsock-lab/gs-/``, in the SSH options of c1) is this lab's (its prefix is per pytest
+process), ``gridsock`` is this interpreter's ``python -m gridsock``, and ``python3`` on PATH is
+this interpreter (the one gridsock is installed in, as the README's install step makes it).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gridsock.testing.lab import DEFAULT_PREFIX, STATE_ROOT
+from gridsock.testing.procs import gridsock_argv, stop_process, wait_for_line
+
+pytestmark = pytest.mark.timeout(300)
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+# Joining (c1 through the SSH front-end included) and one command's run take well within these.
+READY_TIMEOUT_S = 60.0
+COMMAND_TIMEOUT_S = 120.0
+
+
+def quick_start() -> tuple[list[str], str]:
+    """The Quick start's shell lines (continuations joined, comments kept) and its whole text."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Quick start on a real grid"):text.index("\n## The grid lab")]
+    block = section[:section.index("From Python:")]
+    lines = [line[4:] for line in block.splitlines() if line.startswith("    ")]
+    joined = "\n".join(lines).replace("\\\n", " ")
+    commands = [line for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return commands, section
+
+
+def host_of(argv: list[str]) -> str:
+    """The lab host a Quick start command runs on."""
+    if argv[1] in ("session", "rendezvous"):
+        return "rv"
+    for option in ("--name", "--node", "--from"):
+        if option in argv:
+            return argv[argv.index(option) + 1]
+    raise AssertionError(f"no host for {argv}")
+
+
+def ready_line(argv: list[str]) -> str | None:
+    """What a daemon prints once ready; None for a command that runs to its end."""
+    if argv[1] == "rendezvous":
+        return "rendezvous listening"
+    if argv[1] == "node":
+        return f"joined {argv[argv.index('--name') + 1]} "
+    if argv[1] == "run" and "http.server" in argv:
+        return "Serving HTTP"
+    return None
+
+
+@pytest.fixture
+def shell(lab, tmp_path):
+    """Runs README commands in the lab, from ``tmp_path``; stops the daemons at the end."""
+    bindir = os.path.dirname(sys.executable)
+    env = dict(os.environ, GRIDSOCK_RUN_DIR=str(tmp_path / "run"), PYTHONUNBUFFERED="1",
+               PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+    daemons: list[subprocess.Popen] = []
+
+    def argv_of(line: str) -> list[str]:
+        line = line.replace(f"{STATE_ROOT}/{DEFAULT_PREFIX}/", f"{lab.state_dir}/")
+        argv = shlex.split(line, comments=True)
+        assert argv[0] == "gridsock", line
+        return argv
+
+    def run(line: str) -> subprocess.CompletedProcess:
+        argv = argv_of(line)
+        ready = ready_line(argv)
+        command = gridsock_argv(*argv[1:])
+        if ready is None:
+            return lab.run(host_of(argv), command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=COMMAND_TIMEOUT_S)
+        with open(tmp_path / f"daemon{len(daemons)}.log", "wb") as log:
+            proc = lab.spawn(host_of(argv), command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=log)
+        daemons.append(proc)
+        wait_for_line(proc, ready, timeout=READY_TIMEOUT_S)
+        return subprocess.CompletedProcess(command, 0)
+
+    yield run
+    for proc in reversed(daemons):
+        stop_process(proc)
+
+
+def test_the_quick_start_runs_as_written(shell):
+    commands, section = quick_start()
+    assert len(commands) >= 10, commands
+    outputs = {}
+    for line in commands:
+        result = shell(line)
+        assert result.returncode == 0, f"{line}\n{result.stdout}\n{result.stderr}"
+        outputs[line] = result.stdout or ""
+    status = next(out for line, out in outputs.items() if line.startswith("gridsock status"))
+    assert re.match(r"node a2 \(member, cluster A\) id \S+: joined", status), status
+    ping = next(out for line, out in outputs.items() if line.startswith("gridsock ping"))
+    assert " hop(s): a2 > " in ping and ping.split(";")[0].endswith("> c1"), ping
+    urlopen = next(out for line, out in outputs.items() if "urlopen" in line)
+    assert urlopen == "200\n"
+
+    # "Check a path end to end": the two commands of its text, then the stack it names.
+    echo, transfer = re.findall(r"`(gridsock (?:echo|transfer) [^`]+)`", section)
+    assert echo.startswith("gridsock echo ") and transfer.startswith("gridsock transfer "), (echo, transfer)
+    assert shell(echo).returncode == 0
+    for line in (transfer, transfer + " --stack tls/relay"):
+        assert "`--stack tls/relay`" in section
+        result = shell(line)
+        assert result.returncode == 0, f"{line}\n{result.stdout}\n{result.stderr}"
+        assert re.fullmatch(r"67108864 bytes each way to b2:9000 over \S+: ok, .*\n", result.stdout), result.stdout
+    assert " over tls/relay: ok" in result.stdout
