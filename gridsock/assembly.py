@@ -537,7 +537,7 @@ class Assembler:
                     info.detail["tried"] = tried
                 if remember:
                     self._winners[entry.node_id] = (stack, time.monotonic() + WINNER_TTL_S)
-                self._note_path(entry, stack, tried, remember=remember,
+                self._note_path(entry, stack, tried, remember=remember, untried=candidates[started:],
                                 connect_ms=round((time.monotonic() - began) * 1000, 3))
                 return stream, info
             raise fail(None)  # candidates is never empty
@@ -551,14 +551,21 @@ class Assembler:
                     value[0][0].close()
 
     def _note_path(self, entry: wire.NodeEntry, winner: Optional[Stack], tried: List[Tuple[str, str]], *,
-                   remember: bool, connect_ms: Optional[float] = None) -> None:
-        """Keep the outcome of a race to ``entry`` for :meth:`paths` (bounded: PATHS_KEPT)."""
+                   remember: bool, untried: Sequence[Stack] = (), connect_ms: Optional[float] = None) -> None:
+        """Keep the outcome of a race to ``entry`` for :meth:`paths` (bounded: PATHS_KEPT).
+
+        ``untried``: candidates never started, the winner having connected first; they get
+        that as their reason unless an earlier race gave them one.
+        """
         now = time.time()
         old = self._paths.pop(entry.node_id, None)
         reasons: "OrderedDict[str, Tuple[str, float]]" = old.reasons if old is not None else OrderedDict()
         for stack, why in tried:
             reasons.pop(stack, None)
             reasons[stack] = (why, now)
+        for candidate in untried:
+            if str(candidate) not in reasons:
+                reasons[str(candidate)] = (f"not tried: {winner} connected first", now)
         if winner is not None:
             reasons.pop(str(winner), None)
         while len(reasons) > REASONS_KEPT_PER_PEER:

@@ -100,7 +100,8 @@ def test_paths_say_which_method_won_and_why_the_others_did_not(loopback, monkeyp
     server.close()
     again = paths_of(m1)["L1"]
     assert again["stack"] == "tcp" and again["tried"] == [] and again["at"] >= path["at"]
-    assert [r["stack"] for r in again["reasons"]] == ["flop"]
+    assert [r["stack"] for r in again["reasons"]] == ["flop"]  # (not tried this time: the earlier reason stays)
+    assert "network unreachable" in again["reasons"][0]["reason"]
 
     text = format_status(m1.status())
     part = text.split("paths (how this node last reached each peer):\n", 1)[1]
@@ -130,6 +131,22 @@ def test_a_relayed_path_and_a_failed_race(loopback, monkeypatch):
     text = format_status(m1.status())
     assert any(line.split()[:2] == ["L2", "failed"] for line in text.splitlines())
     assert any(line.split()[:2] == ["m2", "relayed"] for line in text.splitlines())
+
+
+def test_a_candidate_never_started_says_the_winner_came_first(loopback, monkeypatch):
+    grid, listeners = loopback
+    m1 = grid["m1"]
+    monkeypatch.setattr(assembly, "STAGGER_S", 3600.0)  # tcp connects long before relay would start
+    monkeypatch.setattr(m1.assembler, "rules", FixedRules(order=("tcp", "lz4/relay")))
+    client, info = m1.open_stream("m2", PORT)
+    server, _ = listeners["m2"].accept_stream(timeout=JOIN_TIMEOUT_S)
+    client.close()
+    server.close()
+    assert info.stack == "tcp" and "tried" not in info.detail
+    path = paths_of(m1)["m2"]
+    assert path["stack"] == "tcp" and path["tried"] == []
+    reasons = {r["stack"]: r["reason"] for r in path["reasons"]}
+    assert reasons["lz4/relay"] == "not tried: tcp connected first"
 
 
 def test_paths_are_bounded(loopback, monkeypatch):

@@ -15,6 +15,7 @@ import os
 import pytest
 
 from gridsock.bootstrap.control import call
+from gridsock.stack import Stack
 from gridsock.testing.procs import gridsock_argv
 
 from .gridsession import ECHO_PORT, NODES, make_grid
@@ -228,3 +229,85 @@ def test_check_method_in_the_lab(grid, host, cluster, leader, server, stack, ref
     result = lab.run(host, argv, env=grid.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=240)
     out = result.stdout.decode(errors="replace")
     assert result.returncode == 0 and out.startswith("check_method ok"), out + result.stderr.decode(errors="replace")[-3000:]
+
+
+# --- gridsock status: how a1 reaches each peer, and why not otherwise ----------------------------
+STATUS_PEERS = ("b1", "c1", "rv")
+
+
+def test_status_says_how_a1_reaches_each_peer_and_why_not_otherwise(grid):
+    for peer in STATUS_PEERS:  # the rules choose (the winner may be cached from earlier tests)
+        check(run_transfer(grid, "a1", peer, None, 1 << 20), expected_stack("a1", peer), 1 << 20)
+    status = json.loads(grid.lab.run("a1", gridsock_argv("status", "--node", "a1", "--json"), env=grid.env,
+                                     capture_output=True, text=True, check=True).stdout)
+    paths = {p["peer"]: p for p in status["paths"]}
+    for peer in STATUS_PEERS:
+        path, expected = paths[peer], expected_stack("a1", peer)
+        assert (path["stack"], path["chosen"], path["direct"]) == (expected, "rules", True), path
+        assert path["method"] == Stack.parse(expected).method.name
+        assert path["cached"]["stack"] == expected and path["cached"]["until"] > path["at"]
+        reasons = {r["stack"]: r["reason"] for r in path["reasons"]}
+        assert expected not in reasons and all(reasons.values()), path
+        assert "tls/relay" in reasons, path  # always a candidate, never the winner here: it says why
+    assert "no route" in {r["stack"]: r["reason"] for r in paths["c1"]["reasons"]}["tls/splice"]
+
+    text = grid.lab.run("a1", gridsock_argv("status", "--node", "a1"), env=grid.env, capture_output=True,
+                        text=True, check=True).stdout
+    part = text.split("paths (how this node last reached each peer):\n", 1)[1]
+    rows = {line.split()[0]: line.split()[1:4] for line in part.splitlines() if line.startswith("  ") and
+            not line.startswith("   ")}
+    for peer in STATUS_PEERS:
+        expected = expected_stack("a1", peer)
+        assert rows[peer] == ["direct", Stack.parse(expected).method.name, expected], rows
+
+
+# An unmodified program under `gridsock run`: holds a connection to b1's echo service until told.
+HOLDER = """
+import socket, sys
+sock = socket.create_connection(("b1", int(sys.argv[1])), timeout=60)
+sock.sendall(b"ping")
+got = b""
+while len(got) < 4:
+    got += sock.recv(4 - len(got))
+print("connected", got.decode(), flush=True)
+assert sys.stdin.readline() == "close\\n"
+sock.close()
+print("closed", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_status_lists_a_programs_connection_while_it_is_open_and_not_after(grid, tmp_path):
+    import subprocess
+    import sys
+
+    from gridsock.testing.procs import wait_for_line
+
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    argv = gridsock_argv("run", "--node", "a1", "--", sys.executable, str(script), str(ECHO_PORT))
+    holder = grid.lab.spawn("a1", argv, env=grid.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def a1_status() -> dict:
+        return json.loads(grid.lab.run("a1", gridsock_argv("status", "--node", "a1", "--json"), env=grid.env,
+                                       capture_output=True, text=True, check=True).stdout)
+
+    try:
+        assert wait_for_line(holder, "connected ", timeout=120) == "connected ping"
+        status = a1_status()
+        [held] = [c for c in status["connections"] if c["pid"] == holder.pid]
+        assert (held["peer"], held["port"], held["side"], held["handed"]) == ("b1", ECHO_PORT, "client", True)
+        assert held["stack"] == {p["peer"]: p for p in status["paths"]}["b1"]["stack"]
+        if held["bridged"]:  # (anything but plain tcp: a1 and b1 are in different clusters)
+            assert (held["bytes_sent"], held["bytes_received"]) == (4, 4)
+        assert holder.stdin is not None
+        holder.stdin.write(b"close\n")
+        holder.stdin.flush()
+        wait_for_line(holder, "closed", timeout=60)
+        assert not [c for c in a1_status()["connections"] if c["pid"] == holder.pid]
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()
+        holder.wait(60)
+        if holder.stdout is not None:
+            holder.stdout.close()
