@@ -335,7 +335,7 @@ def _table(rows: List[tuple]) -> List[str]:
 
 def _format_bytes(count: Optional[int]) -> str:
     if count is None:
-        return "-"  # a kernel socket handed to a program: only the program sees its bytes
+        return "-"  # not known here (a kernel socket handed to a program, and no sock_diag)
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if count >= size:
             return f"{count / size:.1f} {unit}"
@@ -355,12 +355,12 @@ def _format_connections(connections: List[dict]) -> List[str]:
     """The live data connections: one row each, then what was tried before the winner."""
     if not connections:
         return []
-    rows = [("CONN", "SIDE", "PEER:PORT", "STACK", "SENT", "RECEIVED", "AGE", "PROGRAM")]
+    rows = [("CONN", "SIDE", "PEER:PORT", "STACK", "SENT", "RECEIVED", "RTT", "AGE", "PROGRAM")]
     tried: dict = {}
     for c in connections:
         rows.append((f"#{c['conn']}", c["side"], f"{c['peer']}:{c['port']}", c["stack"],
                      _format_bytes(c.get("bytes_sent")), _format_bytes(c.get("bytes_received")),
-                     _format_age(c.get("age_s", 0.0)),
+                     f"{c['rtt_ms']:.1f} ms" if c.get("rtt_ms") is not None else "-", _format_age(c.get("age_s", 0.0)),
                      (f"pid {c['pid']}" if c.get("pid") else "a program") if c.get("handed") else "this node"))
         tried[c["conn"]] = c.get("tried", [])
     table = _table(rows)
