@@ -37,6 +37,7 @@ setup(
         "paramiko>=3.4",
         "pysocks>=1.7",
         "lz4>=4",
+        "prometheus_client>=0.20",
         'tomli>=2; python_version < "3.11"',
         # Progress bars of long CLI work (gridsock transfer).
         "tqdm>=4.66",

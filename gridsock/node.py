@@ -35,7 +35,7 @@ import os
 import time
 import types
 import uuid
-from typing import List, Mapping, Optional
+from typing import TYPE_CHECKING, List, Mapping, Optional
 
 import gevent
 import gevent.event
@@ -57,6 +57,9 @@ from .components.relay import RelayManager
 from .meta import MetaChannel
 from .rules import Rules
 
+if TYPE_CHECKING:  # (prometheus_client is imported only when metrics are asked for)
+    from .metrics import NodeMetrics
+
 __all__ = [
     "Node",
     "Delivery",
@@ -71,6 +74,8 @@ log = logging.getLogger(__name__)
 
 # The node port: 0 lets the kernel choose, which suits nodes that no one dials directly.
 DEFAULT_NODE_PORT = 0
+# No metrics endpoint unless asked for (``HOST:PORT`` or ``PORT``, on loopback: gridsock.metrics).
+DEFAULT_METRICS: Optional[str] = None
 _NO_MEMBERS: Mapping[str, Link] = types.MappingProxyType({})
 
 
@@ -93,6 +98,7 @@ class Node:
         rules: Rules | None = None,
         ssh_key: str | None = None,
         ssh_known_hosts: str | None = None,
+        metrics: str | None = DEFAULT_METRICS,
     ) -> None:
         try:
             wire.check_name(name, "node name")
@@ -143,6 +149,15 @@ class Node:
         self.assembler = Assembler(self, self.rules)
         self.meta = MetaChannel(self)
         self.router.handlers[ASSEMBLE_TOPIC] = self.assembler.handle_request
+        # Prometheus metrics (gridsock.metrics), served from start() when an address is given.
+        self._metrics_address = None
+        self._metrics: Optional["NodeMetrics"] = None
+        if metrics is not None:
+            from .metrics import NodeMetrics, parse_metrics_address
+
+            self._metrics_address = parse_metrics_address(metrics)
+            self._metrics = NodeMetrics(self)
+            self.router.handlers[ASSEMBLE_TOPIC] = self._handle_assembly_counted
         self._stopped = gevent.event.Event()
         self._control_path = control if control is not None else control_path(name)
         self._control: Optional[ControlServer] = None
@@ -194,6 +209,8 @@ class Node:
     # --- life cycle --------------------------------------------------------------------------
 
     def start(self) -> "Node":
+        if self._metrics is not None and self._metrics_address is not None:
+            self._metrics.serve(self._metrics_address)  # first: a port in use fails before anything runs
         self._node_port.open()
         if self._control_path:
             self._control = ControlServer(self._control_path, self._control_op).start()
@@ -207,6 +224,8 @@ class Node:
         self._stopped.set()
         for g in self._greenlets:
             g.kill(block=False)
+        if self._metrics is not None:
+            self._metrics.stop()
         self.meta.close_all()
         self.relay.reset_peers(None, "node stopping")
         self._uplink.stop("node stopping")
@@ -277,11 +296,16 @@ class Node:
         Raises ConnectError with the reason when the connection cannot be made.
         """
         kwargs = {} if timeout is None else {"timeout": timeout}
+        if self._metrics is not None:
+            return self._metrics.observe_connect(self.assembler.connect, peer, port, stack=stack,
+                                                 tcp_bridge=tcp_bridge, **kwargs)
         return self.assembler.connect(peer, port, stack=stack, tcp_bridge=tcp_bridge, **kwargs)
 
     def open_stream(self, peer: str, port: int, *, stack=None, timeout: float | None = None):
         """Like connect(), but return the framework's Stream instead of a socket."""
         kwargs = {} if timeout is None else {"timeout": timeout}
+        if self._metrics is not None:
+            return self._metrics.observe_connect(self.assembler.open_stream, peer, port, stack=stack, **kwargs)
         return self.assembler.open_stream(peer, port, stack=stack, **kwargs)
 
     def meta_request(self, dst: str, topic: str, payload: bytes = b"", *, timeout: float = REQUEST_TIMEOUT_S):
@@ -294,6 +318,11 @@ class Node:
         if reply is None:  # no meta link, or it closed under us
             return self.request(dst, topic, payload, timeout=timeout)
         return reply
+
+    def _handle_assembly_counted(self, delivery: Delivery) -> bytes:
+        """The assembler's request handler, its refusals counted for the metrics."""
+        reply = self.assembler.handle_request(delivery)
+        return self._metrics.observe_refusal(reply) if self._metrics is not None else reply
 
     def _relay_send(self, dst_id: str, payload: bytes) -> None:
         """Relayed connection data for ``dst_id``, routed as bulk (the relay component's sender)."""
@@ -338,6 +367,11 @@ class Node:
             "meta_links": self.meta.status(),
             "listening": sorted(self.assembler.listeners),
         }
+
+    @property
+    def metrics_address(self) -> Optional[Address]:
+        """Where the metrics endpoint listens (None: off, or not started)."""
+        return self._metrics.address if self._metrics is not None else None
 
     def _control_op(self, op: str, args: dict):
         if op == "status":

@@ -31,7 +31,7 @@ import json
 import logging
 import ssl
 import uuid
-from typing import Dict, List, NoReturn, Optional
+from typing import TYPE_CHECKING, Dict, List, NoReturn, Optional
 
 import gevent
 from gevent import socket as gsocket
@@ -44,6 +44,9 @@ from .directory import RENDEZVOUS_NAME, Directory
 from .link import DEAD_PEER_S, HANDSHAKE_TIMEOUT_S, Link, read_message, send_message, tune_socket
 from .routing import error_reply, forwarded, is_bulk
 from .transport import Address, dial, listen, parse_address, tls_client, tls_server
+
+if TYPE_CHECKING:  # (prometheus_client is imported only when metrics are asked for)
+    from ..metrics import RendezvousMetrics
 
 __all__ = ["RendezvousNode", "DIALBACK_TIMEOUT_S", "LEAVE_BOUND_S"]
 
@@ -62,7 +65,8 @@ DIALBACK_TIMEOUT_S = 3.0
 class RendezvousNode:
     """The rendez-vous node of one session; ``start()`` it, then ``stop()`` it."""
 
-    def __init__(self, session: Session, *, listen_address: str | None = None, control: str | None = None) -> None:
+    def __init__(self, session: Session, *, listen_address: str | None = None, control: str | None = None,
+                 metrics: str | None = None) -> None:
         self.session = session
         self.id = session.session_id
         self.name = RENDEZVOUS_NAME
@@ -76,6 +80,16 @@ class RendezvousNode:
         self._sock: Optional[gsocket.socket] = None
         self._greenlets: List[gevent.Greenlet] = []
         self._verdicts: list = []
+        # Routed messages by what this node did with them (for metrics; see Router.counters).
+        self.routed: Dict[str, int] = {"forwarded": 0, "delivered": 0, "dropped": 0}
+        # Prometheus metrics (gridsock.metrics), served from start() when an address is given.
+        self._metrics_address: Optional[Address] = None
+        self._metrics: Optional["RendezvousMetrics"] = None
+        if metrics is not None:
+            from ..metrics import RendezvousMetrics, parse_metrics_address
+
+            self._metrics_address = parse_metrics_address(metrics)
+            self._metrics = RendezvousMetrics(self)
         # TLS sessions only (None in a plain-TCP one):
         self._ca: Optional[CertificateAuthority] = None
         self._identity: Optional[Identity] = None
@@ -94,6 +108,8 @@ class RendezvousNode:
         return Address(host=host, port=port)
 
     def start(self) -> "RendezvousNode":
+        if self._metrics is not None and self._metrics_address is not None:
+            self._metrics.serve(self._metrics_address)  # first: a port in use fails before anything runs
         self._sock = listen(self.listen_address)
         if self._control_path:
             self._control = ControlServer(self._control_path, self._control_op).start()
@@ -104,12 +120,19 @@ class RendezvousNode:
     def stop(self) -> None:
         for g in self._greenlets:
             g.kill(block=False)
+        if self._metrics is not None:
+            self._metrics.stop()
         if self._sock is not None:
             self._sock.close()
         for link in list(self.leaders.values()):
             link.close("rendez-vous node stopping")
         if self._control is not None:
             self._control.stop()
+
+    @property
+    def metrics_address(self) -> Optional[Address]:
+        """Where the metrics endpoint listens (None: off, or not started)."""
+        return self._metrics.address if self._metrics is not None else None
 
     def _bound(self) -> gsocket.socket:
         if self._sock is None:
@@ -296,18 +319,22 @@ class RendezvousNode:
 
     def _route(self, message: wire.Routed) -> None:
         if message.dst in (RENDEZVOUS_NAME, self.id):
+            self.routed["delivered"] += 1
             gevent.spawn(self._deliver, message)
             return
         entry = self.directory.resolve(message.dst)
         link = self.leaders.get(entry.leader) if entry else None
         if link is None:
+            self.routed["dropped"] += 1
             reason = f"unknown destination {message.dst}" if entry is None else f"no link to the leader of {message.dst}"
             self._send_back(error_reply(message, self.id, self.name, reason))
             return
         out = forwarded(message, self.name)
         if out is None:
+            self.routed["dropped"] += 1
             self._send_back(error_reply(message, self.id, self.name, f"hop limit ({wire.MAX_HOPS}) reached"))
             return
+        self.routed["forwarded"] += 1
         link.send(out, bulk=is_bulk(out), checked=False)
 
     def _send_back(self, message: Optional[wire.Routed]) -> None:

@@ -219,6 +219,10 @@ class Router:
         self._up = up
         self._down = down
         self._on_bulk = on_bulk
+        # Routed messages by what this router did with them (for metrics): ``originated`` (sent
+        # by this node: messages and requests, not replies), ``forwarded`` (passed on),
+        # ``delivered`` (addressed here), ``dropped`` (no route, hop limit, not ours).
+        self.counters: Dict[str, int] = {"originated": 0, "forwarded": 0, "delivered": 0, "dropped": 0}
 
     @property
     def forwards(self) -> bool:
@@ -272,6 +276,7 @@ class Router:
         if not link.send(message):
             self.requests.cancel(request_id)
             return None
+        self.counters["originated"] += 1
         reply = self.requests.wait(request_id, result, dst=dst_label or dst.name, timeout=timeout)
         return Delivery(reply.src, dst.name, reply.topic, reply.payload, reply.route, reply.kind)
 
@@ -296,6 +301,7 @@ class Router:
                                f"({wire.MAX_PAYLOAD_BYTES}); use a data connection", dst=message.dst)
         if not self._forward(first_send(message), originated=True):
             raise RoutingError(f"no route to {message.dst}: not linked to the grid", dst=message.dst)
+        self.counters["originated"] += 1
 
     # --- forwarding --------------------------------------------------------------------------
 
@@ -325,6 +331,7 @@ class Router:
         """
         host = self.host
         if message.dst in (host.node_id, host.name):
+            self.counters["delivered"] += 1
             if is_bulk(message):
                 self._on_bulk(message.src, message.payload)
             elif message.kind in ("rep", "err"):
@@ -334,11 +341,13 @@ class Router:
             return
         if not self.forwards:
             log.info("member %s dropping %s for %s: not addressed to it", host.name, message.topic, message.dst)
+            self.counters["dropped"] += 1
             return
         out = forwarded(message, host.name)
         reason = f"hop limit ({wire.MAX_HOPS}) reached" if out is None else None
         if out is not None and not self._forward(out, checked=False):
             reason = f"no route to {message.dst} from {host.name}"
+        self.counters["dropped" if reason else "forwarded"] += 1
         if reason:
             back = error_reply(message, host.node_id, host.name, reason)
             if back is not None:
