@@ -224,6 +224,20 @@ def test_a_refused_connect_is_counted_by_reason_on_both_sides(grid):
     assert moved("L1", "gridsock_data_connections_opened_total", method="tcp", stack="tcp", side="client") == 0
 
 
+def test_unreachable_and_timed_out_connects_are_counted(grid):
+    before = scrape(grid["L1"].metrics_address)
+    with pytest.raises(ConnectError) as failed:
+        grid["L1"].connect("nobody", PORT)
+    assert failed.value.code is None and not isinstance(failed.value, TimeoutError)
+    with pytest.raises(ConnectError) as late:
+        grid["L1"].connect("L2", PORT, stack="tls/tcp", timeout=0)  # the deadline has passed at once
+    assert isinstance(late.value, TimeoutError)
+    after = scrape(grid["L1"].metrics_address)
+    for reason in ("unreachable", "timeout"):
+        assert value(after, "gridsock_connect_failures_total", reason=reason) - \
+            value(before, "gridsock_connect_failures_total", reason=reason) == 1
+
+
 def test_routed_messages_are_counted_where_they_pass(grid):
     before = {"L1": scrape(grid["L1"].metrics_address), "L2": scrape(grid["L2"].metrics_address),
               "rv": scrape(grid.rv.metrics_address)}
