@@ -317,3 +317,47 @@ def test_a_programs_connection_is_listed_while_open_and_not_after(grid, client, 
 
     paths = {p["peer"]: p for p in grid.status(client)["paths"]}
     assert paths[server]["stack"] == stack and paths[server]["direct"] is True
+
+
+# A non-blocking connect (asyncio): the program sends its own socketpair end, the node bridges
+# the connection to it; the record lasts until that bridge ends.
+ASYNC_CLIENT = """
+    import asyncio, sys
+
+    async def main():
+        reader, writer = await asyncio.open_connection(sys.argv[1], int(sys.argv[2]))
+        writer.write(b"hello")
+        await writer.drain()
+        print("connected", flush=True)
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, sys.stdin.readline) == "close\\n"
+        writer.close()
+        await writer.wait_closed()
+        print("closed", flush=True)
+        await loop.run_in_executor(None, sys.stdin.read)
+
+    asyncio.run(main())
+"""
+# The bridge ends once the program's end is gone: it notices within this (a loaded machine).
+BRIDGE_END_TIMEOUT_S = 20.0
+
+
+def test_an_asyncio_programs_connection_is_listed_until_its_bridge_ends(grid):
+    serving = grid.start("nb", SERVER)
+    port = int(wait_for_line(serving, "serving ", timeout=SCRIPT_TIMEOUT_S).split()[1])
+    holding = grid.start("na", ASYNC_CLIENT, "nb", str(port))
+    wait_for_line(holding, "connected", timeout=SCRIPT_TIMEOUT_S)
+    wait_for_line(serving, "accepted", timeout=SCRIPT_TIMEOUT_S)
+    [mine] = listed(grid.status("na"), "nb", port, "client")
+    assert mine["stack"] == "tcp" and mine["handed"] is True and mine["pid"] == holding.pid
+    assert mine["bridged"] is True
+
+    holding.stdin.write(b"close\n")
+    holding.stdin.flush()
+    wait_for_line(holding, "closed", timeout=SCRIPT_TIMEOUT_S)
+    assert wait_for_line(serving, "closed ", timeout=SCRIPT_TIMEOUT_S) == "closed 5"
+    deadline = time.monotonic() + BRIDGE_END_TIMEOUT_S  # (the bridge ends in the node, on its own)
+    while listed(grid.status("na"), "nb", port, "client"):
+        assert time.monotonic() < deadline, "still listed after the program closed its connection"
+    holding.stdin.close()
+    assert holding.wait(SCRIPT_TIMEOUT_S) == 0 and serving.wait(SCRIPT_TIMEOUT_S) == 0
