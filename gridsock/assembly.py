@@ -148,8 +148,8 @@ class ConnectionInfo:
     detail: Dict[str, object] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
-        """The documented form (docs/status.md): bytes each way where the node sees them (a
-        bridge counts them; a kernel socket handed over is the program's alone: None)."""
+        """The documented form (docs/status.md): bytes each way where a bridge counts them, else
+        None (:meth:`Assembler.status` asks the kernel for a TCP socket handed to a program)."""
         bridge = self.detail.get("bridge")
         stats = getattr(bridge, "stats", None)
         handed = self.detail.get("handed")
