@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gridsock.assembly import DataListener
+from gridsock.bootstrap.control import call
 from gridsock.bootstrap.rendezvous import RendezvousNode
 from gridsock.errors import ConfigError, ConnectError
 from gridsock.metrics import parse_metrics_address
@@ -341,6 +342,9 @@ def test_the_metrics_option_of_node_and_rendezvous(tmp_path, sock_dir):
                      "--listen", "127.0.0.1:0", "--metrics", "0")  # a bare port: on loopback
         node_url = wait_for_line(node, "metrics on ", timeout=JOIN_TIMEOUT_S).split()[-1]
         assert wait_for_line(node, "joined n1 ", timeout=JOIN_TIMEOUT_S)
+        # Settled: the rendez-vous node's dial-back to n1's node port is over before n1 stops.
+        call(str(sock_dir / "n1.sock"), "wait", {"present": ["n1"], "settled": True, "timeout": JOIN_TIMEOUT_S},
+             timeout=JOIN_TIMEOUT_S + 5)
         assert rv_url.startswith("http://127.0.0.1:") and node_url.startswith("http://127.0.0.1:")
         node_samples = scrape_url(node_url)
         assert value(node_samples, "gridsock_uplink_up") == 1
