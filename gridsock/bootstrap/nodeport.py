@@ -121,7 +121,12 @@ class NodePort:
         """Accept connections until the socket is closed (or the greenlet killed)."""
         listener = self._bound()
         while True:
-            sock, addr = listener.accept()
+            try:
+                sock, addr = listener.accept()
+            except OSError:
+                if listener.fileno() == -1:  # closed by close(): the node is stopping
+                    return
+                raise
             tune_socket(sock)
             gevent.spawn(self._handle, sock, addr)
 
