@@ -55,10 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     rv.add_argument("--session", required=True, metavar="FILE")
     rv.add_argument("--listen", metavar="HOST:PORT", help="default: 0.0.0.0 and the session's port")
     rv.add_argument("--control", metavar="PATH", help="control socket (default: $GRIDSOCK_RUN_DIR/rendezvous.sock)")
+    rv.add_argument("--metrics", metavar="ADDR",
+                    help="serve Prometheus metrics on http://ADDR/metrics (HOST:PORT, or PORT on 127.0.0.1; default: off)")
 
     node = sub.add_parser("node", help="run a node")
     _add_node_options(node, required=True)
     node.add_argument("--echo", type=int, metavar="PORT", help="serve an echo service on this grid port")
+    node.add_argument("--metrics", metavar="ADDR",
+                      help="serve Prometheus metrics on http://ADDR/metrics (HOST:PORT, or PORT on 127.0.0.1; default: off)")
 
     run = sub.add_parser("run", help="run a command under the socket personality: its Python processes reach "
                                      "grid nodes by name (a running node's, or a node of its own)",
@@ -185,8 +189,11 @@ def _cmd_rendezvous(args) -> int:
     from .bootstrap.rendezvous import RendezvousNode
     from .session import Session
 
-    node = RendezvousNode(Session.load(args.session), listen_address=args.listen, control=args.control).start()
+    node = RendezvousNode(Session.load(args.session), listen_address=args.listen, control=args.control,
+                          metrics=args.metrics).start()
     print(f"rendezvous listening {node.address}", flush=True)
+    if node.metrics_address is not None:
+        print(f"metrics on http://{node.metrics_address}/metrics", flush=True)
     return _run_until_signalled(node)
 
 
@@ -205,7 +212,7 @@ def _make_node(args):
     return Node(session, args.name, cluster=args.cluster, leader=args.leader,
                 listen_address=args.listen, advertise=args.advertise, ssh_gateway=gateway,
                 control=args.control, rules=rules, ssh_key=args.ssh_key,
-                ssh_known_hosts=args.ssh_known_hosts).start()
+                ssh_known_hosts=args.ssh_known_hosts, metrics=getattr(args, "metrics", None)).start()
 
 
 def _cmd_node(args) -> int:
@@ -217,6 +224,8 @@ def _cmd_node(args) -> int:
 
         serve_echo(node, args.echo)
     print(f"node {node.name} listening {node.address}", flush=True)
+    if node.metrics_address is not None:
+        print(f"metrics on http://{node.metrics_address}/metrics", flush=True)
 
     def announce():
         if node.wait_joined():
