@@ -21,6 +21,7 @@ from gridsock.node import Delivery, Node
 from gridsock.rules import Rule, Rules
 from gridsock.stack import Stack
 from gridsock.testing.grid import JOIN_TIMEOUT_S, loopback_grid
+from gridsock.testing.methods import FixedRules, FlopMethod
 from gridsock.testing.streams import check_stream
 
 pytestmark = pytest.mark.timeout(300)
@@ -358,23 +359,8 @@ class StallMethod(TcpMethod):
         raise AssertionError("a stalled dial outlived its connect")
 
 
-class FlopMethod(TcpMethod):
-    """A direct method that fails at once, with a reason."""
-
-    name = "flop"
-
-    def dial(self, address, *, node, timeout):
-        raise ConnectError("flop: network unreachable", method="flop")
 
 
-@dataclasses.dataclass(frozen=True)
-class FixedRules(Rules):
-    """Rules whose candidates are a fixed list (the default policy)."""
-
-    order: tuple = ()
-
-    def candidates(self, src, dst):
-        return [Stack.parse(text) for text in self.order]
 
 
 @pytest.fixture

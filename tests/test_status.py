@@ -6,7 +6,6 @@ personality (as in tests/test_personality.py) for connections handed to programs
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -20,11 +19,9 @@ import pytest
 from gridsock import assembly, wire
 from gridsock.bootstrap.control import call
 from gridsock.cli import format_status
-from gridsock.components.tcp import TcpMethod
 from gridsock.errors import ConnectError
-from gridsock.rules import Rules
-from gridsock.stack import Stack
 from gridsock.testing.grid import JOIN_TIMEOUT_S, loopback_grid
+from gridsock.testing.methods import FixedRules, FlopMethod
 from gridsock.testing.procs import wait_for_line
 from test_cli import READY_TIMEOUT_S, STRICT_ENV, Procs, gridsock, with_port
 
@@ -38,23 +35,8 @@ SCRIPT_TIMEOUT_S = 60.0
 # --- paths: the loopback grid, in this process ---------------------------------------------------
 
 
-class FlopMethod(TcpMethod):
-    """A direct method that fails at once, with a reason."""
-
-    name = "flop"
-
-    def dial(self, address, *, node, timeout):
-        raise ConnectError("flop: network unreachable", method="flop")
 
 
-@dataclasses.dataclass(frozen=True)
-class FixedRules(Rules):
-    """Rules whose candidates are a fixed list (the default policy)."""
-
-    order: tuple = ()
-
-    def candidates(self, src, dst):
-        return [Stack.parse(text) for text in self.order]
 
 
 @pytest.fixture(scope="module")

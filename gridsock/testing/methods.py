@@ -31,6 +31,7 @@ conditions, never on fixed delays.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -38,15 +39,39 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import gevent
 
+from ..bootstrap.transport import Address
+from ..components.tcp import TcpMethod
 from ..errors import BrokenStreamError, ConnectError
+from ..rules import Rules
+from ..stack import Stack
 
-__all__ = ["CASES", "check_method", "LocalServer", "ControlServer", "wait_until"]
+__all__ = ["CASES", "check_method", "LocalServer", "ControlServer", "wait_until", "FlopMethod", "FixedRules"]
 
 #: The cases :func:`check_method` runs, in order.
 CASES = ("echo", "policy", "nothing_listening", "deadline", "cancelled", "peer_dies")
 #: A case gives up after this long (a method that hangs fails its case, not the test run).
 CASE_TIMEOUT_S = 60.0
 MiB = 1024 * 1024
+
+
+class FlopMethod(TcpMethod):
+    """A test method that dials like ``tcp`` but fails at once, with a reason (register it as
+    ``flop``): a candidate that loses every race."""
+
+    name = "flop"
+
+    def dial(self, address: Address, *, node: Any, timeout: float = 0.0) -> Any:
+        raise ConnectError("flop: network unreachable", method="flop")
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedRules(Rules):
+    """Rules whose candidates are a fixed list of stack strings (with the default policy)."""
+
+    order: tuple = ()
+
+    def candidates(self, src, dst):
+        return [Stack.parse(text) for text in self.order]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, *, step_s: float = 0.01) -> None:
