@@ -145,16 +145,23 @@ def rendezvous_barrier(run_dir) -> None:
          timeout=READY_TIMEOUT_S + 5)
 
 
-@pytest.fixture
-def cli_grid(tmp_path, sock_dir, procs, env, run_dir):
-    """``gridsock rendezvous``, leader ``lead`` (cluster A) and member ``mem`` (Unix node port)."""
-    rv_session = tmp_path / "rv" / "session.toml"
+def start_rendezvous(procs, tmp, env):
+    """A new session under ``tmp`` and ``gridsock rendezvous`` on a free loopback port; returns
+    ``(process, the session file for nodes)``, which names that port."""
+    rv_session = tmp / "rv" / "session.toml"
     made = gridsock("session", "new", str(rv_session.parent), "--rendezvous", "127.0.0.1:1", env=env)
     assert made.returncode == 0, made.stderr
     rv = procs.start("rendezvous", "rendezvous", "--session", str(rv_session), "--listen", "127.0.0.1:0")
     port = int(wait_for_line(rv, "rendezvous listening ", timeout=READY_TIMEOUT_S).rsplit(":", 1)[1])
-    node_session = tmp_path / "node" / "session.toml"
+    node_session = tmp / "node" / "session.toml"
     with_port(rv_session, port, node_session)
+    return rv, node_session
+
+
+@pytest.fixture
+def cli_grid(tmp_path, sock_dir, procs, env, run_dir):
+    """``gridsock rendezvous``, leader ``lead`` (cluster A) and member ``mem`` (Unix node port)."""
+    rv, node_session = start_rendezvous(procs, tmp_path, env)
     lead = procs.start("lead", "node", "--session", str(node_session), "--name", "lead", "--cluster", "A",
                        "--listen", "127.0.0.1:0")
     lead_address = wait_for_line(lead, "node lead listening ", timeout=READY_TIMEOUT_S).split()[-1]

@@ -18,7 +18,7 @@ import pytest
 from gridsock.bootstrap.control import call
 from gridsock.names import grid_ip
 from gridsock.testing.procs import gridsock_argv, wait_for_line
-from test_cli import READY_TIMEOUT_S, STRICT_ENV, Procs, gridsock, with_port
+from test_cli import READY_TIMEOUT_S, STRICT_ENV, Procs, start_rendezvous
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,13 +33,7 @@ def grid(tmp_path_factory):
     env = dict(os.environ, GRIDSOCK_RUN_DIR=str(run_dir), **STRICT_ENV)
     procs = Procs(tmp, env)
     try:
-        rv_session = tmp / "rv" / "session.toml"
-        made = gridsock("session", "new", str(rv_session.parent), "--rendezvous", "127.0.0.1:1", env=env)
-        assert made.returncode == 0, made.stderr
-        rv = procs.start("rendezvous", "rendezvous", "--session", str(rv_session), "--listen", "127.0.0.1:0")
-        port = int(wait_for_line(rv, "rendezvous listening ", timeout=READY_TIMEOUT_S).rsplit(":", 1)[1])
-        session = tmp / "node" / "session.toml"
-        with_port(rv_session, port, session)
+        _, session = start_rendezvous(procs, tmp, env)
         for name, cluster in (("na", "A"), ("nb", "B")):
             proc = procs.start(name, "node", "--session", str(session), "--name", name, "--cluster", cluster,
                                "--listen", "127.0.0.1:0")

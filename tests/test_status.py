@@ -23,7 +23,7 @@ from gridsock.errors import ConnectError
 from gridsock.testing.grid import JOIN_TIMEOUT_S, loopback_grid
 from gridsock.testing.methods import FixedRules, FlopMethod
 from gridsock.testing.procs import wait_for_line
-from test_cli import READY_TIMEOUT_S, STRICT_ENV, Procs, gridsock, with_port
+from test_cli import READY_TIMEOUT_S, STRICT_ENV, Procs, start_rendezvous
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -183,13 +183,7 @@ def grid(tmp_path_factory):
     env = dict(os.environ, GRIDSOCK_RUN_DIR=str(run_dir), **STRICT_ENV)
     procs = Procs(tmp, env)
     try:
-        rv_session = tmp / "rv" / "session.toml"
-        made = gridsock("session", "new", str(rv_session.parent), "--rendezvous", "127.0.0.1:1", env=env)
-        assert made.returncode == 0, made.stderr
-        rv = procs.start("rendezvous", "rendezvous", "--session", str(rv_session), "--listen", "127.0.0.1:0")
-        port = int(wait_for_line(rv, "rendezvous listening ", timeout=READY_TIMEOUT_S).rsplit(":", 1)[1])
-        session = tmp / "node" / "session.toml"
-        with_port(rv_session, port, session)
+        _, session = start_rendezvous(procs, tmp, env)
         (tmp / "na.toml").write_text('[[rule]]\nfrom = "*"\nto = "name:nb"\nstack = "tcp"\n')
         (tmp / "nb.toml").write_text("[policy]\noutside_cluster = []\n")
         for name, cluster in (("na", "A"), ("nb", "B")):
