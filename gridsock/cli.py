@@ -14,6 +14,7 @@ Each option maps one to one onto a keyword argument of :class:`gridsock.node.Nod
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -101,12 +102,25 @@ def _add_node_options(node, *, required: bool) -> None:
     node.add_argument("--ssh-known-hosts", metavar="FILE", help="known_hosts holding the gateways' host keys")
     node.add_argument("--control", metavar="PATH", help="control socket (default: $GRIDSOCK_RUN_DIR/NAME.sock)")
     node.add_argument("--rules", metavar="FILE", help="rules file (TOML): scheme, exceptions, server policy")
+    node.add_argument("--front-door", metavar="HOST:PORT",
+                      help="the SOCKS5 and HTTP proxy for programs that are not Python (default: "
+                           "127.0.0.1, a port the kernel chooses; 'off': none)")
+
+
+# Commands that live in modules of their own: each module's ``add_commands(sub)`` adds its
+# parsers, each with ``set_defaults(handler=FUNCTION)`` (FUNCTION(args) -> exit status).
+COMMAND_MODULES = ("top", "netcheck", "forward")
 
 
 def _more_commands(sub) -> None:
     status = sub.add_parser("status", help="what a running node (or the rendez-vous node) knows")
     _add_target(status)
     status.add_argument("--json", action="store_true")
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                        help="a live view, refreshed every SECONDS (default 2), until Ctrl-C (as gridsock top)")
+    status.add_argument("--graph", metavar="FILE",
+                        help="draw the grid as this node sees it (clusters, leaders, paths by method) "
+                             "to FILE (.svg, .png or .dot)")
 
     ping = sub.add_parser("ping", help="round trip to NODE over the bootstrap channel")
     ping.add_argument("dst", metavar="NODE", help="node name or id")
@@ -131,6 +145,9 @@ def _more_commands(sub) -> None:
 
     # main() hands everything after ``lab`` to gridsock.testing.lab.main untouched (its own
     # options, --help included, in any order); this entry only lists the command.
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"gridsock.{name}").add_commands(sub)
+
     lab = sub.add_parser("lab", help="the network-namespace grid lab (root): gridsock lab --help", add_help=False)
     lab.add_argument("lab_args", nargs=argparse.REMAINDER)
 
@@ -212,7 +229,15 @@ def _make_node(args):
     return Node(session, args.name, cluster=args.cluster, leader=args.leader,
                 listen_address=args.listen, advertise=args.advertise, ssh_gateway=gateway,
                 control=args.control, rules=rules, ssh_key=args.ssh_key,
-                ssh_known_hosts=args.ssh_known_hosts, metrics=getattr(args, "metrics", None)).start()
+                ssh_known_hosts=args.ssh_known_hosts, metrics=getattr(args, "metrics", None),
+                **_front_door_option(args)).start()
+
+
+def _front_door_option(args) -> dict:
+    """``--front-door``: an address, ``off``, or (not given) the node's default."""
+    if args.front_door is None:
+        return {}
+    return {"front_door": None if args.front_door == "off" else args.front_door}
 
 
 def _cmd_node(args) -> int:
@@ -288,6 +313,14 @@ def _cmd_run(args) -> int:
 def _cmd_status(args) -> int:
     from .bootstrap.control import call
 
+    if args.watch is not None:
+        from .top import watch
+
+        return watch(args)
+    if args.graph is not None:
+        from .topology import draw_command
+
+        return draw_command(args)
     status = call(_control_target(args), "status")
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
@@ -564,7 +597,8 @@ def _main(argv: Optional[List[str]]) -> int:
         "transfer": _cmd_transfer,
     }
     try:
-        return handlers[args.command](args)
+        handler = getattr(args, "handler", None) or handlers[args.command]
+        return handler(args)
     except GridsockError as exc:
         print(f"gridsock {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -74,9 +74,33 @@ log = logging.getLogger(__name__)
 
 # The node port: 0 lets the kernel choose, which suits nodes that no one dials directly.
 DEFAULT_NODE_PORT = 0
+# The front door (gridsock.frontdoor: SOCKS5 and HTTP proxy for programs that are not Python):
+# ``HOST:PORT`` (port 0: the kernel chooses; ``gridsock status`` and the agent tell which), or None.
+DEFAULT_FRONT_DOOR: Optional[str] = None
+# The routed request a node answers with what it knows of its own paths (gridsock.topology).
+PATHS_TOPIC = "gridsock.paths"
 # No metrics endpoint unless asked for (``HOST:PORT`` or ``PORT``, on loopback: gridsock.metrics).
 DEFAULT_METRICS: Optional[str] = None
 _NO_MEMBERS: Mapping[str, Link] = types.MappingProxyType({})
+
+# Control operations served by modules of their own (``module:function``, called with the node
+# and the operation's arguments), imported when first asked for.
+CONTROL_OPS_ELSEWHERE: Mapping[str, str] = types.MappingProxyType({
+    "netcheck": "gridsock.netcheck:control_netcheck",
+    "topology": "gridsock.topology:control_topology",
+    "forward": "gridsock.forward:control_forward",
+    "expose": "gridsock.forward:control_expose",
+})
+
+
+def _control_op_elsewhere(op: str):
+    import importlib
+
+    target = CONTROL_OPS_ELSEWHERE.get(op)
+    if target is None:
+        return None
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 class Node:
@@ -99,6 +123,7 @@ class Node:
         ssh_key: str | None = None,
         ssh_known_hosts: str | None = None,
         metrics: str | None = DEFAULT_METRICS,
+        front_door: str | None = DEFAULT_FRONT_DOOR,
     ) -> None:
         try:
             wire.check_name(name, "node name")
@@ -149,6 +174,9 @@ class Node:
         self.assembler = Assembler(self, self.rules)
         self.meta = MetaChannel(self)
         self.router.handlers[ASSEMBLE_TOPIC] = self.assembler.handle_request
+        self.router.handlers[PATHS_TOPIC] = self._answer_paths
+        self._front_door_address = parse_address(front_door) if front_door else None
+        self._front_door = None
         # Prometheus metrics (gridsock.metrics), served from start() when an address is given.
         self._metrics_address = None
         self._metrics: Optional["NodeMetrics"] = None
@@ -216,6 +244,10 @@ class Node:
             self._control = ControlServer(self._control_path, self._control_op).start()
         if self._agent_path:
             self._agent = AgentServer(self, self._agent_path).start()
+        if self._front_door_address is not None:
+            from .frontdoor import FrontDoor
+
+            self._front_door = FrontDoor(self, self._front_door_address).start()
         self._greenlets = [gevent.spawn(self._node_port.serve), gevent.spawn(self._uplink.serve)]
         log.info("node %s (%s) started; node port %s", self.name, self.role, self.address)
         return self
@@ -236,6 +268,8 @@ class Node:
             self._control.stop()
         if self._agent is not None:
             self._agent.stop()
+        if self._front_door is not None:
+            self._front_door.stop()
 
     def wait_joined(self, timeout: float | None = None) -> bool:
         """Wait until the uplink is up for the first time; False on timeout.
@@ -366,7 +400,15 @@ class Node:
             "assembly": dict(self.assembler.counters),
             "meta_links": self.meta.status(),
             "listening": sorted(self.assembler.listeners),
+            "front_door": str(self._front_door.address) if self._front_door is not None else None,
         }
+
+    def _answer_paths(self, delivery: Delivery) -> bytes:
+        """Another node asks how this one reaches its peers (``gridsock status --graph``)."""
+        import json
+
+        return json.dumps({"name": self.name, "cluster": self.cluster, "role": self.role,
+                           "paths": self.assembler.paths(), "meta_links": self.meta.status()}).encode()
 
     @property
     def metrics_address(self) -> Optional[Address]:
@@ -397,7 +439,11 @@ class Node:
 
             return transfer(self, str(args["dst"]), int(args["port"]), int(args["bytes"]),
                             stack=args.get("stack"), timeout=args.get("timeout"))
-        raise ConfigError(f"unknown control operation {op!r} (a node knows: status, ping, wait, echo, transfer)")
+        handler = _control_op_elsewhere(op)
+        if handler is not None:
+            return handler(self, args)
+        known = ", ".join(["status", "ping", "wait", "echo", "transfer", *CONTROL_OPS_ELSEWHERE])
+        raise ConfigError(f"unknown control operation {op!r} (a node knows: {known})")
 
     def wait_directory(self, *, present=(), absent=(), settled: bool = False,
                        timeout: float = REQUEST_TIMEOUT_S) -> list:
