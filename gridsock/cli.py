@@ -260,54 +260,10 @@ def _cmd_node(args) -> int:
     return _run_until_signalled(node)
 
 
-# ``gridsock run`` with a node of its own gives up if the node has not joined within this long.
-RUN_JOIN_TIMEOUT_S = 60.0
-
-
 def _cmd_run(args) -> int:
-    """Run ``args.command`` patched: with a running node's agent, or a node of our own."""
-    import socket as stdsocket
+    from .launch import run_command
 
-    from .agent import agent_path
-    from .errors import ConfigError
-    # The launcher of the personality: the one place the framework names it.
-    from .personalities.monkey import child_environment
-
-    command = args.program[1:] if args.program[:1] == ["--"] else args.program
-    if not command:
-        raise ConfigError("nothing to run: gridsock run [options] -- command [args...]")
-    if args.node:
-        if args.session or args.name:
-            raise ConfigError("give either --node NAME (a running node) or --session and --name (a node of its own)")
-        agent = agent_path(args.node)
-        probe = stdsocket.socket(stdsocket.AF_UNIX)
-        try:
-            probe.connect(agent)
-        except OSError as exc:
-            raise ConfigError(f"no node {args.node} runs here (agent socket {agent}: {exc.strerror or exc})") from None
-        finally:
-            probe.close()
-        os.execvpe(command[0], command, child_environment(agent))
-    if not (args.session and args.name):
-        raise ConfigError("gridsock run needs --node NAME, or --session FILE and --name NAME for a node of its own")
-    import gevent
-    import gevent.subprocess
-
-    node = _make_node(args)
-    try:
-        if not node.wait_joined(RUN_JOIN_TIMEOUT_S):
-            raise ConfigError(f"node {node.name} did not join its grid within {RUN_JOIN_TIMEOUT_S:g} s")
-        child = gevent.subprocess.Popen(command, env=child_environment(node._agent_path))
-
-        def forward(signum):
-            if child.poll() is None:
-                child.send_signal(signum)
-
-        gevent.signal_handler(signal.SIGTERM, forward, signal.SIGTERM)
-        gevent.signal_handler(signal.SIGINT, forward, signal.SIGINT)
-        return child.wait()
-    finally:
-        node.stop()
+    return run_command(args)
 
 
 def _cmd_status(args) -> int:
