@@ -273,6 +273,9 @@ class Assembler:
         self.registry = registry if registry is not None else default_registry
         self.listeners: Dict[int, DataListener] = {}
         self.connections: Dict[int, ConnectionInfo] = {}
+        # Called with each new connection's info as it is recorded (both sides): the metrics
+        # count server-side connections here, exactly, however short they live.
+        self.on_record: List[Callable[[ConnectionInfo], None]] = []
         self.counters: Dict[str, int] = {"delivered": 0, "not_taken": 0}
         self._arrivals: Dict[bytes, Arrival] = {}  # token -> connections awaited on the node port
         self._registered: Dict[bytes, gevent.event.Event] = {}  # tokens that arrived before their request
@@ -685,6 +688,8 @@ class Assembler:
         info = ConnectionInfo(conn=conn, peer_id=peer.node_id, peer_name=peer.name, port=port, stack=str(stack),
                               initiator=initiator, detail={"stream": stream})
         self.connections[conn] = info
+        for listener in self.on_record:
+            listener(info)
         return info
 
     def _hand_out(self, stack: Stack, stream: Stream, info: ConnectionInfo, *, tcp_bridge: bool = False):

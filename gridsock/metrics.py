@@ -19,11 +19,11 @@ links, the directory. What the code does not keep is counted here:
   the new connection's byte counters (its bridge's :class:`~gridsock.bridge.BridgeStats`, or a
   relayed stream's own) are followed from then on, so its bytes are exact (a stream bridged
   later, as the agent does for ``gridsock run``, from the next sample on);
-- on the server, refusals as the assembly requests are answered; connections are counted
-  from the assembler's connection table, and their byte counters followed, by a sampler that
-  runs every ``METRICS_SAMPLE_S`` and before each scrape. Once seen, a connection's bytes are
-  exact; one that is accepted, used and closed between two samples is missed (its method
-  connection still counts in ``gridsock_assembly_server_connections_total``).
+- on the server, refusals as the assembly requests are answered, and each connection as the
+  assembler records it (its ``on_record`` hook): exact, however short it lives. Its bytes are
+  followed from its bridge or its relayed stream once it has one (the bridge is made when the
+  application accepts it), read at each scrape; a connection ended before any scrape still
+  counts, since what it moved stays on its bridge.
 
 Not seen: the bytes of a plain ``tcp`` connection handed to the application as the kernel
 socket itself (the framework is not on its data path), and those of a stream from
@@ -81,7 +81,7 @@ from .bootstrap.transport import Address, parse_address
 from .errors import ConfigError, ConnectError
 
 __all__ = [
-    "METRICS_SAMPLE_S",
+    "METRICS_SETTLE_AT",
     "DEFAULT_METRICS_HOST",
     "parse_metrics_address",
     "MetricsServer",
@@ -92,10 +92,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# How often the server-side sampler reads the connection table and the live byte counters: a
-# connection shorter than this (and forgotten meanwhile) may be missed; each sample costs a
-# pass over the node's connections and bridges.
-METRICS_SAMPLE_S = 1.0
+# Connections and byte sources held between two scrapes before they are settled without one
+# (bounds the memory of a node whose endpoint nobody scrapes).
+METRICS_SETTLE_AT = 1024
 # A metrics address without a host listens here: loopback, unless the operator says otherwise.
 DEFAULT_METRICS_HOST = "127.0.0.1"
 # Scrapes waiting to be accepted: Prometheus scrapes one at a time, people with curl a few more.
@@ -193,6 +192,9 @@ class _ByteTracker:
         self.received = 0
         self._followed: Dict[Any, Tuple[Any, int, int]] = {}  # key -> (object, sent, received so far)
 
+    def __len__(self) -> int:
+        return len(self._followed)
+
     def follow(self, key: Any, source: Any) -> None:
         """Count what ``source`` moves (from 0) until it ends; a key is followed once."""
         if key not in self._followed:
@@ -226,12 +228,11 @@ class NodeMetrics:
                                        ["method", "outcome"], registry=self.registry)
         self.refusals = Counter("gridsock_assembly_refusals", "Assembly requests refused as the server, by reason",
                                 ["reason"], registry=self.registry)
-        self._server_seen = 0  # the highest connection id the sampler has seen
         self._unbridged: Dict[int, Any] = {}  # connections nothing counts yet (no bridge), by id
         self._data_bytes = _ByteTracker()
         self._relay_bytes = _ByteTracker()
         self._server: Optional[MetricsServer] = None
-        self._sampler: Optional[gevent.Greenlet] = None
+        node.assembler.on_record.append(self._on_record)
 
     # --- counted as it happens ------------------------------------------------------------
 
@@ -272,16 +273,29 @@ class NodeMetrics:
             self.refusals.labels(reason=answer.code).inc()
         return reply
 
-    # --- sampled ----------------------------------------------------------------------------
+    def _on_record(self, info: Any) -> None:
+        """The assembler recorded a connection (either side; the client's is counted by
+        :meth:`observe_connect`, with its race)."""
+        if not info.initiator:
+            self.connections_opened.labels(method=_method_of(info.stack), stack=info.stack, side="server").inc()
+            self._unbridged[info.conn] = info
+        self._follow_relays()
+        if len(self._unbridged) + len(self._data_bytes) + len(self._relay_bytes) > METRICS_SETTLE_AT:
+            self.sample()  # nobody scrapes: settle what has ended, so memory stays bounded
 
-    def _follow_bytes(self, conn: int, stream: Any, bridges: Optional[Dict[int, Any]] = None) -> bool:
+    # --- read at each scrape ----------------------------------------------------------------
+
+    def _follow_bytes(self, conn: int, stream: Any, bridges: Optional[Dict[int, Any]] = None,
+                      bridge: Any = None) -> bool:
         """Follow the bytes of connection ``conn`` if something counts them: its bridge, or
         its stream (relayed, no filter). Returns False if nothing does (yet)."""
-        if bridges is None:
-            from .bridge import active_bridges
+        source = bridge
+        if source is None:
+            if bridges is None:
+                from .bridge import active_bridges
 
-            bridges = {id(b.stream): b for b in active_bridges()}
-        source = bridges.get(id(stream))
+                bridges = {id(b.stream): b for b in active_bridges()}
+            source = bridges.get(id(stream))
         if source is None and hasattr(stream, "bytes_sent"):
             source = stream
         if source is None:
@@ -290,21 +304,16 @@ class NodeMetrics:
         return True
 
     def sample(self) -> None:
-        """Count new server-side connections and the bytes moved since the last sample."""
+        """Take the bytes moved since the last sample (at each scrape)."""
         from .bridge import active_bridges
 
-        node = self.node
-        table = dict(node.assembler.connections)
-        for conn, info in table.items():
-            if conn > self._server_seen and not info.initiator:
-                self.connections_opened.labels(method=_method_of(info.stack), stack=info.stack, side="server").inc()
-                self._unbridged[conn] = info
-        self._server_seen = max([self._server_seen, *table])
         if self._unbridged:
             bridges = {id(b.stream): b for b in active_bridges()}
             for conn, info in list(self._unbridged.items()):
-                # Its bridge is made when the application accepts it; forgotten: give up.
-                if self._follow_bytes(conn, info.detail.get("stream"), bridges) or conn not in table:
+                # Its bridge is made when the application accepts it (and stays on the record
+                # after it ends); a stream that ended with none moved nothing we can count.
+                stream = info.detail.get("stream")
+                if self._follow_bytes(conn, stream, bridges, info.detail.get("bridge")) or _ended(stream):
                     del self._unbridged[conn]
         self._data_bytes.update()
         self._follow_relays()
@@ -314,20 +323,11 @@ class NodeMetrics:
         for stream in list(getattr(self.node.relay, "_streams", {}).values()):
             self._relay_bytes.follow(stream, stream)
 
-    def _sample_forever(self) -> None:
-        while True:
-            gevent.sleep(METRICS_SAMPLE_S)
-            try:
-                self.sample()
-            except Exception:  # a bug here must not end the sampling
-                log.exception("metrics of %s: sampling failed", self.node.name)
-
     # --- serving ----------------------------------------------------------------------------
 
     def serve(self, address: Address) -> MetricsServer:
-        """Start the HTTP endpoint and the sampler; ConfigError if ``address`` cannot be bound."""
+        """Start the HTTP endpoint; ConfigError if ``address`` cannot be bound."""
         self._server = MetricsServer(self.registry, address).start()
-        self._sampler = gevent.spawn(self._sample_forever)
         log.info("metrics of %s on http://%s/metrics", self.node.name, self._server.address)
         return self._server
 
@@ -336,8 +336,7 @@ class NodeMetrics:
         return self._server.address if self._server is not None else None
 
     def stop(self) -> None:
-        if self._sampler is not None:
-            self._sampler.kill(block=False)
+        self.node.assembler.on_record[:] = [f for f in self.node.assembler.on_record if f != self._on_record]
         if self._server is not None:
             self._server.stop()
 

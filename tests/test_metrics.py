@@ -205,6 +205,27 @@ def test_counters_move_with_a_transfer(grid, stack):
             value(after["L1"], "gridsock_data_bytes_total", direction=direction)
 
 
+def test_a_connection_closed_and_forgotten_before_any_scrape_is_counted_exactly(grid):
+    """The server counts a connection as the assembler records it, and its bytes stay on its
+    bridge: a scrape after the connection ended and `gridsock status` forgot it sees it all."""
+    stack = "tls/tcp"
+    before = scrape(grid["L2"].metrics_address)
+    for sock in echo_once(grid, stack):
+        sock.close()
+    deadline = time.monotonic() + SCRAPE_TIMEOUT_S
+    while grid["L2"].status()["connections"]:  # (status forgets the closed ones)
+        assert time.monotonic() < deadline, grid["L2"].status()["connections"]
+        gevent.sleep(0.05)
+    after = scrape(grid["L2"].metrics_address)
+
+    def moved(metric: str, **labels: str) -> float:
+        return value(after, metric, **labels) - value(before, metric, **labels)
+
+    assert moved("gridsock_data_connections_opened_total", method="tcp", stack=stack, side="server") == 1
+    for direction in ("sent", "received"):
+        assert moved("gridsock_data_bytes_total", direction=direction) == PAYLOAD_BYTES
+
+
 def test_a_refused_connect_is_counted_by_reason_on_both_sides(grid):
     before = {name: scrape(grid[name].metrics_address) for name in ("L1", "L2")}
     with pytest.raises(ConnectError) as refused:
