@@ -6,6 +6,7 @@ goes away need processes: ``gridsock rendezvous``, a node, and the view in a pro
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from gridsock.bootstrap.control import ControlServer
 from gridsock.errors import ConfigError
 from gridsock.testing.grid import JOIN_TIMEOUT_S, loopback_grid
 from gridsock.testing.procs import gridsock_argv, wait_for_line
-from gridsock.top import RateMeter, format_frame
+from gridsock.top import CLEAR_SCREEN, RateMeter, format_frame, run_view
 from test_cli import READY_TIMEOUT_S, STRICT_ENV, Procs, start_rendezvous
 
 pytestmark = pytest.mark.timeout(180)
@@ -155,6 +156,15 @@ def test_top_json_is_one_object_per_frame(loopback, capsys):
     assert all(f["status"]["name"] == "m1" and isinstance(f["rates"], dict) for f in frames)
 
 
+def test_on_a_terminal_each_frame_replaces_the_previous_one(loopback):
+    _, path = loopback
+    out = io.StringIO()
+    assert run_view(path, interval=0.1, count=2, out=out, tty=True) == 0
+    frames = out.getvalue().split(CLEAR_SCREEN)
+    assert frames[0] == "" and len(frames) == 3
+    assert all(f.startswith("node m1 (member, cluster A): joined") for f in frames[1:])
+
+
 def test_top_without_a_node_says_so(tmp_path, capsys):
     assert cli.main(["top", "--control", str(tmp_path / "none.sock"), "--count", "1"]) == 2
     assert "gridsock top: no gridsock process serves" in capsys.readouterr().err
@@ -173,7 +183,7 @@ def node_proc(tmp_path, sock_dir):
         lead = procs.start("lead", "node", "--session", str(session), "--name", "lead", "--cluster", "A",
                            "--listen", "127.0.0.1:0")
         wait_for_line(lead, "joined lead ", timeout=READY_TIMEOUT_S)
-        yield procs, lead, env
+        yield procs, lead, env, run_dir
     finally:
         procs.stop_all()
 
@@ -185,7 +195,7 @@ def start_view(env, *args: str) -> subprocess.Popen:
 @pytest.mark.parametrize("argv", [("top", "--node", "lead", "--interval", "0.2"),
                                   ("status", "--node", "lead", "--watch", "0.2")])
 def test_ctrl_c_ends_the_view_at_once_with_status_0(node_proc, argv):
-    _, _, env = node_proc
+    _, _, env, _ = node_proc
     view = start_view(env, *argv)
     try:
         wait_for_line(view, "node lead (leader, cluster A): joined", timeout=READY_TIMEOUT_S)
@@ -203,7 +213,7 @@ def test_ctrl_c_ends_the_view_at_once_with_status_0(node_proc, argv):
 
 
 def test_a_node_that_goes_away_ends_the_view_with_status_1(node_proc):
-    procs, lead, env = node_proc
+    procs, lead, env, _ = node_proc
     view = start_view(env, "top", "--node", "lead", "--interval", "0.2")
     try:
         wait_for_line(view, "node lead (leader, cluster A): joined", timeout=READY_TIMEOUT_S)
@@ -217,3 +227,13 @@ def test_a_node_that_goes_away_ends_the_view_with_status_1(node_proc):
             view.wait()
         view.stdout.close()
         view.stderr.close()
+
+
+def test_the_view_of_the_rendezvous_node(node_proc):
+    _, _, env, run_dir = node_proc
+    done = subprocess.run(gridsock_argv("top", "--control", str(run_dir / "rendezvous.sock"), "--count", "2",
+                                        "--interval", "0.1"), env=env, capture_output=True, timeout=READY_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    frames = done.stdout.decode().split("\n\n")
+    assert len(frames) == 2 and all(f.startswith("rendez-vous node of session ") for f in frames)
+    assert "leaders linked:" in frames[0] and "  lead  " in frames[0]
