@@ -145,3 +145,478 @@ def test_the_connection_is_listed_in_status_while_open(grid, door):
         assert listed["bytes_sent"] == 4 and listed["bytes_received"] == 4
     finally:
         sock.close()
+
+
+def no_proxy_env() -> dict:
+    """This process's environment without proxy settings (curl must use only what it is told)."""
+    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+
+
+def run_tool(*argv: str) -> "gevent.subprocess.CompletedProcess[bytes]":
+    return gevent.subprocess.run(list(argv), capture_output=True, env=no_proxy_env(), timeout=CLIENT_TIMEOUT_S * 2)
+
+
+def curl(*args: str) -> "gevent.subprocess.CompletedProcess[bytes]":
+    return run_tool("curl", "-sS", "--max-time", str(CLIENT_TIMEOUT_S), *args)
+
+
+def read_exactly(sock: Any, count: int) -> bytes:
+    got = bytearray()
+    while len(got) < count:
+        chunk = sock.recv(count - len(got))
+        if not chunk:
+            raise EOFError(f"EOF after {len(got)} of {count} bytes")
+        got += chunk
+    return bytes(got)
+
+
+def read_socks_reply(sock: Any) -> Tuple[int, str, int]:
+    """(code, bound host, bound port) of a SOCKS5 reply."""
+    version, code, _, atyp = read_exactly(sock, 4)
+    assert version == 5
+    raw = read_exactly(sock, 4 if atyp == 1 else 16)
+    host = socket.inet_ntop(socket.AF_INET if atyp == 1 else socket.AF_INET6, raw)
+    return code, host, struct.unpack(">H", read_exactly(sock, 2))[0]
+
+
+def socks_request(host: str, port: int, command: int = 1) -> bytes:
+    """A SOCKS5 request for ``host`` (an IPv4 or IPv6 address, else a name)."""
+    for family, atyp in ((socket.AF_INET, 1), (socket.AF_INET6, 4)):
+        try:
+            address = socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return bytes([5, command, 0, atyp]) + address + struct.pack(">H", port)
+    return bytes([5, command, 0, 3, len(host)]) + host.encode() + struct.pack(">H", port)
+
+
+def raw_socks(door: FrontDoor, host: str, port: int, command: int = 1) -> Tuple[Any, Tuple[int, str, int]]:
+    """A raw SOCKS5 client (a gevent socket, no authentication): the socket and the reply."""
+    sock = gsocket.create_connection(("127.0.0.1", door.address.port), timeout=CLIENT_TIMEOUT_S)
+    sock.sendall(b"\x05\x01\x00")
+    assert read_exactly(sock, 2) == b"\x05\x00"
+    sock.sendall(socks_request(host, port, command))
+    return sock, read_socks_reply(sock)
+
+
+def socks_code(door: FrontDoor, host: str, port: int, command: int = 1) -> int:
+    sock, (code, _, _) = raw_socks(door, host, port, command)
+    try:
+        if code != 0:
+            assert sock.recv(1) == b""  # then closed
+        return code
+    finally:
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def local_echo() -> Iterator[dict]:
+    """Plain echo servers on 127.0.0.1 and ::1 (pass-through destinations): family -> port."""
+    from gevent.server import StreamServer
+
+    def echo(sock: Any, _addr: Any) -> None:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                sock.shutdown(socket.SHUT_WR)
+                return
+            sock.sendall(data)
+
+    servers = [StreamServer(("127.0.0.1", 0), echo), StreamServer(("::1", 0), echo)]
+    for server in servers:
+        server.start()
+    try:
+        yield {"127.0.0.1": servers[0].server_port, "::1": servers[1].server_port}
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def local_http(tmp_path_factory) -> Iterator[int]:
+    """http.server on 127.0.0.1 (in a thread of its own): its port."""
+    import threading
+
+    site = tmp_path_factory.mktemp("localsite")
+    (site / "index.html").write_bytes(b"a local page\n")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(site)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        in_thread(server.shutdown)
+        server.server_close()
+
+
+def free_local_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_socks_reply_binds_the_peers_grid_address(grid, door):
+    sock, (code, host, port) = raw_socks(door, "m2", ECHO_PORT)
+    try:
+        assert (code, host, port) == (0, grid_ip(grid["m2"].node_id), ECHO_PORT)
+        assert echo_through(sock, b"x" * 1000) == b"x" * 1000
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_socks_passes_other_destinations_through(door, local_echo, host):
+    port = local_echo["::1" if host == "::1" else "127.0.0.1"]
+    sock, (code, bound, _) = raw_socks(door, host, port)
+    try:
+        assert code == 0 and bound in ("127.0.0.1", "::1")
+        assert echo_through(sock, b"through" * 1000) == b"through" * 1000
+    finally:
+        sock.close()
+
+
+def test_socks_errors_have_their_reply_codes(grid, local_echo):
+    closed = free_local_port()
+    front = FrontDoor(grid["m1"]).start()
+    shut = FrontDoor(grid["m1"], pass_through=False).start()
+    try:
+        assert socks_code(front, "m2", ECHO_PORT, command=2) == 0x07  # BIND
+        assert socks_code(front, "m2", ECHO_PORT, command=3) == 0x07  # UDP ASSOCIATE
+        assert socks_code(front, "nobody.grid", ECHO_PORT) == 0x04
+        assert socks_code(front, "240.0.0.7", ECHO_PORT) == 0x04  # a grid address no node has
+        assert socks_code(front, "m2", 5399) == 0x05  # nothing listens on that grid port
+        assert socks_code(front, "127.0.0.1", closed) == 0x05
+        assert socks_code(shut, "127.0.0.1", local_echo["127.0.0.1"]) == 0x02
+        assert socks_code(shut, "m2", ECHO_PORT) == 0x00  # the grid is still there
+    finally:
+        front.stop()
+        shut.stop()
+
+
+def test_socks_grid_connect_timeout_is_ttl_expired(grid):
+    front = FrontDoor(grid["m1"], connect_timeout=1e-6).start()
+    try:
+        assert socks_code(front, "m2", ECHO_PORT) == 0x06
+    finally:
+        front.stop()
+
+
+@pytest.mark.parametrize("request_bytes, reply", [
+    (b"\x05\x01\x00\x09\x00\x00", 0x08),  # address type 9
+    (b"\x04\x01\x00\x01\x7f\x00\x00\x01\x00\x50", 0x01),  # version 4 in the request
+    (b"\x05\x01\x00\x03\x03a b\x00\x50", 0x01),  # a name with a space
+])
+def test_socks_bad_requests_get_the_failure_reply_then_close(door, request_bytes, reply):
+    sock = gsocket.create_connection(("127.0.0.1", door.address.port), timeout=CLIENT_TIMEOUT_S)
+    try:
+        sock.sendall(b"\x05\x01\x00")
+        assert read_exactly(sock, 2) == b"\x05\x00"
+        sock.sendall(request_bytes)
+        assert read_socks_reply(sock)[0] == reply
+        assert sock.recv(1) == b""
+    finally:
+        sock.close()
+
+
+def test_socks_no_method_offered_is_refused(door):
+    sock = gsocket.create_connection(("127.0.0.1", door.address.port), timeout=CLIENT_TIMEOUT_S)
+    try:
+        sock.sendall(b"\x05\x01\x80")  # a private method only
+        assert read_exactly(sock, 2) == b"\x05\xff"
+        assert sock.recv(1) == b""
+    finally:
+        sock.close()
+
+
+# --- half-close and breaks ------------------------------------------------------------------------
+
+def test_a_break_of_the_peer_resets_the_client(grid, door):
+    listener = grid["m2"].listen(5310)
+    sock, (code, _, _) = raw_socks(door, "m2", 5310)
+    try:
+        assert code == 0
+        server, _ = listener.accept_stream(timeout=CLIENT_TIMEOUT_S)
+        server.send_all(b"partial")
+        server.close()  # without send_eof(): a break
+        assert read_exactly(sock, 7) == b"partial"
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(65536):
+                pass
+    finally:
+        sock.close()
+        listener.close()
+
+
+def test_a_break_of_the_client_breaks_the_peers_stream(grid, door):
+    from gridsock.errors import BrokenStreamError
+
+    listener = grid["m2"].listen(5311)
+    sock, (code, _, _) = raw_socks(door, "m2", 5311)
+    server = None
+    try:
+        assert code == 0
+        server, _ = listener.accept_stream(timeout=CLIENT_TIMEOUT_S)
+        sock.sendall(b"abc")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # an RST
+        got = bytearray()
+        with pytest.raises(BrokenStreamError):
+            with gevent.Timeout(CLIENT_TIMEOUT_S):
+                while True:
+                    data = server.receive_some()
+                    assert data, "the client's reset came through as an orderly EOF"
+                    got += data
+        assert got == b"abc"
+    finally:
+        sock.close()
+        if server is not None:
+            server.close()
+        listener.close()
+
+
+def test_half_close_both_ways(grid, door):
+    listener = grid["m2"].listen(5312)
+    sock, (code, _, _) = raw_socks(door, "m2", 5312)
+    server = None
+    try:
+        assert code == 0
+        server, _ = listener.accept_stream(timeout=CLIENT_TIMEOUT_S)
+        sock.sendall(b"question")
+        sock.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while True:
+            data = server.receive_some()
+            if not data:
+                break
+            got += data
+        assert got == b"question"
+        server.send_all(b"answer after the client's EOF")  # the other direction still works
+        server.send_eof()
+        assert echo_through_read(sock) == b"answer after the client's EOF"
+    finally:
+        sock.close()
+        if server is not None:
+            server.close()
+        listener.close()
+
+
+def echo_through_read(sock: Any) -> bytes:
+    got = bytearray()
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return bytes(got)
+        got += chunk
+
+
+# --- HTTP -------------------------------------------------------------------------------------------
+
+def test_curl_socks5_hostname_fetches_from_a_grid_http_server(door):
+    result = curl("--socks5-hostname", f"127.0.0.1:{door.address.port}", f"http://m2:{HTTP_PORT}/index.html")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == PAGE
+
+
+def test_curl_http_proxy_forwards_a_request(door):
+    result = curl("-D", "-", "-x", f"http://127.0.0.1:{door.address.port}", f"http://m2.grid:{HTTP_PORT}/index.html")
+    assert result.returncode == 0, result.stderr
+    head, _, body = result.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"\r\nConnection: close" in head
+    assert body == PAGE
+
+
+def test_curl_http_proxy_tunnels_with_connect(door):
+    result = curl("-p", "-x", f"http://127.0.0.1:{door.address.port}", f"http://m2:{HTTP_PORT}/index.html")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == PAGE
+
+
+def test_http_proxy_passes_other_destinations_through(door, local_http):
+    for tunnel in ((), ("-p",)):
+        result = curl(*tunnel, "-x", f"http://127.0.0.1:{door.address.port}", f"http://127.0.0.1:{local_http}/")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"a local page\n"
+
+
+def http_status(door: FrontDoor, request: bytes) -> Tuple[int, bytes]:
+    """Send a raw request; the status and the body of the answer (read until close)."""
+    sock = gsocket.create_connection(("127.0.0.1", door.address.port), timeout=CLIENT_TIMEOUT_S)
+    try:
+        sock.sendall(request)
+        answer = echo_through_read(sock)
+    finally:
+        sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def test_http_errors_have_their_statuses(grid, door, local_http):
+    closed = free_local_port()
+    shut = FrontDoor(grid["m1"], pass_through=False).start()
+    try:
+        assert http_status(door, b"GET / HTTP/1.1\r\nHost: m2\r\n\r\n")[0] == 400
+        assert http_status(door, b"BREW /pot HTTP/1.1\r\n\r\n")[0] == 400
+        assert http_status(door, b"GET https://m2/ HTTP/1.1\r\n\r\n")[0] == 400
+        assert http_status(door, b"garbage\r\n\r\n")[0] == 400
+        assert http_status(door, b"GET http://m2:5301/ HTTP/3\r\n\r\n")[0] == 400
+        assert http_status(door, b"GET http://m2:5301/ HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n")[0] == 431
+        assert http_status(door, b"CONNECT m2 HTTP/1.1\r\n\r\n")[0] == 400  # no port
+        status, body = http_status(door, b"CONNECT nobody.grid:80 HTTP/1.1\r\n\r\n")
+        assert status == 502 and b"nobody" in body
+        assert http_status(door, b"CONNECT m2:5399 HTTP/1.1\r\n\r\n")[0] == 502
+        assert http_status(door, f"GET http://127.0.0.1:{closed}/ HTTP/1.1\r\n\r\n".encode())[0] == 502
+        assert http_status(shut, f"GET http://127.0.0.1:{local_http}/ HTTP/1.1\r\n\r\n".encode())[0] == 403
+    finally:
+        shut.stop()
+
+
+def test_forwarded_request_is_in_origin_form_without_proxy_headers(grid, door):
+    listener = grid["m2"].listen(5313)
+    sock = gsocket.create_connection(("127.0.0.1", door.address.port), timeout=CLIENT_TIMEOUT_S)
+    server = None
+    try:
+        sock.sendall(b"POST http://m2:5313/form?x=1 HTTP/1.1\r\nHost: wrong\r\nProxy-Connection: keep-alive\r\n"
+                     b"Proxy-Authorization: Basic Zm9vOmJhcg==\r\nConnection: keep-alive, X-Private\r\n"
+                     b"X-Private: 1\r\nContent-Length: 4\r\nUser-Agent: t\r\n\r\nbody")
+        server, _ = listener.accept_stream(timeout=CLIENT_TIMEOUT_S)
+        got = bytearray()
+        while b"body" not in got:
+            got += server.receive_some()
+        assert bytes(got) == (b"POST /form?x=1 HTTP/1.1\r\nHost: m2:5313\r\nContent-Length: 4\r\nUser-Agent: t\r\n"
+                              b"Connection: close\r\n\r\nbody")
+        server.send_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nConnection: keep-alive\r\n"
+                        b"Keep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok")
+        server.send_eof()
+        assert echo_through_read(sock) == (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                                           b"Connection: close\r\n\r\nok")
+    finally:
+        sock.close()
+        if server is not None:
+            server.close()
+        listener.close()
+
+
+# --- who may come in ------------------------------------------------------------------------------
+
+def test_username_and_password(grid):
+    front = FrontDoor(grid["m1"], users={"alice": "secret"}, require_auth=True).start()
+    data = b"authenticated" * 100
+
+    def with_password(password: Optional[str]) -> bytes:
+        proxy = {} if password is None else {"username": "alice", "password": password}
+        with socks_client(front, **proxy) as sock:
+            sock.connect(("m2", ECHO_PORT))
+            return echo_through(sock, data)
+
+    try:
+        assert in_thread(with_password, "secret") == data
+        with pytest.raises(socks.ProxyError, match="authentication failed"):
+            in_thread(with_password, "wrong")
+        with pytest.raises(socks.ProxyError, match="rejected"):
+            in_thread(with_password, None)
+        base = f"127.0.0.1:{front.address.port}"
+        url = f"http://m2:{HTTP_PORT}/index.html"
+        assert curl("-x", f"http://alice:secret@{base}", url).stdout == PAGE
+        assert curl("-p", "-x", f"http://alice:secret@{base}", url).stdout == PAGE
+        assert curl("--socks5-hostname", f"alice:secret@{base}", url).stdout == PAGE
+        assert curl("-w", "%{http_code}", "-o", "/dev/null", "-x", f"http://alice:wrong@{base}", url).stdout == b"407"
+        assert curl("-w", "%{http_code}", "-o", "/dev/null", "-x", f"http://{base}", url).stdout == b"407"
+        assert curl("--socks5-hostname", f"alice:wrong@{base}", url).returncode != 0
+    finally:
+        front.stop()
+
+
+def test_clients_that_must_authenticate_are_refused_when_no_users_are_configured(grid):
+    front = FrontDoor(grid["m1"], require_auth=True).start()
+    try:
+        sock = gsocket.create_connection(("127.0.0.1", front.address.port), timeout=CLIENT_TIMEOUT_S)
+        try:
+            sock.sendall(b"\x05\x02\x00\x02")
+            assert read_exactly(sock, 2) == b"\x05\xff"
+            assert sock.recv(1) == b""
+        finally:
+            sock.close()
+        assert http_status(front, b"GET http://m2:5301/ HTTP/1.1\r\n\r\n")[0] == 403
+    finally:
+        front.stop()
+
+
+def test_the_trust_check():
+    me = os.getuid()
+    server = ("127.0.0.1", 1080)
+    assert client_untrusted(("127.0.0.1", 40000), server, uid_of=lambda c, s: me) is None
+    assert client_untrusted(("::1", 40000), server, uid_of=lambda c, s: me) is None
+    assert client_untrusted(("::ffff:127.0.0.2", 40000), server, uid_of=lambda c, s: me) is None
+    assert "not on loopback" in (client_untrusted(("10.1.0.11", 40000), server, uid_of=lambda c, s: me) or "")
+    assert "not on loopback" in (client_untrusted(("192.0.2.1", 40000), server, allow_other_users=True) or "")
+    assert "uid 4242" in (client_untrusted(("127.0.0.1", 40000), server, uid_of=lambda c, s: 4242) or "")
+    assert client_untrusted(("127.0.0.1", 40000), server, allow_other_users=True, uid_of=lambda c, s: 4242) is None
+    assert "unknown" in (client_untrusted(("127.0.0.1", 40000), server, uid_of=lambda c, s: None) or "")
+
+
+def test_socket_uid_finds_a_real_socket():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        with socket.create_connection(listener.getsockname()) as client:
+            assert socket_uid(client.getsockname(), listener.getsockname()) == os.getuid()
+            assert socket_uid(client.getsockname(), ("127.0.0.1", 1)) is None
+
+
+# An interpreter another user can run (the test's own may live under root's home).
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
+                    reason="needs root (to run a client as another user) and /usr/bin/python3")
+def test_a_loopback_client_of_another_user_is_refused(door):
+    probe = ("import socket, sys; s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=30); "
+             "s.sendall(b'\\x05\\x01\\x00'); print(s.recv(2).hex())")
+
+    def reply(front: FrontDoor, **user: Any) -> str:
+        result = gevent.subprocess.run([SYSTEM_PYTHON, "-I", "-S", "-c", probe, str(front.address.port)],
+                                       capture_output=True, timeout=CLIENT_TIMEOUT_S * 2, cwd="/", **user)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.decode().strip()
+
+    assert reply(door) == "0500"  # this user: in
+    assert reply(door, user=65534) == "05ff"  # nobody: refused
+    front = FrontDoor(door.node, allow_other_users=True).start()
+    try:
+        assert reply(front, user=65534) == "0500"
+    finally:
+        front.stop()
+
+
+# --- programs that are not Python -------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("proxychains4") is None, reason="proxychains4 is not installed")
+def test_proxychains4_takes_curl_to_a_grid_name(door, tmp_path):
+    conf = tmp_path / "proxychains.conf"
+    conf.write_text(f"strict_chain\nproxy_dns\nremote_dns_subnet 224\ntcp_read_time_out 15000\n"
+                    f"tcp_connect_time_out 8000\n[ProxyList]\nsocks5 127.0.0.1 {door.address.port}\n")
+    result = run_tool("proxychains4", "-q", "-f", str(conf), "curl", "-sS", "--max-time", str(CLIENT_TIMEOUT_S),
+                      f"http://m2:{HTTP_PORT}/index.html")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == PAGE
+
+
+def test_a_node_started_with_a_front_door_serves_it(grid):
+    from gridsock.node import Node
+
+    node = Node(grid.session, "f1", cluster="A", leader=str(grid["L1"].address), listen_address="127.0.0.1:0",
+                control="", front_door="127.0.0.1:0").start()
+    try:
+        assert node.wait_joined(JOIN_TIMEOUT_S)
+        node.wait_directory(present=["m2"], timeout=JOIN_TIMEOUT_S)
+        address = node.status()["front_door"]
+        host, _, port = address.rpartition(":")
+        assert host == "127.0.0.1"
+        result = curl("--socks5-hostname", address, f"http://m2:{HTTP_PORT}/index.html")
+        assert result.stdout == PAGE, result.stderr
+        result = curl("-x", f"http://{address}", f"http://m2:{HTTP_PORT}/index.html")
+        assert result.stdout == PAGE, result.stderr
+    finally:
+        node.stop()
+    with pytest.raises(ConnectionRefusedError):
+        gsocket.create_connection((host, int(port)), timeout=CLIENT_TIMEOUT_S).close()
