@@ -194,8 +194,10 @@ def run_view(target: str, *, interval: float = DEFAULT_INTERVAL_S, count: Option
             try:
                 status = call(target, "status", timeout=STATUS_TIMEOUT_S)
             except (GridsockError, OSError, TimeoutError) as exc:
-                if frames == 0:
-                    raise
+                if frames == 0:  # never answered: as any command whose node cannot be asked
+                    if isinstance(exc, GridsockError):
+                        raise
+                    raise GridsockError(f"{label} does not answer: {exc}") from exc
                 print(f"gridsock top: {label} went away: {exc}", file=err, flush=True)
                 return EXIT_NODE_GONE
             at = time.monotonic()

@@ -115,7 +115,7 @@ def drain(sock) -> None:
 def test_top_prints_count_frames_with_rates_of_a_live_connection(loopback, capsys):
     grid, path = loopback
     m1 = grid["m1"]
-    listener = m1.assembler.listeners.get(PORT) or grid["m2"].listen(PORT)
+    listener = grid["m2"].listen(PORT)
     raw, info = m1.connect("m2", PORT, stack="tls/relay")
     raw_server, _ = listener.accept(timeout=JOIN_TIMEOUT_S)
     # gevent sockets on duplicates: the node lists a connection while the socket it handed out is open
@@ -134,6 +134,7 @@ def test_top_prints_count_frames_with_rates_of_a_live_connection(loopback, capsy
         server.close()
         raw_server.close()
         gevent.killall(workers)
+        listener.close()
     assert status == 0
     out = capsys.readouterr().out
     frames = out.split("\n\nnode m1 ")
