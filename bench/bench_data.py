@@ -515,7 +515,8 @@ def run_node(argv: List[str], ops: Optional[Dict[str, Callable]] = None, prog: s
 
         gateway = SSHGateway.parse(args.ssh_gateway, key_filename=args.ssh_key, known_hosts=args.ssh_known_hosts)
     node = Node(session, args.name, cluster=args.cluster, leader=args.leader, listen_address=args.listen,
-                rules=rules, ssh_gateway=gateway, ssh_key=args.ssh_key, ssh_known_hosts=args.ssh_known_hosts).start()
+                rules=rules, ssh_gateway=gateway, ssh_key=args.ssh_key, ssh_known_hosts=args.ssh_known_hosts,
+                loop="caller").start()
     if args.echo:
         serve_echo(node, args.echo)
     for kind in KINDS:  # before any timing

@@ -4,6 +4,8 @@
 ``gridsock rendezvous --session FILE``               run the rendez-vous node
 ``gridsock node --session FILE --name N ...``        run a node (leader, or member with --leader)
 ``gridsock status``                                  what a running node knows: nodes, links
+``gridsock top``                                     a live view of a running node (also ``status --watch``)
+``gridsock netcheck``                                what a node can do from where it is: NAT, gateways, methods
 ``gridsock ping NODE``                               round trip over the bootstrap channel
 ``gridsock lab up|down|exec NODE CMD|status``        the network-namespace grid lab
 ``gridsock demo``                                    a rendez-vous node and a few nodes, here
@@ -230,7 +232,7 @@ def _make_node(args):
                 listen_address=args.listen, advertise=args.advertise, ssh_gateway=gateway,
                 control=args.control, rules=rules, ssh_key=args.ssh_key,
                 ssh_known_hosts=args.ssh_known_hosts, metrics=getattr(args, "metrics", None),
-                **_front_door_option(args)).start()
+                loop="caller", **_front_door_option(args)).start()
 
 
 def _front_door_option(args) -> dict:

@@ -30,12 +30,15 @@ directory, session, identity) and adds the data layer: the assembler (``connect`
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import threading
 import time
 import types
 import uuid
-from typing import TYPE_CHECKING, List, Mapping, Optional
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Tuple
 
 import gevent
 import gevent.event
@@ -49,10 +52,11 @@ from .bootstrap.nodeport import NodePort
 from .bootstrap.routing import REQUEST_TIMEOUT_S, Delivery, Handler, PingResult, Requests, Router
 from .bootstrap.transport import Address, parse_address
 from .bootstrap.uplink import FATAL_REFUSALS, RECONNECT_INITIAL_S, RECONNECT_MAX_S, Uplink
-from .errors import ConfigError, GridsockError, RoutingError
+from .errors import ConfigError, ConnectError, GridsockError, RoutingError
 from .session import Identity, Session
+from ._loopthread import LoopEndedError, LoopThread, caller_runs_gevent
 from .agent import AgentServer
-from .assembly import ASSEMBLE_TOPIC, DATA_PREAMBLE, Assembler, DataListener
+from .assembly import ASSEMBLE_TOPIC, ASSEMBLY_TIMEOUT_S, DATA_PREAMBLE, Assembler, ConnectionInfo, DataListener
 from .components.relay import RelayManager
 from .meta import MetaChannel
 from .rules import Rules
@@ -62,6 +66,13 @@ if TYPE_CHECKING:  # (prometheus_client is imported only when metrics are asked 
 
 __all__ = [
     "Node",
+    "NodeListener",
+    "ConnectRefusedError",
+    "LoopEndedError",
+    "LOOP_MODES",
+    "DEFAULT_LOOP",
+    "CALL_GRACE_S",
+    "STOP_TIMEOUT_S",
     "Delivery",
     "PingResult",
     "RECONNECT_INITIAL_S",
@@ -82,6 +93,18 @@ PATHS_TOPIC = "gridsock.paths"
 # No metrics endpoint unless asked for (``HOST:PORT`` or ``PORT``, on loopback: gridsock.metrics).
 DEFAULT_METRICS: Optional[str] = None
 _NO_MEMBERS: Mapping[str, Link] = types.MappingProxyType({})
+# Where a node's gevent loop runs (see "Embedding" in docs/architecture.md): "thread", a thread
+# of its own, so that its sockets work with blocking calls from any thread; "caller", the thread
+# that makes the node (a gevent program: gridsock's CLI, the tests). None: "caller" if that
+# thread already runs gevent (monkey-patched, or it has a hub), else "thread".
+LOOP_MODES = ("thread", "caller")
+DEFAULT_LOOP: Optional[str] = None
+# A call from another thread waits this much longer than its own timeout for the node's thread
+# to answer (a loaded machine), then gives up with TimeoutError.
+CALL_GRACE_S = 10.0
+# stop() from another thread waits at most this long for the node to stop, and as long again
+# for its thread to end.
+STOP_TIMEOUT_S = 10.0
 
 # Control operations served by modules of their own (``module:function``, called with the node
 # and the operation's arguments), imported when first asked for.
@@ -91,6 +114,25 @@ CONTROL_OPS_ELSEWHERE: Mapping[str, str] = types.MappingProxyType({
     "forward": "gridsock.forward:control_forward",
     "expose": "gridsock.forward:control_expose",
 })
+
+
+class ConnectRefusedError(ConnectError, ConnectionRefusedError):
+    """The server refused the connection: ``code`` says why (``refused``: nothing listens on the
+    port; ``policy``: its policy does not accept the stack; see :data:`gridsock.wire.REFUSAL_CODES`).
+    No other method would change its answer, so none was tried after it.
+
+    A ``ConnectError`` (and so a ``ConnectionError``), and a ``ConnectionRefusedError`` as a
+    refused TCP connect would raise.
+    """
+
+
+def _refused(exc: ConnectError) -> ConnectError:
+    """``exc`` as a ConnectRefusedError if the server refused (a code other than
+    ``unreachable``, which says only that its side of a method failed), else ``exc``."""
+    if isinstance(exc, ConnectRefusedError) or exc.code is None or exc.code == "unreachable":
+        return exc
+    refused = ConnectRefusedError(exc.args[0] if exc.args else "", exc.peer, exc.method, exc.tried, exc.code)
+    return refused.with_traceback(exc.__traceback__)
 
 
 def _control_op_elsewhere(op: str):
@@ -124,7 +166,34 @@ class Node:
         ssh_known_hosts: str | None = None,
         metrics: str | None = DEFAULT_METRICS,
         front_door: str | None = DEFAULT_FRONT_DOOR,
+        loop: str | None = DEFAULT_LOOP,
     ) -> None:
+        if loop is None:
+            loop = "caller" if caller_runs_gevent() else "thread"
+        if loop not in LOOP_MODES:
+            raise ConfigError(f"loop must be one of {', '.join(LOOP_MODES)}, not {loop!r}")
+        self.loop = loop
+        # The node's own thread ("thread" mode), where everything below is made and runs.
+        self._thread: Optional[LoopThread] = None
+        self._handed_bridges: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        if loop == "caller":
+            self._setup(session, name, cluster, leader, listen_address, advertise, ssh_gateway, control, agent,
+                        identity, rules, ssh_key, ssh_known_hosts, metrics, front_door)
+            return
+        self._thread = LoopThread(f"gridsock-node-{name}", on_exit=[self._close_bridges])
+        try:
+            self._thread.call(None, self._setup, session, name, cluster, leader, listen_address, advertise, ssh_gateway,
+                              control, agent, identity, rules, ssh_key, ssh_known_hosts, metrics, front_door)
+        except BaseException:
+            self._thread.end(timeout=STOP_TIMEOUT_S)
+            raise
+
+    def _setup(self, session: Session, name: str, cluster: str | None, leader: str | None,
+               listen_address: str | None, advertise: str | None, ssh_gateway, control: str | None,
+               agent: str | None, identity: Identity | None, rules: Rules | None, ssh_key: str | None,
+               ssh_known_hosts: str | None, metrics: str | None, front_door: str | None) -> None:
+        """What ``__init__`` makes, in the thread the node runs in (its gevent objects are that
+        thread's hub's)."""
         try:
             wire.check_name(name, "node name")
             if cluster is not None:
@@ -176,7 +245,7 @@ class Node:
         self.router.handlers[ASSEMBLE_TOPIC] = self.assembler.handle_request
         self.router.handlers[PATHS_TOPIC] = self._answer_paths
         self._front_door_address = parse_address(front_door) if front_door else None
-        self._front_door = None
+        self._front_door: Any = None  # a gridsock.frontdoor.FrontDoor once started
         # Prometheus metrics (gridsock.metrics), served from start() when an address is given.
         self._metrics_address = None
         self._metrics: Optional["NodeMetrics"] = None
@@ -234,9 +303,51 @@ class Node:
         """The outstanding routed requests (the router's), for the data layer."""
         return self.router.requests
 
+    # --- the node's thread --------------------------------------------------------------------
+
+    def _elsewhere(self) -> bool:
+        """True when called from a thread other than the node's own (``loop="thread"`` only)."""
+        return self._thread is not None and not self._thread.is_current()
+
+    def _in_node_thread(self, wait: Optional[float], fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` run in the node's thread, for a caller in another thread;
+        the caller waits at most ``wait`` seconds (None: until it returns or the node stops)."""
+        assert self._thread is not None
+        return self._thread.call(wait, fn, *args, **kwargs)
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` in the node's thread (inline if already there) and return
+        what it returns; for code that uses the framework's streams and greenlets.
+
+        Raises what ``fn`` raised; TimeoutError after ``timeout`` seconds (the call is then
+        killed); LoopEndedError if the node's thread ended first.
+        """
+        if self._elsewhere():
+            return self._in_node_thread(timeout, fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+
+    def _close_bridges(self) -> None:
+        """The node's thread ends: nothing will pump the bridged sockets it handed out, so each
+        is reset (their programs read what was delivered, then ECONNRESET) rather than left hanging."""
+        for bridge in list(self._handed_bridges):
+            bridge.close()
+
+    def _handed(self, sock, info: ConnectionInfo):
+        """Keep the bridge of a socket handed out from the node's thread, to end it with the thread."""
+        bridge = info.detail.get("bridge")
+        if bridge is not None and self._thread is not None:
+            self._handed_bridges.add(bridge)
+        return sock, info
+
     # --- life cycle --------------------------------------------------------------------------
 
     def start(self) -> "Node":
+        """Open the node port (and the control, agent, metrics and front-door sockets asked
+        for), start linking; return the node. Raises OSError if a port is taken."""
+        if self._elsewhere():
+            self._in_node_thread(None, self.start)
+            _running_nodes.add(self)
+            return self
         if self._metrics is not None and self._metrics_address is not None:
             self._metrics.serve(self._metrics_address)  # first: a port in use fails before anything runs
         self._node_port.open()
@@ -253,6 +364,32 @@ class Node:
         return self
 
     def stop(self) -> None:
+        """Stop the node: close its links, ports and sockets; end its thread (``loop="thread"``)
+        and join it, at most ``STOP_TIMEOUT_S`` twice over. Idempotent, from any thread.
+
+        Bridged sockets the node handed out are reset when its thread ends (nothing would pump
+        them any more); a plain ``tcp`` connection is the program's own and stays open.
+        """
+        thread = self._thread
+        if thread is None:
+            self._stop()
+            return
+        _running_nodes.discard(self)
+        if thread.is_current():  # (a handler of this node stops it)
+            self._stop()
+            thread.end()
+            return
+        if thread.alive:
+            try:
+                thread.call(STOP_TIMEOUT_S, self._stop)
+            except LoopEndedError:
+                pass
+            except TimeoutError:
+                log.warning("node %s did not stop within %g s; ending its thread", self.name, STOP_TIMEOUT_S)
+        if not thread.end(timeout=STOP_TIMEOUT_S):
+            log.warning("the thread of node %s did not end within %g s", self.name, STOP_TIMEOUT_S)
+
+    def _stop(self) -> None:
         self._stopped.set()
         for g in self._greenlets:
             g.kill(block=False)
@@ -276,6 +413,8 @@ class Node:
 
         Raises the fatal error if the node was refused for good (bad token, ...).
         """
+        if self._elsewhere():
+            return bool(self._in_node_thread(_grace(timeout), self.wait_joined, timeout))
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._uplink.joined.is_set():
             if self.fatal_error is not None:
@@ -287,7 +426,14 @@ class Node:
         return True
 
     def serve_forever(self) -> None:
-        """Run until ``stop()``; raise the fatal error if the node is refused for good."""
+        """Run until ``stop()`` (from any thread); raise the fatal error if the node is refused
+        for good."""
+        if self._elsewhere():
+            assert self._thread is not None
+            while not self._thread.wait_finished(0.5):
+                if self.fatal_error is not None:
+                    raise self.fatal_error
+            return
         while not self._stopped.wait(0.5):
             if self.fatal_error is not None:
                 raise self.fatal_error
@@ -298,12 +444,21 @@ class Node:
         """Call ``handler(delivery)`` for messages and requests on ``topic``.
 
         For a request, the bytes it returns are the reply (None: empty); an exception becomes
-        an error reply carrying ``str(exc)``.
+        an error reply carrying ``str(exc)``. The handler runs in the node's thread (a greenlet
+        of its hub): it must not block that thread (no blocking call on a socket this node
+        handed out, no ``time.sleep``); a handler that must wait on something else can hand
+        the work to a thread of its own and return later with ``send()``.
         """
+        if self._elsewhere():
+            self._in_node_thread(None, self.handle, topic, handler)
+            return
         self.router.handle(topic, handler)
 
     def send(self, dst: str, topic: str, payload: bytes = b"") -> None:
         """Send a one-way message to node ``dst`` (id or name). Raises RoutingError if no route."""
+        if self._elsewhere():
+            self._in_node_thread(None, self.send, dst, topic, payload)
+            return
         self.router.send(dst, topic, payload)
 
     def request(self, dst: str, topic: str, payload: bytes = b"", *, timeout: float = REQUEST_TIMEOUT_S) -> Delivery:
@@ -312,38 +467,79 @@ class Node:
         Raises RoutingError if it cannot be delivered or the handler failed, TimeoutError if no
         reply comes within ``timeout`` seconds.
         """
+        if self._elsewhere():
+            return self._in_node_thread(_grace(timeout), self.request, dst, topic, payload, timeout=timeout)
         return self.router.request(dst, topic, payload, timeout=timeout)
 
     def ping(self, dst: str, *, timeout: float = REQUEST_TIMEOUT_S) -> PingResult:
         """Round trip to ``dst`` over the bootstrap channel; the routes taken both ways."""
+        if self._elsewhere():
+            return self._in_node_thread(_grace(timeout), self.ping, dst, timeout=timeout)
         return self.router.ping(dst, timeout=timeout)
 
-    def listen(self, port: int) -> DataListener:
-        """Serve grid port ``port``: ``accept()`` on the result gives ``(socket, info)``."""
+    def listen(self, port: int) -> "DataListener | NodeListener":
+        """Serve grid port ``port``: ``accept()`` on the result gives ``(socket, info)``.
+
+        Raises ConfigError if the port is taken or invalid. From a thread other than the
+        node's, the result is a :class:`NodeListener`, whose ``accept()`` works from any thread.
+        """
+        if self._elsewhere():
+            return NodeListener(self, self._in_node_thread(None, self.assembler.listen, port))
         return self.assembler.listen(port)
 
-    def connect(self, peer: str, port: int, *, stack=None, timeout: float | None = None, tcp_bridge: bool = False):
+    def connect(self, peer: str, port: int, *, stack=None, timeout: float | None = None,
+                tcp_bridge: bool = False) -> Tuple[Any, ConnectionInfo]:
         """Connect to grid port ``port`` of node ``peer`` (name or id); return ``(socket, info)``.
 
-        The socket is a real OS socket. ``stack`` (a stack string) overrides the rules;
-        ``tcp_bridge`` makes a bridged socket a loopback TCP one rather than a Unix one.
-        Raises ConnectError with the reason when the connection cannot be made.
+        The socket is a real OS socket: with ``loop="thread"`` it works with blocking calls,
+        ``select``, asyncio or gevent, from any thread. ``stack`` (a stack string) overrides the
+        rules; ``tcp_bridge`` makes a bridged socket a loopback TCP one rather than a Unix one.
+        Raises ConnectRefusedError (a ConnectError) when the server refused (``.code``:
+        ``refused`` when nothing listens on the port), ConnectError with the reasons when no
+        method could make the connection.
         """
+        if self._elsewhere():
+            wait = _grace(ASSEMBLY_TIMEOUT_S if timeout is None else timeout)
+            return self._in_node_thread(wait, self.connect, peer, port, stack=stack,
+                                        timeout=timeout, tcp_bridge=tcp_bridge)
         kwargs = {} if timeout is None else {"timeout": timeout}
-        if self._metrics is not None:
-            return self._metrics.observe_connect(self.assembler.connect, peer, port, stack=stack,
-                                                 tcp_bridge=tcp_bridge, **kwargs)
-        return self.assembler.connect(peer, port, stack=stack, tcp_bridge=tcp_bridge, **kwargs)
+        try:
+            if self._metrics is not None:
+                sock, info = self._metrics.observe_connect(self.assembler.connect, peer, port, stack=stack,
+                                                           tcp_bridge=tcp_bridge, **kwargs)
+            else:
+                sock, info = self.assembler.connect(peer, port, stack=stack, tcp_bridge=tcp_bridge, **kwargs)
+        except ConnectError as exc:
+            refused = _refused(exc)
+            if refused is exc:
+                raise
+            raise refused from exc.__cause__
+        return self._handed(sock, info)
 
     def open_stream(self, peer: str, port: int, *, stack=None, timeout: float | None = None):
-        """Like connect(), but return the framework's Stream instead of a socket."""
+        """Like connect(), but return the framework's Stream instead of a socket.
+
+        A Stream lives in the node's thread: call this there (a handler, :meth:`call`); from
+        another thread it raises GridsockError (use :meth:`connect`).
+        """
+        if self._elsewhere():
+            raise GridsockError(f"open_stream() from outside the thread of node {self.name}: a Stream is used "
+                                "in the node's thread only (Node.call), a socket anywhere (Node.connect)")
         kwargs = {} if timeout is None else {"timeout": timeout}
-        if self._metrics is not None:
-            return self._metrics.observe_connect(self.assembler.open_stream, peer, port, stack=stack, **kwargs)
-        return self.assembler.open_stream(peer, port, stack=stack, **kwargs)
+        try:
+            if self._metrics is not None:
+                return self._metrics.observe_connect(self.assembler.open_stream, peer, port, stack=stack, **kwargs)
+            return self.assembler.open_stream(peer, port, stack=stack, **kwargs)
+        except ConnectError as exc:
+            refused = _refused(exc)
+            if refused is exc:
+                raise
+            raise refused from exc.__cause__
 
     def meta_request(self, dst: str, topic: str, payload: bytes = b"", *, timeout: float = REQUEST_TIMEOUT_S):
         """A request over the meta channel: a direct meta link if one can be had, else bootstrap."""
+        if self._elsewhere():
+            return self._in_node_thread(_grace(timeout), self.meta_request, dst, topic, payload, timeout=timeout)
         entry = self.directory.resolve(dst)
         link = self.meta.link_for(entry.node_id) if entry is not None else None
         reply = None
@@ -376,6 +572,9 @@ class Node:
     # --- control -----------------------------------------------------------------------------
 
     def status(self) -> dict:
+        """What the node knows and does, as JSON (``gridsock status``; docs/status.md)."""
+        if self._elsewhere():
+            return self._in_node_thread(None, self.status)
         links = []
         if self.uplink is not None:
             links.append({"kind": "uplink", "label": self.uplink.label, "since": self.uplink.opened_at})
@@ -452,6 +651,9 @@ class Node:
         With ``settled``, also until every entry has a dial-back verdict (``inbound`` not None).
         Returns the directory (as JSON); raises RoutingError after ``timeout`` seconds.
         """
+        if self._elsewhere():
+            return self._in_node_thread(_grace(timeout), self.wait_directory,
+                                        present=present, absent=absent, settled=settled, timeout=timeout)
         deadline = time.monotonic() + timeout
         while True:
             names = {e.name for e in self.directory}
@@ -463,3 +665,63 @@ class Node:
                 raise RoutingError(f"after {timeout:.1f} s the directory of {self.name} holds {sorted(names)}; "
                                    f"wanted {sorted(present)} present and {sorted(absent)} absent")
             self.directory.wait_changed(remaining)
+
+
+class NodeListener:
+    """A grid port of a node with its own thread, for callers in other threads: ``accept()``
+    runs in the node's thread and returns a socket that works anywhere (from the node's own
+    thread it is the DataListener's accept, inline)."""
+
+    def __init__(self, node: Node, listener: DataListener) -> None:
+        self.node = node
+        self.listener = listener
+        self.port = listener.port
+
+    def __repr__(self) -> str:
+        return f"<NodeListener {self.node.name}:{self.port}>"
+
+    @property
+    def closed(self) -> bool:
+        return self.listener.closed
+
+    def accept(self, timeout: float | None = None, *, tcp_bridge: bool = False) -> Tuple[Any, ConnectionInfo]:
+        """Return ``(socket, info)`` for the next connection; raise TimeoutError after
+        ``timeout`` seconds, ConnectError if the listener is closed, LoopEndedError if the node
+        stopped."""
+        def accept() -> Tuple[Any, ConnectionInfo]:
+            sock, info = self.listener.accept(timeout, tcp_bridge=tcp_bridge)
+            return self.node._handed(sock, info)
+
+        return self.node.call(accept, timeout=_grace(timeout))
+
+    def close(self) -> None:
+        """Stop serving the port (connections not yet accepted are closed)."""
+        try:
+            self.node.call(self.listener.close)
+        except LoopEndedError:
+            pass  # (the node stopped: nothing is served any more)
+
+    def __enter__(self) -> "NodeListener":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _grace(timeout: Optional[float]) -> Optional[float]:
+    """How long a caller in another thread waits for a call that has ``timeout`` of its own."""
+    return None if timeout is None else timeout + CALL_GRACE_S
+
+
+# Nodes with a thread of their own that are running: stopped when the interpreter exits, so that
+# their sockets, control and agent files are closed in order (bounded: STOP_TIMEOUT_S each).
+_running_nodes: "weakref.WeakSet[Node]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_nodes() -> None:
+    for node in list(_running_nodes):
+        try:
+            node.stop()
+        except Exception:
+            log.exception("stopping node %s at exit", node.name)

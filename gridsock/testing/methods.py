@@ -325,7 +325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     node = Node(Session.load(args.session), args.name, cluster=args.cluster, leader=args.leader,
                 listen_address=args.listen, control="", agent="", ssh_key=args.ssh_key,
-                ssh_known_hosts=args.ssh_known_hosts).start()
+                ssh_known_hosts=args.ssh_known_hosts, loop="caller").start()
     try:
         if not node.wait_joined(args.timeout):
             print(f"check_method failed: {args.name} did not join within {args.timeout:g} s", flush=True)
