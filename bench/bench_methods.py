@@ -82,6 +82,7 @@ lab torn down (``Lab.down()``) whatever happens, SIGTERM included.
     python3 bench/bench_methods.py [--quick] [--out docs/benchmarks.md] [--plot PNG]
                                    [--logs DIR] [--connects N] [--only PROFILES] [--no-pin]
     python3 bench/bench_methods.py --render-only RAW.json [--out ...] [--plot PNG]
+    python3 bench/bench_methods.py --replot [--out docs/benchmarks.md] [--plot PNG]
 
 Needs root, the lab's tools (iproute2, iptables, OpenSSH client and server, dante), iperf3, and
 besides gridsock's own dependencies (paramiko, PySocks) two bench-only Python packages:
@@ -94,7 +95,9 @@ in 5 rounds without shaping, 32 MiB at 100 Mbit/s and 8 MiB on the lossy link in
 The results replace the section "Methods in the lab" of ``--out`` (the rest of the file is
 kept) and go to stdout; the plot goes to ``--plot`` (default: ``bench_methods.png`` beside
 ``--out``), and the section links it by its name. The raw samples go to a JSON file in the
-temporary directory, which ``--render-only FILE`` renders again without measuring.
+temporary directory, which ``--render-only FILE`` renders again without measuring. ``--replot``
+draws the plot again from the medians the section of ``--out`` records (the raw samples gone),
+and changes nothing else.
 """
 from __future__ import annotations
 
@@ -1145,7 +1148,11 @@ def plot(results: dict, path: Path) -> Optional[str]:
     except ImportError:
         return "no plot: matplotlib is missing (python3 -m pip install matplotlib)"
     colors = {"grid": "#1f77b4", "first": "#ff7f0e", "base": "#9e9e9e"}
-    fig, axes = plt.subplots(2, 2, figsize=(15, 11))
+    # Long case labels ("gridsock `parallel(streams=8)/tcp`, first contact [a1 -> rv]") sit left
+    # of each panel: a wide figure and constrained layout give them room instead of clipping them
+    # at the figure's edge or under the panel beside (tight_layout did, in a 15-inch figure).
+    fig, axes = plt.subplots(2, 2, figsize=(19, 12.5), layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.15, h_pad=0.15, wspace=0.04, hspace=0.06)
     panels = [("wan10", axes[0][0]), ("none", axes[0][1]), ("rate100", axes[1][0]), ("lossy", axes[1][1])]
     for profile, ax in panels:
         title, cases, kind = TABLES[profile]
@@ -1168,29 +1175,71 @@ def plot(results: dict, path: Path) -> Optional[str]:
         y = list(range(len(labels)))[::-1]
         ax.barh(y, values, color=bar_colors)
         ax.set_yticks(y)
-        ax.set_yticklabels(labels, fontsize=7)
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.set_ylim(-0.6, len(labels) - 0.4)
         top = max(values) if any(values) else 1.0
         log_scale = profile == "none" and any(values)
         for yy, value, note in zip(y, values, notes):
             text = note or (f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}")
             x = value * 1.05 if log_scale and not note else value + top * 0.01 if not note else top * 0.01
-            ax.text(x, yy, text, va="center", fontsize=6)
+            ax.text(x, yy, text, va="center", fontsize=7)
         prof = PROFILES[profile]
-        ax.set_title(f"{title}\nWAN `{profile}`: {prof.call().strip('`')}", fontsize=9)
+        ax.set_title(f"{title}\nWAN profile {profile}: {prof.call().replace('`', '')}", fontsize=10)
         ax.set_xlabel("ms until a 1-byte request has come back (median); grey: baselines, orange: first contact"
-                      if kind == "connect" else "MB/s (median); grey: baselines", fontsize=8)
-        ax.tick_params(axis="x", labelsize=7)
+                      if kind == "connect" else "MB/s (median); grey: baselines", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="x", alpha=0.3)
         if log_scale:
             ax.set_xscale("log")
             ax.set_xlim(right=top * 2.5)
         else:
             ax.set_xlim(0, top * 1.15)
-    fig.suptitle(f"gridsock methods in the lab ({results['started']})", fontsize=11)
-    fig.tight_layout()
+    fig.suptitle(f"gridsock methods in the lab ({results['started']})", fontsize=12)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return None
+
+
+def medians_from_section(text: str) -> dict:
+    """The medians the section "Methods in the lab" of a Markdown file records, as plot() reads them.
+
+    A run's raw samples live in a temporary file; the section keeps each case's median (ready
+    time of the establishment table, MB/s of the others), enough to draw the plot again. Returns
+    ``{"started", "tables": {profile: {key: entry}}}`` with one-sample entries; raises ValueError
+    when the section or a table is missing, or a table's rows are not the cases of TABLES.
+    """
+    start = text.find(SECTION_TITLE + "\n")
+    if start < 0:
+        raise ValueError(f"no section {SECTION_TITLE!r}")
+    section = text[start:]
+    following = re.search(r"^## ", section[len(SECTION_TITLE):], re.M)
+    if following:
+        section = section[:len(SECTION_TITLE) + following.start()]
+    date = re.search(r"^- date: (.+?), wall time", section, re.M)
+    results: dict = {"started": date.group(1) if date else "?", "tables": {}}
+    for profile, (title, cases, kind) in TABLES.items():
+        found = re.search(rf"^### {re.escape(title)}\n(.*?)(?=^### |\Z)", section, re.M | re.S)
+        if not found:
+            raise ValueError(f"no table {title!r} in the section")
+        rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+                for line in found.group(1).splitlines() if line.startswith("| ")]
+        header, body = rows[0], rows[1:]
+        column = header.index("ready median" if kind == "connect" else "MB/s (median)")
+        if len(body) != len(cases):
+            raise ValueError(f"{title!r}: {len(body)} rows for {len(cases)} cases")
+        entries: Dict[str, dict] = {}
+        for case, row in zip(cases, body):
+            if row[0] != case.label:
+                raise ValueError(f"{title!r}: row {row[0]!r} where the case {case.label!r} was expected")
+            cell = row[column].strip("*")
+            if cell in ("–", ""):
+                entries[case.key] = {"error": "not recorded"}
+            elif kind == "connect":
+                entries[case.key] = {"ready": [float(cell) / 1e3]}
+            else:
+                entries[case.key] = {"runs": [{"mb_per_s": float(cell)}]}
+        results["tables"][profile] = entries
+    return results
 
 
 # --- the report ------------------------------------------------------------------------------------------------
@@ -1511,6 +1560,8 @@ def run_bench(argv: List[str]) -> int:
     parser.add_argument("--prefix", default=f"gsm{os.getpid() % 10000}-", help="lab prefix (default: %(default)s)")
     parser.add_argument("--logs", metavar="DIR", help="copy the processes' logs into DIR before cleaning up")
     parser.add_argument("--render-only", metavar="JSON", help="render the raw results a run saved; measure nothing")
+    parser.add_argument("--replot", action="store_true",
+                        help="draw the plot again from the medians in --out's section; measure and write nothing else")
     parser.add_argument("--connects", type=int, metavar="N", help="connects per establishment case")
     parser.add_argument("--no-pin", action="store_true", help="do not pin each end of a path to a core of its own")
     parser.add_argument("--only", metavar="PROFILES", default=",".join(PROFILE_ORDER),
@@ -1539,6 +1590,10 @@ def run_bench(argv: List[str]) -> int:
         print(text)
         progress(f"wrote the section {SECTION_TITLE[3:]!r} of {out_path}" + ("" if why else f" and {plot_path}"))
 
+    if args.replot:
+        why = plot(medians_from_section(out_path.read_text()), plot_path)
+        progress(why or f"wrote {plot_path} from the medians in {out_path}")
+        return 1 if why else 0
     if args.render_only:
         saved = json.loads(Path(args.render_only).read_text())
         finish(saved["results"], saved["info"], saved["argv"], Plan(**saved["plan"]), saved["quick"])
