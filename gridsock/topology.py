@@ -194,9 +194,12 @@ def draw_command(args: Any) -> int:
 
     path = str(args.graph)
     _format_of(path)
+    target = _control_target(args)
+    if os.path.basename(target) == f"{RENDEZVOUS_NAME}.sock":
+        raise ConfigError("the rendez-vous process does not serve the topology: ask a node (--node NAME)")
     timeout = PATHS_TIMEOUT_S
     try:
-        topology = call(_control_target(args), "topology", {"timeout": timeout}, timeout=timeout + CONTROL_MARGIN_S)
+        topology = call(target, "topology", {"timeout": timeout}, timeout=timeout + CONTROL_MARGIN_S)
     except TimeoutError as exc:
         raise GridsockError(f"the node did not answer: {exc}") from exc
     render(to_dot(topology), path)
