@@ -219,3 +219,9 @@ def test_to_dot_quotes_what_it_is_given_and_marks_failures_and_strangers(tmp_pat
         render(dot, str(tmp_path / "x.svg"))
         root = ET.parse(tmp_path / "x.svg").getroot()
         assert {'x"1', "y", "gone", "rendezvous"} <= svg_node_titles(root)
+
+
+def test_status_graph_aimed_at_the_rendezvous_process_says_to_ask_a_node(tmp_path):
+    done = gridsock("status", "--graph", str(tmp_path / "grid.svg"), "--control", str(tmp_path / "rendezvous.sock"))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "ask a node (--node NAME)" in done.stderr, done.stderr
