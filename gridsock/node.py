@@ -27,6 +27,14 @@ uses; each of its roles is a class of its own in the bootstrap layer, given what
 The node itself wires them together, holds what they share (name, id, directory entry,
 directory, session, identity) and adds the data layer: the assembler (``connect``,
 ``listen``), the meta channel and relayed connections, plus the control and agent sockets.
+
+Threads: with ``loop="thread"`` (the default for a caller that runs no gevent) the node is made
+and runs in a thread of its own (:mod:`gridsock._loopthread`); every public method may be called
+from any thread, and runs in the node's thread while its caller waits on a ``threading.Event``
+with the call's timeout. Sockets it hands out work with blocking calls, ``select`` and asyncio in
+any thread; topic handlers run in the node's thread. With ``loop="caller"`` (gevent programs,
+the CLI, the tests) the caller's thread runs the node inline, as before. See "Embedding: the
+node's thread" in docs/architecture.md.
 """
 from __future__ import annotations
 

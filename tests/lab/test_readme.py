@@ -5,6 +5,9 @@ it names (``--name``, ``--node``, ``--from``), the rendez-vous host for ``sessio
 ``rendezvous``. Daemons (``rendezvous``, ``node``, the ``http.server`` under ``gridsock run``)
 run in the background, each waited for on the line it prints when ready. Then the end-to-end
 check of the same section: ``gridsock echo`` and ``gridsock transfer`` as its text gives them.
+Last, the section's Python block, as a program of its own on the host its first comment names,
+with the Quick start's nodes and ``http.server`` still running; what it prints is what its
+comments say.
 
 Three adaptations, to this test's lab and nothing else: the default lab's state directory
 (``/run/gridsock-lab/gs-/``, in the SSH options of c1) is this lab's (its prefix is per pytest
@@ -44,6 +47,14 @@ def quick_start() -> tuple[list[str], str]:
     return commands, section
 
 
+def python_block() -> str:
+    """The Quick start's ``python`` block (after "From Python:")."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Quick start on a real grid"):text.index("\n## The grid lab")]
+    after = section[section.index("From Python:"):]
+    return after[after.index("```python\n") + len("```python\n"):after.index("\n```", after.index("```python"))] + "\n"
+
+
 def host_of(argv: list[str]) -> str:
     """The lab host a Quick start command runs on."""
     if argv[1] in ("session", "rendezvous"):
@@ -66,11 +77,16 @@ def ready_line(argv: list[str]) -> str | None:
 
 
 @pytest.fixture
-def shell(lab, tmp_path):
-    """Runs README commands in the lab, from ``tmp_path``; stops the daemons at the end."""
+def env(tmp_path):
+    """The environment README commands run in (``python3`` and ``gridsock``: this interpreter's)."""
     bindir = os.path.dirname(sys.executable)
-    env = dict(os.environ, GRIDSOCK_RUN_DIR=str(tmp_path / "run"), PYTHONUNBUFFERED="1",
-               PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+    return dict(os.environ, GRIDSOCK_RUN_DIR=str(tmp_path / "run"), PYTHONUNBUFFERED="1",
+                PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+
+
+@pytest.fixture
+def shell(lab, tmp_path, env):
+    """Runs README commands in the lab, from ``tmp_path``; stops the daemons at the end."""
     daemons: list[subprocess.Popen] = []
 
     def argv_of(line: str) -> list[str]:
@@ -97,7 +113,7 @@ def shell(lab, tmp_path):
         stop_process(proc)
 
 
-def test_the_quick_start_runs_as_written(shell):
+def test_the_quick_start_runs_as_written(shell, lab, tmp_path, env):
     commands, section = quick_start()
     assert len(commands) >= 10, commands
     outputs = {}
@@ -122,3 +138,16 @@ def test_the_quick_start_runs_as_written(shell):
         assert result.returncode == 0, f"{line}\n{result.stdout}\n{result.stderr}"
         assert re.fullmatch(r"67108864 bytes each way to b2:9000 over \S+: ok, .*\n", result.stdout), result.stdout
     assert " over tls/relay: ok" in result.stdout
+
+    # "From Python": the block as a program, plain CPython, on the host its first line names.
+    block = python_block()
+    host = re.match(r"# On (\w+)'s host", block)
+    assert host is not None, block
+    (tmp_path / "from_python.py").write_text(block)
+    result = lab.run(host.group(1), ["python3", "from_python.py"], cwd=tmp_path, env=env, capture_output=True,
+                     text=True, timeout=COMMAND_TIMEOUT_S)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    printed = result.stdout.splitlines()
+    assert printed[:2] == ["('a3', 'a1', 'rendezvous', 'c1')", "b'hello'"], result.stdout
+    assert re.fullmatch(r"tls/\S+ b'HTTP/1.0 200 OK\\r\\n'", printed[2]), result.stdout
+    assert printed[3:] == ["refused"], result.stdout
