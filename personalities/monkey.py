@@ -10,6 +10,11 @@ Every module that calls ``socket.socket(...)`` or ``socket.getaddrinfo(...)`` th
 then reaches grid nodes by name. The originals are kept here, in one place (:func:`get_original`); the personality's
 own Unix connections to its agent use them, and ``unpatch_all()`` puts them back.
 
+``ssl``: ``SSLContext.sslsocket_class`` becomes the personality's ``GridSSLSocket``, so that
+``wrap_socket`` on a grid socket keeps its grid port, listener and addresses; installed at once
+if ``ssl`` is imported, else by an import hook when the program imports it (``ssl`` is heavy:
+a program that never uses it never loads it). ``unpatch_all()`` puts the class back.
+
 A program that runs patched and then lets gevent patch (``monkey.patch_all()``) gets the
 personality back on top of gevent's sockets: gevent calls :func:`gevent_did_patch_all` (an entry
 point). Patching gevent first and the personality second works as well.
@@ -90,6 +95,74 @@ def patch_socket(*, agent: Optional[str] = None, warn: bool = True) -> None:
     for name in SOCKET_ITEMS:
         _patched[("socket", name)] = getattr(personality, "GridSocket" if name == "socket" else name)
         setattr(socket, name, _patched[("socket", name)])
+    _patch_ssl(personality)
+
+
+def _patch_ssl(personality) -> None:
+    """Make ``SSLContext.wrap_socket`` build grid-aware SSL sockets (``SSLContext.sslsocket_class``:
+    :func:`gridsock.personalities.socket.ssl_socket_class`), now if ``ssl`` is imported, else
+    when the program imports it (an import hook: nothing heavy is imported before the program).
+    Only the stdlib's ``ssl``: gevent's builds its sockets otherwise."""
+    ssl = sys.modules.get("ssl")
+    if ssl is None:
+        if not any(isinstance(finder, _SSLImportHook) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _SSLImportHook())
+        return
+    if getattr(ssl.SSLContext, "__module__", None) != "ssl" or not hasattr(ssl.SSLSocket, "_create"):
+        return
+    grid_class = personality.ssl_socket_class()
+    if grid_class is None:
+        return
+    _ORIGINALS.setdefault(("ssl.SSLContext", "sslsocket_class"), ssl.SSLContext.sslsocket_class)
+    _patched[("ssl.SSLContext", "sslsocket_class")] = grid_class
+    ssl.SSLContext.sslsocket_class = grid_class
+
+
+class _SSLImportHook:
+    """A ``sys.meta_path`` finder: finds ``ssl`` as the other finders do, and patches it once it
+    has run (:func:`_patch_ssl`). (No importlib.abc base: importing it costs more than ssl.)"""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "ssl":
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    # (a Loader by duck typing: importlib.abc costs more to import than ssl)
+                    spec.loader = _PatchingLoader(spec.loader)  # type: ignore[assignment]
+                return spec
+        return None
+
+
+class _PatchingLoader:
+    """The loader of ``ssl``, and then :func:`_patch_ssl`; the module keeps the loader it had."""
+
+    def __init__(self, loader) -> None:
+        self._loader = loader
+
+    def __getattr__(self, name: str):
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = self._loader
+        if getattr(module, "__spec__", None) is not None:
+            module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        _unhook_ssl()
+        if is_patched("socket"):
+            from . import socket as personality
+
+            _patch_ssl(personality)
+
+
+def _unhook_ssl() -> None:
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _SSLImportHook)]
 
 
 def patch_all(*, agent: Optional[str] = None, warn: bool = True) -> None:
@@ -99,8 +172,12 @@ def patch_all(*, agent: Optional[str] = None, warn: bool = True) -> None:
 
 def unpatch_all() -> None:
     """Put every original back."""
+    _unhook_ssl()
     for (module_name, name) in list(_patched):
-        setattr(sys.modules[module_name], name, _ORIGINALS[(module_name, name)])
+        if module_name == "ssl.SSLContext":
+            setattr(sys.modules["ssl"].SSLContext, name, _ORIGINALS[(module_name, name)])
+        else:
+            setattr(sys.modules[module_name], name, _ORIGINALS[(module_name, name)])
         del _patched[(module_name, name)]
 
 

@@ -23,6 +23,10 @@ a Unix socket, with the original socket class.
 - ``getpeername()`` gives the peer's grid address, ``getsockname()`` this node's; a socket whose
   descriptor is a Unix socketpair end (a stack that transforms bytes) accepts and remembers TCP
   options it cannot apply, as a TCP socket would.
+- **TLS**: once patched in, ``ssl.SSLContext.wrap_socket`` makes ``GridSSLSocket``
+  (:func:`ssl_socket_class`); the wrapped socket's grid state (a grid port bound, a listener,
+  grid addresses) moves with its descriptor to the SSL socket (:func:`_hand_over`), so TLS
+  servers and clients, STARTTLS upgrades included, work on grid sockets as on kernel ones.
 - Names: a grid name resolves to its grid address (``getaddrinfo`` returns the stdlib's
   ``AddressFamily`` and ``SocketKind`` enums); a ``.grid`` name the grid does not know is
   ``gaierror(EAI_NONAME)`` and never reaches the system resolver; other names go to the system
@@ -46,8 +50,8 @@ from gridsock.names import GRID_SUFFIX, grid_name, is_grid_ip
 
 from .monkey import get_original
 
-__all__ = ["GridSocket", "configure", "agent", "create_connection", "is_grid_host", "getaddrinfo", "gethostbyname",
-           "gethostbyname_ex", "gethostbyaddr", "getnameinfo", "getfqdn", "NAME_CACHE_S"]
+__all__ = ["GridSocket", "ssl_socket_class", "configure", "agent", "create_connection", "is_grid_host", "getaddrinfo",
+           "gethostbyname",           "gethostbyname_ex", "gethostbyaddr", "getnameinfo", "getfqdn", "NAME_CACHE_S"]
 
 if TYPE_CHECKING:  # the original class is the stdlib's (or gevent's, which has its interface)
     _RealSocket = _socket.socket
@@ -201,6 +205,81 @@ def _is_ip_literal(host: str) -> bool:
         return False
 
 
+# What makes a GridSocket a grid socket: the state :func:`_hand_over` moves to a new object.
+_GRID_STATE = ("_grid_peer", "_grid_local", "_grid_channel", "_grid_unix", "_grid_opts", "_grid_pending",
+               "_grid_requested")
+# Descriptor -> (its socket's inode, the grid state of the socket that held it): a socket that
+# gives its descriptor to a new object (ssl's SSLSocket._create does) gives its grid state with it.
+_handed_over: Dict[int, Tuple[int, Dict[str, Any]]] = {}
+_HAND_OVER_LOCK = threading.Lock()
+
+
+def _inode(fd: int) -> int:
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return -1
+
+
+def _hand_over(sock: "GridSocket") -> None:
+    """Move the grid state of ``sock`` to the next GridSocket made on its descriptor (a
+    ``GridSocket(fileno=...)``, which an ``SSLSocket`` is): ``sock`` is a plain socket after.
+    A state never taken (its descriptor closed or reused meanwhile) is dropped, and its agent
+    connections closed, at the next hand-over."""
+    fd = sock.fileno()
+    if fd < 0:
+        return
+    state = {name: getattr(sock, name) for name in _GRID_STATE}
+    sock._grid_peer = sock._grid_local = sock._grid_channel = sock._grid_pending = sock._grid_requested = None
+    sock._grid_unix, sock._grid_opts = False, {}
+    with _HAND_OVER_LOCK:
+        for stale, (inode, old) in list(_handed_over.items()):
+            if _inode(stale) != inode:
+                del _handed_over[stale]
+                _drop_state(old)
+        _handed_over[fd] = (_inode(fd), state)
+
+
+def _take_over(fd: int) -> Optional[Dict[str, Any]]:
+    """The grid state handed over with descriptor ``fd`` (see :func:`_hand_over`), or None."""
+    with _HAND_OVER_LOCK:
+        entry = _handed_over.pop(fd, None)
+    if entry is None:
+        return None
+    if _inode(fd) != entry[0]:  # (a stale entry: that descriptor was closed, its number reused)
+        _drop_state(entry[1])
+        return None
+    return entry[1]
+
+
+def _give_back(sock: "GridSocket") -> None:
+    """Undo :func:`_hand_over` if nobody took the state (the wrap failed before it began)."""
+    state = _take_over(sock.fileno()) if sock.fileno() >= 0 else None
+    if state is not None:
+        for name, value in state.items():
+            setattr(sock, name, value)
+
+
+def _drop_state(state: Dict[str, Any]) -> None:
+    for channel in (state["_grid_channel"], state["_grid_pending"] and state["_grid_pending"][0]):
+        if channel is not None:
+            channel.close()
+
+
+class _RawView:
+    """The socket module's own ``recvmsg`` on a grid socket: the agent announcements on a
+    listening socket are read with it, whatever the class (``SSLSocket`` refuses ``recvmsg``)."""
+
+    def __init__(self, sock: "GridSocket") -> None:
+        self._sock = sock
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def recvmsg(self, *args: Any) -> Any:
+        return _RealSocket.recvmsg(self._sock, *args)
+
+
 # A non-blocking connect in progress: (agent connection, port, the address bound before it or
 # None, the host the program asked for, our end's send buffer size before it was shrunk).
 _Pending = Tuple[AgentChannel, int, Optional[tuple], Optional[str], int]
@@ -221,6 +300,11 @@ class GridSocket(_RealSocket):
         self._grid_opts: Dict[tuple, Any] = {}
         self._grid_pending: Optional[_Pending] = None  # a non-blocking connect in progress
         self._grid_requested: Optional[str] = None  # the host the program asked to connect to
+        if fileno is not None and _handed_over:
+            state = _take_over(fileno)
+            if state is not None:
+                for name, value in state.items():
+                    setattr(self, name, value)
 
     def _grid_capable(self) -> bool:
         return _agent is not None and self.family in (_socket.AF_INET, _socket.AF_INET6) \
@@ -433,12 +517,12 @@ class GridSocket(_RealSocket):
             return super().accept()
         try:
             # (a channel over our own descriptor, which it does not own: never closed here)
-            announced, result = AgentChannel(self, socket_class=_RealSocket).accept()
+            announced, result = AgentChannel(_RawView(self), socket_class=_RealSocket).accept()
         except ConnectionResetError:
             self._grid_orphaned()
             raise
         unix = announced.family == _socket.AF_UNIX
-        conn = type(self)(self.family, self.type, self.proto, fileno=announced.detach())
+        conn = self._grid_accepted_class()(self.family, self.type, self.proto, fileno=announced.detach())
         conn._grid_unix = unix
         peer = self._addr(result["ip"], int(result.get("peer_port") or 0))
         local = self._grid_local
@@ -450,6 +534,10 @@ class GridSocket(_RealSocket):
         else:
             conn.settimeout(_socket.getdefaulttimeout())
         return conn, peer
+
+    def _grid_accepted_class(self) -> type:
+        """The class of the sockets :meth:`accept` returns (the stdlib's: the listener's own)."""
+        return type(self)
 
     def _grid_orphaned(self) -> None:
         """The node behind this listener went away: put a listening socket that never gets a
@@ -469,6 +557,8 @@ class GridSocket(_RealSocket):
     # --- addresses and options -------------------------------------------------------------
 
     def getpeername(self):
+        if ("listening",) in self._grid_opts:  # (the descriptor is the agent connection)
+            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
         if self._grid_peer is not None and self.fileno() == -1:
             raise OSError(errno.EBADF, "Bad file descriptor")
         pending = self._grid_pending
@@ -540,6 +630,58 @@ class GridSocket(_RealSocket):
         if channel is not None:
             channel.close()
         return super().detach()
+
+
+_ssl_class: Optional[type] = None
+
+
+def ssl_socket_class() -> Optional[type]:
+    """``GridSSLSocket``: ``ssl.SSLSocket`` on grid sockets, the class ``SSLContext.wrap_socket``
+    makes once the personality is patched in (``ssl.SSLContext.sslsocket_class``). Made on
+    first use (the personality imports ``ssl`` only when the program does).
+
+    ``SSLSocket._create`` builds the new object on the wrapped socket's descriptor and detaches
+    the old one; the grid state (the grid port a bound socket holds, a listener, grid
+    addresses) moves with the descriptor (:func:`_hand_over`), so ``listen()``, ``accept()``,
+    ``connect()``, ``getsockname()`` and ``getpeername()`` of the wrapped socket are the grid
+    socket's. The wrap asks ``getpeername()`` (ENOTCONN on a listener) and then ``recv(1)``
+    (refused here on a listener: its descriptor carries agent announcements, not data).
+
+    None if ``ssl.SSLSocket`` cannot be combined with :class:`GridSocket` (it was built on
+    another socket class: gevent's, imported while gevent patches).
+    """
+    global _ssl_class
+    import ssl
+
+    if _ssl_class is not None and issubclass(_ssl_class, ssl.SSLSocket) and issubclass(_ssl_class, GridSocket):
+        return _ssl_class
+
+    if _RealSocket not in ssl.SSLSocket.__mro__:
+        return None
+
+    class GridSSLSocket(ssl.SSLSocket, GridSocket):
+        __doc__ = ssl_socket_class.__doc__
+
+        @classmethod
+        def _create(cls, sock, *args, **kwargs):  # (ssl's private constructor, the same in 3.9-3.13)
+            if not isinstance(sock, GridSocket):
+                return super()._create(sock, *args, **kwargs)  # type: ignore[misc]
+            _hand_over(sock)
+            try:
+                return super()._create(sock, *args, **kwargs)  # type: ignore[misc]
+            finally:
+                _give_back(sock)  # (only if the wrap failed before it took the descriptor)
+
+        def recv(self, buflen=1024, flags=0):
+            if ("listening",) in self._grid_opts:
+                raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+            return super().recv(buflen, flags)
+
+        def _grid_accepted_class(self) -> type:
+            return GridSocket  # (SSLSocket.accept() wraps it: an SSLSocket has no public constructor)
+
+    _ssl_class = GridSSLSocket
+    return GridSSLSocket
 
 
 # --- names ---------------------------------------------------------------------------------------
