@@ -51,7 +51,7 @@ from gridsock.names import GRID_SUFFIX, grid_name, is_grid_ip
 from .monkey import get_original
 
 __all__ = ["GridSocket", "ssl_socket_class", "configure", "agent", "create_connection", "is_grid_host", "getaddrinfo",
-           "gethostbyname",           "gethostbyname_ex", "gethostbyaddr", "getnameinfo", "getfqdn", "NAME_CACHE_S"]
+           "gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getnameinfo", "getfqdn", "NAME_CACHE_S"]
 
 if TYPE_CHECKING:  # the original class is the stdlib's (or gevent's, which has its interface)
     _RealSocket = _socket.socket
