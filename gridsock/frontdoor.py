@@ -260,9 +260,13 @@ def parse_socks_request(data: bytes) -> Optional[Tuple[SocksRequest, int]]:
     if data[0] != SOCKS_VERSION:
         raise SocksProtocolError(f"SOCKS version {data[0]} in the request, expected 5",
                                  encode_socks_reply(REP_GENERAL_FAILURE))
-    if len(data) < 5:
+    if len(data) < 4:
         return None
     command, atyp = data[1], data[3]
+    if atyp not in (ATYP_IPV4, ATYP_DOMAIN, ATYP_IPV6):
+        raise SocksProtocolError(f"address type {atyp} unknown", encode_socks_reply(REP_ADDRESS_TYPE_NOT_SUPPORTED))
+    if len(data) < 5:
+        return None
     if atyp == ATYP_IPV4:
         end = 4 + 4
         if len(data) < end + 2:
@@ -273,13 +277,11 @@ def parse_socks_request(data: bytes) -> Optional[Tuple[SocksRequest, int]]:
         if len(data) < end + 2:
             return None
         host = socket.inet_ntop(socket.AF_INET6, bytes(data[4:end]))
-    elif atyp == ATYP_DOMAIN:
+    else:
         end = 5 + data[4]
         if len(data) < end + 2:
             return None
         host = _domain(bytes(data[5:end]))
-    else:
-        raise SocksProtocolError(f"address type {atyp} unknown", encode_socks_reply(REP_ADDRESS_TYPE_NOT_SUPPORTED))
     port = struct.unpack(">H", bytes(data[end:end + 2]))[0]
     return SocksRequest(command, host, port, atyp), end + 2
 
@@ -522,6 +524,7 @@ def socket_uid(local: Tuple[str, int], remote: Tuple[str, int]) -> Optional[int]
     """The uid owning the TCP socket of this network namespace bound to ``local`` and connected
     to ``remote`` (as /proc/net/tcp{,6} list it), or None if no open socket matches."""
     want = ((_normal_ip(local[0]), local[1]), (_normal_ip(remote[0]), remote[1]))
+    port_suffix = f":{local[1]:04X}"  # parse only the lines with the right local port
     for path in PROC_NET_TCP:
         try:
             with open(path) as table:
@@ -530,7 +533,7 @@ def socket_uid(local: Tuple[str, int], remote: Tuple[str, int]) -> Optional[int]
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) < 10 or fields[9] == "0":  # inode 0: no descriptor refers to it
+            if len(fields) < 10 or not fields[1].endswith(port_suffix) or fields[9] == "0":  # inode 0: no descriptor
                 continue
             try:
                 if (_proc_endpoint(fields[1]), _proc_endpoint(fields[2])) == want:
@@ -679,8 +682,7 @@ class FrontDoor:
 
     def status(self) -> dict:
         """What the front door is doing: address, clients in their handshake, connections open."""
-        return {"address": str(self.address), "handshaking": len(self._clients),
-                "connections": sum(1 for b in list(self._bridges) if not b.closed)}
+        return {"address": str(self.address), "handshaking": len(self._clients), "connections": self._open_bridges()}
 
     # --- accepting ---------------------------------------------------------------------------
 
@@ -696,13 +698,16 @@ class FrontDoor:
                 gevent.sleep(ACCEPT_ERROR_PAUSE_S)
                 continue
             label = _label(addr)
-            if len(self._clients) >= self.max_clients:
-                log.warning("front door: dropped %s: %d clients already in their handshake", label, len(self._clients))
+            if len(self._clients) + self._open_bridges() >= self.max_clients:
+                log.warning("front door: dropped %s: %d clients already", label, self.max_clients)
                 sock.close()
                 continue
             greenlet = gevent.spawn(self._serve_client, sock, addr, label)
             self._clients.add(greenlet)
             greenlet.link(self._clients.discard)
+
+    def _open_bridges(self) -> int:
+        return sum(1 for bridge in list(self._bridges) if not bridge.closed)
 
     def _serve_client(self, sock: Any, addr: Tuple[str, int], label: str) -> None:
         client = _Client(sock, label)
@@ -725,6 +730,8 @@ class FrontDoor:
             log.info("front door: dropped %s: protocol error: %s", label, exc)
         except OSError as exc:
             log.info("front door: dropped %s: %s", label, exc)
+        except Exception:  # a bug: this client only
+            log.exception("front door: dropped %s", label)
         finally:
             if not joined:
                 sock.close()

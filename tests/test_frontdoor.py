@@ -79,6 +79,19 @@ def serve_http(node: Any, port: int, directory: Path) -> gevent.Greenlet:
     return gevent.spawn(serve)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_candidate_at_a_time() -> Iterator[None]:
+    """These tests are about the front door, not races: the next candidate starts only when the
+    one before failed. (Under load a race starts ``splice`` and cancels it; a splice candidate
+    killed inside ``splice_connect`` leaks its socket, which -W error turns into a failure of
+    whichever test the garbage collector runs in.)"""
+    from gridsock import assembly
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(assembly, "STAGGER_S", 3600.0)
+        yield
+
+
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory) -> Iterator[Any]:
     site = tmp_path_factory.mktemp("site")
@@ -620,3 +633,231 @@ def test_a_node_started_with_a_front_door_serves_it(grid):
         node.stop()
     with pytest.raises(ConnectionRefusedError):
         gsocket.create_connection((host, int(port)), timeout=CLIENT_TIMEOUT_S).close()
+
+
+# --- the codec, without I/O ---------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from gridsock.errors import RemoteProtocolError  # noqa: E402
+from gridsock.frontdoor import parse_socks_greeting, parse_socks_userpass  # noqa: E402
+
+PARSERS = [parse_socks_greeting, parse_socks_userpass, parse_socks_request, parse_http_head]
+
+
+@pytest.mark.parametrize("parse, whole, expected", [
+    (parse_socks_greeting, b"\x05\x02\x00\x02", (b"\x00\x02", 4)),
+    (parse_socks_userpass, b"\x01\x05alice\x06secret", (b"alice", b"secret", 14)),
+    (parse_socks_request, socks_request("b2", 8000), None),
+    (parse_socks_request, socks_request("::1", 22), None),
+    (parse_http_head, b"GET http://b2:8000/ HTTP/1.1\r\nHost: b2:8000\r\n\r\n", None),
+])
+def test_codec_whole_byte_by_byte_and_with_trailing_bytes(parse, whole, expected):
+    got = parse(whole)
+    assert got is not None and got[-1] == len(whole)
+    if expected is not None:
+        assert got == expected
+    for cut in range(len(whole)):
+        assert parse(whole[:cut]) is None, f"a message from {cut} of {len(whole)} bytes"
+    assert parse(whole + b"trailing bytes") == got
+
+
+def test_codec_messages():
+    request, _ = parse_socks_request(socks_request("m2.grid", 5300))
+    assert (request.command, request.host, request.port, request.address_type) == (1, "m2.grid", 5300, 3)
+    assert parse_socks_request(socks_request("::1", 22))[0].host == "::1"
+    assert encode_socks_reply(0, "240.1.2.3", 80) == b"\x05\x00\x00\x01\xf0\x01\x02\x03\x00\x50"
+    assert encode_socks_reply(4, "::1", 1)[3] == 4
+    bare_lf = b"GET http://b2/ HTTP/1.0\nAccept: */*\n\nbody"
+    head, used = parse_http_head(bare_lf)
+    assert (head.method, head.target, head.version, head.headers, used) == (
+        "GET", "http://b2/", "HTTP/1.0", (("Accept", "*/*"),), len(bare_lf) - len(b"body"))
+    with pytest.raises(SocksProtocolError) as refused:
+        parse_socks_request(b"\x05\x01\x00\x07")
+    assert refused.value.reply[1] == 0x08
+    with pytest.raises(HttpProtocolError) as oversized:
+        parse_http_head(b"GET http://b2/ HTTP/1.1\r\nX: " + b"y" * 70_000)
+    assert oversized.value.status == 431
+    import pickle
+
+    again = pickle.loads(pickle.dumps(refused.value))
+    assert isinstance(again, SocksProtocolError) and again.reply == refused.value.reply
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from(PARSERS))
+def test_codec_random_bytes_give_messages_or_remote_protocol_errors(data, parse):
+    try:
+        got = parse(data)
+    except RemoteProtocolError:
+        return
+    assert got is None or 0 < got[-1] <= len(data)
+
+
+def test_response_rewriter_byte_by_byte_is_the_same_as_whole():
+    stream = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nConnection: Keep-Alive\r\n"
+              b"Keep-Alive: timeout=5\r\nServer: x\r\n\r\nafter")
+    whole = ResponseRewriter()
+    expected = whole.feed(stream) + whole.flush()
+    assert expected == (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nServer: x\r\n"
+                        b"Connection: close\r\n\r\nafter")
+    single = ResponseRewriter()
+    assert b"".join(single.feed(stream[i:i + 1]) for i in range(len(stream))) + single.flush() == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200).filter(lambda b: not b.startswith(b"H")), st.integers(1, 50))
+def test_response_rewriter_passes_what_is_not_a_response_head_unchanged(data, chunk):
+    rewriter = ResponseRewriter()
+    out = b"".join(rewriter.feed(data[i:i + chunk]) for i in range(0, len(data), chunk)) + rewriter.flush()
+    assert out == data
+
+
+# --- one bad client never affects the others ------------------------------------------------------
+
+# The fuzzed front door drops a client whose request is not complete after this long.
+FUZZ_HANDSHAKE_TIMEOUT_S = 2.0
+# Clients of the fuzz test at once (a few hundred cases in all).
+FUZZ_CONCURRENCY = 64
+
+
+def fuzz_cases(rng: random.Random) -> List[Tuple[bytes, bool]]:
+    """(what a bad client sends, whether it then half-closes): random, truncated, oversized,
+    wrong versions, for both protocols. A truncation always stops short of a whole request."""
+    good_socks = b"\x05\x01\x00" + socks_request("m2", ECHO_PORT)
+    good_http = b"GET http://m2:5301/index.html HTTP/1.1\r\nHost: m2:5301\r\nUser-Agent: fuzz\r\n\r\n"
+    cases: List[bytes] = []
+    for _ in range(60):
+        cases.append(b"\x05" + rng.randbytes(rng.randrange(0, 300)))
+        cases.append(bytes([rng.choice([b for b in range(256) if b != 5])]) + rng.randbytes(rng.randrange(0, 300)))
+        cases.append(good_socks[:rng.randrange(1, len(good_socks))])
+        cases.append(good_http[:rng.randrange(1, len(good_http) - 1)])
+        mutated = bytearray(good_http)
+        for _ in range(rng.randrange(1, 4)):
+            mutated[rng.randrange(len(mutated) - 4)] = rng.randrange(256)
+        cases.append(bytes(mutated))
+    cases += [
+        b"",  # says nothing
+        b"\x05\x00",  # no method
+        b"\x05\x01\x02\x02\x05alice",  # userpass, truncated (no users here)
+        b"\x05\x01\x00\x04\x01\x00\x01\x7f\x00\x00\x01\x00\x50",  # SOCKS4 request after a SOCKS5 greeting
+        b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00",  # SOCKS4
+        b"\x05\x01\x00\x05\x01\x00\x03\xff" + b"a" * 255 + b"\x00\x50",  # longest name, unknown
+        b"GET http://m2:5301/ HTTP/1.1\r\nX: " + b"y" * 70_000,  # head never ends
+        b"GET http://m2:5301/ HTTP/1.1\r\n" + b"X: y\r\n" * 500 + b"\r\n",
+        b"CONNECT m2:99999 HTTP/1.1\r\n\r\n",
+        b"GET http://[::1 HTTP/1.1\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + rng.randbytes(200),  # a TLS ClientHello
+    ]
+    return [(case, rng.random() < 0.5) for case in cases]
+
+
+def bad_client(port: int, payload: bytes, half_close: bool) -> bytes:
+    """Send ``payload``; what came back before the front door closed (a reset counts as a close).
+    Raises socket.timeout if it did not close in time."""
+    sock = gsocket.create_connection(("127.0.0.1", port), timeout=FUZZ_HANDSHAKE_TIMEOUT_S + CLIENT_TIMEOUT_S)
+    got = bytearray()
+    try:
+        try:
+            sock.sendall(payload)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it had heard enough
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                return bytes(got)
+            if not chunk:
+                return bytes(got)
+            got += chunk
+    finally:
+        sock.close()
+
+
+def test_fuzz_bad_clients_get_an_error_reply_or_a_close_and_a_good_client_is_served(grid):
+    from gevent.pool import Pool
+
+    front = FrontDoor(grid["m1"], pass_through=False, handshake_timeout=FUZZ_HANDSHAKE_TIMEOUT_S).start()
+    port = front.address.port
+    cases = fuzz_cases(random.Random(1928))
+    assert len(cases) > 300
+    fuzzing = gevent.event.Event()
+    served: List[int] = []
+
+    def good_client() -> None:
+        while True:
+            sock, (code, _, _) = raw_socks(front, "m2", ECHO_PORT)
+            try:
+                assert code == 0
+                data = os.urandom(10_000)
+                assert echo_through(sock, data) == data
+            finally:
+                sock.close()
+            served.append(1)
+            if not fuzzing.is_set():
+                return
+
+    def check(case: Tuple[bytes, bool]) -> None:
+        payload, half_close = case
+        reply = bad_client(port, payload, half_close)
+        if reply and payload[:1] == b"\x05":
+            assert reply[0] == 5, (payload[:40], reply[:40])
+        elif reply:
+            try:
+                valid = parse_http_head(payload) is not None  # a mutation that left it valid is served
+            except RemoteProtocolError:
+                valid = False
+            assert reply.startswith(b"HTTP/1.") if valid else reply[:10] in (b"HTTP/1.1 4", b"HTTP/1.1 5"), \
+                (payload[:40], reply[:40])
+
+    try:
+        fuzzing.set()
+        good = gevent.spawn(good_client)
+        Pool(FUZZ_CONCURRENCY).map(check, cases)
+        fuzzing.clear()
+        good.get(timeout=CLIENT_TIMEOUT_S)
+        assert len(served) >= 2
+        good_client()  # and after
+        assert not front._clients, "clients left in their handshake"
+    finally:
+        front.stop()
+
+
+def test_a_silent_client_is_dropped_with_one_log_line(grid, caplog):
+    front = FrontDoor(grid["m1"], handshake_timeout=FUZZ_HANDSHAKE_TIMEOUT_S).start()
+    try:
+        with caplog.at_level("INFO", logger="gridsock.frontdoor"):
+            assert bad_client(front.address.port, b"\x05\x01", half_close=False) == b""
+        dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+        assert len(dropped) == 1 and f"no complete request within {FUZZ_HANDSHAKE_TIMEOUT_S} s" in dropped[0]
+    finally:
+        front.stop()
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Wait (bounded) until ``condition()`` holds, letting the grid's greenlets run."""
+    with gevent.Timeout(CLIENT_TIMEOUT_S, AssertionError(f"not within {CLIENT_TIMEOUT_S} s: {what}")):
+        while not condition():
+            gevent.sleep(0.01)
+
+
+def test_clients_beyond_max_clients_are_closed_at_once(grid):
+    front = FrontDoor(grid["m1"], max_clients=2, handshake_timeout=CLIENT_TIMEOUT_S * 4).start()
+    address = ("127.0.0.1", front.address.port)
+    held = [gsocket.create_connection(address, timeout=CLIENT_TIMEOUT_S) for _ in range(2)]
+    try:
+        wait_until(lambda: front.status()["handshaking"] == 2, "two clients in their handshake")
+        with gsocket.create_connection(address, timeout=CLIENT_TIMEOUT_S) as third:
+            assert third.recv(1) == b""  # closed at once, long before the handshake bound
+        for sock in held:
+            sock.close()
+        wait_until(lambda: front.status()["handshaking"] == 0, "the held clients gone")
+        assert socks_code(front, "m2", ECHO_PORT) == 0
+    finally:
+        for sock in held:
+            sock.close()
+        front.stop()
