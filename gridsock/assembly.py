@@ -22,6 +22,13 @@ Theory of operation
    cancelled), the filters are built bottom-up (``tls`` checks that the server proves the
    expected node id), and the application gets a real socket.
 
+Best, not first: methods are ranked in tiers (:func:`gridsock.rules.tier`: direct, then
+gateway methods, then ``relay``). When a lower tier wins, the application gets it at once, but
+the candidates of a better tier still under way go on in the background for at most
+``BETTER_LATE_S``; one that connects is closed unnominated (the server delivers nothing: its
+``not_taken``) and becomes the peer's cached winner, which the next connection tries first.
+``gridsock status`` shows the ranking and why (:meth:`Assembler.paths`).
+
 On the server, the method delivers its connection to :meth:`Assembler._deliver`, which waits
 for the nomination, builds the server's half of the filters (``tls`` requires the client's
 certificate to carry the requesting node's id) and queues the connection on the listener. A
@@ -61,7 +68,7 @@ from . import wire
 from .errors import ConfigError, ConnectError, ConnectTimeoutError, GridsockError, RemoteProtocolError, RoutingError
 from .methods import Arrival, InitiatorContext, MethodRefusal, ResponderContext
 from .registry import Registry, default_registry
-from .rules import Rules
+from .rules import TIERS, Rules, gateways_of, tier
 from .stack import Stack, StackContext
 from .streams import Stream
 from .components.tcp import MATCH_TIMEOUT_S, recv_exactly
@@ -78,6 +85,7 @@ __all__ = [
     "MATCH_TIMEOUT_S",
     "NOMINATE",
     "STAGGER_S",
+    "BETTER_LATE_S",
     "ASSEMBLE_TOPIC",
     "method_of",
     "errno_of",
@@ -98,6 +106,10 @@ STAGGER_S = 0.25
 # The winner for a peer is tried first for this long; then the rules' order is raced again, so
 # a better method that lost a race (or was down) gets another chance.
 WINNER_TTL_S = 300.0
+# When a lower tier wins a race (relay, a gateway method), the better candidates still under way
+# may finish this long after it, in the background: long enough for a gateway's first contact
+# (an SSH transport's handshake across a WAN), short enough that nothing lingers.
+BETTER_LATE_S = 5.0
 # Tokens remembered after use, so a replay is refused at once rather than after a wait.
 USED_TOKENS_KEPT = 4096
 # The connection table forgets closed connections when it reaches this many entries (and on
@@ -198,13 +210,19 @@ class PathRecord:
     connect_ms: Optional[float]
     tried: List[Tuple[str, str]]
     reasons: "OrderedDict[str, Tuple[str, float]]"
+    #: The candidates in the rules' order, best first, with their tier (of gridsock.rules.TIERS).
+    ranking: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+    #: A better candidate that connected after the race, in the background (now cached), if any.
+    better_later: Optional[str] = None
 
     def to_json(self) -> dict:
         return {"peer": self.peer_name, "peer_id": self.peer_id, "stack": self.stack, "method": self.method,
                 "direct": None if self.method is None else self.method != "relay",
                 "at": self.at, "chosen": self.chosen, "connect_ms": self.connect_ms,
                 "tried": [[stack, why] for stack, why in self.tried],
-                "reasons": [{"stack": stack, "reason": why, "at": at} for stack, (why, at) in self.reasons.items()]}
+                "reasons": [{"stack": stack, "reason": why, "at": at} for stack, (why, at) in self.reasons.items()],
+                "ranking": [{"stack": stack, "tier": rank} for stack, rank in self.ranking],
+                "better_later": self.better_later}
 
 
 class DataListener:
@@ -438,7 +456,7 @@ class Assembler:
         stack string.
         """
         entry = self.node.directory.resolve(peer)
-        me = self.node.entry
+        me = self._me()
         if entry is None or me is None:
             raise ConnectError(f"unknown node {peer!r}" if me else "this node has not joined yet", peer=peer)
         if stack is not None:
@@ -448,13 +466,32 @@ class Assembler:
             candidates = [Stack.parse(s, self.registry) if isinstance(s, str) else s for s in given]
             return self._race(entry, port, candidates, timeout, remember=False)
         candidates = self.rules.candidates(me, entry)
+        ranking = list(candidates)
         winner, until = self._winners.get(entry.node_id, (None, 0.0))
         if winner in candidates and until > time.monotonic():  # what worked last time first
             candidates.remove(winner)
             candidates.insert(0, winner)
-        return self._race(entry, port, candidates, timeout, remember=True)
+        return self._race(entry, port, candidates, timeout, remember=True, ranking=ranking)
 
-    def _race(self, entry: wire.NodeEntry, port: int, candidates, timeout: float, *, remember: bool):
+    def _me(self) -> Optional[wire.NodeEntry]:
+        """This node's directory entry, with the gateways it knows of itself
+        (:func:`gridsock.rules.gateways_of`) even before the directory carries them."""
+        me = self.node.entry
+        if me is None:
+            return None
+        gateways = gateways_of(self.node)
+        return me if gateways == me.gateways else dataclasses.replace(me, gateways=gateways)
+
+    def _tier(self, stack: Stack) -> int:
+        """``stack``'s rank in :data:`gridsock.rules.TIERS` (0 is best)."""
+        try:
+            component = self.registry.get(stack.method.name)
+        except ConfigError:
+            component = None
+        return tier(stack, component)
+
+    def _race(self, entry: wire.NodeEntry, port: int, candidates, timeout: float, *, remember: bool,
+              ranking: Optional[Sequence[Stack]] = None):
         """Happy eyeballs over ``candidates``: return ``(stream, info)`` of the first that works.
 
         The first candidate starts at once; each next one ``STAGGER_S`` after the previous
@@ -462,7 +499,14 @@ class Assembler:
         nominated (the others are cancelled, their half-made connections closed, and the
         server builds nothing for them); if its filters fail, the race goes on. A refusal by
         the server ends it: no other method would change the server's mind.
+
+        With ``remember`` (the rules' candidates, ``ranking`` their order), a winner of a lower
+        tier than candidates still under way leaves those to finish in the background
+        (:meth:`_await_better`), rather than cancelling them.
         """
+        ranked = list(ranking) if ranking is not None else list(candidates)
+        order = {str(s): (self._tier(s), i) for i, s in enumerate(ranked)}
+        background: Dict[int, gevent.Greenlet] = {}  # better candidates left to finish after the race
         began = time.monotonic()
         deadline = began + timeout
         results: gevent.queue.Queue = gevent.queue.Queue()
@@ -534,28 +578,105 @@ class Assembler:
                     if not running and started == len(candidates):
                         raise fail(stack) from exc
                     continue
+                if remember:
+                    won = order.get(str(stack), (0, 0))[0]
+                    background = {j: g for j, g in running.items()
+                                  if order.get(str(candidates[j]), (won, 0))[0] < won}
                 for j in sorted(running):
-                    tried.append((str(candidates[j]), f"cancelled: {stack} connected first"))
+                    tried.append((str(candidates[j]), f"still trying in the background: {stack} connected first"
+                                  if j in background else f"cancelled: {stack} connected first"))
+                for j in background:
+                    del running[j]
                 info = self._record(entry, port, stack, initiator=True, stream=stream)
                 if tried:
                     info.detail["tried"] = tried
                 if remember:
                     self._winners[entry.node_id] = (stack, time.monotonic() + WINNER_TTL_S)
                 self._note_path(entry, stack, tried, remember=remember, untried=candidates[started:],
-                                connect_ms=round((time.monotonic() - began) * 1000, 3))
+                                connect_ms=round((time.monotonic() - began) * 1000, 3),
+                                ranking=[(str(s), TIERS[order[str(s)][0]]) for s in ranked] if remember else ())
+                if background:
+                    gevent.spawn(self._await_better, entry, stack, {j: (candidates[j], g) for j, g in background.items()},
+                                 order, deadline)
                 return stream, info
             raise fail(None)  # candidates is never empty
         finally:
             for greenlet in running.values():
                 greenlet.kill(block=True)
             while not results.empty():  # established meanwhile, never nominated
-                _, greenlet = results.get_nowait()
-                value = greenlet.value if greenlet.successful() else None
-                if isinstance(value, tuple) and value[0] is not None:
-                    value[0][0].close()
+                i, greenlet = results.get_nowait()
+                if i not in background:  # (those are _await_better's)
+                    _discard(greenlet)
+
+    def _await_better(self, entry: wire.NodeEntry, winner: Stack, pending: Dict[int, Tuple[Stack, gevent.Greenlet]],
+                      order: Dict[str, Tuple[int, int]], deadline: float) -> None:
+        """After a race won by ``winner``, let ``pending`` (better candidates still under way)
+        finish for at most ``BETTER_LATE_S``: one that connects is closed unnominated (the
+        server delivers nothing) and, if better than the peer's cached winner, replaces it.
+        What became of each goes into the peer's path record."""
+        until = min(deadline, time.monotonic() + BETTER_LATE_S)
+        best = winner
+
+        def better(a: Stack, b: Stack) -> bool:
+            return order.get(str(a), (len(TIERS), 0)) < order.get(str(b), (len(TIERS), 0))
+
+        try:
+            while pending:
+                left = until - time.monotonic()
+                if left <= 0 or not gevent.wait([g for _, g in pending.values()], timeout=left, count=1):
+                    break
+                for j, (stack, greenlet) in list(pending.items()):
+                    if j not in pending or not greenlet.ready():  # (dropped below, or still under way)
+                        continue
+                    del pending[j]
+                    value = greenlet.value if greenlet.successful() else None
+                    made, exc = value if isinstance(value, tuple) else (None, greenlet.exception)
+                    if made is None:
+                        why = _reason(exc) if isinstance(exc, ConnectError) else str(exc)
+                        self._note_later(entry, stack, f"failed after {winner} connected: {why}")
+                        continue
+                    made[0].close()  # never nominated: the server closes its half, delivers nothing
+                    if not better(stack, best):
+                        self._note_later(entry, stack, f"connected later, after {best}")
+                        continue
+                    best = stack
+                    cached, _ = self._winners.get(entry.node_id, (None, 0.0))
+                    if cached is None or cached == winner or better(stack, cached):
+                        self._winners[entry.node_id] = (stack, time.monotonic() + WINNER_TTL_S)
+                    self._note_later(entry, stack, f"finished later: better than {winner}; the next connection "
+                                     "tries it first", better=True)
+                    log.info("node %s: %s to %s connected after %s won the race: the next connection tries it "
+                             "first", self.node.name, stack, entry.name, winner)
+                    for k, (other, rival) in list(pending.items()):  # no better than what we have now
+                        if not better(other, best):
+                            del pending[k]
+                            rival.kill(block=True)
+                            _discard(rival)
+                            self._note_later(entry, other, f"cancelled: {stack} connected first, later")
+        finally:
+            for stack, greenlet in pending.values():
+                greenlet.kill(block=True)
+                _discard(greenlet)
+                self._note_later(entry, stack, f"cancelled: not connected within {BETTER_LATE_S:g} s after "
+                                 f"{winner} connected")
+
+    def _note_later(self, entry: wire.NodeEntry, stack: Stack, why: str, *, better: bool = False) -> None:
+        """What became of ``stack``, left to finish after the last race to ``entry``: in the
+        path record's ``tried`` and ``reasons`` (and ``better_later`` if it is now cached)."""
+        record = self._paths.get(entry.node_id)
+        if record is None:
+            return
+        record.tried = [(s, why if s == str(stack) else w) for s, w in record.tried]
+        record.reasons.pop(str(stack), None)
+        record.reasons[str(stack)] = (why, time.time())
+        while len(record.reasons) > REASONS_KEPT_PER_PEER:
+            record.reasons.popitem(last=False)
+        if better:
+            record.better_later = str(stack)
 
     def _note_path(self, entry: wire.NodeEntry, winner: Optional[Stack], tried: List[Tuple[str, str]], *,
-                   remember: bool, untried: Sequence[Stack] = (), connect_ms: Optional[float] = None) -> None:
+                   remember: bool, untried: Sequence[Stack] = (), connect_ms: Optional[float] = None,
+                   ranking: Sequence[Tuple[str, str]] = ()) -> None:
         """Keep the outcome of a race to ``entry`` for :meth:`paths` (bounded: PATHS_KEPT).
 
         ``untried``: candidates never started, the winner having connected first; they get
@@ -577,7 +698,7 @@ class Assembler:
         self._paths[entry.node_id] = PathRecord(
             peer_id=entry.node_id, peer_name=entry.name, stack=None if winner is None else str(winner),
             method=None if winner is None else winner.method.name, at=now, chosen="rules" if remember else "caller",
-            connect_ms=connect_ms, tried=list(tried), reasons=reasons)
+            connect_ms=connect_ms, tried=list(tried), reasons=reasons, ranking=list(ranking))
         while len(self._paths) > PATHS_KEPT:
             self._paths.popitem(last=False)
 
@@ -872,6 +993,13 @@ def _proc_address(text: str) -> Tuple[str, int]:
     raw = b"".join(struct.pack("=I", int(hexaddr[i:i + 8], 16)) for i in range(0, len(hexaddr), 8))
     family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
     return socket.inet_ntop(family, raw), int(hexport, 16)
+
+
+def _discard(greenlet: gevent.Greenlet) -> None:
+    """Close the connection a finished race attempt made, if it made one (never nominated)."""
+    value = greenlet.value if greenlet.successful() else None
+    if isinstance(value, tuple) and value[0] is not None:
+        value[0][0].close()
 
 
 def _reason(exc: ConnectError) -> str:

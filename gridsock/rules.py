@@ -10,16 +10,29 @@ decides from the directory's facts:
 - ``cluster`` (the default): plain ``tcp`` inside a cluster; outside it ``tls/tcp`` to a node that
   accepts inbound connections, ``tls/reverse`` (it connects back) when this node accepts them,
   ``tls/splice`` (simultaneous open) when the peer does not, then the *via* stacks that match
-  (through a gateway: ``tls/socks(proxy=...)``, ``tls/ssh(gateway=...)``), and ``tls/relay``
-  (through the bootstrap routes), which works everywhere. The assembler races the candidates in
-  that order with staggered starts and keeps the winner for the peer (:meth:`Rules.candidates`,
-  :meth:`gridsock.assembly.Assembler._race`).
+  (through a gateway: ``tls/socks(proxy=...)``, ``tls/ssh(gateway=...)``), the connecting
+  node's own gateways towards a node that accepts inbound connections (see *Gateways* below),
+  and ``tls/relay`` (through the bootstrap routes), which works everywhere. The assembler races
+  the candidates in that order with staggered starts and keeps the best that worked for the peer
+  (:meth:`Rules.candidates`, :meth:`gridsock.assembly.Assembler._race`).
 - ``direct``: direct TCP between all nodes (``tcp`` inside a cluster, ``tls/tcp`` outside).
 - ``relay``: the bootstrap channel carries everything (``tls/relay``); works everywhere.
 
 A ``[[via]]`` entry names a gateway path for the pairs it matches (``from``, ``to``): for
 example the SOCKS proxy or sshd of a private cluster's front-end, for connections into (or out
 of) that cluster. Unlike a rule it adds a candidate rather than replacing them.
+
+Gateways need no rules: a node knows its own ways out of a private network (the SSH gateway
+its uplink uses, a SOCKS proxy it was given; a member without any uses its leader's, which the
+directory carries: :attr:`gridsock.wire.NodeEntry.gateways`, :func:`gateways_of`). It reaches
+outside nodes that accept inbound connections through them (``tls/socks(proxy=...)``,
+``tls/ssh(gateway=...)``), and a ``reverse`` asked of it dials back through them
+(:mod:`gridsock.components.reverse`).
+
+Methods are ranked in *tiers* (:func:`tier`): direct methods (``tcp``, ``reverse``, ``splice``
+and any third party's) first, then the gateway methods (``socks``, ``ssh``), then ``relay``. A
+race won by a lower tier lets the better candidates still under way finish in the background,
+and the best that worked is what the peer's next connection tries first.
 
 Patterns: ``*`` (anything), ``cluster:NAME``, ``name:GLOB`` and ``addr:GLOB`` (matched against the
 hosts of the node's advertised and observed addresses), ``!PATTERN`` negates.
@@ -61,11 +74,46 @@ if sys.version_info >= (3, 11):
 else:  # the same parser, before it joined the standard library
     import tomli as tomllib
 
-__all__ = ["Rule", "Rules", "SCHEMES"]
+__all__ = ["Rule", "Rules", "SCHEMES", "TIERS", "tier", "gateways_of"]
 
 SCHEMES = ("cluster", "direct", "relay")
+# The ranks of methods, best first: a race won by a later tier is not the end of it.
+TIERS = ("direct", "gateway", "relay")
+# Methods by tier (any other method, a third party's included, is direct; a component may say
+# otherwise with a ``tier`` class attribute naming one of TIERS).
+_METHOD_TIERS = {"socks": "gateway", "ssh": "gateway", "relay": "relay"}
 # A rules file larger than this is surely a mistake.
 MAX_RULES = 1000
+
+
+def tier(stack: Stack, component: object = None) -> int:
+    """The rank of ``stack``'s method in :data:`TIERS` (0 is best): ``component``'s ``tier``
+    attribute if it has one (the method's class), else by name."""
+    name = getattr(component, "tier", None)
+    if name not in TIERS:
+        name = _METHOD_TIERS.get(stack.method.name, "direct")
+    return TIERS.index(name)
+
+
+def gateways_of(node) -> Tuple[str, ...]:
+    """``node``'s ways out of its network, as method layers (``ssh(gateway=...)``,
+    ``socks(proxy=...)``): the SSH gateway its uplink uses, its SOCKS gateway, those its
+    directory entry carries, and for a member that has none, its leader's (one network)."""
+    found: List[str] = []
+    ssh = getattr(node, "ssh_gateway", None)
+    if ssh is not None:
+        found.append(f"ssh(gateway={ssh})")
+    socks = getattr(node, "socks_gateway", None)
+    if socks:
+        found.append(f"socks(proxy={socks})")
+    entry: Optional[wire.NodeEntry] = getattr(node, "entry", None)
+    if entry is not None:
+        found += entry.gateways
+        if not found and entry.role == "member":
+            leader = node.directory.get(entry.leader)
+            if leader is not None and same_cluster(leader, entry):
+                found += leader.gateways
+    return tuple(dict.fromkeys(found))
 
 
 def _hosts(entry: wire.NodeEntry) -> List[str]:
@@ -190,7 +238,8 @@ class Rules:
         A matching rule names exactly one stack (no fallback: the user said so). Otherwise the
         scheme orders what the directory says can work: a direct connection where ``dst`` is on
         the same network or accepts inbound connections, ``reverse`` where ``src`` accepts them,
-        ``splice`` where ``dst`` does not, the matching *via* stacks (gateways), and the relay,
+        ``splice`` where ``dst`` does not, the matching *via* stacks (gateways), ``src``'s own
+        gateways (``src.gateways``) where ``dst`` accepts inbound connections, and the relay,
         which works everywhere, last.
         """
         for rule in self.rules:
@@ -210,6 +259,8 @@ class Rules:
         if not dst.inbound:
             texts.append(secure + "splice")
         texts += [via.stack for via in self.vias if via.matches(src, dst)]
+        if dst.inbound:  # out through our own gateway, to a node that the outside can reach
+            texts += [secure + gateway for gateway in src.gateways]
         return [Stack.parse(t) for t in dict.fromkeys(texts)] + [relay]
 
     def required(self, server: wire.NodeEntry, client: wire.NodeEntry) -> Tuple[str, ...]:

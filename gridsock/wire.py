@@ -270,7 +270,10 @@ class NodeEntry:
     ``addrs`` are the ``host:port`` listen addresses the node advertises; ``observed`` is the
     address the rendez-vous node saw the node's link come from (None for members, whose
     links end at their leader); ``inbound`` says whether the rendez-vous node could dial back
-    one of ``addrs`` (None: not checked yet).
+    one of ``addrs`` (None: not checked yet). ``gateways`` are the node's own ways out of a
+    private network, as method layers: ``ssh(gateway=USER@HOST:PORT)`` (the SSH gateway its
+    uplink uses) and ``socks(proxy=HOST:PORT)`` (its SOCKS proxy), addresses as the node (and
+    its cluster) sees them; empty for a node that needs none (and from peers that predate it).
     """
 
     node_id: str
@@ -281,6 +284,20 @@ class NodeEntry:
     addrs: Tuple[str, ...] = ()
     observed: Optional[str] = None
     inbound: Optional[bool] = None
+    gateways: Tuple[str, ...] = ()
+
+    # An SSH gateway and a SOCKS proxy or two: a node has a handful of ways out at most.
+    MAX_GATEWAYS: ClassVar[int] = 4
+    # "socks(proxy=" or "ssh(gateway=", a user name and a host:port, ")".
+    MAX_GATEWAY_BYTES: ClassVar[int] = 32 + MAX_NAME_BYTES + MAX_ADDR_BYTES
+    _GATEWAY_RE: ClassVar[Any] = re.compile(r"(ssh\(gateway=[A-Za-z0-9._-]+@|socks\(proxy=)"
+                                            r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}\)\Z")
+
+    @staticmethod
+    def _gateway(v):
+        if not isinstance(v, str) or len(v) > NodeEntry.MAX_GATEWAY_BYTES or not NodeEntry._GATEWAY_RE.match(v):
+            return "must be 'ssh(gateway=USER@HOST:PORT)' or 'socks(proxy=HOST:PORT)'"
+        return None
 
     _CHECKS: ClassVar[Dict[str, Any]] = {
         "node_id": _node_id,
@@ -291,11 +308,13 @@ class NodeEntry:
         "addrs": _list(_addr, MAX_ADDRS),
         "observed": _opt(_addr),
         "inbound": _opt(_bool),
+        "gateways": _list(lambda v: NodeEntry._gateway(v), MAX_GATEWAYS),
     }
-    _DEFAULTS: ClassVar[Dict[str, Any]] = {"role": "leader", "addrs": [], "observed": None, "inbound": None}
+    _DEFAULTS: ClassVar[Dict[str, Any]] = {"role": "leader", "addrs": [], "observed": None, "inbound": None,
+                                           "gateways": []}
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "node_id": self.node_id,
             "name": self.name,
             "cluster": self.cluster,
@@ -305,12 +324,16 @@ class NodeEntry:
             "observed": self.observed,
             "inbound": self.inbound,
         }
+        if self.gateways:  # (absent when empty: an entry reads as it did before the field)
+            out["gateways"] = list(self.gateways)
+        return out
 
     @classmethod
     def from_json(cls, obj: object) -> "NodeEntry":
         """Build an entry from decoded JSON; raise ValueError with the reason if it is bad."""
         values = _check_object(obj, cls._CHECKS, cls._DEFAULTS)
         values["addrs"] = tuple(values["addrs"])
+        values["gateways"] = tuple(values["gateways"])
         return cls(**values)
 
 
