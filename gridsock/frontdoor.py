@@ -95,6 +95,7 @@ __all__ = [
     "ResponseRewriter",
     "client_untrusted",
     "socket_uid",
+    "socket_pid",
 ]
 
 log = logging.getLogger(__name__)
@@ -523,6 +524,41 @@ def _proc_endpoint(text: str) -> Tuple[str, int]:
 def socket_uid(local: Tuple[str, int], remote: Tuple[str, int]) -> Optional[int]:
     """The uid owning the TCP socket of this network namespace bound to ``local`` and connected
     to ``remote`` (as /proc/net/tcp{,6} list it), or None if no open socket matches."""
+    found = _proc_tcp_socket(local, remote)
+    return found[0] if found is not None else None
+
+
+def socket_pid(local: Tuple[str, int], remote: Tuple[str, int]) -> Optional[int]:
+    """The pid of a process holding the TCP socket bound to ``local`` and connected to
+    ``remote`` (its inode among the descriptors of the processes of the socket's user), or None.
+    Costs a look at every descriptor of that user's processes: a few milliseconds."""
+    found = _proc_tcp_socket(local, remote)
+    if found is None:
+        return None
+    uid, inode = found
+    link = f"socket:[{inode}]"
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone, or not ours to look at
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
+                    return int(pid)
+            except OSError:
+                continue
+    return None
+
+
+def _proc_tcp_socket(local: Tuple[str, int], remote: Tuple[str, int]) -> Optional[Tuple[int, int]]:
+    """``(uid, inode)`` of the open TCP socket from ``local`` to ``remote``, or None."""
     want = ((_normal_ip(local[0]), local[1]), (_normal_ip(remote[0]), remote[1]))
     port_suffix = f":{local[1]:04X}"  # parse only the lines with the right local port
     for path in PROC_NET_TCP:
@@ -537,7 +573,7 @@ def socket_uid(local: Tuple[str, int], remote: Tuple[str, int]) -> Optional[int]
                 continue
             try:
                 if (_proc_endpoint(fields[1]), _proc_endpoint(fields[2])) == want:
-                    return int(fields[7])
+                    return int(fields[7]), int(fields[9])
             except ValueError:
                 continue
     return None
@@ -584,10 +620,12 @@ _T = TypeVar("_T", bound=Tuple[Any, ...])
 class _Client:
     """A client's socket and what was read from it and not used yet."""
 
-    def __init__(self, sock: Any, label: str) -> None:
+    def __init__(self, sock: Any, peer: Tuple[str, int], label: str) -> None:
         self.sock = sock
+        self.peer = peer
         self.label = label
         self.buffer = bytearray()
+        self.local = False  # on loopback, so that its socket is in this host's tables
 
     def read(self, parse: Callable[[bytes], Optional[_T]]) -> _T:
         """Read until ``parse`` (a codec function returning ``(..., consumed)``) has a message;
@@ -642,24 +680,26 @@ class FrontDoor:
         self.connect_timeout = connect_timeout
         self.max_clients = max_clients
         self._sock: Any = None
+        self._bound: Optional[Address] = None
         self._server: Optional[gevent.Greenlet] = None
         self._clients: Set[gevent.Greenlet] = set()
         self._bridges: "weakref.WeakSet[Bridge]" = weakref.WeakSet()
 
     def __repr__(self) -> str:
-        return f"<FrontDoor {self.address if self._sock is not None else self.listen_address}>"
+        return f"<FrontDoor {self._bound or self.listen_address}>"
 
     @property
     def address(self) -> Address:
         """The bound address (the kernel's choice when the port was 0). RuntimeError before start()."""
-        if self._sock is None:
+        if self._bound is None:
             raise RuntimeError("the front door is not started")
-        host, port = self._sock.getsockname()[:2]
-        return Address(host=host, port=port)
+        return self._bound
 
     def start(self) -> "FrontDoor":
         """Listen and serve in a greenlet; return self. Raises ConfigError if the address cannot be had."""
         self._sock = listen(self.listen_address)
+        host, port = self._sock.getsockname()[:2]
+        self._bound = Address(host=host, port=port)
         self._server = gevent.spawn(self._serve)
         self._server.name = f"front door {self.address}"
         host = ipaddress.ip_address(_normal_ip(self.address.host or "0.0.0.0"))
@@ -710,10 +750,11 @@ class FrontDoor:
         return sum(1 for bridge in list(self._bridges) if not bridge.closed)
 
     def _serve_client(self, sock: Any, addr: Tuple[str, int], label: str) -> None:
-        client = _Client(sock, label)
+        client = _Client(sock, (addr[0], addr[1]), label)
         joined = False
         try:
             sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
+            client.local = ipaddress.ip_address(_normal_ip(addr[0])).is_loopback
             why_untrusted = client_untrusted(addr, sock.getsockname(), allow_other_users=self.allow_other_users)
             if why_untrusted is None and self.require_auth:
                 why_untrusted = "credentials are required from every client"
@@ -911,7 +952,8 @@ class FrontDoor:
         self._bridges.add(bridge)
         if info is not None:
             info.detail["front_door"] = f"{what} from {client.label}"
-            self.node.assembler.hand_over(info, None, None, bridge=bridge)  # listed until the bridge ends
+            pid = socket_pid(client.peer, client.sock.getsockname()) if client.local else None
+            self.node.assembler.hand_over(info, None, pid, bridge=bridge)  # listed until the bridge ends
         log.debug("front door: %s from %s joined", what, client.label)
         return True
 

@@ -156,6 +156,7 @@ def test_the_connection_is_listed_in_status_while_open(grid, door):
         assert listed["peer"] == "m2" and listed["port"] == ECHO_PORT and listed["side"] == "client"
         assert listed["front_door"].startswith("socks5 m2:5300 from 127.0.0.1:")
         assert listed["bytes_sent"] == 4 and listed["bytes_received"] == 4
+        assert listed["handed"] and listed["pid"] == os.getpid()  # (the client is in this process)
     finally:
         sock.close()
 
@@ -602,6 +603,39 @@ def test_a_loopback_client_of_another_user_is_refused(door):
 
 
 # --- programs that are not Python -------------------------------------------------------------------
+
+def test_proxy_environment_variables(door):
+    """What ``gridsock run`` sets for programs that are not Python: one address for all three."""
+    proxy = f"127.0.0.1:{door.address.port}"
+    url = f"http://m2:{HTTP_PORT}/index.html"
+    for variables in ({"ALL_PROXY": f"socks5h://{proxy}"}, {"http_proxy": f"http://{proxy}"}):
+        result = gevent.subprocess.run(["curl", "-sS", "--max-time", str(CLIENT_TIMEOUT_S), url], capture_output=True,
+                                       env={**no_proxy_env(), **variables}, timeout=CLIENT_TIMEOUT_S * 2)
+        assert result.stdout == PAGE, (variables, result.stderr)
+    fetch = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=30).read().decode(), end='')"
+    result = gevent.subprocess.run([sys.executable, "-I", "-c", fetch], capture_output=True,
+                                   env={**no_proxy_env(), "http_proxy": f"http://{proxy}"}, timeout=CLIENT_TIMEOUT_S * 2)
+    assert result.stdout == PAGE, result.stderr
+
+
+def test_status_names_the_pid_of_a_program_using_the_front_door(grid, door):
+    script = ("import socket, sys; s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=30); "
+              "s.sendall(b'\\x05\\x01\\x00'); assert s.recv(2) == b'\\x05\\x00'; "
+              "s.sendall(b'\\x05\\x01\\x00\\x03\\x02m2' + (%d).to_bytes(2, 'big')); assert s.recv(10)[1] == 0; "
+              "print('connected', flush=True); sys.stdin.read(); s.close()" % ECHO_PORT)
+    proc = gevent.subprocess.Popen([sys.executable, "-I", "-S", "-c", script, str(door.address.port)],
+                                   stdin=gevent.subprocess.PIPE, stdout=gevent.subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"connected\n"
+        [listed] = [c for c in grid["m1"].status()["connections"] if "front_door" in c]
+        assert listed["pid"] == proc.pid and listed["peer"] == "m2"
+    finally:
+        proc.stdin.close()
+        assert proc.wait(timeout=CLIENT_TIMEOUT_S) == 0
+        proc.stdout.close()
+    wait_until(lambda: not [c for c in grid["m1"].status()["connections"] if "front_door" in c],
+               "the connection gone from status once the program closed it")
+
 
 @pytest.mark.skipif(shutil.which("proxychains4") is None, reason="proxychains4 is not installed")
 def test_proxychains4_takes_curl_to_a_grid_name(door, tmp_path):
