@@ -214,6 +214,8 @@ class PathRecord:
     ranking: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
     #: A better candidate that connected after the race, in the background (now cached), if any.
     better_later: Optional[str] = None
+    #: The gateway the winner's connection went through, if its method says (``reverse``).
+    via: Optional[str] = None
 
     def to_json(self) -> dict:
         return {"peer": self.peer_name, "peer_id": self.peer_id, "stack": self.stack, "method": self.method,
@@ -222,7 +224,7 @@ class PathRecord:
                 "tried": [[stack, why] for stack, why in self.tried],
                 "reasons": [{"stack": stack, "reason": why, "at": at} for stack, (why, at) in self.reasons.items()],
                 "ranking": [{"stack": stack, "tier": rank} for stack, rank in self.ranking],
-                "better_later": self.better_later}
+                "better_later": self.better_later, "via": self.via}
 
 
 class DataListener:
@@ -434,6 +436,9 @@ class Assembler:
             lower.close()
             return
         info = self._record(client, port, stack, initiator=False, stream=stream)
+        via = _via(lower)
+        if via:
+            info.detail["via"] = via
         if not listener._deliver((stream, info)):
             log.warning("port %d backlog full or closed: dropping connection from %s", port, client.name)
             self.counters["not_taken"] += 1
@@ -570,6 +575,7 @@ class Assembler:
                         raise fail(stack) from exc
                     continue
                 lower, filters = made
+                via = _via(lower)
                 try:
                     stream = self._nominate(lower, stack, filters, entry, deadline)
                 except ConnectError as exc:  # e.g. tls refused the peer: the others may still do
@@ -590,11 +596,14 @@ class Assembler:
                 info = self._record(entry, port, stack, initiator=True, stream=stream)
                 if tried:
                     info.detail["tried"] = tried
+                if via:
+                    info.detail["via"] = via
                 if remember:
                     self._winners[entry.node_id] = (stack, time.monotonic() + WINNER_TTL_S)
                 self._note_path(entry, stack, tried, remember=remember, untried=candidates[started:],
                                 connect_ms=round((time.monotonic() - began) * 1000, 3),
-                                ranking=[(str(s), TIERS[order[str(s)][0]]) for s in ranked] if remember else ())
+                                ranking=[(str(s), TIERS[order[str(s)][0]]) for s in ranked] if remember else (),
+                                via=via)
                 if background:
                     gevent.spawn(self._await_better, entry, stack, {j: (candidates[j], g) for j, g in background.items()},
                                  order, deadline)
@@ -676,7 +685,7 @@ class Assembler:
 
     def _note_path(self, entry: wire.NodeEntry, winner: Optional[Stack], tried: List[Tuple[str, str]], *,
                    remember: bool, untried: Sequence[Stack] = (), connect_ms: Optional[float] = None,
-                   ranking: Sequence[Tuple[str, str]] = ()) -> None:
+                   ranking: Sequence[Tuple[str, str]] = (), via: Optional[str] = None) -> None:
         """Keep the outcome of a race to ``entry`` for :meth:`paths` (bounded: PATHS_KEPT).
 
         ``untried``: candidates never started, the winner having connected first; they get
@@ -698,7 +707,7 @@ class Assembler:
         self._paths[entry.node_id] = PathRecord(
             peer_id=entry.node_id, peer_name=entry.name, stack=None if winner is None else str(winner),
             method=None if winner is None else winner.method.name, at=now, chosen="rules" if remember else "caller",
-            connect_ms=connect_ms, tried=list(tried), reasons=reasons, ranking=list(ranking))
+            connect_ms=connect_ms, tried=list(tried), reasons=reasons, ranking=list(ranking), via=via)
         while len(self._paths) > PATHS_KEPT:
             self._paths.popitem(last=False)
 
@@ -993,6 +1002,14 @@ def _proc_address(text: str) -> Tuple[str, int]:
     raw = b"".join(struct.pack("=I", int(hexaddr[i:i + 8], 16)) for i in range(0, len(hexaddr), 8))
     family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
     return socket.inet_ntop(family, raw), int(hexport, 16)
+
+
+def _via(lower: Stream) -> Optional[str]:
+    """The gateway a method's connection went through, if the method says (its stream's
+    ``info["via"]``: a method layer such as ``ssh(gateway=...)``)."""
+    info = getattr(lower, "info", None)
+    via = info.get("via") if isinstance(info, dict) else None
+    return via if isinstance(via, str) else None
 
 
 def _discard(greenlet: gevent.Greenlet) -> None:

@@ -1,0 +1,82 @@
+"""Gateways without rules: cluster C (no route out) and the outside reach each other through C's
+front-end, with no rules file anywhere.
+
+c1 is C's leader and links to the rendez-vous node through the SSH gateway fec (10.3.0.1:22 as
+seen from inside C). Out of C, c1 dials through that gateway (``tls/ssh(gateway=...)``); into
+C, the public rv asks c1 to connect back to it (``tls/reverse``), and c1's dial goes through
+the same gateway. ``relay`` is for pairs where nothing else works: a1 (behind NAT) and c1
+cannot reach each other any other way. Every transfer checks its bytes both ways (SHA-256).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gridsock.testing.procs import gridsock_argv
+
+from .gridsession import ECHO_PORT, make_grid
+from .test_data import check, run_transfer
+
+GATEWAY = "ssh(gateway=root@10.3.0.1:22)"  # fec, as c1 sees it (gridsession: --ssh-gateway)
+TRANSFER_BYTES = 4 << 20
+
+
+@pytest.fixture(scope="module")
+def grid(lab, tmp_path_factory):
+    yield from make_grid(lab, tmp_path_factory)  # no rules file for any node
+
+
+def status(grid, name: str) -> dict:
+    return json.loads(grid.lab.run(name, gridsock_argv("status", "--node", name, "--json"), env=grid.env,
+                                   capture_output=True, text=True, check=True).stdout)
+
+
+def path_to(grid, src: str, dst: str) -> dict:
+    return {p["peer"]: p for p in status(grid, src)["paths"]}[dst]
+
+
+def test_c1_reaches_rv_through_its_own_ssh_gateway(grid):
+    result = run_transfer(grid, "c1", "rv", None, TRANSFER_BYTES)
+    check(result, "tls/" + GATEWAY, TRANSFER_BYTES)
+    tried = dict(result["tried"])
+    assert "Network is unreachable" in tried["tls/tcp"]  # C has no route out: the gateway does
+    path = path_to(grid, "c1", "rv")
+    assert (path["method"], path["cached"]["stack"]) == ("ssh", "tls/" + GATEWAY)
+    assert [r["tier"] for r in path["ranking"]] == ["direct", "gateway", "relay"]
+    assert "tls/relay" in {r["stack"] for r in path["reasons"]}  # a candidate, not needed
+    # The next connection: the cached gateway method alone.
+    again = run_transfer(grid, "c1", "rv", None, TRANSFER_BYTES)
+    check(again, "tls/" + GATEWAY, TRANSFER_BYTES)
+    assert again["tried"] == []
+
+
+def test_rv_reaches_c1_by_a_call_back_through_c1s_gateway(grid):
+    result = run_transfer(grid, "rv", "c1", None, TRANSFER_BYTES)
+    check(result, "tls/reverse", TRANSFER_BYTES)
+    path = path_to(grid, "rv", "c1")
+    assert (path["stack"], path["via"], path["direct"]) == ("tls/reverse", GATEWAY, True)
+    assert path["ranking"][-1] == {"stack": "tls/relay", "tier": "relay"}
+
+
+def test_a_forced_reverse_into_c_goes_through_the_gateway(grid):
+    check(run_transfer(grid, "rv", "c1", "tls/reverse", TRANSFER_BYTES), "tls/reverse", TRANSFER_BYTES)
+    assert path_to(grid, "rv", "c1")["via"] == GATEWAY
+
+
+def test_members_of_c_use_their_leaders_gateway(grid):
+    if not grid.directory("rv")["c1"].get("gateways"):
+        pytest.skip("the directory does not carry gateways yet (Hello.gateways: see the report of issue 11)")
+    assert grid.directory("c2")["c1"]["gateways"] == [GATEWAY]
+    check(run_transfer(grid, "c2", "rv", None, TRANSFER_BYTES), "tls/" + GATEWAY, TRANSFER_BYTES)
+    check(run_transfer(grid, "rv", "c2", None, TRANSFER_BYTES), "tls/reverse", TRANSFER_BYTES)
+    assert path_to(grid, "rv", "c2")["via"] == GATEWAY
+
+
+def test_a1_and_c1_can_only_be_relayed(grid):
+    # a1 accepts nothing (NAT), c1's gateway cannot reach into A: the relay is all there is.
+    for src, dst in (("a1", "c1"), ("c1", "a1")):
+        result = run_transfer(grid, src, dst, None, TRANSFER_BYTES)
+        check(result, "tls/relay", TRANSFER_BYTES)
+        assert all(why for _, why in result["tried"])
+    assert ECHO_PORT in status(grid, "c1")["listening"]
