@@ -702,8 +702,7 @@ class FrontDoor:
         self._bound = Address(host=host, port=port)
         self._server = gevent.spawn(self._serve)
         self._server.name = f"front door {self.address}"
-        host = ipaddress.ip_address(_normal_ip(self.address.host or "0.0.0.0"))
-        if not host.is_loopback and not self.users:
+        if not ipaddress.ip_address(_normal_ip(host)).is_loopback and not self.users:
             log.warning("front door %s: no users configured, so only loopback clients of this user will be "
                         "served", self.address)
         log.info("front door of %s on %s (SOCKS5 and HTTP proxy)", getattr(self.node, "name", "?"), self.address)
