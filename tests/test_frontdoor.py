@@ -856,7 +856,7 @@ def test_fuzz_bad_clients_get_an_error_reply_or_a_close_and_a_good_client_is_ser
         good.get(timeout=CLIENT_TIMEOUT_S)
         assert len(served) >= 2
         good_client()  # and after
-        assert not front._clients, "clients left in their handshake"
+        wait_until(lambda: front.status()["handshaking"] == 0, "no client left in its handshake")
     finally:
         front.stop()
 
@@ -894,4 +894,20 @@ def test_clients_beyond_max_clients_are_closed_at_once(grid):
     finally:
         for sock in held:
             sock.close()
+        front.stop()
+
+
+def test_a_front_door_on_ipv6_loopback_knows_its_clients_user(grid):
+    front = FrontDoor(grid["m1"], "[::1]:0").start()
+    try:
+        assert front.address.host == "::1"
+        sock = gsocket.create_connection(("::1", front.address.port), timeout=CLIENT_TIMEOUT_S)
+        try:
+            sock.sendall(b"\x05\x01\x00" + socks_request("m2", ECHO_PORT))
+            assert read_exactly(sock, 2) == b"\x05\x00"  # its uid was found in /proc/net/tcp6
+            assert read_socks_reply(sock)[0] == 0
+            assert echo_through(sock, b"six" * 1000) == b"six" * 1000
+        finally:
+            sock.close()
+    finally:
         front.stop()
