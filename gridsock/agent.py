@@ -22,6 +22,10 @@ socket, a Unix socket ``<run dir>/<name>.agent`` (mode 0600: only its user). A c
   ``{peer, ip, port, peer_port, stack}`` with its descriptor attached. The application's listening socket
   *is* this connection, so it is readable exactly when a connection waits to be accepted. When
   the application closes it, the node stops serving the port.
+- ``listen {port, deferred: true}`` -> ``{port, ip}``: the port is only reserved (a socket that is
+  bound but not listening): the node refuses connections to it, as TCP does, and no other
+  ``listen`` gets it. The client's next request on that connection, ``listen {port}`` with the
+  reserved port, starts serving it and is answered as above.
 
 Failures are ``ControlReply(ok=False, result={"errno": NAME}, error=reason)``: ``ECONNREFUSED``
 (nothing listens, or the server's policy refused), ``ETIMEDOUT``, ``EHOSTUNREACH`` (every
@@ -81,6 +85,7 @@ class AgentServer(UnixServer):
         super().__init__(path)
         self.node = node
         self._next_port = EPHEMERAL_PORTS.start
+        self._reserved: set = set()  # grid ports bound by programs that do not listen yet
 
     def _handle(self, conn) -> None:
         app = None
@@ -92,7 +97,7 @@ class AgentServer(UnixServer):
                 if message is None:
                     return
                 if message.op == "listen":
-                    self._listen(conn, message.args)
+                    self._listen(conn, message.args, reader)
                     return  # the connection was the listener's; it is over
                 if app is not None:
                     if message.op != "connect":
@@ -217,11 +222,15 @@ class AgentServer(UnixServer):
         bridge = Bridge(stream, app, -1, f"{entry.name}:{port}")
         self.node.assembler.hand_over(info, None, _peer_pid(conn), bridge=bridge)
 
-    def _listen(self, conn, args: Dict[str, Any]) -> None:
+    def _listen(self, conn, args: Dict[str, Any], reader: agentwire.AgentReader) -> None:
         port = args.get("port")
         if type(port) is not int or not 0 <= port < 65536:
             _send(conn, agentwire.failure("EINVAL", f"bad port {port!r}"))
             return
+        if args.get("deferred"):
+            port = self._reserve(conn, port, reader)
+            if port is None:
+                return
         try:
             listener = self.node.listen(port or self._free_port())
         except ConfigError as exc:
@@ -255,11 +264,40 @@ class AgentServer(UnixServer):
             watcher.kill()
             listener.close()
 
+    def _reserve(self, conn, port: int, reader: agentwire.AgentReader) -> Optional[int]:
+        """``listen {port, deferred}``: hold ``port`` (0: a free one) without serving it until the
+        client's ``listen {port}``; return the port then, or None if the client went away (or
+        the port is taken: the failure is sent). Raises RemoteProtocolError for another request."""
+        try:
+            port = port or self._free_port()
+        except ConfigError as exc:
+            _send(conn, agentwire.failure("EADDRINUSE", str(exc)))
+            return None
+        if port in self.node.assembler.listeners or port in self._reserved:
+            _send(conn, agentwire.failure("EADDRINUSE", f"port {port} of node {self.node.name} is already served"))
+            return None
+        self._reserved.add(port)
+        try:
+            me = self.node.entry
+            _send(conn, wire.ControlReply(True, {"port": port, "ip": grid_ip(me.node_id) if me else None}))
+            message, fd = _read_request(conn, reader)
+            if fd is not None:
+                fd.close()
+                raise RemoteProtocolError("a descriptor came with a listen", peer="agent client")
+            if message is None:
+                return None  # closed while bound: the port is free again
+            if message.op != "listen" or message.args.get("port") != port or message.args.get("deferred"):
+                raise RemoteProtocolError(f"expected listen {{port: {port}}} on a bound port, got {message.op!r}",
+                                          peer="agent client")
+        finally:
+            self._reserved.discard(port)
+        return port
+
     def _free_port(self) -> int:
         for _ in range(len(EPHEMERAL_PORTS)):
             port = self._next_port
             self._next_port = port + 1 if port + 1 < EPHEMERAL_PORTS.stop else EPHEMERAL_PORTS.start
-            if port not in self.node.assembler.listeners:
+            if port not in self.node.assembler.listeners and port not in self._reserved:
                 return port
         raise ConfigError("no free grid port")
 

@@ -149,6 +149,16 @@ class AgentListener(AgentChannel):
     port: int
     ip: Optional[str]
 
+    def start(self) -> None:
+        """Start serving the port of a listener made with ``listen(port, deferred=True)`` (which
+        only reserved it: connections to it were refused until now). Raises what
+        :meth:`AgentClient.listen` raises."""
+        self.send("listen", {"port": self.port})
+        result, sock = self.receive()
+        if sock is not None:
+            sock.close()
+        self.port, self.ip = result["port"], result.get("ip")
+
 
 class AgentClient:
     """The agent at ``path``: blocking calls, each on a connection of its own; thread-safe.
@@ -271,14 +281,16 @@ class AgentClient:
             raise
         return channel
 
-    def listen(self, port: int = 0) -> AgentListener:
+    def listen(self, port: int = 0, *, deferred: bool = False) -> AgentListener:
         """Serve grid port ``port`` of this node (0: the agent picks a free one) until the
-        listener is closed. Raises ``OSError(EADDRINUSE)`` if the port is taken,
-        ``OSError(EINVAL)`` for a bad port, ConnectionRefusedError if no agent answers."""
+        listener is closed. ``deferred``: only reserve the port (connections to it are refused,
+        as to a TCP port bound but not listening) until :meth:`AgentListener.start`.
+        Raises ``OSError(EADDRINUSE)`` if the port is taken, ``OSError(EINVAL)`` for a bad
+        port, ConnectionRefusedError if no agent answers."""
         channel = self.open()
         listener = AgentListener(channel.sock, socket_class=self.socket_class)
         try:
-            listener.send("listen", {"port": int(port)})
+            listener.send("listen", {"port": int(port), "deferred": True} if deferred else {"port": int(port)})
             result, sock = listener.receive()
             if sock is not None:
                 sock.close()

@@ -16,7 +16,8 @@ a Unix socket, with the original socket class.
   socket object, its ``fileno()`` and its timeout stay what the application knows. For a plain
   ``tcp`` stack the application then holds the kernel's TCP socket to the peer itself.
 - **bind** of an IPv4 socket to the wildcard address, the node's grid address or its name: the
-  agent serves that grid port (port 0: it picks one, which ``getsockname()`` then tells); **listen** puts the
+  agent reserves that grid port (port 0: it picks one, which ``getsockname()`` then tells), and
+  refuses connections to it, as TCP does, until **listen**, which has it served and puts the
   agent connection in place of the socket's descriptor, so the listening socket is readable
   exactly when a connection waits; **accept** reads one announcement and its descriptor. Any
   other bind (127.0.0.1, a real interface) is an ordinary local socket.
@@ -116,6 +117,7 @@ def create_connection(address, timeout=_GLOBAL_DEFAULT_TIMEOUT, source_address=N
     host, port = address[0], address[1]
     if _grid_host(host) is None:
         return _real_create_connection(address, timeout, source_address, **kwargs)
+    port = _port_number(port)  # ("25", "smtp": as the stdlib's getaddrinfo takes them)
     # Patched in, the module's class (ours, or whatever a test put there); else ours.
     cls = _socket.socket if _socket.socket is not _RealSocket else GridSocket
     sock = cls(_socket.AF_INET, _socket.SOCK_STREAM)
@@ -155,6 +157,21 @@ def _grid_host(host: Any) -> Optional[str]:
     if found is None and grid_name(host):
         raise _socket.gaierror(_socket.EAI_NONAME, f"no node {grid_name(host)!r} in the grid")
     return found["ip"] if found else None
+
+
+def _port_number(port) -> int:
+    """``port`` as ``getaddrinfo`` takes it (an int, digits, a TCP service name, None) as a
+    number; raises what the stdlib's ``getaddrinfo`` raises for a bad one (``gaierror``,
+    ``OverflowError``, ``TypeError`` for a type it does not take)."""
+    if type(port) is int:
+        return port
+    infos = _real_getaddrinfo("127.0.0.1", port, _socket.AF_INET, _socket.SOCK_STREAM, 0, _socket.AI_NUMERICHOST)
+    return int(infos[0][4][1])
+
+
+def _loopback_literal(host: str) -> str:
+    """What the kernel reports for loopback ``host`` (a name or 0.0.0.0: 127.0.0.1)."""
+    return host if host.startswith(("127.", _MAPPED + "127.")) else "127.0.0.1"
 
 
 def _check_port(op: str, port) -> None:
@@ -351,9 +368,11 @@ class GridSocket(_RealSocket):
     def _forced_names(self, requested: str) -> None:
         """In force mode a loopback connection keeps loopback addresses, as the program expects."""
         if _force and _is_loopback(requested) and self._grid_peer is not None:
-            self._grid_peer = (requested,) + tuple(self._grid_peer[1:])
+            loopback = self._addr(_loopback_literal(requested), 0)[0] if not requested.startswith(_MAPPED) \
+                else requested
+            self._grid_peer = (loopback,) + tuple(self._grid_peer[1:])
             if self._grid_local is not None and not _is_loopback(self._grid_local[0]):
-                self._grid_local = (requested,) + tuple(self._grid_local[1:])
+                self._grid_local = (loopback,) + tuple(self._grid_local[1:])
 
     def _grid_connect(self, host: str, port: int) -> None:
         _check_port("connect", port)
@@ -462,12 +481,14 @@ class GridSocket(_RealSocket):
         if self._grid_channel is not None or self._grid_local is not None:
             raise OSError(errno.EINVAL, "Invalid argument (already bound)")
         _check_address("bind", address)
-        channel = _agent_or_refuse().listen(int(address[1]))
+        # (reserved only: connections to it are refused until listen(), as to a TCP port)
+        channel = _agent_or_refuse().listen(int(address[1]), deferred=True)
         self._grid_channel = channel
         # (No grid address while the node has not joined its grid: the wildcard, until it has.)
         self._grid_local = self._addr(channel.ip or "0.0.0.0", channel.port)
         if _force and isinstance(address[0], str) and (_is_loopback(address[0]) or address[0] in _WILDCARDS):
-            self._grid_local = (address[0] or "0.0.0.0",) + self._grid_local[1:]
+            local = address[0] if address[0] in _WILDCARDS or _is_ip_literal(address[0]) else "127.0.0.1"
+            self._grid_local = (local or "0.0.0.0",) + self._grid_local[1:]
 
     def _addr(self, ip: str, port: int) -> tuple:
         """A socket address of our family for grid address ``ip`` (IPv4-mapped on IPv6 sockets)."""
@@ -504,6 +525,7 @@ class GridSocket(_RealSocket):
         if self.family == _socket.AF_INET6:
             v6only = (_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY)
             kept[v6only] = super().getsockopt(*v6only)
+        channel.start()
         self._grid_channel = None
         fd = os.dup(channel.fileno())
         channel.close()
@@ -553,6 +575,41 @@ class GridSocket(_RealSocket):
         super().settimeout(self.gettimeout())
         self._grid_opts.pop(("listening",), None)
         self._grid_unix = False
+
+    # --- data ------------------------------------------------------------------------------
+    # A grid connection bridged over a Unix socketpair end (a non-blocking connect's): the node
+    # resets it by closing its end with a byte unread, which Linux reports as ECONNRESET to recv
+    # but as EPIPE to send. A kernel TCP socket reports a reset to the first call that looks,
+    # send included: so does this, from the pending ECONNRESET (SO_ERROR) behind the EPIPE.
+
+    def send(self, *args, **kwargs):  # (data, flags=0; gevent's class takes a timeout too)
+        try:
+            return super().send(*args, **kwargs)
+        except BrokenPipeError as exc:
+            raise self._grid_broken(exc) from None
+
+    def sendall(self, *args, **kwargs):
+        try:
+            return super().sendall(*args, **kwargs)
+        except BrokenPipeError as exc:
+            raise self._grid_broken(exc) from None
+
+    def sendmsg(self, *args, **kwargs):
+        try:
+            return super().sendmsg(*args, **kwargs)
+        except BrokenPipeError as exc:
+            raise self._grid_broken(exc) from None
+
+    def _grid_broken(self, exc: OSError) -> OSError:
+        """``exc`` (EPIPE from a send), or ConnectionResetError if it hides a reset."""
+        if self._grid_unix and ("listening",) not in self._grid_opts:
+            try:
+                pending = _RealSocket.getsockopt(self, _socket.SOL_SOCKET, _socket.SO_ERROR)
+            except OSError:
+                return exc
+            if pending == errno.ECONNRESET:
+                return ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+        return exc
 
     # --- addresses and options -------------------------------------------------------------
 
@@ -708,9 +765,7 @@ def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
         raise _socket.gaierror(_socket.EAI_ADDRFAMILY, f"grid node {found['name']} has only an IPv4 grid address")
     if type not in (0, _socket.SOCK_STREAM) or proto not in (0, _socket.IPPROTO_TCP):
         raise _socket.gaierror(_socket.EAI_SOCKTYPE, "the grid carries TCP streams only")
-    if isinstance(port, (str, bytes)):
-        port = port.decode() if isinstance(port, bytes) else port
-        port = int(port) if port.isdigit() else _socket.getservbyname(port, "tcp")
+    port = _port_number(port)
     canon = found["name"] if flags & _socket.AI_CANONNAME else ""
     return [(_socket.AF_INET, _socket.SOCK_STREAM, _socket.IPPROTO_TCP, canon, (found["ip"], int(port or 0)))]
 

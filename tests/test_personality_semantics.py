@@ -1,0 +1,173 @@
+"""The socket personality behaves as the stdlib's sockets do where programs can tell.
+
+On the grid of tests/test_personality.py (nodes ``na`` and ``nb`` on loopback), stdlib scripts
+under ``python -m gridsock.monkey``: only a listening socket accepts; ports as ``getaddrinfo``
+takes them; no ``'localhost'`` literal in addresses in force mode; a non-blocking connect keeps
+a normal send buffer; a reset is ``ConnectionResetError``, for ``send`` as for ``recv``.
+``$GRIDSOCK_PERSONALITY_PYTHON`` runs the scripts under another interpreter (see
+tests/test_personality_tls.py).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from gridsock.names import grid_ip
+from gridsock.testing.procs import wait_for_line
+from test_personality import SCRIPT_TIMEOUT_S, SOCKETSERVER_ECHO, grid  # noqa: F401 (the grid fixture)
+from test_personality_tls import script_python  # noqa: F401 (autouse: $GRIDSOCK_PERSONALITY_PYTHON)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_a_bound_socket_refuses_connections_until_it_listens(grid):  # noqa: F811
+    out = grid.run("na", """
+        import socket
+        server = socket.socket()
+        server.bind(("", 0))
+        port = server.getsockname()[1]
+        try:
+            socket.create_connection(("na", port), timeout=30)
+            print("connected while only bound")
+        except ConnectionRefusedError:
+            print("refused while bound")
+        other = socket.socket()
+        try:
+            other.bind(("", port))  # (the port is held all the same)
+        except OSError as exc:
+            print("bind again:", exc.errno == __import__("errno").EADDRINUSE)
+        other.close()
+        server.listen()
+        with socket.create_connection(("na", port), timeout=30) as client:
+            conn, _ = server.accept()
+            client.sendall(b"now")
+            print(conn.recv(10).decode())
+            conn.close()
+        server.close()
+    """)
+    assert out.splitlines() == ["refused while bound", "bind again: True", "now"]
+
+
+def test_create_connection_takes_ports_as_getaddrinfo_does(grid):  # noqa: F811
+    server = grid.start("nb", SOCKETSERVER_ECHO.replace('(("", 0), Echo)', '(("", socket.getservbyname("smtp")), Echo)')
+                        .replace("import socketserver", "import socket, socketserver"))
+    assert wait_for_line(server, "serving ", timeout=SCRIPT_TIMEOUT_S).split()[2] == "25"
+    out = grid.run("na", """
+        import socket
+        for port in ("25", "smtp", b"25"):
+            with socket.create_connection(("nb", port), timeout=30) as sock:
+                sock.sendall(b"hi\\n")
+                print(port, sock.getpeername()[1], sock.recv(100).split()[0].decode())
+        for port in ("no-such-service", 2.5):
+            errors = []
+            for host in ("nb", "127.0.0.1"):  # the grid's answer, then the stdlib's
+                try:
+                    socket.create_connection((host, port), timeout=30).close()
+                    errors.append(None)
+                except Exception as exc:
+                    errors.append((type(exc).__name__, getattr(exc, "errno", None)))
+            print(repr(port), errors[0] == errors[1], errors[0][0])
+    """)
+    assert out.splitlines() == ["25 25 HI", "smtp 25 HI", "b'25' 25 HI",
+                                "'no-such-service' True gaierror", "2.5 True OSError"]
+
+
+def test_force_mode_reports_loopback_addresses_never_the_name_localhost(grid):  # noqa: F811
+    script = grid.script("""
+        import json, socket
+        server = socket.socket()
+        server.bind(("localhost", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("localhost", port), timeout=30)
+        conn, addr = server.accept()
+        print(json.dumps({"server": server.getsockname(), "accepted": addr, "conn": [conn.getsockname(),
+                          conn.getpeername()], "client": [client.getsockname(), client.getpeername()]}))
+        for sock in (conn, client, server):
+            sock.close()
+    """)
+    done = subprocess.run(grid.argv("na", script), capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S,
+                          env=dict(grid.env, GRIDSOCK_FORCE="1"))
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    hosts = [got["server"][0], got["accepted"][0]] + [a[0] for a in got["conn"] + got["client"]]
+    assert hosts == ["127.0.0.1"] * 6, got
+    assert got["server"][1] == got["conn"][0][1] == got["client"][1][1]
+
+
+def test_a_non_blocking_connect_keeps_a_normal_send_buffer(grid, echo_port):  # noqa: F811
+    out = grid.run("na", f"""
+        import asyncio, socket
+
+        async def main():
+            reader, writer = await asyncio.open_connection("nb", {echo_port})
+            sock = writer.get_extra_info("socket")
+            writer.write(b"x\\n")
+            await writer.drain()
+            await reader.readline()
+            fresh, other = socket.socketpair()  # (the socket is a Unix socketpair end: compare with one)
+            print(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= fresh.getsockopt(socket.SOL_SOCKET,
+                                                                                            socket.SO_SNDBUF))
+            fresh.close()
+            other.close()
+            writer.close()
+            await writer.wait_closed()
+
+        asyncio.run(main())
+    """)
+    assert out.strip() == "True"
+
+
+@pytest.fixture(scope="module")
+def echo_port(grid):  # noqa: F811
+    server = grid.start("nb", SOCKETSERVER_ECHO)
+    return int(wait_for_line(server, "serving ", timeout=SCRIPT_TIMEOUT_S).split()[2])
+
+
+# Reads one byte from each client, then resets the connection (SO_LINGER {on, 0}: an RST).
+RESETTING_SERVER = """
+    import socket, struct
+    server = socket.create_server(("", 0))
+    print("serving", server.getsockname()[1], flush=True)
+    while True:
+        conn, _ = server.accept()
+        conn.recv(1)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+"""
+
+
+@pytest.mark.parametrize("connect", ["blocking", "non-blocking"])
+def test_a_peer_reset_is_connection_reset_error_for_send_and_recv(grid, connect):  # noqa: F811
+    server = grid.start("nb", RESETTING_SERVER)
+    port = int(wait_for_line(server, "serving ", timeout=SCRIPT_TIMEOUT_S).split()[1])
+    out = grid.run("na", f"""
+        import select, socket
+
+        def reset_connection():
+            sock = socket.socket()
+            if {connect == "non-blocking"}:
+                sock.setblocking(False)
+                sock.connect_ex(("nb", {port}))
+                select.select([], [sock], [], 30)
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                sock.setblocking(True)
+            else:
+                sock.connect(("nb", {port}))
+            sock.settimeout(30)
+            sock.sendall(b"x")
+            select.select([sock], [], [], 30)  # readable: the reset has come
+            return sock
+
+        for call in ("recv", "send"):
+            sock = reset_connection()
+            try:
+                sock.recv(100) if call == "recv" else sock.send(bytes(4096))
+                print(call, "no error")
+            except OSError as exc:
+                print(call, type(exc).__name__)
+            sock.close()
+    """)
+    assert out.splitlines() == ["recv ConnectionResetError", "send ConnectionResetError"]
