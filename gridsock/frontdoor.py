@@ -882,7 +882,7 @@ class FrontDoor:
 
     # --- destinations ------------------------------------------------------------------------
 
-    def resolve(self, host: str) -> Any:
+    def _resolve(self, host: str) -> Any:
         """The directory entry of the node ``host`` names (a node name, ``NAME.grid``, a node id or
         a grid address), or None if it names no node and may go elsewhere. Raises _Unreachable for
         a ``.grid`` name or grid address the grid does not know."""
@@ -905,7 +905,7 @@ class FrontDoor:
         bound; the grid connection's record (None for a plain one). Raises _Unreachable."""
         if not 0 < port < 65536:
             raise _Unreachable("failure", f"bad port {port}")
-        entry = self.resolve(host)
+        entry = self._resolve(host)
         if entry is not None:
             try:
                 stream, info = self.node.open_stream(entry.node_id, port, timeout=self.connect_timeout)
