@@ -11,7 +11,7 @@ first byte a client sends: ``0x05`` is SOCKS5, anything else HTTP (as "mixed" pr
 
 Each accepted client gets a greenlet:
 
-1. **Trust.** A client on loopback that belongs to this user (its socket's uid in
+1. **Trust.** A client on loopback that belongs to this user or root (its socket's uid in
    ``/proc/net/tcp``, :func:`client_untrusted`) may go without credentials. Anyone else must
    give a username and password of ``users`` (SOCKS5 method 2, or HTTP ``Proxy-Authorization:
    Basic``), or is refused: with no users configured, always (local users are kept out of each
@@ -583,7 +583,7 @@ def client_untrusted(client: Tuple[str, int], server: Tuple[str, int], *, allow_
                      uid_of: Callable[[Tuple[str, int], Tuple[str, int]], Optional[int]] = socket_uid) -> Optional[str]:
     """Why the client at ``client``, connected to our ``server`` address, must give credentials;
     None if it may go without: it is on loopback, and (unless ``allow_other_users``) its socket
-    belongs to this process's user."""
+    belongs to this process's (effective) user, or to root."""
     try:
         address = ipaddress.ip_address(_normal_ip(client[0]))
     except ValueError:
@@ -595,8 +595,8 @@ def client_untrusted(client: Tuple[str, int], server: Tuple[str, int], *, allow_
     uid = uid_of(client, server)
     if uid is None:
         return "its socket is not listed in /proc/net/tcp: its user is unknown"
-    if uid != os.getuid():
-        return f"it belongs to uid {uid}, not to this node's ({os.getuid()})"
+    if uid not in (os.geteuid(), 0):  # root may do all a front door could let it do anyway
+        return f"it belongs to uid {uid}, not to this node's ({os.geteuid()})"
     return None
 
 

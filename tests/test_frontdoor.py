@@ -556,7 +556,7 @@ def test_clients_that_must_authenticate_are_refused_when_no_users_are_configured
 
 
 def test_the_trust_check():
-    me = os.getuid()
+    me = os.geteuid()
     server = ("127.0.0.1", 1080)
     assert client_untrusted(("127.0.0.1", 40000), server, uid_of=lambda c, s: me) is None
     assert client_untrusted(("::1", 40000), server, uid_of=lambda c, s: me) is None
@@ -566,6 +566,7 @@ def test_the_trust_check():
     assert "uid 4242" in (client_untrusted(("127.0.0.1", 40000), server, uid_of=lambda c, s: 4242) or "")
     assert client_untrusted(("127.0.0.1", 40000), server, allow_other_users=True, uid_of=lambda c, s: 4242) is None
     assert "unknown" in (client_untrusted(("127.0.0.1", 40000), server, uid_of=lambda c, s: None) or "")
+    assert client_untrusted(("127.0.0.1", 40000), server, uid_of=lambda c, s: 0) is None  # root
 
 
 def test_socket_uid_finds_a_real_socket():
@@ -573,7 +574,7 @@ def test_socket_uid_finds_a_real_socket():
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         with socket.create_connection(listener.getsockname()) as client:
-            assert socket_uid(client.getsockname(), listener.getsockname()) == os.getuid()
+            assert socket_uid(client.getsockname(), listener.getsockname()) == os.geteuid()
             assert socket_uid(client.getsockname(), ("127.0.0.1", 1)) is None
 
 
