@@ -74,7 +74,7 @@ if sys.version_info >= (3, 11):
 else:  # the same parser, before it joined the standard library
     import tomli as tomllib
 
-__all__ = ["Rule", "Rules", "SCHEMES", "TIERS", "tier", "gateways_of"]
+__all__ = ["Rule", "Rules", "SCHEMES", "TIERS", "tier", "own_gateways", "gateways_of"]
 
 SCHEMES = ("cluster", "direct", "relay")
 # The ranks of methods, best first: a race won by a later tier is not the end of it.
@@ -95,10 +95,10 @@ def tier(stack: Stack, component: object = None) -> int:
     return TIERS.index(name)
 
 
-def gateways_of(node) -> Tuple[str, ...]:
-    """``node``'s ways out of its network, as method layers (``ssh(gateway=...)``,
-    ``socks(proxy=...)``): the SSH gateway its uplink uses, its SOCKS gateway, those its
-    directory entry carries, and for a member that has none, its leader's (one network)."""
+def own_gateways(node) -> Tuple[str, ...]:
+    """The gateways ``node`` was given, as method layers: ``ssh(gateway=USER@HOST:PORT)`` for
+    the SSH gateway its uplink uses (``node.ssh_gateway``), ``socks(proxy=HOST:PORT)`` for its
+    SOCKS proxy (``node.socks_gateway``). What it advertises (:attr:`wire.NodeEntry.gateways`)."""
     found: List[str] = []
     ssh = getattr(node, "ssh_gateway", None)
     if ssh is not None:
@@ -106,6 +106,14 @@ def gateways_of(node) -> Tuple[str, ...]:
     socks = getattr(node, "socks_gateway", None)
     if socks:
         found.append(f"socks(proxy={socks})")
+    return tuple(found)
+
+
+def gateways_of(node) -> Tuple[str, ...]:
+    """``node``'s ways out of its network, as method layers (``ssh(gateway=...)``,
+    ``socks(proxy=...)``): its own (:func:`own_gateways`), those its directory entry carries,
+    and for a member that has none, its leader's (one network)."""
+    found = list(own_gateways(node))
     entry: Optional[wire.NodeEntry] = getattr(node, "entry", None)
     if entry is not None:
         found += entry.gateways

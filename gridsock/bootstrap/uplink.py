@@ -28,8 +28,9 @@ the error is kept in ``fatal_error`` for ``Node.wait_joined`` and ``serve_foreve
 
 The uplink writes what it learns into its host (the node): ``identity`` and ``node_id`` at
 enrollment, ``entry`` and ``cluster`` at ``Welcome``. It reads ``session``, ``name``, ``role``,
-``cluster``, ``advertise``, ``address`` (the node port), ``ssh_gateway``, ``leader_address``
-and ``directory``.
+``cluster``, ``advertise``, ``address`` (the node port), ``ssh_gateway`` (and
+``socks_gateway`` if it has one: both go to ``Hello.gateways``), ``leader_address`` and
+``directory``.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ import logging
 import random
 import ssl
 import time
-from typing import Callable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import gevent.event
 
@@ -235,6 +236,15 @@ class Uplink:
             return (str(Address(host=local_ip, port=bound.port)),)
         return ()
 
+    def _gateways(self) -> Dict[str, Any]:
+        """``Hello``'s ``gateways``: the node's own (:func:`gridsock.rules.own_gateways`), which
+        the rendez-vous node or the leader puts in its directory entry for every node to see.
+        (Empty if this version's ``Hello`` has no such field.)"""
+        from ..rules import own_gateways
+
+        gateways = own_gateways(self.host)
+        return {"gateways": gateways} if gateways and "gateways" in wire.Hello.CHECKS else {}
+
     def _local_entries(self) -> List[wire.NodeEntry]:
         """This node and its members: what the directory keeps when the uplink is lost."""
         local = [self.host.entry] if self.host.entry else []
@@ -253,6 +263,7 @@ class Uplink:
                 software=f"gridsock {__version__}",
                 node_id=None if host.session.tls else host.node_id,
                 token=None if host.session.tls else host.session.join_token,
+                **self._gateways(),
             )
             send_message(sock, hello)
             decoder = wire.Decoder(peer=str(target))
