@@ -16,7 +16,9 @@ an interrupt (Ctrl-C in the main thread) kills it too. A call made from the loop
 runs inline, at the speed of a plain method call.
 
 ``end()`` sets the main greenlet's exit event (threadsafe), so the thread runs its exit hooks
-(given to the constructor: the node closes what only its hub could pump), then fails every
+(given to the constructor: the node closes what only its hub could pump), lets its hub run
+once more what they scheduled (gevent finishes closing a socket a greenlet waits on in a hub
+callback: without it, descriptors would stay open), then fails every
 call still pending with :class:`LoopEndedError` and returns; ``end()`` joins it, bounded. A
 process that exits with the thread still running does not wait for it (daemon thread); the
 node stops itself first from an ``atexit`` hook (:mod:`gridsock.node`).
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # Starting a thread and making its hub takes milliseconds; this is for a machine under load.
 THREAD_START_TIMEOUT_S = 30.0
+# At its end, the thread lets its hub run what is due (closes finished by callbacks) this long at most.
+EXIT_DRAIN_S = 1.0
 
 
 class LoopEndedError(GridsockError):
@@ -133,6 +137,13 @@ class LoopThread:
                     hook()
                 except Exception:
                     log.exception("%s: exit hook %r failed", self.name, hook)
+            # Closing a gevent socket a greenlet waits on is finished by a hub callback (the
+            # waiter is woken, then the descriptor closed): let the hub run what is due, once.
+            try:
+                with gevent.Timeout(EXIT_DRAIN_S):
+                    gevent.idle()
+            except gevent.Timeout:
+                log.debug("%s: the hub was still busy after %g s; ending", self.name, EXIT_DRAIN_S)
         finally:
             with self._lock:
                 self._ended = True

@@ -69,7 +69,7 @@ def in_thread(fn, *args):
         except BaseException as exc:
             box["error"] = exc
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=run, daemon=True)  # (a thread that hangs fails the case, not the exit)
     thread.start()
 
     def join():
@@ -171,10 +171,39 @@ else:
     raise AssertionError("connect to a port nobody serves succeeded")
 print("ok refused", flush=True)
 
-# stop() from another thread while a third waits in accept(): the waiter is told, b's thread ends.
+# A node that cannot be made raises in the caller's thread, and leaves no thread behind.
+from gridsock.errors import ConfigError
+try:
+    Node(session, "rendezvous", cluster="A", control="", agent="")  # (a reserved name)
+except ConfigError:
+    pass
+else:
+    raise AssertionError("a node named rendezvous was made")
+assert [t.name for t in threading.enumerate()].count("gridsock-node-rendezvous") == 0
+print("ok bad-node", flush=True)
+
+# stop() from another thread while others wait in accept(), in serve_forever() and in recv() on a
+# socket b handed out: the waiter is told, serve_forever returns, the socket is reset (nothing
+# would pump it any more), and so is its peer's, a's; b's thread ends.
 listener = b.listen(PORT)
+accepted = in_thread(listener.accept, TIMEOUT)
+client, _ = a.connect("b", PORT)
+server_sock, server_info = accepted()
+assert server_info.detail["bridged"], server_info
 waiting = in_thread(listener.accept, None)
+serving = in_thread(b.serve_forever)
+receiving = in_thread(recv_all, server_sock)
 in_thread(b.stop)()
+assert serving() is None
+for join in (receiving, in_thread(recv_all, client)):
+    try:
+        join()
+    except ConnectionResetError:
+        pass
+    else:
+        raise AssertionError("a socket of a stopped node read EOF: its data may be missing")
+server_sock.close()
+client.close()
 try:
     waiting()
 except LoopEndedError:
@@ -229,4 +258,4 @@ def test_sockets_from_plain_threads_blocking_select_asyncio(tmp_path, session_fi
 
 def test_requests_refusal_and_stop_from_plain_threads(tmp_path, session_file, env):
     out = run_program(tmp_path, session_file, env, MESSAGES).stdout
-    assert out.splitlines() == ["ok request", "ok refused", "ok stop", "ok no-hub-here"], out
+    assert out.splitlines() == ["ok request", "ok refused", "ok bad-node", "ok stop", "ok no-hub-here"], out
