@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime
 import hmac
 import ipaddress
@@ -43,7 +44,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -399,10 +400,11 @@ class Identity:
         return f"<Identity {self.subject.kind} {self.subject.id}>"
 
     def cert_files(self) -> tuple[str, str]:
-        """Return ``(cert_path, key_path)`` for ``SSLContext.load_cert_chain``.
+        """Return ``(cert_path, key_path)``, files for a program that needs the identity on disk.
 
-        The stdlib ssl module loads keys only from files: they are written once into a private
-        temporary directory (0700, files 0600) that is removed when this object is collected.
+        They are written once into a private temporary directory (0700, files 0600) that is
+        removed when this object is collected, but stays behind if the process is killed: to
+        build a TLS context in this process, use :meth:`load_into`, which writes no file.
         """
         if self._files is None:
             directory = tempfile.mkdtemp(prefix="gridsock-identity-")  # created 0700
@@ -413,6 +415,57 @@ class Identity:
             _write_new(Path(key_path), self.key_pem, 0o600)
             self._files = (cert_path, key_path)
         return self._files
+
+    def load_into(self, context: ssl.SSLContext) -> None:
+        """Load this identity (certificate and private key) into ``context``, writing the key
+        to no file system.
+
+        ``SSLContext.load_cert_chain`` reads only files. On Linux it reads two anonymous memory
+        files (``memfd_create``, mode 0600, closed on exec) through ``/proc/self/fd/N``, closed
+        as soon as it returns: the key is then in this process's memory only (the context's),
+        and vanishes with it however it ends, SIGKILL included. Where memory files are not
+        available (no ``memfd_create`` or no ``/proc``), a private temporary directory (0700,
+        files 0600) removed as soon as it returns. Raises ssl.SSLError if OpenSSL refuses them.
+        """
+        with _identity_paths(self) as (cert_path, key_path):
+            context.load_cert_chain(cert_path, key_path)
+
+
+# A memory file's name (it shows in /proc/PID/fd, on no file system).
+_MEMFD_PREFIX = "gridsock-identity-"
+
+
+@contextlib.contextmanager
+def _identity_paths(identity: Identity) -> Iterator[tuple[str, str]]:
+    """Paths of the identity's certificate and key, valid in this process until the block ends
+    (memory files, or else a private temporary directory: see :meth:`Identity.load_into`)."""
+    fds: list[int] = []
+    try:
+        try:
+            for what, data in (("cert", identity.cert_pem), ("key", identity.key_pem)):
+                fd = os.memfd_create(_MEMFD_PREFIX + what, os.MFD_CLOEXEC)
+                fds.append(fd)
+                os.fchmod(fd, 0o600)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.stat(f"/proc/self/fd/{fd}")  # FileNotFoundError without /proc
+        except (AttributeError, OSError) as exc:  # AttributeError: no memfd_create here
+            log.debug("no memory files for the identity (%s): a temporary directory", exc)
+        else:
+            yield (f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+            return
+    finally:
+        for fd in fds:
+            os.close(fd)
+    directory = tempfile.mkdtemp(prefix="gridsock-identity-")  # created 0700
+    try:
+        cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+        _write_new(Path(cert_path), identity.cert_pem, 0o600)
+        _write_new(Path(key_path), identity.key_pem, 0o600)
+        yield (cert_path, key_path)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def new_node_key() -> tuple[bytes, bytes]:
@@ -910,7 +963,7 @@ def server_context(
     """
     context = _context(gssl.PROTOCOL_TLS_SERVER, session)
     context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
-    context.load_cert_chain(*identity.cert_files())
+    identity.load_into(context)
     return context
 
 
@@ -923,7 +976,7 @@ def client_context(session: Session, identity: Identity | None) -> ssl.SSLContex
     context = _context(gssl.PROTOCOL_TLS_CLIENT, session)
     context.verify_mode = ssl.CERT_REQUIRED
     if identity is not None:
-        context.load_cert_chain(*identity.cert_files())
+        identity.load_into(context)
     return context
 
 
