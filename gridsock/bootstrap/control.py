@@ -2,8 +2,14 @@
 
 Every rendez-vous node and node process serves a Unix socket (mode 0600, so only its user can
 use it) that speaks the wire codec: the client sends ``Control(op, args)``, the process answers
-``ControlReply(ok, result, error)``. Paths default to ``$GRIDSOCK_RUN_DIR`` (or
-``/tmp/gridsock-<uid>``) ``/<name>.sock``.
+``ControlReply(ok, result, error)``. Paths default to ``<run dir>/<name>.sock``
+(:func:`gridsock.names.run_dir`).
+
+Only this user (and root) may use them, whatever the file modes say: a server makes its
+directory private or refuses it (:func:`gridsock.names.make_private_dir`), and closes at once,
+with one log line, each client whose uid (``SO_PEERCRED``) is neither its own nor root's; a
+client (:func:`call`) talks only to a socket of its user in a private directory, served by a
+process of its user or root (:func:`gridsock.names.connect_private`).
 
 Theory of operation
 -------------------
@@ -31,6 +37,8 @@ from gevent import socket as gsocket
 
 from .. import wire
 from ..errors import BrokenStreamError, ConnectError, GridsockError, RemoteProtocolError
+from ..names import (LocalTrustError, check_private_dir, connect_private, make_private_dir, peer_credentials,
+                     trusted_uid)
 from ..names import run_dir  # re-exported: it lives in gridsock.names, which imports no gevent
 from .link import read_message, send_message
 from .transport import Address, listen
@@ -56,16 +64,20 @@ def control_path(name: str) -> str:
 
 
 def list_control_sockets() -> List[str]:
+    """The control sockets in the run directory (none if it does not exist). Raises
+    LocalTrustError if the run directory is not private to this user."""
     directory = run_dir()
     try:
+        check_private_dir(directory)
         return sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".sock"))
     except FileNotFoundError:
         return []
 
 
 class UnixServer:
-    """A Unix socket (mode 0600 directory) served until stopped: one greenlet per client runs
-    :meth:`_handle`, which owns the connection. The control and the agent socket are two."""
+    """A Unix socket (mode 0600, in a private directory) served until stopped: one greenlet per
+    client runs :meth:`_handle`, which owns the connection. A client of another uid than the
+    server's (root excepted) is closed at once. The control and the agent socket are two."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -73,7 +85,10 @@ class UnixServer:
         self._greenlet: Optional[gevent.Greenlet] = None
 
     def start(self):
-        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+        """Make the socket's directory private (or refuse it), listen; return self.
+        Raises LocalTrustError for a directory that is not this user's alone, ConfigError if
+        another process serves the path."""
+        make_private_dir(os.path.dirname(os.path.abspath(self.path)))
         self._sock = listen(Address(path=self.path))
         self._greenlet = gevent.spawn(self._serve)
         return self
@@ -93,7 +108,23 @@ class UnixServer:
         listener = self._sock
         while listener is not None:
             conn, _ = listener.accept()
-            gevent.spawn(self._handle, conn)
+            if self._allowed(conn):
+                gevent.spawn(self._handle, conn)
+            else:
+                conn.close()
+
+    def _allowed(self, conn) -> bool:
+        """True if the client at ``conn`` runs as our user or root; else logs why not."""
+        try:
+            pid, uid, _ = peer_credentials(conn)
+        except OSError as exc:
+            log.warning("%s: refused a client whose credentials the kernel would not give: %s", self.path, exc)
+            return False
+        if trusted_uid(uid):
+            return True
+        log.warning("%s: refused a client of uid %d (pid %d): only uid %d and root may use it",
+                    self.path, uid, pid, os.geteuid())
+        return False
 
     def _handle(self, conn) -> None:
         raise NotImplementedError
@@ -210,8 +241,10 @@ def call(path: str, op: str, args: Dict[str, Any] | None = None, *, timeout: flo
     they come, at most one per ``progress_interval_s``. Closing the connection early (an
     exception in ``progress``, or this greenlet killed) cancels the operation in the process.
 
-    Raises ConnectError when nothing serves ``path``, GridsockError with the process's reason
-    when the operation failed, TimeoutError after ``timeout`` seconds.
+    Raises LocalTrustError when ``path`` or its directory is not private to this user or the
+    process serving it runs as another user (nothing is sent then), ConnectError when nothing
+    serves ``path``, GridsockError with the process's reason when the operation failed,
+    TimeoutError after ``timeout`` seconds.
     """
     args = dict(args or {})
     if progress is not None:
@@ -220,7 +253,9 @@ def call(path: str, op: str, args: Dict[str, Any] | None = None, *, timeout: flo
     sock = gsocket.socket(gsocket.AF_UNIX, gsocket.SOCK_STREAM)
     try:
         try:
-            sock.connect(path)
+            connect_private(sock, path)
+        except LocalTrustError:
+            raise
         except OSError as exc:
             raise ConnectError(f"no gridsock process serves {path}: {exc.strerror or exc}", peer=path) from exc
         send_message(sock, wire.Control(op, args))
