@@ -21,7 +21,8 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def grid(lab, tmp_path_factory):
-    yield from make_grid(lab, tmp_path_factory, rules={n: VIA_RULES for n in ("rv", "a1", "a2", "b1", "b2", "c1", "c2")})
+    nodes = ("rv", "a1", "a2", "b1", "b2", "c1", "c2")
+    yield from make_grid(lab, tmp_path_factory, rules={n: VIA_RULES for n in nodes})
 
 
 @pytest.fixture(scope="module")
