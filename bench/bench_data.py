@@ -47,6 +47,13 @@ The results replace the section "Data connections in the lab" of ``--out`` (the 
 is kept) and go to stdout; the raw samples go to a JSON file in the temporary directory, which
 ``--render-only FILE`` renders again without measuring.
 
+``--only relay`` measures the relay's throughput alone, ``a1 -> rv`` (through the rendez-vous
+node), against a plain TCP and a plain mutual-TLS socket on the same path, each way; with
+``--before DIR`` (a checkout of another commit, e.g. ``git worktree add DIR HEAD``) it does it
+twice in one run, on one lab: first with the grid's processes importing gridsock from ``DIR``
+(``PYTHONPATH``), then from this tree, the plain baselines again each time. Its results replace
+the section "Relay throughput in the lab: <WAN profile>" of ``--out``.
+
 ``--wan-delay-ms D`` (default 0: none) makes the lab's internet a WAN once the lab is up
 (``Lab.set_wan(delay_ms=D)``: D ms one way on each public host's ingress, so ``a1 -> rv`` gains
 ``2 * D`` of round trip; ``a1 -> a2`` stays inside cluster A and crosses no delay); it is removed
@@ -94,6 +101,7 @@ log = logging.getLogger("bench_data")
 
 SCRIPT = str(Path(__file__).resolve())
 SECTION_TITLE = "## Data connections in the lab"
+RELAY_SECTION_TITLE = "## Relay throughput in the lab"
 
 # --- what is measured ------------------------------------------------------------------------
 
@@ -103,6 +111,7 @@ MODES = ("steady", "cold", "fresh")
 MODE_LABELS = {"steady": "steady", "cold": "cold meta link", "fresh": "fresh node"}
 ANATOMY_CASES = (("tcp", "steady"), ("tls/tcp", "steady"), ("relay", "steady"), ("tcp", "cold"), ("tls/tcp", "cold"))
 # (stack, data kind, through the bridged socket of Node.connect rather than the stream)
+RELAY_STACKS = ("relay", "tls/relay")  # --only relay
 STREAM_CASES = (("tcp", "random", False), ("tls/tcp", "random", False), ("tls/tcp", "random", True),
                 ("lz4/tcp", "random", False), ("lz4/tcp", "json", False), ("relay", "random", False),
                 ("tls/relay", "random", False))
@@ -901,6 +910,44 @@ class Bench:
         order = [f"{key} {kind}" for key, kind, _ in cases]
         return {"runs": {f"{k[0]}|{k[1]}": v for k, v in results.items()}, "order": order}
 
+    def bench_relay(self, src: str, dst: str, plain: Tuple[int, int]) -> dict:
+        """``--only relay``: the relay stacks and the plain baselines, each way, in rounds."""
+        plan = self.plan
+        nbytes = plan.transfer_bytes
+        addr = self.lab.addr(dst)
+        results: Dict[str, List[dict]] = {}
+
+        def plain_case(tls: bool, direction: str) -> dict:
+            spec = {"op": "stream", "addr": addr, "port": plain[0], "tls_port": plain[1], "tls": tls,
+                    "bytes": nbytes, "kind": "random", "direction": direction}
+            res = self.plain_client(src, spec, TRANSFER_TIMEOUT_S)
+            return {"mb_per_s": nbytes / res["seconds"] / 1e6,
+                    "cpu": {src: 100 * res["cpu_s"] / res["seconds"], dst: 100 * res["server_cpu_s"] / res["seconds"]}}
+
+        def grid_case(stack: str, direction: str) -> dict:
+            before = proc_cpu_s(self.grid.pid("rendezvous"))
+            res = self.bench_op(src, "stream", {"dst": dst, "stack": stack, "bytes": nbytes, "kind": "random",
+                                                "direction": direction, "bridged": False}, TRANSFER_TIMEOUT_S)
+            after = proc_cpu_s(self.grid.pid("rendezvous"))
+            if before is None or after is None:
+                raise BenchError(f"the rendez-vous node is gone; logs:\n{self.grid.logs_tail()}")
+            if res["stack"] != stack:
+                raise BenchError(f"asked for {stack}, got {res['stack']}")
+            return {"mb_per_s": nbytes / res["seconds"] / 1e6,
+                    "cpu": {src: 100 * res["cpu_s"] / res["seconds"], dst: 100 * res["server_cpu_s"] / res["seconds"],
+                            "rendezvous": 100 * (after - before) / res["seconds"]}}
+
+        cases: List[Tuple[str, Callable[[str], dict]]] = [
+            ("plain TCP", lambda d: plain_case(False, d)),
+            ("plain TLS", lambda d: plain_case(True, d)),
+        ]
+        cases += [(stack, lambda d, s=stack: grid_case(s, d)) for stack in RELAY_STACKS]
+        for round_no in range(plan.transfer_rounds):
+            for key, run in shuffled(cases, round_no):
+                for direction in DIRECTIONS:
+                    results.setdefault(f"{key}|{direction}", []).append(run(direction))
+        return {"runs": results, "order": [key for key, _ in cases]}
+
     def netem(self) -> str:
         """Whether the kernel can delay packets (tc netem), tried in this lab's own namespace."""
         done = self.lab.run("rv", ["tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", "1ms"],
@@ -1254,6 +1301,66 @@ def lz4_speed(data: bytes) -> float:
     return len(data) / best / 1e6
 
 
+def relay_profile(results: dict) -> str:
+    delay = results.get("wan_delay_ms", 0.0)
+    return f"WAN delay {delay:g} ms one way" if delay else "no shaping"
+
+
+def render_relay(results: dict, info: dict, argv: List[str], plan: Plan, quick: bool) -> str:
+    """The section of ``--only relay``: each code version's relay next to the plain sockets."""
+    src, dst = "a1", "rv"
+    versions = results["relay"]
+    lines = [
+        f"{RELAY_SECTION_TITLE}: {relay_profile(results)}",
+        "",
+        "Figures of `bench/bench_data.py --only relay` (its docstring says what and how); a run replaces "
+        "this section only.",
+        "",
+        f"- command: `{' '.join(shlex.quote(a) for a in argv)}`" + (" (quick: fewer samples, smaller transfers)" if quick else ""),
+        f"- date: {results['started']}, wall time {results['wall_s']:.0f} s",
+        f"- machine: {info['nproc']} CPUs ({info['cpu']}), Linux {info['kernel']}; shared with other work: "
+        f"load average {results['load_before']} before, {results['load_after']} after",
+        f"- software: gridsock at `{info['commit']}`{' with uncommitted changes' if info['dirty'] else ''}, "
+        f"{info['impl']} {info['python']}, gevent {info['gevent']}, {info['openssl']}",
+        lab_line(results),
+        f"- path: {src} -> {dst}, out of cluster A through gwa's NAT; the relay goes a1 -> rendez-vous node -> "
+        "rv over two bootstrap links (mutual TLS each). Each code version ran on its own grid (rendez-vous "
+        "node, rv, a1, b1, c1, a2), one after the other in this lab, the plain baselines again with each.",
+        f"- {plan.transfer_bytes >> 20} MiB of random data one way per run, 256 KiB per send and per receive, "
+        "through `open_stream` on the gridsock side; plain sockets are the stdlib's, blocking, one process "
+        "each side (TLS: mutual, certificates of the session CA). MB/s = 10^6 bytes/s of payload, median "
+        f"of {plan.transfer_rounds} (lowest–highest); *up*: {src} sends, *down*: {dst} sends. CPU: each "
+        f"process's CPU time over the transfer in % of its duration, {src} / {dst} (/ the rendez-vous "
+        "node), median run. Target (issue 11): `relay` at least 0.5× the plain TLS socket.",
+        "",
+    ]
+    rows = []
+    for version, res in versions.items():
+        runs = res["runs"]
+        med = {key: {d: statistics.median(r["mb_per_s"] for r in runs[f"{key}|{d}"]) for d in DIRECTIONS}
+               for key in res["order"]}
+        labels = {"plain TCP": "plain TCP socket (stdlib)", "plain TLS": "plain mutual-TLS socket (stdlib)"}
+        for key in res["order"]:
+            cells = [labels.get(key, f"gridsock `{key}`"), version]
+            for d in DIRECTIONS:
+                speeds = [r["mb_per_s"] for r in runs[f"{key}|{d}"]]
+                spread = f" ({min(speeds):.0f}–{max(speeds):.0f})" if len(speeds) > 1 else ""
+                cells += [f"{med[key][d]:.0f}{spread}", f"{med[key][d] / med['plain TLS'][d]:.2f}",
+                          f"{med[key][d] / med['plain TCP'][d]:.2f}"]
+            for d in DIRECTIONS:
+                cpu = _median_run(runs[f"{key}|{d}"])["cpu"]
+                cells.append(" / ".join(f"{cpu[n]:.0f}" for n in (src, dst, "rendezvous") if cpu.get(n) is not None))
+            if key == "relay":
+                ratio = min(med[key][d] / med["plain TLS"][d] for d in DIRECTIONS)
+                cells.append(f"**{'met' if ratio >= 0.5 else 'not met'}** ({ratio:.2f}×)")
+            else:
+                cells.append("")
+            rows.append(cells)
+    lines.append(table(["case", "code", "up MB/s", "÷ TLS", "÷ TCP", "down MB/s", "÷ TLS", "÷ TCP", "CPU % up",
+                        "CPU % down", "≥ 0.5× TLS (both ways)"], rows))
+    return "\n".join(lines) + "\n"
+
+
 def write_section(path: Path, text: str) -> None:
     """Replace this bench's section of ``path`` (or append it), keeping everything else."""
     replace_section(path, SECTION_TITLE, text)
@@ -1286,8 +1393,11 @@ def run_bench(argv: List[str]) -> int:
     parser.add_argument("--render-only", metavar="JSON", help="render the raw results a run saved; measure nothing")
     parser.add_argument("--wan-delay-ms", type=float, default=0.0, metavar="D",
                         help="one-way WAN delay of the lab's internet, Lab.set_wan(delay_ms=D) (default: 0, none)")
-    parser.add_argument("--only", choices=("all", "establish"), default="all",
-                        help="'establish': the establishment part only, no throughput (default: %(default)s)")
+    parser.add_argument("--only", choices=("all", "establish", "relay"), default="all",
+                        help="'establish': the establishment part only, no throughput; 'relay': the relay's "
+                             "throughput a1 -> rv and its baselines only (default: %(default)s)")
+    parser.add_argument("--before", metavar="DIR", help="with --only relay: measure the gridsock of DIR (another "
+                        "checkout) too, first, on a grid of its own")
     parser.add_argument("--connects", type=int, metavar="N", help="connects per case (default: the plan's)")
     args = parser.parse_args(argv)
     if args.wan_delay_ms < 0:
@@ -1297,9 +1407,16 @@ def run_bench(argv: List[str]) -> int:
         if args.connects < 1:
             parser.error("--connects must be >= 1")
         plan = dataclasses.replace(plan, connects=args.connects, fresh=args.connects)
+    if args.before and args.only != "relay":
+        parser.error("--before goes with --only relay")
     if args.render_only:
         saved = json.loads(Path(args.render_only).read_text())
         results, info = saved["results"], saved["info"]
+        if "relay" in results:
+            text = render_relay(results, info, saved["argv"], Plan(**saved["plan"]), saved["quick"])
+            replace_section(Path(args.out), f"{RELAY_SECTION_TITLE}: {relay_profile(results)}", text)
+            print(text)
+            return 0
         results.setdefault("lz4_json_mb_s", lz4_speed(bytes(pattern("json"))))  # files of older versions
         results["reading"] = reading(results) if results["throughput"] else ""
         text = render(results, info, saved["argv"], Plan(**saved["plan"]), saved["quick"])
@@ -1333,10 +1450,31 @@ def run_bench(argv: List[str]) -> int:
             progress(f"WAN: {args.wan_delay_ms:g} ms one way on each public host's ingress")
             wan_set = True  # set before the call: a half-made profile is removed too
             lab.set_wan(delay_ms=args.wan_delay_ms)
-        progress("grid: rendez-vous node, rv, a1, b1, c1 (ssh), a2")
-        bench.start_grid()
-        bench.make_tls_files()
-        for src, dst, _ in PATHS:
+        if args.only == "relay":
+            results["relay"] = {}
+            versions = ([(f"before (`{args.before}`)", args.before)] if args.before else []) + [("this tree", None)]
+            for i, (version, tree) in enumerate(versions):
+                if i:
+                    grid.stop()
+                    (workdir / f"grid{i}").mkdir()
+                    grid = LabGrid(lab, workdir / f"grid{i}")
+                    bench = Bench(lab, grid, plan, workdir)
+                if tree:
+                    grid.env["PYTHONPATH"] = os.path.abspath(tree)
+                progress(f"{version}: grid: rendez-vous node, rv, a1, b1, c1 (ssh), a2")
+                bench.start_grid()
+                bench.tls_files = {}
+                bench.workdir = grid.workdir
+                bench.make_tls_files()
+                server, tcp_port, tls_port = bench.start_plain_server("rv")
+                progress(f"{version}: a1 -> rv: relay throughput")
+                results["relay"][version] = bench.bench_relay("a1", "rv", (tcp_port, tls_port))
+                server.terminate()
+        if args.only != "relay":
+            progress("grid: rendez-vous node, rv, a1, b1, c1 (ssh), a2")
+            bench.start_grid()
+            bench.make_tls_files()
+        for src, dst, _ in (PATHS if args.only != "relay" else ()):
             server, tcp_port, tls_port = bench.start_plain_server(dst)
             progress(f"{src} -> {dst}: establishment")
             results["connect"][dst] = bench.bench_connect(src, dst, (tcp_port, tls_port))
@@ -1372,6 +1510,13 @@ def run_bench(argv: List[str]) -> int:
     raw.write_text(json.dumps({"results": results, "info": info, "argv": command, "plan": dataclasses.asdict(plan),
                                "quick": args.quick or args.tiny}, default=sorted))
     progress(f"raw results in {raw} (--render-only {raw} renders them again)")
+    if args.only == "relay":
+        title = f"{RELAY_SECTION_TITLE}: {relay_profile(results)}"
+        text = render_relay(results, info, command, plan, args.quick or args.tiny)
+        replace_section(Path(args.out), title, text)
+        print(text)
+        progress(f"wrote the section {title[3:]!r} of {args.out}")
+        return 0
     results["reading"] = reading(results) if results["throughput"] else ""
     text = render(results, info, command, plan, args.quick or args.tiny)
     write_section(Path(args.out), text)

@@ -78,6 +78,7 @@ __all__ = [
     "Message",
     "Decoder",
     "encode",
+    "encode_parts",
     "directory_updates",
     "is_node_id",
     "check_name",
@@ -117,6 +118,8 @@ MAX_STACK_BYTES = 512
 _FRAME = struct.Struct("!IBB")
 _HEADER_LEN = struct.Struct("!I")
 _FRAME_PREFIX_BYTES = 4  # the length field itself
+# Free space a decoder offers a driver's recv_into by default: one TLS record and then some.
+_RECV_ROOM_BYTES = 64 * 1024
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _ADDR_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}\Z")
@@ -780,6 +783,14 @@ def encode(message: _Message, *, checked: bool = True) -> bytes:
     we would refuse to receive. ``checked=False`` skips the field rules (not the size limit) for
     a message whose fields were already checked, such as a decoded message being forwarded.
     """
+    head, payload = encode_parts(message, checked=checked)
+    return head + payload if payload else head
+
+
+def encode_parts(message: _Message, *, checked: bool = True) -> Tuple[bytes, Any]:
+    """The frame for ``message`` in two parts, ``(head, payload)``: written one after the
+    other they are :func:`encode`'s bytes. The payload is the message's own object, not a
+    copy, so a large one can be written without joining it to its head. Raises as ``encode``."""
     cls = type(message)
     if _BY_TYPE.get(getattr(cls, "TYPE", -1)) is not cls:
         raise LocalProtocolError(f"not a wire message: {message!r}")
@@ -796,9 +807,8 @@ def encode(message: _Message, *, checked: bool = True) -> bytes:
     length = 2 + _HEADER_LEN.size + len(header_bytes) + len(payload)
     if length > MAX_FRAME_BYTES:
         raise LocalProtocolError(f"{cls.__name__} of {length} bytes exceeds MAX_FRAME_BYTES ({MAX_FRAME_BYTES})")
-    return b"".join(
-        (_FRAME.pack(length, PROTOCOL_VERSION, cls.TYPE), _HEADER_LEN.pack(len(header_bytes)), header_bytes, payload)
-    )
+    head = _FRAME.pack(length, PROTOCOL_VERSION, cls.TYPE) + _HEADER_LEN.pack(len(header_bytes)) + header_bytes
+    return head, payload
 
 
 def _refuse_constant(name: str):
@@ -826,25 +836,62 @@ class Decoder:
 
     ``next_message()`` returns a message, returns None when it needs more bytes, or raises
     RemoteProtocolError; after an error every later call raises it again.
+
+    A driver that reads a socket can skip ``feed``'s copy: ``recv_buffer()`` is a writable view
+    of free space at the end of the decoder's buffer (``sock.recv_into`` it), ``received(n)``
+    says how many bytes were written there. Each frame's payload is copied out of the buffer
+    once; the buffer grows to hold the largest frame seen, and bytes left over after the last
+    whole frame move to its start only when they are fewer than those consumed.
     """
 
     def __init__(self, *, peer: str | None = None, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         self.peer = peer
         self.max_frame_bytes = max_frame_bytes
         self._buf = bytearray()
-        self._pos = 0
+        self._pos = 0  # first byte not yet decoded
+        self._end = 0  # end of the bytes received (the buffer beyond is free space)
         self._error: RemoteProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet turned into a message."""
-        return len(self._buf) - self._pos
+        return self._end - self._pos
 
-    def feed(self, data: bytes) -> None:
-        if self._pos and self._pos > len(self._buf) // 2:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+    def feed(self, data) -> None:
+        """Take ``data`` (any bytes-like object) as the next bytes received."""
+        n = len(data)
+        if n:
+            self.recv_buffer(n)[:n] = data
+            self._end += n
+
+    def recv_buffer(self, min_bytes: int = _RECV_ROOM_BYTES) -> memoryview:
+        """A writable view of at least ``min_bytes`` free bytes after the data received (more
+        when a frame being received needs them); call ``received(n)`` after writing n bytes."""
+        need = max(min_bytes, self._pending_frame_bytes() - self.buffered)
+        if self._pos and self._pos >= self.buffered:  # move the leftover to the start
+            kept = self.buffered
+            if kept:
+                self._buf[:kept] = self._buf[self._pos : self._end]
+            self._pos, self._end = 0, kept
+        if len(self._buf) - self._end < need:
+            grown = bytearray(max(self._end + need, 2 * len(self._buf)))
+            grown[: self._end - self._pos] = memoryview(self._buf)[self._pos : self._end]
+            self._buf, self._end, self._pos = grown, self._end - self._pos, 0
+        return memoryview(self._buf)[self._end :]
+
+    def received(self, nbytes: int) -> None:
+        """``nbytes`` bytes were written at the start of the last ``recv_buffer()``."""
+        if not 0 <= nbytes <= len(self._buf) - self._end:
+            raise ValueError(f"received({nbytes}) beyond the receive buffer")
+        self._end += nbytes
+
+    def _pending_frame_bytes(self) -> int:
+        """The size of the frame at the decoding position, once its length is known (its
+        length field checked), else 0."""
+        if self.buffered < _FRAME_PREFIX_BYTES or self._error is not None:
+            return 0
+        length = int.from_bytes(self._buf[self._pos : self._pos + _FRAME_PREFIX_BYTES], "big")
+        return _FRAME_PREFIX_BYTES + length if length <= self.max_frame_bytes else 0
 
     def next_message(self) -> Optional[Message]:
         if self._error is not None:
@@ -874,9 +921,10 @@ class Decoder:
             return None
         start = self._pos + _FRAME.size
         end = self._pos + _FRAME_PREFIX_BYTES + length
-        body = bytes(self._buf[start:end])
         self._pos = end
-        return self._parse(cls, body)
+        if self._pos == self._end:
+            self._pos = self._end = 0
+        return self._parse(cls, start, end)
 
     def _check_length(self, length: int) -> None:
         if length > self.max_frame_bytes:
@@ -884,18 +932,22 @@ class Decoder:
         if length < 2 + _HEADER_LEN.size:
             raise self._fail(f"frame of {length} bytes is too short")
 
-    def _parse(self, cls: Type[_Message], body: bytes) -> Message:
-        (header_len,) = _HEADER_LEN.unpack_from(body)
-        if header_len > len(body) - _HEADER_LEN.size:
+    def _parse(self, cls: Type[_Message], start: int, end: int) -> Message:
+        # The body is buf[start:end]; only the payload is copied out of the buffer (once).
+        buf = self._buf
+        (header_len,) = _HEADER_LEN.unpack_from(buf, start)
+        header_start = start + _HEADER_LEN.size
+        if header_len > end - header_start:
             raise self._fail(f"{cls.__name__}: header length {header_len} runs past the frame")
-        header_bytes = body[_HEADER_LEN.size : _HEADER_LEN.size + header_len]
-        payload = body[_HEADER_LEN.size + header_len :]
-        if payload and not cls.HAS_PAYLOAD:
-            raise self._fail(f"{cls.__name__} carries no payload, got {len(payload)} bytes")
+        payload_start = header_start + header_len
+        if payload_start < end and not cls.HAS_PAYLOAD:
+            raise self._fail(f"{cls.__name__} carries no payload, got {end - payload_start} bytes")
         try:
-            header = json.loads(header_bytes.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+            header = json.loads(buf[header_start:payload_start].decode("utf-8"), parse_constant=_refuse_constant,
+                                parse_float=_finite_float)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise self._fail(f"{cls.__name__}: header is not JSON: {exc}") from None
+        payload = bytes(memoryview(buf)[payload_start:end]) if payload_start < end else b""
         try:
             return cls.from_header(header, payload)
         except (ValueError, TypeError) as exc:

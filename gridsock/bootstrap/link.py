@@ -8,12 +8,22 @@ A link starts after its handshake (TLS, Hello/Welcome) and runs three greenlets:
   message to ``on_message(link, message)``; it answers ``Ping`` itself;
 - the *writer* drains two bounded queues of encoded frames into the socket, control frames
   first and bulk frames (relayed data) after, so a bulk transfer never delays control traffic
-  by more than the frame being written. A router that forwards to a slow peer never blocks:
+  by more than the frame being written. A frame is queued as its head and its payload, and a
+  large payload is written as it is, never joined to its head nor to other frames (so the
+  payload of a forwarded message is not copied between the decoder and the socket); small
+  frames are joined into one write. A router that forwards to a slow peer never blocks:
   when a queue is full the link is closed (``send queue full``), the slow peer is dropped, and
   everyone else is still served (relayed data is flow-controlled end to end, so a healthy
   peer never gets there);
 - the *pinger* sends ``Ping`` every ``ping_interval_s`` and closes the link when nothing at all
   arrived for ``timeout_s`` (a peer that vanished without a FIN).
+
+The reader receives straight into the decoder's buffer (``recv_into``), so a frame's bytes are
+copied once on their way in, when its payload leaves the buffer. A gevent read returns at once
+while the socket holds data, so a reader fed faster than it decodes would never let the
+writers run: it yields to the other greenlets after every ``YIELD_EVERY_BYTES`` it received.
+That keeps a forwarding node a pipeline (a relayed frame goes on while the next comes in)
+rather than a batch (a whole flow-control window in, then all of it out).
 
 Any ``RemoteProtocolError`` (bad frame, bad message in this state) closes the link with the
 reason logged at WARNING. ``on_close(link)`` runs exactly once, whatever closed the link.
@@ -69,6 +79,10 @@ SEND_QUEUE_BULK_BYTES = 256 * 1024 * 1024
 # A node originating relayed data waits while a link holds more bulk bytes than this.
 HIGH_WATER_BULK_BYTES = 16 * 1024 * 1024
 RECV_CHUNK_BYTES = 256 * 1024
+# Payloads at least this large are written on their own, as they are, not joined with others.
+DIRECT_WRITE_BYTES = 64 * 1024
+# A reader yields to the other greenlets (writers, the application) after receiving this much.
+YIELD_EVERY_BYTES = 256 * 1024
 
 _link_ids = itertools.count(1)
 
@@ -162,17 +176,18 @@ class Link:
         if self.closed:
             return False
         try:
-            frame = wire.encode(message, checked=checked)
+            frame = wire.encode_parts(message, checked=checked)
         except LocalProtocolError as exc:
             # Our bug or an oversized message to forward: drop the message, never the link.
             log.error("%s: not sending %s: %s", self.label, type(message).__name__, exc)
             return False
         if bulk:
-            if self._bulk_bytes + len(frame) > SEND_QUEUE_BULK_BYTES:
+            size = len(frame[0]) + len(frame[1])
+            if self._bulk_bytes + size > SEND_QUEUE_BULK_BYTES:
                 self.close(f"bulk send queue full ({SEND_QUEUE_BULK_BYTES} bytes): peer too slow")
                 return False
             self._bulk.append(frame)
-            self._bulk_bytes += len(frame)
+            self._bulk_bytes += size
         else:
             if len(self._control) >= self._max_frames:
                 self.close(f"send queue full ({self._max_frames} frames): peer too slow")
@@ -215,16 +230,23 @@ class Link:
 
     def _read_loop(self) -> None:
         try:
+            decoder = self._decoder
             self._dispatch_buffered()
+            unyielded = 0
             while not self.closed:
-                data = self.sock.recv(RECV_CHUNK_BYTES)
-                if not data:
+                with decoder.recv_buffer() as room:
+                    n = self.sock.recv_into(room)
+                if not n:
                     self.close("peer closed the connection")
                     return
                 self._last_rx = time.monotonic()
-                self.bytes_received += len(data)
-                self._decoder.feed(data)
+                self.bytes_received += n
+                decoder.received(n)
                 self._dispatch_buffered()
+                unyielded += n
+                if unyielded >= YIELD_EVERY_BYTES:
+                    unyielded = 0
+                    gevent.sleep(0)
         except RemoteProtocolError as exc:
             log.warning("dropping %s: protocol error: %s", self.label, exc)
             self.close(f"protocol error: {exc}")
@@ -257,24 +279,41 @@ class Link:
                     self._wakeup.clear()
                     self._wakeup.wait()
                     continue
-                # Coalesce queued frames into one write (fewer syscalls and TLS records), control
-                # frames first; at most one chunk's worth, so control never waits long.
-                chunks, size = [], 0
+                # Control frames first, then bulk ones, at most one chunk's worth (or one large
+                # frame), so control never waits long behind bulk.
+                frames, size = [], 0
                 while self._control and size < RECV_CHUNK_BYTES:
                     frame = self._control.popleft()
-                    chunks.append(frame)
-                    size += len(frame)
+                    frames.append(frame)
+                    size += len(frame[0]) + len(frame[1])
                 while self._bulk and size < RECV_CHUNK_BYTES:
                     frame = self._bulk.popleft()
-                    self._bulk_bytes -= len(frame)
-                    chunks.append(frame)
-                    size += len(frame)
+                    n = len(frame[0]) + len(frame[1])
+                    self._bulk_bytes -= n
+                    frames.append(frame)
+                    size += n
                 if len(self._control) <= HIGH_WATER_FRAMES // 2 and self._bulk_bytes <= HIGH_WATER_BULK_BYTES // 2:
                     self._drained.set()
-                self.sock.sendall(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+                self._write(frames)
                 self.bytes_sent += size
         except (OSError, ValueError) as exc:
             self.close(f"send failed: {exc or type(exc).__name__}")
+
+    def _write(self, frames: list) -> None:
+        """Write ``frames`` (head, payload) in order: small parts joined into one write (fewer
+        syscalls and TLS records), each large payload on its own, uncopied."""
+        sendall = self.sock.sendall
+        small: list = []
+        for head, payload in frames:
+            small.append(head)
+            if len(payload) >= DIRECT_WRITE_BYTES:
+                sendall(b"".join(small) if len(small) > 1 else small[0])
+                small = []
+                sendall(payload)
+            elif payload:
+                small.append(payload)
+        if small:
+            sendall(b"".join(small) if len(small) > 1 else small[0])
 
     def _ping_loop(self) -> None:
         while not self.closed:

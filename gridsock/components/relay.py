@@ -27,17 +27,31 @@ grid (:meth:`RelayManager.reset_peers`, called when a route or the rendez-vous n
 or a frame could not be routed. A relayed connection never reads as a clean end unless the
 peer's EOF arrived.
 
-Flow control is end to end and credit based: a sender never has more than
-``RELAY_WINDOW_BYTES`` in flight, so a bulk transfer can grow no queue on any link or node
-beyond one window, and links send relayed frames after their control traffic. There is no cap
-on bytes or duration.
+Flow control is end to end and credit based: a sender never has more than the receiver's
+window in flight, so a bulk transfer can grow no queue on any link or node beyond one window,
+and links send relayed frames after their control traffic. There is no cap on bytes or
+duration. The window starts at ``RELAY_WINDOW_BYTES`` and is sized for the path by the
+receiver (as QUIC implementations tune theirs): it returns credit in batches of a quarter of
+its window, and when the application consumed that batch faster than the path's
+bandwidth-delay product needs (consumption rate x 2 round trips > window), it doubles the
+window, up to ``RELAY_MAX_WINDOW_BYTES``, by granting more than was consumed. The round trip
+is measured by the receiver itself: data beyond the limit a credit raised cannot arrive before
+one round trip after the credit left, so the shortest such delay seen is the estimate.
+
+Cost. The data path copies each byte once per node: the sender copies the application's
+bytes into the routed payload (joined to the 9-byte header), each forwarding hop copies the
+payload out of its decoder's buffer and writes it to the next link as it is, and the receiver
+keeps views of the payloads it got until the application reads them (``receive_some`` copies
+out what it returns). TLS on each bootstrap link is the rest of the per-byte cost.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import struct
-from typing import Any, Callable, Dict, Tuple
+import time
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 import gevent
 import gevent.event
@@ -46,15 +60,22 @@ from ..errors import BrokenStreamError, RemoteProtocolError
 from ..methods import Initiation, InitiatorContext, Method, ResponderContext
 from ..streams import DEFAULT_RECEIVE_BYTES, Stream
 
-__all__ = ["RelayMethod", "RelayStream", "RelayManager", "RELAY_WINDOW_BYTES", "RELAY_CHUNK_BYTES"]
+__all__ = ["RelayMethod", "RelayStream", "RelayManager", "RELAY_WINDOW_BYTES", "RELAY_MAX_WINDOW_BYTES",
+           "RELAY_CHUNK_BYTES"]
 
 log = logging.getLogger(__name__)
 
-# Bytes a relay sender may have in flight: large enough to fill a 4-hop path on a LAN, small
-# enough that many relayed connections fit in the links' bulk queues.
-RELAY_WINDOW_BYTES = 1024 * 1024
-# Data per routed message: a quarter of the window keeps the pipe full while credit returns.
-RELAY_CHUNK_BYTES = 64 * 1024
+# The window a relayed connection starts with (bytes a sender may have in flight): fills a
+# 4-hop path on a LAN; a receiver enlarges it for a longer path (see the module docstring).
+RELAY_WINDOW_BYTES = 4 * 1024 * 1024
+# The largest window: about 800 MB/s over 20 ms of round trip. It bounds what one relayed
+# connection can queue on a node (the links' bulk queues hold SEND_QUEUE_BULK_BYTES).
+RELAY_MAX_WINDOW_BYTES = 16 * 1024 * 1024
+# Data per routed message: large, so per-message work (header, routing, a write) is small
+# against the copy and the TLS of its bytes; a quarter of the initial window keeps the pipe
+# full while credit returns; well under MAX_PAYLOAD_BYTES; a control frame waits behind at
+# most one of these on a link.
+RELAY_CHUNK_BYTES = 1024 * 1024
 _HEADER = struct.Struct("!IBI")
 DATA, EOF, CREDIT, RESET = 1, 2, 3, 4
 _TYPES = {DATA: "DATA", EOF: "EOF", CREDIT: "CREDIT", RESET: "RESET"}
@@ -102,10 +123,20 @@ class RelayStream(Stream):
         self._manager = manager
         self.peer_id = peer_id
         self.conn_id = conn_id
-        self._buffer = bytearray()
+        self._chunks: Deque[memoryview] = collections.deque()  # received, not yet read
         self._credit = RELAY_WINDOW_BYTES  # what we may still send
-        self._received_unacked = 0  # consumed by the application, not yet credited back
-        self._in_flight_to_us = 0  # received, not yet credited (bounds a misbehaving sender)
+        # Receiving: the window we give the peer, what the application consumed that we have
+        # not credited back yet, and what arrived and was not credited (bounds a misbehaving
+        # sender); the window's tuning: the peer's limit (bytes it may send in all), the
+        # pending round-trip probe (when a credit left, the limit before it), the shortest
+        # round trip seen, and when the last credit left.
+        self._window = RELAY_WINDOW_BYTES
+        self._received_unacked = 0
+        self._in_flight_to_us = 0
+        self._limit = RELAY_WINDOW_BYTES
+        self._probe: Optional[Tuple[float, int]] = None
+        self.rtt_s: Optional[float] = None
+        self._last_credit_at = time.monotonic()
         self._peer_eof = False
         self._reset = False
         self._reset_reason = "the peer reset the relayed connection"
@@ -122,6 +153,7 @@ class RelayStream(Stream):
     # --- Stream ------------------------------------------------------------------------------
 
     def send_all(self, data) -> None:
+        """Send all of ``data``, waiting for credit; raises BrokenStreamError (see "Ends")."""
         view = memoryview(data).cast("B")
         while len(view):
             self._check_sendable()
@@ -134,6 +166,7 @@ class RelayStream(Stream):
             self._manager.transmit(self, DATA, self.bytes_sent & 0xFFFFFFFF, view[:n])
             self.bytes_sent += n
             view = view[n:]
+            gevent.sleep(0)  # let the link's writer take the frame now: a pipeline, not a batch
 
     def receive_some(self, max_bytes: int = DEFAULT_RECEIVE_BYTES) -> bytes:
         """Return 1 to ``max_bytes`` bytes, or ``b""`` after the peer's EOF. Raises
@@ -142,9 +175,14 @@ class RelayStream(Stream):
         while True:
             if self._closed:
                 raise BrokenStreamError("stream is closed")
-            if self._buffer:
-                data = bytes(self._buffer[:max_bytes])
-                del self._buffer[:max_bytes]
+            if self._chunks:
+                chunk = self._chunks[0]
+                if len(chunk) <= max_bytes:
+                    self._chunks.popleft()
+                else:
+                    self._chunks[0] = chunk[max_bytes:]
+                    chunk = chunk[:max_bytes]
+                data = bytes(chunk)
                 self._consumed(len(data))
                 return data
             if self._peer_eof:
@@ -183,11 +221,32 @@ class RelayStream(Stream):
     def _consumed(self, n: int) -> None:
         self._received_unacked += n
         self._in_flight_to_us -= n
-        if self._received_unacked >= RELAY_WINDOW_BYTES // 4 and not self._reset:
-            credit, self._received_unacked = self._received_unacked, 0
+        if self._received_unacked >= self._window // 4 and not self._reset:
+            now = time.monotonic()
+            grow = self._growth(self._received_unacked, now - self._last_credit_at)
+            credit, self._received_unacked = self._received_unacked + grow, 0
+            self._window += grow
+            if self._probe is None:
+                self._probe = (now, self._limit)
+            self._limit += credit
+            self._last_credit_at = now
             self._manager.transmit(self, CREDIT, credit, b"", quiet=True)
 
-    def _on_frame(self, kind: int, value: int, data: bytes) -> None:
+    def _growth(self, consumed: int, elapsed_s: float) -> int:
+        """How much to enlarge the window at a credit: double it while the application
+        consumes faster than the window allows for two round trips, else nothing."""
+        if self.rtt_s is None or self._window >= RELAY_MAX_WINDOW_BYTES:
+            return 0
+        if consumed * 2 * self.rtt_s > self._window * elapsed_s:  # rate * 2 RTT > window
+            return min(self._window, RELAY_MAX_WINDOW_BYTES - self._window)
+        return 0
+
+    @property
+    def window(self) -> int:
+        """The receive window this end gives its peer now (bytes)."""
+        return self._window
+
+    def _on_frame(self, kind: int, value: int, data) -> None:
         if kind == DATA:
             if self._peer_eof:
                 raise RemoteProtocolError("relay data after EOF")
@@ -195,18 +254,23 @@ class RelayStream(Stream):
                 raise RemoteProtocolError(f"relay data at offset {value}, expected {self.bytes_received & 0xFFFFFFFF} "
                                           "(a frame was lost on the path)")
             self._in_flight_to_us += len(data)
-            if self._in_flight_to_us > RELAY_WINDOW_BYTES:
+            if self._in_flight_to_us > self._window:
                 raise RemoteProtocolError(f"relay peer sent beyond its window ({self._in_flight_to_us} bytes)")
             self.bytes_received += len(data)
-            if not self._closed:
-                self._buffer += data
+            probe = self._probe
+            if probe is not None and self.bytes_received > probe[1]:  # sent after our credit came
+                sample = time.monotonic() - probe[0]
+                self.rtt_s = sample if self.rtt_s is None else min(self.rtt_s, sample)
+                self._probe = None
+            if not self._closed and data:
+                self._chunks.append(data)
             self._readable.set()
         elif kind == EOF:
             self._peer_eof = True
             self._readable.set()
         elif kind == CREDIT:
             self._credit += value
-            if self._credit > RELAY_WINDOW_BYTES:
+            if self._credit > RELAY_MAX_WINDOW_BYTES:
                 raise RemoteProtocolError("relay peer granted more credit than the window")
             self._writable.set()
         elif kind == RESET:
@@ -251,7 +315,8 @@ class RelayManager:
             del self._streams[(stream.peer_id, stream.conn_id)]
 
     def transmit(self, stream: RelayStream, kind: int, value: int, data, *, quiet: bool = False) -> None:
-        payload = _HEADER.pack(stream.conn_id, kind, value) + bytes(data)
+        # The one copy of the data on this node: into the payload, after its header.
+        payload = _HEADER.pack(stream.conn_id, kind, value) + data
         try:
             self._send(stream.peer_id, payload)
         except Exception as exc:  # any routing failure breaks this connection only
@@ -267,7 +332,7 @@ class RelayManager:
             log.warning("dropping a short relay message from %s", src)
             return
         conn_id, kind, value = _HEADER.unpack_from(payload)
-        data = payload[_HEADER.size :]
+        data = memoryview(payload)[_HEADER.size :]  # kept as it is until the application reads it
         stream = self._streams.get((src, conn_id))
         if stream is None:
             if kind != RESET:
