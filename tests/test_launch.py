@@ -228,6 +228,37 @@ def test_urllib_reaches_the_grid_with_http_proxy_and_without(grid, served):
     assert done.stdout.split() == ["True", digest, digest]
 
 
+# Python children of a program under interception: forked workers (which share nothing of
+# proxychains' but its hooks) and spawned/forkserver interpreters (which load it afresh), each
+# fetching by name through the front door (http_proxy) and through the personality.
+CHILDREN_CLIENT = """
+    import hashlib, multiprocessing, sys, urllib.request
+
+    def fetch(args):
+        port, proxied = args
+        opener = urllib.request.build_opener() if proxied else \\
+            urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        return hashlib.sha256(opener.open(f"http://nb:{port}/data.bin", timeout=60).read()).hexdigest()
+
+    if __name__ == "__main__":
+        port = int(sys.argv[1])
+        for method in ("fork", "spawn", "forkserver"):
+            with multiprocessing.get_context(method).Pool(2) as pool:
+                print(method, *sorted(set(pool.map(fetch, [(port, i % 2 == 0) for i in range(4)]))))
+"""
+
+
+@needs_proxychains
+def test_python_children_forked_spawned_and_forkserver_under_interception(grid, served):
+    port, payload = served
+    script = grid.tmp / "children_client.py"
+    script.write_text(textwrap.dedent(CHILDREN_CLIENT))
+    done = grid.run("--node", "na", "--", sys.executable, str(script), str(port), text=True)
+    assert done.returncode == 0, done.stderr
+    digest = hashlib.sha256(payload).hexdigest()
+    assert done.stdout.splitlines() == [f"{method} {digest}" for method in ("fork", "spawn", "forkserver")]
+
+
 @needs_proxychains
 def test_the_environment_and_the_private_configuration(grid):
     door = grid.front_door("na")
