@@ -560,6 +560,25 @@ def _final_line(counts: Dict[str, Any]) -> str:
             f"{_format_bytes(int(counts.get('bytes_from_grid', 0)))} from it")
 
 
+def _connect_control(sock: gsocket.socket, path: str) -> None:
+    """Connect to a control socket as :func:`gridsock.bootstrap.control.call` does: through
+    ``gridsock.names.connect_private`` (only a socket of this user's, served by this user or
+    root) where this version has it. Raises ConnectError if nothing serves ``path``, the
+    GridsockError of the trust check."""
+    from . import names
+
+    connect = getattr(names, "connect_private", None)
+    try:
+        if connect is not None:
+            connect(sock, path)
+        else:
+            sock.connect(path)
+    except GridsockError:
+        raise
+    except OSError as exc:
+        raise ConnectError(f"no gridsock process serves {path}: {exc.strerror or exc}", peer=path) from exc
+
+
 def _hold(args: argparse.Namespace, op: str, op_args: Dict[str, Any]) -> int:
     """Run ``op`` in the node and hold it until it ends, Ctrl-C or SIGTERM; return the exit status.
 
@@ -582,10 +601,7 @@ def _hold(args: argparse.Namespace, op: str, op_args: Dict[str, Any]) -> int:
     counts: Dict[str, Any] = {}
     forever = 10 * 365 * 86400.0  # (read_message needs a number)
     try:
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            raise ConnectError(f"no gridsock process serves {path}: {exc.strerror or exc}", peer=path) from exc
+        _connect_control(sock, path)
         send_message(sock, wire.Control(op, {**op_args, PROGRESS_ARG: REPORT_INTERVAL_S}))
         decoder = wire.Decoder(peer=path)
         try:

@@ -346,6 +346,22 @@ def test_a_dead_local_server_gives_the_grid_client_a_reset_and_a_log_line(grid):
     assert len(lines) == 1 and all("WARNING gridsock.forward: expose mem:9007" in line for line in lines), log
 
 
+def test_a_grid_port_nobody_serves_gives_the_local_client_a_reset_and_a_log_line(grid):
+    _, _, logdir = grid
+    forward = Command(grid, "forward", "--node", "lead", "0", "mem:9010")
+    try:
+        with socket.create_connection(("127.0.0.1", forward.local_port), timeout=IO_TIMEOUT_S) as conn:
+            client = f"127.0.0.1:{conn.getsockname()[1]}"
+            with pytest.raises(ConnectionResetError):
+                read_all(conn)
+        status, last = forward.stop()
+    finally:
+        forward.close()
+    assert status == 0 and last.endswith(": 0 connection(s), 1 failed, 0 B to the grid, 0 B from it"), last
+    lead_log = (logdir / "lead.log").read_text()
+    assert f"connection from {client}: cannot reach mem:9010: " in lead_log, lead_log
+
+
 def test_in_use_ports_and_bad_arguments_are_clear_errors(grid):
     _, env, _ = grid
     with socket.create_server(("127.0.0.1", 0)) as taken:
