@@ -304,9 +304,12 @@ def run_command(args) -> int:
                              why_no_front_door=why)
         config_path = None
         if launch.config is not None:
-            directory = tempfile.mkdtemp(prefix="gridsock-run-")
-            config_path = _write_config(directory, launch.config)
-            _remove_when_done(directory)  # (its descriptor stays open in the program)
+            try:
+                directory = tempfile.mkdtemp(prefix="gridsock-run-")
+                config_path = _write_config(directory, launch.config)
+                _remove_when_done(directory)  # (its descriptor stays open in the program)
+            except OSError as exc:
+                raise ConfigError(f"cannot write the proxychains configuration: {exc}") from exc
         argv = launch.argv(config_path)
         os.execvpe(argv[0], argv, launch.env)
     if not (args.session and args.name):
