@@ -885,6 +885,14 @@ class Decoder:
             raise ValueError(f"received({nbytes}) beyond the receive buffer")
         self._end += nbytes
 
+    def missing(self) -> int:
+        """How many more bytes a driver may receive before calling ``next_message()`` again:
+        up to the frame's first 6 bytes (length, version and type are checked as soon as they
+        are in), then the rest of the frame (no message can come out before it is whole)."""
+        if self.buffered < _FRAME.size:
+            return _FRAME.size - self.buffered
+        return max(1, self._pending_frame_bytes() - self.buffered)
+
     def _pending_frame_bytes(self) -> int:
         """The size of the frame at the decoding position, once its length is known (its
         length field checked), else 0."""

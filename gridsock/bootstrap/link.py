@@ -233,15 +233,25 @@ class Link:
             decoder = self._decoder
             self._dispatch_buffered()
             unyielded = 0
+            recv_into = self.sock.recv_into
             while not self.closed:
-                with decoder.recv_buffer() as room:
-                    n = self.sock.recv_into(room)
-                if not n:
+                # Receive at least what the frame under way still lacks before decoding again
+                # (a TLS socket gives one record, at most 16 KiB, per call).
+                missing = decoder.missing()
+                n = 0
+                with decoder.recv_buffer(missing) as room:
+                    while n < missing:
+                        got = recv_into(room[n:])
+                        if not got:
+                            break
+                        n += got
+                        self._last_rx = time.monotonic()  # a slow link's large frame is traffic too
+                if n:
+                    decoder.received(n)
+                    self.bytes_received += n
+                if n < missing:
                     self.close("peer closed the connection")
                     return
-                self._last_rx = time.monotonic()
-                self.bytes_received += n
-                decoder.received(n)
                 self._dispatch_buffered()
                 unyielded += n
                 if unyielded >= YIELD_EVERY_BYTES:
