@@ -154,7 +154,13 @@ def _control_op_elsewhere(op: str):
 
 
 class Node:
-    """One node of a session. ``start()``, then ``wait_joined()``; ``stop()`` when done."""
+    """One node of a session. ``start()``, then ``wait_joined()``; ``stop()`` when done.
+
+    ``loop`` says which thread runs the node (:data:`LOOP_MODES`): ``"thread"``, one of its own,
+    every public method then safe to call from any thread; ``"caller"``, the thread that makes
+    it, inline (a gevent program). None (the default): ``"caller"`` if that thread already runs
+    gevent, else ``"thread"``. Raises ConfigError for a bad name, address or ``loop``.
+    """
 
     def __init__(
         self,

@@ -134,6 +134,21 @@ assert [join() for join in clients] == [True, True]
 server()
 print("ok two-threads", flush=True)
 
+# While the main thread blocks in recv() on a's socket, a's node goes on serving: b's requests to
+# a are answered (in caller mode, a's hub would be the blocked main thread).
+a.handle("echo", lambda delivery: delivery.payload)
+
+def answer_later(sock):
+    with sock:
+        sock.sendall(b",".join(b.request("a", "echo", b"%d" % i).payload for i in range(3)))
+
+server = in_thread(lambda: answer_later(listener.accept(TIMEOUT)[0]))
+sock, info = a.connect("b", PORT)
+with sock:
+    assert recv_all(sock) == b"0,1,2"
+server()
+print("ok serving-while-blocked", flush=True)
+
 # asyncio on the socket a.connect() returned.
 import asyncio
 
@@ -253,7 +268,7 @@ def run_program(tmp_path, session_file, env, body: str) -> subprocess.CompletedP
 def test_sockets_from_plain_threads_blocking_select_asyncio(tmp_path, session_file, env):
     out = run_program(tmp_path, session_file, env, TRANSFER).stdout
     assert out.startswith("ok transfer tls/"), out
-    assert out.splitlines()[1:] == ["ok two-threads", "ok asyncio"], out
+    assert out.splitlines()[1:] == ["ok two-threads", "ok serving-while-blocked", "ok asyncio"], out
 
 
 def test_requests_refusal_and_stop_from_plain_threads(tmp_path, session_file, env):
