@@ -274,3 +274,45 @@ def test_sockets_from_plain_threads_blocking_select_asyncio(tmp_path, session_fi
 def test_requests_refusal_and_stop_from_plain_threads(tmp_path, session_file, env):
     out = run_program(tmp_path, session_file, env, MESSAGES).stdout
     assert out.splitlines() == ["ok request", "ok refused", "ok bad-node", "ok stop", "ok no-hub-here"], out
+
+
+def test_the_default_loop_follows_the_caller(tmp_path):
+    """None: inline for a thread that runs gevent (this one has a hub; a monkey-patched program),
+    a thread of its own for a plain thread. A node that is never started stops all the same."""
+    import threading
+
+    import gevent
+
+    from gridsock.errors import ConfigError
+    from gridsock.node import Node
+    from gridsock.session import create_session
+
+    session = create_session(tmp_path / "session", "127.0.0.1:7700")
+    gevent.get_hub()
+    inline = Node(session, "inline", control="", agent="")
+    assert inline.loop == "caller"
+    inline.stop()
+    made = {}
+
+    def plain_thread():
+        made["node"] = Node(session, "own", control="", agent="")
+
+    thread = threading.Thread(target=plain_thread)
+    thread.start()
+    thread.join(READY_TIMEOUT_S)
+    node = made["node"]
+    assert node.loop == "thread"
+    node.stop()
+    assert "gridsock-node-own" not in [t.name for t in threading.enumerate()]
+    with pytest.raises(ConfigError):
+        Node(session, "bad", control="", agent="", loop="greenlet")
+
+    patched = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            from gevent import monkey
+            monkey.patch_all()
+            from gridsock.node import Node
+            from gridsock.session import Session
+            print(Node(Session.load({str(tmp_path / "session" / "session.toml")!r}), "p", control="", agent="").loop)
+            """)], capture_output=True, text=True, timeout=PROGRAM_TIMEOUT_S)
+    assert (patched.returncode, patched.stdout) == (0, "caller\n"), patched.stderr
