@@ -60,7 +60,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 import gevent
 import gevent.event
@@ -600,11 +600,11 @@ def _hold(args: argparse.Namespace, op: str, op_args: Dict[str, Any]) -> int:
                 for signum in (signal.SIGINT, signal.SIGTERM)]
     counts: Dict[str, Any] = {}
     forever = 10 * 365 * 86400.0  # (read_message needs a number)
+    decoder = wire.Decoder(peer=path)
     try:
-        _connect_control(sock, path)
-        send_message(sock, wire.Control(op, {**op_args, PROGRESS_ARG: REPORT_INTERVAL_S}))
-        decoder = wire.Decoder(peer=path)
         try:
+            _connect_control(sock, path)
+            send_message(sock, wire.Control(op, {**op_args, PROGRESS_ARG: REPORT_INTERVAL_S}))
             while True:
                 message = read_message(sock, decoder, timeout=forever)
                 if isinstance(message, wire.Control) and message.op == PROGRESS_OP:
@@ -619,10 +619,14 @@ def _hold(args: argparse.Namespace, op: str, op_args: Dict[str, Any]) -> int:
                     raise GridsockError(message.error)
                 print(_final_line(dict(message.result)), flush=True)  # (--once: it ended by itself)
                 return 0
-        except BrokenStreamError:
-            raise GridsockError("the node went away") from None
         except _Interrupted:
             pass
+        except BrokenStreamError:
+            raise GridsockError("the node went away") from None
+        except GridsockError:
+            raise
+        except OSError as exc:  # (a node that died resets the control connection)
+            raise GridsockError(f"the node went away: {exc.strerror or exc}") from None
         # Ctrl-C or SIGTERM: half-close, so the node stops; its last counts, then its close.
         try:
             sock.shutdown(socket.SHUT_WR)

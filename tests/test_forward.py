@@ -13,9 +13,8 @@ import os
 import signal
 import socket
 import struct
-import subprocess
 import threading
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import pytest
 
@@ -413,3 +412,126 @@ def test_forwarded_connections_are_in_status_and_once_ends_by_itself(grid):
         forward.close()
         expose.close()
         server.close()
+
+
+def test_the_command_ends_with_an_error_when_its_node_dies(grid):
+    procs, env, base = grid
+    lead_address = next(e for e in json.loads(gridsock("status", "--json", "--node", "lead", env=env).stdout)
+                         ["directory"] if e["name"] == "lead")["addrs"][0]
+    node = procs.start("short", "node", "--session", str(base / "node" / "session.toml"), "--name", "short",
+                       "--cluster", "A", "--leader", lead_address, "--listen", "127.0.0.1:0", "--front-door", "off")
+    wait_for_line(node, "joined short ", timeout=READY_TIMEOUT_S)
+    forward = Command(grid, "forward", "--node", "short", "0", "mem:9011")
+    try:
+        node.kill()
+        node.wait(timeout=STOP_TIMEOUT_S)
+        forward.proc.wait(timeout=STOP_TIMEOUT_S)
+    finally:
+        forward.close()
+    assert forward.proc.returncode == 2
+    errors = (base / "forward-mem_9011.log").read_text()
+    assert errors.startswith("gridsock forward: the node went away"), errors
+    assert_no_trouble(errors, "gridsock forward after its node died")
+
+
+# --- in this process: the Forward and Expose classes over the loopback grid's stacks ---------------
+
+
+@pytest.fixture(scope="module")
+def loopback(tmp_path_factory):
+    from gridsock.testing.grid import loopback_grid
+
+    with loopback_grid(tmp_path_factory.mktemp("fwloop")) as running:
+        yield running
+
+
+def gevent_server(handler: Callable[..., object]):
+    """A gevent TCP server on 127.0.0.1 (a port the kernel chooses) running ``handler(conn)``
+    for each connection; returns (port, the queue of outcomes, the StreamServer)."""
+    import gevent.queue
+    import gevent.server
+
+    outcomes: "gevent.queue.Queue[object]" = gevent.queue.Queue()
+
+    def run(conn, _address) -> None:
+        try:
+            outcomes.put(handler(conn))
+        except Exception as exc:
+            outcomes.put(exc)
+        finally:
+            conn.close()
+
+    server = gevent.server.StreamServer(("127.0.0.1", 0), run)
+    server.start()
+    return server.server_port, outcomes, server
+
+
+def answer_with_digest(conn) -> bytes:
+    data = read_all(conn)
+    conn.sendall(hashlib.sha256(data).hexdigest().encode())
+    conn.shutdown(socket.SHUT_WR)
+    return data
+
+
+@pytest.mark.parametrize("stack", ["tls/relay", "tls/lz4/tcp", "parallel(streams=4)/tcp"])
+def test_forward_and_expose_over_stacks_in_process(loopback, stack):
+    import gevent.socket
+
+    from gridsock.forward import Expose, Forward
+
+    port, outcomes, server = gevent_server(answer_with_digest)
+    grid_port = 9100 + ["tls/relay", "tls/lz4/tcp", "parallel(streams=4)/tcp"].index(stack)
+    expose = Expose(loopback["m2"], grid_port, port).start()
+    forward = Forward(loopback["m1"], "m2", grid_port, stack=stack).start()
+    try:
+        assert forward.address is not None
+        payload = os.urandom(4 * MIB)
+        conn = gevent.socket.create_connection(forward.address, timeout=IO_TIMEOUT_S)
+        try:
+            conn.sendall(payload)
+            conn.shutdown(socket.SHUT_WR)
+            assert read_all(conn) == hashlib.sha256(payload).hexdigest().encode()
+        finally:
+            conn.close()
+        assert outcomes.get(timeout=IO_TIMEOUT_S) == payload
+        summary = forward.summary()
+        assert (summary["connections"], summary["bytes_to_grid"], summary["bytes_from_grid"]) == (1, 4 * MIB, 64)
+        assert loopback["m1"].assembler.paths()  # (a path was recorded)
+        assert grid_port in loopback["m2"].assembler.listeners
+    finally:
+        forward.stop()
+        expose.stop()
+        server.stop()
+    assert grid_port not in loopback["m2"].assembler.listeners
+    with pytest.raises(ConnectionRefusedError):
+        gevent.socket.create_connection(forward.address, timeout=IO_TIMEOUT_S)
+
+
+def test_stopping_resets_open_connections_at_both_ends_in_process(loopback):
+    import gevent.socket
+
+    from gridsock.forward import Expose, Forward
+
+    def greet_and_read(conn) -> bytes:
+        conn.sendall(b"hi")
+        return read_all(conn)
+
+    port, outcomes, server = gevent_server(greet_and_read)
+    expose = Expose(loopback["m2"], 9110, port).start()
+    forward = Forward(loopback["m1"], "m2", 9110).start()
+    assert forward.address is not None
+    conn = gevent.socket.create_connection(forward.address, timeout=IO_TIMEOUT_S)
+    try:
+        assert conn.recv(2) == b"hi"  # the whole chain is up
+        [listed] = [c for c in loopback["m1"].status()["connections"] if c.get("via") == "forward"]
+        assert listed["local"] == f"127.0.0.1:{conn.getsockname()[1]}" and listed["peer"] == "m2"
+        forward.stop()  # while the connection is open
+        with pytest.raises(ConnectionResetError):
+            read_all(conn)
+        assert isinstance(outcomes.get(timeout=IO_TIMEOUT_S), ConnectionResetError)  # the server: reset too
+        assert not [c for c in loopback["m1"].status()["connections"] if c.get("via") == "forward"]
+    finally:
+        conn.close()
+        forward.stop()
+        expose.stop()
+        server.stop()
