@@ -535,3 +535,16 @@ def test_stopping_resets_open_connections_at_both_ends_in_process(loopback):
         forward.stop()
         expose.stop()
         server.stop()
+
+
+def test_local_addresses_parse():
+    from gridsock.errors import ConfigError
+    from gridsock.forward import parse_local
+
+    assert parse_local("2222", "127.0.0.1") == ("127.0.0.1", 2222)
+    assert parse_local("0.0.0.0:2222", "127.0.0.1") == ("0.0.0.0", 2222)
+    assert parse_local("[::1]:0", "127.0.0.1") == ("::1", 0)
+    assert parse_local("localhost:22", "127.0.0.1") == ("localhost", 22)
+    for bad in ("", ":22", "x", "host:", "host:65536", "host:-1", "[::1]"):
+        with pytest.raises(ConfigError):
+            parse_local(bad, "127.0.0.1")
