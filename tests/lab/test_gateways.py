@@ -108,3 +108,95 @@ def test_a1_and_c1_can_only_be_relayed(grid):
         check(result, "tls/relay", TRANSFER_BYTES)
         assert all(why for _, why in result["tried"])
     assert ECHO_PORT in status(grid, "c1")["listening"]
+
+
+# --- best, not first, with a forced slow gateway ------------------------------------------------
+# A node of this test's own (in c2's host, a member of C) whose SSH dials wait for a gate: its
+# first connection to rv is relayed (tls/tcp has no route, the held ssh loses to the relay); the
+# gate opens, the ssh connection is made after the race, closed unnominated and cached; the
+# second connection goes through the gateway. Its [[via]] names fec's sshd (a member of C has
+# no gateway of its own).
+SLOW_GATEWAY_CLIENT = """
+import json, sys, time
+import gevent, gevent.event
+from gridsock.components import ssh
+from gridsock.node import Node
+from gridsock.rules import Rules
+from gridsock.session import Session
+
+session, leader, listen, key, known_hosts, port = sys.argv[1:7]
+gate = gevent.event.Event()
+real_open = ssh.open_ssh_tunnel
+
+def held_open(*args, **kwargs):
+    gate.wait(60)
+    return real_open(*args, **kwargs)
+
+ssh.open_ssh_tunnel = held_open
+rules = Rules.from_dict({"via": [{"to": "name:rv", "stack": "tls/ssh(gateway=root@10.3.0.1:22)"}]})
+node = Node(Session.load(session), "slowgw", cluster="C", leader=leader, listen_address=listen, control="",
+            agent="", ssh_key=key, ssh_known_hosts=known_hosts, rules=rules, loop="caller").start()
+
+def echo(stream, data):
+    stream.send_all(data)
+    stream.send_eof()
+    got = b""
+    while True:
+        chunk = stream.receive_some(65536)
+        if not chunk:
+            break
+        got += chunk
+    stream.close()
+    return got == data
+
+def path():
+    return {p["peer"]: p for p in node.status()["paths"]}["rv"]
+
+try:
+    assert node.wait_joined(30), "did not join"
+    node.wait_directory(present=["rv"], settled=True, timeout=30)
+    out = {}
+    stream, info = node.open_stream("rv", int(port))
+    out["first"], out["first_tried"] = info.stack, info.detail.get("tried", [])
+    out["first_echo"] = echo(stream, b"relayed first" * 1000)
+    gate.set()
+    deadline = time.monotonic() + 30
+    while path()["better_later"] is None and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    out["path"] = path()
+    stream, info = node.open_stream("rv", int(port))
+    out["second"], out["second_tried"] = info.stack, info.detail.get("tried", [])
+    out["second_echo"] = echo(stream, b"then the gateway" * 1000)
+    print("result " + json.dumps(out), flush=True)
+finally:
+    node.stop()
+"""
+
+
+def test_a_slow_gateway_loses_the_first_race_to_the_relay_and_wins_the_next(grid, tmp_path):
+    import subprocess
+    import sys
+
+    from gridsock.bootstrap.control import call
+
+    script = tmp_path / "slow_gateway_client.py"
+    script.write_text(SLOW_GATEWAY_CLIENT)
+    lab = grid.lab
+    not_taken = call(grid.control("rv"), "status")["assembly"]["not_taken"]
+    done = lab.run("c2", [sys.executable, str(script), grid.session, f"{lab.addr('c1')}:{NODE_PORT}",
+                          f"{lab.addr('c2')}:0", lab.ssh_client_key, lab.ssh_known_hosts, str(ECHO_PORT)],
+                   env=grid.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=180)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("result ")]
+    assert done.returncode == 0 and lines, done.stdout + done.stderr[-3000:]
+    out = json.loads(lines[-1][len("result "):])
+    slow = "tls/ssh(gateway=root@10.3.0.1:22)"
+    assert (out["first"], out["first_echo"]) == ("tls/relay", True)
+    assert [slow, "still trying in the background: tls/relay connected first"] in out["first_tried"]
+    path = out["path"]
+    assert path["better_later"] == slow and path["cached"]["stack"] == slow
+    reasons = {r["stack"]: r["reason"] for r in path["reasons"]}
+    assert reasons[slow].startswith("finished later: better than tls/relay")
+    assert [r["tier"] for r in path["ranking"]] == ["direct", "gateway", "relay"]
+    assert (out["second"], out["second_echo"], out["second_tried"]) == (slow, True, [])
+    # rv closed the late ssh connection without delivering it to its echo service
+    assert call(grid.control("rv"), "status")["assembly"]["not_taken"] >= not_taken + 1
