@@ -70,6 +70,9 @@ class _Splicing(Initiation):
         except OSError as exc:
             sock.close()
             raise self._ctx.fail(f"splice to {remote}: {exc}", method="splice") from exc
+        except BaseException:  # cancelled while sending: the socket must not leak
+            sock.close()
+            raise
         return SocketStream(sock, info={"method": "splice"})
 
     def abort(self) -> None:
@@ -173,24 +176,28 @@ def splice_connect(sock, remote: Address, *, timeout: float = SPLICE_TIMEOUT_S):
     port = sock.getsockname()[1]
     deadline = time.monotonic() + timeout
     last = "no attempt"
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            sock.close()
-            raise ConnectError(f"splice to {remote} from port {port}: {last}", peer=str(remote), method="splice")
-        sock.settimeout(min(SPLICE_ATTEMPT_S, remaining))
-        try:
-            sock.connect((remote.host, remote.port))
-            sock.settimeout(None)
-            sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
-            return sock
-        except gsocket.timeout:
-            last = "no answer"
-        except OSError as exc:
-            last = exc.strerror or str(exc)
-            if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 sock.close()
-                raise ConnectError(f"splice to {remote}: {last}", peer=str(remote), method="splice") from exc
-            gevent.sleep(SPLICE_RETRY_S)
+                raise ConnectError(f"splice to {remote} from port {port}: {last}", peer=str(remote), method="splice")
+            sock.settimeout(min(SPLICE_ATTEMPT_S, remaining))
+            try:
+                sock.connect((remote.host, remote.port))
+                sock.settimeout(None)
+                sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
+                return sock
+            except gsocket.timeout:
+                last = "no answer"
+            except OSError as exc:
+                last = exc.strerror or str(exc)
+                if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+                    sock.close()
+                    raise ConnectError(f"splice to {remote}: {last}", peer=str(remote), method="splice") from exc
+                gevent.sleep(SPLICE_RETRY_S)
+            sock.close()
+            sock = bind_splice_socket(port)
+    except BaseException:  # cancelled (a race lost, a deadline): the socket must not leak
         sock.close()
-        sock = bind_splice_socket(port)
+        raise
