@@ -143,6 +143,8 @@ def served(grid):
     line = wait_for_line(server, "Serving HTTP on ", timeout=RUN_TIMEOUT_S)
     host, port = line.split()[3], int(line.split()[5])
     assert host.startswith(("24", "25"))  # nb's grid address: the personality serves the grid port
+    with open(f"/proc/{server.pid}/maps") as maps:  # (gridsock run became the server: same pid)
+        assert "libproxychains" in maps.read()     # and proxychains is loaded in it
     return port, payload
 
 
@@ -283,6 +285,25 @@ def test_the_environment_and_the_private_configuration(grid):
     deadline = time.monotonic() + CLEANUP_TIMEOUT_S  # (the watcher removes it once the program is gone)
     while os.path.exists(os.path.dirname(seen["conf"])):
         assert time.monotonic() < deadline, f"{seen['conf']} left behind"
+        time.sleep(0.05)
+
+
+@needs_proxychains
+def test_the_configuration_goes_when_the_program_is_killed(grid):
+    """--node: gridsock run became the program; its configuration goes when that process does."""
+    proc = subprocess.Popen(gridsock_argv("run", "--node", "na", "--", "sh", "-c",
+                                          'echo "$PROXYCHAINS_CONF_FILE"; exec sleep 600'),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=grid.env)
+    try:
+        directory = os.path.dirname(wait_for_line(proc, "/", timeout=RUN_TIMEOUT_S))
+        assert os.path.isfile(os.path.join(directory, "proxychains.conf"))
+    finally:
+        proc.kill()
+        proc.wait(timeout=RUN_TIMEOUT_S)
+        proc.stdout.close()
+    deadline = time.monotonic() + CLEANUP_TIMEOUT_S
+    while os.path.exists(directory):
+        assert time.monotonic() < deadline, f"{directory} left behind"
         time.sleep(0.05)
 
 
