@@ -269,6 +269,14 @@ def test_a_server_makes_its_run_directory_0700_and_its_socket_0600(tmp_path):
         server.stop()
 
 
+def test_local_trust_error_is_a_permission_error_and_pickles():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(LocalTrustError("the run directory /x is a symbolic link", "/x")))
+    assert isinstance(error, PermissionError) and error.errno == 13
+    assert (str(error), error.path) == ("the run directory /x is a symbolic link", "/x")
+
+
 # --- run directories that are not private ---------------------------------------------------------
 
 
