@@ -10,7 +10,9 @@ belong to a hub (gevent sockets, events, queues) are made and used in that threa
 ``loop.run_callback_threadsafe`` (the one gevent call that may be made from a foreign thread:
 it queues the callback and wakes the loop), runs it in a greenlet of its own and hands back its
 result, or raises its exception, through a :class:`_Outcome` the caller waits on with a
-``threading.Event``: a real thread primitive, so the caller blocks only itself. After
+``threading.Event``: a real thread primitive, so the caller blocks only itself (a caller whose
+thread runs a gevent hub of its own waits in a worker thread of that hub's pool, so that the
+hub goes on running its other greenlets). After
 ``timeout`` seconds the greenlet is killed (threadsafe again) and the caller gets TimeoutError;
 an interrupt (Ctrl-C in the main thread) kills it too. A call made from the loop thread itself
 runs inline, at the speed of a plain method call.
@@ -115,7 +117,7 @@ class LoopThread:
 
     def wait_finished(self, timeout: Optional[float] = None) -> bool:
         """Wait until the thread has ended; False on timeout."""
-        return self._finished.wait(timeout)
+        return _wait(self._finished, timeout)
 
     # --- the thread --------------------------------------------------------------------------
 
@@ -190,7 +192,7 @@ class LoopThread:
 
         hub.loop.run_callback_threadsafe(start)
         try:
-            finished = outcome.done.wait(timeout)
+            finished = _wait(outcome.done, timeout)
         except BaseException:  # an interrupt: the call must not go on behind the caller's back
             self._abandon(outcome)
             raise
@@ -226,4 +228,13 @@ class LoopThread:
                     self._hub.loop.run_callback_threadsafe(self._exit.set)
         if self.is_current():
             return False
-        return self._finished.wait(timeout)
+        return _wait(self._finished, timeout)
+
+
+def _wait(event: threading.Event, timeout: Optional[float]) -> bool:
+    """``event.wait(timeout)``; in a thread that runs a gevent hub of its own, in a worker thread
+    of that hub's pool, so that its other greenlets (and its signal handlers) run meanwhile."""
+    caller_hub = get_hub_if_exists()
+    if caller_hub is None:
+        return event.wait(timeout)
+    return bool(caller_hub.threadpool.apply(event.wait, (timeout,)))

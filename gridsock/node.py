@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Tuple
 
 import gevent
 import gevent.event
+import gevent.monkey
 
 from . import wire
 from .bootstrap.control import ControlServer, control_path
@@ -186,6 +187,8 @@ class Node:
             loop = "caller" if caller_runs_gevent() else "thread"
         if loop not in LOOP_MODES:
             raise ConfigError(f"loop must be one of {', '.join(LOOP_MODES)}, not {loop!r}")
+        if loop == "thread" and gevent.monkey.is_module_patched("threading"):
+            raise ConfigError("gevent patched threading (its threads are greenlets): run the node with loop='caller'")
         self.loop = loop
         # The node's own thread ("thread" mode), where everything below is made and runs.
         self._thread: Optional[LoopThread] = None

@@ -316,3 +316,51 @@ def test_the_default_loop_follows_the_caller(tmp_path):
             print(Node(Session.load({str(tmp_path / "session" / "session.toml")!r}), "p", control="", agent="").loop)
             """)], capture_output=True, text=True, timeout=PROGRAM_TIMEOUT_S)
     assert (patched.returncode, patched.stdout) == (0, "caller\n"), patched.stderr
+
+
+def test_a_node_of_its_own_thread_in_a_gevent_program(tmp_path):
+    """A gevent program (this test: the loopback grid's nodes run in this thread's hub) may give a
+    node a thread of its own: its calls wait without blocking the program's hub, which must go on
+    serving the grid that node joins through (L1, the rendez-vous node, m2)."""
+    import gevent
+    import gevent.socket
+
+    from gridsock.node import Node, NodeListener
+    from gridsock.testing.grid import JOIN_TIMEOUT_S, NAMES, loopback_grid
+
+    with loopback_grid(tmp_path) as grid:
+        node = Node(grid.session, "t", cluster="A", leader=str(grid["L1"].address), listen_address="127.0.0.1:0",
+                    control="", agent="", loop="thread").start()
+        try:
+            assert node.wait_joined(JOIN_TIMEOUT_S)
+            node.wait_directory(present=NAMES, settled=True, timeout=JOIN_TIMEOUT_S)
+            assert node.ping("m2").route_there[0] == "t"
+            listener = node.listen(9100)
+            assert isinstance(listener, NodeListener)
+
+            def client():  # m2, in this thread's hub, connects to t's grid port
+                stream, _ = grid["m2"].open_stream("t", 9100, stack="tls/tcp")
+                stream.send_all(b"ping")
+                stream.send_eof()
+                answer = b""
+                while True:
+                    data = stream.receive_some(1024)
+                    if not data:
+                        break
+                    answer += data
+                stream.close()
+                return answer
+
+            greenlet = gevent.spawn(client)
+            sock, info = listener.accept(JOIN_TIMEOUT_S)  # (this wait lets the hub run client())
+            with sock:
+                assert info.detail["bridged"] and info.peer_name == "m2"
+                sock.setblocking(False)  # a blocking recv here would stop the hub: read when it is due
+                received = b""
+                while not received.endswith(b"ping"):
+                    gevent.socket.wait_read(sock.fileno(), JOIN_TIMEOUT_S)
+                    received += sock.recv(1024)
+                sock.sendall(b"pong")
+            assert greenlet.get(timeout=JOIN_TIMEOUT_S) == b"pong"
+        finally:
+            node.stop()
