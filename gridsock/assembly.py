@@ -26,7 +26,8 @@ Best, not first: methods are ranked in tiers (:func:`gridsock.rules.tier`: direc
 gateway methods, then ``relay``). When a lower tier wins, the application gets it at once, but
 the candidates of a better tier still under way go on in the background for at most
 ``BETTER_LATE_S``; one that connects is closed unnominated (the server delivers nothing: its
-``not_taken``) and becomes the peer's cached winner, which the next connection tries first.
+``not_taken``) and becomes the peer's cached winner, which the next connection tries first
+(with a head start: ``CACHED_HEAD_START_S``).
 ``gridsock status`` shows the ranking and why (:meth:`Assembler.paths`).
 
 On the server, the method delivers its connection to :meth:`Assembler._deliver`, which waits
@@ -86,6 +87,7 @@ __all__ = [
     "NOMINATE",
     "STAGGER_S",
     "BETTER_LATE_S",
+    "CACHED_HEAD_START_S",
     "ASSEMBLE_TOPIC",
     "method_of",
     "errno_of",
@@ -103,6 +105,9 @@ ASSEMBLY_TIMEOUT_S = 15.0
 # Happy eyeballs: the next candidate starts this long after the previous one, if no candidate
 # has connected by then (RFC 8305's connection attempt delay), or at once when all have failed.
 STAGGER_S = 0.25
+# The peer's cached winner worked moments ago (and may be better than what connects first): the
+# next candidate starts this long after it, unless it fails first. A path gone silent costs this.
+CACHED_HEAD_START_S = 1.0
 # The winner for a peer is tried first for this long; then the rules' order is raced again, so
 # a better method that lost a race (or was down) gets another chance.
 WINNER_TTL_S = 300.0
@@ -473,10 +478,12 @@ class Assembler:
         candidates = self.rules.candidates(me, entry)
         ranking = list(candidates)
         winner, until = self._winners.get(entry.node_id, (None, 0.0))
+        head_start = None
         if winner in candidates and until > time.monotonic():  # what worked last time first
             candidates.remove(winner)
             candidates.insert(0, winner)
-        return self._race(entry, port, candidates, timeout, remember=True, ranking=ranking)
+            head_start = CACHED_HEAD_START_S
+        return self._race(entry, port, candidates, timeout, remember=True, ranking=ranking, head_start=head_start)
 
     def _me(self) -> Optional[wire.NodeEntry]:
         """This node's directory entry, with the gateways it knows of itself
@@ -496,7 +503,7 @@ class Assembler:
         return tier(stack, component)
 
     def _race(self, entry: wire.NodeEntry, port: int, candidates, timeout: float, *, remember: bool,
-              ranking: Optional[Sequence[Stack]] = None):
+              ranking: Optional[Sequence[Stack]] = None, head_start: Optional[float] = None):
         """Happy eyeballs over ``candidates``: return ``(stream, info)`` of the first that works.
 
         The first candidate starts at once; each next one ``STAGGER_S`` after the previous
@@ -507,7 +514,8 @@ class Assembler:
 
         With ``remember`` (the rules' candidates, ``ranking`` their order), a winner of a lower
         tier than candidates still under way leaves those to finish in the background
-        (:meth:`_await_better`), rather than cancelling them.
+        (:meth:`_await_better`), rather than cancelling them. ``head_start``: the first
+        candidate's lead over the second (the cached winner's), instead of ``STAGGER_S``.
         """
         ranked = list(ranking) if ranking is not None else list(candidates)
         order = {str(s): (self._tier(s), i) for i, s in enumerate(ranked)}
@@ -527,7 +535,7 @@ class Assembler:
             greenlet.link(lambda g, i=i: results.put((i, g)))  # type: ignore[misc]  # a lambda with a default argument
             running[i] = greenlet
             started += 1
-            next_start = time.monotonic() + STAGGER_S
+            next_start = time.monotonic() + (head_start if i == 0 and head_start is not None else STAGGER_S)
 
         timed_out: List[bool] = []  # one flag per failed candidate: it failed by a timeout
 
@@ -555,8 +563,8 @@ class Assembler:
                     i, greenlet = results.get(timeout=wait)
                 except gevent.queue.Empty:
                     if started < len(candidates) and time.monotonic() >= next_start:
-                        log.info("node %s: %s to %s not there after %.0f ms; also trying %s", self.node.name,
-                                 candidates[started - 1], entry.name, STAGGER_S * 1000, candidates[started])
+                        log.info("node %s: %s to %s not there yet; also trying %s", self.node.name,
+                                 candidates[started - 1], entry.name, candidates[started])
                         start()
                     continue
                 del running[i]

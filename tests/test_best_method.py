@@ -55,6 +55,7 @@ def m1(loopback, monkeypatch):
     grid, _ = loopback
     node = grid["m1"]
     monkeypatch.setattr(assembly, "STAGGER_S", 0.01)  # the relay starts at once behind the held dial
+    monkeypatch.setattr(assembly, "CACHED_HEAD_START_S", 3600.0)  # a cached winner runs alone unless it fails
     monkeypatch.setattr(node.assembler, "rules", FixedRules(order=("held", "relay")))
     node.assembler._winners.clear()
     HeldMethod.gate.clear()
