@@ -79,8 +79,8 @@ __all__ = ["Rule", "Rules", "SCHEMES", "TIERS", "tier", "own_gateways", "gateway
 SCHEMES = ("cluster", "direct", "relay")
 # The ranks of methods, best first: a race won by a later tier is not the end of it.
 TIERS = ("direct", "gateway", "relay")
-# Methods by tier (any other method, a third party's included, is direct; a component may say
-# otherwise with a ``tier`` class attribute naming one of TIERS).
+# Methods by tier, for components that do not say (a ``tier`` class attribute naming one of
+# TIERS, as ``socks`` and ``ssh`` do); any other method, a third party's included, is direct.
 _METHOD_TIERS = {"socks": "gateway", "ssh": "gateway", "relay": "relay"}
 # A rules file larger than this is surely a mistake.
 MAX_RULES = 1000

@@ -24,6 +24,7 @@ class SocksMethod(TcpMethod):
 
     name = "socks"
     PARAMS = {"proxy": str}
+    tier = "gateway"  # ranked after direct methods, before relay (gridsock.rules.tier)
 
     def __init__(self, proxy: str | None = None, **params) -> None:
         super().__init__(**params)

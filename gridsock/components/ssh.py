@@ -20,6 +20,7 @@ class SshMethod(TcpMethod):
 
     name = "ssh"
     PARAMS = {"gateway": str}
+    tier = "gateway"  # ranked after direct methods, before relay (gridsock.rules.tier)
 
     def __init__(self, gateway: str | None = None, **params) -> None:
         super().__init__(**params)
