@@ -8,9 +8,13 @@ two clusters (so their connections are bridged: ``tls`` from outside a cluster) 
 checks those lines, its exit status and that it wrote no traceback or warning. A case that
 hangs (the bug this guards against: a bridged socket nobody pumps while its caller blocks) is
 ended by the program's own ``faulthandler`` deadline, which prints every thread's stack.
+
+In this process: which loop the default gives (inline where the thread runs gevent), and a
+node with a thread of its own in a gevent program, whose hub must keep running meanwhile.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -237,8 +241,6 @@ print("ok no-hub-here", flush=True)
 
 @pytest.fixture
 def env(run_dir):
-    import os
-
     return dict(os.environ, GRIDSOCK_RUN_DIR=str(run_dir), **STRICT_ENV)
 
 
