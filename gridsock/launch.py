@@ -35,8 +35,9 @@ terminal), so a small watcher process (started with a double fork, in a session 
 holds the read end of a pipe whose write end the program inherits, and removes the directory
 when the last process holding that end is gone.
 
-Where something is missing, a Python program runs with the personality only and one line on
-stderr says what it lacks; any other program is refused (exit 2) with what to install or start.
+Where something is missing, a Python program runs without it (the personality, and the proxy
+variables if the node has a front door) and one line on stderr says what it lacks; any other
+program is refused (exit 2) with what to install or start.
 ``--no-intercept`` runs the program with the personality only: no proxychains, no proxy variables.
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["run_command", "RUN_JOIN_TIMEOUT_S", "PROXYCHAINS", "DEBIAN_PACKAGE", "Launch", "plan_launch",
            "proxychains_config", "proxy_environment", "is_python_program", "LOCAL_NETS", "NO_PROXY"]
@@ -159,7 +160,7 @@ def proxy_environment(host: str, port: int, env: Dict[str, str]) -> Dict[str, st
     return env
 
 
-def _front_door_host_port(address: str) -> tuple:
+def _front_door_host_port(address: str) -> Tuple[str, int]:
     """``host, port`` a program on this host dials for the front door at ``address``; raises
     ConfigError for an address that is not a numeric IP and port."""
     import ipaddress
@@ -261,7 +262,7 @@ def _remove_when_done(directory: str) -> int:
     return write_end
 
 
-def _front_door_of_running_node(name: str) -> tuple:
+def _front_door_of_running_node(name: str) -> Tuple[Optional[str], str]:
     """``(address or None, why none)`` of the front door of node ``name`` on this host."""
     from .bootstrap.control import call, control_path
     from .errors import GridsockError
@@ -287,6 +288,8 @@ def run_command(args) -> int:
     command = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not command:
         raise ConfigError("nothing to run: gridsock run [options] -- command [args...]")
+    if shutil.which(command[0]) is None:
+        raise ConfigError(f"no program {command[0]!r} (not on PATH, or not executable)")
     intercept = not getattr(args, "no_intercept", False)
     if args.node:
         if args.session or args.name:

@@ -310,6 +310,8 @@ def test_the_configuration_goes_when_the_program_is_killed(grid):
 def test_the_exit_status_is_passed_on(grid):
     done = grid.run("--node", "na", "--", "sh", "-c", "exit 7")
     assert done.returncode == 7, done.stderr
+    done = grid.run("--node", "na", "--", "no-such-program-here", text=True)
+    assert done.returncode == 2 and "no program 'no-such-program-here'" in done.stderr, done.stderr
 
 
 def test_without_proxychains_a_python_program_runs_and_any_other_is_refused(grid, tmp_path):
