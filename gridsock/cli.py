@@ -361,7 +361,7 @@ def _format_connections(connections: List[dict]) -> List[str]:
         rows.append((f"#{c['conn']}", c["side"], f"{c['peer']}:{c['port']}", c["stack"],
                      _format_bytes(c.get("bytes_sent")), _format_bytes(c.get("bytes_received")),
                      f"{c['rtt_ms']:.1f} ms" if c.get("rtt_ms") is not None else "-", _format_age(c.get("age_s", 0.0)),
-                     (f"pid {c['pid']}" if c.get("pid") else "a program") if c.get("handed") else "this node"))
+                     _program_of(c)))
         tried[c["conn"]] = c.get("tried", [])
     table = _table(rows)
     lines = table[:1]
@@ -370,6 +370,18 @@ def _format_connections(connections: List[dict]) -> List[str]:
         for stack, why in tried[c["conn"]]:  # what was tried before the winner, and why it failed
             lines.append(f"      {stack} failed: {why}")
     return lines
+
+
+def _program_of(connection: dict) -> str:
+    """Who holds a connection: a program under gridsock run, a front-door client, a forward
+    or expose of the node, or the node itself."""
+    if connection.get("handed"):
+        return f"pid {connection['pid']}" if connection.get("pid") else "a program"
+    if connection.get("front_door"):
+        return f"pid {connection['pid']} (front door)" if connection.get("pid") else "front door"
+    if connection.get("via"):
+        return f"{connection['via']} {connection.get('local', '')}".rstrip()
+    return "this node"
 
 
 def _format_paths(paths: List[dict]) -> List[str]:
@@ -488,6 +500,9 @@ def _cmd_transfer(args) -> int:
     finally:
         handler.cancel()
     if bar is not None:
+        # The last progress message may be one the node's rate limit held back: the result
+        # says how much came back (all of it, or the call raised).
+        bar.update(max(0, int(result["bytes"]) - bar.n))
         bar.close()
     if args.json:
         print(json.dumps(result, sort_keys=True))

@@ -86,29 +86,42 @@ def transfer(node, peer: str, port: int, nbytes: int, *, stack=None, timeout: fl
     sent = hashlib.sha256()
     received = hashlib.sha256()
     count = {"sent": 0, "received": 0}
+    # A break ends a half here, and is raised by transfer() itself (a greenlet that dies of it
+    # would print a traceback in the node's log).
+    broken: list = []
 
     def sender() -> None:
         left = nbytes
-        while left:
-            chunk = os.urandom(min(ECHO_CHUNK_BYTES, left))
-            sent.update(chunk)
-            stream.send_all(chunk)
-            left -= len(chunk)
-            count["sent"] += len(chunk)
-        stream.send_eof()
+        try:
+            while left:
+                chunk = os.urandom(min(ECHO_CHUNK_BYTES, left))
+                sent.update(chunk)
+                stream.send_all(chunk)
+                left -= len(chunk)
+                count["sent"] += len(chunk)
+            stream.send_eof()
+        except (BrokenStreamError, OSError) as exc:
+            broken.append(exc)
 
     def receiver() -> None:
-        while True:
-            data = stream.receive_some(ECHO_CHUNK_BYTES)
-            if not data:
-                return
-            received.update(data)
-            count["received"] += len(data)
+        try:
+            while True:
+                data = stream.receive_some(ECHO_CHUNK_BYTES)
+                if not data:
+                    return
+                received.update(data)
+                count["received"] += len(data)
+        except (BrokenStreamError, OSError) as exc:
+            broken.append(exc)
 
     greenlets = [gevent.spawn(sender), gevent.spawn(receiver)]
     try:
         while len(gevent.joinall(greenlets, timeout=PROGRESS_INTERVAL_S, raise_error=True)) < len(greenlets):
+            if broken:
+                raise broken[0]
             report({"bytes": nbytes, **count})
+        if broken:
+            raise broken[0]
         report({"bytes": nbytes, **count})
     except BaseException:  # failed, or killed (cancelled): nothing may go on moving bytes
         gevent.killall(greenlets)

@@ -37,6 +37,7 @@ def test_run_dir_lives_in_names_and_control_reexports_it(monkeypatch, tmp_path):
     assert run_dir() == str(tmp_path)
     assert control.run_dir is run_dir
     monkeypatch.delenv("GRIDSOCK_RUN_DIR")
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)  # (a private one would be preferred)
     assert run_dir() == f"/tmp/gridsock-{os.getuid()}"
 
 

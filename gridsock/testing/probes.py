@@ -92,7 +92,7 @@ def main(argv=None) -> int:
             key_pem, csr_pem = new_node_key()
             identity = Identity(other.sign_node(csr_pem, "00000000-0000-4000-8000-000000000001"), key_pem)
             context = _plain_tls_context(session)
-            context.load_cert_chain(*identity.cert_files())
+            identity.load_into(context)
         else:
             context = _plain_tls_context(session)
         try:
