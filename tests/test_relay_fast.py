@@ -292,3 +292,25 @@ def test_credit_beyond_the_largest_window_resets():
             world.a.send_all(b"x")
     finally:
         world.stop()
+
+
+# --- the format is offered -------------------------------------------------------------------
+
+
+def test_the_responder_refuses_another_relay_format():
+    from types import SimpleNamespace
+
+    from gridsock.components.relay import RELAY_FORMAT, RelayMethod
+
+    delivered = []
+    manager = RelayManager(lambda dst, payload: None)
+    ctx = SimpleNamespace(node=SimpleNamespace(relay=manager), client=SimpleNamespace(node_id=SRC),
+                          deliver=delivered.append, offer={"conn": 5})  # format 1 said nothing
+    with pytest.raises(RemoteProtocolError, match="relay format 1"):
+        RelayMethod().respond(ctx)  # type: ignore[arg-type]
+    assert len(manager) == 0
+    ctx.offer = {"conn": 5, "format": RELAY_FORMAT}
+    assert RelayMethod().respond(ctx) == {}  # type: ignore[arg-type]
+    assert len(manager) == 1
+    gevent.sleep(0)
+    assert len(delivered) == 1

@@ -63,7 +63,7 @@ from ..methods import Initiation, InitiatorContext, Method, ResponderContext
 from ..streams import DEFAULT_RECEIVE_BYTES, Stream
 
 __all__ = ["RelayMethod", "RelayStream", "RelayManager", "RELAY_WINDOW_BYTES", "RELAY_MAX_WINDOW_BYTES",
-           "RELAY_CHUNK_BYTES"]
+           "RELAY_CHUNK_BYTES", "RELAY_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,16 @@ RELAY_MAX_WINDOW_BYTES = 16 * 1024 * 1024
 # most one of these on a link.
 RELAY_CHUNK_BYTES = 1024 * 1024
 _HEADER = struct.Struct("!IBI")
+# The relay's framing and flow control, offered in the assembly request. 2: DATA of up to 1 MiB
+# and a receiver-sized window (format 1: 64 KiB and a fixed 1 MiB window).
+RELAY_FORMAT = 2
 DATA, EOF, CREDIT, RESET = 1, 2, 3, 4
 _TYPES = {DATA: "DATA", EOF: "EOF", CREDIT: "CREDIT", RESET: "RESET"}
 
 
 class _RelayOpening(Initiation):
     def __init__(self, stream: "RelayStream") -> None:
-        self.offer: Dict[str, Any] = {"conn": stream.conn_id}
+        self.offer: Dict[str, Any] = {"conn": stream.conn_id, "format": RELAY_FORMAT}
         self._stream = stream
 
     def complete(self, answer: Dict[str, Any]) -> Stream:
@@ -98,8 +101,10 @@ class _RelayOpening(Initiation):
 class RelayMethod(Method):
     """``relay``: both ends are :class:`RelayStream` objects of the nodes' :class:`RelayManager`.
 
-    Initiator: open our end under a new connection id and offer the id (``{"conn": id}``).
-    Responder: open the other end under that id and deliver it at once.
+    Initiator: open our end under a new connection id and offer the id and the relay format
+    (``{"conn": id, "format": RELAY_FORMAT}``). Responder: refuse another format (the request
+    is ``bad-request``: both ends must frame and credit alike), else open the other end under
+    that id and deliver it at once.
     """
 
     name = "relay"
@@ -112,6 +117,10 @@ class RelayMethod(Method):
         conn = ctx.offer.get("conn")
         if type(conn) is not int or not 0 <= conn < 2**32:
             raise RemoteProtocolError(f"bad relay connection id {conn!r}")
+        form = ctx.offer.get("format", 1)  # format 1 did not say
+        if form != RELAY_FORMAT:
+            raise RemoteProtocolError(f"relay format {form!r} offered, this node speaks {RELAY_FORMAT} "
+                                      "(1 MiB frames, a growing window): run the same gridsock on both nodes")
         stream = ctx.node.relay.open(ctx.client.node_id, conn)
         gevent.spawn(ctx.deliver, stream)
         return {}
