@@ -622,6 +622,14 @@ class GridSocket(_RealSocket):
         if pending is not None and _readable(pending[0]):
             self._grid_finish(pending)  # (asyncio asks SO_ERROR first; a selector loop may not)
         if self._grid_peer is not None:
+            if not self._grid_unix:
+                # A TCP descriptor (the peer's own, or a bridge's): once reset it is not connected
+                # any more, as the kernel says (ssl's wrap_socket asks, to refuse pre-handshake data).
+                try:
+                    super().getpeername()
+                except OSError as exc:
+                    if exc.errno == errno.ENOTCONN:
+                        raise
             return self._grid_peer
         return super().getpeername()
 

@@ -171,3 +171,39 @@ def test_a_peer_reset_is_connection_reset_error_for_send_and_recv(grid, connect)
             sock.close()
     """)
     assert out.splitlines() == ["recv ConnectionResetError", "send ConnectionResetError"]
+
+
+def test_tls_refuses_data_that_came_before_the_handshake_from_a_peer_that_reset(grid):  # noqa: F811
+    # (CPython's test_ssl.TestPreHandshakeClose: a reset connection is not connected any more,
+    # so wrap_socket() looks for data left behind, and refuses it rather than the handshake.)
+    server = grid.start("nb", """
+        import socket, struct
+        server = socket.create_server(("", 0))
+        print("serving", server.getsockname()[1], flush=True)
+        while True:
+            conn, _ = server.accept()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.sendall(b"HTTP/1.0 307 Temporary Redirect\\r\\nLocation: https://elsewhere\\r\\n\\r\\n")
+            conn.close()
+            # The client's second connection learns that the first one has been reset.
+            barrier, _ = server.accept()
+            barrier.sendall(b"reset done")
+            barrier.close()
+    """)
+    port = int(wait_for_line(server, "serving ", timeout=SCRIPT_TIMEOUT_S).split()[1])
+    out = grid.run("na", f"""
+        import errno, socket, ssl
+        sock = socket.create_connection(("nb", {port}), timeout=30)
+        with socket.create_connection(("nb", {port}), timeout=30) as barrier:
+            assert barrier.recv(100) == b"reset done"
+        try:
+            sock.getpeername()
+        except OSError as exc:
+            print("getpeername", errno.errorcode[exc.errno])
+        try:
+            ssl.create_default_context().wrap_socket(sock, server_hostname="nb")
+        except ssl.SSLError as exc:
+            print("wrap", "before TLS handshake with data" in exc.args[1])
+        sock.close()
+    """)
+    assert out.splitlines() == ["getpeername ENOTCONN", "wrap True"]
