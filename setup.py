@@ -43,7 +43,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "requests>=2.28"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "requests>=2.28", "pycurl>=7.45.3"],
         # The gridsock:// comm backend (gridsock.shims.dask); the tests also use dask.array.
         "dask": ["dask[array,distributed]>=2024.8.0"],
         # mypy and the stubs of the dependencies that ship no types (tox -e typecheck, mypy.ini).

@@ -67,10 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--metrics", metavar="ADDR",
                       help="serve Prometheus metrics on http://ADDR/metrics (HOST:PORT, or PORT on 127.0.0.1; default: off)")
 
-    run = sub.add_parser("run", help="run a command under the socket personality: its Python processes reach "
-                                     "grid nodes by name (a running node's, or a node of its own)",
+    run = sub.add_parser("run", help="run a command on the grid: Python through the socket personality, any other "
+                                     "program through proxychains-ng and the node's front door (a running node's, "
+                                     "or a node of its own)",
                          description=RUN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--node", metavar="NAME", help="use the node NAME running on this host")
+    run.add_argument("--no-intercept", action="store_true",
+                     help="neither proxychains-ng nor the proxy variables: only the socket personality (Python programs)")
     _add_node_options(run, required=False)
     run.add_argument("program", nargs=argparse.REMAINDER, help="-- command [args...]")
     _more_commands(sub)
@@ -89,6 +92,11 @@ and never routed: the addresses are on no interface, they name nodes, and connec
 go through the grid. Servers log their clients by them (e.g. "242.132.145.52 - - ... GET /").
 socket.gethostbyaddr(ADDRESS) in a program under gridsock run gives the node's name
 (docs/personality.md, "Grid addresses").
+
+Programs that are not Python (curl, ssh, ...) and the C extensions of Python programs go
+through the node's front door: the command runs under proxychains-ng (Debian package
+proxychains4), and http_proxy, https_proxy and ALL_PROXY name the front door. --no-intercept:
+the personality only (docs/personality.md, "Which programs, by which mechanism").
 """
 
 
@@ -100,6 +108,9 @@ def _add_node_options(node, *, required: bool) -> None:
     node.add_argument("--listen", metavar="ADDR", help="node port (HOST:PORT or unix:PATH; default 0.0.0.0 and any port)")
     node.add_argument("--advertise", metavar="HOST:PORT", help="address to publish for the node port")
     node.add_argument("--ssh-gateway", metavar="USER@HOST[:PORT]", help="reach the rendez-vous node through this SSH gateway")
+    node.add_argument("--socks-gateway", metavar="HOST[:PORT]",
+                      help="a SOCKS5 proxy out of this node's network: used without rules to reach outside "
+                           "nodes, and to connect back to them")
     node.add_argument("--ssh-key", metavar="FILE", help="private key for SSH gateways (bootstrap and the ssh method)")
     node.add_argument("--ssh-known-hosts", metavar="FILE", help="known_hosts holding the gateways' host keys")
     node.add_argument("--control", metavar="PATH", help="control socket (default: $GRIDSOCK_RUN_DIR/NAME.sock)")
@@ -232,7 +243,7 @@ def _make_node(args):
                 listen_address=args.listen, advertise=args.advertise, ssh_gateway=gateway,
                 control=args.control, rules=rules, ssh_key=args.ssh_key,
                 ssh_known_hosts=args.ssh_known_hosts, metrics=getattr(args, "metrics", None),
-                loop="caller", **_front_door_option(args)).start()
+                socks_gateway=args.socks_gateway, loop="caller", **_front_door_option(args)).start()
 
 
 def _front_door_option(args) -> dict:
@@ -410,6 +421,10 @@ def _format_paths(paths: List[dict]) -> List[str]:
     lines.append(table[0])
     for row, p in zip(table[1:], sorted(paths, key=lambda p: p["peer"])):
         lines.append(row)
+        if p.get("via"):
+            lines.append(f"      via {p['via']}")
+        if p.get("ranking"):
+            lines.append("      ranking: " + ", ".join(f"{r['stack']} ({r['tier']})" for r in p["ranking"]))
         for reason in p["reasons"]:  # why each other candidate is not the path
             lines.append(f"      not {reason['stack']}: {reason['reason']}")
     return lines

@@ -282,6 +282,7 @@ def run_command(args) -> int:
 
     from .agent import agent_path
     from .errors import ConfigError
+    from .names import LocalTrustError, connect_private
     # The launcher of the personality: the one place the framework names it.
     from .personalities.monkey import child_environment
 
@@ -297,7 +298,9 @@ def run_command(args) -> int:
         agent = agent_path(args.node)
         probe = stdsocket.socket(stdsocket.AF_UNIX)
         try:
-            probe.connect(agent)
+            connect_private(probe, agent)  # only our user's agent, served by our user or root
+        except LocalTrustError:
+            raise
         except OSError as exc:
             raise ConfigError(f"no node {args.node} runs here (agent socket {agent}: {exc.strerror or exc})") from None
         finally:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import threading
 import time
 import types
 import uuid
@@ -96,7 +95,7 @@ log = logging.getLogger(__name__)
 DEFAULT_NODE_PORT = 0
 # The front door (gridsock.frontdoor: SOCKS5 and HTTP proxy for programs that are not Python):
 # ``HOST:PORT`` (port 0: the kernel chooses; ``gridsock status`` and the agent tell which), or None.
-DEFAULT_FRONT_DOOR: Optional[str] = None
+DEFAULT_FRONT_DOOR: Optional[str] = "127.0.0.1:0"
 # The routed request a node answers with what it knows of its own paths (gridsock.topology).
 PATHS_TOPIC = "gridsock.paths"
 # No metrics endpoint unless asked for (``HOST:PORT`` or ``PORT``, on loopback: gridsock.metrics).
@@ -181,6 +180,8 @@ class Node:
         ssh_known_hosts: str | None = None,
         metrics: str | None = DEFAULT_METRICS,
         front_door: str | None = DEFAULT_FRONT_DOOR,
+        front_door_options: Mapping[str, Any] | None = None,
+        socks_gateway: str | None = None,
         loop: str | None = DEFAULT_LOOP,
     ) -> None:
         if loop is None:
@@ -195,12 +196,12 @@ class Node:
         self._handed_bridges: "weakref.WeakSet[Any]" = weakref.WeakSet()
         if loop == "caller":
             self._setup(session, name, cluster, leader, listen_address, advertise, ssh_gateway, control, agent,
-                        identity, rules, ssh_key, ssh_known_hosts, metrics, front_door)
+                        identity, rules, ssh_key, ssh_known_hosts, metrics, front_door, front_door_options, socks_gateway)
             return
         self._thread = LoopThread(f"gridsock-node-{name}", on_exit=[self._close_bridges])
         try:
             self._thread.call(None, self._setup, session, name, cluster, leader, listen_address, advertise, ssh_gateway,
-                              control, agent, identity, rules, ssh_key, ssh_known_hosts, metrics, front_door)
+                              control, agent, identity, rules, ssh_key, ssh_known_hosts, metrics, front_door, front_door_options, socks_gateway)
         except BaseException:
             self._thread.end(timeout=STOP_TIMEOUT_S)
             raise
@@ -208,7 +209,8 @@ class Node:
     def _setup(self, session: Session, name: str, cluster: str | None, leader: str | None,
                listen_address: str | None, advertise: str | None, ssh_gateway, control: str | None,
                agent: str | None, identity: Identity | None, rules: Rules | None, ssh_key: str | None,
-               ssh_known_hosts: str | None, metrics: str | None, front_door: str | None) -> None:
+               ssh_known_hosts: str | None, metrics: str | None, front_door: str | None,
+               front_door_options: Mapping[str, Any] | None = None, socks_gateway: str | None = None) -> None:
         """What ``__init__`` makes, in the thread the node runs in (its gevent objects are that
         thread's hub's)."""
         try:
@@ -229,6 +231,12 @@ class Node:
         self.listen_address = parse_address(listen_address or f"0.0.0.0:{DEFAULT_NODE_PORT}")
         self.advertise = parse_address(advertise) if advertise else None
         self.ssh_gateway = ssh_gateway
+        # A SOCKS5 proxy out of this node's network (gridsock.rules.own_gateways), HOST:PORT.
+        socks = parse_address(socks_gateway, default_port=1080) if socks_gateway else None
+        if socks is not None and socks.is_unix:
+            raise ConfigError("a SOCKS gateway is HOST:PORT, not a Unix socket")
+        self.socks_gateway = str(socks) if socks is not None else None
+        self.started_at: Optional[float] = None
         # Credentials for the ``ssh`` data method (the bootstrap gateway's, unless given).
         self.ssh_key = ssh_key or (ssh_gateway.key_filename if ssh_gateway else None)
         self.ssh_known_hosts = ssh_known_hosts or (ssh_gateway.known_hosts if ssh_gateway else None)
@@ -263,6 +271,7 @@ class Node:
         self.router.handlers[PATHS_TOPIC] = self._answer_paths
         self._front_door_address = parse_address(front_door) if front_door else None
         self._front_door: Any = None  # a gridsock.frontdoor.FrontDoor once started
+        self._front_door_options = dict(front_door_options or {})  # its keywords (users, pass_through, ...)
         # Prometheus metrics (gridsock.metrics), served from start() when an address is given.
         self._metrics_address = None
         self._metrics: Optional["NodeMetrics"] = None
@@ -365,17 +374,24 @@ class Node:
             self._in_node_thread(None, self.start)
             _running_nodes.add(self)
             return self
-        if self._metrics is not None and self._metrics_address is not None:
-            self._metrics.serve(self._metrics_address)  # first: a port in use fails before anything runs
-        self._node_port.open()
-        if self._control_path:
-            self._control = ControlServer(self._control_path, self._control_op).start()
-        if self._agent_path:
-            self._agent = AgentServer(self, self._agent_path).start()
-        if self._front_door_address is not None:
-            from .frontdoor import FrontDoor
+        try:
+            if self._metrics is not None and self._metrics_address is not None:
+                self._metrics.serve(self._metrics_address)  # first: a port in use fails before anything runs
+            # The local sockets before the node port: a run directory refused (another user's)
+            # fails here with nothing of the node's open to the network.
+            if self._control_path:
+                self._control = ControlServer(self._control_path, self._control_op).start()
+            if self._agent_path:
+                self._agent = AgentServer(self, self._agent_path).start()
+            self._node_port.open()
+            if self._front_door_address is not None:
+                from .frontdoor import FrontDoor
 
-            self._front_door = FrontDoor(self, self._front_door_address).start()
+                self._front_door = FrontDoor(self, self._front_door_address, **self._front_door_options).start()
+        except BaseException:
+            self._stop()  # what did open closes again
+            raise
+        self.started_at = time.time()
         self._greenlets = [gevent.spawn(self._node_port.serve), gevent.spawn(self._uplink.serve)]
         log.info("node %s (%s) started; node port %s", self.name, self.role, self.address)
         return self
@@ -617,6 +633,7 @@ class Node:
             "meta_links": self.meta.status(),
             "listening": sorted(self.assembler.listeners),
             "front_door": str(self._front_door.address) if self._front_door is not None else None,
+            "started_at": self.started_at,
         }
 
     def _answer_paths(self, delivery: Delivery) -> bytes:
