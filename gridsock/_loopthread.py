@@ -40,7 +40,7 @@ import gevent.event
 import gevent.monkey
 from gevent._hub_local import get_hub_if_exists
 
-from .errors import GridsockError
+from .errors import LoopEndedError
 
 __all__ = ["LoopThread", "LoopEndedError", "caller_runs_gevent", "THREAD_START_TIMEOUT_S"]
 
@@ -50,10 +50,6 @@ log = logging.getLogger(__name__)
 THREAD_START_TIMEOUT_S = 30.0
 # At its end, the thread lets its hub run what is due (closes finished by callbacks) this long at most.
 EXIT_DRAIN_S = 1.0
-
-
-class LoopEndedError(GridsockError):
-    """The node's thread has ended (the node was stopped): the call was not run."""
 
 
 def caller_runs_gevent() -> bool:

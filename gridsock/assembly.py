@@ -66,7 +66,8 @@ import gevent.event
 import gevent.queue
 
 from . import wire
-from .errors import ConfigError, ConnectError, ConnectTimeoutError, GridsockError, RemoteProtocolError, RoutingError
+from .errors import (ConfigError, ConnectError, ConnectRefusedError, ConnectTimeoutError, GridsockError,
+                     RemoteProtocolError, RoutingError)
 from .methods import Arrival, InitiatorContext, MethodRefusal, ResponderContext
 from .registry import Registry, default_registry
 from .rules import TIERS, Rules, gateways_of, tier
@@ -764,8 +765,10 @@ class Assembler:
                 raise ConnectError(f"assembly request to {entry.name} failed: {exc}", peer=entry.name,
                                    method=name) from exc
             if isinstance(answer, wire.AssemblyRefuse):
-                refusal = ConnectError(f"{entry.name} refused {stack}", peer=entry.name, method=name,
-                                       tried=[(str(stack), answer.reason)])
+                # ("unreachable": only the server's side of this method failed; others may not)
+                kind = ConnectError if answer.code == "unreachable" else ConnectRefusedError
+                refusal = kind(f"{entry.name} refused {stack}", peer=entry.name, method=name,
+                               tried=[(str(stack), answer.reason)])
                 refusal.code = answer.code
                 raise refusal
             if not isinstance(answer, wire.AssemblyAccept):

@@ -18,10 +18,12 @@ __all__ = [
     "LocalProtocolError",
     "RemoteProtocolError",
     "ConnectError",
+    "ConnectRefusedError",
     "AuthError",
     "ConnectTimeoutError",
     "BrokenStreamError",
     "RoutingError",
+    "LoopEndedError",
 ]
 
 
@@ -98,6 +100,16 @@ class ConnectError(GridsockError, ConnectionError):
         return (type(self), (self.args[0], self.peer, self.method, self.tried, self.code))
 
 
+class ConnectRefusedError(ConnectError, ConnectionRefusedError):
+    """The server refused the connection: ``code`` says why (``refused``: nothing listens on the
+    port; ``policy``: its policy does not accept the stack; see :data:`gridsock.wire.REFUSAL_CODES`).
+    No other method would change its answer, so none was tried after it.
+
+    A ``ConnectError`` (and so a ``ConnectionError``), and a ``ConnectionRefusedError`` as a
+    refused TCP connect would raise.
+    """
+
+
 class ConnectTimeoutError(ConnectError, TimeoutError):
     """A connection could not be made in time: every attempt timed out (a dial whose SYN went
     unanswered, a connect's deadline). A program gets ``ETIMEDOUT`` for it."""
@@ -120,3 +132,7 @@ class RoutingError(GridsockError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.args[0], self.dst))
+
+
+class LoopEndedError(GridsockError):
+    """The node's thread has ended (the node was stopped): the call was not run."""

@@ -60,9 +60,9 @@ from .bootstrap.nodeport import NodePort
 from .bootstrap.routing import REQUEST_TIMEOUT_S, Delivery, Handler, PingResult, Requests, Router
 from .bootstrap.transport import Address, parse_address
 from .bootstrap.uplink import FATAL_REFUSALS, RECONNECT_INITIAL_S, RECONNECT_MAX_S, Uplink
-from .errors import ConfigError, ConnectError, GridsockError, RoutingError
+from .errors import ConfigError, ConnectError, ConnectRefusedError, GridsockError, LoopEndedError, RoutingError
 from .session import Identity, Session
-from ._loopthread import LoopEndedError, LoopThread, caller_runs_gevent
+from ._loopthread import LoopThread, caller_runs_gevent
 from .agent import AgentServer
 from .assembly import ASSEMBLE_TOPIC, ASSEMBLY_TIMEOUT_S, DATA_PREAMBLE, Assembler, ConnectionInfo, DataListener
 from .components.relay import RelayManager
@@ -122,16 +122,6 @@ CONTROL_OPS_ELSEWHERE: Mapping[str, str] = types.MappingProxyType({
     "forward": "gridsock.forward:control_forward",
     "expose": "gridsock.forward:control_expose",
 })
-
-
-class ConnectRefusedError(ConnectError, ConnectionRefusedError):
-    """The server refused the connection: ``code`` says why (``refused``: nothing listens on the
-    port; ``policy``: its policy does not accept the stack; see :data:`gridsock.wire.REFUSAL_CODES`).
-    No other method would change its answer, so none was tried after it.
-
-    A ``ConnectError`` (and so a ``ConnectionError``), and a ``ConnectionRefusedError`` as a
-    refused TCP connect would raise.
-    """
 
 
 def _refused(exc: ConnectError) -> ConnectError:
