@@ -35,6 +35,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from . import agentwire, wire
 from .errors import RemoteProtocolError
+from .names import LocalTrustError, connect_private
 
 __all__ = ["AgentClient", "AgentChannel", "AgentListener", "AGENT_ENV", "AGENT_TIMEOUT_S", "NAME_CACHE_S"]
 
@@ -191,12 +192,17 @@ class AgentClient:
 
     def open(self, *, timeout: Optional[float] = _DEFAULT) -> AgentChannel:
         """A new connection to the agent (socket timeout ``timeout``, default the client's).
-        Raises ConnectionRefusedError if no agent answers at ``path``."""
+        Raises ConnectionRefusedError if no agent answers at ``path``; LocalTrustError (a
+        PermissionError) if the socket or its directory is not this user's, or its server runs
+        as another user."""
         cls = self.socket_class or socket.socket
         sock = cls(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(self.timeout if timeout is _DEFAULT else timeout)
-            sock.connect(self.path)
+            connect_private(sock, self.path)  # only our user's socket, served by our user or root
+        except LocalTrustError:
+            sock.close()
+            raise
         except OSError as exc:
             sock.close()
             raise ConnectionRefusedError(errno.ECONNREFUSED,

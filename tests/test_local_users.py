@@ -10,7 +10,6 @@ nothing sleeps.
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import pwd
@@ -304,8 +303,6 @@ def test_a_node_and_status_refuse_a_run_directory_squatted_by_another_user(grid,
     assert [clients_seen(proc, squat / name) for proc, name in zip(planted, ("n1.sock", "n1.agent"))] == [[], []]
 
 
-@pytest.mark.xfail(strict=True, reason="gridsock/agentclient.py and launch.py do not call "
-                                       "gridsock.names.connect_private yet (see the report of issue 16)")
 def test_the_agent_client_and_gridsock_run_refuse_a_squatted_run_directory(grid, shared, fake_server):
     squat = squatted_dir(shared, "squat-agent")
     planted = fake_server(squat / "n1.agent", NOBODY.pw_uid)
