@@ -1,9 +1,10 @@
 """The README's Quick start, run in the lab as written.
 
-Every command of the Quick start's block runs in the lab host it belongs to: the host of the node
-it names (``--name``, ``--node``, ``--from``), the rendez-vous host for ``session new`` and
-``rendezvous``. Daemons (``rendezvous``, ``node``, the ``http.server`` under ``gridsock run``)
-run in the background, each waited for on the line it prints when ready. Then the end-to-end
+Every command of the Quick start's block runs in the lab host it belongs to: the host its comment
+names, else the host of the node it names (``--name``, ``--node``, ``--from``), the rendez-vous
+host for ``session new`` and ``rendezvous``. Daemons (``rendezvous``, ``node``, the
+``http.server`` servers, ``expose`` and ``forward``) run in the background, each waited for on
+the line it prints when ready. Then the end-to-end
 check of the same section: ``gridsock echo`` and ``gridsock transfer`` as its text gives them.
 Last, the section's Python block, as a program of its own on the host its first comment names,
 with the Quick start's nodes and ``http.server`` still running; what it prints is what its
@@ -22,6 +23,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -40,7 +42,7 @@ def quick_start() -> tuple[list[str], str]:
     """The Quick start's shell lines (continuations joined, comments kept) and its whole text."""
     text = README.read_text(encoding="utf-8")
     section = text[text.index("## Quick start on a real grid"):text.index("\n## The grid lab")]
-    block = section[:section.index("From Python:")]
+    block = section[:section.index("From Python")]
     lines = [line[4:] for line in block.splitlines() if line.startswith("    ")]
     joined = "\n".join(lines).replace("\\\n", " ")
     commands = [line for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
@@ -51,12 +53,19 @@ def python_block() -> str:
     """The Quick start's ``python`` block (after "From Python:")."""
     text = README.read_text(encoding="utf-8")
     section = text[text.index("## Quick start on a real grid"):text.index("\n## The grid lab")]
-    after = section[section.index("From Python:"):]
+    after = section[section.index("From Python"):]
     return after[after.index("```python\n") + len("```python\n"):after.index("\n```", after.index("```python"))] + "\n"
 
 
-def host_of(argv: list[str]) -> str:
-    """The lab host a Quick start command runs on."""
+# A line's host, when its comment names it ("# b2", "# a2: any program").
+HOST_COMMENT = re.compile(r"#\s*(rv|[abc][12])\b[^#]*$")
+
+
+def host_of(argv: list[str], line: str = "") -> str:
+    """The lab host a Quick start command runs on: its comment's, else the node it names."""
+    named = HOST_COMMENT.search(line)
+    if named is not None:
+        return named.group(1)
     if argv[1] in ("session", "rendezvous"):
         return "rv"
     for option in ("--name", "--node", "--from"):
@@ -71,8 +80,12 @@ def ready_line(argv: list[str]) -> str | None:
         return "rendezvous listening"
     if argv[1] == "node":
         return f"joined {argv[argv.index('--name') + 1]} "
-    if argv[1] == "run" and "http.server" in argv:
+    if "http.server" in argv:  # under gridsock run, or a plain local one
         return "Serving HTTP"
+    if argv[:2] == ["gridsock", "expose"]:
+        return "exposing "
+    if argv[:2] == ["gridsock", "forward"]:
+        return "forwarding "
     return None
 
 
@@ -92,18 +105,19 @@ def shell(lab, tmp_path, env):
     def argv_of(line: str) -> list[str]:
         line = line.replace(f"{STATE_ROOT}/{DEFAULT_PREFIX}/", f"{lab.state_dir}/")
         argv = shlex.split(line, comments=True)
-        assert argv[0] == "gridsock", line
+        assert argv[0] in ("gridsock", "python3", "curl"), line
         return argv
 
     def run(line: str) -> subprocess.CompletedProcess:
         argv = argv_of(line)
         ready = ready_line(argv)
-        command = gridsock_argv(*argv[1:])
+        command = gridsock_argv(*argv[1:]) if argv[0] == "gridsock" else argv
+        host = host_of(argv, line)
         if ready is None:
-            return lab.run(host_of(argv), command, cwd=tmp_path, env=env, capture_output=True, text=True,
+            return lab.run(host, command, cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=COMMAND_TIMEOUT_S)
         with open(tmp_path / f"daemon{len(daemons)}.log", "wb") as log:
-            proc = lab.spawn(host_of(argv), command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=log)
+            proc = lab.spawn(host, command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=log)
         daemons.append(proc)
         wait_for_line(proc, ready, timeout=READY_TIMEOUT_S)
         return subprocess.CompletedProcess(command, 0)
@@ -127,6 +141,14 @@ def test_the_quick_start_runs_as_written(shell, lab, tmp_path, env):
     assert " hop(s): a2 > " in ping and ping.split(";")[0].endswith("> c1"), ping
     urlopen = next(out for line, out in outputs.items() if "urlopen" in line)
     assert urlopen == "200\n"
+    # curl under gridsock run (the front door), and through expose and forward: b2's listings.
+    for fetched in ("index.html", "forwarded.html"):
+        assert "Directory listing for /" in (tmp_path / fetched).read_text(), fetched
+    netcheck = next(out for line, out in outputs.items() if line.startswith("gridsock netcheck"))
+    assert "c1" in netcheck and "gateway" in netcheck.lower(), netcheck
+    picture = ElementTree.parse(tmp_path / "grid.svg").getroot()
+    drawn = " ".join(picture.itertext())
+    assert all(name in drawn for name in ("a1", "a2", "b1", "b2", "c1", "rendez-vous node")), drawn
 
     # "Check a path end to end": the two commands of its text, then the stack it names.
     echo, transfer = re.findall(r"`(gridsock (?:echo|transfer) [^`]+)`", section)
