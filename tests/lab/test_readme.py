@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,11 @@ def ready_line(argv: list[str]) -> str | None:
     if argv[:2] == ["gridsock", "forward"]:
         return "forwarding "
     return None
+
+
+def argv_of_readme(line: str) -> list[str]:
+    """A README command's words (its comment dropped)."""
+    return shlex.split(line, comments=True)
 
 
 @pytest.fixture
@@ -160,6 +166,25 @@ def test_the_quick_start_runs_as_written(shell, lab, tmp_path, env):
         assert result.returncode == 0, f"{line}\n{result.stdout}\n{result.stderr}"
         assert re.fullmatch(r"67108864 bytes each way to b2:9000 over \S+: ok, .*\n", result.stdout), result.stdout
     assert " over tls/relay: ok" in result.stdout
+
+    # "Paths and connections": the commands its text gives, as written.
+    prose = " ".join(section.split())  # (a command may be cut over two lines)
+    top, netcheck_line, graph = (re.search(rf"`(gridsock {what} [^`]+)`", prose).group(1)
+                                 for what in ("top", "netcheck", "status --node a2 --graph"))
+    for line in (netcheck_line, graph):
+        result = shell(line)
+        assert result.returncode == 0, f"{line}\n{result.stdout}\n{result.stderr}"
+    assert "inbound" in shell(netcheck_line).stdout.lower()
+    argv = argv_of_readme(top)
+    viewer = lab.spawn(host_of(argv, top), gridsock_argv(*argv[1:]), cwd=tmp_path, env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_line(viewer, "node a2", timeout=READY_TIMEOUT_S)  # its first frame's header
+        viewer.send_signal(signal.SIGINT)  # "Ctrl-C ends it"
+        _, stderr = viewer.communicate(timeout=COMMAND_TIMEOUT_S)
+        assert viewer.returncode == 0 and b"Traceback" not in stderr, stderr
+    finally:
+        stop_process(viewer)
 
     # "From Python": the block as a program, plain CPython, on the host its first line names.
     block = python_block()
