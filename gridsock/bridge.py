@@ -82,7 +82,9 @@ Caveat: the pumps run in the gevent hub of the thread that made the bridge. The 
 may block on the app end in another thread, or use it non-blocking (asyncio, selectors) in any
 thread; but a greenlet of that hub's thread must not make a *blocking* call on it (``recv``
 would wait for bytes that only the hub, now blocked, could deliver). There, use
-``gevent.socket.socket(fileno=sock.detach())`` or the socket personality.
+``gevent.socket.socket(fileno=sock.detach())`` or the socket personality. With
+``Node(loop="thread")``, the default in a plain program, the hub is the node's own thread, so
+this caveat applies only to ``loop="caller"``.
 
 When the stack is plain kernel TCP there is nothing to pump: the framework hands over the TCP
 socket itself, as a :class:`HandedSocket` (see "Breaks").

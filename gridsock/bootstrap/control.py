@@ -1,7 +1,7 @@
 """The local control socket: how ``gridsock status`` and ``gridsock ping`` talk to a running process.
 
-Every rendez-vous node and node process serves a Unix socket (mode 0600, so only its user can
-use it) that speaks the wire codec: the client sends ``Control(op, args)``, the process answers
+Every rendez-vous node and node process serves a Unix socket (in a private directory, so only
+its user can use it) that speaks the wire codec: the client sends ``Control(op, args)``, the process answers
 ``ControlReply(ok, result, error)``. Paths default to ``<run dir>/<name>.sock``
 (:func:`gridsock.names.run_dir`).
 
