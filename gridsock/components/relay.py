@@ -73,14 +73,15 @@ RELAY_WINDOW_BYTES = 4 * 1024 * 1024
 # The largest window: about 800 MB/s over 20 ms of round trip. It bounds what one relayed
 # connection can queue on a node (the links' bulk queues hold SEND_QUEUE_BULK_BYTES).
 RELAY_MAX_WINDOW_BYTES = 16 * 1024 * 1024
-# Data per routed message: large, so per-message work (header, routing, a write) is small
-# against the copy and the TLS of its bytes; a quarter of the initial window keeps the pipe
-# full while credit returns; well under MAX_PAYLOAD_BYTES; a control frame waits behind at
-# most one of these on a link.
-RELAY_CHUNK_BYTES = 1024 * 1024
+# Data per routed message: large enough that per-message work (header, routing, a write:
+# about 20 us a hop) is a few per cent of the copy and the TLS of its bytes; small enough
+# that a control frame, which waits behind at most one of these on a link, waits no longer
+# than behind the links' usual coalesced write (RECV_CHUNK_BYTES), and that the initial window
+# holds 16 of them, which keeps the pipe full while credit returns.
+RELAY_CHUNK_BYTES = 256 * 1024
 _HEADER = struct.Struct("!IBI")
-# The relay's framing and flow control, offered in the assembly request. 2: DATA of up to 1 MiB
-# and a receiver-sized window (format 1: 64 KiB and a fixed 1 MiB window).
+# The relay's framing and flow control, offered in the assembly request. 2: DATA of up to
+# 256 KiB and a receiver-sized window (format 1: 64 KiB and a fixed 1 MiB window).
 RELAY_FORMAT = 2
 DATA, EOF, CREDIT, RESET = 1, 2, 3, 4
 _TYPES = {DATA: "DATA", EOF: "EOF", CREDIT: "CREDIT", RESET: "RESET"}
@@ -120,7 +121,7 @@ class RelayMethod(Method):
         form = ctx.offer.get("format", 1)  # format 1 did not say
         if form != RELAY_FORMAT:
             raise RemoteProtocolError(f"relay format {form!r} offered, this node speaks {RELAY_FORMAT} "
-                                      "(1 MiB frames, a growing window): run the same gridsock on both nodes")
+                                      "(256 KiB frames, a growing window): run the same gridsock on both nodes")
         stream = ctx.node.relay.open(ctx.client.node_id, conn)
         gevent.spawn(ctx.deliver, stream)
         return {}
