@@ -73,8 +73,9 @@ SEND_QUEUE_FRAMES = 4096
 # back-pressure); forwarded traffic is never held up, its senders are.
 HIGH_WATER_FRAMES = 1024
 # Bulk (relayed) bytes queued for one peer before it counts as too slow and is dropped. Relayed
-# connections are flow-controlled end to end (one window each), so only a peer that stopped
-# reading, or hundreds of relayed connections through one link at once, get there.
+# connections are flow-controlled end to end (one window each: 4 MiB, up to 16 MiB on a long
+# fast path), so only a peer that stopped reading, or dozens of relayed connections queued
+# behind one slow link at once, get there.
 SEND_QUEUE_BULK_BYTES = 256 * 1024 * 1024
 # A node originating relayed data waits while a link holds more bulk bytes than this.
 HIGH_WATER_BULK_BYTES = 16 * 1024 * 1024

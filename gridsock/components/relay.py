@@ -36,9 +36,11 @@ its window, and when the application consumed that batch faster than the path's
 bandwidth-delay product needs (consumption rate x 2 round trips > window), it doubles the
 window, up to ``RELAY_MAX_WINDOW_BYTES``, by granting more than was consumed. The round trip
 is measured by the receiver itself: data beyond the limit a credit raised cannot arrive before
-one round trip after the credit left, so that delay is a sample of the path's round trip, the
-time the nodes on it take to forward included (a busy node's scheduling delays are part of the
-path); the estimate is their moving average (TCP's 7/8 smoothing).
+one round trip after the credit left, so that delay is a sample of the path's round trip
+(forwarding time included), and the estimate is the shortest sample seen: the path's own
+round trip, without the queues. A moving average would count the queue a bottleneck hop
+holds (the window itself, waiting there) as path, enlarge the window for it, and so grow the
+queue, up to the largest window, on every slow path.
 
 Cost. The data path copies each byte once per node: the sender copies the application's
 bytes into the routed payload (joined to the 9-byte header), each forwarding hop copies the
@@ -140,8 +142,8 @@ class RelayStream(Stream):
         # Receiving: the window we give the peer, what the application consumed that we have
         # not credited back yet, and what arrived and was not credited (bounds a misbehaving
         # sender); the window's tuning: the peer's limit (bytes it may send in all), the
-        # pending round-trip probe (when a credit left, the limit before it), the smoothed
-        # round trip, and when the last credit left.
+        # pending round-trip probe (when a credit left, the limit before it), the shortest
+        # round trip seen, and when the last credit left.
         self._window = RELAY_WINDOW_BYTES
         self._received_unacked = 0
         self._in_flight_to_us = 0
@@ -272,7 +274,7 @@ class RelayStream(Stream):
             probe = self._probe
             if probe is not None and self.bytes_received > probe[1]:  # sent after our credit came
                 sample = time.monotonic() - probe[0]
-                self.rtt_s = sample if self.rtt_s is None else 0.875 * self.rtt_s + 0.125 * sample
+                self.rtt_s = sample if self.rtt_s is None else min(self.rtt_s, sample)
                 self._probe = None
             if not self._closed and data:
                 self._chunks.append(data)
