@@ -10,7 +10,7 @@ socket, a Unix socket ``<run dir>/<name>.agent`` (mode 0600: only its user). A c
 - ``whoami`` -> ``{name, node_id, cluster, ip}``: this node, and its grid address.
 - ``resolve {host}`` -> ``{name, node_id, ip}`` for a node name, ``NAME.grid`` or a grid address;
   error ``EAI_NONAME`` if the grid knows no such node.
-- ``connect {host, port, timeout, stack}`` -> ``{peer, ip, port, stack, tried}`` with the
+- ``connect {host, port, timeout, stack}`` -> ``{peer, ip, port, local_port, stack, tried}`` with the
   connected socket's descriptor attached (``SCM_RIGHTS``): the kernel TCP socket itself for a
   plain ``tcp`` stack, else one end of a loopback TCP pair the node bridges to the stack (TCP,
   so that TCP options and ``ssl`` work on it as on any TCP socket). The agent
@@ -21,7 +21,12 @@ socket, a Unix socket ``<run dir>/<name>.agent`` (mode 0600: only its user). A c
   connection then carries one ``ControlReply`` per connection accepted on that grid port,
   ``{peer, ip, port, peer_port, stack}`` with its descriptor attached. The application's listening socket
   *is* this connection, so it is readable exactly when a connection waits to be accepted. When
-  the application closes it, the node stops serving the port.
+  the application closes it, the node stops serving the port. ``peer_port`` is the client port
+  the client's node sent in its assembly request, which its agent answered the client as
+  ``local_port``: the server's getpeername() is the client's getsockname().
+- A connect to a grid port of this node that a program of this agent listens on is answered
+  once the connection is announced there (``ANNOUNCE_WAIT_S``): in the backlog before the
+  client's connect returns, as on TCP's loopback.
 - ``listen {port, deferred: true}`` -> ``{port, ip}``: the port is only reserved (a socket that is
   bound but not listening): the node refuses connections to it, as TCP does, and no other
   ``listen`` gets it. The client's next request on that connection, ``listen {port}`` with the
@@ -44,9 +49,10 @@ import logging
 import os
 import socket
 import struct
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import gevent
+import gevent.event
 from gevent import socket as gsocket
 
 from . import agentwire, wire
@@ -63,9 +69,16 @@ log = logging.getLogger(__name__)
 
 # Grid ports the agent hands out for ``listen`` on port 0 (IANA's dynamic range).
 EPHEMERAL_PORTS = range(49152, 65536)
-# What getpeername() gives as the port of an accepted connection's client (grid connections have
-# no client port): distinct per connection, from the connection's number.
+# What getpeername() gives as the port of an accepted connection's client when its node did not
+# say (a node that predates the assembly request's client_port): distinct per connection.
 PEER_PORTS = range(1024, 65536)
+# A connect to a grid port of this very node that a program of this agent serves returns only
+# once the connection is announced on the listening socket (in its backlog, as TCP's loopback
+# connections are), or after this long (the server dropped it: its backlog was full, it closed).
+ANNOUNCE_WAIT_S = 5.0
+# Announcements of connections between programs of this node kept for a connect to wait on
+# (a connect made without the agent, Node.connect in process, leaves one: the oldest go).
+MAX_ANNOUNCED = 1024
 # A non-blocking connect's filler (see AgentServer._connect_into): a socketpair's send buffer at
 # its smallest is a few KiB; this bounds what the agent reads for a client.
 MAX_FILLER_BYTES = 1 << 20
@@ -86,6 +99,10 @@ class AgentServer(UnixServer):
         self.node = node
         self._next_port = EPHEMERAL_PORTS.start
         self._reserved: set = set()  # grid ports bound by programs that do not listen yet
+        self._serving: set = set()  # grid ports that programs of this agent listen on
+        # (port, client port) of a connection between two programs of this node -> set once the
+        # listening program has it (see ANNOUNCE_WAIT_S), oldest first.
+        self._announced: Dict[Tuple[int, int], gevent.event.Event] = {}
 
     def _handle(self, conn) -> None:
         app = None
@@ -176,10 +193,38 @@ class AgentServer(UnixServer):
             raise _Failure("EINVAL", str(exc)) from exc
         except ConnectError as exc:
             raise _Failure(_errno_of(exc), str(exc)) from exc
-        result = {"peer": entry.name, "ip": grid_ip(entry.node_id), "port": port, "stack": info.stack,
-                  "tried": [list(t) for t in info.detail.get("tried", [])]}
+        result = self._connected(entry, port, info)
         self.node.assembler.hand_over(info, sock, pid)  # listed until the program closes it
         return result, sock
+
+    def _connected(self, entry: wire.NodeEntry, port: int, info) -> Dict[str, Any]:
+        """The answer to a connect that succeeded: ``{peer, ip, port, local_port, stack, tried}``
+        (``local_port``: the client port the server was told, what its getpeername() gives).
+        A connection to a program of this node is in its backlog first (:meth:`_await_announced`)."""
+        local_port = info.detail.get("client_port")
+        if local_port and entry.node_id == self.node.node_id and port in self._serving:
+            self._await_announced(port, local_port)
+        return {"peer": entry.name, "ip": grid_ip(entry.node_id), "port": port, "local_port": local_port,
+                "stack": info.stack, "tried": [list(t) for t in info.detail.get("tried", [])]}
+
+    def _announced_event(self, port: int, client_port: int) -> gevent.event.Event:
+        event = self._announced.get((port, client_port))
+        if event is None:
+            event = self._announced[(port, client_port)] = gevent.event.Event()
+            while len(self._announced) > MAX_ANNOUNCED:
+                self._announced.pop(next(iter(self._announced)))
+        return event
+
+    def _await_announced(self, port: int, client_port: int) -> None:
+        """Wait (at most ANNOUNCE_WAIT_S) until the connection from ``client_port`` to ``port`` of
+        this node has been announced to the program listening there."""
+        event = self._announced_event(port, client_port)
+        try:
+            if not event.wait(ANNOUNCE_WAIT_S):
+                log.info("agent: connection from client port %d to grid port %d not announced within %g s",
+                         client_port, port, ANNOUNCE_WAIT_S)
+        finally:
+            self._announced.pop((port, client_port), None)
 
     def _connect_into(self, conn, args: Dict[str, Any], app) -> None:
         """``connect`` for a non-blocking connect: the application sent its end of a socketpair,
@@ -199,8 +244,7 @@ class AgentServer(UnixServer):
                 raise _Failure("EINVAL", str(exc)) from exc
             except ConnectError as exc:
                 raise _Failure(_errno_of(exc), str(exc)) from exc
-            result = {"peer": entry.name, "ip": grid_ip(entry.node_id), "port": port, "stack": info.stack,
-                      "tried": [list(t) for t in info.detail.get("tried", [])]}
+            result = self._connected(entry, port, info)
             _send(conn, wire.ControlReply(True, result))
         except _Failure as exc:
             _send(conn, agentwire.failure(exc.errno, str(exc)))
@@ -240,6 +284,7 @@ class AgentServer(UnixServer):
         _send(conn, wire.ControlReply(True, {"port": listener.port, "ip": grid_ip(me.node_id) if me else None}))
         watcher = gevent.spawn(_wait_closed, conn)
         pid = _peer_pid(conn)
+        self._serving.add(listener.port)
         try:
             while not watcher.ready():
                 accepting = gevent.spawn(listener.accept, tcp_bridge=True)
@@ -250,17 +295,21 @@ class AgentServer(UnixServer):
                     break
                 sock, info = accepting.get()
                 peer = self.node.directory.get(info.peer_id)
+                client_port = info.detail.get("client_port")
                 result = {"peer": info.peer_name, "ip": grid_ip(info.peer_id), "port": info.port,
-                          "peer_port": PEER_PORTS.start + info.conn % len(PEER_PORTS),
+                          "peer_port": client_port or PEER_PORTS.start + info.conn % len(PEER_PORTS),
                           "stack": info.stack, "cluster": peer.cluster if peer else None}
                 self.node.assembler.hand_over(info, sock, pid)  # listed until the program closes it
                 try:
                     _send(conn, wire.ControlReply(True, result), sock)
                 finally:
                     sock.close()
+                if client_port and info.peer_id == self.node.node_id:  # its connect may return now
+                    self._announced_event(info.port, client_port).set()
         except (OSError, GridsockError) as exc:
             log.info("agent listener on grid port %d ends: %s", listener.port, exc)
         finally:
+            self._serving.discard(listener.port)
             watcher.kill()
             listener.close()
 

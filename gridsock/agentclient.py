@@ -252,7 +252,8 @@ class AgentClient:
     def connect(self, host: str, port: int, *, timeout: Optional[float] = None,
                 stack: Optional[str] = None) -> Tuple[socket.socket, dict]:
         """A connection to grid port ``port`` of node ``host``: ``(socket, info)``, info
-        ``{peer, ip, port, stack, tried}``. The socket is a connected TCP socket: the kernel's
+        ``{peer, ip, port, local_port, stack, tried}`` (``local_port``: the client port the
+        server's accept reports as its peer's, or None from an older agent). The socket is a connected TCP socket: the kernel's
         own to the peer for a plain ``tcp`` stack, else one the node bridges to the stack.
 
         ``timeout``: how long the node may try (None: its default); ``stack``: a stack string

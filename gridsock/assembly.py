@@ -123,6 +123,9 @@ USED_TOKENS_KEPT = 4096
 CONNECTIONS_PRUNE_AT = 256
 # Connections accepted but not yet taken by accept().
 LISTEN_BACKLOG = 128
+# The client ports the client side gives its connections (carried in the assembly request, what
+# the server's getpeername() tells): IANA's dynamic range, as a kernel's ephemeral ports.
+CLIENT_PORTS = range(49152, 65536)
 # Peers whose last race ``gridsock status`` shows (the peer raced least recently is forgotten
 # first): a node talks to a few hundred peers at most; beyond, the oldest news matters least.
 PATHS_KEPT = 256
@@ -371,7 +374,7 @@ class Assembler:
         ctx = ResponderContext(
             node=self.node, me=me, client=client, request=request,
             expect=lambda count: self._expect(token, count),
-            deliver=lambda lower: self._deliver(lower, client, port, stack, filters),
+            deliver=lambda lower: self._deliver(lower, client, port, stack, filters, request.client_port),
             request_timeout=ASSEMBLY_TIMEOUT_S,
         )
         return wire.AssemblyAccept(method.respond(ctx))
@@ -417,7 +420,8 @@ class Assembler:
             log.warning("node %s refused data connection from %s: %s", self.node.name, label, exc)
             sock.close()
 
-    def _deliver(self, lower: Stream, client: wire.NodeEntry, port: int, stack: Stack, filters: Stack) -> None:
+    def _deliver(self, lower: Stream, client: wire.NodeEntry, port: int, stack: Stack, filters: Stack,
+                 client_port: Optional[int] = None) -> None:
         """A method's connection is up: wait for the client's nomination, build our half of the
         filters, queue the connection on the listener; close it if any of that fails."""
         try:
@@ -442,6 +446,8 @@ class Assembler:
             lower.close()
             return
         info = self._record(client, port, stack, initiator=False, stream=stream)
+        if client_port is not None:
+            info.detail["client_port"] = client_port
         via = _via(lower)
         if via:
             info.detail["via"] = via
@@ -464,8 +470,10 @@ class Assembler:
         ``info.detail["tried"]`` lists the candidates that failed or lost, and why. Raises
         ConnectError (``.tried`` says what failed and why, ``.code`` the server's refusal code
         if it refused) when the server refuses or every candidate fails; ConfigError for a bad
-        stack string.
+        stack string. The server is told a client port (the next of :data:`CLIENT_PORTS`, as
+        a kernel's ephemeral port): ``info.detail["client_port"]``.
         """
+        client_port = self._client_port()
         entry = self.node.directory.resolve(peer)
         me = self._me()
         if entry is None or me is None:
@@ -475,7 +483,7 @@ class Assembler:
             if not given:
                 raise ConfigError("no stack to connect with")
             candidates = [Stack.parse(s, self.registry) if isinstance(s, str) else s for s in given]
-            return self._race(entry, port, candidates, timeout, remember=False)
+            return self._race(entry, port, candidates, timeout, remember=False, client_port=client_port)
         candidates = self.rules.candidates(me, entry)
         ranking = list(candidates)
         winner, until = self._winners.get(entry.node_id, (None, 0.0))
@@ -484,7 +492,13 @@ class Assembler:
             candidates.remove(winner)
             candidates.insert(0, winner)
             head_start = CACHED_HEAD_START_S
-        return self._race(entry, port, candidates, timeout, remember=True, ranking=ranking, head_start=head_start)
+        return self._race(entry, port, candidates, timeout, remember=True, ranking=ranking, head_start=head_start,
+                          client_port=client_port)
+
+    def _client_port(self) -> int:
+        port = self._next_client_port
+        self._next_client_port = port + 1 if port + 1 < CLIENT_PORTS.stop else CLIENT_PORTS.start
+        return port
 
     def _me(self) -> Optional[wire.NodeEntry]:
         """This node's directory entry, with the gateways it knows of itself
@@ -504,7 +518,8 @@ class Assembler:
         return tier(stack, component)
 
     def _race(self, entry: wire.NodeEntry, port: int, candidates, timeout: float, *, remember: bool,
-              ranking: Optional[Sequence[Stack]] = None, head_start: Optional[float] = None):
+              ranking: Optional[Sequence[Stack]] = None, head_start: Optional[float] = None,
+              client_port: Optional[int] = None):
         """Happy eyeballs over ``candidates``: return ``(stream, info)`` of the first that works.
 
         The first candidate starts at once; each next one ``STAGGER_S`` after the previous
@@ -532,7 +547,7 @@ class Assembler:
         def start() -> None:
             nonlocal started, next_start
             i = started
-            greenlet = gevent.spawn(self._attempt, entry, port, candidates[i], deadline)
+            greenlet = gevent.spawn(self._attempt, entry, port, candidates[i], deadline, client_port)
             greenlet.link(lambda g, i=i: results.put((i, g)))  # type: ignore[misc]  # a lambda with a default argument
             running[i] = greenlet
             started += 1
@@ -603,6 +618,7 @@ class Assembler:
                 for j in background:
                     del running[j]
                 info = self._record(entry, port, stack, initiator=True, stream=stream)
+                info.detail["client_port"] = client_port
                 if tried:
                     info.detail["tried"] = tried
                 if via:
@@ -734,15 +750,16 @@ class Assembler:
             out.append(item)
         return out
 
-    def _attempt(self, entry: wire.NodeEntry, port: int, stack: Stack,
-                 deadline: float) -> Tuple[Optional[Tuple[Stream, Stack]], Optional[ConnectError]]:
+    def _attempt(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float,
+                 client_port: Optional[int] = None) -> Tuple[Optional[Tuple[Stream, Stack]], Optional[ConnectError]]:
         """:meth:`_establish` in a race: ``((stream, filters), None)`` or ``(None, ConnectError)``."""
         try:
-            return self._establish(entry, port, stack, deadline), None
+            return self._establish(entry, port, stack, deadline, client_port), None
         except ConnectError as exc:  # expected: returned, not left to the hub to print
             return None, exc
 
-    def _establish(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float) -> Tuple[Stream, Stack]:
+    def _establish(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float,
+                   client_port: Optional[int] = None) -> Tuple[Stream, Stack]:
         """One candidate, up to the method's connection (not yet nominated): return its stream
         and the stack of its filters. Raises ConnectError (``code`` set if the server refused).
 
@@ -756,7 +773,8 @@ class Assembler:
             ctx = InitiatorContext(node=self.node, me=self.node.entry, peer=entry, token=token, deadline=deadline,
                                    expect=lambda count: self._expect(token, count))
             initiation = method.initiate(ctx)
-            request = wire.AssemblyRequest(port=port, stack=str(stack), token=token.hex(), offer=dict(initiation.offer))
+            request = wire.AssemblyRequest(port=port, stack=str(stack), token=token.hex(), offer=dict(initiation.offer),
+                                           client_port=client_port)
             try:
                 reply = self.node.meta_request(entry.node_id, ASSEMBLE_TOPIC, wire.encode_assembly(request),
                                                timeout=max(0.1, deadline - time.monotonic()))

@@ -638,20 +638,30 @@ REFUSAL_CODES: Dict[str, str] = {
 @dataclass(frozen=True)
 class AssemblyRequest(_Message):
     """Client -> server: connect to my grid ``port`` with ``stack``; ``token`` ties the data
-    connection to this request; ``offer`` holds the method's own fields."""
+    connection to this request; ``offer`` holds the method's own fields; ``client_port`` is
+    the client's own port for the connection (what the server's ``getpeername()`` gives), or
+    None: then absent from the header, so that a peer that predates it decodes the request."""
 
     TYPE: ClassVar[int] = 14
     port: int
     stack: str
     token: str
     offer: Dict[str, Any] = field(default_factory=dict)
+    client_port: Optional[int] = None
     CHECKS: ClassVar[Dict[str, Any]] = {
         "port": _int(1, 65535),
         "stack": _str(MAX_STACK_BYTES),
         "token": _hex(TOKEN_BYTES),
         "offer": _offer,
+        "client_port": _opt(_int(1, 65535)),
     }
-    DEFAULTS: ClassVar[Dict[str, Any]] = {"offer": {}}
+    DEFAULTS: ClassVar[Dict[str, Any]] = {"offer": {}, "client_port": None}
+
+    def header(self) -> dict:
+        out = super().header()
+        if out["client_port"] is None:
+            del out["client_port"]
+        return out
 
     @classmethod
     def _convert(cls, values):

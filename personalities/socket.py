@@ -393,7 +393,8 @@ class GridSocket(_RealSocket):
         self._adopt(conn.detach())
         me = agent.whoami()
         self._grid_peer = self._addr(result["ip"], int(port))
-        self._grid_local = bound or self._addr(me["ip"], 0)
+        # (the client port the server was told: its getpeername() and our getsockname() agree)
+        self._grid_local = bound or self._addr(me["ip"], int(result.get("local_port") or 0))
 
     def _grid_connect_nonblocking(self, agent: AgentClient, host: str, port: int, bound: Optional[tuple]) -> NoReturn:
         """Start a connect and raise BlockingIOError(EINPROGRESS); the socket turns writable when
@@ -457,7 +458,7 @@ class GridSocket(_RealSocket):
         except OSError:
             pass
         self._grid_peer = self._addr(result["ip"], port)
-        self._grid_local = bound or self._addr(_agent_or_refuse().whoami()["ip"], 0)
+        self._grid_local = bound or self._addr(_agent_or_refuse().whoami()["ip"], int(result.get("local_port") or 0))
         if requested:
             self._forced_names(requested)
         return 0

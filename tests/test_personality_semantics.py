@@ -3,7 +3,9 @@
 On the grid of tests/test_personality.py (nodes ``na`` and ``nb`` on loopback), stdlib scripts
 under ``python -m gridsock.monkey``: only a listening socket accepts; ports as ``getaddrinfo``
 takes them; no ``'localhost'`` literal in addresses in force mode; a non-blocking connect keeps
-a normal send buffer; a reset is ``ConnectionResetError``, for ``send`` as for ``recv``.
+a normal send buffer; a reset is ``ConnectionResetError``, for ``send`` as for ``recv``; the
+server's ``getpeername()`` is the client's ``getsockname()``, port included; a connection is in
+the server's backlog when the client's connect returns.
 ``$GRIDSOCK_PERSONALITY_PYTHON`` runs the scripts under another interpreter (see
 tests/test_personality_tls.py).
 """
@@ -14,6 +16,8 @@ import subprocess
 
 import pytest
 
+from gridsock import wire
+from gridsock.errors import RemoteProtocolError
 from gridsock.names import grid_ip
 from gridsock.testing.procs import wait_for_line
 from test_personality import SCRIPT_TIMEOUT_S, SOCKETSERVER_ECHO, grid  # noqa: F401 (the grid fixture)
@@ -207,3 +211,105 @@ def test_tls_refuses_data_that_came_before_the_handshake_from_a_peer_that_reset(
         sock.close()
     """)
     assert out.splitlines() == ["getpeername ENOTCONN", "wrap True"]
+
+
+# --- the client's port across the grid ---------------------------------------------------------
+
+
+def test_the_assembly_request_carries_the_client_port_and_omits_it_when_unknown():
+    token = "ab" * wire.TOKEN_BYTES
+    request = wire.AssemblyRequest(port=80, stack="tcp", token=token, client_port=50123)
+    assert wire.decode_assembly(wire.encode_assembly(request)) == request
+    unknown = wire.AssemblyRequest(port=80, stack="tcp", token=token)
+    assert "client_port" not in unknown.header()  # (a node that predates the field decodes it)
+    assert wire.decode_assembly(wire.encode_assembly(unknown)).client_port is None
+    with pytest.raises(RemoteProtocolError):  # (the same length: JSON takes the spaces)
+        wire.decode_assembly(wire.encode_assembly(request).replace(b"50123", b"0    "))
+
+
+@pytest.mark.parametrize("connect", ["blocking", "non-blocking"])
+def test_the_server_sees_the_port_the_client_has(grid, echo_port, connect):  # noqa: F811
+    # (the echo server answers "LINE from HOST:PORT", HOST:PORT its accepted peer address)
+    out = grid.run("na", f"""
+        import select, socket
+        for _ in range(3):
+            sock = socket.socket()
+            if {connect == "non-blocking"}:
+                sock.setblocking(False)
+                sock.connect_ex(("nb", {echo_port}))
+                select.select([], [sock], [], 30)
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                sock.setblocking(True)
+            else:
+                sock.connect(("nb", {echo_port}))
+            sock.sendall(b"hi\\n")
+            seen = sock.makefile().readline().split()[-1]
+            host, port = sock.getsockname()
+            print(seen == "%s:%d" % (host, port), port > 0, host)
+            sock.close()
+    """)
+    me = grid_ip(grid.node_id("na"))
+    assert out.splitlines() == [f"True True {me}"] * 3
+
+
+def test_asyncio_sock_accept_sees_the_clients_address_in_force_mode(grid):  # noqa: F811
+    # (CPython's test_asyncio.test_sock_lowlevel test_sock_accept)
+    script = grid.script("""
+        import asyncio, socket
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            listener = socket.socket()
+            listener.setblocking(False)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            client = socket.socket()
+            client.connect(listener.getsockname())
+            conn, addr = await loop.sock_accept(listener)
+            print(addr == client.getsockname() == conn.getpeername(), addr[1] > 0,
+                  client.getpeername() == listener.getsockname() == conn.getsockname())
+            for sock in (client, conn, listener):
+                sock.close()
+
+        asyncio.run(main())
+    """)
+    done = subprocess.run(grid.argv("na", script), capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S,
+                          env=dict(grid.env, GRIDSOCK_FORCE="1"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "True"]
+
+
+# --- the backlog before the connect returns -----------------------------------------------------
+
+
+@pytest.mark.parametrize("connect", ["blocking", "non-blocking"])
+def test_a_connection_is_in_the_backlog_when_the_connect_returns(grid, connect):  # noqa: F811
+    # In force mode, loopback: the client's connect done, the listener is readable at once (TCP's
+    # loopback connection is in the accept queue before the client's connect returns).
+    script = grid.script(f"""
+        import select, socket
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        ready = 0
+        for _ in range(20):
+            client = socket.socket()
+            if {connect == "non-blocking"}:
+                client.setblocking(False)
+                client.connect_ex(server.getsockname())
+                select.select([], [client], [], 30)
+                assert client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+            else:
+                client.connect(server.getsockname())
+            ready += bool(select.select([server], [], [], 0)[0])
+            conn, addr = server.accept()
+            assert addr == client.getsockname(), (addr, client.getsockname())
+            conn.close()
+            client.close()
+        server.close()
+        print("readable at once", ready, "of 20")
+    """)
+    done = subprocess.run(grid.argv("na", script), capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S,
+                          env=dict(grid.env, GRIDSOCK_FORCE="1"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "readable at once 20 of 20"
