@@ -293,7 +293,9 @@ class Assembler:
 
     ``registry`` gives the components (the default registry unless told otherwise).
     ``counters`` counts what the server side did with method connections: ``delivered``
-    (nominated, built, queued) and ``not_taken`` (closed unnominated, failed, or not queued).
+    (nominated, built, queued) and ``not_taken`` (closed unnominated, failed, or not queued);
+    and, on both sides, the connections whose method counts its connect attempts (``splice``)
+    made on the first (``first_attempt``) or a later one (``retried``).
     """
 
     def __init__(self, node, rules: Rules, *, registry: Optional[Registry] = None) -> None:
@@ -305,7 +307,7 @@ class Assembler:
         # Called with each new connection's info as it is recorded (both sides): the metrics
         # count server-side connections here, exactly, however short they live.
         self.on_record: List[Callable[[ConnectionInfo], None]] = []
-        self.counters: Dict[str, int] = {"delivered": 0, "not_taken": 0}
+        self.counters: Dict[str, int] = {"delivered": 0, "not_taken": 0, "first_attempt": 0, "retried": 0}
         self._arrivals: Dict[bytes, Arrival] = {}  # token -> connections awaited on the node port
         self._registered: Dict[bytes, gevent.event.Event] = {}  # tokens that arrived before their request
         self._used: Dict[bytes, str] = {}  # token -> "used" or "cancelled", oldest first
@@ -451,6 +453,7 @@ class Assembler:
         via = _via(lower)
         if via:
             info.detail["via"] = via
+        self._note_detail(info, lower)
         if not listener._deliver((stream, info)):
             log.warning("port %d backlog full or closed: dropping connection from %s", port, client.name)
             self.counters["not_taken"] += 1
@@ -623,6 +626,7 @@ class Assembler:
                     info.detail["tried"] = tried
                 if via:
                     info.detail["via"] = via
+                self._note_detail(info, lower)
                 if remember:
                     self._winners[entry.node_id] = (stack, time.monotonic() + WINNER_TTL_S)
                 self._note_path(entry, stack, tried, remember=remember, untried=candidates[started:],
@@ -840,6 +844,14 @@ class Assembler:
         stream.info["stack"] = str(stack)
         return stream
 
+    def _note_detail(self, info: ConnectionInfo, lower: Stream) -> None:
+        """Put what the method says of its connection in ``info.detail``; count its attempts."""
+        detail = _method_detail(lower)
+        info.detail.update(detail)
+        attempts = detail.get("attempts")
+        if isinstance(attempts, int):
+            self.counters["first_attempt" if attempts <= 1 else "retried"] += 1
+
     def _record(self, peer: wire.NodeEntry, port: int, stack: Stack, *, initiator: bool, stream: Stream):
         if len(self.connections) >= CONNECTIONS_PRUNE_AT:
             self.status()  # forgets the closed ones
@@ -1039,6 +1051,16 @@ def _via(lower: Stream) -> Optional[str]:
     info = getattr(lower, "info", None)
     via = info.get("via") if isinstance(info, dict) else None
     return via if isinstance(via, str) else None
+
+
+def _method_detail(lower: Stream) -> Dict[str, object]:
+    """What a method says of its connection for ``gridsock status`` (its stream's
+    ``info["detail"]``, e.g. ``splice``'s connect attempts); internal names are left out."""
+    info = getattr(lower, "info", None)
+    detail = info.get("detail") if isinstance(info, dict) else None
+    if not isinstance(detail, dict):
+        return {}
+    return {str(k): v for k, v in detail.items() if str(k) not in _INTERNAL_DETAIL and k not in ("tried", "via")}
 
 
 def _discard(greenlet: gevent.Greenlet) -> None:

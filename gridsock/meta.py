@@ -10,8 +10,12 @@ network), or the rendez-vous node could dial it back (``inbound``). Its stack is
 (mutual TLS with node certificates; plain ``tcp`` in a plain-TCP session), dialed to the peer's
 node port and greeted with ``Hello(role="peer")``; the listener answers ``Welcome`` with its
 own directory entry. A failed attempt is not retried for ``META_RETRY_S``, and while a link is
-being opened, other messages for that peer wait for the outcome (at most
-``META_LINK_TIMEOUT_S``), then take whichever path exists.
+being opened, messages for that peer do not wait for it: they take the bootstrap channel at
+once (:meth:`MetaChannel.link_for` with ``wait=False``, what ``Node.meta_request`` asks), and
+the link carries the requests that come after it is up. So first contact costs the bootstrap
+channel's round trip, not the link's three (TCP, mutual TLS, Hello/Welcome) plus the request's.
+``counters`` counts which path each request took (``on_link``, ``on_bootstrap``) and the links
+opened (``opened``), so tests can count round trips rather than time them.
 
 On a meta link only routed messages from the link's own peer to this node are accepted
 (anything else is a protocol error that drops the link), so a meta link is never a way around
@@ -52,11 +56,17 @@ class MetaChannel:
         self.links: Dict[str, Link] = {}
         self._failed: Dict[str, tuple] = {}  # peer id -> (until, reason)
         self._opening: Dict[str, gevent.event.AsyncResult] = {}
+        #: Requests sent on a meta link / on the bootstrap channel, and meta links opened by us.
+        self.counters: Dict[str, int] = {"on_link": 0, "on_bootstrap": 0, "opened": 0}
 
     # --- choosing the path -------------------------------------------------------------------
 
-    def link_for(self, peer_id: str) -> Optional[Link]:
-        """The live meta link to ``peer_id``, opened now if worth trying; None: use bootstrap."""
+    def link_for(self, peer_id: str, *, wait: bool = True) -> Optional[Link]:
+        """The live meta link to ``peer_id``, opened now if worth trying; None: use bootstrap.
+
+        With ``wait`` False, a link not yet up is opened in the background and None is
+        returned at once: the caller's message takes the bootstrap channel meanwhile.
+        """
         link = self.links.get(peer_id)
         if link is not None and not link.closed:
             return link
@@ -68,6 +78,8 @@ class MetaChannel:
             pending = gevent.event.AsyncResult()
             self._opening[peer_id] = pending
             gevent.spawn(self._open, entry, pending)
+        if not wait:
+            return None
         try:
             return pending.get(timeout=META_LINK_TIMEOUT_S + 1)
         except gevent.Timeout:
@@ -90,6 +102,7 @@ class MetaChannel:
                 try:
                     with gevent.Timeout(META_LINK_TIMEOUT_S, TimeoutError(f"no answer in {META_LINK_TIMEOUT_S} s")):
                         link = self._dial(parse_address(text), entry)
+                    self.counters["opened"] += 1
                     break
                 except (ConnectError, ConfigError, OSError, TimeoutError, RemoteProtocolError, BrokenStreamError) as exc:
                     reasons.append(f"{text}: {exc}")
@@ -166,6 +179,10 @@ class MetaChannel:
         stack = "tls/tcp" if self.node.session.tls else "tcp"
         out = [{"peer": l.entry.name if l.entry else None, "peer_id": l.peer_id, "stack": stack, "label": l.label, "since": l.opened_at}
                for l in self.links.values() if not l.closed]
+        for peer_id in self._opening:  # (a link being opened beside the requests that asked for it)
+            entry = self.node.directory.get(peer_id)
+            out.append({"peer": entry.name if entry else peer_id, "peer_id": peer_id, "stack": stack,
+                        "label": "opening", "since": None})
         now = time.monotonic()
         for peer_id, (until, why) in self._failed.items():
             if until > now:

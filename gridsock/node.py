@@ -560,16 +560,21 @@ class Node:
             raise refused from exc.__cause__
 
     def meta_request(self, dst: str, topic: str, payload: bytes = b"", *, timeout: float = REQUEST_TIMEOUT_S):
-        """A request over the meta channel: a direct meta link if one can be had, else bootstrap."""
+        """A request over the meta channel: the direct meta link if it is up, else bootstrap.
+
+        A link not yet up is opened beside the request (which does not wait for it: first
+        contact costs the bootstrap channel's round trip); later requests take the link."""
         if self._elsewhere():
             return self._in_node_thread(_grace(timeout), self.meta_request, dst, topic, payload, timeout=timeout)
         entry = self.directory.resolve(dst)
-        link = self.meta.link_for(entry.node_id) if entry is not None else None
+        link = self.meta.link_for(entry.node_id, wait=False) if entry is not None else None
         reply = None
         if entry is not None and link is not None:
             reply = self.router.request_on(link, entry, topic, payload, timeout=timeout, dst_label=dst)
-        if reply is None:  # no meta link, or it closed under us
+        if reply is None:  # no meta link (yet), or it closed under us
+            self.meta.counters["on_bootstrap"] += 1
             return self.request(dst, topic, payload, timeout=timeout)
+        self.meta.counters["on_link"] += 1
         return reply
 
     def _handle_assembly_counted(self, delivery: Delivery) -> bytes:

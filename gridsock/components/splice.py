@@ -10,6 +10,22 @@ SYN opens its own NAT or firewall for the other's, and the kernel turns two cros
 one connection (TCP simultaneous open). A connect that is refused or times out is retried on a
 fresh socket bound to the same port, until ``SPLICE_TIMEOUT_S``.
 
+Round trips: the client's first SYN leaves *with* the request, not after the answer. The client
+names the port the server is to bind (``offer["port"]``, a random one of ``SPLICE_PORTS``) and,
+when the server is reached at an address of its own (public, perhaps behind a stateful firewall:
+not behind a NAT, whose port it could not know), starts connecting to that endpoint in
+:meth:`SpliceMethod.initiate`, before the request leaves. Its SYN opens the client's NAT or
+firewall for the reply; the server's firewall drops it. When the request arrives, the server
+binds the named port and connects to the client: its SYN finds the client's mapping open and the
+client's socket in SYN-SENT, and the two make one connection on the first attempt of each side,
+about one round trip after the request reached the server (no ``SPLICE_RETRY_S`` wait, which
+the old order cost: the server's SYN reached the client's NAT before the client's own and was
+refused). Towards a server behind a NAT the client does not fire early (that NAT would answer
+a SYN to a port it has not mapped with a reset, which would also close the client's own
+firewall state): the server connects first and the client on the answer, as before. Either side
+counts its connect attempts: ``info["detail"]["attempts"]`` of its stream (1: the first
+simultaneous open made the connection).
+
 A node's public endpoint is its own address if that is public, otherwise the address its
 cluster's leader was observed from by the rendez-vous node (the NAT's), with the bound port:
 MASQUERADE keeps the port when it is free. When the NAT remaps a busy port, the connection
@@ -21,8 +37,9 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import secrets
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import gevent
 from gevent import socket as gsocket
@@ -36,7 +53,8 @@ from .tcp import recv_exactly
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SpliceMethod", "bind_splice_socket", "splice_connect", "public_host", "routable", "SPLICE_TIMEOUT_S"]
+__all__ = ["SpliceMethod", "bind_splice_socket", "splice_connect", "public_host", "routable", "SPLICE_TIMEOUT_S",
+           "SPLICE_PORTS"]
 
 # Both ends keep trying this long: long enough for the meta channel's round trip and one SYN
 # retransmission, short enough to fall back to the relay well within a connect's budget.
@@ -45,26 +63,50 @@ SPLICE_TIMEOUT_S = 4.0
 SPLICE_ATTEMPT_S = 1.0
 # Pause between attempts after a refusal (an RST from a NAT that has no mapping yet).
 SPLICE_RETRY_S = 0.05
+# The client names the server's port from here (IANA's dynamic range, which a server leaves to
+# its clients' ephemeral ports: a collision only costs the old order, connecting on the answer).
+SPLICE_PORTS = range(49152, 65536)
 _PRIVATE_NETS = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
                                                          "100.64.0.0/10", "fc00::/7"))
 
 
 class _Splicing(Initiation):
     """The client's half: its bound socket travels in the offer; the answer names the
-    server's endpoint, which both connect to at once."""
+    server's endpoint, which both connect to at once. With ``early`` (the server's endpoint
+    guessed: its own address and the port the offer names), the client's connect starts now,
+    before the request leaves."""
 
-    def __init__(self, ctx: InitiatorContext, sock, host: str) -> None:
+    def __init__(self, ctx: InitiatorContext, sock, host: str, early: Optional[Address]) -> None:
         self._ctx = ctx
         self._sock = sock
-        self.offer: Dict[str, Any] = {"endpoint": f"{host}:{sock.getsockname()[1]}"}
+        self._attempts: List[int] = [0]
+        self._port = sock.getsockname()[1]
+        port = secrets.choice(SPLICE_PORTS)
+        self.offer: Dict[str, Any] = {"endpoint": f"{host}:{sock.getsockname()[1]}", "port": port}
+        self._early: Optional[Address] = None
+        self._dial: Optional[gevent.Greenlet] = None
+        if early is not None:
+            self._early = Address(host=early.host, port=port)
+            sock, self._sock = self._sock, None
+            self._dial = gevent.spawn(_captured_connect, sock, self._early, ctx.remaining(), self._attempts)
 
     def complete(self, answer: Dict[str, Any]) -> Stream:
         try:
             remote = parse_address(str(answer.get("endpoint")))
         except ConfigError as exc:
             raise RemoteProtocolError(f"bad splice endpoint from {self._ctx.peer.name}: {exc}") from None
-        sock, self._sock = self._sock, None
-        sock = splice_connect(sock, remote, timeout=self._ctx.remaining())
+        dial, self._dial = self._dial, None
+        if dial is not None and self._early is not None and (remote.host, remote.port) == (self._early.host,
+                                                                                            self._early.port):
+            sock, failure = dial.get()  # (the connect started before the request: see the module docstring)
+            if failure is not None:
+                raise failure
+        else:
+            if dial is not None:  # the server is elsewhere than guessed: connect where it says
+                self._kill_early(dial)
+                self._sock = bind_splice_socket(self._port)
+            sock, self._sock = self._sock, None
+            sock = splice_connect(sock, remote, timeout=self._ctx.remaining(), attempts=self._attempts)
         try:
             sock.sendall(wire.encode_preamble(self._ctx.token))
         except OSError as exc:
@@ -73,12 +115,31 @@ class _Splicing(Initiation):
         except BaseException:  # cancelled while sending: the socket must not leak
             sock.close()
             raise
-        return SocketStream(sock, info={"method": "splice"})
+        return SocketStream(sock, info={"method": "splice", "detail": {"attempts": self._attempts[0]}})
+
+    @staticmethod
+    def _kill_early(dial: gevent.Greenlet) -> None:
+        """Stop the early connect and close what it made (killed, it closes its socket)."""
+        dial.kill(block=True)
+        value = dial.value if dial.successful() else None
+        if isinstance(value, tuple) and value[0] is not None:
+            value[0].close()
 
     def abort(self) -> None:
+        dial, self._dial = self._dial, None
+        if dial is not None:
+            self._kill_early(dial)
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def _captured_connect(sock, remote: Address, timeout: float, attempts: List[int]):
+    """:func:`splice_connect` in a greenlet: ``(socket, None)`` or ``(None, ConnectError)``."""
+    try:
+        return splice_connect(sock, remote, timeout=timeout, attempts=attempts), None
+    except ConnectError as exc:
+        return None, exc
 
 
 class SpliceMethod(Method):
@@ -90,7 +151,9 @@ class SpliceMethod(Method):
         host, theirs = public_host(ctx.me, ctx.node.directory), public_host(ctx.peer, ctx.node.directory)
         if host is None or theirs is None or not routable(theirs):
             raise ctx.fail(f"no route for a splice between {ctx.me.name} and {ctx.peer.name}", method=self.name)
-        return _Splicing(ctx, bind_splice_socket(), host)
+        # Fire early only at an address of the server's own: a NAT's would reset our SYN.
+        early = parse_address(f"{theirs}:1") if _own_address(ctx.peer, theirs) else None
+        return _Splicing(ctx, bind_splice_socket(), host, early)
 
     def respond(self, ctx: ResponderContext) -> Dict[str, Any]:
         try:
@@ -102,14 +165,23 @@ class SpliceMethod(Method):
             raise MethodRefusal("unreachable", f"{ctx.me.name} knows no public address of its own")
         if endpoint.host is None or not routable(endpoint.host):
             raise MethodRefusal("unreachable", f"{ctx.me.name} has no route to {ctx.client.name}'s endpoint {endpoint}")
-        sock = bind_splice_socket()
+        sock = None
+        port = ctx.offer.get("port")
+        if isinstance(port, int) and port in SPLICE_PORTS:  # the port the client's SYN went to
+            try:
+                sock = bind_splice_socket(port)
+            except OSError as exc:  # taken: any port will do, the client connects on our answer
+                log.info("node %s: splice port %d asked by %s: %s", ctx.me.name, port, ctx.client.name, exc)
+        if sock is None:
+            sock = bind_splice_socket()
         gevent.spawn(self._serve, ctx, sock, endpoint)
         return {"endpoint": f"{host}:{sock.getsockname()[1]}"}
 
     def _serve(self, ctx: ResponderContext, sock, endpoint: Address) -> None:
         """Connect to the client while it connects to us; check its preamble; deliver."""
+        attempts = [0]
         try:
-            sock = splice_connect(sock, endpoint)
+            sock = splice_connect(sock, endpoint, attempts=attempts)
             try:
                 with gevent.Timeout(SPLICE_TIMEOUT_S, TimeoutError("no preamble")):
                     head = recv_exactly(sock, wire.PREAMBLE_BYTES)
@@ -122,7 +194,12 @@ class SpliceMethod(Method):
         except (ConnectError, RemoteProtocolError, TimeoutError, OSError) as exc:
             log.info("node %s: splice with %s failed: %s", ctx.me.name, ctx.client.name, exc)
             return
-        ctx.deliver(SocketStream(sock, info={"method": "splice"}))
+        ctx.deliver(SocketStream(sock, info={"method": "splice", "detail": {"attempts": attempts[0]}}))
+
+
+def _own_address(entry, host: str) -> bool:
+    """True if ``host`` is one of ``entry``'s own advertised addresses (not its NAT's)."""
+    return any(parse_address(text).host == host for text in entry.addrs)
 
 
 def is_private(host: str) -> bool:
@@ -167,11 +244,12 @@ def bind_splice_socket(port: int = 0):
     return sock
 
 
-def splice_connect(sock, remote: Address, *, timeout: float = SPLICE_TIMEOUT_S):
+def splice_connect(sock, remote: Address, *, timeout: float = SPLICE_TIMEOUT_S, attempts: Optional[List[int]] = None):
     """Connect ``sock`` (bound) to ``remote`` at the same time as the other side connects to us.
 
     Returns the connected socket (``sock`` or a fresh one bound to the same port). Raises
-    ConnectError with the last reason when ``timeout`` passes.
+    ConnectError with the last reason when ``timeout`` passes. ``attempts[0]``, if given, is
+    increased by one for each ``connect()`` started.
     """
     port = sock.getsockname()[1]
     deadline = time.monotonic() + timeout
@@ -183,6 +261,8 @@ def splice_connect(sock, remote: Address, *, timeout: float = SPLICE_TIMEOUT_S):
                 sock.close()
                 raise ConnectError(f"splice to {remote} from port {port}: {last}", peer=str(remote), method="splice")
             sock.settimeout(min(SPLICE_ATTEMPT_S, remaining))
+            if attempts is not None:
+                attempts[0] += 1
             try:
                 sock.connect((remote.host, remote.port))
                 sock.settimeout(None)
