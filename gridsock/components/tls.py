@@ -19,7 +19,11 @@ TLS 1.3 caveat: the client's handshake completes before the server has checked t
 certificate (and the server's own identity check comes after that), so an initiator the
 acceptor refuses still gets a stream from ``wrap``: the refusal arrives as BrokenStreamError at
 its first ``receive_some`` (an alert, or the lower stream ending without close_notify). A layer
-above that needs a positive acceptance must exchange a first message (docs/tls.md).
+above that needs a positive acceptance must exchange a first message (docs/tls.md). So
+:meth:`TlsFilter.wrap` waits for the server's verdict (its session ticket, or its first data: a
+second round trip) only when the client cannot know it: in the common case, a node identity
+issued by the session's own CA (:func:`_vouched`), the server accepts it, and the filter costs
+one round trip; a client with any other certificate still has a refusal fail ``wrap``.
 
 Data (:class:`TlsStream`):
 
@@ -117,6 +121,39 @@ def _ssl_context(session, identity, initiator: bool) -> ssl.SSLContext:
         ctx.options |= ssl.OP_NO_RENEGOTIATION
         per_identity[(session, initiator)] = ctx
     return ctx
+
+
+# Whether a server of the session will accept an identity's certificate, known locally: one
+# answer per (identity, session), kept while the identity lives.
+_vouched_for: "weakref.WeakKeyDictionary[Any, Dict[Any, bool]]" = weakref.WeakKeyDictionary()
+
+
+def _vouched(session, identity) -> bool:
+    """True if ``identity`` is a node's, issued by ``session``'s CA and not expired: what a
+    server of the session checks of a client's certificate. The one check left to the server
+    is the node id it expects, which differs only if the connection reached another node than
+    the one the client asked for, and the client's own check of the server's id refuses that
+    first. So such a client need not wait for the server's verdict (a round trip) before its
+    handshake counts as done; any other client does (:meth:`TlsFilter._await_acceptance`)."""
+    per_identity = _vouched_for.setdefault(identity, {})
+    known = per_identity.get(session)
+    if known is None:
+        known = False
+        try:
+            from cryptography import x509
+
+            ca = x509.load_pem_x509_certificate(session.ca_cert_pem)
+            x509.load_pem_x509_certificate(identity.cert_pem).verify_directly_issued_by(ca)
+            known = identity.subject.kind == "node"
+        except Exception as exc:  # (cryptography's InvalidSignature, ValueError, TypeError...): not vouched
+            log.debug("tls: %r is not vouched for by session %s: %s", identity,
+                      getattr(session, "session_id", "?"), exc)
+        per_identity[session] = known
+    if known:
+        from datetime import datetime, timezone
+
+        return bool(identity.not_valid_after > datetime.now(timezone.utc))
+    return False
 
 
 def _describe(exc: ssl.SSLError) -> str:
@@ -377,7 +414,7 @@ class TlsFilter:
         early = b""
         try:
             self._handshake(lower, sslobj, incoming, outgoing, whom, peer_name)
-            if initiator and sslobj.version() == "TLSv1.3":
+            if initiator and sslobj.version() == "TLSv1.3" and not _vouched(session, identity):
                 early = self._await_acceptance(lower, sslobj, incoming, whom, peer_name)
         except gevent.Timeout as exc:
             if exc is not timer:

@@ -1,0 +1,155 @@
+"""Round trips a connect waits for, counted rather than timed.
+
+- The ``tls`` filter: a client whose certificate the session's CA issued (the common case)
+  waits for one round trip (the server's flight), not for the session ticket after it; a
+  client with another certificate still waits for the server's verdict (a second round trip),
+  so a refusal fails its ``wrap``.
+- First contact: the assembly request takes the bootstrap channel at once while the meta link
+  opens beside it (``MetaChannel.counters``); the next request takes the link.
+
+A round trip is counted on the client's lower stream each time it waits to receive after it
+has sent (:class:`TurnCounter`): however the peer's flight is cut into reads, one turn of the
+conversation counts once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from typing import Any, Dict
+
+import pytest
+
+from gridsock.components.tls import TlsFilter
+from gridsock.errors import AuthError
+from gridsock.session import Identity, create_session, new_node_key
+from gridsock.stack import StackContext
+from gridsock.streams import Stream, memory_pair
+from gridsock.testing.grid import JOIN_TIMEOUT_S, loopback_grid
+from gridsock.testing.streams import run_concurrently
+
+pytestmark = pytest.mark.timeout(120)
+
+PORT = 5000
+
+
+class TurnCounter(Stream):
+    """A stream that passes everything to ``lower`` and counts the round trips its user waits
+    for: a ``receive_some`` that follows a ``send_all`` starts one."""
+
+    def __init__(self, lower: Stream) -> None:
+        self.lower = lower
+        self.info: Dict[str, Any] = dict(getattr(lower, "info", {}))
+        self.round_trips = 0
+        self._sent = False
+
+    def send_all(self, data) -> None:
+        self._sent = True
+        self.lower.send_all(data)
+
+    def receive_some(self, max_bytes: int = 65536) -> bytes:
+        if self._sent:
+            self.round_trips += 1
+            self._sent = False
+        return self.lower.receive_some(max_bytes)
+
+    def send_eof(self) -> None:
+        self.lower.send_eof()
+
+    def close(self) -> None:
+        self.lower.close()
+
+
+def _node(session) -> Identity:
+    key_pem, csr_pem = new_node_key()
+    return Identity(session.certificate_authority().sign_node(csr_pem, str(uuid.uuid4())), key_pem)
+
+
+@dataclasses.dataclass
+class World:
+    session: Any
+    a: Identity
+    b: Identity
+    foreign: Identity  # a node of another session (another CA)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    session = create_session(tmp_path_factory.mktemp("session"), "127.0.0.1:7700")
+    foreign_session = create_session(tmp_path_factory.mktemp("foreign"), "127.0.0.1:7700")
+    return World(session, _node(session), _node(session), _node(foreign_session))
+
+
+def _ctx(world: World, identity: Identity, *, initiator: bool, peer_id=None) -> StackContext:
+    return StackContext(initiator=initiator, session=world.session, identity=identity, local_id=identity.node_id,
+                        peer_id=peer_id, peer_name="peer")
+
+
+def _handshake(world: World, client_identity: Identity):
+    lower_client, lower_server = memory_pair()
+    counted = TurnCounter(lower_client)
+
+    def attempt(fn):
+        try:
+            return "ok", fn()
+        except Exception as exc:
+            return "error", exc
+
+    client, server = run_concurrently(
+        lambda: attempt(lambda: TlsFilter().wrap(counted, context=_ctx(world, client_identity, initiator=True,
+                                                                       peer_id=world.b.node_id))),
+        lambda: attempt(lambda: TlsFilter().wrap(lower_server, context=_ctx(world, world.b, initiator=False))),
+    )
+    return counted.round_trips, client, server
+
+
+def test_tls_costs_one_round_trip_for_a_client_of_the_session(world):
+    round_trips, (c_outcome, client), (s_outcome, server) = _handshake(world, world.a)
+    assert (c_outcome, s_outcome) == ("ok", "ok"), (client, server)
+    try:
+        assert round_trips == 1
+        client.send_all(b"ping")  # and the connection works both ways
+        assert server.receive_some(10) == b"ping"
+        server.send_all(b"pong")
+        assert client.receive_some(10) == b"pong"
+    finally:
+        client.close()
+        server.close()
+
+
+def test_tls_client_of_another_ca_waits_for_the_verdict_and_fails_at_wrap(world):
+    round_trips, (c_outcome, client), (s_outcome, server) = _handshake(world, world.foreign)
+    assert (c_outcome, s_outcome) == ("error", "error"), (client, server)
+    assert type(client) is AuthError and "refused" in str(client)
+    assert round_trips == 2
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    with loopback_grid(tmp_path_factory.mktemp("rt")) as running:
+        listeners = {name: node.listen(PORT) for name, node in running.nodes.items()}
+        yield running.nodes, listeners
+
+
+def _connect(nodes, listeners, src: str, dst: str, stack: str) -> None:
+    client, _ = nodes[src].open_stream(dst, PORT, stack=stack)
+    server, _ = listeners[dst].accept_stream(timeout=JOIN_TIMEOUT_S)
+    client.send_all(b"x")
+    assert server.receive_some(1) == b"x"
+    client.close()
+    server.close()
+
+
+def test_first_contact_does_not_wait_for_the_meta_link(grid):
+    nodes, listeners = grid
+    m1, peer = nodes["m1"], nodes["L2"]
+    assert peer.node_id not in m1.meta.links
+    before = dict(m1.meta.counters)
+    _connect(nodes, listeners, "m1", "L2", "tls/tcp")
+    after = dict(m1.meta.counters)
+    assert (after["on_bootstrap"] - before["on_bootstrap"], after["on_link"] - before["on_link"]) == (1, 0)
+    link = m1.meta.link_for(peer.node_id)  # the link opened beside the request: wait for it
+    assert link is not None and not link.closed
+    _connect(nodes, listeners, "m1", "L2", "tls/tcp")
+    later = dict(m1.meta.counters)
+    assert (later["on_bootstrap"] - after["on_bootstrap"], later["on_link"] - after["on_link"]) == (0, 1)
+    assert later["opened"] - before["opened"] == 1
