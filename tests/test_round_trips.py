@@ -153,3 +153,85 @@ def test_first_contact_does_not_wait_for_the_meta_link(grid):
     later = dict(m1.meta.counters)
     assert (later["on_bootstrap"] - after["on_bootstrap"], later["on_link"] - after["on_link"]) == (0, 1)
     assert later["opened"] - before["opened"] == 1
+
+
+# --- an SSH gateway's transport, kept ahead of need ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    from test_sshtunnel import Sshd
+
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ssh_gateway(sshd, tmp_path, monkeypatch):
+    import getpass
+
+    from gridsock.bootstrap import sshtunnel
+
+    monkeypatch.setattr(sshtunnel, "SSH_KEEPER_CHECK_S", 0.02)  # (time injected: no test waits seconds)
+    yield sshtunnel.SSHGateway("127.0.0.1", sshd.port, user=getpass.getuser(), key_filename=str(sshd.client_key),
+                               known_hosts=sshd.known_hosts(tmp_path / "known_hosts"))
+    sshtunnel.close_all_transports()
+
+
+@pytest.fixture
+def echo_port():
+    import gevent.server
+
+    from test_sshtunnel import echo_handler
+
+    server = gevent.server.StreamServer(("127.0.0.1", 0), echo_handler)
+    server.start()
+    yield server.server_port
+    server.stop(timeout=5)
+
+
+def _until(condition, limit: int = 500) -> bool:
+    """Wait (bounded: ``limit`` polls of 10 ms) until ``condition()`` holds."""
+    import gevent
+
+    for _ in range(limit):
+        if condition():
+            return True
+        gevent.sleep(0.01)
+    return bool(condition())
+
+
+def _echo_once(gateway, port: int) -> None:
+    from gridsock.bootstrap.sshtunnel import open_ssh_tunnel
+
+    with open_ssh_tunnel(gateway, "127.0.0.1", port) as sock:
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+
+
+def test_a_used_gateway_transport_is_dialed_again_ahead_of_need(ssh_gateway, echo_port):
+    from gridsock.bootstrap import sshtunnel
+
+    _echo_once(ssh_gateway, echo_port)
+    first = sshtunnel._TRANSPORTS[ssh_gateway]
+    redialed = sshtunnel.KEEPER_COUNTERS["redialed"]
+    first.close()  # the gateway dropped it (a NAT timeout, sshd restarted...)
+    assert _until(lambda: sshtunnel.KEEPER_COUNTERS["redialed"] > redialed)
+    kept = sshtunnel._TRANSPORTS[ssh_gateway]
+    assert kept is not first and kept.is_active()
+    _echo_once(ssh_gateway, echo_port)  # the next connection rides the transport kept for it
+    assert sshtunnel._TRANSPORTS[ssh_gateway] is kept
+
+
+def test_an_idle_gateway_transport_is_closed(ssh_gateway, echo_port, monkeypatch):
+    from gridsock.bootstrap import sshtunnel
+
+    _echo_once(ssh_gateway, echo_port)
+    transport = sshtunnel._TRANSPORTS[ssh_gateway]
+    closed = sshtunnel.KEEPER_COUNTERS["closed_idle"]
+    monkeypatch.setattr(sshtunnel, "SSH_IDLE_CLOSE_S", 0.0)
+    assert _until(lambda: sshtunnel.KEEPER_COUNTERS["closed_idle"] > closed)
+    assert ssh_gateway not in sshtunnel._TRANSPORTS
+    assert _until(lambda: not transport.is_active())

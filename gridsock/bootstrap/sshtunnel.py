@@ -28,6 +28,15 @@ nothing here may block the gevent hub:
   ends even if the far side stays silent. When one direction fails (or the application is gone),
   the tunnel is aborted: ``shutdown(SHUT_RDWR)`` of the pair end and ``channel.close()`` wake the
   other thread. The last thread out closes the channel and the pair end; no fd outlives the threads.
+- Kept ahead of need: once a node has opened a channel through a gateway, a keeper thread
+  (:class:`_Keeper`, one per gateway) keeps its transport up: SSH keepalives every
+  ``SSH_KEEPALIVE_S`` (so a NAT or the gateway does not drop it while idle), and a transport
+  that died is dialed again in the background, so the next connection through the gateway
+  pays one channel open (a round trip), not a new transport's TCP, key exchange and
+  authentication. Bounded: a gateway through which no channel was opened for
+  ``SSH_IDLE_CLOSE_S`` and that carries none has its transport closed and its keeper ends; at
+  most ``SSH_TRANSPORTS_KEPT`` transports are kept (the least recently used idle one goes
+  first). :func:`close_all_transports` ends the keepers too.
 - Host keys are checked strictly against ``known_hosts`` (``[host]:port`` for ports other than 22,
   hashed names, ``*``/``?``/``!`` patterns and ``@revoked`` lines understood; ``@cert-authority``
   lines ignored, as paramiko cannot check host certificates). Unknown or mismatched keys raise
@@ -57,6 +66,10 @@ from ..errors import AuthError, ConfigError, ConnectError, GridsockError
 
 __all__ = [
     "SSH_CONNECT_TIMEOUT_S",
+    "SSH_KEEPALIVE_S",
+    "SSH_IDLE_CLOSE_S",
+    "SSH_TRANSPORTS_KEPT",
+    "KEEPER_COUNTERS",
     "SSHGateway",
     "open_ssh_tunnel",
     "close_all_transports",
@@ -71,10 +84,25 @@ DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 # Tried in this order when no key_filename is given (as ssh does; DSA is gone from paramiko).
 DEFAULT_KEY_FILES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
 METHOD = "ssh"
+# A kept transport sends an SSH keepalive this often when idle: NATs and firewalls forget an
+# idle TCP connection after minutes, and the gateway's ClientAlive checks want a sign of life.
+SSH_KEEPALIVE_S = 30.0
+# A gateway through which no channel was opened for this long (and that carries none) has its
+# transport closed: a node that stopped using it holds no session on the gateway for ever.
+SSH_IDLE_CLOSE_S = 600.0
+# How often a keeper looks at its transport (dead: dial again; idle too long: close).
+SSH_KEEPER_CHECK_S = 2.0
+# Transports kept at most (one per gateway and credentials: a node uses a handful).
+SSH_TRANSPORTS_KEPT = 16
 
 _CACHE_LOCK = threading.Lock()
 _TRANSPORTS: dict[SSHGateway, paramiko.Transport] = {}
 _DIAL_LOCKS: dict[SSHGateway, threading.Lock] = {}
+_LAST_USED: dict[SSHGateway, float] = {}  # gateway -> time.monotonic() of its last channel open
+_CHANNELS: dict[SSHGateway, int] = {}  # gateway -> tunnels open through it
+_KEEPERS: dict[SSHGateway, "_Keeper"] = {}
+#: What the keepers did: transports dialed again in the background, closed for idleness.
+KEEPER_COUNTERS: dict[str, int] = {"redialed": 0, "closed_idle": 0}
 _TUNNEL_IDS = itertools.count(1)
 
 _PORT_RE = re.compile(r"[0-9]{1,5}")
@@ -417,11 +445,83 @@ def _get_transport(dial: _Dial) -> tuple[paramiko.Transport, bool]:
             logger.info("SSH transport to gateway %s is dead; replacing it", gateway)
             _discard_transport(gateway, transport)
         transport = _dial_transport(dial)
+        transport.set_keepalive(int(SSH_KEEPALIVE_S))
         with _CACHE_LOCK:
             _TRANSPORTS[gateway] = transport
+        _trim()
         return transport, True
     finally:
         dial_lock.release()
+
+
+def _trim() -> None:
+    """At most SSH_TRANSPORTS_KEPT transports: close the least recently used idle ones."""
+    with _CACHE_LOCK:
+        idle = sorted((g for g in _TRANSPORTS if not _CHANNELS.get(g)), key=lambda g: _LAST_USED.get(g, 0.0))
+        excess = idle[:max(0, len(_TRANSPORTS) - SSH_TRANSPORTS_KEPT)]
+        closing = [(g, _TRANSPORTS.pop(g), _KEEPERS.pop(g, None)) for g in excess]
+    for gateway, transport, keeper in closing:
+        logger.info("SSH transport to gateway %s closed: more than %d kept", gateway, SSH_TRANSPORTS_KEPT)
+        if keeper is not None:
+            keeper.stop.set()
+        transport.close()
+
+
+class _Keeper:
+    """Keeps one gateway's transport up once used (see the module docstring): a daemon thread."""
+
+    def __init__(self, gateway: SSHGateway) -> None:
+        self.gateway = gateway
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"gridsock-ssh-keeper {gateway}", daemon=True)
+
+    def _run(self) -> None:
+        gateway = self.gateway
+        while not self.stop.wait(SSH_KEEPER_CHECK_S):
+            with _CACHE_LOCK:
+                transport = _TRANSPORTS.get(gateway)
+                idle_s = time.monotonic() - _LAST_USED.get(gateway, 0.0)
+                busy = bool(_CHANNELS.get(gateway))
+                if idle_s > SSH_IDLE_CLOSE_S and not busy:
+                    _TRANSPORTS.pop(gateway, None)
+                    if _KEEPERS.get(gateway) is self:
+                        del _KEEPERS[gateway]
+                    KEEPER_COUNTERS["closed_idle"] += 1
+                    self.stop.set()
+            if self.stop.is_set():
+                if transport is not None:
+                    logger.info("SSH transport to gateway %s closed: idle for %.0f s", gateway, idle_s)
+                    transport.close()
+                return
+            if transport is not None and transport.is_active():
+                continue
+            try:  # dead (or dropped): dial again now, not when the next connection needs it
+                fresh, _ = _get_transport(_Dial(gateway, "(kept ahead of need)",
+                                                time.monotonic() + SSH_CONNECT_TIMEOUT_S))
+                if self.stop.is_set():  # close_all_transports() came meanwhile: keep nothing
+                    _discard_transport(gateway, fresh)
+                    return
+                KEEPER_COUNTERS["redialed"] += 1
+                logger.info("SSH transport to gateway %s dialed again ahead of need", gateway)
+            except Exception as exc:  # ConnectError, AuthError, ConfigError: try again at the next check
+                logger.info("SSH transport to gateway %s: dialing again failed: %s", gateway, exc)
+
+
+def _used(gateway: SSHGateway) -> None:
+    """A channel was opened through ``gateway``: note it, and keep its transport from now on."""
+    with _CACHE_LOCK:
+        _LAST_USED[gateway] = time.monotonic()
+        _CHANNELS[gateway] = _CHANNELS.get(gateway, 0) + 1
+        keeper = _KEEPERS.get(gateway)
+        if keeper is not None:
+            return
+        keeper = _KEEPERS[gateway] = _Keeper(gateway)
+    keeper.thread.start()
+
+
+def _released(gateway: SSHGateway) -> None:
+    with _CACHE_LOCK:
+        _CHANNELS[gateway] = max(0, _CHANNELS.get(gateway, 0) - 1)
 
 
 def _discard_transport(gateway: SSHGateway, transport: paramiko.Transport) -> None:
@@ -481,10 +581,12 @@ class _PumpOwnsResources(Exception):
 class _Pump:
     """Two threads copying between a socketpair end and a channel; see the module docstring."""
 
-    def __init__(self, channel: paramiko.Channel, sock: socket.socket, label: str) -> None:
+    def __init__(self, channel: paramiko.Channel, sock: socket.socket, label: str,
+                 gateway: SSHGateway | None = None) -> None:
         self._channel = channel
         self._sock = sock
         self._label = label
+        self._gateway = gateway
         self._lock = threading.Lock()
         self._running = 2
         self._aborted = False
@@ -557,6 +659,8 @@ class _Pump:
         if last:
             self._close_channel()
             self._sock.close()
+            if self._gateway is not None:
+                _released(self._gateway)
             logger.debug("tunnel %s closed", self._label)
 
     def _close_channel(self) -> None:
@@ -619,8 +723,9 @@ def open_ssh_tunnel(
 
     app_end, pump_end = socket.socketpair()
     label = f"#{next(_TUNNEL_IDS)} {gateway}->{dest_host}:{dest_port}"
+    _used(gateway)
     try:
-        _Pump(channel, pump_end, label).start()
+        _Pump(channel, pump_end, label, gateway).start()
     except _PumpOwnsResources as exc:
         app_end.close()
         assert exc.__cause__ is not None  # (always raised "from" the pump's own error)
@@ -629,13 +734,15 @@ def open_ssh_tunnel(
         app_end.close()
         pump_end.close()
         pool.spawn(channel.close)
+        _released(gateway)
         raise
     logger.debug("tunnel %s open", label)
     return gevent.socket.socket(app_end.family, app_end.type, app_end.proto, fileno=app_end.detach())
 
 
 def close_all_transports() -> None:
-    """Close every cached SSH transport, and with them every tunnel that runs over them.
+    """Close every cached SSH transport, and with them every tunnel that runs over them; the
+    keepers end (nothing is dialed again until a channel is opened anew).
 
     Meant for tests and shutdown. A handshake running concurrently may still add a transport.
     Blocks the calling greenlet only.
@@ -643,6 +750,11 @@ def close_all_transports() -> None:
     with _CACHE_LOCK:
         transports = list(_TRANSPORTS.values())
         _TRANSPORTS.clear()
+        keepers = list(_KEEPERS.values())
+        _KEEPERS.clear()
+        _LAST_USED.clear()
+    for keeper in keepers:
+        keeper.stop.set()
     if not transports:
         return
 
