@@ -59,9 +59,10 @@ from . import agentwire, wire
 from .assembly import errno_of
 from .agentclient import AgentClient
 from .bootstrap.control import UnixServer, run_dir
-from .bridge import Bridge
+from .bridge import Bridge, hand_out
 from .errors import ConfigError, ConnectError, GridsockError, RemoteProtocolError
 from .names import grid_ip, grid_name, is_grid_ip
+from .stack import Stack
 
 __all__ = ["AgentServer", "AgentClient", "agent_path", "EPHEMERAL_PORTS"]
 
@@ -82,6 +83,9 @@ MAX_ANNOUNCED = 1024
 # A non-blocking connect's filler (see AgentServer._connect_into): a socketpair's send buffer at
 # its smallest is a few KiB; this bounds what the agent reads for a client.
 MAX_FILLER_BYTES = 1 << 20
+# The longest a non-blocking connect may ask the agent to try before answering (``handover``):
+# the program waits that long in its connect() for the chance of the connection's own socket.
+MAX_HANDOVER_S = 1.0
 # An idle agent client is dropped after this long without a request (listeners excepted).
 IDLE_TIMEOUT_S = 3600.0
 
@@ -229,27 +233,44 @@ class AgentServer(UnixServer):
     def _connect_into(self, conn, args: Dict[str, Any], app) -> None:
         """``connect`` for a non-blocking connect: the application sent its end of a socketpair,
         whose send buffer it filled with ``filler`` bytes so that it does not look writable.
+
+        With ``handover`` (seconds, at most MAX_HANDOVER_S): a connection made within that long
+        is answered as a blocking ``connect`` is, its socket attached (the kernel's TCP socket
+        for a plain ``tcp`` stack), and the socketpair end is closed; a failure within that
+        long is answered as such. Else (or without ``handover``) the agent first answers
+        ``{pending: true}``, and then as below.
+
         Answer first, then drain the filler (on success: the application sees its socket turn
         writable and finds the answer waiting) or close the end (on failure: the same, and its
         reads see EOF); on success, bridge the connection's stream to it."""
-        filler = args.get("filler")
-        stream = None
+        filler, handover = args.get("filler"), args.get("handover")
+        opening = None
         try:
             if type(filler) is not int or not 0 <= filler <= MAX_FILLER_BYTES:
                 raise _Failure("EINVAL", f"bad filler {filler!r}")
+            if handover is not None and (type(handover) not in (int, float) or not 0 <= handover <= MAX_HANDOVER_S):
+                raise _Failure("EINVAL", f"bad handover {handover!r}")
             entry, port, timeout, stack = self._connect_args(args)
-            try:
-                stream, info = self.node.open_stream(entry.node_id, port, stack=stack, timeout=timeout)
-            except ConfigError as exc:
-                raise _Failure("EINVAL", str(exc)) from exc
-            except ConnectError as exc:
-                raise _Failure(_errno_of(exc), str(exc)) from exc
+            opening = gevent.spawn(self._open_stream, entry, port, stack, timeout)
+            if handover is not None:
+                opening.join(handover)
+                if opening.ready():
+                    stream, info = _outcome(opening)
+                    self._hand_over_now(conn, entry, port, stream, info)
+                    app.close()
+                    return
+                _send(conn, wire.ControlReply(True, {"pending": True}))
+            opening.join()
+            stream, info = _outcome(opening)
             result = self._connected(entry, port, info)
             _send(conn, wire.ControlReply(True, result))
         except _Failure as exc:
             _send(conn, agentwire.failure(exc.errno, str(exc)))
             app.close()
             return
+        finally:
+            if opening is not None and not opening.ready():  # (the client went away meanwhile)
+                opening.kill()
         try:
             with gevent.Timeout(IDLE_TIMEOUT_S, TimeoutError("filler not drained")):
                 left = filler
@@ -265,6 +286,30 @@ class AgentServer(UnixServer):
             return
         bridge = Bridge(stream, app, -1, f"{entry.name}:{port}")
         self.node.assembler.hand_over(info, None, _peer_pid(conn), bridge=bridge)
+
+    def _open_stream(self, entry: wire.NodeEntry, port: int, stack: Optional[str], timeout: Optional[float]):
+        """``node.open_stream``'s ``(stream, info)``, or its failure as a _Failure (returned, not
+        raised: it runs in a greenlet of its own, whose outcome :func:`_outcome` gives)."""
+        try:
+            return self.node.open_stream(entry.node_id, port, stack=stack, timeout=timeout)
+        except ConfigError as exc:
+            return _Failure("EINVAL", str(exc))
+        except ConnectError as exc:
+            return _Failure(_errno_of(exc), str(exc))
+
+    def _hand_over_now(self, conn, entry: wire.NodeEntry, port: int, stream, info) -> None:
+        """Answer a non-blocking connect made within its ``handover`` time as a blocking one:
+        the socket a blocking connect gets (the kernel's TCP socket for a plain stack, else a
+        loopback TCP bridge end) goes with the answer."""
+        plain = not Stack.parse(info.stack, self.node.assembler.registry).filters
+        sock, bridge = hand_out(stream, plain=plain, name=f"{entry.name}:{port}", tcp=True)
+        info.detail["bridged"] = bridge is not None  # (as Assembler.connect says of its sockets)
+        try:
+            result = self._connected(entry, port, info)
+            self.node.assembler.hand_over(info, sock, _peer_pid(conn), bridge=bridge)
+            _send(conn, wire.ControlReply(True, result), sock)
+        finally:
+            sock.close()
 
     def _listen(self, conn, args: Dict[str, Any], reader: agentwire.AgentReader) -> None:
         port = args.get("port")
@@ -355,6 +400,15 @@ class _Failure(Exception):
     def __init__(self, errno_name: str, reason: str) -> None:
         super().__init__(reason)
         self.errno = errno_name
+
+
+def _outcome(opening: gevent.Greenlet):
+    """What the finished greenlet of :meth:`AgentServer._open_stream` made: ``(stream, info)``;
+    raises its _Failure."""
+    result = opening.get()
+    if isinstance(result, _Failure):
+        raise result
+    return result
 
 
 def _errno_of(exc: ConnectError) -> str:

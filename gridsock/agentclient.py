@@ -269,7 +269,7 @@ class AgentClient:
         return sock, result
 
     def connect_into(self, host: str, port: int, end: int, *, filler: int, timeout: Optional[float] = None,
-                     stack: Optional[str] = None) -> AgentChannel:
+                     stack: Optional[str] = None, handover: Optional[float] = None) -> AgentChannel:
         """Start a connection to ``host:port`` that arrives on descriptor ``end`` (one end of a
         Unix socketpair whose other end's send buffer holds ``filler`` bytes; the caller keeps
         its copy of ``end``); return at once. The agent answers on the returned channel
@@ -277,12 +277,19 @@ class AgentClient:
         the filler away and bridges the connection to ``end`` (on failure it closes ``end``):
         the caller's end turns writable only once the answer is waiting. The personality's
         non-blocking ``connect()`` is built on it.
+
+        ``handover`` (seconds, at most 1): a connection the agent makes within that long comes
+        as the first answer with its own socket attached, as :meth:`connect`'s does (the agent
+        closes ``end``; a failure within that long is the first answer too); later, the first
+        answer is ``{"pending": True}`` and the connection comes to ``end`` as above.
         Raises ConnectionRefusedError if no agent answers.
         """
         channel = self.open()
+        args = {"host": host, "port": int(port), "timeout": timeout, "stack": stack, "filler": int(filler)}
+        if handover is not None:
+            args["handover"] = float(handover)
         try:
-            channel.send("connect", {"host": host, "port": int(port), "timeout": timeout, "stack": stack,
-                                     "filler": int(filler)}, fd=end)
+            channel.send("connect", args, fd=end)
         except BaseException:
             channel.close()
             raise

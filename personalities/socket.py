@@ -46,7 +46,7 @@ import socket as _socket
 import threading
 from typing import TYPE_CHECKING, Any, Dict, NoReturn, Optional, Tuple
 
-from gridsock.agentclient import NAME_CACHE_S, AgentChannel, AgentClient, AgentListener
+from gridsock.agentclient import AGENT_TIMEOUT_S, NAME_CACHE_S, AgentChannel, AgentClient, AgentListener
 from gridsock.names import GRID_SUFFIX, grid_name, is_grid_ip
 
 from .monkey import get_original
@@ -79,6 +79,10 @@ _force = False
 # (IPv4 only: an IPv6 "::1" server may sit on a V6ONLY wildcard next to an IPv4 one of the same
 # port, which the grid, with one port space per node, cannot tell apart.)
 _LOOPBACK = ("127.0.0.1", "localhost", "::ffff:127.0.0.1", "0.0.0.0")
+# A non-blocking connect waits this long for the agent to make the connection, so that it gets
+# the connection's own socket (full speed: no bridge); a slower connection goes on in the
+# background, bridged (see GridSocket._grid_connect_nonblocking). The most an event loop stalls.
+NONBLOCKING_HANDOVER_S = 0.05
 
 
 def configure(path: Optional[str], *, force: Optional[bool] = None) -> None:
@@ -400,9 +404,15 @@ class GridSocket(_RealSocket):
         """Start a connect and raise BlockingIOError(EINPROGRESS); the socket turns writable when
         it is done, and ``getsockopt(SOL_SOCKET, SO_ERROR)`` then tells how it went.
 
-        The socket becomes one end of a socketpair whose send buffer is filled (so it is not
-        writable); the other end goes to the agent, which answers on the agent connection and
-        then drains the filler (success: the connection is bridged to our end) or closes it
+        A connection the agent makes within ``NONBLOCKING_HANDOVER_S`` is put in place at once,
+        as a blocking connect's is (for a plain ``tcp`` stack, the kernel's TCP socket to the
+        peer: nothing of gridsock on the data path), before the program can have registered
+        the socket with a selector; a failure within that long is raised at once (as a kernel's
+        non-blocking connect to loopback may).
+
+        Otherwise the socket becomes one end of a socketpair whose send buffer is filled (so it
+        is not writable); the other end went to the agent, which answers on the agent connection
+        and then drains the filler (success: the connection is bridged to our end) or closes it
         (failure). Either way our end turns writable only once the answer is waiting. Its send
         buffer gets its usual size back once the connect is done (:meth:`_grid_finish`): at the
         minimum, one chunk the bridge has not wholly consumed (it holds a byte back to be able
@@ -423,10 +433,27 @@ class GridSocket(_RealSocket):
                     filler += ours.send(block)
                 except BlockingIOError:
                     break
-            channel = agent.connect_into(host, int(port), theirs.fileno(), filler=filler)
+            channel = agent.connect_into(host, int(port), theirs.fileno(), filler=filler,
+                                         handover=NONBLOCKING_HANDOVER_S)
             theirs.close()
+            channel.settimeout(NONBLOCKING_HANDOVER_S + AGENT_TIMEOUT_S)
+            first, conn = channel.receive()  # (a failure within the hand-over time raises here)
+            if conn is not None:  # the connection itself, made within the hand-over time
+                channel.close()
+                ours.close()
+                self._adopt(conn.detach())
+                self._grid_peer = self._addr(first["ip"], int(port))
+                self._grid_local = bound or self._addr(agent.whoami()["ip"], int(first.get("local_port") or 0))
+                if self._grid_requested:
+                    self._forced_names(self._grid_requested)
+                raise BlockingIOError(errno.EINPROGRESS, "Operation now in progress")
+            if not first.get("pending"):
+                raise ConnectionResetError(errno.ECONNRESET, "agent answered a non-blocking connect without "
+                                                             "its descriptor")
             self._adopt(os.dup(ours.fileno()))
             ours.close()
+        except BlockingIOError:
+            raise
         except BaseException:
             for sock in (ours, theirs, channel):
                 if sock is not None:

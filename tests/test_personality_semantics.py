@@ -130,6 +130,10 @@ def echo_port(grid):  # noqa: F811
     return int(wait_for_line(server, "serving ", timeout=SCRIPT_TIMEOUT_S).split()[2])
 
 
+# A script line: non-blocking connects take the bridged path (the agent answers "pending" at once).
+BRIDGED = "import gridsock.personalities.socket; gridsock.personalities.socket.NONBLOCKING_HANDOVER_S = 0"
+
+
 # Reads one byte from each client, then resets the connection (SO_LINGER {on, 0}: an RST).
 RESETTING_SERVER = """
     import socket, struct
@@ -143,16 +147,17 @@ RESETTING_SERVER = """
 """
 
 
-@pytest.mark.parametrize("connect", ["blocking", "non-blocking"])
+@pytest.mark.parametrize("connect", ["blocking", "non-blocking", "non-blocking, bridged"])
 def test_a_peer_reset_is_connection_reset_error_for_send_and_recv(grid, connect):  # noqa: F811
     server = grid.start("nb", RESETTING_SERVER)
     port = int(wait_for_line(server, "serving ", timeout=SCRIPT_TIMEOUT_S).split()[1])
     out = grid.run("na", f"""
         import select, socket
+        {BRIDGED if connect.endswith("bridged") else ""}
 
         def reset_connection():
             sock = socket.socket()
-            if {connect == "non-blocking"}:
+            if {connect.startswith("non-blocking")}:
                 sock.setblocking(False)
                 sock.connect_ex(("nb", {port}))
                 select.select([], [sock], [], 30)
@@ -227,14 +232,15 @@ def test_the_assembly_request_carries_the_client_port_and_omits_it_when_unknown(
         wire.decode_assembly(wire.encode_assembly(request).replace(b"50123", b"0    "))
 
 
-@pytest.mark.parametrize("connect", ["blocking", "non-blocking"])
+@pytest.mark.parametrize("connect", ["blocking", "non-blocking", "non-blocking, bridged"])
 def test_the_server_sees_the_port_the_client_has(grid, echo_port, connect):  # noqa: F811
     # (the echo server answers "LINE from HOST:PORT", HOST:PORT its accepted peer address)
     out = grid.run("na", f"""
         import select, socket
+        {BRIDGED if connect.endswith("bridged") else ""}
         for _ in range(3):
             sock = socket.socket()
-            if {connect == "non-blocking"}:
+            if {connect.startswith("non-blocking")}:
                 sock.setblocking(False)
                 sock.connect_ex(("nb", {echo_port}))
                 select.select([], [sock], [], 30)
@@ -282,19 +288,20 @@ def test_asyncio_sock_accept_sees_the_clients_address_in_force_mode(grid):  # no
 # --- the backlog before the connect returns -----------------------------------------------------
 
 
-@pytest.mark.parametrize("connect", ["blocking", "non-blocking"])
+@pytest.mark.parametrize("connect", ["blocking", "non-blocking", "non-blocking, bridged"])
 def test_a_connection_is_in_the_backlog_when_the_connect_returns(grid, connect):  # noqa: F811
     # In force mode, loopback: the client's connect done, the listener is readable at once (TCP's
     # loopback connection is in the accept queue before the client's connect returns).
     script = grid.script(f"""
         import select, socket
+        {BRIDGED if connect.endswith("bridged") else ""}
         server = socket.socket()
         server.bind(("127.0.0.1", 0))
         server.listen(64)
         ready = 0
         for _ in range(20):
             client = socket.socket()
-            if {connect == "non-blocking"}:
+            if {connect.startswith("non-blocking")}:
                 client.setblocking(False)
                 client.connect_ex(server.getsockname())
                 select.select([], [client], [], 30)
@@ -313,3 +320,49 @@ def test_a_connection_is_in_the_backlog_when_the_connect_returns(grid, connect):
                           env=dict(grid.env, GRIDSOCK_FORCE="1"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "readable at once 20 of 20"
+
+
+# --- non-blocking connects at full speed ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["handed", "bridged"])
+def test_asyncio_gets_the_connections_own_socket(grid, path):  # noqa: F811
+    # A connection made within the hand-over time comes as a blocking connect's does: for a plain
+    # tcp stack (force mode: na to na, one cluster) the kernel's TCP socket to the peer, which the
+    # node lists as handed over, not bridged. A slower one (hand-over time 0 here) is bridged to a
+    # Unix socketpair end, and works the same.
+    script = grid.script(f"""
+        import asyncio, os, socket
+        from gridsock.bootstrap.control import call
+        {BRIDGED if path == "bridged" else ""}
+
+        async def echo(reader, writer):
+            writer.write((await reader.readline()).upper())
+            await writer.drain()
+            writer.close()
+
+        async def main():
+            server = await asyncio.start_server(echo, "127.0.0.1", 0)
+            reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+            sock = writer.get_extra_info("socket")
+            writer.write(b"x\\n")
+            await writer.drain()
+            print((await reader.readline()).decode().strip())
+            status = call(os.path.join(os.environ["GRIDSOCK_RUN_DIR"], "na.sock"), "status")
+            mine = [c for c in status["connections"] if c["side"] == "client"
+                    and c.get("client_port") == sock.getsockname()[1]]
+            print(len(mine), mine[0]["stack"], "bridged" if mine[0]["bridged"] else "handed",
+                  socket.AddressFamily(sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)).name,
+                  sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0)
+            writer.close()
+            await writer.wait_closed()
+            server.close()
+            await server.wait_closed()
+
+        asyncio.run(main())
+    """)
+    done = subprocess.run(grid.argv("na", script), capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S,
+                          env=dict(grid.env, GRIDSOCK_FORCE="1"))
+    assert done.returncode == 0, done.stderr
+    family = "AF_INET" if path == "handed" else "AF_UNIX"
+    assert done.stdout.splitlines() == ["X", f"1 tcp {path} {family} True"]
