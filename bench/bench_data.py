@@ -1301,6 +1301,12 @@ def lz4_speed(data: bytes) -> float:
     return len(data) / best / 1e6
 
 
+def tree_commit(tree: str) -> str:
+    """The short commit of the checkout at ``tree`` (``--before``), or the path if git cannot say."""
+    done = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else tree
+
+
 def relay_profile(results: dict) -> str:
     delay = results.get("wan_delay_ms", 0.0)
     return f"WAN delay {delay:g} ms one way" if delay else "no shaping"
@@ -1452,7 +1458,8 @@ def run_bench(argv: List[str]) -> int:
             lab.set_wan(delay_ms=args.wan_delay_ms)
         if args.only == "relay":
             results["relay"] = {}
-            versions = ([(f"before (`{args.before}`)", args.before)] if args.before else []) + [("this tree", None)]
+            versions = ([(f"before: `{tree_commit(args.before)}`", args.before)] if args.before else []) + \
+                [(f"this tree: `{info['commit']}`{'+' if info['dirty'] else ''}", None)]
             for i, (version, tree) in enumerate(versions):
                 if i:
                     grid.stop()
