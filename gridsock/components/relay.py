@@ -13,7 +13,8 @@ payload starts with a header ``conn_id: u32 | type: u8 | value: u32``:
   than the bytes it has had (a frame lost when a link on the path was replaced) resets the
   connection rather than deliver a stream with a hole in it;
 - ``EOF``: the sender half-closed;
-- ``CREDIT``: the receiver consumed ``value`` more bytes, the sender may send that much more;
+- ``CREDIT``: the sender may send ``value`` more bytes: what the receiver's application
+  consumed, plus the growth of its window (below);
 - ``RESET``: the connection is gone (closed, or unknown at the receiver).
 
 Ends. ``send_eof`` sends EOF: the peer's ``receive_some`` returns what came before, then
@@ -42,11 +43,12 @@ round trip, without the queues. A moving average would count the queue a bottlen
 holds (the window itself, waiting there) as path, enlarge the window for it, and so grow the
 queue, up to the largest window, on every slow path.
 
-Cost. The data path copies each byte once per node: the sender copies the application's
-bytes into the routed payload (joined to the 9-byte header), each forwarding hop copies the
-payload out of its decoder's buffer and writes it to the next link as it is, and the receiver
-keeps views of the payloads it got until the application reads them (``receive_some`` copies
-out what it returns). TLS on each bootstrap link is the rest of the per-byte cost.
+Cost. The data path copies each byte once per node, twice at the receiver: the sender copies
+the application's bytes into the routed payload (joined to the 9-byte header); each node's
+link decoder copies a payload out of its receive buffer once, and a forwarding hop writes it
+to the next link as it is; the receiver keeps views of the payloads until the application
+reads them, and ``receive_some`` copies out what it returns. TLS on each bootstrap link is the
+rest of the per-byte cost (docs/benchmarks.md, "Relay: where the time goes").
 """
 from __future__ import annotations
 
