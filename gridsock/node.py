@@ -53,7 +53,7 @@ import gevent.monkey
 
 from . import wire
 from .bootstrap.control import ControlServer, control_path
-from .bootstrap.directory import RENDEZVOUS_NAME, Directory
+from .bootstrap.directory import LEAVE_TOPIC, RENDEZVOUS_NAME, STATUS_MAX_BYTES, Directory
 from .bootstrap.leader import LeaderService
 from .bootstrap.link import Link
 from .bootstrap.nodeport import NodePort
@@ -61,7 +61,7 @@ from .bootstrap.routing import REQUEST_TIMEOUT_S, Delivery, Handler, PingResult,
 from .bootstrap.transport import Address, parse_address
 from .bootstrap.uplink import FATAL_REFUSALS, RECONNECT_INITIAL_S, RECONNECT_MAX_S, Uplink
 from .errors import ConfigError, ConnectError, ConnectRefusedError, GridsockError, LoopEndedError, RoutingError
-from .session import Identity, Session
+from .session import Identity, NodeState, Session
 from ._loopthread import LoopThread, caller_runs_gevent
 from .agent import AgentServer
 from .assembly import ASSEMBLE_TOPIC, ASSEMBLY_TIMEOUT_S, DATA_PREAMBLE, Assembler, ConnectionInfo, DataListener
@@ -113,6 +113,9 @@ CALL_GRACE_S = 10.0
 # stop() from another thread waits at most this long for the node to stop, and as long again
 # for its thread to end.
 STOP_TIMEOUT_S = 10.0
+# stop() waits at most this long for the rendez-vous node to take note that the node leaves
+# cleanly (which frees its name at once): a round trip, milliseconds unless something is wrong.
+LEAVE_TIMEOUT_S = 1.0
 
 # Control operations served by modules of their own (``module:function``, called with the node
 # and the operation's arguments), imported when first asked for.
@@ -149,7 +152,12 @@ class Node:
     ``loop`` says which thread runs the node (:data:`LOOP_MODES`): ``"thread"``, one of its own,
     every public method then safe to call from any thread; ``"caller"``, the thread that makes
     it, inline (a gevent program). None (the default): ``"caller"`` if that thread already runs
-    gevent, else ``"thread"``. Raises ConfigError for a bad name, address or ``loop``.
+    gevent, else ``"thread"``. ``state_dir`` is a directory private to this user where the node
+    keeps its identity (:class:`~gridsock.session.NodeState`), so that it comes back with the
+    same id, grid address and name after a restart (``gridsock node`` gives one by default:
+    :func:`~gridsock.session.default_state_dir`); None: a new identity each time. Raises
+    ConfigError for a bad name, address or ``loop``, or a state directory in use or of another
+    session, LocalTrustError for a state directory that is not private.
     """
 
     def __init__(
@@ -173,6 +181,7 @@ class Node:
         front_door_options: Mapping[str, Any] | None = None,
         socks_gateway: str | None = None,
         loop: str | None = DEFAULT_LOOP,
+        state_dir: str | None = None,
     ) -> None:
         if loop is None:
             loop = "caller" if caller_runs_gevent() else "thread"
@@ -186,12 +195,14 @@ class Node:
         self._handed_bridges: "weakref.WeakSet[Any]" = weakref.WeakSet()
         if loop == "caller":
             self._setup(session, name, cluster, leader, listen_address, advertise, ssh_gateway, control, agent,
-                        identity, rules, ssh_key, ssh_known_hosts, metrics, front_door, front_door_options, socks_gateway)
+                        identity, rules, ssh_key, ssh_known_hosts, metrics, front_door, front_door_options, socks_gateway,
+                        state_dir)
             return
         self._thread = LoopThread(f"gridsock-node-{name}", on_exit=[self._close_bridges])
         try:
             self._thread.call(None, self._setup, session, name, cluster, leader, listen_address, advertise, ssh_gateway,
-                              control, agent, identity, rules, ssh_key, ssh_known_hosts, metrics, front_door, front_door_options, socks_gateway)
+                              control, agent, identity, rules, ssh_key, ssh_known_hosts, metrics, front_door, front_door_options, socks_gateway,
+                              state_dir)
         except BaseException:
             self._thread.end(timeout=STOP_TIMEOUT_S)
             raise
@@ -200,9 +211,12 @@ class Node:
                listen_address: str | None, advertise: str | None, ssh_gateway, control: str | None,
                agent: str | None, identity: Identity | None, rules: Rules | None, ssh_key: str | None,
                ssh_known_hosts: str | None, metrics: str | None, front_door: str | None,
-               front_door_options: Mapping[str, Any] | None = None, socks_gateway: str | None = None) -> None:
+               front_door_options: Mapping[str, Any] | None = None, socks_gateway: str | None = None,
+               state_dir: str | None = None) -> None:
         """What ``__init__`` makes, in the thread the node runs in (its gevent objects are that
         thread's hub's)."""
+        if state_dir is not None and identity is not None:
+            raise ConfigError("give a node an identity or a state directory, not both")
         try:
             wire.check_name(name, "node name")
             if cluster is not None:
@@ -279,6 +293,33 @@ class Node:
             (os.path.splitext(self._control_path)[0] + ".agent" if self._control_path else "")
         self._agent: Optional[AgentServer] = None
         self._greenlets: list = []
+        # The state directory (last: nothing after it can fail and leave its lock taken).
+        self.state: Optional[NodeState] = None
+        if state_dir is not None:
+            self._open_state(state_dir)
+
+    def _open_state(self, state_dir: str) -> None:
+        """Take the state directory: the identity (TLS) or the node id (plain TCP) saved there
+        becomes this node's; the uplink saves the identity there once enrolled. Raises
+        ConfigError (in use, of another session, a bad file), LocalTrustError or OSError."""
+        state = NodeState(state_dir, self.session).open()
+        try:
+            if self.session.tls:
+                self.identity = state.load_identity()
+                self.node_id = self.identity.node_id if self.identity is not None else None
+            else:
+                saved = state.load_node_id()
+                if saved is not None:
+                    self.node_id = saved
+                else:
+                    assert self.node_id is not None  # (chosen above, plain TCP)
+                    state.save_node_id(self.node_id)
+        except BaseException:
+            state.close()
+            raise
+        self.state = state
+        log.info("node %s keeps its identity in %s%s", self.name, state.path,
+                 f" (node {self.node_id})" if self.node_id else " (not enrolled yet)")
 
     def __repr__(self) -> str:
         return f"<Node {self.name} {self.role} {self.node_id}>"
@@ -412,7 +453,18 @@ class Node:
         if not thread.end(timeout=STOP_TIMEOUT_S):
             log.warning("the thread of node %s did not end within %g s", self.name, STOP_TIMEOUT_S)
 
+    def _leave(self) -> None:
+        """Tell the rendez-vous node this node stops cleanly (its name is free once it is gone);
+        bounded by LEAVE_TIMEOUT_S, and skipped when the uplink is down."""
+        if not self.joined or self._stopped.is_set():
+            return
+        try:
+            self.router.request(RENDEZVOUS_NAME, LEAVE_TOPIC, b"", timeout=LEAVE_TIMEOUT_S)
+        except (RoutingError, TimeoutError) as exc:  # (an older rendez-vous node has no such service)
+            log.info("node %s: the rendez-vous node did not take note of its leaving: %s", self.name, exc)
+
     def _stop(self) -> None:
+        self._leave()
         self._stopped.set()
         for g in self._greenlets:
             g.kill(block=False)
@@ -430,6 +482,8 @@ class Node:
             self._agent.stop()
         if self._front_door is not None:
             self._front_door.stop()
+        if self.state is not None:
+            self.state.close()
 
     def wait_joined(self, timeout: float | None = None) -> bool:
         """Wait until the uplink is up for the first time; False on timeout.
@@ -618,7 +672,8 @@ class Node:
             "address": str(self.address),
             "joined": self.joined,
             "entry": self.entry.to_json() if self.entry else None,
-            "directory": self.directory.to_json(),
+            **self.directory.status(),  # (at most STATUS_MAX_BYTES of it: a reply fits in a frame)
+            "state_dir": str(self.state.path) if self.state is not None else None,
             "routes": self.router.routes(),
             "links": links,
             "uplink_history": self.uplink_history,
@@ -688,7 +743,7 @@ class Node:
             names = {e.name for e in self.directory}
             unsettled = settled and any(e.inbound is None for e in self.directory)
             if names >= set(present) and not names & set(absent) and not unsettled:
-                return self.directory.to_json()
+                return self.directory.to_json(STATUS_MAX_BYTES)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RoutingError(f"after {timeout:.1f} s the directory of {self.name} holds {sorted(names)}; "

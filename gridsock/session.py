@@ -37,6 +37,7 @@ import re
 import secrets
 import shutil
 import ssl
+import stat
 import sys
 import tempfile
 import uuid
@@ -79,6 +80,10 @@ __all__ = [
     "JOIN_TOKEN_BYTES",
     "MAX_CSR_BYTES",
     "RENDEZVOUS_NODE_ID",
+    "STATE_KEY_FILE",
+    "STATE_CERT_FILE",
+    "default_state_dir",
+    "NodeState",
     "Session",
     "create_session",
     "parse_hostport",
@@ -120,6 +125,13 @@ MAX_HOSTNAME_LABEL_CHARS = 63  # RFC 1035
 NODE_URI_PREFIX = "urn:gridsock:node:"
 RENDEZVOUS_URI_PREFIX = "urn:gridsock:rendezvous:"
 RENDEZVOUS_NODE_ID = "rendezvous"  # Identity.node_id of the rendez-vous certificate
+
+# A node's state directory (NodeState): under $XDG_STATE_HOME (or ~/.local/state), this subdirectory.
+STATE_SUBDIR = "gridsock"
+STATE_CERT_FILE = "node-cert.pem"
+STATE_KEY_FILE = "node-key.pem"  # 0600, in a 0700 directory
+STATE_NODE_ID_FILE = "node-id"  # plain-TCP sessions: the id the node chose for itself
+STATE_LOCK_FILE = "lock"  # held (flock) by the running node
 
 # What cryptography raises for malformed certificates and CSRs; not all are ValueErrors.
 _PARSE_ERRORS = (
@@ -938,6 +950,145 @@ def _remove(paths) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+# -- a node's state directory --------------------------------------------------------------
+
+
+def default_state_dir(session_id: str, name: str) -> str:
+    """Where node ``name`` of session ``session_id`` keeps its identity by default:
+    ``$XDG_STATE_HOME/gridsock/<session>/<name>`` (``~/.local/state`` when ``$XDG_STATE_HOME``
+    is unset or not an absolute path, as the XDG base directory specification says). State
+    outlives reboots, unlike the run directory (a tmpfs). Returns a path; creates nothing."""
+    base = os.environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, STATE_SUBDIR, session_id, name)
+
+
+class NodeState:
+    """A node's state directory: what makes it the same node after a restart.
+
+    It holds the node's certificate (``node-cert.pem``) and private key (``node-key.pem``,
+    0600) in a TLS session, its self-chosen node id (``node-id``) in a plain-TCP one, and a
+    ``lock`` file that one running node holds (``flock``; the kernel drops it when the process
+    dies, SIGKILL included). The directory is created 0700 and refused, like the run directory
+    (:func:`gridsock.names.check_private_dir`), when it is a symbolic link, another user's or
+    writable by others; a key file readable by others is refused too. Files are replaced
+    atomically (written beside, then renamed), so a node killed while saving leaves the old
+    identity or the new one, never half of one.
+
+    :meth:`open` it (takes the lock), then :meth:`load_identity` / :meth:`save_identity`
+    (or the ``node_id`` pair); :meth:`close` when the node stops.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], session: Session) -> None:
+        self.path = Path(path)
+        self.session = session
+        self._lock_fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<NodeState {self.path}>"
+
+    def open(self) -> NodeState:
+        """Create (0700) and check the directory, take its lock; return self.
+
+        Raises LocalTrustError (a PermissionError) for a directory that is not private to this
+        user, ConfigError if another running node holds it, OSError if it cannot be made.
+        """
+        import fcntl
+
+        from .names import make_private_dir
+
+        make_private_dir(str(self.path))
+        fd = os.open(self.path / STATE_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"{self.path}: the state directory is in use by another running node"
+                              " (one identity runs once; give this node another --state-dir)") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+        return self
+
+    def close(self) -> None:
+        """Release the lock (idempotent); the files stay."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # (closing the descriptor releases the flock)
+
+    def _read(self, name: str, *, secret: bool = False) -> bytes | None:
+        path = self.path / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        if secret and (st.st_mode & 0o077 or st.st_uid != os.geteuid()):
+            raise ConfigError(f"{path}: a private key must be this user's and private to it (mode 0600,"
+                              f" not {stat.S_IMODE(st.st_mode):04o}): chmod 600 {path}")
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc}") from exc
+
+    def _write(self, name: str, data: bytes) -> None:
+        path = self.path / name
+        temporary = self.path / (name + ".new")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)  # left by a node killed while saving
+        _write_new(temporary, data, 0o600)
+        os.replace(temporary, path)
+
+    def load_identity(self) -> Identity | None:
+        """The identity saved here, or None if there is none yet or its certificate expired
+        (the node enrolls again: a new id). Raises ConfigError for files that do not parse or
+        match, a certificate of another session's CA, or a key file that is not private."""
+        cert_pem = self._read(STATE_CERT_FILE)
+        key_pem = self._read(STATE_KEY_FILE, secret=True)
+        if cert_pem is None or key_pem is None:
+            return None
+        try:
+            identity = Identity(cert_pem, key_pem)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.path}: {exc}") from exc
+        try:
+            ca = x509.load_pem_x509_certificate(self.session.ca_cert_pem)
+            x509.load_pem_x509_certificate(cert_pem).verify_directly_issued_by(ca)
+        except (*_PARSE_ERRORS, InvalidSignature) as exc:
+            raise ConfigError(f"{self.path}: the identity there belongs to another session (its certificate is"
+                              f" not issued by the CA of session {self.session.session_id}); give this node"
+                              " another --state-dir, or remove that directory") from exc
+        if identity.subject.kind != "node":
+            raise ConfigError(f"{self.path}: not a node identity")
+        if identity.not_valid_after <= _now():
+            log.warning("%s: the certificate of node %s expired on %s: enrolling again (a new id)", self.path,
+                        identity.node_id, f"{identity.not_valid_after:%Y-%m-%d}")
+            return None
+        return identity
+
+    def save_identity(self, identity: Identity) -> None:
+        """Keep ``identity`` here (key file 0600). Raises OSError if it cannot be written."""
+        self._write(STATE_KEY_FILE, identity.key_pem)
+        self._write(STATE_CERT_FILE, identity.cert_pem)
+
+    def load_node_id(self) -> str | None:
+        """The node id saved here (plain-TCP sessions), or None. ConfigError if it is not a uuid."""
+        data = self._read(STATE_NODE_ID_FILE)
+        if data is None:
+            return None
+        node_id = _canonical_uuid(data.decode("ascii", "replace").strip())
+        if node_id is None:
+            raise ConfigError(f"{self.path / STATE_NODE_ID_FILE}: not a node id")
+        return node_id
+
+    def save_node_id(self, node_id: str) -> None:
+        """Keep ``node_id`` here. Raises OSError if it cannot be written."""
+        self._write(STATE_NODE_ID_FILE, (node_id + "\n").encode("ascii"))
 
 
 # -- TLS ---------------------------------------------------------------------------------------

@@ -4,20 +4,154 @@ The rendez-vous node holds the authoritative copy; leaders and members hold repl
 date by ``DirectoryUpdate`` messages. A replica applies updates in order; a snapshot series
 (``snapshot=True`` on the first part, ``more=True`` on all parts but the last) replaces the
 whole content. Names are unique in a session; ids never change meaning.
+
+Names and clusters belong to identities (:class:`Bindings`): the rendez-vous node binds a node
+name to the first node id that holds it, and a cluster name to the first leader that leads it;
+another id that asks for either while its holder is linked, or within ``NAME_GRACE_S`` after it
+was lost, is refused. A holder that leaves cleanly, or an operator (``release``), ends the
+binding at once; the holder coming back (same id, from its state directory) gets it back at once.
+
+Bounds: a leader has at most ``MAX_MEMBERS`` members, and what a status reply carries of the
+directory is at most ``STATUS_MAX_BYTES`` of JSON (:meth:`Directory.to_json` with ``max_bytes``),
+so a large grid never makes a control reply outgrow the frame limit.
 """
 from __future__ import annotations
 
+import json
 import time
-from typing import Callable, Dict, Iterable, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import gevent.event
 
 from .. import wire
 
-__all__ = ["Directory", "RENDEZVOUS_NAME"]
+__all__ = ["Directory", "RENDEZVOUS_NAME", "LEAVE_TOPIC", "MAX_MEMBERS", "NAME_GRACE_S", "STATUS_MAX_BYTES", "Binding", "Bindings",
+           "bounded_json"]
 
 # The name that addresses the rendez-vous node itself in routed messages; no node may take it.
 RENDEZVOUS_NAME = "rendezvous"
+# The routed request (to RENDEZVOUS_NAME) by which a node that stops cleanly frees its name,
+# and a leader its cluster, as soon as it is gone.
+LEAVE_TOPIC = "gridsock.leave"
+# Members one leader may have: a cluster of a thousand nodes is large; without a bound one rogue
+# leader registers phantoms by the ten thousand, and every directory grows with them.
+MAX_MEMBERS = 1000
+# A name (or a cluster) whose holder was lost without leaving cleanly stays its holder's this
+# long: time for a crashed node to be restarted with its state directory, while no other node
+# can take its name (and the messages meant for it). An operator may release it sooner.
+NAME_GRACE_S = 60.0
+# What a status reply carries of a list (directory entries, links) at most, as JSON: well
+# under the frame limit (wire.MAX_FRAME_BYTES, 4 MiB), whatever else the reply holds.
+STATUS_MAX_BYTES = 1024 * 1024
+
+
+def bounded_json(items: Iterable[dict], max_bytes: int) -> Tuple[List[dict], int]:
+    """The first of ``items`` whose JSON adds up to at most ``max_bytes``; and how many there
+    were in all. Returns ``(kept, total)``."""
+    kept: List[dict] = []
+    used = 0
+    total = 0
+    for item in items:
+        total += 1
+        if used >= max_bytes:
+            continue
+        size = len(json.dumps(item)) + 2
+        if used + size > max_bytes:
+            used = max_bytes  # keep an order: nothing after the first item that did not fit
+            continue
+        used += size
+        kept.append(item)
+    return kept, total
+
+
+@dataclass
+class Binding:
+    """Who holds a name (or a cluster): ``node_id``; ``lost_at`` (``time.monotonic()``) once its
+    holder was lost (None while it is linked); ``released`` once it left cleanly or an operator
+    released it."""
+
+    node_id: str
+    lost_at: Optional[float] = None
+    released: bool = False
+
+
+class Bindings:
+    """Names (node names, or cluster names) bound to node ids; see the module docstring.
+
+    ``grace_s`` is how long a lost holder keeps its name; ``clock`` returns seconds (injected
+    so a test of the grace does not wait for it).
+    """
+
+    def __init__(self, what: str, *, grace_s: float = NAME_GRACE_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.what = what
+        self.grace_s = grace_s
+        self._clock = clock
+        self._by_name: Dict[str, Binding] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def get(self, name: str) -> Optional[Binding]:
+        return self._by_name.get(name)
+
+    def holder(self, name: str, node_id: str) -> Optional[str]:
+        """The node id that keeps ``name`` from ``node_id``, or None if ``node_id`` may have it:
+        it is unbound, bound to ``node_id``, released, or lost longer than the grace ago."""
+        binding = self._by_name.get(name)
+        if binding is None or binding.node_id == node_id or binding.released:
+            return None
+        if binding.lost_at is not None and self._clock() - binding.lost_at >= self.grace_s:
+            return None
+        return binding.node_id
+
+    def why_not(self, name: str, node_id: str) -> Optional[str]:
+        """Why ``node_id`` may not have ``name`` (a message), or None if it may."""
+        holder = self.holder(name, node_id)
+        if holder is None:
+            return None
+        binding = self._by_name[name]
+        if binding.lost_at is None:
+            return f"{self.what} {name!r} belongs to node {holder}"
+        left = max(0.0, self.grace_s - (self._clock() - binding.lost_at))
+        return (f"{self.what} {name!r} belongs to node {holder}, lost {self._clock() - binding.lost_at:.1f} s ago: "
+                f"it is kept for its holder {left:.0f} s more, unless an operator releases it "
+                f"(gridsock release {name} on the rendez-vous host)")
+
+    def bind(self, name: str, node_id: str) -> None:
+        """``name`` is held by ``node_id`` now (linked)."""
+        self._by_name[name] = Binding(node_id)
+        if len(self._by_name) % 1024 == 0:
+            self.prune()
+
+    def lost(self, name: str, node_id: str) -> None:
+        """The holder ``node_id`` of ``name`` is gone without a word: the grace starts."""
+        binding = self._by_name.get(name)
+        if binding is not None and binding.node_id == node_id and binding.lost_at is None:
+            binding.lost_at = self._clock()
+
+    def left(self, name: str, node_id: str) -> None:
+        """The holder ``node_id`` of ``name`` leaves cleanly: anyone may take it once it is gone."""
+        binding = self._by_name.get(name)
+        if binding is not None and binding.node_id == node_id:
+            binding.released = True
+
+    def release(self, name: str) -> Optional[Binding]:
+        """An operator frees ``name``; returns the binding it had (None: there was none)."""
+        return self._by_name.pop(name, None)
+
+    def prune(self) -> None:
+        """Forget the bindings nobody is owed any more (released, or lost beyond the grace)."""
+        now = self._clock()
+        for name in [n for n, b in self._by_name.items()
+                     if b.released and b.lost_at is not None or b.lost_at is not None and now - b.lost_at >= self.grace_s]:
+            del self._by_name[name]
+
+    def to_json(self) -> Dict[str, dict]:
+        now = self._clock()
+        return {name: {"node_id": b.node_id, "released": b.released,
+                       "lost_s_ago": None if b.lost_at is None else round(now - b.lost_at, 1)}
+                for name, b in self._by_name.items()}
 
 
 class Directory:
@@ -26,6 +160,7 @@ class Directory:
     def __init__(self) -> None:
         self._by_id: Dict[str, wire.NodeEntry] = {}
         self._by_name: Dict[str, str] = {}
+        self._by_leader: Dict[str, Set[str]] = {}  # leader id -> its members' ids
         self._changed = gevent.event.Event()
         self._listeners: List[Callable[[List[wire.NodeEntry], List[wire.NodeEntry]], None]] = []
         self._pending_snapshot: Optional[List[wire.NodeEntry]] = None
@@ -53,7 +188,22 @@ class Directory:
         return self._by_id.get(dst) or self.by_name(dst)
 
     def members_of(self, leader_id: str) -> List[wire.NodeEntry]:
-        return [e for e in self._by_id.values() if e.leader == leader_id and e.node_id != leader_id]
+        return [self._by_id[i] for i in self._by_leader.get(leader_id, ())]
+
+    def count_members(self, leader_id: str) -> int:
+        """How many members leader ``leader_id`` has here."""
+        return len(self._by_leader.get(leader_id, ()))
+
+    def _index(self, entry: wire.NodeEntry) -> None:
+        if entry.leader != entry.node_id:
+            self._by_leader.setdefault(entry.leader, set()).add(entry.node_id)
+
+    def _unindex(self, entry: wire.NodeEntry) -> None:
+        members = self._by_leader.get(entry.leader)
+        if members is not None:
+            members.discard(entry.node_id)
+            if not members:
+                del self._by_leader[entry.leader]
 
     def add_listener(self, listener: Callable[[List[wire.NodeEntry], List[wire.NodeEntry]], None]) -> None:
         """Call ``listener(joined, left)`` after every change."""
@@ -80,22 +230,28 @@ class Directory:
         if replace:
             self._by_id.clear()
             self._by_name.clear()
+            self._by_leader.clear()
         else:
             for node_id in left:
                 entry = self._by_id.pop(node_id, None)
                 if entry is not None:
                     self._by_name.pop(entry.name, None)
+                    self._unindex(entry)
                     removed[node_id] = entry
         added = []
         for entry in joined:
             old = self._by_id.get(entry.node_id)
-            if old is not None and old.name != entry.name:
-                self._by_name.pop(old.name, None)
+            if old is not None:
+                self._unindex(old)
+                if old.name != entry.name:
+                    self._by_name.pop(old.name, None)
             other = self._by_name.get(entry.name)
             if other is not None and other != entry.node_id:
                 # The name moved to a new node id (a node restarted): the old id is gone.
                 removed[other] = self._by_id.pop(other)
+                self._unindex(removed[other])
             self._by_id[entry.node_id] = entry
+            self._index(entry)
             self._by_name[entry.name] = entry.node_id
             previous = before.get(entry.node_id) if before is not None else (old or removed.get(entry.node_id))
             if previous != entry:
@@ -117,8 +273,19 @@ class Directory:
         """Block (cooperatively) until the next change; return False on timeout."""
         return self._changed.wait(timeout)
 
-    def to_json(self) -> list:
-        return [e.to_json() for e in sorted(self._by_id.values(), key=lambda e: ((e.cluster or ""), e.name))]
+    def to_json(self, max_bytes: Optional[int] = None) -> list:
+        """The entries as JSON, by cluster and name; with ``max_bytes``, only the first ones
+        that fit in that much JSON (:func:`bounded_json`; ``len(self)`` says how many in all)."""
+        entries = (e.to_json() for e in sorted(self._by_id.values(), key=lambda e: ((e.cluster or ""), e.name)))
+        if max_bytes is None:
+            return list(entries)
+        return bounded_json(entries, max_bytes)[0]
+
+    def status(self) -> dict:
+        """The status fields for the directory (``directory``, at most STATUS_MAX_BYTES of it;
+        ``directory_size``, how many entries in all; ``directory_truncated``)."""
+        entries = self.to_json(STATUS_MAX_BYTES)
+        return {"directory": entries, "directory_size": len(self), "directory_truncated": len(entries) < len(self)}
 
     def snapshot_updates(self) -> Iterable[wire.DirectoryUpdate]:
         """The whole directory as one snapshot series of DirectoryUpdate messages."""

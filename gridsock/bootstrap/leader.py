@@ -12,7 +12,11 @@ A leader (a node with no ``--leader``) accepts its cluster's members on its node
   sender is a node of the session (certificate, or the join token in a plain-TCP session); it
   says it is a member; of this leader's cluster; with a name that is not ``rendezvous``, not
   the leader's, and not held by another node (a name held by a node of this cluster that has
-  no link any more may be taken over: that is a member that restarted with a new identity).
+  no link any more may be taken over: that is a member that restarted with a new identity),
+  nor bound to another member that was lost less than ``NAME_GRACE_S`` ago (as at the
+  rendez-vous node: :class:`~gridsock.bootstrap.directory.Bindings`; a member that stops
+  cleanly sends ``LEAVE_TOPIC`` to the rendez-vous node through us, which frees its name here
+  too); and the cluster has room (at most ``MAX_MEMBERS``: ``cluster-full``).
   The member gets ``Welcome`` with its directory entry, then the whole directory, and its link
   is kept in ``members`` (one per node id: a member that links again replaces its old link).
   The leader registers it up the uplink (``Register``) and puts it in its own directory.
@@ -34,7 +38,7 @@ from typing import Callable, Dict, List, Optional
 
 from .. import wire
 from ..errors import RemoteProtocolError, RoutingError
-from .directory import RENDEZVOUS_NAME
+from .directory import LEAVE_TOPIC, MAX_MEMBERS, NAME_GRACE_S, RENDEZVOUS_NAME, Bindings
 from .link import LINK_TIMEOUT_S, PING_INTERVAL_S, Link, send_message
 from .nodeport import authenticate, refuse
 from .routing import Delivery
@@ -65,9 +69,14 @@ class LeaderService:
         send_up: Callable[[object], bool],
         ping_interval_s: float = PING_INTERVAL_S,
         link_timeout_s: float = LINK_TIMEOUT_S,
+        name_grace_s: float = NAME_GRACE_S,
+        max_members: int = MAX_MEMBERS,
     ) -> None:
         self.host = host
         self.members: Dict[str, Link] = {}
+        # The names of this cluster's members, bound to their ids (see the module docstring).
+        self.names = Bindings("node name", grace_s=name_grace_s)
+        self.max_members = max_members
         self._on_routed = on_routed
         self._request = request
         self._send_up = send_up
@@ -135,6 +144,13 @@ class LeaderService:
         holder_link = self.members.get(holder.node_id) if holder else None
         if holder is not None and holder.node_id != node_id and (holder_link is not None or holder.leader != host.node_id):
             refuse(sock, "name-taken", f"node name {hello.name!r} is already used by {holder.node_id}", label)
+        why = self.names.why_not(hello.name, node_id)
+        if why:
+            refuse(sock, "name-taken", why, label)
+        if node_id not in self.members and len(self.members) >= self.max_members:
+            log.warning("leader %s: refusing member %s: the cluster has %d members already (MAX_MEMBERS)",
+                        host.name, hello.name, len(self.members))
+            refuse(sock, "cluster-full", f"{host.name} leads {len(self.members)} members, its most", label)
         entry = wire.NodeEntry(node_id=node_id, name=hello.name, cluster=host.cluster, leader=host.node_id,
                                role="member", addrs=hello.addrs)
         old = self.members.pop(node_id, None)
@@ -149,6 +165,7 @@ class LeaderService:
         for part in host.directory.snapshot_updates():
             link.send(part)
         self.members[node_id] = link
+        self.names.bind(hello.name, node_id)
         link.start()
         self._send_up(wire.Register((entry,)))
         log.info("member %s (%s) joined leader %s from %s", hello.name, node_id, host.name, label)
@@ -169,6 +186,8 @@ class LeaderService:
         if isinstance(message, wire.Routed):
             if message.src != link.peer_id:
                 raise RemoteProtocolError(f"member sent a message with source {message.src}, not its own id")
+            if message.topic == LEAVE_TOPIC and message.dst == RENDEZVOUS_NAME and link.entry is not None:
+                self.names.left(link.entry.name, message.src)
             self._on_routed(message)
         else:
             raise RemoteProtocolError(f"unexpected {type(message).__name__} on a member link")
@@ -177,6 +196,7 @@ class LeaderService:
         if self.members.get(entry.node_id) is not link:
             return
         del self.members[entry.node_id]
+        self.names.lost(entry.name, entry.node_id)
         log.info("member %s left leader %s: %s", entry.name, self.host.name, link.close_reason)
         self.host.directory.remove([entry.node_id])
         self._send_up(wire.Unregister((entry.node_id,)))

@@ -23,6 +23,18 @@ answers; ``inbound`` in the directory entry records the outcome.
 
 Members enroll through their leader: the leader sends their ``Enroll`` here as a routed
 request with topic ``enroll`` addressed to the name ``rendezvous``.
+
+Names and clusters are bound to identities here (:class:`~.directory.Bindings`): a node name
+to the first node id that holds it, a cluster to the first leader that leads it. A leader whose
+``Hello`` asks for a name or a cluster bound to another id, linked or lost less than
+``NAME_GRACE_S`` ago, is refused (``name-taken``, ``cluster-taken``), and so is a member's
+registration (logged). A node that stops cleanly says so first (routed request ``LEAVE_TOPIC``),
+which frees its name (and a leader's cluster) as soon as it is gone; the control operation
+``release`` frees one that was lost. Cluster membership is therefore attested, not declared: a
+leader's cluster is one it owns, a member's is its leader's (a leader registers only members of
+its own cluster, at most ``MAX_MEMBERS`` of them), and "inside the cluster" in a server's policy
+is what this directory says. (In a plain-TCP session node ids are not authenticated: bindings
+there only guard against mistakes.)
 """
 from __future__ import annotations
 
@@ -40,7 +52,7 @@ from .. import __version__, wire
 from ..errors import AuthError, BrokenStreamError, ConfigError, ConnectError, RemoteProtocolError
 from ..session import CertificateAuthority, Identity, Session, client_context, peer_identity, server_context
 from .control import ControlServer, control_path
-from .directory import RENDEZVOUS_NAME, Directory
+from .directory import LEAVE_TOPIC, MAX_MEMBERS, NAME_GRACE_S, RENDEZVOUS_NAME, STATUS_MAX_BYTES, Bindings, Directory, bounded_json
 from .link import DEAD_PEER_S, HANDSHAKE_TIMEOUT_S, Link, read_message, send_message, tune_socket
 from .routing import error_reply, forwarded, is_bulk
 from .transport import Address, dial, listen, parse_address, tls_client, tls_server
@@ -48,7 +60,7 @@ from .transport import Address, dial, listen, parse_address, tls_client, tls_ser
 if TYPE_CHECKING:  # (prometheus_client is imported only when metrics are asked for)
     from ..metrics import RendezvousMetrics
 
-__all__ = ["RendezvousNode", "DIALBACK_TIMEOUT_S", "LEAVE_BOUND_S"]
+__all__ = ["RendezvousNode", "DIALBACK_TIMEOUT_S", "LEAVE_BOUND_S", "LEAVE_TOPIC"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +78,7 @@ class RendezvousNode:
     """The rendez-vous node of one session; ``start()`` it, then ``stop()`` it."""
 
     def __init__(self, session: Session, *, listen_address: str | None = None, control: str | None = None,
-                 metrics: str | None = None) -> None:
+                 metrics: str | None = None, name_grace_s: float = NAME_GRACE_S, max_members: int = MAX_MEMBERS) -> None:
         self.session = session
         self.id = session.session_id
         self.name = RENDEZVOUS_NAME
@@ -75,6 +87,10 @@ class RendezvousNode:
         )
         self.directory = Directory()
         self.leaders: Dict[str, Link] = {}
+        # Node names and cluster names, bound to the node ids that hold them (see the docstring).
+        self.names = Bindings("node name", grace_s=name_grace_s)
+        self.clusters = Bindings("cluster", grace_s=name_grace_s)
+        self.max_members = max_members
         self._control_path = control if control is not None else control_path(RENDEZVOUS_NAME)
         self._control: Optional[ControlServer] = None
         self._sock: Optional[gsocket.socket] = None
@@ -222,6 +238,13 @@ class RendezvousNode:
         holder = self.directory.by_name(hello.name)
         if holder is not None and holder.node_id != node_id and holder.leader in self.leaders:
             self._refuse(sock, "name-taken", f"node name {hello.name!r} is already used by {holder.node_id}", label)
+        why = self.names.why_not(hello.name, node_id)
+        if why:
+            self._refuse(sock, "name-taken", why, label)
+        if hello.cluster is not None:
+            why = self.clusters.why_not(hello.cluster, node_id)
+            if why:
+                self._refuse(sock, "cluster-taken", f"{why} (its leader); a leader leads a cluster of its own", label)
         entry = wire.NodeEntry(
             node_id=node_id,
             name=hello.name,
@@ -240,6 +263,11 @@ class RendezvousNode:
                     on_close=lambda link: self._on_leader_close(link, entry))
         link.peer_id = node_id
         link.entry = entry
+        if old is not None and old.entry is not None and old.entry.name != entry.name:
+            self.names.lost(old.entry.name, node_id)
+        self.names.bind(entry.name, node_id)
+        if entry.cluster is not None:
+            self.clusters.bind(entry.cluster, node_id)
         self._update([entry], [])
         self.leaders[node_id] = link
         link.send(wire.Welcome(entry, self.id))
@@ -268,7 +296,13 @@ class RendezvousNode:
         if self.leaders.get(leader.node_id) is not link:
             return  # replaced by a newer link of the same leader
         del self.leaders[leader.node_id]
-        gone = [leader.node_id] + [e.node_id for e in self.directory.members_of(leader.node_id)]
+        members = self.directory.members_of(leader.node_id)
+        gone = [leader.node_id] + [e.node_id for e in members]
+        self.names.lost(leader.name, leader.node_id)
+        if leader.cluster is not None:
+            self.clusters.lost(leader.cluster, leader.node_id)
+        for member in members:
+            self.names.lost(member.name, member.node_id)
         log.info("leader %s gone (%s): unregistering it and %d member(s)", leader.name, link.close_reason, len(gone) - 1)
         self._update([], gone)
 
@@ -283,20 +317,34 @@ class RendezvousNode:
             self._route(message)
         elif isinstance(message, wire.Register):
             accepted = []
+            room = self.max_members - self.directory.count_members(leader.node_id)
+            over = 0
             for entry in message.entries:
                 why = self._check_member(leader, entry)
                 if why:
                     log.warning("%s: ignoring registration of %s: %s", link.label, entry.name, why)
                     continue
+                if self.directory.get(entry.node_id) is None:  # (a member already here takes no more room)
+                    if room <= 0:
+                        over += 1
+                        continue
+                    room -= 1
                 # No address advertised: nothing to dial back, the verdict is known.
                 accepted.append(dataclasses.replace(entry, observed=None, inbound=None if entry.addrs else False))
+            if over:
+                log.warning("%s: ignoring %d registration(s): a leader has at most %d members (MAX_MEMBERS)",
+                            link.label, over, self.max_members)
+            for entry in accepted:
+                self.names.bind(entry.name, entry.node_id)
             self._update(accepted, [])
             for entry in accepted:
                 if entry.addrs:
                     self._spawn_dialback(entry)
         elif isinstance(message, wire.Unregister):
-            mine = [i for i in message.node_ids if (e := self.directory.get(i)) and e.leader == link.peer_id and i != link.peer_id]
-            self._update([], mine)
+            mine = [e for i in message.node_ids if (e := self.directory.get(i)) and e.leader == link.peer_id and i != link.peer_id]
+            for entry in mine:
+                self.names.lost(entry.name, entry.node_id)
+            self._update([], [e.node_id for e in mine])
         else:
             raise RemoteProtocolError(f"unexpected {type(message).__name__} on a leader link")
 
@@ -310,6 +358,9 @@ class RendezvousNode:
         holder = self.directory.by_name(entry.name)
         if holder is not None and holder.node_id != entry.node_id and holder.leader != leader.node_id:
             return f"name taken by {holder.node_id}"
+        why = self.names.why_not(entry.name, entry.node_id)
+        if why:
+            return why
         current = self.directory.get(entry.node_id)
         if current is not None and current.leader != leader.node_id and current.leader in self.leaders:
             return f"node {entry.node_id} belongs to another linked leader"
@@ -355,6 +406,8 @@ class RendezvousNode:
                 payload = self._enroll_routed(message)
             elif message.topic == "ping":
                 payload = json.dumps({"route": list(message.route) + [self.name]}).encode()
+            elif message.topic == LEAVE_TOPIC:
+                payload = self._leave(message.src)
             else:
                 raise LookupError(f"the rendez-vous node has no service {message.topic!r}")
             reply = wire.Routed(src=self.id, dst=message.src, kind="rep", topic=message.topic,
@@ -362,6 +415,18 @@ class RendezvousNode:
         except (AuthError, LookupError, ValueError, RemoteProtocolError) as exc:
             reply = error_reply(message, self.id, self.name, str(exc))
         self._send_back(reply)
+
+    def _leave(self, node_id: str) -> bytes:
+        """Node ``node_id`` (the routers checked that it sent this) stops cleanly: its name, and
+        a leader's cluster, are free as soon as it is gone."""
+        entry = self.directory.get(node_id)
+        if entry is None:
+            return json.dumps({"left": False}).encode()
+        self.names.left(entry.name, node_id)
+        if entry.role == "leader" and entry.cluster is not None:
+            self.clusters.left(entry.cluster, node_id)
+        log.info("node %s (%s) is leaving cleanly: its name is free once it is gone", entry.name, node_id)
+        return json.dumps({"left": True}).encode()
 
     def _enroll_routed(self, message: wire.Routed) -> bytes:
         if not self.session.tls:
@@ -431,6 +496,9 @@ class RendezvousNode:
 
     def _control_op(self, op: str, args: dict):
         if op == "status":
+            links, total = bounded_json(
+                ({"peer": link.entry.name if link.entry else None, "peer_id": node_id, "kind": "leader",
+                  "label": link.label} for node_id, link in self.leaders.items()), STATUS_MAX_BYTES)
             return {
                 "role": "rendezvous",
                 "name": self.name,
@@ -438,11 +506,32 @@ class RendezvousNode:
                 "session": self.id,
                 "address": str(self.address),
                 "bootstrap": self.session.bootstrap,
-                "directory": self.directory.to_json(),
-                "links": [
-                    {"peer": link.entry.name if link.entry else None, "peer_id": node_id, "kind": "leader",
-                     "label": link.label}
-                    for node_id, link in self.leaders.items()
-                ],
+                **self.directory.status(),
+                "links": links,
+                "links_total": total,
+                "bound_names": len(self.names),
+                "bound_clusters": len(self.clusters),
             }
-        raise ConfigError(f"unknown control operation {op!r} (the rendez-vous node knows: status)")
+        if op == "release":
+            return self.release(name=args.get("name"), cluster=args.get("cluster"))
+        raise ConfigError(f"unknown control operation {op!r} (the rendez-vous node knows: status, release)")
+
+    def release(self, *, name: object = None, cluster: object = None) -> dict:
+        """An operator frees node name ``name`` or cluster ``cluster``, kept for a node that was
+        lost (see the module docstring), so that another node may take it now. Returns what was
+        released. Raises ConfigError for a bad argument, or a name or cluster whose holder is
+        linked (stop that node first)."""
+        if (name is None) == (cluster is None):
+            raise ConfigError("release takes a node name or a cluster (name=... or cluster=...)")
+        what, value, bindings = ("node name", name, self.names) if name is not None else ("cluster", cluster, self.clusters)
+        if not isinstance(value, str):
+            raise ConfigError(f"release: the {what} must be a string")
+        binding = bindings.get(value)
+        if binding is None:
+            raise ConfigError(f"release: no node holds the {what} {value!r}")
+        if binding.lost_at is None:
+            raise ConfigError(f"release: the {what} {value!r} belongs to node {binding.node_id}, which is linked: "
+                              "stop that node first")
+        bindings.release(value)
+        log.warning("operator released the %s %r (held by node %s)", what, value, binding.node_id)
+        return {"released": value, "kind": "cluster" if cluster is not None else "name", "node_id": binding.node_id}

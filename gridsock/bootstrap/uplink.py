@@ -27,7 +27,9 @@ A ``Refuse`` whose code is in :data:`FATAL_REFUSALS` ends the loop: dialing agai
 the error is kept in ``fatal_error`` for ``Node.wait_joined`` and ``serve_forever`` to raise.
 
 The uplink writes what it learns into its host (the node): ``identity`` and ``node_id`` at
-enrollment, ``entry`` and ``cluster`` at ``Welcome``. It reads ``session``, ``name``, ``role``,
+enrollment (and saves the identity in the host's ``state``, a
+:class:`~gridsock.session.NodeState`, when it has one, so that the node keeps its id after a
+restart), ``entry`` and ``cluster`` at ``Welcome``. It reads ``session``, ``name``, ``role``,
 ``cluster``, ``advertise``, ``address`` (the node port), ``ssh_gateway`` (and
 ``socks_gateway`` if it has one: both go to ``Hello.gateways``), ``leader_address`` and
 ``directory``.
@@ -55,8 +57,11 @@ log = logging.getLogger(__name__)
 # First wait before dialing a lost uplink again; it doubles up to RECONNECT_MAX_S.
 RECONNECT_INITIAL_S = 0.2
 RECONNECT_MAX_S = 5.0
-# Refusals after which dialing again cannot help.
-FATAL_REFUSALS = ("bad-token", "no-certificate", "name-reserved", "not-a-leader", "wrong-cluster")
+# Refusals after which dialing again cannot help. A name or a cluster bound to another node is
+# one: the node must be given another name, or the operator must release it (a node restarted
+# with its state directory is its holder, and never gets this).
+FATAL_REFUSALS = ("bad-token", "no-certificate", "name-reserved", "not-a-leader", "wrong-cluster", "name-taken",
+                  "cluster-taken")
 # Uplink ups and downs kept for `gridsock status` (the latest ones).
 UPLINK_HISTORY_LENGTH = 20
 
@@ -222,6 +227,13 @@ class Uplink:
             raise RemoteProtocolError("the certificate does not carry the node id we were given", peer=str(target))
         host.node_id = reply.node_id
         log.info("node %s enrolled as %s", host.name, host.node_id)
+        state = getattr(host, "state", None)
+        if state is not None:
+            try:
+                state.save_identity(identity)
+            except OSError as exc:
+                log.warning("node %s: cannot save its identity in %s (it will get a new id when restarted): %s",
+                            host.name, state.path, exc)
 
     def _advertised(self, local_ip: Optional[str]) -> tuple:
         host = self.host
