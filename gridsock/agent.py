@@ -262,8 +262,11 @@ class AgentServer(UnixServer):
                 _send(conn, wire.ControlReply(True, {"pending": True}))
             opening.join()
             stream, info = _outcome(opening)
-            result = self._connected(entry, port, info)
-            _send(conn, wire.ControlReply(True, result))
+            try:
+                _send(conn, wire.ControlReply(True, self._connected(entry, port, info)))
+            except BaseException:
+                stream.close()  # (the client went away: nobody will take it)
+                raise
         except _Failure as exc:
             _send(conn, agentwire.failure(exc.errno, str(exc)))
             app.close()
