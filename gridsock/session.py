@@ -19,6 +19,11 @@ From then on every link is mutual TLS between certificates of the session CA, an
 who the other is from the SAN URI of its certificate (:func:`peer_identity`): host names play no
 part, since nodes sit behind NAT and relays.
 
+State: a node given a state directory (:class:`NodeState`, by default
+:func:`default_state_dir`, under ``$XDG_STATE_HOME``) keeps its certificate and key there (0600,
+in a 0700 directory of its user's, locked while it runs), so that a restarted node is the same
+node: same id, same grid address, same name (docs/security.md).
+
 Certificates: EC P-256 keys, SHA-256, X.509 v3 with the extensions that OpenSSL's strict mode
 (``VERIFY_X509_STRICT``, the default from Python 3.13) requires; contexts set that flag on every
 Python so all versions accept and reject the same chains.

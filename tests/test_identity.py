@@ -296,8 +296,10 @@ def test_a_duplicate_live_name_makes_gridsock_node_exit_with_the_conflict(procs,
         first = subprocess.Popen(gridsock_argv(*args), stdout=subprocess.PIPE, stderr=log, env=cli_env)
     procs.append(first)
     first_id = wait_for_line(first, "joined dup ", timeout=READY_TIMEOUT_S).split()[2]
-    second = subprocess.run(gridsock_argv(*args), capture_output=True, text=True, env=cli_env,
-                            timeout=READY_TIMEOUT_S)
+    # (Another host, as it were: a state directory of its own, which a second process of the same
+    # name on the same host would not get: the first one holds it.)
+    second = subprocess.run(gridsock_argv(*args), capture_output=True, text=True, timeout=READY_TIMEOUT_S,
+                            env=dict(cli_env, XDG_STATE_HOME=str(tmp_path / "elsewhere")))
     assert second.returncode == 2, second.stderr
     assert re.search(r"gridsock node: refused: node name 'dup' .*" + first_id, second.stderr), second.stderr
     assert first.poll() is None  # the holder runs on
