@@ -53,7 +53,7 @@ import gevent.monkey
 
 from . import wire
 from .bootstrap.control import ControlServer, control_path
-from .bootstrap.directory import LEAVE_TOPIC, RENDEZVOUS_NAME, STATUS_MAX_BYTES, Directory
+from .bootstrap.directory import LEAVE_TOPIC, REFUSED_TOPIC, RENDEZVOUS_NAME, STATUS_MAX_BYTES, Directory
 from .bootstrap.leader import LeaderService
 from .bootstrap.link import Link
 from .bootstrap.nodeport import NodePort
@@ -273,6 +273,8 @@ class Node:
         self.meta = MetaChannel(self)
         self.router.handlers[ASSEMBLE_TOPIC] = self.assembler.handle_request
         self.router.handlers[PATHS_TOPIC] = self._answer_paths
+        if self._leader is not None:
+            self.router.handlers[REFUSED_TOPIC] = self._leader.on_refused
         self._front_door_address = parse_address(front_door) if front_door else None
         self._front_door: Any = None  # a gridsock.frontdoor.FrontDoor once started
         self._front_door_options = dict(front_door_options or {})  # its keywords (users, pass_through, ...)

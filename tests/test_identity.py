@@ -356,6 +356,22 @@ def test_a_lost_member_name_is_kept_for_its_holder_at_its_leader(grid):
     crash_after_joining(grid, holder, "m9", cluster="A", leader=grid["L1"])  # the holder itself may
 
 
+def test_a_lost_name_is_refused_to_a_member_of_another_cluster(grid):
+    # L1 knows nothing of b7, lost in another cluster, and welcomes the thief; the rendez-vous
+    # node refuses its registration, and L1 passes the refusal on: final, as at a Hello.
+    holder = enroll(grid)
+    crash_after_joining(grid, holder, "b7")
+    thief = grid.node("b7", leader=str(grid["L1"].address))
+    with gevent.Timeout(JOIN_TIMEOUT_S), pytest.raises(AuthError) as info:
+        thief.serve_forever()
+    assert info.value.method == "name-taken" and holder.node_id in str(info.value)
+    assert thief.fatal_error is info.value
+    for name in ("L1", "m1"):
+        grid[name].wait_directory(absent=["b7"], timeout=CONVERGE_TIMEOUT_S)
+    assert grid.rv.directory.by_name("b7") is None
+    crash_after_joining(grid, holder, "b7")  # still its holder's
+
+
 # --- clusters are attested -------------------------------------------------------------------
 
 

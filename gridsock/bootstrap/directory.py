@@ -26,7 +26,7 @@ import gevent.event
 
 from .. import wire
 
-__all__ = ["Directory", "RENDEZVOUS_NAME", "LEAVE_TOPIC", "MAX_MEMBERS", "NAME_GRACE_S", "STATUS_MAX_BYTES", "Binding", "Bindings",
+__all__ = ["Directory", "RENDEZVOUS_NAME", "LEAVE_TOPIC", "REFUSED_TOPIC", "MAX_MEMBERS", "NAME_GRACE_S", "STATUS_MAX_BYTES", "Binding", "Bindings",
            "bounded_json"]
 
 # The name that addresses the rendez-vous node itself in routed messages; no node may take it.
@@ -34,6 +34,9 @@ RENDEZVOUS_NAME = "rendezvous"
 # The routed request (to RENDEZVOUS_NAME) by which a node that stops cleanly frees its name,
 # and a leader its cluster, as soon as it is gone.
 LEAVE_TOPIC = "gridsock.leave"
+# The routed message (rendez-vous node -> a leader) that refuses one of its members' registration
+# for good (its name is another node's): the leader passes a Refuse on to the member.
+REFUSED_TOPIC = "gridsock.refused"
 # Members one leader may have: a cluster of a thousand nodes is large; without a bound one rogue
 # leader registers phantoms by the ten thousand, and every directory grows with them.
 MAX_MEMBERS = 1000

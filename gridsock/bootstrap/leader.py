@@ -25,6 +25,11 @@ On a member link only routed messages whose source is the member itself are acce
 to ``on_routed``); anything else is a protocol error that drops the member. When a member
 link closes, the member leaves the directory and the leader sends ``Unregister`` up.
 
+The rendez-vous node has the last word on names: a member whose name it finds bound to
+another node (in another cluster, say) is refused there (``REFUSED_TOPIC``, :meth:`on_refused`);
+the leader passes a ``Refuse`` on to the member over its link, which the member takes as final,
+and drops it.
+
 Every directory change the leader sees (from the rendez-vous node, or its own members coming
 and going) is passed on to every member (``on_directory_change``), so a member's directory is
 its leader's. The uplink's ``Register`` of all members after a relink is the uplink's job
@@ -34,6 +39,8 @@ from __future__ import annotations
 
 import json
 import logging
+
+import gevent
 from typing import Callable, Dict, List, Optional
 
 from .. import wire
@@ -43,12 +50,15 @@ from .link import LINK_TIMEOUT_S, PING_INTERVAL_S, Link, send_message
 from .nodeport import authenticate, refuse
 from .routing import Delivery
 
-__all__ = ["LeaderService", "ENROLL_TOPIC"]
+__all__ = ["LeaderService", "ENROLL_TOPIC", "REFUSE_LINGER_S"]
 
 log = logging.getLogger(__name__)
 
 # The rendez-vous node's topic for enrollments a leader forwards for its members.
 ENROLL_TOPIC = "enroll"
+# A member refused by the rendez-vous node gets a Refuse, then its link closes after this long
+# (it closes it itself when the Refuse arrives; the wait lets the Refuse be written first).
+REFUSE_LINGER_S = 1.0
 
 
 class LeaderService:
@@ -170,6 +180,29 @@ class LeaderService:
         self._send_up(wire.Register((entry,)))
         log.info("member %s (%s) joined leader %s from %s", hello.name, node_id, host.name, label)
         return True
+
+    def on_refused(self, delivery: Delivery) -> None:
+        """The rendez-vous node refuses one of our members (a ``REFUSED_TOPIC`` message: JSON
+        ``{"node_id", "code", "reason"}``): pass a ``Refuse`` on to it and drop it. Anything
+        else (another sender, a bad payload, a member we no longer have) is logged and ignored."""
+        if delivery.src != self.host.session.session_id:
+            log.warning("leader %s: ignoring a refusal from %s, not the rendez-vous node", self.host.name, delivery.src)
+            return
+        try:
+            notice = json.loads(delivery.payload)
+            node_id, code, reason = str(notice["node_id"]), wire.check_name(notice["code"], "code"), str(notice["reason"])
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("leader %s: ignoring a malformed refusal: %s", self.host.name, exc)
+            return
+        link = self.members.get(node_id)
+        if link is None or link.closed:
+            return
+        log.warning("leader %s: the rendez-vous node refuses member %s (%s): %s", self.host.name,
+                    link.entry.name if link.entry else "?", node_id, reason)
+        if link.entry is not None:
+            self.names.left(link.entry.name, node_id)  # (not ours to keep for it)
+        link.send(wire.Refuse(code, reason[: wire.MAX_REASON_BYTES]))
+        gevent.spawn_later(REFUSE_LINGER_S, link.close, f"refused by the rendez-vous node: {reason}")
 
     # --- member links ------------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ from .. import __version__, wire
 from ..errors import AuthError, BrokenStreamError, ConfigError, ConnectError, RemoteProtocolError
 from ..session import CertificateAuthority, Identity, Session, client_context, peer_identity, server_context
 from .control import ControlServer, control_path
-from .directory import LEAVE_TOPIC, MAX_MEMBERS, NAME_GRACE_S, RENDEZVOUS_NAME, STATUS_MAX_BYTES, Bindings, Directory, bounded_json
+from .directory import LEAVE_TOPIC, MAX_MEMBERS, REFUSED_TOPIC, NAME_GRACE_S, RENDEZVOUS_NAME, STATUS_MAX_BYTES, Bindings, Directory, bounded_json
 from .link import DEAD_PEER_S, HANDSHAKE_TIMEOUT_S, Link, read_message, send_message, tune_socket
 from .routing import error_reply, forwarded, is_bulk
 from .transport import Address, dial, listen, parse_address, tls_client, tls_server
@@ -324,6 +324,11 @@ class RendezvousNode:
                 if why:
                     log.warning("%s: ignoring registration of %s: %s", link.label, entry.name, why)
                     continue
+                why = self._name_taken(entry)
+                if why:
+                    log.warning("%s: refusing member %s (%s): %s", link.label, entry.name, entry.node_id, why)
+                    self._refuse_member(link, entry, "name-taken", why)
+                    continue
                 if self.directory.get(entry.node_id) is None:  # (a member already here takes no more room)
                     if room <= 0:
                         over += 1
@@ -355,16 +360,24 @@ class RendezvousNode:
             return f"cluster {entry.cluster!r} is not the leader's ({leader.cluster!r})"
         if entry.name == RENDEZVOUS_NAME:
             return "reserved name"
-        holder = self.directory.by_name(entry.name)
-        if holder is not None and holder.node_id != entry.node_id and holder.leader != leader.node_id:
-            return f"name taken by {holder.node_id}"
-        why = self.names.why_not(entry.name, entry.node_id)
-        if why:
-            return why
         current = self.directory.get(entry.node_id)
         if current is not None and current.leader != leader.node_id and current.leader in self.leaders:
             return f"node {entry.node_id} belongs to another linked leader"
         return None
+
+    def _name_taken(self, entry: wire.NodeEntry) -> Optional[str]:
+        """Why the member ``entry`` may not have its name (another node holds it), or None."""
+        holder = self.directory.by_name(entry.name)
+        if holder is not None and holder.node_id != entry.node_id and holder.leader in self.leaders:
+            return f"node name {entry.name!r} is already used by {holder.node_id}"
+        return self.names.why_not(entry.name, entry.node_id)
+
+    def _refuse_member(self, link: Link, entry: wire.NodeEntry, code: str, reason: str) -> None:
+        """Tell the leader at ``link`` that its member ``entry`` is refused for good: it passes
+        a ``Refuse`` on to the member and drops it (a leader that predates this ignores it)."""
+        payload = json.dumps({"node_id": entry.node_id, "code": code, "reason": reason[: wire.MAX_REASON_BYTES]})
+        link.send(wire.Routed(src=self.id, dst=entry.leader, kind="msg", topic=REFUSED_TOPIC, hops=1,
+                              route=(self.name,), payload=payload.encode()))
 
     # --- routing -----------------------------------------------------------------------------
 

@@ -23,7 +23,8 @@ Theory of operation
    ``reconnect_initial_s`` doubling up to ``reconnect_max_s``, times a jitter in [0.5, 1) so
    that the nodes of a restarted grid do not all dial at once. A successful attempt resets it.
 
-A ``Refuse`` whose code is in :data:`FATAL_REFUSALS` ends the loop: dialing again cannot help;
+A ``Refuse`` whose code is in :data:`FATAL_REFUSALS` ends the loop (at the handshake, or on an
+established link: a leader passes on the rendez-vous node's refusal of a member's name): dialing again cannot help;
 the error is kept in ``fatal_error`` for ``Node.wait_joined`` and ``serve_forever`` to raise.
 
 The uplink writes what it learns into its host (the node): ``identity`` and ``node_id`` at
@@ -114,6 +115,7 @@ class Uplink:
         self._rng = rng if rng is not None else random.Random()
         self._stopped = gevent.event.Event()
         self._client_ctx: Optional[tuple] = None
+        self._refused: Optional[AuthError] = None  # a Refuse that came on an established link
 
     @property
     def up(self) -> bool:
@@ -309,6 +311,9 @@ class Uplink:
         self.link = None
         # What we learnt through the uplink is stale now; keep ourselves and our members.
         host.directory.apply(self._local_entries(), (), replace=True)
+        refused, self._refused = self._refused, None
+        if refused is not None:
+            raise refused
 
     def _on_message(self, link: Link, message) -> None:
         if isinstance(message, wire.Routed):
@@ -319,5 +324,8 @@ class Uplink:
             mine = host.directory.get(host.node_id)
             if mine is not None:
                 host.entry = mine
+        elif isinstance(message, wire.Refuse):
+            self._refused = AuthError(f"refused: {message.reason}", peer=link.label, method=message.code)
+            link.close(f"refused: {message.reason} ({message.code})")
         else:
             raise RemoteProtocolError(f"unexpected {type(message).__name__} on the uplink")
