@@ -659,6 +659,8 @@ class Node:
         """What the node knows and does, as JSON (``gridsock status``; docs/status.md)."""
         if self._elsewhere():
             return self._in_node_thread(None, self.status)
+        directory = self.directory.status()  # (at most STATUS_MAX_BYTES of it: a reply fits in a frame)
+        shown = {e["node_id"] for e in directory["directory"]}
         links = []
         if self.uplink is not None:
             links.append({"kind": "uplink", "label": self.uplink.label, "since": self.uplink.opened_at})
@@ -674,9 +676,9 @@ class Node:
             "address": str(self.address),
             "joined": self.joined,
             "entry": self.entry.to_json() if self.entry else None,
-            **self.directory.status(),  # (at most STATUS_MAX_BYTES of it: a reply fits in a frame)
+            **directory,
             "state_dir": str(self.state.path) if self.state is not None else None,
-            "routes": self.router.routes(),
+            "routes": {node_id: route for node_id, route in self.router.routes().items() if node_id in shown},
             "links": links,
             "uplink_history": self.uplink_history,
             "connections": self.assembler.status(),

@@ -504,6 +504,7 @@ def test_status_of_a_large_directory_fits_in_a_frame(grid):
         L1.wait_directory(present=leaders, timeout=CONVERGE_TIMEOUT_S)
         node_status = L1.status()
         assert node_status["directory_size"] >= total and node_status["directory_truncated"]
+        assert set(node_status["routes"]) == {e["node_id"] for e in node_status["directory"]}
         assert len(wire.encode(wire.ControlReply(True, node_status, ""))) < wire.MAX_FRAME_BYTES
 
 
