@@ -150,3 +150,11 @@ def test_an_entry_whose_tests_all_pass_again_must_go():
     assert rc.now_passing(known, plain, ["test.test_x.SelectLoop.test_b"], "test_x") == []
     assert rc.now_passing(known, plain, [], "test_x") == ["test.test_x.*Loop.test_b"]
     assert rc.now_passing(known, plain, [], "test_y") == []
+
+
+def test_unittest_runs_end_at_their_summary_regrtest_runs_at_total_duration():
+    summary = "Ran 1 test in 0.001s\n\nOK\n"
+    patched = [sys.executable, "-m", "gridsock.monkey", "--node", "compat", "-m", "unittest", "-v", "m"]
+    assert rc._is_final(summary, patched)
+    assert not rc._is_final(summary, [sys.executable, "-m", "test", "-v", "test_x"])
+    assert rc._is_final(summary + "\nTotal duration: 1 ms\n", [sys.executable, "-m", "test", "-v", "test_x"])

@@ -314,7 +314,7 @@ def run_process(argv: List[str], env: dict, deadline: float) -> Tuple[str, str]:
 
 
 def _is_final(text: str, argv: List[str]) -> bool:
-    if "-m" in argv and argv[argv.index("-m") + 1:][:1] == ["unittest"]:
+    if any(a == "-m" and b == "unittest" for a, b in zip(argv, argv[1:])):
         return bool(_RAN.search(text))
     return "\nTotal duration: " in text
 
