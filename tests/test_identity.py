@@ -412,7 +412,7 @@ def test_a_lost_cluster_is_kept_for_its_leader_then_released(grid):
     leader = enroll(grid)
     crash_after_joining(grid, leader, "k-lead", cluster="K")
     exc = refusal(grid.node("k-other", cluster="K"))
-    assert exc.method == "cluster-taken" and leader.node_id in str(exc)
+    assert exc.method == "cluster-taken" and leader.node_id in str(exc) and "release --cluster K" in str(exc)
     crash_after_joining(grid, leader, "k-lead", cluster="K")  # its leader gets it back at once
     assert control_call(grid.control, "release", {"cluster": "K"})["released"] == "K"
     assert grid.joined("k-next", cluster="K").cluster == "K"
@@ -433,6 +433,12 @@ def test_grace_ends_and_prune_forgets():
     names.bind("c1", "id-3")
     names.left("c1", "id-3")
     assert names.holder("c1", "id-4") is None
+    # Lost and released bindings are forgotten as binds go on: memory follows the live ones.
+    for i in range(10 * Bindings.PRUNE_FIRST_AT):
+        names.bind(f"n{i}", f"id-n{i}")
+        names.lost(f"n{i}", f"id-n{i}")
+        now[0] += 61.0
+    assert len(names) <= 2 * Bindings.PRUNE_FIRST_AT
 
 
 # --- bounds ----------------------------------------------------------------------------------

@@ -82,15 +82,22 @@ class Binding:
 class Bindings:
     """Names (node names, or cluster names) bound to node ids; see the module docstring.
 
-    ``grace_s`` is how long a lost holder keeps its name; ``clock`` returns seconds (injected
-    so a test of the grace does not wait for it).
+    ``what`` names them in messages ("node name", "cluster"); ``release_command`` is the
+    operator's command that frees one (``{}``: the name); ``grace_s`` is how long a lost holder
+    keeps its name; ``clock`` returns seconds (injected so a test of the grace does not wait).
     """
 
-    def __init__(self, what: str, *, grace_s: float = NAME_GRACE_S, clock: Callable[[], float] = time.monotonic) -> None:
+    # Forgotten bindings are pruned when there are this many, then twice as many as remain.
+    PRUNE_FIRST_AT = 1024
+
+    def __init__(self, what: str, *, release_command: str = "gridsock release {}", grace_s: float = NAME_GRACE_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.what = what
+        self.release_command = release_command
         self.grace_s = grace_s
         self._clock = clock
         self._by_name: Dict[str, Binding] = {}
+        self._prune_at = self.PRUNE_FIRST_AT
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -119,13 +126,14 @@ class Bindings:
         left = max(0.0, self.grace_s - (self._clock() - binding.lost_at))
         return (f"{self.what} {name!r} belongs to node {holder}, lost {self._clock() - binding.lost_at:.1f} s ago: "
                 f"it is kept for its holder {left:.0f} s more, unless an operator releases it "
-                f"(gridsock release {name} on the rendez-vous host)")
+                f"({self.release_command.format(name)} on the rendez-vous host)")
 
     def bind(self, name: str, node_id: str) -> None:
         """``name`` is held by ``node_id`` now (linked)."""
         self._by_name[name] = Binding(node_id)
-        if len(self._by_name) % 1024 == 0:
+        if len(self._by_name) >= self._prune_at:  # (amortized: the work is proportional to the binds)
             self.prune()
+            self._prune_at = max(self.PRUNE_FIRST_AT, 2 * len(self._by_name))
 
     def lost(self, name: str, node_id: str) -> None:
         """The holder ``node_id`` of ``name`` is gone without a word: the grace starts."""

@@ -89,7 +89,7 @@ class RendezvousNode:
         self.leaders: Dict[str, Link] = {}
         # Node names and cluster names, bound to the node ids that hold them (see the docstring).
         self.names = Bindings("node name", grace_s=name_grace_s)
-        self.clusters = Bindings("cluster", grace_s=name_grace_s)
+        self.clusters = Bindings("cluster", release_command="gridsock release --cluster {}", grace_s=name_grace_s)
         self.max_members = max_members
         self._control_path = control if control is not None else control_path(RENDEZVOUS_NAME)
         self._control: Optional[ControlServer] = None
@@ -263,8 +263,6 @@ class RendezvousNode:
                     on_close=lambda link: self._on_leader_close(link, entry))
         link.peer_id = node_id
         link.entry = entry
-        if old is not None and old.entry is not None and old.entry.name != entry.name:
-            self.names.lost(old.entry.name, node_id)
         self.names.bind(entry.name, node_id)
         if entry.cluster is not None:
             self.clusters.bind(entry.cluster, node_id)
