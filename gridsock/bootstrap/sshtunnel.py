@@ -376,6 +376,30 @@ def _check_host_key(dial: _Dial, transport: paramiko.Transport, known_hosts: str
     )
 
 
+class _QuickAckSocket:
+    """The gateway's TCP socket as paramiko's transport uses it, acknowledging what it receives
+    at once (``TCP_QUICKACK``, which Linux clears again by itself, so it is set after every
+    ``recv``). sshd sets no TCP_NODELAY on a session without a terminal: a channel's
+    confirmation waits behind its last unacknowledged bytes (the previous channel's close), so
+    a delayed ACK of ours (up to 40 ms) would delay the next channel open by as much."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._quickack = getattr(socket, "TCP_QUICKACK", None)
+
+    def recv(self, size: int) -> bytes:
+        data = self._sock.recv(size)
+        if self._quickack is not None:
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, self._quickack, 1)
+            except OSError:  # closed meanwhile: the next recv says so
+                pass
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
 def _dial_transport(dial: _Dial) -> paramiko.Transport:
     """Connect, handshake, check the host key, authenticate. Blocks: run in a worker thread.
 
@@ -401,7 +425,7 @@ def _dial_transport(dial: _Dial) -> paramiko.Transport:
         # SSH messages are small and latency-bound (a channel open is one round trip): without
         # this, Nagle holds each behind the last unacknowledged one (bench: 43 -> 22 ms at 20 ms RTT).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport = paramiko.Transport(sock)
+        transport = paramiko.Transport(cast(socket.socket, _QuickAckSocket(sock)))
     except Exception:
         sock.close()
         raise
