@@ -118,8 +118,10 @@ MAX_STACK_BYTES = 512
 _FRAME = struct.Struct("!IBB")
 _HEADER_LEN = struct.Struct("!I")
 _FRAME_PREFIX_BYTES = 4  # the length field itself
-# Free space a decoder offers a driver's recv_into by default: one TLS record and then some.
-_RECV_ROOM_BYTES = 64 * 1024
+# Free space a decoder offers a driver's recv_into at least: one TLS record's plaintext (16 KiB,
+# what a TLS socket returns per call) and a little more; a larger frame under way gets room for
+# all of it. Small, since every link's decoder keeps its buffer, idle or not.
+_RECV_ROOM_BYTES = 16 * 1024 + 512
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _ADDR_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}\Z")
