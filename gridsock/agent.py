@@ -49,6 +49,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import gevent
@@ -80,6 +81,10 @@ ANNOUNCE_WAIT_S = 5.0
 # Announcements of connections between programs of this node kept for a connect to wait on
 # (a connect made without the agent, Node.connect in process, leaves one: the oldest go).
 MAX_ANNOUNCED = 1024
+# Between programs of this node, the listener is told of a connection only once the client has
+# put the connection's socket in place (its ``adopted``, see AgentServer._confirm), so that the
+# server cannot accept before the client's socket is connected; this bounds the wait for it.
+ADOPT_WAIT_S = 5.0
 # A non-blocking connect's filler (see AgentServer._connect_into): a socketpair's send buffer at
 # its smallest is a few KiB; this bounds what the agent reads for a client.
 MAX_FILLER_BYTES = 1 << 20
@@ -107,6 +112,12 @@ class AgentServer(UnixServer):
         # (port, client port) of a connection between two programs of this node -> set once the
         # listening program has it (see ANNOUNCE_WAIT_S), oldest first.
         self._announced: Dict[Tuple[int, int], gevent.event.Event] = {}
+        # Grid port of this node -> connects to it by programs of this agent whose client has not
+        # yet adopted its socket (or turned out not to), and the (port, client port) adopted since
+        # (the listener announces those at once), oldest first; _changed is set at every change.
+        self._inflight: Dict[int, int] = {}
+        self._adopted: Dict[Tuple[int, int], None] = {}
+        self._changed = gevent.event.Event()
 
     def _handle(self, conn) -> None:
         app = None
@@ -123,9 +134,12 @@ class AgentServer(UnixServer):
                 if app is not None:
                     if message.op != "connect":
                         raise RemoteProtocolError(f"a descriptor came with {message.op!r}")
-                    self._connect_into(conn, message.args, app)
+                    self._connect_into(conn, message.args, app, reader)
                     app = None
                     return
+                if message.op == "connect":
+                    self._connect(conn, message.args, reader)
+                    continue
                 fd = None
                 try:
                     result, fd = self._op(message.op, message.args, conn)
@@ -158,8 +172,6 @@ class AgentServer(UnixServer):
         if op == "resolve":
             entry = self._resolve(args.get("host"))
             return {"name": entry.name, "node_id": entry.node_id, "ip": grid_ip(entry.node_id)}, None
-        if op == "connect":
-            return self._connect(args, _peer_pid(conn))
         raise _Failure("EINVAL", f"unknown agent operation {op!r} (whoami, resolve, connect, listen)")
 
     def _resolve(self, host: Any) -> wire.NodeEntry:
@@ -189,27 +201,105 @@ class AgentServer(UnixServer):
             raise _Failure("EINVAL", f"bad stack {stack!r}")
         return entry, port, timeout, stack
 
-    def _connect(self, args: Dict[str, Any], pid: Optional[int] = None):
-        entry, port, timeout, stack = self._connect_args(args)
+    def _connect(self, conn, args: Dict[str, Any], reader: agentwire.AgentReader) -> None:
+        """``connect``: answer with the connection's socket (confirmed, between programs of this
+        node: :meth:`_confirm`), or the failure."""
+        local: Optional[int] = None
         try:
-            sock, info = self.node.connect(entry.node_id, port, stack=stack, timeout=timeout, tcp_bridge=True)
-        except ConfigError as exc:
-            raise _Failure("EINVAL", str(exc)) from exc
-        except ConnectError as exc:
-            raise _Failure(_errno_of(exc), str(exc)) from exc
-        result = self._connected(entry, port, info)
-        self.node.assembler.hand_over(info, sock, pid)  # listed until the program closes it
-        return result, sock
+            entry, port, timeout, stack = self._connect_args(args)
+            local = self._begin_local(entry, port)
+            try:
+                sock, info = self.node.connect(entry.node_id, port, stack=stack, timeout=timeout, tcp_bridge=True)
+            except ConfigError as exc:
+                raise _Failure("EINVAL", str(exc)) from exc
+            except ConnectError as exc:
+                raise _Failure(_errno_of(exc), str(exc)) from exc
+        except _Failure as exc:
+            if local is not None:
+                self._end_local(local)
+            _send(conn, agentwire.failure(exc.errno, str(exc)))
+            return
+        try:
+            self.node.assembler.hand_over(info, sock, _peer_pid(conn))  # listed until the program closes it
+            self._confirm(conn, reader, self._connected(entry, port, info), sock, local)
+        finally:
+            sock.close()
 
     def _connected(self, entry: wire.NodeEntry, port: int, info) -> Dict[str, Any]:
         """The answer to a connect that succeeded: ``{peer, ip, port, local_port, stack, tried}``
-        (``local_port``: the client port the server was told, what its getpeername() gives).
-        A connection to a program of this node is in its backlog first (:meth:`_await_announced`)."""
-        local_port = info.detail.get("client_port")
-        if local_port and entry.node_id == self.node.node_id and port in self._serving:
-            self._await_announced(port, local_port)
-        return {"peer": entry.name, "ip": grid_ip(entry.node_id), "port": port, "local_port": local_port,
-                "stack": info.stack, "tried": [list(t) for t in info.detail.get("tried", [])]}
+        (``local_port``: the client port the server was told, what its getpeername() gives)."""
+        return {"peer": entry.name, "ip": grid_ip(entry.node_id), "port": port,
+                "local_port": info.detail.get("client_port"), "stack": info.stack,
+                "tried": [list(t) for t in info.detail.get("tried", [])]}
+
+    def _confirm(self, conn, reader: agentwire.AgentReader, result: Dict[str, Any], sock, local: Optional[int]) -> None:
+        """Send ``result`` with ``sock``. Between programs of this node (``local``: the port, a
+        connect counted by :meth:`_begin_local`) the answer says ``confirm: true``: the client
+        puts the socket in place and sends ``adopted``; the listener is told of the connection
+        then (not before: the server cannot accept before the client's socket is connected), and
+        once it has been, the client gets ``{}`` and its connect returns (the connection is in the
+        server's backlog, as on TCP's loopback). A client that closes instead (one that predates
+        the confirmation) counts as having adopted its socket."""
+        client_port = result.get("local_port")
+        if local is None or not client_port:
+            if local is not None:
+                self._end_local(local)
+            _send(conn, wire.ControlReply(True, result), sock)
+            return
+        message = None
+        try:
+            _send(conn, wire.ControlReply(True, dict(result, confirm=True)), sock)
+            with gevent.Timeout(ADOPT_WAIT_S, TimeoutError(f"no adopted within {ADOPT_WAIT_S:g} s")):
+                message, fd = _read_request(conn, reader)
+            if fd is not None:
+                fd.close()
+                raise RemoteProtocolError("a descriptor came with adopted", peer="agent client")
+            if message is not None and message.op != "adopted":
+                raise RemoteProtocolError(f"expected adopted after a connect, got {message.op!r}", peer="agent client")
+        finally:
+            self._end_local(local, client_port)
+        if message is None:
+            return  # (the client went away, or predates the confirmation)
+        self._await_announced(local, client_port)
+        _send(conn, wire.ControlReply(True, {}))
+
+    def _begin_local(self, entry: wire.NodeEntry, port: int) -> Optional[int]:
+        """Count a connect to ``port`` of this node that a program of this agent serves (the
+        listener waits for such connects to be adopted: :meth:`_await_adopted`); return the port,
+        or None for any other connect."""
+        if entry.node_id != self.node.node_id or port not in self._serving:
+            return None
+        self._inflight[port] = self._inflight.get(port, 0) + 1
+        return port
+
+    def _end_local(self, port: int, client_port: Optional[int] = None) -> None:
+        """A connect counted by :meth:`_begin_local` is resolved: its socket was adopted by the
+        client (``client_port``), or it failed, or it is bridged (None)."""
+        if client_port:
+            self._adopted[(port, client_port)] = None
+            while len(self._adopted) > MAX_ANNOUNCED:
+                self._adopted.pop(next(iter(self._adopted)))
+        left = self._inflight.get(port, 0) - 1
+        if left > 0:
+            self._inflight[port] = left
+        else:
+            self._inflight.pop(port, None)
+        changed, self._changed = self._changed, gevent.event.Event()
+        changed.set()
+
+    def _await_adopted(self, port: int, client_port: int) -> None:
+        """In the listener of ``port``: wait (at most ADOPT_WAIT_S) until the connection from
+        ``client_port`` (of this node) was adopted by its client, or no connect of a program of
+        this agent to the port is unresolved (it came from elsewhere: Node.connect, a forward)."""
+        deadline = time.monotonic() + ADOPT_WAIT_S
+        while (port, client_port) not in self._adopted and self._inflight.get(port):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.info("agent: connection from client port %d to grid port %d not adopted within %g s",
+                         client_port, port, ADOPT_WAIT_S)
+                break
+            self._changed.wait(left)
+        self._adopted.pop((port, client_port), None)
 
     def _announced_event(self, port: int, client_port: int) -> gevent.event.Event:
         event = self._announced.get((port, client_port))
@@ -230,40 +320,51 @@ class AgentServer(UnixServer):
         finally:
             self._announced.pop((port, client_port), None)
 
-    def _connect_into(self, conn, args: Dict[str, Any], app) -> None:
+    def _connect_into(self, conn, args: Dict[str, Any], app, reader: agentwire.AgentReader) -> None:
         """``connect`` for a non-blocking connect: the application sent its end of a socketpair,
         whose send buffer it filled with ``filler`` bytes so that it does not look writable.
 
         With ``handover`` (seconds, at most MAX_HANDOVER_S): a connection made within that long
         is answered as a blocking ``connect`` is, its socket attached (the kernel's TCP socket
         for a plain ``tcp`` stack), and the socketpair end is closed; a failure within that
-        long is answered as such. Else (or without ``handover``) the agent first answers
+        long is answered as such (a connection between programs of this node is confirmed:
+        :meth:`_confirm`). Else (or without ``handover``) the agent first answers
         ``{pending: true}``, and then as below.
 
         Answer first, then drain the filler (on success: the application sees its socket turn
         writable and finds the answer waiting) or close the end (on failure: the same, and its
         reads see EOF); on success, bridge the connection's stream to it."""
         filler, handover = args.get("filler"), args.get("handover")
-        opening = None
+        opening: Optional[gevent.Greenlet] = None
+        local: Optional[int] = None
         try:
             if type(filler) is not int or not 0 <= filler <= MAX_FILLER_BYTES:
                 raise _Failure("EINVAL", f"bad filler {filler!r}")
             if handover is not None and (type(handover) not in (int, float) or not 0 <= handover <= MAX_HANDOVER_S):
                 raise _Failure("EINVAL", f"bad handover {handover!r}")
             entry, port, timeout, stack = self._connect_args(args)
+            if handover is not None:
+                local = self._begin_local(entry, port)
             opening = gevent.spawn(self._open_stream, entry, port, stack, timeout)
             if handover is not None:
                 opening.join(handover)
                 if opening.ready():
                     stream, info = _outcome(opening)
-                    self._hand_over_now(conn, entry, port, stream, info)
+                    local, counted = None, local
+                    self._hand_over_now(conn, reader, entry, port, stream, info, counted)
                     app.close()
                     return
+                if local is not None:  # (bridged: our end is the program's socket already)
+                    self._end_local(local)
+                    local = None
                 _send(conn, wire.ControlReply(True, {"pending": True}))
             opening.join()
             stream, info = _outcome(opening)
             try:
-                _send(conn, wire.ControlReply(True, self._connected(entry, port, info)))
+                result = self._connected(entry, port, info)
+                if result["local_port"] and entry.node_id == self.node.node_id and port in self._serving:
+                    self._await_announced(port, result["local_port"])
+                _send(conn, wire.ControlReply(True, result))
             except BaseException:
                 stream.close()  # (the client went away: nobody will take it)
                 raise
@@ -272,6 +373,8 @@ class AgentServer(UnixServer):
             app.close()
             return
         finally:
+            if local is not None:
+                self._end_local(local)
             if opening is not None and not opening.ready():  # (the client went away meanwhile)
                 opening.kill()
         try:
@@ -300,17 +403,23 @@ class AgentServer(UnixServer):
         except ConnectError as exc:
             return _Failure(_errno_of(exc), str(exc))
 
-    def _hand_over_now(self, conn, entry: wire.NodeEntry, port: int, stream, info) -> None:
+    def _hand_over_now(self, conn, reader: agentwire.AgentReader, entry: wire.NodeEntry, port: int, stream, info,
+                       local: Optional[int]) -> None:
         """Answer a non-blocking connect made within its ``handover`` time as a blocking one:
         the socket a blocking connect gets (the kernel's TCP socket for a plain stack, else a
-        loopback TCP bridge end) goes with the answer."""
-        plain = not Stack.parse(info.stack, self.node.assembler.registry).filters
-        sock, bridge = hand_out(stream, plain=plain, name=f"{entry.name}:{port}", tcp=True)
+        loopback TCP bridge end) goes with the answer, confirmed as a blocking connect's is
+        (``local``: counted by :meth:`_begin_local`, resolved here)."""
+        try:
+            plain = not Stack.parse(info.stack, self.node.assembler.registry).filters
+            sock, bridge = hand_out(stream, plain=plain, name=f"{entry.name}:{port}", tcp=True)
+        except BaseException:
+            if local is not None:
+                self._end_local(local)
+            raise
         info.detail["bridged"] = bridge is not None  # (as Assembler.connect says of its sockets)
         try:
-            result = self._connected(entry, port, info)
             self.node.assembler.hand_over(info, sock, _peer_pid(conn), bridge=bridge)
-            _send(conn, wire.ControlReply(True, result), sock)
+            self._confirm(conn, reader, self._connected(entry, port, info), sock, local)
         finally:
             sock.close()
 
@@ -344,6 +453,8 @@ class AgentServer(UnixServer):
                 sock, info = accepting.get()
                 peer = self.node.directory.get(info.peer_id)
                 client_port = info.detail.get("client_port")
+                if client_port and info.peer_id == self.node.node_id:  # a program of this node's
+                    self._await_adopted(info.port, client_port)
                 result = {"peer": info.peer_name, "ip": grid_ip(info.peer_id), "port": info.port,
                           "peer_port": client_port or PEER_PORTS.start + info.conn % len(PEER_PORTS),
                           "stack": info.stack, "cluster": peer.cluster if peer else None}

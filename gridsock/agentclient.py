@@ -31,13 +31,13 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from . import agentwire, wire
 from .errors import RemoteProtocolError
 from .names import LocalTrustError, connect_private
 
-__all__ = ["AgentClient", "AgentChannel", "AgentListener", "AGENT_ENV", "AGENT_TIMEOUT_S", "NAME_CACHE_S"]
+__all__ = ["AgentClient", "AgentChannel", "AgentListener", "confirm", "AGENT_ENV", "AGENT_TIMEOUT_S", "NAME_CACHE_S"]
 
 #: The environment variable naming the agent socket (``gridsock run`` sets it; children inherit it).
 AGENT_ENV = "GRIDSOCK_AGENT"
@@ -139,6 +139,16 @@ class AgentChannel:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def confirm(channel: AgentChannel) -> None:
+    """Tell the agent that the socket its answer to a connect carried is in place (``adopted``)
+    and wait for its ``{}``: the server's listener has the connection then. Raises as
+    :meth:`AgentChannel.receive`."""
+    channel.send("adopted")
+    result, sock = channel.receive()
+    if sock is not None:
+        sock.close()
 
 
 class AgentListener(AgentChannel):
@@ -249,23 +259,33 @@ class AgentClient:
             self._names[host] = (now + self.name_cache_s, found)
         return found
 
-    def connect(self, host: str, port: int, *, timeout: Optional[float] = None,
-                stack: Optional[str] = None) -> Tuple[socket.socket, dict]:
+    def connect(self, host: str, port: int, *, timeout: Optional[float] = None, stack: Optional[str] = None,
+                adopt: Optional[Callable[[socket.socket], None]] = None) -> Tuple[socket.socket, dict]:
         """A connection to grid port ``port`` of node ``host``: ``(socket, info)``, info
         ``{peer, ip, port, local_port, stack, tried}`` (``local_port``: the client port the
-        server's accept reports as its peer's, or None from an older agent). The socket is a connected TCP socket: the kernel's
-        own to the peer for a plain ``tcp`` stack, else one the node bridges to the stack.
+        server's accept reports as its peer's, or None from an older agent). The socket is a
+        connected TCP socket: the kernel's own to the peer for a plain ``tcp`` stack, else one
+        the node bridges to the stack.
 
         ``timeout``: how long the node may try (None: its default); ``stack``: a stack string
         instead of the node's rules. Raises ``socket.gaierror`` (unknown node),
         ``ConnectionRefusedError`` (nothing listens, or the server's policy refused),
         ``TimeoutError``, ``OSError(EHOSTUNREACH)`` (every method failed), ``OSError(EINVAL)``.
+
+        ``adopt``: called with the socket as soon as it comes (the personality puts it in place
+        of the program's own). To a program of this node, the agent then confirms (its answer
+        says ``confirm``): we send ``adopted`` and return once the server's listener has the
+        connection, as a loopback TCP connect returns once the connection is in the backlog.
         """
         with self.open(timeout=None) as channel:
             channel.send("connect", {"host": host, "port": int(port), "timeout": timeout, "stack": stack})
             result, sock = channel.receive()
-        if sock is None:
-            raise ConnectionResetError(errno.ECONNRESET, "agent answered a connect without its descriptor")
+            if sock is None:
+                raise ConnectionResetError(errno.ECONNRESET, "agent answered a connect without its descriptor")
+            if adopt is not None:
+                adopt(sock)
+            if result.get("confirm"):
+                confirm(channel)
         return sock, result
 
     def connect_into(self, host: str, port: int, end: int, *, filler: int, timeout: Optional[float] = None,

@@ -46,7 +46,7 @@ import socket as _socket
 import threading
 from typing import TYPE_CHECKING, Any, Dict, NoReturn, Optional, Tuple
 
-from gridsock.agentclient import AGENT_TIMEOUT_S, NAME_CACHE_S, AgentChannel, AgentClient, AgentListener
+from gridsock.agentclient import AGENT_TIMEOUT_S, NAME_CACHE_S, AgentChannel, AgentClient, AgentListener, confirm
 from gridsock.names import GRID_SUFFIX, grid_name, is_grid_ip
 
 from .monkey import get_original
@@ -393,8 +393,9 @@ class GridSocket(_RealSocket):
         timeout = self.gettimeout()
         if timeout == 0.0:
             self._grid_connect_nonblocking(agent, host, port, bound)
-        conn, result = agent.connect(host, int(port), timeout=timeout or None)
-        self._adopt(conn.detach())
+        # (in place before the agent's confirmation: a server of this node accepts only after)
+        _, result = agent.connect(host, int(port), timeout=timeout or None,
+                                  adopt=lambda conn: self._adopt(conn.detach()))
         me = agent.whoami()
         self._grid_peer = self._addr(result["ip"], int(port))
         # (the client port the server was told: its getpeername() and our getsockname() agree)
@@ -439,9 +440,13 @@ class GridSocket(_RealSocket):
             channel.settimeout(NONBLOCKING_HANDOVER_S + AGENT_TIMEOUT_S)
             first, conn = channel.receive()  # (a failure within the hand-over time raises here)
             if conn is not None:  # the connection itself, made within the hand-over time
-                channel.close()
                 ours.close()
                 self._adopt(conn.detach())
+                try:
+                    if first.get("confirm"):
+                        confirm(channel)  # (to a program of this node: in its backlog now)
+                finally:
+                    channel.close()
                 self._grid_peer = self._addr(first["ip"], int(port))
                 self._grid_local = bound or self._addr(agent.whoami()["ip"], int(first.get("local_port") or 0))
                 if self._grid_requested:

@@ -322,6 +322,46 @@ def test_a_connection_is_in_the_backlog_when_the_connect_returns(grid, connect):
     assert done.stdout.strip() == "readable at once 20 of 20"
 
 
+@pytest.mark.parametrize("connect", ["blocking", "non-blocking"])
+def test_the_server_accepts_only_once_the_clients_socket_is_connected(grid, connect):  # noqa: F811
+    # (CPython's test_socket TCPCloserTest.testClose: a server thread accepts, closes, and selects on
+    # the client's socket, whose connect() another thread may not have returned from yet.)
+    script = grid.script(f"""
+        import select, socket, threading
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        seen = []
+
+        def serve(client):
+            conn, _ = server.accept()
+            conn.close()
+            readable = select.select([client], [], [], 30)[0] == [client]
+            try:
+                seen.append((readable, client.recv(1)))
+            except OSError as exc:
+                seen.append((readable, exc.errno))
+
+        for _ in range(10):
+            client = socket.socket()
+            thread = threading.Thread(target=serve, args=(client,))
+            thread.start()
+            if {connect == "non-blocking"}:
+                client.setblocking(False)
+                client.connect_ex(server.getsockname())
+            else:
+                client.connect(server.getsockname())
+            thread.join(60)
+            client.close()
+        server.close()
+        print(seen == [(True, b"")] * 10, seen[:3])
+    """)
+    done = subprocess.run(grid.argv("na", script), capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S,
+                          env=dict(grid.env, GRIDSOCK_FORCE="1"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "True", done.stdout
+
+
 # --- non-blocking connects at full speed ---------------------------------------------------------
 
 
