@@ -25,8 +25,10 @@ socket, a Unix socket ``<run dir>/<name>.agent`` (mode 0600: only its user). A c
   the client's node sent in its assembly request, which its agent answered the client as
   ``local_port``: the server's getpeername() is the client's getsockname().
 - A connect to a grid port of this node that a program of this agent listens on is answered
-  once the connection is announced there (``ANNOUNCE_WAIT_S``): in the backlog before the
-  client's connect returns, as on TCP's loopback.
+  with ``confirm: true``: the client puts the socket in place and sends ``adopted``; the
+  listener is told of the connection then, and the client gets ``{}`` once it has been: the
+  server cannot accept before the client's socket is connected, and the connection is in the
+  backlog when the client's connect returns, as on TCP's loopback.
 - ``listen {port, deferred: true}`` -> ``{port, ip}``: the port is only reserved (a socket that is
   bound but not listening): the node refuses connections to it, as TCP does, and no other
   ``listen`` gets it. The client's next request on that connection, ``listen {port}`` with the
