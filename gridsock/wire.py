@@ -448,6 +448,7 @@ class Hello(_Message):
     software: str = ""
     node_id: Optional[str] = None
     token: Optional[str] = None
+    gateways: Tuple[str, ...] = ()  # the sender's own gateways: NodeEntry.gateways
     CHECKS: ClassVar[Dict[str, Any]] = {
         "name": _name,
         "cluster": _opt(_name),
@@ -456,8 +457,16 @@ class Hello(_Message):
         "software": _str(MAX_NAME_BYTES),
         "node_id": _opt(_node_id),
         "token": _opt(_str(MAX_TOKEN_BYTES)),
+        "gateways": _list(NodeEntry._gateway, NodeEntry.MAX_GATEWAYS),
     }
-    DEFAULTS: ClassVar[Dict[str, Any]] = {"addrs": [], "software": "", "node_id": None, "token": None}
+    DEFAULTS: ClassVar[Dict[str, Any]] = {"addrs": [], "software": "", "node_id": None, "token": None,
+                                          "gateways": []}
+
+    def header(self) -> dict:
+        out = super().header()
+        if not self.gateways:  # (absent when empty: a Hello reads as it did before the field)
+            del out["gateways"]
+        return out
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,7 @@ class LeaderService:
                         host.name, hello.name, len(self.members))
             refuse(sock, "cluster-full", f"{host.name} leads {len(self.members)} members, its most", label)
         entry = wire.NodeEntry(node_id=node_id, name=hello.name, cluster=host.cluster, leader=host.node_id,
-                               role="member", addrs=hello.addrs)
+                               role="member", addrs=hello.addrs, gateways=hello.gateways)
         old = self.members.pop(node_id, None)
         if old is not None:
             old.close("the same member linked again")

@@ -254,6 +254,7 @@ class RendezvousNode:
             addrs=hello.addrs,
             observed=f"{addr[0]}:{addr[1]}" if ":" not in addr[0] else f"[{addr[0]}]:{addr[1]}",
             inbound=None,
+            gateways=hello.gateways,
         )
         old = self.leaders.get(node_id)
         if old is not None:
