@@ -198,3 +198,39 @@ def test_the_quick_start_runs_as_written(shell, lab, tmp_path, env):
     assert printed[:2] == ["('a3', 'a1', 'rendezvous', 'c1')", "b'hello'"], result.stdout
     assert re.fullmatch(r"tls/\S+ b'HTTP/1.0 200 OK\\r\\n'", printed[2]), result.stdout
     assert printed[3:] == ["refused"], result.stdout
+
+
+def lab_section() -> list[str]:
+    """The shell lines of the README's "The grid lab" section."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("\n## The grid lab"):text.index("\n## Layout")]
+    return [line[4:] for line in section.splitlines() if line.startswith("    gridsock ")]
+
+
+def _namespaces(prefix: str) -> list[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in listed.splitlines() if line.startswith(prefix)]
+
+
+def test_the_grid_lab_section_runs_as_written(lab, tmp_path):
+    """``gridsock lab up``, ``exec a1 ip addr`` and ``down``, as the README gives them: the lab of
+    the default prefix comes up, a1 has its address, and nothing of it is left after down. (The
+    ``lab`` fixture only says the lab can run here; this test makes its own.)"""
+    if _namespaces(DEFAULT_PREFIX):
+        pytest.skip(f"a lab of the default prefix {DEFAULT_PREFIX!r} is up here already: someone's, left alone")
+    lines = lab_section()
+    assert [shlex.split(line, comments=True)[1:3] for line in lines] == [["lab", "up"], ["lab", "exec"], ["lab", "down"]]
+    results = []
+    try:
+        for line in lines:
+            argv = shlex.split(line, comments=True)
+            results.append(subprocess.run(gridsock_argv(*argv[1:]), capture_output=True, text=True,
+                                          timeout=COMMAND_TIMEOUT_S, cwd=tmp_path))
+            assert results[-1].returncode == 0, f"{line}\n{results[-1].stdout}\n{results[-1].stderr}"
+            if argv[2] == "up":
+                assert f"{DEFAULT_PREFIX}a1" in _namespaces(DEFAULT_PREFIX)
+        assert "inet 10.1.0.11/" in results[1].stdout, results[1].stdout
+        assert not _namespaces(DEFAULT_PREFIX)
+    finally:
+        if _namespaces(DEFAULT_PREFIX):
+            subprocess.run(gridsock_argv("lab", "down"), capture_output=True, timeout=COMMAND_TIMEOUT_S)
