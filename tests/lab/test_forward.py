@@ -141,8 +141,13 @@ def test_redis_on_b1_through_expose_and_forward(grid, tmp_path):
         there = lab.run("b1", ["redis-cli", "-p", str(REDIS_PORT), "--raw", "GET", "big"], capture_output=True,
                         timeout=COMMAND_TIMEOUT_S)  # on b1 itself, no gridsock: the value arrived whole
         assert there.stdout == value + b"\n"
+        # redis-cli under gridsock run, by grid name: proxychains-ng and a2's front door reach the
+        # grid port b1 exposes, without any forward.
+        run = lab.run("a2", gridsock_argv("run", "--node", "a2", "--", "redis-cli", "-h", "b1", "-p", "6379", "--raw",
+                                          "STRLEN", "big"), capture_output=True, env=grid.env, timeout=COMMAND_TIMEOUT_S)
+        assert (run.returncode, run.stdout.strip()) == (0, str(len(value)).encode()), run.stderr
         assert ": 2 connection(s), " in forward.stop()
-        assert ": 2 connection(s), " in expose.stop()
+        assert ": 3 connection(s), " in expose.stop()
     finally:
         for held in (forward, expose):
             if held is not None:

@@ -82,3 +82,33 @@ def test_curl_on_a1_fetches_from_c2_through_a_running_node_of_its_host(grid, ser
     done = fetch(grid, "a1", ["--node", "a1-door"], f"http://c2.grid:{port}/data.bin")
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert hashlib.sha256(done.stdout).digest() == hashlib.sha256(payload).digest()
+
+
+PYCURL_CLIENT = """\
+import hashlib, sys
+import pycurl  # a C extension: libcurl's own sockets, not Python's
+body = bytearray()
+curl = pycurl.Curl()
+curl.setopt(pycurl.URL, sys.argv[1])
+curl.setopt(pycurl.WRITEFUNCTION, body.extend)
+curl.perform()
+print(curl.getinfo(pycurl.RESPONSE_CODE), hashlib.sha256(body).hexdigest())
+"""
+
+
+def test_pycurl_on_a1_fetches_from_c2_under_gridsock_run(grid, served):
+    """A Python program whose HTTP client is a C extension (pycurl): its sockets are libcurl's, so
+    it reaches c2 in the private cluster through the front door (the proxy variables gridsock
+    run sets, which libcurl honours), from a1 behind A's NAT."""
+    pytest.importorskip("pycurl")
+    port, payload = served
+    script = grid.tmp / "pycurl_client.py"
+    script.write_text(PYCURL_CLIENT)
+    node = grid.spawn("a1", "a1-pycurl", "node", "--session", grid.session, "--name", "a1-pycurl", "--cluster", "A",
+                      "--leader", f"{grid.lab.addr('a1')}:{NODE_PORT}")
+    wait_for_line(node, "joined a1-pycurl ", timeout=RUN_TIMEOUT_S)
+    done = grid.lab.run("a1", gridsock_argv("run", "--node", "a1-pycurl", "--", sys.executable, str(script),
+                                            f"http://c2:{port}/data.bin"),
+                        capture_output=True, env=grid.env, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert done.stdout.decode().split() == ["200", hashlib.sha256(payload).hexdigest()], done.stdout
