@@ -54,6 +54,16 @@ Four WAN profiles (``Lab.set_wan``), one after the other in one run, each named 
    comparison, ``a1 -> rv``. (iperf3's ``-n`` ends its test once its client has written the bytes,
    before every stream's last bytes are in: on this link its multi-stream figures run high.)
 
+``--round-trips`` measures issue 11's round-trip budget instead, into a section of its own
+("Round trips per method"): only the establishment cases its targets name (``RT_CASES``: plain
+connects, ``tcp`` steady and first contact, ``tls/`` over ``tcp``, ``reverse`` and ``splice``,
+``ssh`` steady, first contact with the transport the node keeps and with none, ``ssh -L``), at
+10 and at 20 ms one way (``RT_PROFILES``), with the steps of each method's steady connects, and
+the uncached automatic selection between every ordered pair of the lab nodes (``op_auto``: the
+peer's cached winner forgotten before each connect, then steady connects over the stack picked).
+``--before RAW.json`` puts a run of the same mode on older code beside it (run it with
+``PYTHONPATH`` pointing at a checkout of that code, and ``--no-write``).
+
 Then a "Targets" table (issue 4's targets, each marked met or not met with the ratio measured,
 and a note on what limits a missed one) and a PNG plot of the four tables.
 
@@ -83,6 +93,8 @@ lab torn down (``Lab.down()``) whatever happens, SIGTERM included.
                                    [--logs DIR] [--connects N] [--only PROFILES] [--no-pin]
     python3 bench/bench_methods.py --render-only RAW.json [--out ...] [--plot PNG]
     python3 bench/bench_methods.py --replot [--out docs/benchmarks.md] [--plot PNG]
+    python3 bench/bench_methods.py --round-trips [--rt-profiles wan10,wan20] [--rt-cases KEYS]
+                                   [--connects N] [--no-auto] [--before RAW.json] [--no-write]
 
 Needs root, the lab's tools (iproute2, iptables, OpenSSH client and server, dante), iperf3, and
 besides gridsock's own dependencies (paramiko, PySocks) two bench-only Python packages:
@@ -373,14 +385,22 @@ def norm_stack(text: str) -> str:
 
 def op_first(node, args: dict) -> dict:
     """``n`` first-contact connects to ``dst`` over ``stack``: before each, the meta link to ``dst``
-    is dropped (where there is one; the peer's end too) and this process's SSH transports are closed."""
+    is dropped (where there is one; the peer's end too; one still opening, as the last connect
+    opens one beside its request, first comes up) and, unless ``keep_transports``, this process's
+    SSH transports are closed (with ``keep_transports`` they stay as the node keeps them)."""
     from gridsock.bootstrap.sshtunnel import close_all_transports
 
     dst, stack, n = str(args["dst"]), str(args["stack"]), int(args["n"])
+    keep = bool(args.get("keep_transports"))
     opens, readies, stacks = [], [], set()
     for _ in range(n):
+        entry = node.directory.resolve(dst)
+        opening = getattr(node.meta, "_opening", {}).get(entry.node_id) if entry is not None else None
+        if opening is not None:
+            opening.wait(COLD_WAIT_S)
         _drop_meta_link(node, dst)
-        close_all_transports()
+        if not keep:
+            close_all_transports()
         open_s, ready_s, built = _connect_once(node, dst, stack)
         opens.append(open_s)
         readies.append(ready_s)
@@ -396,7 +416,24 @@ def op_ssh_ciphers(node, args: dict) -> list:
                    if t.is_active()})
 
 
-NODE_OPS = {**BENCH_OPS, "first": op_first, "ssh_ciphers": op_ssh_ciphers}
+def op_auto(node, args: dict) -> dict:
+    """``n`` uncached automatic connects to ``dst`` (the rules' candidates raced, stack None):
+    before each, the winner cached for ``dst`` is forgotten. Times in seconds, and the stacks."""
+    dst, n = str(args["dst"]), int(args["n"])
+    entry = node.directory.resolve(dst)
+    if entry is None:
+        raise BenchError(f"{dst} is not in {node.name}'s directory")
+    opens, readies, stacks = [], [], []
+    for _ in range(n):
+        node.assembler._winners.pop(entry.node_id, None)
+        open_s, ready_s, built = _connect_once(node, dst, None)
+        opens.append(open_s)
+        readies.append(ready_s)
+        stacks.append(built)
+    return {"open": opens, "ready": readies, "stacks": stacks}
+
+
+NODE_OPS = {**BENCH_OPS, "first": op_first, "ssh_ciphers": op_ssh_ciphers, "auto": op_auto}
 
 
 def run_node(argv: List[str]) -> int:
@@ -1550,6 +1587,395 @@ def reading(results: dict) -> str:
 # --- main ------------------------------------------------------------------------------------------------------
 
 
+# --- round trips per method (``--round-trips``) ---------------------------------------------------------
+#
+# Issue 11's round-trip budget: only the establishment cases its targets name, in two WAN profiles
+# (10 and 20 ms one way), each next to its plain baseline in the same run; the steps of each
+# method's steady connects (anatomy); the uncached automatic selection between every ordered pair
+# of the lab nodes; and, with ``--before RAW.json`` (a run of the same mode on the code before),
+# the figures before and after side by side. Its own section of ``--out``: RT_SECTION_TITLE.
+
+RT_SECTION_TITLE = "## Round trips per method"
+RT_PROFILES = {
+    "wan10": PROFILES["wan10"],
+    "wan20": Profile("wan20", {"delay_ms": 20.0},
+                     "20 ms one way on every public host's ingress: a path across the lab's internet gains 40 ms "
+                     "of round trip; no loss, no rate limit"),
+}
+RT_AUTO_CONNECTS = 10  # uncached automatic connects per ordered pair (and as many steady ones)
+
+
+def _rt_case(key: str, stack: str, src: str, dst: str, path: str, against: Tuple[str, ...], mode: str,
+             what: str) -> Case:
+    return dataclasses.replace(_grid(key, stack, src, dst, path, against, mode=mode),
+                               label=f"gridsock `{stack}`, {what}")
+
+
+RT_CASES = [
+    ESTABLISH[0],  # plain a1>rv
+    _rt_case("tcp steady", "tcp", "a1", "rv", P_A1_RV, ("plain a1>rv",), "steady", "steady"),
+    _rt_case("tcp first", "tcp", "a1", "rv", P_A1_RV, ("plain a1>rv",), "first", "first contact"),
+    _rt_case("tls/tcp steady", "tls/tcp", "a1", "rv", P_A1_RV, ("tcp steady", "plain a1>rv"), "steady", "steady"),
+    _rt_case("reverse steady", "reverse", "rv", "a1", P_RV_A1, ("plain a1>rv",), "steady", "steady"),
+    _rt_case("tls/reverse steady", "tls/reverse", "rv", "a1", P_RV_A1, ("reverse steady", "plain a1>rv"), "steady",
+             "steady"),
+    next(c for c in ESTABLISH if c.key == "plain a1>fwb"),
+    _rt_case("splice steady", "splice", "a1", "b1", P_A1_B1, ("plain a1>fwb",), "steady", "steady"),
+    _rt_case("tls/splice steady", "tls/splice", "a1", "b1", P_A1_B1, ("splice steady", "plain a1>fwb"), "steady",
+             "steady"),
+    next(c for c in ESTABLISH if c.key == "plain rv>fec"),
+    next(c for c in ESTABLISH if c.key == "ssh-L"),
+    _rt_case("ssh steady", SSH_STACK, "rv", "c1", P_RV_C1, ("plain rv>fec", "ssh-L"), "steady", "steady"),
+    _rt_case("ssh kept", SSH_STACK, "rv", "c1", P_RV_C1, ("ssh steady", "ssh-L"), "kept",
+             "first contact, SSH transport as the node keeps it"),
+    _rt_case("ssh cold", SSH_STACK, "rv", "c1", P_RV_C1, ("ssh steady", "ssh-L"), "first",
+             "first contact, no SSH transport (closed before each)"),
+]
+# (the steady case a tls case adds to, and the plain connect that is one round trip on that path)
+RT_TLS = {"tls/tcp steady": ("tcp steady", "plain a1>rv"), "tls/reverse steady": ("reverse steady", "plain a1>rv"),
+          "tls/splice steady": ("splice steady", "plain a1>fwb")}
+
+
+class RoundTripBench(MethodsBench):
+    """The establishment cases of issue 11's targets, and the automatic selection between pairs."""
+
+    def connect_batch(self, case: Case, n: int) -> dict:
+        if case.how == "grid" and case.mode in ("first", "kept"):
+            if case.mode == "kept":  # one connect first: the node has used the gateway, its transport is kept
+                self.bench_op(case.src, "connects", {"dst": case.dst, "stack": case.stack, "n": 1, "mode": "steady"},
+                              FIRST_CONNECT_S * 2)
+            res = self.bench_op(case.src, "first", {"dst": case.dst, "stack": case.stack, "n": n,
+                                                    "keep_transports": case.mode == "kept"},
+                                FIRST_CONNECT_S * (n + 1))
+            if res["stacks"] != [norm_stack(case.stack)]:
+                raise BenchError(f"asked for {case.stack}, got {res['stacks']}")
+            return res
+        return super().connect_batch(case, n)
+
+    def rt_anatomy(self) -> Dict[str, dict]:
+        """The steps of steady connects of each method (dial, request, build), ms, medians."""
+        out = {}
+        n = min(ANATOMY_CONNECTS, self.plan.connects)
+        for key, stack, src, dst in (("tcp", "tcp", "a1", "rv"), ("tls/tcp", "tls/tcp", "a1", "rv"),
+                                     ("reverse", "reverse", "rv", "a1"), ("splice", "splice", "a1", "b1"),
+                                     ("ssh", SSH_STACK, "rv", "c1")):
+            try:
+                res = self.bench_op(src, "anatomy", {"dst": dst, "stack": stack, "mode": "steady", "n": n},
+                                    FIRST_CONNECT_S * (n + 1))
+            except CASE_ERRORS as exc:
+                progress(f"anatomy of {stack}: {exc}")
+                continue
+            out[key] = {step: statistics.median(x[step] for x in res["samples"]) * 1e3
+                        for step in ("open", "dial", "request", "build") if all(step in x for x in res["samples"])}
+        return out
+
+    def auto_pairs(self, n: int) -> Dict[str, dict]:
+        """Every ordered pair of NODES: ``n`` uncached automatic connects, then ``n`` steady ones over
+        the stack picked most often (its winner cached, the meta link up)."""
+        out: Dict[str, dict] = {}
+        for src, dst in itertools.permutations(NODES, 2):
+            entry: dict = {"error": None}
+            out[f"{src}>{dst}"] = entry
+            try:
+                res = self.bench_op(src, "auto", {"dst": dst, "n": n}, FIRST_CONNECT_S * (n + 1))
+                entry.update(open=res["open"], ready=res["ready"], stacks=res["stacks"])
+                picked = max(set(res["stacks"]), key=res["stacks"].count)
+                steady = self.bench_op(src, "connects", {"dst": dst, "stack": picked, "n": n, "mode": "steady"},
+                                       FIRST_CONNECT_S * (n + 1))
+                entry.update(picked=picked, steady_open=steady["open"], steady_ready=steady["ready"])
+            except CASE_ERRORS as exc:
+                entry["error"] = f"failed: {type(exc).__name__}: {exc}"[:400]
+                progress(f"auto {src} -> {dst}: {entry['error']}")
+        return out
+
+
+def _rt_med(entry: Optional[dict], field: str = "open") -> Optional[float]:
+    if not entry or entry.get("error") or not entry.get(field):
+        return None
+    return statistics.median(entry[field]) * 1e3
+
+
+def rt_targets(table: Dict[str, dict], anatomy: Dict[str, dict]) -> List[Tuple[str, str, str, str, Optional[bool], str]]:
+    """(target, wanted, measured, ratio or excess, met, note) for one profile's table."""
+    rows: List[Tuple[str, str, str, str, Optional[bool], str]] = []
+
+    def ratio(what: str, key: str, base: str, limit: float, field: str = "open", note: str = "") -> None:
+        a, b = _rt_med(table.get(key), field), _rt_med(table.get(base), field)
+        if a is None or b is None:
+            rows.append((what, f"≤ {limit:g}×", "–", "–", None, note or "not measured"))
+            return
+        rows.append((what, f"≤ {limit:g}×", f"{a:.1f} against {b:.1f} ms", f"{a / b:.2f}×", a / b <= limit, note))
+
+    ratio("steady `tcp` against a plain `connect()`, a1 -> rv", "tcp steady", "plain a1>rv", 1.10,
+          note="one round trip on the wire (the request on the meta link beside the dial); the rest is CPU work "
+               "in the two node processes, on a machine shared with other work")
+    ratio("`tcp` first contact against a plain `connect()`, a1 -> rv", "tcp first", "plain a1>rv", 2.0,
+          note="the request over the bootstrap channel at once, the meta link opened beside it")
+    ratio("`reverse` against a plain `connect()` on the nearest path (a1 -> rv)", "reverse steady", "plain a1>rv", 1.6,
+          note="floor: the request's way to a1 (R/2) + a1's TCP handshake and preamble (1.5 R) = 2 R; TCP Fast Open "
+               "(a host setting on rv) would make it R")
+    ratio("`splice` against a plain `connect()` on the nearest path (a1 -> fwb)", "splice steady", "plain a1>fwb", 2.5,
+          note="floor: the request's way to b1 through the rendez-vous node (two WAN hops: R) + b1's SYN, a1's "
+               "SYN-ACK, b1's ACK (1.5 R) = 2.5 R; first attempt on both sides (no retry)")
+    for key, (under, plain) in RT_TLS.items():
+        a, b, rtt = _rt_med(table.get(key)), _rt_med(table.get(under)), _rt_med(table.get(plain))
+        what = f"`tls/` on top of `{key.split()[0][4:]}`: at most one round trip more"
+        if a is None or b is None or rtt is None:
+            rows.append((what, "≤ 1 round trip", "–", "–", None, "not measured"))
+            continue
+        rows.append((what, "≤ 1 round trip", f"{a:.1f} against {b:.1f} ms (+{a - b:.1f}; a round trip: {rtt:.1f})",
+                     f"{(a - b) / rtt:.2f} round trips", a - b <= rtt,
+                     "one round trip on the wire (counted: tests/test_round_trips.py); the excess is the handshake's "
+                     "CPU work (key exchange, signatures, certificate checks) at both ends"))
+    ratio("`ssh` (transport up) no slower than `ssh -L` to first byte, rv -> c1", "ssh steady", "ssh-L", 1.0,
+          field="ready", note="the same round trips (channel open, then the request); the excess is paramiko's "
+                              "and the pump threads' CPU work in Python")
+    ratio("`ssh` first contact at most 2× its steady time (the node keeps its gateway's transport)", "ssh kept",
+          "ssh steady", 2.0, note="a used gateway's transport is kept (keepalives, dialed again if it dies)")
+    ratio("`ssh` first contact at most 2× its steady time (no transport yet: a new SSH session)", "ssh cold",
+          "ssh steady", 2.0, note="a new SSH session: TCP, version and key exchange, service request, public-key "
+                                  "authentication, then the channel: some 6 round trips, and paramiko's CPU work")
+    return rows
+
+
+def render_round_trips(results: dict, info: dict, argv: List[str], before: Optional[dict]) -> str:
+    v = results["versions"]
+    lines = [
+        RT_SECTION_TITLE,
+        "",
+        "Figures of `bench/bench_methods.py --round-trips` (issue 11's round-trip budget per method; the module "
+        "docstring and `RoundTripBench` say what and how); a run replaces this section only.",
+        "",
+        f"- command: `{' '.join(shlex.quote(a) for a in argv)}`"
+        + (f", rendered here by `{' '.join(shlex.quote(a) for a in results['rendered'])}`"
+           if results.get("rendered") else ""),
+        f"- date: {results['started']}, wall time {results['wall_s']:.0f} s",
+        f"- machine: {info['nproc']} CPUs ({info['cpu']}), Linux {info['kernel']}; shared with other work: "
+        f"load average {results['load_before']} before, {results['load_after']} after",
+        f"- software: gridsock at `{info['commit']}`{' with uncommitted changes' if info['dirty'] else ''}, "
+        f"{info['impl']} {info['python']}, gevent {info['gevent']}, {info['openssl']}; {v['ssh']}, paramiko "
+        f"{v['paramiko']}",
+        "- grid: as in \"Methods in the lab\" (rendez-vous node on rv; nodes rv, a1, b1, c1; TLS session; every "
+        "node accepting raw stacks from outside its cluster); each end of a path on a core of its own"
+        + ("" if results.get("pinned") else " (not pinned in this run)") + ".",
+        f"- {results['connects']} samples per case, in interleaved rounds; *open*: until `open_stream` returns "
+        "(plain: `connect()`); *ready*: until a 1-byte request has come back. *first contact*: before each sample "
+        "the meta link between the pair is dropped (both ends); `ssh` first contact twice: with the SSH transport "
+        "as the node keeps it (a keeper holds a used gateway's transport up), and with no transport at all (closed "
+        "before each sample: a new SSH session).",
+    ]
+    if before:
+        lines.append(f"- *before*: the same run (`{' '.join(before['argv'][2:])}`) with `PYTHONPATH` at a checkout of "
+                     f"gridsock `{before['info']['commit']}`{before['info'].get('note', '')} (the code before "
+                     f"issue 11's round-trip work), {before['results']['started']}, load average "
+                     f"{before['results']['load_before']}.")
+    for name, profile in RT_PROFILES.items():
+        table_ = results["tables"].get(name)
+        if not table_:
+            continue
+        old = (before or {}).get("results", {}).get("tables", {}).get(name, {})
+        lines += ["", f"### {profile.name}: {profile.what}", ""]
+        header = ["case", "path", "n", "open median", "open p90", "ready median", "against (ratio of open medians)"]
+        if before:
+            header[3:3] = ["before: open median"]
+        rows = []
+        for case in RT_CASES:
+            if case.key not in table_:
+                continue
+            entry = table_[case.key]
+            if entry.get("error"):
+                row = [case.label, case.path, "0", entry["error"], "", "", ""]
+            else:
+                o = [x * 1e3 for x in entry["open"]]
+                r = [x * 1e3 for x in entry["ready"]]
+                against = []
+                for key in case.against:
+                    base = _rt_med(table_.get(key))
+                    if base:
+                        short = next(c.short for c in RT_CASES if c.key == key)
+                        against.append(f"{short}: {statistics.median(o) / base:.2f}×")
+                row = [case.label, case.path, str(len(o)), f"{statistics.median(o):.1f}", f"{percentile(o, 0.9):.1f}",
+                       f"{statistics.median(r):.1f}", "; ".join(against)]
+            if before:
+                was = _rt_med(old.get(case.key))
+                row[3:3] = [f"{was:.1f}" if was is not None else "–"]
+            rows.append(row)
+        lines.append(table(header, rows))
+        anatomy = results.get("anatomy", {}).get(name, {})
+        if anatomy:
+            lines += ["", "Where a steady connect's time goes (ms, medians of "
+                      f"{min(ANATOMY_CONNECTS, results['connects'])}): *dial* the method's own connection (for "
+                      "`tcp` and `ssh` in parallel with *request*, the assembly request and its answer), *build* "
+                      "the filters.", ""]
+            lines.append(table(["method", "open", "dial", "request", "build"],
+                               [[k, *(f"{a[s]:.1f}" if s in a else "–" for s in ("open", "dial", "request", "build"))]
+                                for k, a in anatomy.items()]))
+        lines += ["", f"Targets ({profile.name}):", ""]
+        trows = rt_targets(table_, anatomy)
+        old_rows = {t[0]: t for t in rt_targets(old, {})} if before else {}
+        header = ["target", "wanted", "measured (medians)", "ratio", "verdict", "note"]
+        if before:
+            header[4:4] = ["before"]
+        out_rows = []
+        for what, wanted, measured, ratio_, met, note in trows:
+            row = [what, wanted, measured, ratio_, "–" if met is None else ("**met**" if met else "**not met**"), note]
+            if before:
+                b = old_rows.get(what)
+                row[4:4] = [b[3] if b else "–"]
+            out_rows.append(row)
+        lines.append(table(header, out_rows))
+    auto = results.get("auto")
+    if auto:
+        lines += ["", f"### Automatic selection, uncached ({results.get('auto_profile', 'wan10')})", "",
+                  f"Every ordered pair of the lab nodes: {RT_AUTO_CONNECTS} connects with no stack named (the rules' "
+                  "candidates raced) after forgetting the winner cached for the peer, then as many steady ones over "
+                  "the stack picked (cached, meta link up). *ready*: time to the first byte back (ms, medians). "
+                  "Target: the slowest pair under one round trip plus 100 ms over its steady time.", ""]
+        rows = []
+        rtt = _rt_med(results["tables"].get(results.get("auto_profile", "wan10"), {}).get("plain a1>rv")) or 0.0
+        worst = None
+        for pair, e in auto.items():
+            if e.get("error"):
+                rows.append([pair.replace(">", " -> "), "–", "–", "–", "–", e["error"]])
+                continue
+            picked = sorted(set(e["stacks"]), key=e["stacks"].count, reverse=True)
+            u, st = _rt_med(e, "ready"), _rt_med(e, "steady_ready")
+            assert u is not None and st is not None
+            extra = u - st
+            if worst is None or extra > worst[1]:
+                worst = (pair, extra)
+            rows.append([pair.replace(">", " -> "), ", ".join(f"`{s}` ({e['stacks'].count(s)})" for s in picked),
+                         f"{u:.1f}", f"{st:.1f}", f"{extra:+.1f}", ""])
+        lines.append(table(["pair", "picked (times)", "uncached ready", "steady ready", "uncached − steady", "note"],
+                           rows))
+        if worst is not None:
+            met = worst[1] <= rtt + 100
+            lines += ["", f"Slowest pair: {worst[0].replace('>', ' -> ')}, {worst[1]:+.1f} ms over its steady time, "
+                      f"against one round trip ({rtt:.1f} ms) + 100 ms: **{'met' if met else 'not met'}**."]
+    if results.get("reading"):
+        lines += ["", results["reading"]]
+    return "\n".join(lines) + "\n"
+
+
+def rt_reading(results: dict, before: Optional[dict]) -> str:
+    """What the round-trip figures say (medians of ``open`` unless said), for both profiles."""
+    old_tables = (before or {}).get("results", {}).get("tables", {})
+    parts = ["### Reading", ""]
+    for name in RT_PROFILES:
+        t = results["tables"].get(name)
+        if not t:
+            continue
+        o = old_tables.get(name, {})
+
+        def m(key: str, field: str = "open", table_: Optional[dict] = None) -> str:
+            value = _rt_med((table_ if table_ is not None else t).get(key), field)
+            return "–" if value is None else f"{value:.1f}"
+
+        rtt = m("plain a1>rv")
+        was = (lambda key, field="open": f" (before: {m(key, field, o)})") if o else (lambda key, field="open": "")
+        parts.append(
+            f"**{name}** (a plain connect a1 -> rv: {rtt} ms). `tcp` first contact opens in {m('tcp first')} ms"
+            f"{was('tcp first')}: the request takes the bootstrap channel at once (a1 -> rendez-vous node -> rv, "
+            f"one round trip) while the TCP dial runs and the meta link opens beside them; steady, over the link, "
+            f"{m('tcp steady')} ms{was('tcp steady')}. `splice` a1 -> b1 opens in {m('splice steady')} ms"
+            f"{was('splice steady')}: the request's way to b1 (half a bootstrap round trip, through the rendez-vous "
+            f"node) and 1.5 round trips of the handshake that b1's SYN starts, a1's SYN having opened gwa's mapping "
+            f"when it left with the request; before, b1's first SYN was refused by gwa and its retry came "
+            f"`SPLICE_RETRY_S` later. `reverse` opens in {m('reverse steady')} ms{was('reverse steady')}: the "
+            f"request's way to a1 (half a round trip), a1's TCP handshake to rv and its preamble (1.5 round trips): "
+            f"2 round trips, the floor for a connection a1 opens when told to (TCP Fast Open would save the "
+            f"handshake's round trip, but needs `net.ipv4.tcp_fastopen` with the server bit on rv, a host setting). "
+            f"`tls/` adds {m('tls/tcp steady')} − {m('tcp steady')} ms over `tcp`, {m('tls/reverse steady')} − "
+            f"{m('reverse steady')} over `reverse`, {m('tls/splice steady')} − {m('splice steady')} over `splice`: "
+            f"one round trip on the wire (the client no longer waits for the session ticket; "
+            f"`tests/test_round_trips.py` counts the turns) plus the handshake's CPU work at both ends. `ssh` "
+            f"steady: open {m('ssh steady')} ms{was('ssh steady')}, first byte back {m('ssh steady', 'ready')} "
+            f"against {m('ssh-L', 'ready')} through `ssh -L`{was('ssh steady', 'ready')}; its first contact with "
+            f"the transport the node keeps opens in {m('ssh kept')} ms, and with no transport at all (a new SSH "
+            f"session: TCP, key exchange, host key, public-key authentication, then the channel) in "
+            f"{m('ssh cold')} ms{was('ssh cold')}.")
+        parts.append("")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def run_round_trips(args, argv: List[str]) -> int:
+    """``--round-trips``: see RT_SECTION_TITLE's comment."""
+    from gridsock.testing.lab import Lab
+
+    plan = dataclasses.replace(FULL, connects=args.connects or FULL.connects,
+                               connect_rounds=min(FULL.connect_rounds, args.connects or FULL.connects))
+    if args.quick:
+        plan = QUICK
+    only = [p.strip() for p in (args.rt_profiles or ",".join(RT_PROFILES)).split(",") if p.strip()]
+    info = machine()
+    results: dict = {"started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                     "load_before": loadavg(), "tables": {}, "anatomy": {}, "versions": versions(),
+                     "connects": plan.connects, "parallel_why": None}
+    wall = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="gridsock-bench-rt-"))
+    lab = Lab(args.prefix)
+    grid = LabGrid(lab, workdir)
+    pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2 and shutil.which("taskset") is not None
+    results["pinned"] = pin
+    bench = RoundTripBench(lab, grid, plan, workdir, None, pin=pin)
+    signal.signal(signal.SIGTERM, _terminated)
+    wan_set = False
+    try:
+        progress(f"lab {args.prefix} up")
+        lab.up()
+        bench.start_grid()
+        bench.make_tls_files()
+        bench.start_baselines()
+        for name in only:
+            profile = RT_PROFILES[name]
+            progress(f"WAN profile {name}: {profile.call()}")
+            wan_set = True
+            lab.set_wan(**profile.wan)
+            cases = [c for c in RT_CASES if not args.rt_cases or c.key in args.rt_cases.split(",")]
+            results["tables"][name] = bench.measure_connects(cases)
+            if not args.rt_cases:
+                results["anatomy"][name] = bench.rt_anatomy()
+            if name == only[0] and not args.no_auto:
+                progress("automatic selection between every ordered pair")
+                results["auto_profile"] = name
+                results["auto"] = bench.auto_pairs(RT_AUTO_CONNECTS if not args.quick else 2)
+    except Exception:
+        print(grid.logs_tail(), file=sys.stderr)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        progress("tearing down")
+        try:
+            grid.stop()
+            if wan_set:
+                try:
+                    lab.set_wan()
+                except Exception as exc:
+                    progress(f"removing the WAN profile failed: {exc}")
+            lab.down()
+        finally:
+            if args.logs:
+                Path(args.logs).mkdir(parents=True, exist_ok=True)
+                for log_file in workdir.glob("*.log"):
+                    shutil.copy(log_file, args.logs)
+            shutil.rmtree(workdir, ignore_errors=True)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    results["load_after"] = loadavg()
+    results["wall_s"] = time.perf_counter() - wall
+    command = ["python3", "bench/bench_methods.py", *argv]
+    raw = Path(tempfile.gettempdir()) / f"bench_round_trips-{os.getpid()}.json"
+    raw.write_text(json.dumps({"results": results, "info": info, "argv": command}))
+    progress(f"raw results in {raw}")
+    if args.no_write:
+        return 0
+    before = json.loads(Path(args.before).read_text()) if args.before else None
+    results["reading"] = rt_reading(results, before)
+    text = render_round_trips(results, info, command, before)
+    replace_section(Path(args.out), RT_SECTION_TITLE, text)
+    print(text)
+    return 0
+
+
 def run_bench(argv: List[str]) -> int:
     from gridsock.testing.lab import Lab, missing_tools
 
@@ -1566,7 +1992,30 @@ def run_bench(argv: List[str]) -> int:
     parser.add_argument("--no-pin", action="store_true", help="do not pin each end of a path to a core of its own")
     parser.add_argument("--only", metavar="PROFILES", default=",".join(PROFILE_ORDER),
                         help="comma-separated WAN profiles whose tables to measure (default: %(default)s)")
+    parser.add_argument("--round-trips", action="store_true",
+                        help="issue 11's round-trip budget: the establishment cases its targets name, at 10 and 20 ms "
+                             f"one way, and the automatic selection between pairs; section {RT_SECTION_TITLE[3:]!r}")
+    parser.add_argument("--rt-profiles", metavar="PROFILES", help="with --round-trips: wan10,wan20 (default: both)")
+    parser.add_argument("--rt-cases", metavar="KEYS", help="with --round-trips: only these cases (comma-separated "
+                                                           "keys, e.g. 'ssh steady,ssh-L'); no anatomy")
+    parser.add_argument("--before", metavar="JSON", help="with --round-trips: a raw file of a run on the code before")
+    parser.add_argument("--no-auto", action="store_true", help="with --round-trips: skip the automatic selection")
+    parser.add_argument("--no-write", action="store_true", help="with --round-trips: keep the raw file only")
     args = parser.parse_args(argv)
+    if args.round_trips and args.render_only:  # a run's raw file, with --before's beside it
+        saved = json.loads(Path(args.render_only).read_text())
+        before = json.loads(Path(args.before).read_text()) if args.before else None
+        saved["results"]["reading"] = rt_reading(saved["results"], before)
+        saved["results"]["rendered"] = ["python3", "bench/bench_methods.py", *argv]
+        text = render_round_trips(saved["results"], saved["info"], saved["argv"], before)
+        replace_section(Path(args.out), RT_SECTION_TITLE, text)
+        print(text)
+        return 0
+    if args.round_trips:
+        if os.geteuid() != 0:
+            parser.error("the grid lab needs root")
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+        return run_round_trips(args, argv)
     out_path = Path(args.out)
     plot_path = Path(args.plot) if args.plot else out_path.parent / PLOT_NAME
     plot_ref = os.path.relpath(plot_path, out_path.parent)
