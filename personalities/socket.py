@@ -43,6 +43,7 @@ import errno
 import os
 import select
 import socket as _socket
+import _socket as _csocket
 import threading
 from typing import TYPE_CHECKING, Any, Dict, NoReturn, Optional, Tuple
 
@@ -419,7 +420,9 @@ class GridSocket(_RealSocket):
         minimum, one chunk the bridge has not wholly consumed (it holds a byte back to be able
         to reset the application) would use up the whole buffer, and sends would stall.
         """
-        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        # (the C module's: a program may have replaced socket.socketpair, as 3.13's test_socket
+        # puts the pure-Python one, which refuses AF_UNIX, in its place)
+        ours, theirs = _csocket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         ours = _RealSocket(fileno=ours.detach())
         theirs = _RealSocket(fileno=theirs.detach())
         channel: Optional[AgentChannel] = None

@@ -406,3 +406,27 @@ def test_asyncio_gets_the_connections_own_socket(grid, path):  # noqa: F811
     assert done.returncode == 0, done.stderr
     family = "AF_INET" if path == "handed" else "AF_UNIX"
     assert done.stdout.splitlines() == ["X", f"1 tcp {path} {family} True"]
+
+
+def test_a_non_blocking_connect_does_not_use_the_programs_socketpair(grid, echo_port):  # noqa: F811
+    # (3.13's test_socket puts the pure-Python socketpair, which refuses AF_UNIX, in the module)
+    out = grid.run("na", f"""
+        import select, socket
+
+        def refuse(*args, **kwargs):
+            raise ValueError("Only AF_INET and AF_INET6 socket address families are supported")
+
+        socket.socketpair = refuse
+        for handover in (0.05, 0):
+            import gridsock.personalities.socket
+            gridsock.personalities.socket.NONBLOCKING_HANDOVER_S = handover
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("nb", {echo_port}))
+            select.select([], [sock], [], 30)
+            sock.setblocking(True)
+            sock.sendall(b"hi\\n")
+            print(sock.makefile().readline().split()[0])
+            sock.close()
+    """)
+    assert out.split() == ["HI", "HI"]
