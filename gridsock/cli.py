@@ -7,6 +7,7 @@
 ``gridsock top``                                     a live view of a running node (also ``status --watch``)
 ``gridsock netcheck``                                what a node can do from where it is: NAT, gateways, methods
 ``gridsock ping NODE``                               round trip over the bootstrap channel
+``gridsock release NAME``                            free a name kept for a lost node (rendez-vous host)
 ``gridsock lab up|down|exec NODE CMD|status``        the network-namespace grid lab
 ``gridsock demo``                                    a rendez-vous node and a few nodes, here
 
@@ -118,6 +119,10 @@ def _add_node_options(node, *, required: bool) -> None:
     node.add_argument("--front-door", metavar="HOST:PORT",
                       help="the SOCKS5 and HTTP proxy for programs that are not Python (default: "
                            "127.0.0.1, a port the kernel chooses; 'off': none)")
+    node.add_argument("--state-dir", metavar="DIR",
+                      help="where the node keeps its identity (id, key, grid address) across restarts; "
+                           "gridsock node's default: $XDG_STATE_HOME/gridsock/SESSION/NAME ('off': a new "
+                           "identity each time); gridsock run's: none")
 
 
 # Commands that live in modules of their own: each module's ``add_commands(sub)`` adds its
@@ -134,6 +139,13 @@ def _more_commands(sub) -> None:
     status.add_argument("--graph", metavar="FILE",
                         help="draw the grid as this node sees it (clusters, leaders, paths by method) "
                              "to FILE (.svg, .png or .dot)")
+
+    release = sub.add_parser("release", help="on the rendez-vous host: free a node name (or a cluster) that "
+                                             "the rendez-vous node keeps for a node that was lost")
+    release.add_argument("name", metavar="NAME")
+    release.add_argument("--cluster", action="store_true", help="NAME is a cluster, not a node name")
+    release.add_argument("--control", metavar="PATH", help="the rendez-vous node's control socket "
+                                                          "(default: $GRIDSOCK_RUN_DIR/rendezvous.sock)")
 
     ping = sub.add_parser("ping", help="round trip to NODE over the bootstrap channel")
     ping.add_argument("dst", metavar="NODE", help="node name or id")
@@ -239,8 +251,13 @@ def _make_node(args):
         gateway = SSHGateway.parse(args.ssh_gateway, key_filename=args.ssh_key, known_hosts=args.ssh_known_hosts)
     session = Session.load(args.session)
     rules = Rules.load(args.rules, tls=session.tls) if args.rules else None
+    state_dir = args.state_dir
+    if state_dir is None and args.command == "node":
+        from .session import default_state_dir
+
+        state_dir = default_state_dir(session.session_id, args.name)
     return Node(session, args.name, cluster=args.cluster, leader=args.leader,
-                listen_address=args.listen, advertise=args.advertise, ssh_gateway=gateway,
+                state_dir=None if state_dir == "off" else state_dir, listen_address=args.listen, advertise=args.advertise, ssh_gateway=gateway,
                 control=args.control, rules=rules, ssh_key=args.ssh_key,
                 ssh_known_hosts=args.ssh_known_hosts, metrics=getattr(args, "metrics", None),
                 socks_gateway=args.socks_gateway, loop="caller", **_front_door_option(args)).start()
@@ -271,6 +288,15 @@ def _cmd_node(args) -> int:
 
     gevent.spawn(announce)
     return _run_until_signalled(node)
+
+
+def _cmd_release(args) -> int:
+    from .bootstrap.control import call, control_path
+
+    kind = "cluster" if args.cluster else "name"
+    result = call(args.control or control_path("rendezvous"), "release", {kind: args.name})
+    print(f"released {'cluster' if args.cluster else 'node name'} {result['released']} (kept for node {result['node_id']})")
+    return 0
 
 
 def _cmd_run(args) -> int:
@@ -583,6 +609,7 @@ def _main(argv: Optional[List[str]]) -> int:
         "session": _cmd_session_new,
         "echo": _cmd_echo,
         "transfer": _cmd_transfer,
+        "release": _cmd_release,
     }
     try:
         handler = getattr(args, "handler", None) or handlers[args.command]

@@ -722,12 +722,13 @@ def test_a_leader_cannot_register_another_clusters_node_as_its_member(fresh_grid
     name = "hijacker"
     m3 = grid.rv.directory.by_name("m3")
     with raw_connection(grid, str(grid.rv.address), identity=identity) as sock:
-        send_message(sock, hello(grid, name, "leader", "B"))
+        # (a cluster of its own: claiming m3's cluster B is refused outright, cluster-taken)
+        send_message(sock, hello(grid, name, "leader", "H"))
         decoder = wire.Decoder()
         welcome = read_message(sock, decoder, timeout=ANSWER_TIMEOUT_S)
         assert isinstance(welcome, wire.Welcome)
         me = welcome.entry.node_id
-        stolen = dataclasses.replace(m3, leader=me, addrs=(), observed=None, inbound=None)
+        stolen = dataclasses.replace(m3, leader=me, cluster="H", addrs=(), observed=None, inbound=None)
         send_message(sock, wire.Register((stolen,)))
         # The rendez-vous node handles a link's messages in order: its answer to this request
         # comes after it dealt with the Register.
