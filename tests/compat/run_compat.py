@@ -561,7 +561,7 @@ def main(argv=None) -> int:
         report["suites"].append({
             "suite": suite.name, "plain": count(plain.verdicts), "patched": count(patched.verdicts),
             "plain_s": round(plain.seconds, 1), "patched_s": round(patched.seconds, 1),
-            "grid_connections": patched.grid_connections,
+            "grid_connections": patched.grid_connections, "why": suite.why,
             "inferred": {"plain": plain.inferred, "patched": patched.inferred},
             "differences": {t: known[listed[t]] if listed[t] else "UNEXPECTED" for t in differences},
             "now_passing": fixed, "problems": problems,
@@ -613,6 +613,8 @@ def render(reports: List[dict]) -> str:
         if report.get("seconds"):
             lines += [f"The whole run: {report['seconds']:.0f} s.", ""]
         for suite in report["suites"]:
+            if suite.get("why"):
+                lines.append(f"- {suite['suite']}: {suite['why']}")
             for test, why in suite["differences"].items():
                 lines.append(f"- `{test}`: {why}")
             for item in suite.get("problems", []) + suite.get("notes", []):
