@@ -158,3 +158,14 @@ def test_unittest_runs_end_at_their_summary_regrtest_runs_at_total_duration():
     assert rc._is_final(summary, patched)
     assert not rc._is_final(summary, [sys.executable, "-m", "test", "-v", "test_x"])
     assert rc._is_final(summary + "\nTotal duration: 1 ms\n", [sys.executable, "-m", "test", "-v", "test_x"])
+
+
+def test_a_child_that_keeps_the_output_open_is_stopped(tmp_path, monkeypatch):
+    monkeypatch.setattr(rc, "EXIT_GRACE_S", 1)
+    script = tmp_path / "orphan.py"
+    script.write_text("import subprocess, sys\n"
+                      "subprocess.Popen([sys.executable, '-c', 'import threading; threading.Event().wait()'])\n"
+                      "print('Total duration: 1 ms', flush=True)\n")
+    output, how = rc.run_process([sys.executable, str(script)], {}, deadline=float("inf"))
+    assert "Total duration" in output
+    assert how == "after-summary"

@@ -261,8 +261,9 @@ def run_process(argv: List[str], env: dict, deadline: float) -> Tuple[str, str]:
     """Run ``argv`` in its own process group, reading its output (stdout and stderr together).
 
     Returns (output, how it ended): ``"exit"``; ``"stall"`` (no new test or verdict for
-    TEST_STALL_S); ``"after-summary"`` (still alive EXIT_GRACE_S after its final summary);
-    ``"deadline"``. The process group is stopped in every case but the first."""
+    TEST_STALL_S); ``"after-summary"`` (still alive EXIT_GRACE_S after its final summary, or
+    something it started still holds its output EXIT_GRACE_S after it exited); ``"deadline"``.
+    Whatever is left of its process group is stopped in every case."""
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     chunks: List[bytes] = []
@@ -277,19 +278,26 @@ def run_process(argv: List[str], env: dict, deadline: float) -> Tuple[str, str]:
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     events = 0
-    last_event = time.monotonic()
-    final_at = None
+    last_event = last_look = time.monotonic()
+    final_at = exited_at = None
     how = "exit"
-    while proc.poll() is None or reader.is_alive():
+    while reader.is_alive():
         try:
             arrived.get(timeout=1.0)
         except queue.Empty:
             pass
         now = time.monotonic()
+        if now - last_look < 1.0:
+            continue  # look at the output once a second, not at every chunk
+        last_look = now
         if proc.poll() is not None:
-            if not reader.is_alive():
-                break
-            continue
+            # Exited, but something it started still holds the output open: bounded too.
+            exited_at = exited_at or now
+            if now - exited_at <= EXIT_GRACE_S:
+                continue
+            how = "after-summary"
+            _stop_group(proc)
+            break
         text = b"".join(chunks).decode(errors="replace")
         seen = len(_START.findall(text)) + len(_VERDICT.findall(text))
         if seen != events:
@@ -308,8 +316,11 @@ def run_process(argv: List[str], env: dict, deadline: float) -> Tuple[str, str]:
         break
     reader.join(timeout=10)
     proc.stdout.close()
-    if proc.poll() is None:
-        _stop_group(proc)
+    try:
+        proc.wait(timeout=EXIT_GRACE_S)  # it closed its output: it is about to exit
+    except subprocess.TimeoutExpired:
+        how = "after-summary" if how == "exit" else how
+    _stop_group(proc)  # what it left behind, if anything
     return b"".join(chunks).decode(errors="replace"), how
 
 
@@ -320,17 +331,17 @@ def _is_final(text: str, argv: List[str]) -> bool:
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop the process we started and everything it started (its own session)."""
+    """Stop the process we started and everything it started (its own session): SIGTERM,
+    then SIGKILL to whatever is left of the group."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            pass
+            return
         try:
             proc.wait(timeout=5)
-            return
         except subprocess.TimeoutExpired:
-            continue
+            pass
 
 
 def run_suite(suite: Suite, env: dict, patched: bool, workdir: Path) -> Run:
