@@ -84,26 +84,35 @@ class _Splicing(Initiation):
         port = secrets.choice(SPLICE_PORTS)
         self.offer: Dict[str, Any] = {"endpoint": f"{host}:{sock.getsockname()[1]}", "port": port}
         self._early: Optional[Address] = None
+        self._early_sock = None
         self._dial: Optional[gevent.Greenlet] = None
         if early is not None:
             self._early = Address(host=early.host, port=port)
             sock, self._sock = self._sock, None
-            self._dial = gevent.spawn(_captured_connect, sock, self._early, ctx.remaining(), self._attempts)
+            try:  # the SYN leaves now, before the request: nothing may come between them
+                _start_connect(sock, self._early, self._attempts)
+            except BaseException:
+                sock.close()
+                raise
+            self._early_sock = sock
+            self._dial = gevent.spawn(_captured_early, sock, self._early, ctx.remaining(), self._attempts)
 
     def complete(self, answer: Dict[str, Any]) -> Stream:
         try:
             remote = parse_address(str(answer.get("endpoint")))
         except ConfigError as exc:
             raise RemoteProtocolError(f"bad splice endpoint from {self._ctx.peer.name}: {exc}") from None
-        dial, self._dial = self._dial, None
+        dial = self._dial  # (left in place until it is done: abort() kills it if we are killed meanwhile)
         if dial is not None and self._early is not None and (remote.host, remote.port) == (self._early.host,
                                                                                             self._early.port):
             sock, failure = dial.get()  # (the connect started before the request: see the module docstring)
+            self._dial = self._early_sock = None  # (closed by the greenlet, or returned: ours now)
             if failure is not None:
                 raise failure
         else:
             if dial is not None:  # the server is elsewhere than guessed: connect where it says
                 self._kill_early(dial)
+                self._dial = None
                 self._sock = bind_splice_socket(self._port)
             sock, self._sock = self._sock, None
             sock = splice_connect(sock, remote, timeout=self._ctx.remaining(), attempts=self._attempts)
@@ -117,13 +126,16 @@ class _Splicing(Initiation):
             raise
         return SocketStream(sock, info={"method": "splice", "detail": {"attempts": self._attempts[0]}})
 
-    @staticmethod
-    def _kill_early(dial: gevent.Greenlet) -> None:
-        """Stop the early connect and close what it made (killed, it closes its socket)."""
+    def _kill_early(self, dial: gevent.Greenlet) -> None:
+        """Stop the early connect and close what it made (killed while running, it closes its
+        socket; killed before it ran, the socket it was given is closed here)."""
         dial.kill(block=True)
         value = dial.value if dial.successful() else None
         if isinstance(value, tuple) and value[0] is not None:
             value[0].close()
+        if self._early_sock is not None:
+            self._early_sock.close()  # (idempotent)
+            self._early_sock = None
 
     def abort(self) -> None:
         dial, self._dial = self._dial, None
@@ -134,12 +146,45 @@ class _Splicing(Initiation):
             self._sock = None
 
 
-def _captured_connect(sock, remote: Address, timeout: float, attempts: List[int]):
-    """:func:`splice_connect` in a greenlet: ``(socket, None)`` or ``(None, ConnectError)``."""
+def _start_connect(sock, remote: Address, attempts: List[int]) -> None:
+    """Send ``sock``'s SYN to ``remote`` now (a non-blocking connect); :func:`_captured_early`
+    waits for the answer. Raises ConnectError if the kernel refuses at once (no route)."""
+    sock.settimeout(0.0)
+    attempts[0] += 1
+    err = sock.connect_ex((remote.host, remote.port))
+    if err not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
+        raise ConnectError(f"splice to {remote}: {errno.errorcode.get(err, err)}", peer=str(remote), method="splice")
+
+
+def _captured_early(sock, remote: Address, timeout: float, attempts: List[int]):
+    """In a greenlet: the answer to the SYN :func:`_start_connect` sent, and if it does not make
+    the connection within ``SPLICE_ATTEMPT_S``, :func:`splice_connect`'s retries on the same
+    port. ``(socket, None)`` or ``(None, ConnectError)``; killed, it closes its socket."""
+    deadline = time.monotonic() + timeout
     try:
-        return splice_connect(sock, remote, timeout=timeout, attempts=attempts), None
+        try:
+            gsocket.wait_write(sock.fileno(), timeout=min(SPLICE_ATTEMPT_S, timeout))
+            err = sock.getsockopt(gsocket.SOL_SOCKET, gsocket.SO_ERROR)
+        except gsocket.timeout:
+            err = errno.ETIMEDOUT
+        if err == 0:
+            sock.settimeout(None)
+            sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
+            return sock, None
+        port = sock.getsockname()[1]
+        sock.close()
+        if err in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            raise ConnectError(f"splice to {remote}: {errno.errorcode.get(err, err)}", peer=str(remote),
+                               method="splice")
+        if err != errno.ETIMEDOUT:
+            gevent.sleep(SPLICE_RETRY_S)
+        sock = bind_splice_socket(port)
+        return splice_connect(sock, remote, timeout=max(0.0, deadline - time.monotonic()), attempts=attempts), None
     except ConnectError as exc:
         return None, exc
+    except BaseException:
+        sock.close()
+        raise
 
 
 class SpliceMethod(Method):
