@@ -161,15 +161,14 @@ def parse_output(output: str) -> Parsed:
     headers = [(kind, _test_id(name, where)) for kind, name, where, _ in _HEADER.findall(output)]
     failed = {}
     for kind, test in headers:
-        if kind in ("FAIL", "ERROR"):
-            failed.setdefault(test, kind if failed.get(test) != "ERROR" else "ERROR")
+        if kind in ("FAIL", "ERROR"):  # a test with both (its subtests'): ERROR
+            failed[test] = "ERROR" if "ERROR" in (kind, failed.get(test)) else kind
     # The verdict events between a start and the next one belong to that test (its subtests'
     # skips, then its own verdict), or to a class fixture run between two tests (3.9 prints a
     # skipped setUpClass as a bare "skipped" line).
     skips = 0
     xfails = 0
     no_verdict: List[str] = []
-    end_of_tests = output.find("\n" + "-" * 70 + "\n")
     for i, start in enumerate(starts):
         name, where = start.group(1), start.group(2)
         test = _test_id(name, where)
@@ -182,7 +181,7 @@ def parse_output(output: str) -> Parsed:
             continue
         own = [e for e in events if e not in ("FAIL", "ERROR")]
         verdict = failed.get(test) or next((e for e in own if not e.startswith("skipped")), None) or (
-            "skipped" if own else ("FAIL" if events else None))
+            "skipped" if own else (events[0] if events else None))
         previous = result.verdicts.get(test)
         if previous in ("FAIL", "ERROR"):
             continue  # a test rewritten after its subtests (3.11+): the worst verdict stays
@@ -198,8 +197,8 @@ def parse_output(output: str) -> Parsed:
             result.verdicts[test] = kind
             if test in no_verdict:
                 no_verdict.remove(test)
-    if no_verdict and (end_of_tests < 0 or starts[-1].start() < end_of_tests):
-        result.running = no_verdict[-1] if starts and _test_id(*starts[-1].groups()) == no_verdict[-1] else None
+    if no_verdict and _test_id(*starts[-1].groups()) == no_verdict[-1]:
+        result.running = no_verdict[-1]  # started last, no verdict: running when the output ends
 
     summary = {"ran": 0, "failures": 0, "errors": 0, "skipped": 0, "expected failures": 0,
                "unexpected successes": 0}
