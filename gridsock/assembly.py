@@ -314,6 +314,7 @@ class Assembler:
         self._winners: Dict[str, Tuple[Stack, float]] = {}  # peer id -> the stack that worked last, until
         self._paths: "OrderedDict[str, PathRecord]" = OrderedDict()  # peer id -> last race, oldest first
         self._conn_ids = iter(range(1, 2**62))
+        self._next_client_port = CLIENT_PORTS.start + secrets.randbelow(len(CLIENT_PORTS))
 
     # --- server side -------------------------------------------------------------------------
 
