@@ -169,3 +169,12 @@ def test_a_child_that_keeps_the_output_open_is_stopped(tmp_path, monkeypatch):
     output, how = rc.run_process([sys.executable, str(script)], {}, deadline=float("inf"))
     assert "Total duration" in output
     assert how == "after-summary"
+
+
+def test_a_python_that_does_not_count_decorator_skips_as_run():
+    # 3.12.1's "Ran N tests" leaves out the tests its skip decorators skipped.
+    output = (RECORDED / "sample_py313.txt").read_text().replace("Ran 11 tests", "Ran 10 tests")
+    assert rc.parse_output(output, skips_run=False).problems == []
+    assert rc.parse_output(output, skips_run=True).problems != []
+    fewer = output.replace("Ran 10 tests", "Ran 8 tests")  # more than the skipped tests
+    assert any("unittest ran 8 tests" in p for p in rc.parse_output(fewer, skips_run=False).problems)
