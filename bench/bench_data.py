@@ -331,6 +331,9 @@ def _drop_meta_link(node, dst: str) -> None:
     entry = node.directory.resolve(dst)
     if entry is None:
         raise BenchError(f"{dst} is not in {node.name}'s directory")
+    opening = node.meta._opening.get(entry.node_id)  # (a first contact opens its link in the background)
+    if opening is not None:
+        opening.wait(COLD_WAIT_S)
     link = node.meta.links.get(entry.node_id)
     if link is not None:
         link.close("bench: measuring a first contact")
