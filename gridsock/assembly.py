@@ -65,7 +65,7 @@ import gevent
 import gevent.event
 import gevent.queue
 
-from . import wire
+from . import procnet, wire
 from .errors import (ConfigError, ConnectError, ConnectRefusedError, ConnectTimeoutError, GridsockError,
                      RemoteProtocolError, RoutingError)
 from .methods import Arrival, InitiatorContext, MethodRefusal, ResponderContext
@@ -133,7 +133,6 @@ PATHS_KEPT = 256
 REASONS_KEPT_PER_PEER = 16
 # Where the kernel lists the TCP sockets of this process's network namespace (a handed-over
 # socket is live while its inode is listed: see :meth:`Assembler.hand_over`).
-PROC_NET_TCP = ("/proc/self/net/tcp", "/proc/self/net/tcp6")
 
 
 def method_of(stack: Stack, registry: Optional[Registry] = None) -> Tuple[Any, Stack]:
@@ -962,22 +961,7 @@ def _finished(info: ConnectionInfo,
 def _tcp_sockets() -> Set[Tuple[int, Tuple[str, int], Tuple[str, int]]]:
     """``(inode, local, remote)`` of the TCP sockets of this network namespace that a
     descriptor refers to (an orphan, closed by every process, is listed with inode 0)."""
-    found: Set[Tuple[int, Tuple[str, int], Tuple[str, int]]] = set()
-    for path in PROC_NET_TCP:
-        try:
-            with open(path) as table:
-                lines = table.readlines()[1:]
-        except OSError:  # no IPv6 here
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 10 or fields[9] == "0":
-                continue
-            try:
-                found.add((int(fields[9]), _proc_address(fields[1]), _proc_address(fields[2])))
-            except ValueError:
-                continue
-    return found
+    return {(found.inode, found.local, found.remote) for found in procnet.tcp_sockets()}
 
 
 # sock_diag (linux/sock_diag.h, linux/inet_diag.h, linux/tcp.h): a dump of the TCP sockets of
@@ -1035,15 +1019,6 @@ def _tcp_counters() -> Dict[int, Tuple[int, int, int]]:
                             attr += (attr_length + 3) & ~3
                     offset += (length + 3) & ~3
     return found
-
-
-def _proc_address(text: str) -> Tuple[str, int]:
-    """``("1.2.3.4", port)`` from /proc/net/tcp's ``0100007F:1F90``: each 32-bit word of the
-    address in host byte order, the port in hex. Raises ValueError."""
-    hexaddr, _, hexport = text.partition(":")
-    raw = b"".join(struct.pack("=I", int(hexaddr[i:i + 8], 16)) for i in range(0, len(hexaddr), 8))
-    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
-    return socket.inet_ntop(family, raw), int(hexport, 16)
 
 
 def _via(lower: Stream) -> Optional[str]:

@@ -65,6 +65,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Typ
 import gevent
 from gevent import socket as gsocket
 
+from . import procnet
 from .assembly import ASSEMBLY_TIMEOUT_S, ConnectionInfo, errno_of
 from .bootstrap.transport import Address, listen, parse_address
 from .bridge import Bridge
@@ -121,7 +122,6 @@ HANDSHAKE_RECV_BYTES = 4096
 # After accept() fails (out of descriptors...), the accept loop waits this long before the next.
 ACCEPT_ERROR_PAUSE_S = 0.1
 # Where the kernel lists this network namespace's TCP sockets, with their owners' uids.
-PROC_NET_TCP = ("/proc/self/net/tcp", "/proc/self/net/tcp6")
 
 # --- SOCKS5 (RFC 1928) and its username/password method (RFC 1929) ---------------------------
 SOCKS_VERSION = 5
@@ -512,15 +512,6 @@ def _normal_ip(host: str) -> str:
     return str(address)
 
 
-def _proc_endpoint(text: str) -> Tuple[str, int]:
-    """``("127.0.0.1", 8080)`` from /proc/net/tcp's ``0100007F:1F90`` (each 32-bit word of the
-    address in host byte order). Raises ValueError."""
-    hexaddr, _, hexport = text.partition(":")
-    raw = b"".join(struct.pack("=I", int(hexaddr[i:i + 8], 16)) for i in range(0, len(hexaddr), 8))
-    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
-    return _normal_ip(socket.inet_ntop(family, raw)), int(hexport, 16)
-
-
 def socket_uid(local: Tuple[str, int], remote: Tuple[str, int]) -> Optional[int]:
     """The uid owning the TCP socket of this network namespace bound to ``local`` and connected
     to ``remote`` (as /proc/net/tcp{,6} list it), or None if no open socket matches."""
@@ -560,22 +551,9 @@ def socket_pid(local: Tuple[str, int], remote: Tuple[str, int]) -> Optional[int]
 def _proc_tcp_socket(local: Tuple[str, int], remote: Tuple[str, int]) -> Optional[Tuple[int, int]]:
     """``(uid, inode)`` of the open TCP socket from ``local`` to ``remote``, or None."""
     want = ((_normal_ip(local[0]), local[1]), (_normal_ip(remote[0]), remote[1]))
-    port_suffix = f":{local[1]:04X}"  # parse only the lines with the right local port
-    for path in PROC_NET_TCP:
-        try:
-            with open(path) as table:
-                lines = table.readlines()[1:]
-        except OSError:  # no IPv6 here
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 10 or not fields[1].endswith(port_suffix) or fields[9] == "0":  # inode 0: no descriptor
-                continue
-            try:
-                if (_proc_endpoint(fields[1]), _proc_endpoint(fields[2])) == want:
-                    return int(fields[7]), int(fields[9])
-            except ValueError:
-                continue
+    for found in procnet.tcp_sockets(local_port=local[1]):
+        if ((_normal_ip(found.local[0]), found.local[1]), (_normal_ip(found.remote[0]), found.remote[1])) == want:
+            return found.uid, found.inode
     return None
 
 

@@ -16,7 +16,7 @@ import time
 import gevent.socket
 import pytest
 
-from gridsock import assembly, wire
+from gridsock import assembly, procnet, wire
 from gridsock.bootstrap.control import call
 from gridsock.cli import format_status
 from gridsock.errors import ConnectError
@@ -165,9 +165,9 @@ def test_connections_of_this_process_are_listed_with_bytes_while_open(loopback):
 
 
 def test_proc_net_tcp_addresses_parse():
-    assert assembly._proc_address("0100007F:1F90") == ("127.0.0.1", 8080)
-    assert assembly._proc_address("00000000000000000000000001000000:0050") == ("::1", 80)
-    assert assembly._proc_address("0000000000000000FFFF00000100007F:0016") == ("::ffff:127.0.0.1", 22)
+    assert procnet.endpoint("0100007F:1F90") == ("127.0.0.1", 8080)
+    assert procnet.endpoint("00000000000000000000000001000000:0050") == ("::1", 80)
+    assert procnet.endpoint("0000000000000000FFFF00000100007F:0016") == ("::ffff:127.0.0.1", 22)
 
 
 # --- connections handed to programs: node processes and the socket personality ---------------
