@@ -8,6 +8,7 @@ to a thread's output, regrtest's --timeout). The hang tests run real processes.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import sys
 from pathlib import Path
@@ -109,7 +110,7 @@ def test_several_files_sum_their_summaries():
 def test_a_hanging_test_is_isolated_and_the_suite_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(rc, "TEST_STALL_S", 3)
     suite = rc.Suite("sample", ("--testdir", str(RECORDED), "sample_suite"))
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("GRIDSOCK")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDSOCK")}
     run = rc.run_suite(suite, dict(env, SAMPLE_HANG="1"), patched=False, workdir=tmp_path)
     assert run.hung == ["sample_suite.Hang.test_hang"]
     assert run.verdicts == dict(SAMPLE, **{"sample_suite.Hang.test_hang": "HANG"})
