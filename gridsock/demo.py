@@ -33,7 +33,9 @@ def _free_port() -> int:
 def run_demo(*, keep: bool = False) -> int:
     """Run the demo; return 0 if every ordered pair of nodes could ping, 1 otherwise."""
     workdir = tempfile.mkdtemp(prefix="gridsock-demo-")
-    env = dict(os.environ, GRIDSOCK_RUN_DIR=os.path.join(workdir, "run"), PYTHONUNBUFFERED="1")
+    # (the nodes' identities, which gridsock node keeps in a state directory, stay in the demo's)
+    env = dict(os.environ, GRIDSOCK_RUN_DIR=os.path.join(workdir, "run"), XDG_STATE_HOME=os.path.join(workdir, "state"),
+               PYTHONUNBUFFERED="1")
     procs = []
 
     def start(name, *args):
