@@ -626,7 +626,8 @@ def render(reports: List[dict]) -> str:
              "Every test is counted: the runner cross-checks each test's verdict against unittest's summary",
              "and `FAIL:`/`ERROR:` headers (a count that does not add up fails the run); *grid connections*",
              "are the connections the node delivered during the patched run (a patched run without any",
-             "did not test the personality, and fails); a hung test is stopped, counted, and the suite goes on.", ""]
+             "did not test the personality, and fails); a hung test is stopped, counted, and the suite goes on.",
+             "Times are wall-clock seconds on a shared 2-core machine, plain runs beside patched ones (`--jobs 2`).", ""]
     for report in reports:
         lines += [f"## Python {report['python']}", "",
                   "| suite | plain: passed / skipped / run | patched: passed / skipped / run | differences "
