@@ -231,7 +231,8 @@ def test_a_worker_on_a_node_of_its_own(grid, cluster):
     """``gridsock run --session FILE --name NAME -- dask worker ...``: the worker's node joins the
     grid for it, and the worker serves and fetches under that node's name."""
     address, workers = cluster
-    worker = start_watched(gridsock_argv("run", "--session", str(grid.session), "--name", "nw", "--cluster", "A",
+    # (the leader of a cluster of its own: A belongs to its leader)
+    worker = start_watched(gridsock_argv("run", "--session", str(grid.session), "--name", "nw", "--cluster", "W",
                                          "--listen", "127.0.0.1:0", "--", sys.executable, "-m", "dask", "worker",
                                          address, "--name", "nw", "--nthreads", "1", "--no-nanny", "--no-dashboard",
                                          *HTTP_IPV4, "--memory-limit", "0"),

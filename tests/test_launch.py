@@ -346,7 +346,8 @@ def test_no_intercept_runs_the_program_as_is(grid):
 @needs_proxychains
 def test_a_node_of_its_own(grid, served):
     port, payload = served
-    own = ("--session", str(grid.session), "--name", "nown", "--cluster", "A", "--listen", "127.0.0.1:0")
+    # (the leader of a cluster of its own: A belongs to its leader)
+    own = ("--session", str(grid.session), "--name", "nown", "--cluster", "N", "--listen", "127.0.0.1:0")
     done = grid.run(*own, "--front-door", "127.0.0.1:0", "--", "sh", "-c",
                     f'echo "$PROXYCHAINS_CONF_FILE" >&2; exec {CURL} -sS --fail --noproxy "*" http://nb:{port}/data.bin')
     assert done.returncode == 0, done.stderr
