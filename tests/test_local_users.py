@@ -126,7 +126,9 @@ def gridsock(*args: str, env, user=None) -> subprocess.CompletedProcess:
 
 def base_env(**extra: str) -> dict:
     env = dict(os.environ, **STRICT_ENV)
-    for name in ("GRIDSOCK_RUN_DIR", "XDG_RUNTIME_DIR", "GRIDSOCK_AGENT", "TMPDIR"):
+    # (XDG_STATE_HOME too: the test session's is root's, and another user's node could not keep
+    # its identity there; without it, a node's state lives under the HOME each test gives)
+    for name in ("GRIDSOCK_RUN_DIR", "XDG_RUNTIME_DIR", "XDG_STATE_HOME", "GRIDSOCK_AGENT", "TMPDIR"):
         env.pop(name, None)
     env.update(extra)
     return env
@@ -171,7 +173,8 @@ def grid(shared):
     procs = Procs(shared)
     rv_session = shared / "rv" / "session.toml"
     session = create_session(rv_session.parent, "127.0.0.1:1")
-    root_env = base_env(GRIDSOCK_RUN_DIR=str(shared / "root-run"), TMPDIR=str(shared))
+    root_env = base_env(GRIDSOCK_RUN_DIR=str(shared / "root-run"), TMPDIR=str(shared),
+                        XDG_STATE_HOME=str(shared / "root-state"))
     # root's run directory lets others in (0711, no listing), so that a stranger can reach a
     # socket whose file mode a test opens: the server's own check is what stops it then.
     (shared / "root-run").mkdir(mode=0o711)
