@@ -38,14 +38,34 @@ from gridsock.testing.procs import gridsock_argv, stop_process, wait_for_line
 
 
 
+def _let_others_traverse_to(path: str) -> None:
+    """Give others search (x, not read) permission on the directories above ``path`` that this
+    user owns and that lack it, for this process's lifetime: tox makes its work directory
+    (``.tox``) 0700, and a process of another user must reach the test interpreter's packages.
+    The modes are put back at exit."""
+    import atexit
+
+    here = os.path.dirname(os.path.abspath(path))
+    while here and here != "/":
+        st = os.stat(here)
+        if st.st_uid == os.geteuid() and not st.st_mode & 0o001:
+            os.chmod(here, stat.S_IMODE(st.st_mode) | 0o011)
+            atexit.register(os.chmod, here, stat.S_IMODE(st.st_mode))
+        here = os.path.dirname(here)
+
+
 def _interpreter_runs_as_nobody() -> bool:
-    """Whether this interpreter starts as uid 65534: a pyenv build whose libpython lies under
-    root's private home does not (its loader cannot read it); the tests then cannot act as
-    another user with it, whatever gridsock does."""
+    """Whether this interpreter, with gridsock, starts as uid 65534: a pyenv build whose
+    libpython lies under root's private home does not (its loader cannot read it); the tests then
+    cannot act as another user with it, whatever gridsock does."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         return False
-    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", "pass"],
-                           capture_output=True, timeout=60)
+    import gridsock
+
+    _let_others_traverse_to(sys.prefix + "/")
+    _let_others_traverse_to(os.path.dirname(gridsock.__file__))
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                            "import gevent, gridsock.cli"], capture_output=True, timeout=60, cwd="/")
     return probe.returncode == 0
 
 
