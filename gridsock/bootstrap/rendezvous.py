@@ -164,8 +164,16 @@ class RendezvousNode:
         listener = self._bound()
         while True:
             sock, addr = listener.accept()
-            tune_socket(sock)
-            gevent.spawn(self._handle, sock, addr)
+            self.handle_connection(sock, addr)
+
+    def handle_connection(self, sock, addr) -> None:
+        """Serve ``sock``, a connection from ``addr`` (host, port), as if accepted on the
+        rendez-vous port: TLS, then ``Enroll`` or a leader's ``Hello``. The hook for connections
+        accepted elsewhere: an SSH remote forward (:class:`~.sshforward.SSHForwarder`, whose
+        ``addr`` is the client as the gateway saw it). Call it in this node's hub thread; it
+        returns at once (a greenlet serves the connection, and closes it)."""
+        tune_socket(sock)
+        gevent.spawn(self._handle, sock, addr)
 
     def _handle(self, sock, addr) -> None:
         label = f"{addr[0]}:{addr[1]}"
