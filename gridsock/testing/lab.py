@@ -31,6 +31,8 @@ Public hosts route 198.51.100.0/24 via 203.0.113.3 and have no default route, so
   ``-L``, ``-R``) or its SOCKS5 server, which also lets the public side reach into C.
 - Inside each cluster, nodes reach each other directly (LAN bridges bypass iptables:
   ``net.bridge.bridge-nf-call-iptables=0``).
+- A test may give another cluster a front-end too: ``start_sshd("gwa")`` runs an sshd like
+  fec's in gwa (reachable at 203.0.113.2 from outside, 10.1.0.1 from cluster A).
 
 State: everything lives under ``/run/gridsock-lab/<prefix>/``: ``state.json`` (status, namespaces,
 processes the lab started, with their start times so a recycled pid is never killed), the SSH key
@@ -613,34 +615,7 @@ class Lab:
         Path(self.ssh_known_hosts).write_text(
             "".join(f"{addr} {key_type} {key_b64}\n" for addr in (FRONTEND_PUBLIC, FRONTEND_PRIVATE))
         )
-        (self.state_dir / "sshd_config").write_text(
-            "\n".join(
-                [
-                    f"Port {SSH_PORT}",
-                    "ListenAddress 0.0.0.0",
-                    "AddressFamily inet",
-                    f"HostKey {host_key}",
-                    f"PidFile {self.state_dir / 'sshd.pid'}",
-                    f"AuthorizedKeysFile {ssh_dir / 'authorized_keys'}",
-                    "PermitRootLogin prohibit-password",
-                    "PubkeyAuthentication yes",
-                    "PasswordAuthentication no",
-                    "KbdInteractiveAuthentication no",
-                    "UsePAM no",
-                    "StrictModes no",
-                    "AllowTcpForwarding yes",
-                    "GatewayPorts clientspecified",
-                    "PermitTunnel no",
-                    "X11Forwarding no",
-                    "PrintMotd no",
-                    "UseDNS no",
-                    "MaxStartups 100:30:200",  # tests open many tunnels at once
-                    "MaxSessions 100",
-                    "LogLevel INFO",
-                    "",
-                ]
-            )
-        )
+        (self.state_dir / "sshd_config").write_text(self._sshd_config(host_key, self.state_dir / "sshd.pid"))
         lab_nets = (PUBLIC_NET, *(spec.network for spec in _CLUSTER_SPECS))
         reachable = (PUBLIC_NET, _CLUSTER_OF_GATEWAY["fwb"].network, _CLUSTER_OF_GATEWAY["fec"].network)
         lines = [
@@ -661,6 +636,66 @@ class Lab:
         lines += [f"socks pass {{ from: 0.0.0.0/0 to: {net} }}" for net in reachable]
         lines.append("socks block { from: 0.0.0.0/0 to: 0.0.0.0/0 log: connect error }")
         (self.state_dir / "danted.conf").write_text("\n".join(lines) + "\n")
+
+    def _sshd_config(self, host_key: Path, pid_file: Path) -> str:
+        """The sshd_config of a lab front-end: the lab's client key logs in as root, TCP
+        forwarding allowed both ways (``-L``/``-W`` and ``-R``, which may bind any address:
+        ``GatewayPorts clientspecified``)."""
+        return "\n".join(
+            [
+                f"Port {SSH_PORT}",
+                "ListenAddress 0.0.0.0",
+                "AddressFamily inet",
+                f"HostKey {host_key}",
+                f"PidFile {pid_file}",
+                f"AuthorizedKeysFile {Path(self.ssh_client_key).parent / 'authorized_keys'}",
+                "PermitRootLogin prohibit-password",
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "UsePAM no",
+                "StrictModes no",
+                "AllowTcpForwarding yes",
+                "GatewayPorts clientspecified",
+                "PermitTunnel no",
+                "X11Forwarding no",
+                "PrintMotd no",
+                "UseDNS no",
+                "MaxStartups 100:30:200",  # tests open many tunnels at once
+                "MaxSessions 100",
+                "LogLevel INFO",
+                "",
+            ]
+        )
+
+    def start_sshd(self, host: str) -> str:
+        """Run an OpenSSH sshd in the gateway ``host`` too (fec's starts with the lab): a
+        front-end given to its cluster, configured as fec's, with a host key of its own that
+        known_hosts lists under each of the host's addresses. Returns the gateway as seen from
+        the public side (``root@PUBLIC_ADDRESS:22``) once sshd listens; :meth:`down` ends it.
+        Raises ConfigError for a host that is not a cluster's gateway, LabError if sshd fails.
+        """
+        _check_host(host, tuple(_CLUSTER_OF_GATEWAY))
+        if host == "fec":
+            return self.ssh_gateway_public
+        ssh_dir = Path(self.ssh_client_key).parent
+        host_key = ssh_dir / f"{host}_host_ed25519"
+        self._setup_cmd([_tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-C", f"{host} {self.prefix}",
+                         "-f", str(host_key)])
+        key_type, key_b64 = Path(str(host_key) + ".pub").read_text().split()[:2]
+        with open(self.ssh_known_hosts, "a") as known_hosts:
+            for addr in (PUBLIC_ADDRESSES[host], LAN_ADDRESSES[host]):
+                known_hosts.write(f"{addr} {key_type} {key_b64}\n")
+        config = self.state_dir / f"sshd-{host}_config"
+        config.write_text(self._sshd_config(host_key, self.state_dir / f"sshd-{host}.pid"))
+        log_path = self.state_dir / f"sshd-{host}.log"
+        with open(log_path, "ab") as out:
+            sshd = self.spawn(host, [_tool("sshd"), "-D", "-e", "-f", str(config)], stdout=out, stderr=out)
+        with self._lock:
+            self._state.setdefault("daemons", {})[f"sshd-{host}"] = sshd.pid
+            self._save_state()
+        self.wait_listening(host, PUBLIC_ADDRESSES[host], SSH_PORT, proc=sshd, log_path=log_path)
+        return f"{SSH_USER}@{PUBLIC_ADDRESSES[host]}:{SSH_PORT}"
 
     def _start_daemons(self) -> None:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
