@@ -33,6 +33,12 @@ socket, a Unix socket ``<run dir>/<name>.agent`` (mode 0600: only its user). A c
   bound but not listening): the node refuses connections to it, as TCP does, and no other
   ``listen`` gets it. The client's next request on that connection, ``listen {port}`` with the
   reserved port, starts serving it and is answered as above.
+- ``listen {port}`` may come with a descriptor attached, one end of a Unix socketpair whose
+  other end the client keeps (:class:`gridsock.agentclient.AgentListener` always sends one):
+  the announcements then go to that end instead of the agent connection, and the node serves
+  the port until either the agent connection closes or the client's end is closed everywhere.
+  The client's end outlives this node, so a client whose node restarts sends the same listen,
+  with the same end, to the node's successor and its program's listening socket never changes.
 
 Failures are ``ControlReply(ok=False, result={"errno": NAME}, error=reason)``: ``ECONNREFUSED``
 (nothing listens, or the server's policy refused), ``ETIMEDOUT``, ``EHOSTUNREACH`` (every
@@ -131,7 +137,7 @@ class AgentServer(UnixServer):
                 if message is None:
                     return
                 if message.op == "listen":
-                    self._listen(conn, message.args, reader)
+                    self._listen(conn, message.args, reader, app)  # (app: where to announce, if given)
                     return  # the connection was the listener's; it is over
                 if app is not None:
                     if message.op != "connect":
@@ -177,8 +183,8 @@ class AgentServer(UnixServer):
         raise _Failure("EINVAL", f"unknown agent operation {op!r} (whoami, resolve, connect, listen)")
 
     def _resolve(self, host: Any) -> wire.NodeEntry:
-        if not isinstance(host, str) or not host:
-            raise _Failure("EAI_NONAME", f"bad host {host!r}")
+        if not isinstance(host, str) or not host or len(host.encode("utf-8", "replace")) > wire.MAX_ADDR_BYTES:
+            raise _Failure("EAI_NONAME", f"bad host {_shown(host)}")
         name = grid_name(host) or host
         if is_grid_ip(name):
             matches = [e for e in self.node.directory if grid_ip(e.node_id) == name]
@@ -196,11 +202,11 @@ class AgentServer(UnixServer):
         entry = self._resolve(args.get("host"))
         port, timeout, stack = args.get("port"), args.get("timeout"), args.get("stack")
         if type(port) is not int or not 0 < port < 65536:
-            raise _Failure("EINVAL", f"bad port {port!r}")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise _Failure("EINVAL", f"bad timeout {timeout!r}")
-        if stack is not None and not isinstance(stack, str):
-            raise _Failure("EINVAL", f"bad stack {stack!r}")
+            raise _Failure("EINVAL", f"bad port {_shown(port)}")
+        if timeout is not None and not (type(timeout) in (int, float) and 0 < timeout < float("inf")):
+            raise _Failure("EINVAL", f"bad timeout {_shown(timeout)}")
+        if stack is not None and not (isinstance(stack, str) and len(stack.encode("utf-8", "replace")) <= wire.MAX_STACK_BYTES):
+            raise _Failure("EINVAL", f"bad stack {_shown(stack)}")
         return entry, port, timeout, stack
 
     def _connect(self, conn, args: Dict[str, Any], reader: agentwire.AgentReader) -> None:
@@ -341,9 +347,9 @@ class AgentServer(UnixServer):
         local: Optional[int] = None
         try:
             if type(filler) is not int or not 0 <= filler <= MAX_FILLER_BYTES:
-                raise _Failure("EINVAL", f"bad filler {filler!r}")
+                raise _Failure("EINVAL", f"bad filler {_shown(filler)}")
             if handover is not None and (type(handover) not in (int, float) or not 0 <= handover <= MAX_HANDOVER_S):
-                raise _Failure("EINVAL", f"bad handover {handover!r}")
+                raise _Failure("EINVAL", f"bad handover {_shown(handover)}")
             entry, port, timeout, stack = self._connect_args(args)
             if handover is not None:
                 local = self._begin_local(entry, port)
@@ -425,14 +431,26 @@ class AgentServer(UnixServer):
         finally:
             sock.close()
 
-    def _listen(self, conn, args: Dict[str, Any], reader: agentwire.AgentReader) -> None:
+    def _listen(self, conn, args: Dict[str, Any], reader: agentwire.AgentReader, announce=None) -> None:
+        """``listen``: serve the port until the client closes ``conn`` (or ``announce``, the
+        socketpair end the announcements go to instead of ``conn``, is closed at the other end).
+        The caller closes ``announce``."""
         port = args.get("port")
         if type(port) is not int or not 0 <= port < 65536:
             _send(conn, agentwire.failure("EINVAL", f"bad port {port!r}"))
             return
         if args.get("deferred"):
-            port = self._reserve(conn, port, reader)
-            if port is None:
+            if announce is not None:
+                raise RemoteProtocolError("a descriptor came with a deferred listen", peer="agent client")
+            reserved = self._reserve(conn, port, reader)
+            if reserved is None:
+                return
+            port, announce = reserved
+            if announce is not None:  # (served as a listen that came with it; ours to close)
+                try:
+                    self._listen(conn, {"port": port}, reader, announce)
+                finally:
+                    announce.close()
                 return
         try:
             listener = self.node.listen(port or self._free_port())
@@ -441,13 +459,13 @@ class AgentServer(UnixServer):
             return
         me = self.node.entry
         _send(conn, wire.ControlReply(True, {"port": listener.port, "ip": grid_ip(me.node_id) if me else None}))
-        watcher = gevent.spawn(_wait_closed, conn)
+        watchers = [gevent.spawn(_wait_closed, end) for end in (conn, announce) if end is not None]
         pid = _peer_pid(conn)
         self._serving.add(listener.port)
         try:
-            while not watcher.ready():
+            while not any(watcher.ready() for watcher in watchers):
                 accepting = gevent.spawn(listener.accept, tcp_bridge=True)
-                both: List[gevent.Greenlet] = [accepting, watcher]
+                both: List[gevent.Greenlet] = [accepting, *watchers]
                 gevent.joinall(both, count=1)
                 if not accepting.ready():
                     accepting.kill()
@@ -462,7 +480,7 @@ class AgentServer(UnixServer):
                           "stack": info.stack, "cluster": peer.cluster if peer else None}
                 self.node.assembler.hand_over(info, sock, pid)  # listed until the program closes it
                 try:
-                    _send(conn, wire.ControlReply(True, result), sock)
+                    _send(conn if announce is None else announce, wire.ControlReply(True, result), sock)
                 finally:
                     sock.close()
                 if client_port and info.peer_id == self.node.node_id:  # its connect may return now
@@ -471,13 +489,15 @@ class AgentServer(UnixServer):
             log.info("agent listener on grid port %d ends: %s", listener.port, exc)
         finally:
             self._serving.discard(listener.port)
-            watcher.kill()
+            for watcher in watchers:
+                watcher.kill()
             listener.close()
 
-    def _reserve(self, conn, port: int, reader: agentwire.AgentReader) -> Optional[int]:
+    def _reserve(self, conn, port: int, reader: agentwire.AgentReader):
         """``listen {port, deferred}``: hold ``port`` (0: a free one) without serving it until the
-        client's ``listen {port}``; return the port then, or None if the client went away (or
-        the port is taken: the failure is sent). Raises RemoteProtocolError for another request."""
+        client's ``listen {port}``; return ``(port, the descriptor that came with that listen, as a
+        socket, or None)`` then, or None if the client went away (or the port is taken: the
+        failure is sent). Raises RemoteProtocolError for another request."""
         try:
             port = port or self._free_port()
         except ConfigError as exc:
@@ -490,18 +510,17 @@ class AgentServer(UnixServer):
         try:
             me = self.node.entry
             _send(conn, wire.ControlReply(True, {"port": port, "ip": grid_ip(me.node_id) if me else None}))
-            message, fd = _read_request(conn, reader)
-            if fd is not None:
-                fd.close()
-                raise RemoteProtocolError("a descriptor came with a listen", peer="agent client")
+            message, announce = _read_request(conn, reader)
             if message is None:
                 return None  # closed while bound: the port is free again
             if message.op != "listen" or message.args.get("port") != port or message.args.get("deferred"):
+                if announce is not None:
+                    announce.close()
                 raise RemoteProtocolError(f"expected listen {{port: {port}}} on a bound port, got {message.op!r}",
                                           peer="agent client")
         finally:
             self._reserved.discard(port)
-        return port
+        return port, announce
 
     def _free_port(self) -> int:
         for _ in range(len(EPHEMERAL_PORTS)):
@@ -510,6 +529,15 @@ class AgentServer(UnixServer):
             if port not in self.node.assembler.listeners and port not in self._reserved:
                 return port
         raise ConfigError("no free grid port")
+
+
+def _shown(value: Any) -> str:
+    """A client's bad argument, as a reason may quote it: short (never a whole container)."""
+    if isinstance(value, str):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    if isinstance(value, (bool, int, float)) and len(str(value)) <= 40:
+        return repr(value)
+    return f"a {type(value).__name__}"
 
 
 class _Failure(Exception):

@@ -43,6 +43,12 @@ a required filter is refused with the reason, whatever the client's rules said: 
 is no back door to a weaker stack. In a plain-TCP session there are no certificates, so ``tls``
 is neither chosen nor required.
 
+"Inside the cluster" (:func:`same_cluster`) is decided on directory entries only, never on what
+a request or a ``Hello`` says: the client's entry is the one its authenticated id has in the
+server's directory, and the ``cluster`` there is what the rendez-vous node accepted. In a
+session that defines its clusters that is the cluster the node's certificate names
+(:mod:`gridsock.session`, docs/security.md), so "inside" cannot be had by claiming a cluster.
+
 A rules file is TOML::
 
     scheme = "cluster"
@@ -148,7 +154,9 @@ def _match(pattern: str, entry: wire.NodeEntry) -> bool:
 
 
 def same_cluster(a: wire.NodeEntry, b: wire.NodeEntry) -> bool:
-    """True if ``a`` and ``b`` share a cluster network (a node without a cluster is alone)."""
+    """True if ``a`` and ``b`` share a cluster network (a node without a cluster is alone).
+
+    Both are directory entries: their clusters are the attested ones (see the module docstring)."""
     return a.node_id == b.node_id or (a.cluster is not None and a.cluster == b.cluster)
 
 

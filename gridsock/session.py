@@ -19,6 +19,17 @@ From then on every link is mutual TLS between certificates of the session CA, an
 who the other is from the SAN URI of its certificate (:func:`peer_identity`): host names play no
 part, since nodes sit behind NAT and relays.
 
+Clusters: a session may *define* clusters (``create_session(..., clusters=("A",))``,
+:func:`add_cluster`). Each has a join token of its own, kept in ``clusters.toml`` (0600) on the
+rendez-vous host, and a *cluster session file* ``cluster-<NAME>.toml``: ``session.toml`` with the
+cluster's token as its ``join_token`` and ``cluster = "<NAME>"``, handed to that cluster's
+nodes only. A node that enrolls with a cluster's token gets a certificate that names the
+cluster beside its node id (SAN URI ``urn:gridsock:cluster:<NAME>``; :attr:`Identity.cluster`,
+:attr:`PeerIdentity.cluster`), so its cluster is an attested fact, checked on every link
+(docs/security.md). Compatibility: a session that defines no cluster works as before (its one
+token admits a node to any cluster, declared and bound first come); once it defines one, every
+cluster is attested and the main token admits only nodes without a cluster.
+
 State: a node given a state directory (:class:`NodeState`, by default
 :func:`default_state_dir`, under ``$XDG_STATE_HOME``) keeps its certificate and key there (0600,
 in a 0700 directory of its user's, locked while it runs), so that a restarted node is the same
@@ -61,6 +72,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gevent import ssl as gssl
 
 from .errors import AuthError, ConfigError, LocalProtocolError, RemoteProtocolError
+from .wire import check_name
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import (
@@ -87,6 +99,11 @@ __all__ = [
     "RENDEZVOUS_NODE_ID",
     "STATE_KEY_FILE",
     "STATE_CERT_FILE",
+    "CLUSTERS_FILE",
+    "CLUSTER_URI_PREFIX",
+    "cluster_file_name",
+    "add_cluster",
+    "ClusterTokens",
     "default_state_dir",
     "NodeState",
     "Session",
@@ -112,6 +129,9 @@ CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca-key.pem"
 RENDEZVOUS_CERT_FILE = "rendezvous-cert.pem"
 RENDEZVOUS_KEY_FILE = "rendezvous-key.pem"
+CLUSTERS_FILE = "clusters.toml"  # the clusters' join tokens (0600): the rendez-vous host's only
+CLUSTER_FILE_TEMPLATE = "cluster-{}.toml"  # a cluster's session file, handed to its nodes
+MAX_CLUSTERS = 1000  # defined clusters per session; more is surely a mistake (and a big file)
 
 _DAY_S = 24 * 3600
 CA_LIFETIME_S = 10 * 365 * _DAY_S  # a session outlives any experiment run on it
@@ -129,6 +149,7 @@ MAX_HOSTNAME_LABEL_CHARS = 63  # RFC 1035
 
 NODE_URI_PREFIX = "urn:gridsock:node:"
 RENDEZVOUS_URI_PREFIX = "urn:gridsock:rendezvous:"
+CLUSTER_URI_PREFIX = "urn:gridsock:cluster:"  # beside the node URI: the cluster the CA attests
 RENDEZVOUS_NODE_ID = "rendezvous"  # Identity.node_id of the rendez-vous certificate
 
 # A node's state directory (NodeState): under $XDG_STATE_HOME (or ~/.local/state), this subdirectory.
@@ -246,17 +267,40 @@ def _san_uris(cert: x509.Certificate) -> list[str]:
     return san.get_values_for_type(x509.UniformResourceIdentifier)
 
 
+def _valid_cluster_name(name: object) -> bool:
+    """True if ``name`` is a valid cluster name (the wire's names: wire.check_name)."""
+    try:
+        check_name(name, "cluster name")
+    except ValueError:
+        return False
+    return True
+
+
 def _identity_from_uris(uris) -> PeerIdentity | None:
-    """The one gridsock identity among SAN URIs; None if there is not exactly one valid one."""
+    """The one gridsock identity among SAN URIs; None if there is not exactly one valid one.
+
+    A node identity may carry one cluster URI besides (the cluster the CA attests); a second
+    one, a malformed one, or one on a rendez-vous identity makes the whole identity invalid.
+    """
     found = []
+    clusters = []
     for uri in uris:
+        if not isinstance(uri, str):
+            continue
         for kind, prefix in (("node", NODE_URI_PREFIX), ("rendezvous", RENDEZVOUS_URI_PREFIX)):
-            if isinstance(uri, str) and uri.startswith(prefix):
+            if uri.startswith(prefix):
                 ident = _canonical_uuid(uri[len(prefix):])
                 if ident is None:
                     return None
                 found.append(PeerIdentity(kind, ident))
-    return found[0] if len(found) == 1 else None
+        if uri.startswith(CLUSTER_URI_PREFIX):
+            cluster = uri[len(CLUSTER_URI_PREFIX):]
+            if not _valid_cluster_name(cluster):
+                return None
+            clusters.append(cluster)
+    if len(found) != 1 or len(clusters) > 1 or (clusters and found[0].kind != "node"):
+        return None
+    return PeerIdentity(found[0].kind, found[0].id, clusters[0]) if clusters else found[0]
 
 
 def _check_host(host: str, what: str) -> None:
@@ -383,11 +427,13 @@ class PeerIdentity:
     """Who the other end of a TLS link is, from its certificate.
 
     ``kind`` is ``"node"`` or ``"rendezvous"``; ``id`` is the node uuid, or the session id for
-    the rendez-vous.
+    the rendez-vous. ``cluster`` is the cluster the session CA attests for a node (its
+    certificate names it), None when it names none.
     """
 
     kind: str
     id: str
+    cluster: str | None = None
 
 
 class Identity:
@@ -410,6 +456,7 @@ class Identity:
         self.key_pem = bytes(key_pem)
         self.subject = subject
         self.node_id = subject.id if subject.kind == "node" else RENDEZVOUS_NODE_ID
+        self.cluster = subject.cluster  # attested by the session CA (None: the certificate names none)
         self.not_valid_after = cert.not_valid_after_utc
         self._files: tuple[str, str] | None = None
 
@@ -613,19 +660,24 @@ class CertificateAuthority:
         )
         return _cert_pem(cert)
 
-    def sign_node(self, csr_pem: object, node_id: str) -> bytes:
+    def sign_node(self, csr_pem: object, node_id: str, *, cluster: str | None = None) -> bytes:
         """Sign a node's CSR for ``node_id`` (a canonical uuid string); return the cert PEM.
 
-        The certificate gets CN = node_id and SAN URI ``urn:gridsock:node:<node_id>``, whatever
-        the CSR asked for; only its public key is used. The CSR comes from the enrolling peer, so
+        The certificate gets CN = node_id and SAN URI ``urn:gridsock:node:<node_id>``, and with
+        ``cluster`` a second one, ``urn:gridsock:cluster:<cluster>`` (the rendez-vous node
+        passes the cluster whose join token the node proved), whatever the CSR asked for; only
+        its public key is used. The CSR comes from the enrolling peer, so
         ``csr_pem`` may be anything: PEM bytes (or a str, encoded as ASCII) are parsed, any other
         type raises RemoteProtocolError, and so does a CSR that does not parse, is larger than
         MAX_CSR_BYTES, has a bad signature or a key that is neither RSA of 2048 to 8192 bits nor
         EC on P-256/384/521. The rendez-vous picks node_id, so one that is not a uuid in
-        canonical form is our bug: LocalProtocolError. ConfigError if the CA itself has expired.
+        canonical form is our bug: LocalProtocolError, and so is a bad cluster name. ConfigError
+        if the CA itself has expired.
         """
         if _canonical_uuid(node_id) is None:
             raise LocalProtocolError(f"node id {node_id!r} is not a uuid in canonical form")
+        if cluster is not None and not _valid_cluster_name(cluster):
+            raise LocalProtocolError(f"cluster {cluster!r} is not a valid cluster name")
         if isinstance(csr_pem, str):
             csr_pem = csr_pem.encode("ascii", "replace")
         if not isinstance(csr_pem, (bytes, bytearray, memoryview)):
@@ -651,13 +703,11 @@ class CertificateAuthority:
                 )
         else:
             raise RemoteProtocolError(f"CSR key type {type(public_key).__name__} is not RSA or EC")
-        cert_pem = self._issue(
-            public_key,
-            node_id,
-            [x509.UniformResourceIdentifier(NODE_URI_PREFIX + node_id)],
-            NODE_CERT_LIFETIME_S,
-        )
-        log.info("issued a certificate for node %s", node_id)
+        san: list = [x509.UniformResourceIdentifier(NODE_URI_PREFIX + node_id)]
+        if cluster is not None:
+            san.append(x509.UniformResourceIdentifier(CLUSTER_URI_PREFIX + cluster))
+        cert_pem = self._issue(public_key, node_id, san, NODE_CERT_LIFETIME_S)
+        log.info("issued a certificate for node %s%s", node_id, f" of cluster {cluster}" if cluster else "")
         return cert_pem
 
     def issue_rendezvous(self, session_id: str, host: str) -> Identity:
@@ -715,6 +765,9 @@ class Session:
     join_token: str = field(repr=False)  # a secret: keep it out of logs and tracebacks
     ca_cert_pem: bytes = field(repr=False)
     path: Path | None = None
+    # The cluster whose join token this file holds (a cluster session file, see add_cluster);
+    # None for the session's own session.toml.
+    cluster: str | None = None
 
     @property
     def tls(self) -> bool:
@@ -787,10 +840,17 @@ class Session:
             ca_cert_pem = _parse_ca_cert(string("ca_cert"))
         except ValueError as exc:
             raise bad("ca_cert", str(exc)) from exc
-        unknown = sorted(set(table) - {"id", "rendezvous", "bootstrap", "join_token", "ca_cert"})
+        cluster = None
+        if "cluster" in table:
+            cluster = string("cluster")
+            if not _valid_cluster_name(cluster):
+                raise bad("cluster", f"{cluster!r} is not a valid cluster name")
+            if bootstrap == "tcp":
+                raise bad("cluster", "a plain-TCP session has no certificates to attest a cluster")
+        unknown = sorted(set(table) - {"id", "rendezvous", "bootstrap", "join_token", "ca_cert", "cluster"})
         if unknown:
             log.warning("%s: ignoring unknown [session] keys: %s", path, ", ".join(unknown))
-        return cls(session_id, host, port, bootstrap, join_token, ca_cert_pem, path)
+        return cls(session_id, host, port, bootstrap, join_token, ca_cert_pem, path, cluster)
 
     def check_token(self, token: object) -> bool:
         """True if ``token`` is this session's join token (constant time); False for non-str."""
@@ -801,6 +861,17 @@ class Session:
         except UnicodeEncodeError:  # lone surrogates
             return False
         return hmac.compare_digest(given, self.join_token.encode("utf-8"))
+
+    def for_cluster(self, cluster: str) -> Session:
+        """The session file of cluster ``cluster`` (``cluster-<NAME>.toml`` beside this file,
+        written by :func:`add_cluster`), loaded. Raises ConfigError if there is none."""
+        if not _valid_cluster_name(cluster):
+            raise ConfigError(f"{cluster!r} is not a valid cluster name")
+        path = self._beside(cluster_file_name(cluster))
+        if not path.exists():
+            raise ConfigError(f"cluster {cluster!r} is not defined in session {self.session_id}: no {path}"
+                              f" (gridsock session cluster {path.parent} {cluster} defines it)")
+        return Session.load(path)
 
     def _beside(self, name: str) -> Path:
         if self.path is None:
@@ -868,16 +939,26 @@ def _valid_token(token: str) -> bool:
         return False
 
 
-def create_session(directory, rendezvous: str, *, bootstrap: str = "tls/tcp") -> Session:
+def create_session(directory, rendezvous: str, *, bootstrap: str = "tls/tcp", clusters=()) -> Session:
     """Create a new session in ``directory`` (made if missing) and return it.
 
     Writes session.toml, ca.pem, ca-key.pem (0600), rendezvous-cert.pem and rendezvous-key.pem
-    (0600). ``rendezvous`` is ``HOST:PORT``, the address nodes dial (the port defaults to
-    DEFAULT_RENDEZVOUS_PORT). Raises ConfigError for a bad address or bootstrap stack, or if any
-    of these files already exists; on failure, nothing is left behind.
+    (0600), and for each name in ``clusters`` what :func:`add_cluster` writes (the session then
+    attests its clusters). ``rendezvous`` is ``HOST:PORT``, the address nodes dial (the port
+    defaults to DEFAULT_RENDEZVOUS_PORT). Raises ConfigError for a bad address, bootstrap stack
+    or cluster name, clusters in a plain-TCP session, or if any of these files already exists;
+    on failure, nothing is left behind.
     """
     if bootstrap not in BOOTSTRAP_STACKS:
         raise ConfigError(f"bootstrap {bootstrap!r} is not one of {', '.join(BOOTSTRAP_STACKS)}")
+    clusters = list(clusters)
+    for cluster in clusters:
+        if not _valid_cluster_name(cluster):
+            raise ConfigError(f"{cluster!r} is not a valid cluster name")
+    if len(set(clusters)) != len(clusters):
+        raise ConfigError(f"clusters {clusters}: each cluster once")
+    if clusters and bootstrap == "tcp":
+        raise ConfigError("a plain-TCP session has no certificates: its clusters cannot be attested")
     host, port = parse_hostport(rendezvous, DEFAULT_RENDEZVOUS_PORT)
     try:
         unspecified = ipaddress.ip_address(host).is_unspecified
@@ -893,7 +974,8 @@ def create_session(directory, rendezvous: str, *, bootstrap: str = "tls/tcp") ->
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{directory}: cannot create the session directory: {exc}") from exc
-    names = (SESSION_FILE, CA_CERT_FILE, CA_KEY_FILE, RENDEZVOUS_CERT_FILE, RENDEZVOUS_KEY_FILE)
+    names = (SESSION_FILE, CA_CERT_FILE, CA_KEY_FILE, RENDEZVOUS_CERT_FILE, RENDEZVOUS_KEY_FILE, CLUSTERS_FILE,
+             *(cluster_file_name(c) for c in clusters))
     for name in names:
         if (directory / name).exists():
             raise ConfigError(
@@ -946,7 +1028,197 @@ def create_session(directory, rendezvous: str, *, bootstrap: str = "tls/tcp") ->
         _remove(written)
         raise
     log.info("created session %s in %s (rendez-vous %s)", session_id, directory, rendezvous)
-    return Session(session_id, host, port, bootstrap, join_token, ca.cert_pem, session_path)
+    session = Session(session_id, host, port, bootstrap, join_token, ca.cert_pem, session_path)
+    try:
+        for cluster in clusters:
+            add_cluster(session, cluster)
+    except BaseException:
+        _remove(written + [directory / CLUSTERS_FILE] + [directory / cluster_file_name(c) for c in clusters])
+        raise
+    return session
+
+
+def cluster_file_name(cluster: str) -> str:
+    """The name of cluster ``cluster``'s session file, beside session.toml."""
+    return CLUSTER_FILE_TEMPLATE.format(cluster)
+
+
+def _read_cluster_tokens(path: Path) -> dict[str, str]:
+    """The ``[clusters]`` table of clusters.toml at ``path``: cluster name -> join token.
+    Raises FileNotFoundError if there is none, ConfigError if it is malformed."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from exc
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    try:
+        table = tomllib.loads(text).get("clusters", {})
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    if not isinstance(table, dict) or len(table) > MAX_CLUSTERS:
+        raise ConfigError(f"{path}: [clusters] must be a table of at most {MAX_CLUSTERS} NAME = TOKEN lines")
+    for name, token in table.items():
+        if not _valid_cluster_name(name):
+            raise ConfigError(f"{path}: [clusters] {name!r} is not a valid cluster name")
+        if not isinstance(token, str) or not _valid_token(token):
+            raise ConfigError(f"{path}: [clusters] {name}: not a join token")
+    return dict(table)
+
+
+def _write_cluster_tokens(path: Path, tokens: dict[str, str]) -> None:
+    """Replace clusters.toml at ``path`` atomically (written 0600 beside, then renamed)."""
+    lines = ["# gridsock: the join tokens of this session's clusters. The rendez-vous host's only:",
+             "# each cluster's nodes get theirs in cluster-<NAME>.toml.", "", "[clusters]"]
+    lines += [f"{_toml_value(name) if not re.fullmatch(r'[A-Za-z0-9_-]+', name) else name} = {_toml_value(token)}"
+              for name, token in tokens.items()]
+    temporary = path.with_name(path.name + ".new")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    _write_new(temporary, ("\n".join(lines) + "\n").encode("utf-8"), 0o600)
+    os.replace(temporary, path)
+
+
+def add_cluster(session, cluster: str) -> Session:
+    """Define cluster ``cluster`` in a session; return the cluster's session (its file loaded).
+
+    ``session`` is the session's own :class:`Session` (loaded from its session.toml on the
+    rendez-vous host), or the path of that file or of its directory. Makes the cluster's join
+    token, adds it to ``clusters.toml`` (0600, beside session.toml, rewritten atomically) and
+    writes the cluster session file ``cluster-<NAME>.toml`` (0600): session.toml with the
+    cluster's token as its join token and ``cluster = "<NAME>"``. Hand that file to the
+    cluster's nodes, and to nobody else: its token admits a node to the cluster. From then on
+    the session attests its clusters (see the module docstring). A running rendez-vous node
+    admits the new cluster at once (it reads clusters.toml again when it changes).
+
+    Raises ConfigError for a bad cluster name, a cluster already defined, a plain-TCP session,
+    a cluster's session file given instead of the session's own, or a host that is not the
+    rendez-vous host (no CA key beside the file).
+    """
+    if not isinstance(session, Session):
+        session = Session.load(session)
+    if not _valid_cluster_name(cluster):
+        raise ConfigError(f"{cluster!r} is not a valid cluster name: letters, digits, '.', '_', '-',"
+                          " starting with a letter or digit")
+    if not session.tls:
+        raise ConfigError("a plain-TCP session has no certificates: its clusters cannot be attested")
+    if session.cluster is not None:
+        raise ConfigError(f"{session.path} is cluster {session.cluster}'s session file: give the session's own"
+                          f" {SESSION_FILE}")
+    session.certificate_authority()  # (ConfigError if this is not the rendez-vous host)
+    tokens_path = session._beside(CLUSTERS_FILE)
+    try:
+        tokens = _read_cluster_tokens(tokens_path)
+    except FileNotFoundError:
+        tokens = {}
+    cluster_path = session._beside(cluster_file_name(cluster))
+    if cluster in tokens or cluster_path.exists():
+        raise ConfigError(f"cluster {cluster!r} is already defined in session {session.session_id} ({cluster_path})")
+    if len(tokens) >= MAX_CLUSTERS:
+        raise ConfigError(f"session {session.session_id} defines {len(tokens)} clusters already, its most")
+    token = secrets.token_urlsafe(JOIN_TOKEN_BYTES)
+    text = _dump_toml(
+        {
+            "session": {
+                "id": session.session_id,
+                "rendezvous": session.rendezvous,
+                "bootstrap": session.bootstrap,
+                "join_token": token,
+                "ca_cert": session.ca_cert_pem.decode("ascii"),
+                "cluster": cluster,
+            }
+        },
+        header=(
+            f"gridsock session file of cluster {cluster}: hand it to the nodes of cluster {cluster} only.\n"
+            f"Its join_token admits a host to cluster {cluster}: keep it within that cluster."
+        ),
+    )
+    try:
+        _write_new(cluster_path, text.encode("utf-8"), 0o600)
+    except OSError as exc:
+        raise ConfigError(f"{cluster_path}: cannot write the cluster's session file: {exc}") from exc
+    try:
+        _write_cluster_tokens(tokens_path, {**tokens, cluster: token})
+    except BaseException as exc:
+        _remove([cluster_path])
+        if isinstance(exc, OSError):
+            raise ConfigError(f"{tokens_path}: cannot write: {exc}") from exc
+        raise
+    log.info("session %s: defined cluster %s (%s)", session.session_id, cluster, cluster_path)
+    return Session.load(cluster_path)
+
+
+class ClusterTokens:
+    """The join tokens of a session's clusters, as the rendez-vous node sees them.
+
+    Read from ``clusters.toml`` beside the session's own file, and again whenever that file
+    changes, so that a cluster defined while the rendez-vous node runs is admitted at once (a
+    file that has turned bad is logged, and the tokens read before are kept). Raises ConfigError
+    at construction for a bad file, or a cluster's session file given instead of the session's
+    own (its join token is a cluster's: it must not admit nodes without a cluster).
+    """
+
+    def __init__(self, session: Session) -> None:
+        if session.cluster is not None:
+            raise ConfigError(f"{session.path} is cluster {session.cluster}'s session file: the rendez-vous node"
+                              f" runs with the session's own {SESSION_FILE}")
+        self.session = session
+        self._stamp: tuple | None = None
+        self._tokens: dict[str, str] = {}
+        self._reload()
+
+    def _reload(self) -> None:
+        if self.session.path is None:
+            return
+        path = self.session._beside(CLUSTERS_FILE)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self._stamp, self._tokens = None, {}
+            return
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+        try:
+            tokens = _read_cluster_tokens(path)
+        except FileNotFoundError:
+            tokens = {}
+        self._stamp, self._tokens = stamp, tokens
+
+    def current(self) -> dict[str, str]:
+        """The defined clusters and their tokens, now (empty: the session defines none)."""
+        try:
+            self._reload()
+        except ConfigError as exc:
+            log.warning("%s; keeping the %d cluster(s) read before", exc, len(self._tokens))
+        return dict(self._tokens)
+
+    def admit(self, token: object) -> tuple[bool, str | None]:
+        """What ``token`` admits: ``(True, None)`` for the session's own join token (a node
+        without a cluster, or, in a session that defines no cluster, in any cluster),
+        ``(True, NAME)`` for cluster NAME's token, ``(False, None)`` for anything else. Every
+        token is compared, in constant time each."""
+        found = None
+        for name, expected in self.current().items():
+            if _same_secret(token, expected):
+                found = name
+        main = self.session.check_token(token)
+        if found is not None:
+            return True, found
+        return main, None
+
+
+def _same_secret(given: object, expected: str) -> bool:
+    """True if ``given`` is the str ``expected``, compared in constant time."""
+    if not isinstance(given, str):
+        return False
+    try:
+        data = given.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return hmac.compare_digest(data, expected.encode("utf-8"))
 
 
 def _remove(paths) -> None:

@@ -18,9 +18,12 @@ a Unix socket, with the original socket class.
 - **bind** of an IPv4 socket to the wildcard address, the node's grid address or its name: the
   agent reserves that grid port (port 0: it picks one, which ``getsockname()`` then tells), and
   refuses connections to it, as TCP does, until **listen**, which has it served and puts the
-  agent connection in place of the socket's descriptor, so the listening socket is readable
-  exactly when a connection waits; **accept** reads one announcement and its descriptor. Any
-  other bind (127.0.0.1, a real interface) is an ordinary local socket.
+  listener's announcement end (:class:`gridsock.agentclient.AgentListener`) in place of the
+  socket's descriptor, so the listening socket is readable exactly when a connection waits;
+  **accept** reads one announcement and its descriptor. The listener keeps the port through a
+  restart of the node (its keeper registers it again with the node's successor; the
+  descriptor stays the same). Any other bind (127.0.0.1, a real interface) is an ordinary
+  local socket.
 - ``getpeername()`` gives the peer's grid address, ``getsockname()`` this node's; a socket whose
   descriptor is a Unix socketpair end (a stack that transforms bytes) accepts and remembers TCP
   options it cannot apply, as a TCP socket would.
@@ -229,7 +232,7 @@ def _is_ip_literal(host: str) -> bool:
 
 # What makes a GridSocket a grid socket: the state :func:`_hand_over` moves to a new object.
 _GRID_STATE = ("_grid_peer", "_grid_local", "_grid_channel", "_grid_unix", "_grid_opts", "_grid_pending",
-               "_grid_requested")
+               "_grid_requested", "_grid_listener")
 # Descriptor -> (its socket's inode, the grid state of the socket that held it): a socket that
 # gives its descriptor to a new object (ssl's SSLSocket._create does) gives its grid state with it.
 _handed_over: Dict[int, Tuple[int, Dict[str, Any]]] = {}
@@ -253,6 +256,7 @@ def _hand_over(sock: "GridSocket") -> None:
         return
     state = {name: getattr(sock, name) for name in _GRID_STATE}
     sock._grid_peer = sock._grid_local = sock._grid_channel = sock._grid_pending = sock._grid_requested = None
+    sock._grid_listener = None
     sock._grid_unix, sock._grid_opts = False, {}
     with _HAND_OVER_LOCK:
         for stale, (inode, old) in list(_handed_over.items()):
@@ -283,7 +287,8 @@ def _give_back(sock: "GridSocket") -> None:
 
 
 def _drop_state(state: Dict[str, Any]) -> None:
-    for channel in (state["_grid_channel"], state["_grid_pending"] and state["_grid_pending"][0]):
+    for channel in (state["_grid_channel"], state["_grid_pending"] and state["_grid_pending"][0],
+                    state["_grid_listener"]):
         if channel is not None:
             channel.close()
 
@@ -311,7 +316,7 @@ class GridSocket(_RealSocket):
     """``socket.socket``, reaching grid nodes too; see the module docstring."""
 
     __slots__ = ("_grid_peer", "_grid_local", "_grid_channel", "_grid_unix", "_grid_opts", "_grid_pending",
-                 "_grid_requested")
+                 "_grid_requested", "_grid_listener")
 
     def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
         super().__init__(family, type, proto, fileno)
@@ -322,6 +327,7 @@ class GridSocket(_RealSocket):
         self._grid_opts: Dict[tuple, Any] = {}
         self._grid_pending: Optional[_Pending] = None  # a non-blocking connect in progress
         self._grid_requested: Optional[str] = None  # the host the program asked to connect to
+        self._grid_listener: Optional[AgentListener] = None  # serving: the listener behind our descriptor
         if fileno is not None and _handed_over:
             state = _take_over(fileno)
             if state is not None:
@@ -563,9 +569,8 @@ class GridSocket(_RealSocket):
             kept[v6only] = super().getsockopt(*v6only)
         channel.start()
         self._grid_channel = None
-        fd = os.dup(channel.fileno())
-        channel.close()
-        self._adopt(fd)
+        self._adopt(channel.hand_off())  # (the listener keeps the port, through node restarts too)
+        self._grid_listener = channel
         self._grid_unix = True
         self._grid_opts.update(kept)
         self._grid_opts[("listening",)] = True
@@ -598,9 +603,13 @@ class GridSocket(_RealSocket):
         return type(self)
 
     def _grid_orphaned(self) -> None:
-        """The node behind this listener went away: put a listening socket that never gets a
-        connection in place of ours, so a server loop waits (its accept times out or blocks) instead
-        of finding the socket readable, and failing, forever."""
+        """The node behind this listener went away for good (its listener gave up waiting for it
+        to come back): put a listening socket that never gets a connection in place of ours, so a
+        server loop waits (its accept times out or blocks) instead of finding the socket readable,
+        and failing, forever."""
+        listener, self._grid_listener = self._grid_listener, None
+        if listener is not None:
+            listener.close()
         idle = _RealSocket(_socket.AF_INET, _socket.SOCK_STREAM)
         try:
             idle.bind(("127.0.0.1", 0))
@@ -723,10 +732,13 @@ class GridSocket(_RealSocket):
                     and not self._io_refs:  # type: ignore[attr-defined]
                 # The grid port is free again when close() returns, as a kernel port would be.
                 self._grid_opts.pop(("listening",))
-                AgentChannel(_RealSocket(fileno=os.dup(self.fileno()))).release()
+                listener, self._grid_listener = self._grid_listener, None
+                if listener is not None:  # (a dup() has none: the port is served until the last close)
+                    listener.release()
             super().close()
 
     def detach(self):
+        self._grid_listener = None  # (the descriptor lives on: its listener serves the port while it does)
         channel, self._grid_channel = self._grid_channel, None
         if channel is not None:
             channel.close()

@@ -406,17 +406,19 @@ def test_a_gevent_patched_program_under_the_personality(grid):
     assert out.strip() == str(sorted(f"GREENLET {i}" for i in range(8)))
 
 
-def test_a_listener_whose_node_goes_away_waits_instead_of_spinning(grid):
+def test_a_listener_whose_node_goes_away_for_good_waits_instead_of_spinning(grid):
     node = grid.procs.start("nx", "node", "--session", str(grid.session), "--name", "nx", "--cluster", "X",
                             "--listen", "127.0.0.1:0")
     wait_for_line(node, "joined nx ", timeout=SCRIPT_TIMEOUT_S)
     server = grid.start("nx", """
         import select, socket, sys
+        from gridsock.personalities.socket import agent
+        agent().reconnect_give_up_s = 1.0  # (it waits that long for the node to come back, then gives up)
         server = socket.socket()
         server.bind(("", 0))
         server.listen()
         print("serving", flush=True)
-        select.select([server], [], [], 60)  # the node's end of the listener closes: readable
+        select.select([server], [], [], 60)  # the listener gives up on its node: readable (EOF)
         try:
             server.accept()
         except ConnectionResetError:

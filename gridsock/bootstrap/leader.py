@@ -10,13 +10,15 @@ A leader (a node with no ``--leader``) accepts its cluster's members on its node
   rendez-vous node's code. So a member needs no route out of its cluster to get a certificate.
 - ``Hello(role="member")``: after these checks, in order (each failure is a ``Refuse``): the
   sender is a node of the session (certificate, or the join token in a plain-TCP session); it
-  says it is a member; of this leader's cluster; with a name that is not ``rendezvous``, not
-  the leader's, and not held by another node (a name held by a node of this cluster that has
-  no link any more may be taken over: that is a member that restarted with a new identity),
-  nor bound to another member that was lost less than ``NAME_GRACE_S`` ago (as at the
-  rendez-vous node: :class:`~gridsock.bootstrap.directory.Bindings`; a member that stops
-  cleanly sends ``LEAVE_TOPIC`` to the rendez-vous node through us, which frees its name here
-  too); and the cluster has room (at most ``MAX_MEMBERS``: ``cluster-full``).
+  says it is a member; of this leader's cluster (``wrong-cluster``); whose certificate attests
+  this cluster (``cluster-not-attested``: see :func:`member_cluster_not_attested`); with a name
+  that is not ``rendezvous``, not the leader's, and not held by another node (a name held by a
+  node of this cluster that has no link any more may be taken over: that is a member that
+  restarted with a new identity), nor bound to another member that was lost less than
+  ``NAME_GRACE_S`` ago (as at the rendez-vous node:
+  :class:`~gridsock.bootstrap.directory.Bindings`; a member that stops cleanly sends
+  ``LEAVE_TOPIC`` to the rendez-vous node through us, which frees its name here too); and the
+  cluster has room (at most ``MAX_MEMBERS``: ``cluster-full``).
   The member gets ``Welcome`` with its directory entry, then the whole directory, and its link
   is kept in ``members`` (one per node id: a member that links again replaces its old link).
   The leader registers it up the uplink (``Register``) and puts it in its own directory.
@@ -50,7 +52,7 @@ from .link import LINK_TIMEOUT_S, PING_INTERVAL_S, Link, send_message
 from .nodeport import authenticate, refuse
 from .routing import Delivery
 
-__all__ = ["LeaderService", "ENROLL_TOPIC", "REFUSE_LINGER_S"]
+__all__ = ["LeaderService", "ENROLL_TOPIC", "REFUSE_LINGER_S", "member_cluster_not_attested"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,26 @@ ENROLL_TOPIC = "enroll"
 # A member refused by the rendez-vous node gets a Refuse, then its link closes after this long
 # (it closes it itself when the Refuse arrives; the wait lets the Refuse be written first).
 REFUSE_LINGER_S = 1.0
+
+
+def member_cluster_not_attested(leader_cluster: Optional[str], leader_attested: Optional[str], member) -> Optional[str]:
+    """Why a member whose certificate says ``member`` (a PeerIdentity; None in a plain-TCP
+    session) may not join the cluster ``leader_cluster`` of a leader whose own certificate
+    attests ``leader_attested``, or None.
+
+    A leader whose certificate names its cluster is in a session that attests its clusters:
+    its members' certificates must name the same cluster. Any member certificate that names a
+    cluster must name the leader's. A leader whose certificate names none (a session that
+    defines no cluster) takes members whose certificates name none, as before.
+    """
+    if member is None:
+        return None
+    if member.cluster == leader_cluster or (leader_attested is None and member.cluster is None):
+        return None
+    if member.cluster is None:
+        return (f"cluster {leader_cluster!r} is attested in this session and this node's certificate names no"
+                " cluster: join with the cluster's session file, which holds its join token")
+    return f"this node's certificate names cluster {member.cluster!r}, not {leader_cluster!r}"
 
 
 class LeaderService:
@@ -148,6 +170,11 @@ class LeaderService:
             refuse(sock, "not-a-member", f"a {hello.role} does not link to a leader", label)
         if hello.cluster not in (None, host.cluster):
             refuse(sock, "wrong-cluster", f"{host.name} leads cluster {host.cluster!r}, not {hello.cluster!r}", label)
+        if host.session.tls:
+            why = member_cluster_not_attested(host.cluster, host.identity.cluster if host.identity else None, peer)
+            if why:
+                log.warning("leader %s: refusing member %s (%s): %s", host.name, hello.name, node_id, why)
+                refuse(sock, "cluster-not-attested", f"{host.name} leads cluster {host.cluster!r}: {why}", label)
         if hello.name in (RENDEZVOUS_NAME, host.name):
             refuse(sock, "name-taken", f"node name {hello.name!r} is taken", label)
         holder = host.directory.by_name(hello.name)

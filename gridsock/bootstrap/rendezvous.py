@@ -30,11 +30,20 @@ to the first node id that holds it, a cluster to the first leader that leads it.
 ``NAME_GRACE_S`` ago, is refused (``name-taken``, ``cluster-taken``), and so is a member's
 registration (logged). A node that stops cleanly says so first (routed request ``LEAVE_TOPIC``),
 which frees its name (and a leader's cluster) as soon as it is gone; the control operation
-``release`` frees one that was lost. Cluster membership is therefore attested, not declared: a
-leader's cluster is one it owns, a member's is its leader's (a leader registers only members of
-its own cluster, at most ``MAX_MEMBERS`` of them), and "inside the cluster" in a server's policy
-is what this directory says. (In a plain-TCP session node ids are not authenticated: bindings
-there only guard against mistakes.)
+``release`` frees one that was lost. (In a plain-TCP session node ids are not authenticated:
+bindings there only guard against mistakes.)
+
+Clusters are attested, not declared, in a session that defines its clusters
+(:func:`~gridsock.session.add_cluster`): an ``Enroll`` with a cluster's join token gets a
+certificate that names the cluster (:class:`~gridsock.session.ClusterTokens` says which token
+admits what), and a leader is accepted only for the cluster its certificate names; any other
+``Hello`` naming a cluster is refused (``cluster-not-attested``), so the binding of a cluster
+to its nodes survives a restart of this node. The first-come binding above then only keeps one
+leader per cluster among the cluster's own nodes. A member's cluster is its leader's (a leader
+registers only members of its own cluster, at most ``MAX_MEMBERS``, each checked against its
+certificate by the leader), and "inside the cluster" in a server's policy is what this
+directory says. A session that defines no cluster works as before: clusters are declared and
+bound first come.
 """
 from __future__ import annotations
 
@@ -50,7 +59,8 @@ from gevent import socket as gsocket
 
 from .. import __version__, wire
 from ..errors import AuthError, BrokenStreamError, ConfigError, ConnectError, RemoteProtocolError
-from ..session import CertificateAuthority, Identity, Session, client_context, peer_identity, server_context
+from ..session import (CertificateAuthority, ClusterTokens, Identity, Session, client_context, cluster_file_name,
+                       peer_identity, server_context)
 from .control import ControlServer, control_path
 from .directory import LEAVE_TOPIC, MAX_MEMBERS, REFUSED_TOPIC, NAME_GRACE_S, RENDEZVOUS_NAME, STATUS_MAX_BYTES, Bindings, Directory, bounded_json
 from .link import DEAD_PEER_S, HANDSHAKE_TIMEOUT_S, Link, read_message, send_message, tune_socket
@@ -91,6 +101,8 @@ class RendezvousNode:
         self.names = Bindings("node name", grace_s=name_grace_s)
         self.clusters = Bindings("cluster", release_command="gridsock release --cluster {}", grace_s=name_grace_s)
         self.max_members = max_members
+        # The join tokens of the session's clusters (clusters.toml beside the session file).
+        self.cluster_tokens = ClusterTokens(session)
         self._control_path = control if control is not None else control_path(RENDEZVOUS_NAME)
         self._control: Optional[ControlServer] = None
         self._sock: Optional[gsocket.socket] = None
@@ -218,13 +230,16 @@ class RendezvousNode:
         send_message(sock, wire.Enrolled(node_id, cert_pem))
 
     def _enroll(self, token: str, csr_pem: str, name: str, label: str):
-        """Check the token and sign the CSR; return ``(node_id, cert_pem)``. Raises AuthError."""
-        if not self.session.check_token(token):
+        """Check the token and sign the CSR; return ``(node_id, cert_pem)``. Raises AuthError.
+
+        A cluster's join token gets a certificate that names the cluster."""
+        admitted, cluster = self.cluster_tokens.admit(token)
+        if not admitted:
             raise AuthError(f"enrollment of {name!r} refused: bad join token", peer=label)
         node_id = str(uuid.uuid4())
         assert self._ca is not None  # (callers enroll in TLS sessions only)
-        cert_pem = self._ca.sign_node(csr_pem.encode(), node_id).decode()
-        log.info("enrolled %s as node %s (from %s)", name, node_id, label)
+        cert_pem = self._ca.sign_node(csr_pem.encode(), node_id, cluster=cluster).decode()
+        log.info("enrolled %s as node %s%s (from %s)", name, node_id, f" of cluster {cluster}" if cluster else "", label)
         return node_id, cert_pem
 
     def _authenticate(self, sock, hello: wire.Hello, peer, label: str) -> str:
@@ -249,6 +264,9 @@ class RendezvousNode:
         why = self.names.why_not(hello.name, node_id)
         if why:
             self._refuse(sock, "name-taken", why, label)
+        why = self._cluster_not_attested(hello, peer)
+        if why:
+            self._refuse(sock, "cluster-not-attested", why, label)
         if hello.cluster is not None:
             why = self.clusters.why_not(hello.cluster, node_id)
             if why:
@@ -287,6 +305,30 @@ class RendezvousNode:
         else:
             self._update([dataclasses.replace(entry, inbound=False)], [])
         return True
+
+    def _cluster_not_attested(self, hello: wire.Hello, peer) -> Optional[str]:
+        """Why a leader may not lead the cluster its ``hello`` names, on the evidence of its
+        certificate (``peer``), or None. In a session that defines clusters, and for any
+        certificate that names one, the cluster must be the certificate's."""
+        if not self.session.tls or peer is None:
+            return None
+        defined = self.cluster_tokens.current()
+        attested = peer.cluster
+        if attested is None and not defined:
+            return None  # a session that defines no cluster: declared, bound first come
+        if hello.cluster == attested:
+            if attested is not None and defined and attested not in defined:
+                return f"cluster {attested!r} is no longer defined in this session"
+            return None
+        if attested is None:
+            assert hello.cluster is not None  # (else it equals attested)
+            return (f"{hello.name} declares cluster {hello.cluster!r}, but its certificate names no cluster: this"
+                    f" session attests its clusters, so a node joins cluster {hello.cluster!r} with that cluster's"
+                    f" session file ({cluster_file_name(hello.cluster)}), which holds its join token"
+                    + ("" if hello.cluster in defined else
+                       f"; the session does not define cluster {hello.cluster!r} (gridsock session cluster defines it)"))
+        return (f"{hello.name}'s certificate names cluster {attested!r}, but it declares "
+                + (f"cluster {hello.cluster!r}" if hello.cluster is not None else "no cluster"))
 
     # --- directory ---------------------------------------------------------------------------
 

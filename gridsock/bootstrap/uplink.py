@@ -23,6 +23,12 @@ Theory of operation
    ``reconnect_initial_s`` doubling up to ``reconnect_max_s``, times a jitter in [0.5, 1) so
    that the nodes of a restarted grid do not all dial at once. A successful attempt resets it.
 
+Clusters: a node given a cluster's session file (``session.cluster``; its join token is the
+cluster's) enrolls with that token and gets a certificate that names the cluster; one whose
+saved identity does not name it enrolls again (a new id) before it links. ``Hello`` declares
+``host.cluster``, or, when the node was given none, the cluster its certificate names. A
+declaration the certificate does not back is refused (``cluster-not-attested``, fatal).
+
 A ``Refuse`` whose code is in :data:`FATAL_REFUSALS` ends the loop (at the handshake, or on an
 established link: a leader passes on the rendez-vous node's refusal of a member's name): dialing again cannot help;
 the error is kept in ``fatal_error`` for ``Node.wait_joined`` and ``serve_forever`` to raise.
@@ -60,9 +66,10 @@ RECONNECT_INITIAL_S = 0.2
 RECONNECT_MAX_S = 5.0
 # Refusals after which dialing again cannot help. A name or a cluster bound to another node is
 # one: the node must be given another name, or the operator must release it (a node restarted
-# with its state directory is its holder, and never gets this).
+# with its state directory is its holder, and never gets this). So is a cluster that the node's
+# certificate does not attest: it needs that cluster's session file.
 FATAL_REFUSALS = ("bad-token", "no-certificate", "name-reserved", "not-a-leader", "wrong-cluster", "name-taken",
-                  "cluster-taken")
+                  "cluster-taken", "cluster-not-attested")
 # Uplink ups and downs kept for `gridsock status` (the latest ones).
 UPLINK_HISTORY_LENGTH = 20
 
@@ -259,6 +266,22 @@ class Uplink:
         gateways = own_gateways(self.host)
         return {"gateways": gateways} if gateways and "gateways" in wire.Hello.CHECKS else {}
 
+    def _identity_lacks_cluster(self) -> bool:
+        """True if the node holds a cluster's join token (a cluster session file), means to join
+        that cluster, and its identity's certificate does not name it (made before, or with
+        another session file): it must enroll again to be attested."""
+        host = self.host
+        wanted = getattr(host.session, "cluster", None)
+        return (wanted is not None and host.cluster in (None, wanted)
+                and getattr(host.identity, "cluster", None) != wanted)
+
+    def _declared_cluster(self) -> Optional[str]:
+        """The cluster ``Hello`` names: the node's own, or else the one its certificate names."""
+        host = self.host
+        if host.cluster is not None or not host.session.tls or host.identity is None:
+            return host.cluster
+        return host.identity.cluster
+
     def _local_entries(self) -> List[wire.NodeEntry]:
         """This node and its members: what the directory keeps when the uplink is lost."""
         local = [self.host.entry] if self.host.entry else []
@@ -267,13 +290,17 @@ class Uplink:
     def _run(self, target: Address) -> None:
         """One attempt: enroll if needed, link, serve the link until it closes."""
         host = self.host
+        if host.session.tls and host.identity is not None and self._identity_lacks_cluster():
+            log.warning("node %s: its identity (node %s) does not name cluster %s, whose join token it holds:"
+                        " enrolling again (a new id)", host.name, host.identity.node_id, host.session.cluster)
+            host.identity = None
         if host.session.tls and host.identity is None:
             self._enroll(target)
         sock, local_ip = self._dial(target)
         try:
             sock = self._secure(sock, expect=self._expect())
             hello = wire.Hello(
-                name=host.name, cluster=host.cluster, role=host.role, addrs=self._advertised(local_ip),
+                name=host.name, cluster=self._declared_cluster(), role=host.role, addrs=self._advertised(local_ip),
                 software=f"gridsock {__version__}",
                 node_id=None if host.session.tls else host.node_id,
                 token=None if host.session.tls else host.session.join_token,
