@@ -4,7 +4,8 @@ Remote forwards (``tcpip-forward``) through the sshd: connections to the forward
 the accept callback as sockets, in order and with half-closes; a rendez-vous node fed by the
 forwarder enrolls and links a leader whose session names the forwarded port (mutual TLS as
 always); a transport that breaks is opened again with its forwards on the same port; an unknown
-host key and a refused forward are reported and retried, never accepted.
+host key and a refused forward are reported and retried, never accepted. One-use forwards
+(``open_remote_listener``) accept, time out, are refused and are cancelled.
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ import gevent.socket
 import pytest
 
 from gridsock.bootstrap.rendezvous import RendezvousNode
-from gridsock.bootstrap.sshforward import RemoteForward, SSHForwarder
-from gridsock.bootstrap.sshtunnel import SSHGateway
-from gridsock.errors import ConfigError
+from gridsock.bootstrap.sshforward import RemoteForward, SSHForwarder, open_remote_listener
+from gridsock.bootstrap.sshtunnel import SSHGateway, close_all_transports
+from gridsock.errors import ConfigError, ConnectError
 from gridsock.node import Node
 from gridsock.session import create_session
 
@@ -365,3 +366,63 @@ def test_refused_forward_is_reported_and_retried(sshd, forwarders):
         holder.close()  # the port is free now: the next attempt gets it
     assert wait_up(forwarder), forwarder.status()
     round_trip(taken)
+
+
+# --- one-use forwards ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kept_transports():
+    yield
+    close_all_transports()
+
+
+def serve_one(listener, origins):
+    sock, origin = listener.accept(UP_TIMEOUT_S)
+    echo(sock, origin, origins)
+
+
+def test_remote_listener_accepts_then_is_cancelled(sshd, kept_transports):
+    listener = open_remote_listener(sshd.gateway(), "127.0.0.1")
+    origins = []
+    try:
+        assert listener.port != 0
+        server = gevent.spawn(serve_one, listener, origins)
+        round_trip(listener.port)
+        server.get(timeout=UP_TIMEOUT_S)
+        assert [host for host, _ in origins] == ["127.0.0.1"]
+        with pytest.raises(TimeoutError):
+            listener.accept(0.1)
+    finally:
+        listener.close()
+    with pytest.raises(ConnectError):
+        listener.accept(0.1)
+
+    def refused():
+        try:
+            gevent.socket.create_connection(("127.0.0.1", listener.port), timeout=UP_TIMEOUT_S).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_until(refused, "cancelled on the gateway")  # (the cancel is sent without waiting for sshd)
+
+
+def test_two_listeners_share_the_kept_transport(sshd, kept_transports):
+    first = open_remote_listener(sshd.gateway(), "127.0.0.1")
+    second = open_remote_listener(sshd.gateway(), "127.0.0.1")
+    origins = []
+    try:
+        assert first._transport is second._transport and first.port != second.port
+        servers = [gevent.spawn(serve_one, listener, origins) for listener in (second, first)]
+        gevent.joinall([gevent.spawn(round_trip, port) for port in (first.port, second.port)], raise_error=True)
+        gevent.joinall(servers, raise_error=True)
+        assert len(origins) == 2
+    finally:
+        first.close()
+        second.close()
+
+
+def test_remote_listener_refused(sshd, kept_transports):
+    with pytest.raises(ConnectError, match="refused the remote forward"):
+        open_remote_listener(sshd.gateway(), "192.0.2.1")  # not an address of the gateway

@@ -34,9 +34,17 @@ Theory of operation
   is the connecting host as the gateway's sshd saw it.
 - :meth:`SSHForwarder.stop` ends the threads; each closes its transport, which closes every
   forwarded connection still open through it.
+
+One-use forwards (:func:`open_remote_listener`, for a data connection's method): a forward on
+port 0 (sshd picks) asked on the gateway's *kept* transport of :mod:`.sshtunnel` (the one its
+tunnels share, kept alive by its keeper while the listener is open), whose connections wait in
+a queue for :meth:`RemoteListener.accept`; :meth:`RemoteListener.close` cancels it
+(``cancel-tcpip-forward``). A transport has one handler for every forwarded connection, so one
+dispatcher per transport finds the listener by the port the connection came to.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import logging
@@ -46,14 +54,16 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import gevent
+import gevent.queue
 import gevent.socket
 import paramiko
 
-from ..errors import ConfigError, GridsockError
-from .sshtunnel import SSH_CONNECT_TIMEOUT_S, SSHGateway, _Dial, _dial_transport, _Pump, _PumpOwnsResources
+from ..errors import ConfigError, ConnectError, GridsockError
+from .sshtunnel import (SSH_CONNECT_TIMEOUT_S, SSHGateway, _Dial, _dial_transport, _get_transport, _Pump,
+                        _PumpOwnsResources, _released, _used)
 from .uplink import backoff_delays
 
 __all__ = [
@@ -63,6 +73,8 @@ __all__ = [
     "SSH_FORWARD_RETRY_MAX_S",
     "RemoteForward",
     "SSHForwarder",
+    "RemoteListener",
+    "open_remote_listener",
 ]
 
 log = logging.getLogger(__name__)
@@ -146,6 +158,31 @@ class RemoteForward:
 Accept = Callable[[gevent.socket.socket, Tuple[str, int]], None]
 
 
+def _bounded(transport: paramiko.Transport, call: Callable[[], Any], timeout: float) -> Any:
+    """Run ``call`` (a request that waits for the gateway's answer, without a timeout of its
+    own) in a helper thread; close the transport if no answer comes within ``timeout``,
+    which ends the call. Returns its result; raises its exception, or SSHException."""
+    outcome: List[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # passed to the waiting thread
+            outcome.append((False, exc))
+
+    helper = threading.Thread(target=run, name="gridsock-ssh-forward request", daemon=True)
+    helper.start()
+    helper.join(timeout)
+    if helper.is_alive():
+        transport.close()
+        helper.join(SSH_CONNECT_TIMEOUT_S)
+        raise paramiko.SSHException(f"no answer from the gateway within {timeout:.1f} s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
 class _GatewayForwards:
     """One gateway's transport and forwards, kept by one daemon thread (module docstring)."""
 
@@ -206,7 +243,7 @@ class _GatewayForwards:
         try:
             for forward in self.forwards:
                 wanted = self.ports.get(forward, forward.bind_port)  # the port sshd chose before, if it chose
-                port = self._bounded(transport, lambda: transport.request_port_forward(
+                port = _bounded(transport, lambda: transport.request_port_forward(
                     forward.bind_host, wanted, handler=self._on_channel), dial.remaining("asking for a remote forward"))
                 self.ports[forward] = port
                 log.info("SSH remote forward %s: %s listens on %s:%d for us", forward, self.gateway,
@@ -221,31 +258,6 @@ class _GatewayForwards:
         self._set("up")
         return transport
 
-    @staticmethod
-    def _bounded(transport: paramiko.Transport, call: Callable[[], Any], timeout: float) -> Any:
-        """Run ``call`` (a request that waits for the gateway's answer, without a timeout of its
-        own) in a helper thread; close the transport if no answer comes within ``timeout``,
-        which ends the call. Returns its result; raises its exception, or ConnectError."""
-        outcome: List[Any] = []
-
-        def run() -> None:
-            try:
-                outcome.append((True, call()))
-            except BaseException as exc:  # passed to the waiting thread
-                outcome.append((False, exc))
-
-        helper = threading.Thread(target=run, name="gridsock-ssh-forward request", daemon=True)
-        helper.start()
-        helper.join(timeout)
-        if helper.is_alive():
-            transport.close()
-            helper.join(SSH_CONNECT_TIMEOUT_S)
-            raise paramiko.SSHException(f"no answer from the gateway within {timeout:.1f} s")
-        ok, value = outcome[0]
-        if not ok:
-            raise value
-        return value
-
     def _watch(self, transport: paramiko.Transport) -> str:
         """Return why the transport is no longer usable (or "stopping")."""
         owner = self.owner
@@ -253,7 +265,7 @@ class _GatewayForwards:
             if not transport.is_active():
                 return "the SSH transport closed"
             try:
-                self._bounded(transport, lambda: transport.global_request(_PROBE_REQUEST, wait=True), owner.dead_s)
+                _bounded(transport, lambda: transport.global_request(_PROBE_REQUEST, wait=True), owner.dead_s)
             except paramiko.SSHException as exc:
                 return f"keepalive unanswered: {exc}"
             if not transport.is_active():
@@ -409,3 +421,157 @@ class SSHForwarder:
         except Exception:
             log.exception("SSH remote forward: the accept callback failed for a connection from %s:%d", *origin)
             gsock.close()
+
+
+# --- one-use forwards on the kept transports ------------------------------------------------------
+
+_LISTENERS_LOCK = threading.Lock()
+_LISTENERS: Dict[Tuple[int, int], "RemoteListener"] = {}  # (id(transport), port) -> listener
+
+
+class RemoteListener:
+    """A port on an SSH gateway whose connections come here (see the module docstring).
+
+    ``port`` is the port sshd bound on ``bind_host``. Use it from the gevent hub thread that
+    opened it. Close it once done (it is not reused)."""
+
+    def __init__(self, gateway: SSHGateway, bind_host: str, port: int, transport: paramiko.Transport) -> None:
+        self.gateway = gateway
+        self.bind_host = bind_host
+        self.port = port
+        self._transport = transport
+        self._hub = gevent.get_hub()  # (made in the hub thread: open_remote_listener)
+        self._queue: gevent.queue.Queue = gevent.queue.Queue()
+        self.closed = False
+
+    def accept(self, timeout: float) -> Tuple[gevent.socket.socket, Tuple[str, int]]:
+        """The next connection through the forward and its origin (as the gateway saw it).
+
+        Raises TimeoutError after ``timeout`` seconds, ConnectError once closed."""
+        if self.closed:
+            raise ConnectError(f"the remote forward on {self.gateway} is closed", method="ssh")
+        try:
+            sock, origin = self._queue.get(timeout=timeout)
+        except gevent.queue.Empty:
+            raise TimeoutError(f"no connection through {self.gateway} port {self.port} within {timeout:.1f} s") from None
+        return gevent.socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach()), origin
+
+    def close(self) -> None:
+        """Cancel the forward and close what came and was not accepted. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        with _LISTENERS_LOCK:
+            _LISTENERS.pop((id(self._transport), self.port), None)
+        while not self._queue.empty():
+            self._queue.get_nowait()[0].close()
+        transport, bind = self._transport, (self.bind_host, self.port)
+
+        def cancel() -> None:
+            try:  # (not Transport.cancel_port_forward: it drops the handler every forward shares)
+                transport.global_request("cancel-tcpip-forward", bind, wait=False)
+            except (paramiko.SSHException, OSError, EOFError) as exc:  # the transport is gone: so is the forward
+                log.debug("cancelling the remote forward %s:%d on %s: %s", *bind, self.gateway, exc)
+
+        self._hub.threadpool.spawn(cancel)
+        _released(self.gateway)
+
+    def _arrived(self, sock: socket.socket, origin: Tuple[str, int]) -> None:  # (in the hub)
+        if self.closed:
+            sock.close()
+        else:
+            self._queue.put((sock, origin))
+
+
+def _dispatch(transport_key: int, channel: paramiko.Channel, origin: Tuple[str, int], server: Tuple[str, int]) -> None:
+    """A kept transport's handler of forwarded connections (in paramiko's thread)."""
+    with _LISTENERS_LOCK:
+        listener = _LISTENERS.get((transport_key, server[1]))
+    label = f"#{next(_CONNECTION_IDS)} {server[0]}:{server[1]} <- {origin[0]}:{origin[1]}"
+    if listener is None or listener.closed:
+        log.info("remote forward: connection %s for no open listener: closed", label)
+        channel.close()
+        return
+    try:
+        app_end, pump_end = socket.socketpair()
+    except OSError as exc:
+        log.warning("remote forward %s: %s", label, exc)
+        channel.close()
+        return
+    try:
+        _Pump(channel, pump_end, label).start()
+    except _PumpOwnsResources:
+        app_end.close()
+        return
+    except BaseException:
+        app_end.close()
+        pump_end.close()
+        channel.close()
+        raise
+    listener._hub.loop.run_callback_threadsafe(listener._arrived, app_end, (str(origin[0]), int(origin[1])))
+
+
+def _open_forward(gateway: SSHGateway, bind_host: str, deadline: float) -> Tuple[paramiko.Transport, int]:
+    """Ask the kept transport of ``gateway`` for a forward on ``bind_host``, port 0; return the
+    transport and the port. Blocks: run in a worker thread. Raises ConnectError, AuthError or
+    ConfigError; on success the caller owns one use of the gateway (``_released`` it)."""
+    dial = _Dial(gateway, f"a remote forward on {bind_host or '*'}", deadline)
+    transport, _ = _get_transport(dial)
+    _used(gateway)  # the keeper keeps the transport while the listener is open
+    try:
+        timeout = dial.remaining("asking for the remote forward")
+        try:
+            port = _bounded(transport, lambda: transport.request_port_forward(
+                bind_host, 0, handler=functools.partial(_dispatch, id(transport))), timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise dial.connect_error(f"gateway refused the remote forward: {exc}") from exc
+    except BaseException:
+        _released(gateway)
+        raise
+    return transport, port
+
+
+def _open_forward_outcome(*args: Any) -> Tuple[Optional[Tuple[paramiko.Transport, int]], Optional[Exception]]:
+    # Errors are returned, not raised (gevent's threadpool would print a traceback for each).
+    try:
+        return _open_forward(*args), None
+    except Exception as exc:
+        return None, exc
+
+
+def open_remote_listener(gateway: SSHGateway, bind_host: str, *,
+                         timeout: float = SSH_CONNECT_TIMEOUT_S) -> RemoteListener:
+    """A one-use remote forward: ``gateway``'s sshd listens on ``bind_host`` (port 0: it picks)
+    and sends what comes there to the returned :class:`RemoteListener`.
+
+    Blocks the calling greenlet only; ``timeout`` bounds the transport's setup (when none is
+    kept yet) and the request. Raises :class:`ConnectError` (gateway unreachable, forward
+    refused: sshd's ``AllowTcpForwarding``/``GatewayPorts``, an address that is not the
+    gateway's), :class:`AuthError` (host key, authentication) or :class:`ConfigError`.
+    """
+    if not isinstance(gateway, SSHGateway):
+        raise ConfigError(f"gateway must be an SSHGateway, not {type(gateway).__name__}")
+    if not isinstance(bind_host, str) or any(c.isspace() for c in bind_host):
+        raise ConfigError(f"bad bind address {bind_host!r} for a remote forward")
+    pool = gevent.get_hub().threadpool
+    result = pool.spawn(_open_forward_outcome, gateway, bind_host, time.monotonic() + timeout)
+    try:
+        opened, error = cast("Tuple[Optional[Tuple[paramiko.Transport, int]], Optional[Exception]]", result.get())
+    except BaseException:
+        if not result.ready():  # killed while the worker runs: cancel what it gets
+            def cancel_late(res: Any) -> None:
+                if res.successful() and res.value[0] is not None:
+                    RemoteListener(gateway, bind_host, res.value[0][1], res.value[0][0]).close()
+            result.rawlink(cancel_late)
+        raise
+    if error is not None:
+        try:
+            raise error
+        finally:
+            del error
+    assert opened is not None
+    transport, port = opened
+    listener = RemoteListener(gateway, bind_host, port, transport)
+    with _LISTENERS_LOCK:
+        _LISTENERS[(id(transport), port)] = listener
+    return listener
