@@ -65,11 +65,11 @@ import gevent
 import gevent.event
 import gevent.queue
 
-from . import procnet, wire
+from . import memory, procnet, wire
 from .errors import (ConfigError, ConnectError, ConnectRefusedError, ConnectTimeoutError, GridsockError,
                      RemoteProtocolError, RoutingError)
 from .methods import Arrival, InitiatorContext, MethodRefusal, ResponderContext
-from .registry import Registry, default_registry
+from .registry import BUILTIN_COMPONENTS, Registry, default_registry
 from .rules import TIERS, Rules, gateways_of, tier
 from .stack import Stack, StackContext
 from .streams import Stream
@@ -96,6 +96,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# The resume layer (gridsock.components.resume), until registry.BUILTIN_COMPONENTS lists it.
+if "resume" not in BUILTIN_COMPONENTS:
+    default_registry.register("resume", "gridsock.components.resume:ResumeMethod", kind="filter",
+                              params={"timeout": float, "upgrade": bool}, limits={"timeout": (0.1, 3600.0)},
+                              replace=True)
+
 ASSEMBLE_TOPIC = "assemble"
 # First bytes of a data connection on a node port (the node port tells it by the first byte).
 DATA_PREAMBLE = wire.DATA_MAGIC
@@ -118,9 +124,13 @@ WINNER_TTL_S = 300.0
 BETTER_LATE_S = 5.0
 # Tokens remembered after use, so a replay is refused at once rather than after a wait.
 USED_TOKENS_KEPT = 4096
-# The connection table forgets closed connections when it reaches this many entries (and on
-# every status()), so a long-running node does not keep what its applications closed.
+# The connection table forgets closed connections when it reaches this many entries, or twice
+# as many as were live at the last pruning (so that many live connections cost no quadratic
+# work), and on every status(), so a long-running node does not keep what its applications closed.
 CONNECTIONS_PRUNE_AT = 256
+# While the table lists connections, it is swept this often: a closed connection is forgotten
+# this long after it closed at most, and what it held (a TLS stream's buffers, a bridge) with it.
+CONNECTIONS_SWEEP_S = 2.0
 # Connections accepted but not yet taken by accept().
 LISTEN_BACKLOG = 128
 # The client ports the client side gives its connections (carried in the assembly request, what
@@ -313,6 +323,8 @@ class Assembler:
         self._winners: Dict[str, Tuple[Stack, float]] = {}  # peer id -> the stack that worked last, until
         self._paths: "OrderedDict[str, PathRecord]" = OrderedDict()  # peer id -> last race, oldest first
         self._conn_ids = iter(range(1, 2**62))
+        self._prune_at = CONNECTIONS_PRUNE_AT
+        self._sweep_timer: Any = None  # the hub's timer of the next sweep, while one is due
         self._next_client_port = CLIENT_PORTS.start + secrets.randbelow(len(CLIENT_PORTS))
 
     # --- server side -------------------------------------------------------------------------
@@ -358,13 +370,18 @@ class Assembler:
         if client is None or me is None:
             raise MethodRefusal("unknown-node", f"node {src} is not in {self.node.name}'s directory")
         port = request.port
-        if port not in self.listeners:
-            raise MethodRefusal("refused", f"nothing listens on port {port} of {self.node.name}")
+        listening = port in self.listeners
         try:
             stack = Stack.parse(request.stack, self.registry)
             method, filters = method_of(stack, self.registry)
         except ConfigError as exc:
+            if not listening:
+                raise MethodRefusal("refused", f"nothing listens on port {port} of {self.node.name}") from None
             raise MethodRefusal("bad-stack", str(exc)) from None
+        # A request that continues a live connection (a new path under it: ``resume``) needs
+        # no listener: the connection was accepted long ago.
+        if not listening and not getattr(method, "continues", lambda offer: False)(request.offer):
+            raise MethodRefusal("refused", f"nothing listens on port {port} of {self.node.name}")
         why = self.rules.refusal(me, client, stack)
         if why:
             log.warning("refused %s from %s to port %d: %s", stack, client.name, port, why)
@@ -763,9 +780,10 @@ class Assembler:
             return None, exc
 
     def _establish(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float,
-                   client_port: Optional[int] = None) -> Tuple[Stream, Stack]:
+                   client_port: Optional[int] = None, method: Any = None) -> Tuple[Stream, Stack]:
         """One candidate, up to the method's connection (not yet nominated): return its stream
         and the stack of its filters. Raises ConnectError (``code`` set if the server refused).
+        ``method``: the object to drive instead of the stack's own (see :meth:`open_method_stream`).
 
         Runs in its own greenlet; killed, it closes whatever it made.
         """
@@ -773,9 +791,11 @@ class Assembler:
         token = secrets.token_bytes(TOKEN_BYTES)
         initiation = None
         try:
-            method, filters = method_of(stack, self.registry)
+            component, filters = method_of(stack, self.registry)
+            if method is None:
+                method = component
             ctx = InitiatorContext(node=self.node, me=self.node.entry, peer=entry, token=token, deadline=deadline,
-                                   expect=lambda count: self._expect(token, count))
+                                   expect=lambda count: self._expect(token, count), port=port, stack=stack)
             initiation = method.initiate(ctx)
             request = wire.AssemblyRequest(port=port, stack=str(stack), token=token.hex(), offer=dict(initiation.offer),
                                            client_port=client_port)
@@ -824,6 +844,27 @@ class Assembler:
             raise ConnectError(f"connecting to {entry.name} over {stack} failed: {exc}", peer=entry.name,
                                method=stack.method.name) from exc
 
+    def open_method_stream(self, peer_id: str, port: int, stack: Stack, method: Any, *, timeout: float) -> Stream:
+        """A new connection of ``stack``'s method alone, for a layer that makes the path under a
+        live connection again (``gridsock.components.resume``): ``method`` is driven in place of
+        the stack's own (its offer says which connection this continues), the stream is
+        nominated, and nothing else is done (no filters, no record, no race). Raises
+        ConnectError (``code`` set if the server refused), ConnectTimeoutError after ``timeout``.
+        """
+        entry = self.node.directory.get(peer_id)
+        if entry is None or self.node.entry is None:
+            raise ConnectError(f"node {peer_id} is not in the directory", peer=peer_id, method=stack.method.name)
+        deadline = time.monotonic() + timeout
+        with gevent.Timeout(timeout):
+            lower, _ = self._establish(entry, port, stack, deadline, method=method)
+        try:
+            lower.send_all(NOMINATE)
+        except (GridsockError, OSError) as exc:
+            lower.close()
+            raise ConnectError(f"nominating a new {stack.method.name} path to {entry.name} failed: {exc}",
+                               peer=entry.name, method=stack.method.name) from exc
+        return lower
+
     def connect(self, peer: str, port: int, *, stack=None, timeout: float = ASSEMBLY_TIMEOUT_S,
                 tcp_bridge: bool = False):
         """Connect and return ``(socket.socket, ConnectionInfo)``: a real OS socket (with
@@ -853,12 +894,13 @@ class Assembler:
             self.counters["first_attempt" if attempts <= 1 else "retried"] += 1
 
     def _record(self, peer: wire.NodeEntry, port: int, stack: Stack, *, initiator: bool, stream: Stream):
-        if len(self.connections) >= CONNECTIONS_PRUNE_AT:
-            self.status()  # forgets the closed ones
+        if len(self.connections) >= self._prune_at:
+            self._prune()
         conn = next(self._conn_ids)
         info = ConnectionInfo(conn=conn, peer_id=peer.node_id, peer_name=peer.name, port=port, stack=str(stack),
                               initiator=initiator, detail={"stream": stream})
         self.connections[conn] = info
+        self._sweep_soon()
         for listener in self.on_record:
             listener(info)
         return info
@@ -899,19 +941,54 @@ class Assembler:
             info.detail["bridged"] = True
         info.detail["handed"] = handed
 
-    def status(self) -> list:
-        """The live data connections (closed ones are forgotten here)."""
+    def _prune(self) -> int:
+        """Forget the connections that ended; return how many. Raises nothing."""
         listed: Optional[Set[Tuple[int, Tuple[str, int], Tuple[str, int]]]] = None
 
         def tcp_sockets() -> Set[Tuple[int, Tuple[str, int], Tuple[str, int]]]:
             nonlocal listed
             if listed is None:
-                listed = _tcp_sockets()
+                try:
+                    listed = _tcp_sockets()
+                except OSError as exc:  # (no /proc: a handed socket stays listed until it can be read)
+                    log.debug("node %s: reading the TCP table: %s", self.node.name, exc)
+                    return {(h.inode, h.local, h.remote) for h in _handed_tcp(self.connections.values())}
             return listed
 
+        forgotten = 0
         for conn, info in list(self.connections.items()):
             if _finished(info, tcp_sockets):
                 del self.connections[conn]
+                forgotten += 1
+        self._prune_at = max(CONNECTIONS_PRUNE_AT, 2 * len(self.connections))
+        if forgotten:
+            memory.trim_soon()  # what they held was large (TLS buffers, bridges): give it back
+        return forgotten
+
+    def _sweep_soon(self) -> None:
+        """Arm the sweep (once): in CONNECTIONS_SWEEP_S, forget what ended; again while any
+        connection is listed."""
+        if self._sweep_timer is None:
+            self._sweep_timer = gevent.get_hub().loop.timer(CONNECTIONS_SWEEP_S)
+            self._sweep_timer.start(self._sweep)
+
+    def _sweep(self) -> None:
+        timer, self._sweep_timer = self._sweep_timer, None
+        if timer is not None:
+            timer.close()
+        self._prune()
+        if self.connections:
+            self._sweep_soon()
+
+    def close(self) -> None:
+        """Stop sweeping the connection table (the node stops)."""
+        timer, self._sweep_timer = self._sweep_timer, None
+        if timer is not None:
+            timer.close()
+
+    def status(self) -> list:
+        """The live data connections (closed ones are forgotten here)."""
+        self._prune()
         out = [info.to_json() for info in self.connections.values()]
         # A kernel socket handed to a program: its bytes and round trip as the kernel counts them.
         plain = [(item, info.detail["handed"]) for item, info in zip(out, self.connections.values())
@@ -956,6 +1033,12 @@ def _finished(info: ConnectionInfo,
         return sock is None or sock.fileno() == -1
     stream = info.detail.get("stream")
     return stream is None or bool(getattr(stream, "closed", getattr(stream, "_closed", False)))
+
+
+def _handed_tcp(infos) -> List[_HandOver]:
+    """The hand-overs of kernel TCP sockets among ``infos`` (what is live until shown otherwise)."""
+    return [h for h in (info.detail.get("handed") for info in infos)
+            if isinstance(h, _HandOver) and h.inode and h.local is not None and h.remote is not None]
 
 
 def _tcp_sockets() -> Set[Tuple[int, Tuple[str, int], Tuple[str, int]]]:

@@ -143,6 +143,9 @@ class InitiatorContext:
 
     ``node`` is the :class:`gridsock.node.Node` (its ``directory``, ``relay``, ``session``,
     ``ssh_key``...); ``expect(count)`` awaits connections with this token on *our* node port.
+    ``port`` and ``stack`` are the request's grid port and whole stack (a
+    :class:`gridsock.stack.Stack`), for a wrapper that makes connections again later
+    (``resume``); 0 and None where no assembler made the context.
     """
 
     node: Any
@@ -151,6 +154,8 @@ class InitiatorContext:
     token: bytes
     deadline: float
     expect: Callable[[int], Arrival]
+    port: int = 0
+    stack: Any = None
 
     def remaining(self, floor: float = 0.1) -> float:
         """Seconds left before the deadline (at least ``floor``)."""

@@ -1,0 +1,377 @@
+"""The ``resume`` layer on loopback nodes: a transfer whose lower path is killed mid-stream
+completes byte-exact both ways; tokens are single-use and bound to the pair; a connection that
+cannot resume is reset, never ended cleanly; a relayed connection moves to a direct path when
+one opens, without losing a byte. Plus the frame codec, whole and byte by byte."""
+from __future__ import annotations
+
+import hashlib
+import random
+import secrets
+import socket
+import time
+
+import gevent
+import gevent.event
+import pytest
+from gevent import socket as gsocket
+
+from gridsock import assembly, wire  # (assembly registers the resume layer)
+from gridsock.components import resume
+from gridsock.components.resume import (ACK, DATA, EOF, HEADER_BYTES, HELLO, MAX_FRAME_DATA_BYTES, FrameDecoder,
+                                        encode_frame, live_streams)
+from gridsock.errors import RemoteProtocolError
+from gridsock.rules import Rules
+from gridsock.stack import Stack
+from gridsock.testing.grid import loopback_grid
+
+pytestmark = pytest.mark.timeout(120)
+
+# Every wait on a condition or a socket is bounded by this (a hang fails, never passes).
+WAIT_S = 60.0
+CHUNK = 64 * 1024
+PORT = 7300
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    with loopback_grid(tmp_path_factory.mktemp("resume")) as running:
+        yield running
+
+
+# --- the codec ---------------------------------------------------------------------------------
+
+
+def frames_of(data: bytes, *, step=None):
+    decoder, out = FrameDecoder(), []
+    pieces = [data] if step is None else [data[i:i + step] for i in range(0, len(data), step)]
+    for piece in pieces:
+        decoder.feed(piece)
+        while (frame := decoder.next_frame()) is not None:
+            out.append(frame)
+    return out, decoder
+
+
+def test_frames_whole_byte_by_byte_and_with_trailing_bytes():
+    frames = [(HELLO, 5, b""), (DATA, 5, b"abc" * 1000), (ACK, 2**40, b""), (EOF, 3005, b"")]
+    data = b"".join(encode_frame(*f) for f in frames)
+    assert frames_of(data)[0] == frames
+    assert frames_of(data, step=1)[0] == frames
+    got, decoder = frames_of(data + encode_frame(DATA, 0, b"xy")[:HEADER_BYTES + 1])
+    assert got == frames and decoder.next_frame() is None  # the rest of the frame has not come
+
+
+@pytest.mark.parametrize("bad", [
+    bytes([2, DATA]) + bytes(8) + (1).to_bytes(4, "big") + b"x",  # version
+    bytes([1, 9]) + bytes(12),  # type
+    bytes([1, DATA]) + bytes(12),  # empty DATA
+    bytes([1, DATA]) + bytes(8) + (MAX_FRAME_DATA_BYTES + 1).to_bytes(4, "big"),  # too large
+    bytes([1, ACK]) + bytes(8) + (1).to_bytes(4, "big") + b"x",  # a payload on an ACK
+])
+def test_bad_frames_raise_remote_protocol_error_and_stay_failed(bad):
+    decoder = FrameDecoder()
+    decoder.feed(bad)
+    with pytest.raises(RemoteProtocolError):
+        decoder.next_frame()
+    decoder.feed(encode_frame(ACK, 1))
+    with pytest.raises(RemoteProtocolError):
+        decoder.next_frame()
+
+
+def test_random_bytes_give_frames_or_remote_protocol_error():
+    rng = random.Random(3)
+    for _ in range(300):
+        decoder = FrameDecoder()
+        decoder.feed(bytes([1]) + rng.randbytes(rng.randint(0, 40)))
+        try:
+            while decoder.next_frame() is not None:
+                pass
+        except RemoteProtocolError:
+            pass
+
+
+def test_resume_is_a_known_layer_above_a_method():
+    stack = Stack.parse("tls/resume(timeout=5)/relay")
+    assert str(stack) == "tls/resume(timeout=5.0)/relay"
+    method, filters = assembly.method_of(stack)
+    assert (type(method).__name__, method.inner.name, str(filters)) == ("ResumeMethod", "relay", "tls/relay")
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def streams_of(node, *, initiator: bool):
+    return node.call(lambda: [s for s in live_streams(node) if s.initiator == initiator], timeout=WAIT_S)
+
+
+def the_stream(node, *, initiator: bool):
+    found = streams_of(node, initiator=initiator)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def wait_for(condition, what: str) -> None:
+    """Wait (bounded) until ``condition()`` holds; polls twenty times a second."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {WAIT_S:g} s: {what}"
+        gevent.sleep(0.05)
+
+
+class Side:
+    """One application end of a transfer: sends ``send_bytes`` (or, with ``until``, chunks
+    until that event is set and then ``send_bytes`` more), then EOF; reads to EOF. Greenlets
+    (the loopback grid's nodes run in this thread's hub)."""
+
+    def __init__(self, sock, send_bytes: int, seed: int, *, until=None):
+        self.sock = sock
+        sock.settimeout(WAIT_S)
+        self.sent = hashlib.sha256()
+        self.received = hashlib.sha256()
+        self.sent_bytes = 0
+        self.received_bytes = 0
+        self.error = None
+        self._rng = random.Random(seed)
+        self._send_bytes = send_bytes
+        self._until = until
+        self._greenlets = [gevent.spawn(self._send), gevent.spawn(self._receive)]
+
+    def _chunk(self) -> bytes:
+        return self._rng.randbytes(CHUNK)
+
+    def _send(self) -> None:
+        try:
+            if self._until is not None:
+                while not self._until.is_set():
+                    self._put(self._chunk())
+                    if self.sent_bytes > 2 * 1024**3:
+                        raise AssertionError("the event never came")
+            end = self.sent_bytes + self._send_bytes
+            while self.sent_bytes < end:
+                self._put(self._chunk()[: end - self.sent_bytes])
+            self.sock.shutdown(socket.SHUT_WR)
+        except BaseException as exc:
+            self.error = exc
+
+    def _put(self, data: bytes) -> None:
+        self.sock.sendall(data)
+        self.sent.update(data)
+        self.sent_bytes += len(data)
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                data = self.sock.recv(256 * 1024)
+                if not data:
+                    return
+                self.received.update(data)
+                self.received_bytes += len(data)
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self) -> None:
+        done = gevent.joinall(self._greenlets, timeout=WAIT_S)
+        assert len(done) == len(self._greenlets), "a transfer greenlet hangs"
+        assert self.error is None, repr(self.error)
+
+
+def cooperative(sock):
+    """The application's real socket, used from greenlets of this thread (gevent's socket)."""
+    return gsocket.socket(sock.family, sock.type, fileno=sock.detach())
+
+
+def open_pair(grid, client: str, server: str, stack: str, port: int):
+    listener = grid[server].listen(port)
+    try:
+        sock, info = grid[client].connect(server, port, stack=stack, timeout=WAIT_S)
+        server_sock, server_info = listener.accept(timeout=WAIT_S)
+    finally:
+        listener.close()
+    assert info.stack == server_info.stack == str(Stack.parse(stack))
+    return cooperative(sock), cooperative(server_sock)
+
+
+def transfer_with(grid, client, server, stack, port, *, size, during, until=None):
+    """Both ways at once, ``size`` bytes each (plus what ``until`` adds); ``during()`` runs once
+    the client received a third of it. Returns the two sides (checked equal)."""
+    sock, server_sock = open_pair(grid, client, server, stack, port)
+    with sock, server_sock:
+        a = Side(sock, size, 1, until=until)
+        b = Side(server_sock, size, 2)
+        wait_for(lambda: a.received_bytes >= size // 3 or a.error or b.error, "a third of the transfer")
+        during()
+        a.join()
+        b.join()
+    assert (a.sent_bytes, a.sent.hexdigest()) == (b.received_bytes, b.received.hexdigest())
+    assert (b.sent_bytes, b.sent.hexdigest()) == (a.received_bytes, a.received.hexdigest())
+    return a, b
+
+
+# --- breaks: the path is killed mid-stream ------------------------------------------------------
+
+
+def kill_tcp_under(node) -> None:
+    def kill():
+        for stream in live_streams(node):
+            if stream.initiator and stream.lower is not None:
+                stream.lower.socket.shutdown(socket.SHUT_RDWR)  # the kernel socket under it
+
+    node.call(kill, timeout=WAIT_S)
+
+
+def kill_relay_under(node) -> None:
+    def kill():
+        for stream in live_streams(node):
+            if stream.initiator:
+                node.relay.reset_peers({stream.peer_id}, "the test closed the relay channel")
+
+    node.call(kill, timeout=WAIT_S)
+
+
+@pytest.mark.parametrize("stack,kill", [
+    ("tls/resume/tcp", kill_tcp_under),
+    ("resume/tcp", kill_tcp_under),
+    ("tls/resume(upgrade=false)/relay", kill_relay_under),
+])
+def test_a_transfer_survives_its_killed_path(grid, stack, kill):
+    client, server = ("L1", "m1") if stack == "resume/tcp" else ("m1", "L2")
+    port = PORT + len(stack)
+    seen = []
+
+    def kill_it():
+        seen.append(the_stream(grid[client], initiator=True))
+        seen.append(the_stream(grid[server], initiator=False))
+        kill(grid[client])
+
+    transfer_with(grid, client, server, stack, port, size=12 * 1024 * 1024, during=kill_it)
+    assert [stream.state["resumes"] for stream in seen] == [1, 1]
+    # Both ends ended in order and forgot the connection (its token with it).
+    wait_for(lambda: not streams_of(grid[client], initiator=True), "the client's connection ended")
+    wait_for(lambda: not streams_of(grid[server], initiator=False), "the server's connection ended")
+
+
+def test_a_transfer_survives_several_kills(grid):
+    node = grid["m1"]
+
+    seen = []
+
+    def kill_three_times():
+        stream = the_stream(node, initiator=True)
+        seen.append(stream)
+        for count in (1, 2, 3):
+            kill_tcp_under(node)
+            wait_for(lambda: stream.state["resumes"] == count, "a resume")
+
+    transfer_with(grid, "m1", "L2", "tls/resume/tcp", PORT + 40, size=16 * 1024 * 1024, during=kill_three_times)
+    assert seen[0].state["resumes"] == 3
+
+
+# --- tokens ---------------------------------------------------------------------------------------
+
+
+def resume_request(node, server, port: int, stack: str, session_id: int, token: bytes):
+    """A resume request as ``node`` would send it (over its meta channel), answered by ``server``."""
+    request = wire.AssemblyRequest(port=port, stack=stack, token=secrets.token_hex(wire.TOKEN_BYTES),
+                                   offer={"resume": {"format": resume.RESUME_FORMAT, "id": session_id,
+                                                     "token": token.hex()}})
+    reply = node.meta_request(server.node_id, "assemble", wire.encode_assembly(request), timeout=WAIT_S)
+    return wire.decode_assembly(reply.payload)
+
+
+def test_a_token_is_used_once_and_only_by_its_node(grid):
+    client, server = grid["m1"], grid["L2"]
+    port = PORT + 50
+    sock, server_sock = open_pair(grid, "m1", "L2", "tls/resume/relay", port)
+    with sock, server_sock:
+        stream = the_stream(client, initiator=True)
+        first = stream._token
+        # Another node of the session, with the right id and token: refused; the token stays good.
+        answer = resume_request(grid["m2"], server, port, "tls/resume/relay", stream.session_id, first)
+        assert isinstance(answer, wire.AssemblyRefuse) and answer.code == "bad-token", answer
+        kill_relay_under(client)
+        wait_for(lambda: stream.state["resumes"] == 1, "the resume")
+        assert stream._token != first
+        # Its own node, the token spent: refused.
+        answer = resume_request(client, server, port, "tls/resume/relay", stream.session_id, first)
+        assert isinstance(answer, wire.AssemblyRefuse) and answer.code == "bad-token", answer
+        # And the connection is whole.
+        sock.settimeout(WAIT_S)
+        server_sock.settimeout(WAIT_S)
+        sock.sendall(b"ping")
+        assert server_sock.recv(4) == b"ping"
+        server_sock.sendall(b"pong")
+        assert sock.recv(4) == b"pong"
+
+
+# --- a connection that cannot resume is reset -----------------------------------------------------
+
+
+def expect_reset(sock) -> None:
+    sock.settimeout(WAIT_S)
+    with pytest.raises(ConnectionResetError):
+        while sock.recv(65536):
+            pass  # (what arrived before the break may be read first; an EOF fails the test)
+
+
+def test_a_connection_that_cannot_resume_is_reset_on_both_sides(grid):
+    client, server = grid["m1"], grid["L2"]
+    sock, server_sock = open_pair(grid, "m1", "L2", "tls/resume(timeout=2.0,upgrade=false)/tcp", PORT + 60)
+    with sock, server_sock:
+        sock.sendall(b"x" * 100_000)
+        server_sock.settimeout(WAIT_S)
+        got = 0
+        while got < 100_000:
+            got += len(server_sock.recv(65536))
+        server.assembler.rules = Rules(outside_cluster=("tls", "lz4"))  # the server now refuses the stack
+        try:
+            kill_tcp_under(client)
+            expect_reset(sock)  # the client: its resume was refused
+            expect_reset(server_sock)  # the server: nobody came back within the bound
+        finally:
+            server.assembler.rules = server.rules
+    wait_for(lambda: not streams_of(server, initiator=False), "the server forgot the connection")
+
+
+def test_a_client_that_vanishes_is_reset_after_the_bound(grid):
+    client, server = grid["m1"], grid["L2"]
+    sock, server_sock = open_pair(grid, "m1", "L2", "tls/resume(timeout=1.0,upgrade=false)/tcp", PORT + 70)
+    with sock, server_sock:
+        # The client's side ends without a word (as if its node died): its lower stream is reset.
+        def vanish():
+            stream = the_stream(client, initiator=True)
+            stream._fail("the test made it vanish", send_reset=False)
+
+        client.call(vanish, timeout=WAIT_S)
+        expect_reset(server_sock)
+
+
+# --- upgrades -------------------------------------------------------------------------------------
+
+
+def test_a_relayed_connection_moves_to_a_direct_path_when_one_opens(grid, monkeypatch):
+    monkeypatch.setattr(resume, "UPGRADE_INITIAL_S", 0.2)
+    monkeypatch.setattr(resume, "UPGRADE_MAX_S", 0.4)
+    monkeypatch.setattr(resume, "UPGRADE_ROUNDS", 10_000)
+    client = grid["m1"]
+    client.assembler.rules = Rules(scheme="relay")  # no direct path yet: the rules know only the relay
+    upgraded = gevent.event.Event()
+
+    seen = []
+
+    def open_the_way():
+        stream = the_stream(client, initiator=True)
+        seen.append(stream)
+        seen.append(the_stream(grid["L2"], initiator=False))
+        assert stream.state["method"] == "relay" and stream.state["upgrades"] == 0
+        client.assembler.rules = client.rules  # "the firewall opens": direct methods are candidates
+        wait_for(lambda: stream.state["upgrades"] >= 1, "the upgrade")
+        upgraded.set()
+
+    try:
+        a, _ = transfer_with(grid, "m1", "L2", "tls/resume/relay", PORT + 80, size=4 * 1024 * 1024,
+                             during=open_the_way, until=upgraded)
+    finally:
+        client.assembler.rules = client.rules
+    assert a.sent_bytes > 4 * 1024 * 1024  # bytes went before, during and after the switch
+    client_end, server_end = seen
+    assert client_end.state["method"] in ("tcp", "reverse") and client_end.state["upgrades"] == 1
+    assert server_end.state["method"] == client_end.state["method"] and server_end.state["resumes"] == 1
