@@ -65,7 +65,7 @@ import gevent
 import gevent.event
 import gevent.queue
 
-from . import memory, procnet, wire
+from . import procnet, wire
 from .errors import (ConfigError, ConnectError, ConnectRefusedError, ConnectTimeoutError, GridsockError,
                      RemoteProtocolError, RoutingError)
 from .methods import Arrival, InitiatorContext, MethodRefusal, ResponderContext
@@ -124,13 +124,9 @@ WINNER_TTL_S = 300.0
 BETTER_LATE_S = 5.0
 # Tokens remembered after use, so a replay is refused at once rather than after a wait.
 USED_TOKENS_KEPT = 4096
-# The connection table forgets closed connections when it reaches this many entries, or twice
-# as many as were live at the last pruning (so that many live connections cost no quadratic
-# work), and on every status(), so a long-running node does not keep what its applications closed.
+# The connection table forgets closed connections when it reaches this many entries (and on
+# every status()), so a long-running node does not keep what its applications closed.
 CONNECTIONS_PRUNE_AT = 256
-# While the table lists connections, it is swept this often: a closed connection is forgotten
-# this long after it closed at most, and what it held (a TLS stream's buffers, a bridge) with it.
-CONNECTIONS_SWEEP_S = 2.0
 # Connections accepted but not yet taken by accept().
 LISTEN_BACKLOG = 128
 # The client ports the client side gives its connections (carried in the assembly request, what
@@ -323,8 +319,6 @@ class Assembler:
         self._winners: Dict[str, Tuple[Stack, float]] = {}  # peer id -> the stack that worked last, until
         self._paths: "OrderedDict[str, PathRecord]" = OrderedDict()  # peer id -> last race, oldest first
         self._conn_ids = iter(range(1, 2**62))
-        self._prune_at = CONNECTIONS_PRUNE_AT
-        self._sweep_timer: Any = None  # the hub's timer of the next sweep, while one is due
         self._next_client_port = CLIENT_PORTS.start + secrets.randbelow(len(CLIENT_PORTS))
 
     # --- server side -------------------------------------------------------------------------
@@ -894,13 +888,12 @@ class Assembler:
             self.counters["first_attempt" if attempts <= 1 else "retried"] += 1
 
     def _record(self, peer: wire.NodeEntry, port: int, stack: Stack, *, initiator: bool, stream: Stream):
-        if len(self.connections) >= self._prune_at:
-            self._prune()
+        if len(self.connections) >= CONNECTIONS_PRUNE_AT:
+            self.status()  # forgets the closed ones
         conn = next(self._conn_ids)
         info = ConnectionInfo(conn=conn, peer_id=peer.node_id, peer_name=peer.name, port=port, stack=str(stack),
                               initiator=initiator, detail={"stream": stream})
         self.connections[conn] = info
-        self._sweep_soon()
         for listener in self.on_record:
             listener(info)
         return info
@@ -941,54 +934,19 @@ class Assembler:
             info.detail["bridged"] = True
         info.detail["handed"] = handed
 
-    def _prune(self) -> int:
-        """Forget the connections that ended; return how many. Raises nothing."""
+    def status(self) -> list:
+        """The live data connections (closed ones are forgotten here)."""
         listed: Optional[Set[Tuple[int, Tuple[str, int], Tuple[str, int]]]] = None
 
         def tcp_sockets() -> Set[Tuple[int, Tuple[str, int], Tuple[str, int]]]:
             nonlocal listed
             if listed is None:
-                try:
-                    listed = _tcp_sockets()
-                except OSError as exc:  # (no /proc: a handed socket stays listed until it can be read)
-                    log.debug("node %s: reading the TCP table: %s", self.node.name, exc)
-                    return {(h.inode, h.local, h.remote) for h in _handed_tcp(self.connections.values())}
+                listed = _tcp_sockets()
             return listed
 
-        forgotten = 0
         for conn, info in list(self.connections.items()):
             if _finished(info, tcp_sockets):
                 del self.connections[conn]
-                forgotten += 1
-        self._prune_at = max(CONNECTIONS_PRUNE_AT, 2 * len(self.connections))
-        if forgotten:
-            memory.trim_soon()  # what they held was large (TLS buffers, bridges): give it back
-        return forgotten
-
-    def _sweep_soon(self) -> None:
-        """Arm the sweep (once): in CONNECTIONS_SWEEP_S, forget what ended; again while any
-        connection is listed."""
-        if self._sweep_timer is None:
-            self._sweep_timer = gevent.get_hub().loop.timer(CONNECTIONS_SWEEP_S)
-            self._sweep_timer.start(self._sweep)
-
-    def _sweep(self) -> None:
-        timer, self._sweep_timer = self._sweep_timer, None
-        if timer is not None:
-            timer.close()
-        self._prune()
-        if self.connections:
-            self._sweep_soon()
-
-    def close(self) -> None:
-        """Stop sweeping the connection table (the node stops)."""
-        timer, self._sweep_timer = self._sweep_timer, None
-        if timer is not None:
-            timer.close()
-
-    def status(self) -> list:
-        """The live data connections (closed ones are forgotten here)."""
-        self._prune()
         out = [info.to_json() for info in self.connections.values()]
         # A kernel socket handed to a program: its bytes and round trip as the kernel counts them.
         plain = [(item, info.detail["handed"]) for item, info in zip(out, self.connections.values())
@@ -1033,12 +991,6 @@ def _finished(info: ConnectionInfo,
         return sock is None or sock.fileno() == -1
     stream = info.detail.get("stream")
     return stream is None or bool(getattr(stream, "closed", getattr(stream, "_closed", False)))
-
-
-def _handed_tcp(infos) -> List[_HandOver]:
-    """The hand-overs of kernel TCP sockets among ``infos`` (what is live until shown otherwise)."""
-    return [h for h in (info.detail.get("handed") for info in infos)
-            if isinstance(h, _HandOver) and h.inode and h.local is not None and h.remote is not None]
 
 
 def _tcp_sockets() -> Set[Tuple[int, Tuple[str, int], Tuple[str, int]]]:
