@@ -150,6 +150,8 @@ RESUME_TOKEN_BYTES = 32
 # Data per frame sent: large enough that a header is nothing; the most a receiver accepts.
 FRAME_DATA_BYTES = 256 * 1024
 MAX_FRAME_DATA_BYTES = 1024 * 1024
+# A payload under this size is joined to its header (one send below), a larger one sent alone.
+SMALL_FRAME_BYTES = 16 * 1024
 # What the reader asks its lower stream for at a time.
 RECEIVE_BYTES = 256 * 1024
 # An acknowledgement goes when this much was consumed since the last, or ACK_DELAY_S after
@@ -213,7 +215,11 @@ class FrameDecoder:
         end = HEADER_BYTES + length
         if len(buffer) < end:
             return None
-        payload = bytes(buffer[HEADER_BYTES:end])
+        if not length:
+            payload = b""
+        else:
+            with memoryview(buffer) as view:  # one copy (a bytearray slice would copy twice)
+                payload = bytes(view[HEADER_BYTES:end])
         del buffer[:end]
         return kind, value, payload
 
@@ -397,20 +403,27 @@ class ResumeStream(Stream):
                 if (data_waiting or eof_waiting or (pending > 0 and (pending >= ACK_BYTES or waited or self._force_ack
                                                                      or ack > self._consumed))
                         or (self._force_ack and ack > 0)):
-                    frames = []
+                    head = b""
+                    payload = b""
                     if pending > 0 or self._force_ack:
-                        frames.append(encode_frame(ACK, ack))
+                        head = encode_frame(ACK, ack)
                         self._acked_sent = max(self._acked_sent, ack)
                         self._force_ack = False
                     if data_waiting:
                         n = min(FRAME_DATA_BYTES, self._sent_total - self._send_pos)
                         start = self._send_pos - self._acked
-                        frames.append(encode_frame(DATA, self._send_pos, bytes(self._buffer[start:start + n])))
+                        with memoryview(self._buffer) as view:  # (released before anything yields)
+                            payload = bytes(view[start:start + n])
+                        head += FRAME_HEADER.pack(FRAME_VERSION, DATA, self._send_pos, n)
                         self._send_pos += n
                     elif eof_waiting:
-                        frames.append(encode_frame(EOF, self._sent_total))
+                        head += encode_frame(EOF, self._sent_total)
                         self._eof_put = True
-                    lower.send_all(b"".join(frames))
+                    if len(payload) < SMALL_FRAME_BYTES:
+                        lower.send_all(head + payload)
+                    else:  # a large payload goes as it is, not copied behind its header
+                        lower.send_all(head)
+                        lower.send_all(payload)
                     waited = False
                     self._maybe_finish()
                     continue
