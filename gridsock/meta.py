@@ -20,12 +20,29 @@ opened (``opened``), so tests can count round trips rather than time them.
 On a meta link only routed messages from the link's own peer to this node are accepted
 (anything else is a protocol error that drops the link), so a meta link is never a way around
 the bootstrap channel's source checks. Requests that arrive on a meta link are answered on it.
+
+Without a rendez-vous
+---------------------
+A live meta link vouches for its peer: it is authenticated (the peer's certificate names it)
+and its pings prove the peer is there. So when the uplink is lost (the rendez-vous node, or a
+member's leader, is down), the directory keeps, beside the node itself and its members, the
+peers it has a meta link with (:meth:`MetaChannel.vouched`; the uplink asks), and data
+connections to them keep being assembled over the link (a request never needs the bootstrap
+channel when the link is up). Only what truly needs the bootstrap channel waits or fails:
+routed messages and pings to other nodes, the ``relay`` method, meta links to nodes not yet
+linked. Upstream may say the same peers left while its own uplink is down (a member's leader
+lost the rendez-vous node), or send a snapshot without them (a rendez-vous node that restarted
+before their leaders came back): :meth:`MetaChannel.guard` keeps them in such updates too, and
+remembers them as ``kept``. A peer that only the link keeps (the uplink is down, or it is
+``kept``) leaves the directory when its link closes: nothing vouches for it any more. An
+update that lists it again (upstream knows it again) ends its being kept.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Set
 
 import gevent
 import gevent.event
@@ -58,6 +75,10 @@ class MetaChannel:
         self._opening: Dict[str, gevent.event.AsyncResult] = {}
         #: Requests sent on a meta link / on the bootstrap channel, and meta links opened by us.
         self.counters: Dict[str, int] = {"on_link": 0, "on_bootstrap": 0, "opened": 0}
+        #: Peers in the directory only because their meta link vouches for them (upstream said
+        #: they left, or its snapshot lacked them); see "Without a rendez-vous".
+        self.kept: Set[str] = set()
+        self._series: Optional[Set[str]] = None  # node ids of the snapshot series being received
 
     # --- choosing the path -------------------------------------------------------------------
 
@@ -163,6 +184,55 @@ class MetaChannel:
     def _on_close(self, link: Link, entry: wire.NodeEntry) -> None:
         if self.links.get(entry.node_id) is link:
             del self.links[entry.node_id]
+            node = self.node
+            kept = entry.node_id in self.kept
+            self.kept.discard(entry.node_id)
+            if (kept or node.uplink is None) and entry.node_id != node.node_id and entry.node_id not in node.members:
+                # (kept only because this link vouched for it: see "Without a rendez-vous")
+                log.info("node %s: meta link to %s closed, and nothing else vouches for it: it leaves the directory",
+                         node.name, entry.name)
+                node.directory.remove([entry.node_id])
+
+    def guard(self, update: wire.DirectoryUpdate) -> wire.DirectoryUpdate:
+        """``update`` (from upstream, about to be applied) with the peers a live meta link vouches
+        for kept: left out of its ``left``, added to the last part of a snapshot series that
+        lacks them; those are remembered in ``kept``, and the entries it lists are not any more
+        (see "Without a rendez-vous")."""
+        if update.snapshot:
+            self._series = set()
+        self.kept.difference_update(e.node_id for e in update.joined)
+        series = self._series
+        if series is not None:
+            series.update(e.node_id for e in update.joined)
+            if update.more:
+                return update
+            self._series = None
+            missing = [e for e in self.vouched() if e.node_id not in series and e.node_id != self.node.node_id]
+            if not missing:
+                return update
+            self.kept.update(e.node_id for e in missing)
+            return dataclasses.replace(update, joined=tuple(update.joined) + tuple(missing))
+        spared = [node_id for node_id in update.left if self._linked(node_id)]
+        if not spared:
+            return update
+        self.kept.update(spared)
+        return dataclasses.replace(update, left=tuple(i for i in update.left if i not in spared))
+
+    def _linked(self, peer_id: str) -> bool:
+        link = self.links.get(peer_id)
+        return link is not None and not link.closed
+
+    def vouched(self) -> List[wire.NodeEntry]:
+        """The directory entries of the peers this node has a live meta link with (the entry the
+        link was opened with if the directory has none): what the directory keeps when the
+        uplink is lost (see "Without a rendez-vous")."""
+        out = []
+        for peer_id, link in self.links.items():
+            if not link.closed:
+                entry = self.node.directory.get(peer_id) or link.entry
+                if entry is not None:
+                    out.append(entry)
+        return out
 
     def _on_message(self, link: Link, message) -> None:
         if not isinstance(message, wire.Routed):

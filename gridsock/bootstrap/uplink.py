@@ -336,8 +336,11 @@ class Uplink:
                  host.role, target)
         link.join()
         self.link = None
-        # What we learnt through the uplink is stale now; keep ourselves and our members.
-        host.directory.apply(self._local_entries(), (), replace=True)
+        # What we learnt through the uplink is stale now; keep ourselves, our members and the
+        # peers a live meta link vouches for (gridsock.meta, "Without a rendez-vous").
+        meta = getattr(host, "meta", None)
+        vouched = meta.vouched() if meta is not None else []
+        host.directory.apply(self._local_entries() + vouched, (), replace=True)
         refused, self._refused = self._refused, None
         if refused is not None:
             raise refused
@@ -347,6 +350,9 @@ class Uplink:
             self._on_routed(message)
         elif isinstance(message, wire.DirectoryUpdate):
             host = self.host
+            meta = getattr(host, "meta", None)
+            if meta is not None:  # (peers a live meta link vouches for stay: gridsock.meta)
+                message = meta.guard(message)
             host.directory.apply_update(message, keep=self._local_entries())
             mine = host.directory.get(host.node_id)
             if mine is not None:
