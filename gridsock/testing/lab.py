@@ -672,14 +672,19 @@ class Lab:
         """Run an OpenSSH sshd in the gateway ``host`` too (fec's starts with the lab): a
         front-end given to its cluster, configured as fec's, with a host key of its own that
         known_hosts lists under each of the host's addresses. Returns the gateway as seen from
-        the public side (``root@PUBLIC_ADDRESS:22``) once sshd listens; :meth:`down` ends it.
-        Raises ConfigError for a host that is not a cluster's gateway, LabError if sshd fails.
+        the public side (``root@PUBLIC_ADDRESS:22``) once sshd listens (at once if it already
+        runs); :meth:`down` ends it. Raises ConfigError for a host that is not a cluster's
+        gateway, LabError if sshd fails.
         """
         _check_host(host, tuple(_CLUSTER_OF_GATEWAY))
-        if host == "fec":
-            return self.ssh_gateway_public
+        gateway = f"{SSH_USER}@{PUBLIC_ADDRESSES[host]}:{SSH_PORT}"
+        running = self._state.get("daemons", {}).get(f"sshd-{host}")
+        if host == "fec" or (running is not None and _alive(running)):
+            return gateway  # (already there: once per lab)
         ssh_dir = Path(self.ssh_client_key).parent
         host_key = ssh_dir / f"{host}_host_ed25519"
+        for stale in (host_key, Path(str(host_key) + ".pub")):  # (an sshd started before, now dead)
+            stale.unlink(missing_ok=True)
         self._setup_cmd([_tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-C", f"{host} {self.prefix}",
                          "-f", str(host_key)])
         key_type, key_b64 = Path(str(host_key) + ".pub").read_text().split()[:2]
@@ -695,7 +700,7 @@ class Lab:
             self._state.setdefault("daemons", {})[f"sshd-{host}"] = sshd.pid
             self._save_state()
         self.wait_listening(host, PUBLIC_ADDRESSES[host], SSH_PORT, proc=sshd, log_path=log_path)
-        return f"{SSH_USER}@{PUBLIC_ADDRESSES[host]}:{SSH_PORT}"
+        return gateway
 
     def _start_daemons(self) -> None:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
