@@ -127,9 +127,10 @@ class Grid:
             time.sleep(POLL_S)
 
 
-@pytest.fixture
-def grid(tmp_path, sock_dir):
-    run_dir = sock_dir / "run"
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("restart")
+    run_dir = tmp_path_factory.mktemp("s") / "run"  # (a short path: a Unix socket path must fit in 107 bytes)
     env = dict(os.environ, GRIDSOCK_RUN_DIR=str(run_dir), **STRICT_ENV)
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy",
                  "no_proxy", "NO_PROXY"):
@@ -155,7 +156,8 @@ def restart_nb(grid: Grid) -> None:
     proc, node_id = grid.nodes["nb"]
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=READY_TIMEOUT_S)
-    again = grid.start_node("nb", "B", log="nb-again")
+    grid.restarts = getattr(grid, "restarts", 0) + 1
+    again = grid.start_node("nb", "B", log=f"nb-again-{grid.restarts}")
     again_id = wait_for_line(again, "joined nb ", timeout=READY_TIMEOUT_S).split()[2]
     assert again_id == node_id  # (the state directory: the same identity, the same grid address)
     grid.nodes["nb"] = (again, again_id)
@@ -182,13 +184,13 @@ def test_an_http_server_serves_again_after_its_node_is_killed_and_restarted(grid
     assert server.poll() is None
 
 
-def break_a_connection_by_a_restart(grid: Grid):
+def break_a_connection_by_a_restart(grid: Grid, name: str):
     """A connection from a program on na to a listener of a program on nb (a TLS stack: bridged
     in both nodes), then nb restarted: ``(holder, what the holder's recv saw, what the
     connector's recv saw, port)``."""
-    holder = grid.start_program("nb", "holder", sys.executable, "-c", HOLDER)
+    holder = grid.start_program("nb", f"holder-{name}", sys.executable, "-c", HOLDER)
     port = int(wait_for_line(holder, "listening ", timeout=RUN_TIMEOUT_S).split()[1])
-    connector = grid.start_program("na", "connector", sys.executable, "-c", CONNECTOR, str(port))
+    connector = grid.start_program("na", f"connector-{name}", sys.executable, "-c", CONNECTOR, str(port))
     assert wait_for_line(connector, "connected ", timeout=RUN_TIMEOUT_S) == "connected tls/tcp"
     assert wait_for_line(holder, "accepted ", timeout=RUN_TIMEOUT_S) == "accepted na"
     restart_nb(grid)
@@ -199,7 +201,7 @@ def break_a_connection_by_a_restart(grid: Grid):
 
 
 def test_a_listener_accepts_again_through_the_restarted_node(grid):
-    holder, held, connected, port = break_a_connection_by_a_restart(grid)
+    holder, held, connected, port = break_a_connection_by_a_restart(grid, "accepts")
     # na's end: its stream to the dead node broke, and its bridge resets the program.
     assert connected == "reset"
     grid.wait_listening("nb", port)
@@ -216,7 +218,7 @@ def test_a_listener_accepts_again_through_the_restarted_node(grid):
 @pytest.mark.xfail(strict=True, reason="a SIGKILLed node closes its loopback TCP bridge ends with FIN: "
                                        "gridsock/bridge.py must set SO_LINGER {on, 0} on them from the start")
 def test_the_connection_a_server_held_through_its_killed_node_is_reset(grid):
-    holder, held, _, port = break_a_connection_by_a_restart(grid)
+    holder, held, _, port = break_a_connection_by_a_restart(grid, "reset")
     grid.wait_listening("nb", port)
     again = grid.run("--node", "na", "--", sys.executable, "-c",
                      f"import socket\nsocket.create_connection(('nb', {port}), timeout=60).close()\n")
