@@ -219,6 +219,8 @@ class _GatewayForwards:
             try:
                 transport = self._open()
             except (GridsockError, paramiko.SSHException, OSError, EOFError) as exc:
+                if owner._stopping.is_set():
+                    break
                 log.warning("SSH remote forwards through %s: %s", self.gateway, exc)
                 self._set("down", str(exc))
             else:
