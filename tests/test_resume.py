@@ -5,6 +5,7 @@ one opens, without losing a byte. Plus the frame codec, whole and byte by byte."
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import secrets
 import socket
@@ -174,9 +175,27 @@ class Side:
         assert self.error is None, repr(self.error)
 
 
-def cooperative(sock):
-    """The application's real socket, used from greenlets of this thread (gevent's socket)."""
-    return gsocket.socket(sock.family, sock.type, fileno=sock.detach())
+class cooperative:
+    """The application's real socket, used from greenlets of this thread through gevent's
+    socket over a duplicate of its descriptor; the socket itself stays open until this closes
+    (so the node lists the connection meanwhile)."""
+
+    def __init__(self, sock) -> None:
+        self.original = sock
+        self.socket = gsocket.socket(sock.family, sock.type, fileno=os.dup(sock.fileno()))
+
+    def __getattr__(self, name):
+        return getattr(self.socket, name)
+
+    def close(self) -> None:
+        self.socket.close()
+        self.original.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def open_pair(grid, client: str, server: str, stack: str, port: int):
@@ -362,6 +381,8 @@ def test_a_relayed_connection_moves_to_a_direct_path_when_one_opens(grid, monkey
         seen.append(stream)
         seen.append(the_stream(grid["L2"], initiator=False))
         assert stream.state["method"] == "relay" and stream.state["upgrades"] == 0
+        listed = [c["resume"] for c in client.status()["connections"] if "resume" in c]
+        assert listed == [stream.state], listed  # gridsock status shows the layer's state
         client.assembler.rules = client.rules  # "the firewall opens": direct methods are candidates
         wait_for(lambda: stream.state["upgrades"] >= 1, "the upgrade")
         upgraded.set()
@@ -373,5 +394,6 @@ def test_a_relayed_connection_moves_to_a_direct_path_when_one_opens(grid, monkey
         client.assembler.rules = client.rules
     assert a.sent_bytes > 4 * 1024 * 1024  # bytes went before, during and after the switch
     client_end, server_end = seen
+    assert client_end.state["upgrade_tries"] >= 1
     assert client_end.state["method"] in ("tcp", "reverse") and client_end.state["upgrades"] == 1
     assert server_end.state["method"] == client_end.state["method"] and server_end.state["resumes"] == 1

@@ -245,9 +245,11 @@ class ResumeStream(Stream):
         self._reopen = reopen
         self._upgrades = upgrades
         self._current_layers = current_layers  # initiator: the method layers of the lower stream now
-        #: What ``gridsock status`` shows of this layer (live): the method under it, resumes, upgrades.
+        #: What ``gridsock status`` shows of this layer (live): the method under it, resumes, upgrades
+    #: (and upgrade attempts, with the last one's error), whether it is suspended, the last break.
         self.state: Dict[str, Any] = {"id": session_id, "method": method, "resumes": 0, "upgrades": 0,
-                                      "suspended": False, "last_break": None}
+                                      "upgrade_tries": 0, "last_upgrade_error": None, "suspended": False,
+                                      "last_break": None}
         detail = dict(lower.info.get("detail") or {}) if isinstance(lower.info, dict) else {}
         detail["resume"] = self.state
         self.info = {**(lower.info if isinstance(lower.info, dict) else {}), "resume": self.state, "detail": detail}
@@ -535,6 +537,7 @@ class ResumeStream(Stream):
         self._readable.set()
         self._changed.set()
         self._forget()
+        self._stop_background()
         if lower is not None:
             gevent.spawn(_close_orderly, lower)
 
@@ -555,6 +558,7 @@ class ResumeStream(Stream):
         self.state["suspended"] = True
         self.state["last_break"] = why
         self._suspended_at = time.monotonic()
+        self._background = [g for g in self._background if not g.dead]
         self._background.append(gevent.spawn(self._expire, self._gen))
         if self.initiator:
             self._background.append(gevent.spawn(self._resume_loop, self._gen))
@@ -609,10 +613,12 @@ class ResumeStream(Stream):
                 continue  # the resumer is at work
             better = self._upgrades()  # (none now: a firewall may open later)
             for layers in better:
+                self.state["upgrade_tries"] += 1
                 try:
                     with self._reopening:
                         lower = self._reopen(layers, ATTEMPT_TIMEOUT_S)
                 except ConnectError as exc:
+                    self.state["last_upgrade_error"] = f"{_layers_text(layers)}: {exc}"[:200]
                     if exc.code is not None and exc.code != "unreachable":
                         log.info("%r: %s refused an upgrade to %s (%s): not trying again", self, self.peer_name,
                                  _layers_text(layers), exc.code)
@@ -652,7 +658,7 @@ class ResumeStream(Stream):
     def take_token(self, token: bytes, client_id: str) -> Optional[bytes]:
         """Responder: the token of a resume request from ``client_id``; the next token if it is
         the one issued (it is then spent), else None."""
-        if (self._broken is not None or self._finished or self._closed or self._token is None
+        if (self._broken is not None or self._finished or self._token is None
                 or client_id != self.peer_id or not hmac.compare_digest(token, self._token)):
             return None
         self._token = secrets.token_bytes(RESUME_TOKEN_BYTES)

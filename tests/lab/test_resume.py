@@ -1,0 +1,146 @@
+"""The resume layer in the lab: a relayed connection moves to a direct path when a firewall opens.
+
+a2 (cluster A, behind gwa's NAT) talks to the echo service inside b2's node (cluster B, behind
+fwb's firewall) over ``tls/resume/relay`` (a2 > a1 > rendezvous > b1 > b2), from a program
+under ``gridsock run`` that sends random data all along and reads the echo. While fwb drops
+everything between A and B (two rules in its FORWARD chain), the relay is the only path and
+a2's tries of the better method its rules list for b2 (``splice``) fail. Then the rules go: the
+next try connects, the connection moves to it at a byte boundary, and the program, told to
+finish, finds every byte it sent echoed back, in order (SHA-256 both ways), never knowing.
+
+(The issue names C and A. In this lab cluster C has no route out at all, by design: no direct
+method between C and A can become possible by opening a firewall rule. A and B are the pair
+whose direct path a firewall decides.)
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from gridsock.bootstrap.control import call
+from gridsock.testing.procs import wait_for_line
+
+from .gridsession import ECHO_PORT, make_grid
+from .test_breaks import Programs
+
+pytestmark = pytest.mark.timeout(600)
+
+# A program (interpreter start, the connection, the stream) reaches each of its lines within this.
+APP_TIMEOUT_S = 120.0
+# An upgrade try (at most resume.ATTEMPT_TIMEOUT_S) and the backoff before the next one: the
+# tries come at 2, 4, 8, 16 s intervals (UPGRADE_INITIAL_S doubling) after they fail.
+UPGRADE_WAIT_S = 120.0
+STACK = "tls/resume/relay"
+# Both directions between cluster A (seen as gwa's address) and cluster B, at fwb.
+BLOCK_A = [["FORWARD", "-s", "203.0.113.2", "-j", "DROP"], ["FORWARD", "-d", "203.0.113.2", "-j", "DROP"]]
+
+CLIENT = """
+    import hashlib, os, sys, threading
+    from gridsock.agentclient import AgentClient
+
+    peer, port, stack = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    sock, info = AgentClient.from_env().connect(peer, port, stack=stack, timeout=60)
+    print("connected", info["stack"], flush=True)
+    sock.settimeout(120)
+    finish = threading.Event()
+    sent, received = hashlib.sha256(), hashlib.sha256()
+    counts = [0, 0]
+    errors = []
+
+    def send():
+        try:
+            while not finish.is_set():
+                block = os.urandom(65536)
+                sock.sendall(block)
+                sent.update(block)
+                counts[0] += len(block)
+            sock.shutdown(1)
+        except OSError as exc:
+            errors.append(repr(exc))
+
+    def receive():
+        told = False
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                received.update(data)
+                counts[1] += len(data)
+                if not told and counts[1] >= 4 << 20:
+                    print("streaming", counts[1], flush=True)
+                    told = True
+        except OSError as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=send), threading.Thread(target=receive)]
+    for thread in threads:
+        thread.start()
+    sys.stdin.readline()  # the test opened the firewall and saw the upgrade meanwhile
+    finish.set()
+    for thread in threads:
+        thread.join(120)
+    print("RESULT", counts[0], sent.hexdigest(), counts[1], received.hexdigest(), errors or "ok", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def grid(lab, tmp_path_factory):
+    yield from make_grid(lab, tmp_path_factory)
+
+
+@pytest.fixture
+def programs(grid):
+    p = Programs(grid)
+    yield p
+    p.stop()
+
+
+def firewall(grid, action: str) -> None:
+    for rule in BLOCK_A:
+        grid.lab.run("fwb", ["iptables", action, *rule], check=True)
+
+
+def resume_state(grid, node: str) -> dict:
+    """The resume state of ``node``'s one connection with the layer (gridsock status)."""
+    found = [c["resume"] for c in call(grid.control(node), "status")["connections"]
+             if c.get("resume") and c["stack"] == STACK]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def wait_state(grid, node: str, condition, what: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = resume_state(grid, node)
+        if condition(state):
+            return state
+        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what} (last: {state})"
+        time.sleep(0.2)
+
+
+def test_a_relayed_connection_moves_to_a_direct_path_when_the_firewall_opens(grid, programs):
+    firewall(grid, "-I")
+    opened = False
+    try:
+        proc = programs.script("a2", CLIENT, "b2", str(ECHO_PORT), STACK)
+        assert wait_for_line(proc, "connected", timeout=APP_TIMEOUT_S).split()[1] == STACK
+        wait_for_line(proc, "streaming", timeout=APP_TIMEOUT_S)
+        state = wait_state(grid, "a2", lambda s: s["upgrade_tries"] >= 1 and s["last_upgrade_error"],
+                           "a failed upgrade try while the firewall drops A<->B", UPGRADE_WAIT_S)
+        assert state["method"] == "relay" and state["upgrades"] == 0, state
+        firewall(grid, "-D")
+        opened = True
+        state = wait_state(grid, "a2", lambda s: s["upgrades"] >= 1, "the upgrade", UPGRADE_WAIT_S)
+        assert state["method"] == "splice", state
+        assert resume_state(grid, "b2")["method"] == "splice"
+        proc.stdin.write(b"finish\n")
+        proc.stdin.flush()
+        result = wait_for_line(proc, "RESULT", timeout=APP_TIMEOUT_S).split()
+        sent_n, sent_sha, received_n, received_sha, errors = result[1:6]
+        assert errors == "ok", result
+        assert int(sent_n) > 4 << 20 and (sent_n, sent_sha) == (received_n, received_sha), result
+    finally:
+        if not opened:
+            firewall(grid, "-D")
