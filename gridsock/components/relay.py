@@ -3,7 +3,14 @@
 Theory of operation
 -------------------
 Both ends of a relayed connection are :class:`RelayStream` objects, one in each node, named by
-``(peer node id, connection id)``; the client picks the connection id. Their bytes travel as
+``(peer node id, connection id)``; the client picks the connection id. Two nodes may open
+relayed connections to each other at the same moment, each picking an id, and both ids name a
+connection in the same table at each end: so the ids a node picks for a peer are even when its
+own node id sorts before the peer's, odd otherwise (:meth:`RelayManager.new_conn_id`), and the
+two directions of a pair never pick the same id. A node's ids start at a random point (a
+restarted node, same id, does not reuse what its peers may still hold) and skip any id still
+in use with that peer. (A responder takes any id that is free, as older nodes picked theirs
+from 1 up in both directions.) Their bytes travel as
 routed messages with topic ``relay`` along the bootstrap tree (the same path for the whole
 life of the connection, so the links' FIFO order is the stream's order). Each message's
 payload starts with a header ``conn_id: u32 | type: u8 | value: u32``:
@@ -53,8 +60,8 @@ rest of the per-byte cost (docs/benchmarks.md, "Relay: where the time goes").
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
+import secrets
 import struct
 import time
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
@@ -62,6 +69,7 @@ from typing import Any, Callable, Deque, Dict, Optional, Tuple
 import gevent
 import gevent.event
 
+from .. import memory
 from ..errors import BrokenStreamError, RemoteProtocolError
 from ..methods import Initiation, InitiatorContext, Method, ResponderContext
 from ..streams import DEFAULT_RECEIVE_BYTES, Stream
@@ -116,7 +124,7 @@ class RelayMethod(Method):
 
     def initiate(self, ctx: InitiatorContext) -> Initiation:
         relay = ctx.node.relay
-        return _RelayOpening(relay.open(ctx.peer.node_id, relay.new_conn_id()))
+        return _RelayOpening(relay.open(ctx.peer.node_id, relay.new_conn_id(ctx.peer.node_id, ctx.me.node_id)))
 
     def respond(self, ctx: ResponderContext) -> Dict[str, Any]:
         conn = ctx.offer.get("conn")
@@ -221,6 +229,7 @@ class RelayStream(Stream):
         if not self._reset:
             self._manager.transmit(self, RESET, 0, b"", quiet=True)
         self._manager.forget(self)
+        self._chunks.clear()  # what arrived and was never read goes now, not with the object
         self._readable.set()
         self._writable.set()
 
@@ -309,13 +318,27 @@ class RelayManager:
     def __init__(self, send: Callable[[str, bytes], None]) -> None:
         self._send = send
         self._streams: Dict[Tuple[str, int], RelayStream] = {}
-        self._conn_ids = itertools.count(1)
+        # The next id is drawn from here (its parity is set by the pair: see new_conn_id);
+        # a random start, so that a node restarted under the same id does not reuse the ids
+        # of its previous life that its peers may still hold.
+        self._next_conn_id = secrets.randbelow(2**32)
 
     def __len__(self) -> int:
         return len(self._streams)
 
-    def new_conn_id(self) -> int:
-        return next(self._conn_ids) & 0xFFFFFFFF
+    def new_conn_id(self, peer_id: str, local_id: str) -> int:
+        """A connection id for a new relayed connection this node opens to ``peer_id``: even
+        if ``local_id`` (this node's id) sorts before ``peer_id``, odd if after, so that the
+        ids the two nodes of a pair pick never meet (see the module docstring); never one in
+        use with ``peer_id``. Raises RuntimeError if every id of that parity is in use (2^31
+        connections with one peer: never)."""
+        parity = 0 if local_id < peer_id else 1
+        for _ in range(len(self._streams) + 1):  # a free one among the next len + 1 candidates
+            conn_id = ((self._next_conn_id & ~1) | parity) & 0xFFFFFFFF
+            self._next_conn_id = (conn_id + 2) & 0xFFFFFFFF
+            if (peer_id, conn_id) not in self._streams:
+                return conn_id
+        raise RuntimeError(f"no free relayed connection id with {peer_id}")
 
     def open(self, peer_id: str, conn_id: int) -> RelayStream:
         """Make the local end of relayed connection ``conn_id`` with ``peer_id``."""
@@ -329,6 +352,7 @@ class RelayManager:
     def forget(self, stream: RelayStream) -> None:
         if self._streams.get((stream.peer_id, stream.conn_id)) is stream:
             del self._streams[(stream.peer_id, stream.conn_id)]
+            memory.trim_soon()  # its window's worth of frames may have been freed just now
 
     def transmit(self, stream: RelayStream, kind: int, value: int, data, *, quiet: bool = False) -> None:
         # The one copy of the data on this node: into the payload, after its header.
