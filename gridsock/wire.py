@@ -79,6 +79,8 @@ __all__ = [
     "Decoder",
     "encode",
     "encode_parts",
+    "encode_once",
+    "Encoded",
     "directory_updates",
     "is_node_id",
     "check_name",
@@ -502,8 +504,8 @@ class Register(_Message):
     CHECKS: ClassVar[Dict[str, Any]] = {"entries": _list(_entry, MAX_ENTRIES_PER_UPDATE)}
 
     @classmethod
-    def _convert(cls, values):
-        return {"entries": tuple(NodeEntry.from_json(e) for e in values["entries"])}
+    def from_header(cls, header: dict, payload: bytes):
+        return cls(**_entries_parsed_once(header, cls, ("entries",)))
 
 
 @dataclass(frozen=True)
@@ -537,12 +539,27 @@ class DirectoryUpdate(_Message):
     DEFAULTS: ClassVar[Dict[str, Any]] = {"joined": [], "left": [], "snapshot": False, "more": False}
 
     @classmethod
-    def _convert(cls, values):
-        return dict(
-            values,
-            joined=tuple(NodeEntry.from_json(e) for e in values["joined"]),
-            left=tuple(values["left"]),
-        )
+    def from_header(cls, header: dict, payload: bytes):
+        values = _entries_parsed_once(header, cls, ("joined",))
+        return cls(**dict(values, left=tuple(values["left"])))
+
+
+def _entries_parsed_once(header: dict, cls, keys: Tuple[str, ...]) -> dict:
+    """``header``'s fields checked as ``cls.CHECKS`` says, with the entry lists under ``keys``
+    parsed into NodeEntry objects, each entry once (checking an entry is parsing it: a
+    directory update of a thousand entries is decoded by every leader and member, so this is
+    most of what a join storm costs them). Raises ValueError as ``_check_object`` does."""
+    shallow = {k: (_list(lambda v: None, MAX_ENTRIES_PER_UPDATE) if k in keys else c) for k, c in cls.CHECKS.items()}
+    values = _check_object(header, shallow, cls.DEFAULTS)
+    for key in keys:
+        entries = []
+        for i, item in enumerate(values[key]):
+            try:
+                entries.append(NodeEntry.from_json(item))
+            except ValueError as exc:
+                raise ValueError(f"field {key!r} item {i} {exc}") from None
+        values[key] = tuple(entries)
+    return values
 
 
 ROUTED_KINDS = ("msg", "req", "rep", "err")
@@ -797,7 +814,7 @@ _BY_TYPE: Dict[int, Type[_Message]] = {
 }
 
 
-def encode(message: _Message, *, checked: bool = True) -> bytes:
+def encode(message: Union[_Message, "Encoded"], *, checked: bool = True) -> bytes:
     """Return the frame for ``message``.
 
     Raises LocalProtocolError if the message breaks a field rule or a limit: we never send what
@@ -808,10 +825,12 @@ def encode(message: _Message, *, checked: bool = True) -> bytes:
     return head + payload if payload else head
 
 
-def encode_parts(message: _Message, *, checked: bool = True) -> Tuple[bytes, Any]:
+def encode_parts(message: Union[_Message, "Encoded"], *, checked: bool = True) -> Tuple[bytes, Any]:
     """The frame for ``message`` in two parts, ``(head, payload)``: written one after the
     other they are :func:`encode`'s bytes. The payload is the message's own object, not a
     copy, so a large one can be written without joining it to its head. Raises as ``encode``."""
+    if isinstance(message, Encoded):
+        return message.head, message.payload
     cls = type(message)
     if _BY_TYPE.get(getattr(cls, "TYPE", -1)) is not cls:
         raise LocalProtocolError(f"not a wire message: {message!r}")
@@ -830,6 +849,24 @@ def encode_parts(message: _Message, *, checked: bool = True) -> Tuple[bytes, Any
         raise LocalProtocolError(f"{cls.__name__} of {length} bytes exceeds MAX_FRAME_BYTES ({MAX_FRAME_BYTES})")
     head = _FRAME.pack(length, PROTOCOL_VERSION, cls.TYPE) + _HEADER_LEN.pack(len(header_bytes)) + header_bytes
     return head, payload
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A message encoded once (:func:`encode_once`), to be queued on many links: ``encode`` and
+    ``encode_parts`` give its frame back as it is, without encoding (nor checking) it again.
+    ``kind`` is the message's type name."""
+
+    head: bytes
+    payload: Any
+    kind: str
+
+
+def encode_once(message: _Message, *, checked: bool = True) -> Encoded:
+    """``message`` encoded now, for sending the same frame on many links (a directory update
+    to every leader). Raises as ``encode``."""
+    head, payload = encode_parts(message, checked=checked)
+    return Encoded(head, payload, type(message).__name__)
 
 
 def _refuse_constant(name: str):

@@ -11,6 +11,15 @@ another id that asks for either while its holder is linked, or within ``NAME_GRA
 was lost, is refused. A holder that leaves cleanly, or an operator (``release``), ends the
 binding at once; the holder coming back (same id, from its state directory) gets it back at once.
 
+Broadcasts (:class:`Broadcaster`): the rendez-vous node passes every directory change on to
+every leader, and a leader to every member, coalesced: the node ids that changed are gathered
+for ``BROADCAST_INTERVAL_S`` after the last broadcast (or until ``BROADCAST_BATCH_ENTRIES`` of
+them wait), then one update carries the current state of each (its entry, or its id as left),
+encoded once and queued on every link. A link that just came up gets, at that same moment, the
+whole directory (a snapshot series, also encoded once for all the links that came up meanwhile)
+instead. So a join storm of N nodes costs the rendez-vous node one update per interval per
+leader, not one per join per leader; a first change after a quiet interval goes out at once.
+
 Bounds: a leader has at most ``MAX_MEMBERS`` members, and what a status reply carries of the
 directory is at most ``STATUS_MAX_BYTES`` of JSON (:meth:`Directory.to_json` with ``max_bytes``),
 so a large grid never makes a control reply outgrow the frame limit.
@@ -22,12 +31,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
+import gevent
 import gevent.event
 
 from .. import wire
 
 __all__ = ["Directory", "RENDEZVOUS_NAME", "LEAVE_TOPIC", "REFUSED_TOPIC", "MAX_MEMBERS", "NAME_GRACE_S", "STATUS_MAX_BYTES", "Binding", "Bindings",
-           "bounded_json"]
+           "bounded_json", "Broadcaster", "BROADCAST_INTERVAL_S", "BROADCAST_BATCH_ENTRIES"]
 
 # The name that addresses the rendez-vous node itself in routed messages; no node may take it.
 RENDEZVOUS_NAME = "rendezvous"
@@ -47,6 +57,13 @@ NAME_GRACE_S = 60.0
 # What a status reply carries of a list (directory entries, links) at most, as JSON: well
 # under the frame limit (wire.MAX_FRAME_BYTES, 4 MiB), whatever else the reply holds.
 STATUS_MAX_BYTES = 1024 * 1024
+# Directory changes are gathered this long after a broadcast before the next one goes out: a
+# join storm then costs one update per interval on each link, not one per join; a change seen
+# after a quiet interval goes out at once. Two hops (rendez-vous -> leader -> member) add at
+# most twice this to the time a change takes to reach every directory.
+BROADCAST_INTERVAL_S = 0.1
+# ... or until this many node ids wait (one update's worth): then the broadcast goes out now.
+BROADCAST_BATCH_ENTRIES = wire.MAX_ENTRIES_PER_UPDATE
 
 
 def bounded_json(items: Iterable[dict], max_bytes: int) -> Tuple[List[dict], int]:
@@ -324,3 +341,106 @@ class Directory:
         local = list(keep)
         local_ids = {e.node_id for e in local}
         return self.apply([e for e in pending if e.node_id not in local_ids] + local, (), replace=True)
+
+
+class Broadcaster:
+    """Directory changes passed on to a set of links, coalesced and encoded once (see the
+    module docstring).
+
+    ``directory`` is the directory whose changes go out (its current entries are what is
+    sent); ``targets()`` returns the links to send to (objects with ``send(message)`` and
+    ``closed``). Call :meth:`changed` with every change (a :meth:`Directory.add_listener`
+    listener), :meth:`welcome` with each new link (instead of sending it a snapshot), and
+    :meth:`close` when the owner stops. ``clock`` is injected for tests.
+    """
+
+    def __init__(self, directory: "Directory", targets: Callable[[], Iterable], *,
+                 interval_s: float = BROADCAST_INTERVAL_S, batch_entries: int = BROADCAST_BATCH_ENTRIES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.directory = directory
+        self.interval_s = interval_s
+        self.batch_entries = batch_entries
+        self._targets = targets
+        self._clock = clock
+        self._pending: Dict[str, None] = {}  # node ids changed since the last broadcast, in order
+        self._fresh: List = []  # links that get a snapshot at the next broadcast
+        self._last = float("-inf")
+        self._timer: Optional[gevent.Greenlet] = None
+        self._timer_at = 0.0
+        # What went out (for status, tests and benchmarks): broadcasts, updates queued, snapshots.
+        self.counters: Dict[str, int] = {"broadcasts": 0, "updates": 0, "snapshots": 0}
+
+    def changed(self, joined: Iterable[wire.NodeEntry], left: Iterable[wire.NodeEntry]) -> None:
+        """Entries ``joined`` (added or changed) and ``left`` (gone) go out with the next broadcast."""
+        for entry in joined:
+            self._pending[entry.node_id] = None
+        for entry in left:
+            self._pending[entry.node_id] = None
+        if self._pending:
+            self._schedule()
+
+    def welcome(self, link) -> None:
+        """``link`` came up: it gets the whole directory with the next broadcast (and no update
+        before that)."""
+        self._fresh.append(link)
+        self._schedule()
+
+    def close(self) -> None:
+        """Stop: nothing more goes out."""
+        if self._timer is not None:
+            self._timer.kill(block=False)
+            self._timer = None
+        self._pending.clear()
+        self._fresh.clear()
+
+    def _schedule(self) -> None:
+        now = self._clock()
+        at = now if len(self._pending) >= self.batch_entries else max(now, self._last + self.interval_s)
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.kill(block=False)  # (a full batch goes sooner than the timer would)
+        self._timer_at = at
+        self._timer = gevent.spawn_later(at - now, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what waits now: one update (or a few, within the size limits) with the current
+        state of every node id that changed, to every link but the new ones; the whole
+        directory to the new ones."""
+        self._last = self._clock()
+        pending, self._pending = self._pending, {}
+        fresh, self._fresh = self._fresh, []
+        directory = self.directory
+        update = []
+        if pending:
+            joined, left = [], []
+            for node_id in pending:
+                entry = directory.get(node_id)
+                if entry is None:
+                    left.append(node_id)
+                else:
+                    joined.append(entry)
+            step = wire.MAX_ENTRIES_PER_UPDATE  # (joined and left in one message, each within the limit)
+            update = [wire.encode_once(wire.DirectoryUpdate(joined=tuple(joined[i : i + step]), left=tuple(left[i : i + step])))
+                      for i in range(0, max(len(joined), len(left)), step)]
+        snapshot = [wire.encode_once(u) for u in directory.snapshot_updates()] if fresh else []
+        fresh_ids = {id(link) for link in fresh}
+        sent = 0
+        if update:
+            for link in list(self._targets()):
+                if id(link) in fresh_ids or link.closed:
+                    continue
+                for frame in update:
+                    link.send(frame)
+                sent += 1
+        for link in fresh:
+            if not link.closed:
+                for frame in snapshot:
+                    link.send(frame)
+                self.counters["snapshots"] += 1
+        self.counters["broadcasts"] += 1
+        self.counters["updates"] += sent

@@ -47,7 +47,7 @@ from typing import Callable, Dict, List, Optional
 
 from .. import wire
 from ..errors import RemoteProtocolError, RoutingError
-from .directory import LEAVE_TOPIC, MAX_MEMBERS, NAME_GRACE_S, RENDEZVOUS_NAME, Bindings
+from .directory import LEAVE_TOPIC, MAX_MEMBERS, NAME_GRACE_S, RENDEZVOUS_NAME, Bindings, Broadcaster
 from .link import LINK_TIMEOUT_S, PING_INTERVAL_S, Link, send_message
 from .nodeport import authenticate, refuse
 from .routing import Delivery
@@ -114,6 +114,8 @@ class LeaderService:
         self._send_up = send_up
         self._ping_interval_s = ping_interval_s
         self._link_timeout_s = link_timeout_s
+        # Directory changes go out to every member coalesced, encoded once.
+        self._broadcaster = Broadcaster(host.directory, self.members.values)
 
     def link_for(self, node_id: str) -> Optional[Link]:
         """The link to member ``node_id``, or None if it is not one of ours."""
@@ -124,6 +126,7 @@ class LeaderService:
         return [link.entry for link in self.members.values() if not link.closed and link.entry is not None]
 
     def close_all(self, reason: str = "leader stopping") -> None:
+        self._broadcaster.close()
         for link in list(self.members.values()):
             link.close(reason)
 
@@ -199,9 +202,8 @@ class LeaderService:
         link.entry = entry
         link.send(wire.Welcome(entry, host.session.session_id))
         host.directory.put([entry])  # tells the other members
-        for part in host.directory.snapshot_updates():
-            link.send(part)
         self.members[node_id] = link
+        self._broadcaster.welcome(link)  # (the whole directory, with the next broadcast)
         self.names.bind(hello.name, node_id)
         link.start()
         self._send_up(wire.Register((entry,)))
@@ -234,13 +236,10 @@ class LeaderService:
     # --- member links ------------------------------------------------------------------------
 
     def on_directory_change(self, joined, left) -> None:
-        """Pass a directory change on to every member."""
-        if not self.members:
-            return
-        updates = wire.directory_updates(joined, [e.node_id for e in left])
-        for link in list(self.members.values()):
-            for update in updates:
-                link.send(update)
+        """Pass a directory change on to every member (with the next broadcast: coalesced,
+        encoded once; :class:`~gridsock.bootstrap.directory.Broadcaster`)."""
+        if self.members:
+            self._broadcaster.changed(joined, left)
 
     def _on_message(self, link: Link, message) -> None:
         if isinstance(message, wire.Routed):

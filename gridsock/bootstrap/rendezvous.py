@@ -17,9 +17,13 @@ leader can only speak for its own cluster) and ``Routed`` messages, which the re
 sends on to the destination's leader (see :mod:`.routing`). When a leader's link breaks, the
 leader and all its members leave the directory and every other leader is told.
 
-Reachability: after a node registers, the rendez-vous node dials back each address the node
+Reachability: after a node registers, the rendez-vous node dials back the addresses the node
 advertises (as libp2p's AutoNAT does), runs TLS and checks that the node's own certificate
-answers; ``inbound`` in the directory entry records the outcome.
+answers; ``inbound`` in the directory entry records the outcome. The checks are bounded
+(:mod:`.dialback`): at most ``MAX_REGISTERED_ADDRS`` addresses per node, only addresses the
+node plausibly owns (judged from its leader link's source address), results cached per
+address, and rate limits per registering leader and for the whole node; so no node can make
+the rendez-vous node connect anywhere at will.
 
 Members enroll through their leader: the leader sends their ``Enroll`` here as a routed
 request with topic ``enroll`` addressed to the name ``rendezvous``.
@@ -52,17 +56,18 @@ import json
 import logging
 import ssl
 import uuid
-from typing import TYPE_CHECKING, Dict, List, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NoReturn, Optional
 
 import gevent
 from gevent import socket as gsocket
 
 from .. import __version__, wire
-from ..errors import AuthError, BrokenStreamError, ConfigError, ConnectError, RemoteProtocolError
+from ..errors import AuthError, BrokenStreamError, ConfigError, RemoteProtocolError
 from ..session import (CertificateAuthority, ClusterTokens, Identity, Session, client_context, cluster_file_name,
                        peer_identity, server_context)
 from .control import ControlServer, control_path
-from .directory import LEAVE_TOPIC, MAX_MEMBERS, REFUSED_TOPIC, NAME_GRACE_S, RENDEZVOUS_NAME, STATUS_MAX_BYTES, Bindings, Directory, bounded_json
+from .dialback import DialBack, bounded_addrs
+from .directory import LEAVE_TOPIC, MAX_MEMBERS, REFUSED_TOPIC, NAME_GRACE_S, RENDEZVOUS_NAME, STATUS_MAX_BYTES, Bindings, Broadcaster, Directory, bounded_json
 from .link import DEAD_PEER_S, HANDSHAKE_TIMEOUT_S, Link, read_message, send_message, tune_socket
 from .routing import error_reply, forwarded, is_bulk
 from .transport import Address, dial, listen, parse_address, tls_client, tls_server
@@ -79,6 +84,11 @@ log = logging.getLogger(__name__)
 # links (rendez-vous -> leaders -> members), which takes well under a second.
 LEAVE_BOUND_S = DEAD_PEER_S + 2.0
 
+# Connections the kernel holds for the rendez-vous port until it accepts them: every leader of a
+# large grid may dial at once (a restart of this node, a join storm); beyond the backlog their
+# SYNs are dropped, and each retry costs them a second or more.
+RENDEZVOUS_BACKLOG = 1024
+
 # A dial-back to an advertised address that has not completed TLS after this long fails:
 # firewalls that drop packets make the connect hang, not fail.
 DIALBACK_TIMEOUT_S = 3.0
@@ -88,7 +98,8 @@ class RendezvousNode:
     """The rendez-vous node of one session; ``start()`` it, then ``stop()`` it."""
 
     def __init__(self, session: Session, *, listen_address: str | None = None, control: str | None = None,
-                 metrics: str | None = None, name_grace_s: float = NAME_GRACE_S, max_members: int = MAX_MEMBERS) -> None:
+                 metrics: str | None = None, name_grace_s: float = NAME_GRACE_S, max_members: int = MAX_MEMBERS,
+                 dialback_options: Optional[Mapping[str, Any]] = None) -> None:
         self.session = session
         self.id = session.session_id
         self.name = RENDEZVOUS_NAME
@@ -97,6 +108,9 @@ class RendezvousNode:
         )
         self.directory = Directory()
         self.leaders: Dict[str, Link] = {}
+        # Directory changes go out to every leader coalesced, encoded once (directory.Broadcaster).
+        self._broadcaster = Broadcaster(self.directory, self.leaders.values)
+        self.directory.add_listener(self._broadcaster.changed)
         # Node names and cluster names, bound to the node ids that hold them (see the docstring).
         self.names = Bindings("node name", grace_s=name_grace_s)
         self.clusters = Bindings("cluster", release_command="gridsock release --cluster {}", grace_s=name_grace_s)
@@ -108,6 +122,8 @@ class RendezvousNode:
         self._sock: Optional[gsocket.socket] = None
         self._greenlets: List[gevent.Greenlet] = []
         self._verdicts: list = []
+        # Dial-back reachability checks, bounded (keywords of DialBack: limits, clock).
+        self.dialback = DialBack(self._probe, **dict(dialback_options or {}))
         # Routed messages by what this node did with them (for metrics; see Router.counters).
         self.routed: Dict[str, int] = {"forwarded": 0, "delivered": 0, "dropped": 0}
         # Prometheus metrics (gridsock.metrics), served from start() when an address is given.
@@ -139,6 +155,7 @@ class RendezvousNode:
         if self._metrics is not None and self._metrics_address is not None:
             self._metrics.serve(self._metrics_address)  # first: a port in use fails before anything runs
         self._sock = listen(self.listen_address)
+        self._sock.listen(RENDEZVOUS_BACKLOG)  # (a join storm: connections wait for accept, not SYN retries)
         if self._control_path:
             self._control = ControlServer(self._control_path, self._control_op).start()
         self._greenlets.append(gevent.spawn(self._accept_loop))
@@ -148,6 +165,7 @@ class RendezvousNode:
     def stop(self) -> None:
         for g in self._greenlets:
             g.kill(block=False)
+        self._broadcaster.close()
         if self._metrics is not None:
             self._metrics.stop()
         if self._sock is not None:
@@ -277,7 +295,7 @@ class RendezvousNode:
             cluster=hello.cluster,
             leader=node_id,
             role="leader",
-            addrs=hello.addrs,
+            addrs=bounded_addrs(hello.addrs, f"leader {hello.name} ({label})"),
             observed=f"{addr[0]}:{addr[1]}" if ":" not in addr[0] else f"[{addr[0]}]:{addr[1]}",
             inbound=None,
             gateways=hello.gateways,
@@ -296,8 +314,7 @@ class RendezvousNode:
         self._update([entry], [])
         self.leaders[node_id] = link
         link.send(wire.Welcome(entry, self.id))
-        for part in self.directory.snapshot_updates():
-            link.send(part)
+        self._broadcaster.welcome(link)  # (the whole directory, with the next broadcast)
         link.start()
         log.info("leader %s (%s, cluster %s) joined from %s", hello.name, node_id, hello.cluster, label)
         if entry.addrs:
@@ -333,13 +350,8 @@ class RendezvousNode:
     # --- directory ---------------------------------------------------------------------------
 
     def _update(self, joined, left) -> None:
-        added, gone = self.directory.apply(joined, left)
-        if not (added or gone):
-            return
-        updates = wire.directory_updates(added, [e.node_id for e in gone])
-        for link in list(self.leaders.values()):
-            for update in updates:
-                link.send(update)
+        # Every leader hears of it with the next broadcast (self._broadcaster listens).
+        self.directory.apply(joined, left)
 
     def _on_leader_close(self, link: Link, leader: wire.NodeEntry) -> None:
         if self.leaders.get(leader.node_id) is not link:
@@ -384,7 +396,8 @@ class RendezvousNode:
                         continue
                     room -= 1
                 # No address advertised: nothing to dial back, the verdict is known.
-                accepted.append(dataclasses.replace(entry, observed=None, inbound=None if entry.addrs else False))
+                addrs = bounded_addrs(entry.addrs, f"{link.label}: member {entry.name}")
+                accepted.append(dataclasses.replace(entry, addrs=addrs, observed=None, inbound=None if addrs else False))
             if over:
                 log.warning("%s: ignoring %d registration(s): a leader has at most %d members (MAX_MEMBERS)",
                             link.label, over, self.max_members)
@@ -512,16 +525,11 @@ class RendezvousNode:
         gevent.spawn(self._dialback, entry)
 
     def _dialback(self, entry: wire.NodeEntry) -> None:
-        reasons = []
-        inbound = False
-        for text in entry.addrs:
-            try:
-                self._probe(parse_address(text), entry.node_id)
-            except (ConnectError, ConfigError, OSError, TimeoutError, AuthError) as exc:
-                reasons.append(f"{text}: {exc}")
-                continue
-            inbound = True
-            break
+        # A leader registers itself and its members: the limits are its, and the addresses it
+        # plausibly owns are judged from where its link comes from.
+        leader = entry if entry.leader == entry.node_id else self.directory.get(entry.leader)
+        inbound, reasons = self.dialback.check(entry.node_id, entry.addrs, registrar=entry.leader,
+                                               observed=leader.observed if leader is not None else None)
         log.info("dial-back to %s: %s%s", entry.name, "reachable" if inbound else "not reachable",
                  "" if inbound or not reasons else f" ({'; '.join(reasons)})")
         # Verdicts are applied in batches: a burst of registrations makes one update per batch,
@@ -540,19 +548,24 @@ class RendezvousNode:
             changed.append(dataclasses.replace(current, inbound=inbound))
         self._update(changed, [])
 
-    def _probe(self, address: Address, node_id: str) -> None:
+    def _probe(self, address: Address, node_id: str) -> str:
+        """Dial ``address`` (for node ``node_id``); return the id of the node that answered
+        there ("" in a plain-TCP session). Raises ConnectError, AuthError, OSError or TimeoutError."""
         with gevent.Timeout(DIALBACK_TIMEOUT_S, TimeoutError(f"no answer within {DIALBACK_TIMEOUT_S:.1f} s")):
             sock = dial(address, timeout=DIALBACK_TIMEOUT_S)
             try:
+                answered = ""
                 if self.session.tls:
                     sock = tls_client(sock, self._client_ctx, timeout=DIALBACK_TIMEOUT_S)
                     peer = peer_identity(sock)
-                    if peer is None or peer.kind != "node" or peer.id != node_id:
+                    if peer is None or peer.kind != "node":
                         raise AuthError(f"{address} answered as {peer}, not as node {node_id}")
+                    answered = peer.id
                 send_message(sock, wire.Hello(name=RENDEZVOUS_NAME, cluster=None, role="probe",
                                               software=f"gridsock {__version__}"))
             finally:
                 sock.close()
+        return answered
 
     # --- control -----------------------------------------------------------------------------
 

@@ -1,0 +1,378 @@
+"""Join storm: many nodes joining one session at once, on loopback, with real processes.
+
+What it measures
+----------------
+For each scenario, every node of the grid is started at the same moment, and the bench measures:
+
+- *joined*: until every node's uplink is up (``wait_joined``);
+- *converged*: until every node's directory holds every node of the grid (``len(directory)``
+  equals the grid's size: everyone sees everyone);
+- the rendez-vous process's peak resident memory (``VmHWM`` of /proc/PID/status) and the CPU it
+  used (user + system, from /proc/PID/stat), both read just before it is stopped.
+
+Scenarios (``--scenarios``): ``leaders:N`` (N leaders of no cluster, each its own leader) and
+``clusters:CxM`` (C clusters, each a leader and M members; C*(M+1) nodes; members reach their
+leader over loopback TCP and enroll through it).
+
+How
+---
+Realistic, as far as one 2-core machine allows: the rendez-vous node runs in a process of its
+own (``RendezvousNode``, TLS session, loopback); the nodes are real ``Node`` objects (enrollment
+with the join token, key and CSR, mutual TLS, node port answering the rendez-vous node's
+dial-back), spread over ``--workers`` worker processes, one gevent hub each (``loop="caller"``;
+no control, agent, metrics or front-door sockets). The workers make their nodes first, say
+``ready``, and start them all when the parent writes ``go`` to every worker at once; then they
+report when all their nodes have joined and when all their nodes see everyone. Times are from
+the moment ``go`` was written; a scenario that has not converged after ``--timeout`` seconds is
+reported with how far it got. Every wait is bounded; the processes the bench starts are ended by
+their pids when a scenario ends.
+
+    python3 bench/bench_join.py [--scenarios leaders:200,leaders:1000,clusters:20x50]
+                                [--workers 4] [--timeout 120] [--profile-rv FILE.pstats]
+                                [--json FILE]
+
+The results are printed as a Markdown table (for docs/benchmarks.md) and, with ``--json``,
+written as JSON. ``--profile-rv`` runs the rendez-vous process under cProfile (the last
+scenario's profile is kept) and prints its top functions.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _machine import cpu_model  # noqa: E402
+
+# A worker polls its nodes this often while it waits for them to join and converge.
+POLL_INTERVAL_S = 0.1
+# Time for a worker to make its nodes (keys are made at start, so this is quick) and for the
+# rendez-vous process to listen.
+READY_TIMEOUT_S = 120.0
+# After a scenario, time for the processes to end on SIGTERM before they are killed.
+EXIT_TIMEOUT_S = 10.0
+DEFAULT_SCENARIOS = "leaders:200,leaders:1000,clusters:20x50"
+
+
+# --- the rendez-vous process --------------------------------------------------------------------
+
+def _proc_status(pid: int) -> Dict[str, int]:
+    """Peak and current RSS (bytes) and CPU seconds of process ``pid``."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0]) * 1024
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    out["cpu_s"] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return out
+
+
+def rendezvous_main(args) -> None:
+    import gevent
+    import gevent.event
+    import logging
+
+    from gridsock.bootstrap.rendezvous import RendezvousNode
+    from gridsock.session import Session
+
+    logging.basicConfig(level=logging.WARNING, format="rv %(levelname)s %(name)s: %(message)s")
+    profiler = None
+    if args.profile_rv:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    session = Session.load(args.session)
+    rv = RendezvousNode(session, listen_address="127.0.0.1:0", control="").start()
+    stop = gevent.event.Event()
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    print(f"port {rv.address.port}", flush=True)
+    stop.wait()
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(args.profile_rv)
+    print(f"directory {len(rv.directory)} leaders {len(rv.leaders)}", flush=True)
+    os._exit(0)
+
+
+# --- a worker process ---------------------------------------------------------------------------
+
+def worker_main(args) -> None:
+    import gevent
+    import logging
+
+    from gridsock.node import Node
+    from gridsock.session import Session
+
+    logging.basicConfig(level=logging.WARNING, format=f"w{args.index} %(levelname)s %(name)s: %(message)s")
+    session = dataclasses.replace(Session.load(args.session), rendezvous_port=args.rv_port)
+    plan = json.loads(args.plan)  # [[leader name, [member names]], ...]
+    options = dict(listen_address="127.0.0.1:0", control="", agent="", front_door=None, metrics=None, loop="caller")
+    nodes: List = []
+    groups = []
+    for leader_name, member_names in plan:
+        leader = Node(session, leader_name, cluster=leader_name.upper() if member_names else None, **options)
+        nodes.append(leader)
+        groups.append((leader, member_names))
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        os._exit(1)
+    started = time.monotonic()
+    for leader, member_names in groups:
+        leader.start()
+        for name in member_names:
+            member = Node(session, name, cluster=leader.cluster, leader=str(leader.address), **options)
+            nodes.append(member.start())
+    expect = args.expect
+    joined_at = converged_at = None
+    deadline = started + args.timeout
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        if joined_at is None and all(n.joined for n in nodes):
+            joined_at = now
+            print(f"joined {joined_at - started:.3f}", flush=True)
+        if all(len(n.directory) >= expect for n in nodes):
+            converged_at = now
+            print(f"converged {converged_at - started:.3f}", flush=True)
+            break
+        gevent.sleep(POLL_INTERVAL_S)
+    if converged_at is None:
+        sizes = sorted(len(n.directory) for n in nodes)
+        print(f"timeout joined={sum(n.joined for n in nodes)}/{len(nodes)} seeing-all="
+              f"{sum(s >= expect for s in sizes)}/{len(nodes)} smallest={sizes[0]} median={sizes[len(sizes) // 2]}",
+              flush=True)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"cpu {usage.ru_utime + usage.ru_stime:.2f}", flush=True)
+    # Stay up (linked) until the parent has what it needs from the rendez-vous node.
+    sys.stdin.readline()
+    os._exit(0)
+
+
+# --- the parent ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Result:
+    scenario: str
+    nodes: int
+    joined_s: Optional[float]
+    converged_s: Optional[float]
+    rv_peak_rss_mb: float
+    rv_cpu_s: float
+    workers_cpu_s: float
+    note: str = ""
+
+
+def parse_scenario(text: str) -> List[List]:
+    """The plan of a scenario: ``[[leader name, [member names]], ...]``."""
+    kind, _, size = text.partition(":")
+    if kind == "leaders":
+        return [[f"l{i}", []] for i in range(int(size))]
+    if kind == "clusters":
+        clusters, _, members = size.partition("x")
+        return [[f"c{i}", [f"c{i}-m{j}" for j in range(int(members))]] for i in range(int(clusters))]
+    raise SystemExit(f"unknown scenario {text!r} (leaders:N or clusters:CxM)")
+
+
+class Proc:
+    """A child process whose stdout lines are collected by a thread."""
+
+    def __init__(self, argv: List[str], log_path: Path) -> None:
+        self.log = open(log_path, "wb")
+        self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                      text=True, bufsize=1)
+        self.lines: List[tuple] = []
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self.cond:
+                self.lines.append((time.monotonic(), line.strip()))
+                self.cond.notify_all()
+        with self.cond:
+            self.lines.append((time.monotonic(), None))
+            self.cond.notify_all()
+
+    def wait_line(self, prefix: str, timeout: float):
+        """The first line starting with ``prefix`` (any of a tuple) and when it came; None on
+        timeout or exit."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for at, line in self.lines:
+                    if line is None:
+                        return None
+                    if line.startswith(prefix):
+                        return at, line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self.cond.wait(remaining)
+
+    def write(self, text: str) -> None:
+        try:
+            assert self.popen.stdin is not None
+            self.popen.stdin.write(text)
+            self.popen.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+
+    def end(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(EXIT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self.log.close()
+
+
+def run_scenario(text: str, args, workdir: Path) -> Result:
+    from gridsock.session import create_session
+
+    plan = parse_scenario(text)
+    total = sum(1 + len(members) for _, members in plan)
+    sdir = workdir / text.replace(":", "-")
+    session_dir = sdir / "session"
+    create_session(session_dir, "127.0.0.1:1")
+    me = [sys.executable, str(Path(__file__).resolve())]
+    rv_argv = me + ["--role", "rendezvous", "--session", str(session_dir / "session.toml")]
+    if args.profile_rv:
+        rv_argv += ["--profile-rv", args.profile_rv]
+    procs: List[Proc] = []
+    rv = Proc(rv_argv, sdir / "rv.log")
+    procs.append(rv)
+    try:
+        got = rv.wait_line("port ", READY_TIMEOUT_S)
+        if got is None:
+            raise SystemExit(f"the rendez-vous process did not start (see {sdir / 'rv.log'})")
+        port = int(got[1].split()[1])
+        # Whole clusters to a worker, round robin (a cluster's members dial its leader in-process).
+        shares: List[List] = [[] for _ in range(min(args.workers, len(plan)))]
+        for i, group in enumerate(plan):
+            shares[i % len(shares)].append(group)
+        workers = []
+        for i, share in enumerate(shares):
+            argv = me + ["--role", "worker", "--index", str(i), "--session", str(session_dir / "session.toml"),
+                         "--rv-port", str(port), "--plan", json.dumps(share), "--expect", str(total),
+                         "--timeout", str(args.timeout)]
+            workers.append(Proc(argv, sdir / f"worker{i}.log"))
+        procs.extend(workers)
+        for w in workers:
+            if w.wait_line("ready", READY_TIMEOUT_S) is None:
+                raise SystemExit(f"a worker did not get ready (see {sdir})")
+        started = time.monotonic()
+        for w in workers:
+            w.write("go\n")
+        joined: List[Optional[float]] = []
+        converged: List[Optional[float]] = []
+        notes = []
+        for w in workers:
+            got = w.wait_line(("converged", "timeout"), args.timeout + READY_TIMEOUT_S)
+            j = w.wait_line("joined", 0)
+            joined.append(j[0] - started if j else None)
+            if got is not None and got[1].startswith("converged"):
+                converged.append(got[0] - started)
+            else:
+                converged.append(None)
+                notes.append(got[1] if got else "worker ended without a word")
+        status = _proc_status(rv.popen.pid)
+        workers_cpu = 0.0
+        for w in workers:
+            got = w.wait_line("cpu ", READY_TIMEOUT_S)
+            workers_cpu += float(got[1].split()[1]) if got else float("nan")
+        for w in workers:
+            w.write("end\n")
+        return Result(
+            scenario=text, nodes=total,
+            joined_s=max(joined) if all(j is not None for j in joined) else None,
+            converged_s=max(converged) if all(c is not None for c in converged) else None,
+            rv_peak_rss_mb=status["VmHWM"] / 2**20, rv_cpu_s=status["cpu_s"],
+            workers_cpu_s=workers_cpu, note="; ".join(notes),
+        )
+    finally:
+        for p in reversed(procs):
+            p.end()
+
+
+def render(results: List[Result], args) -> str:
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"Join storm ({when}; {platform.python_implementation()} {platform.python_version()}, "
+        f"{os.cpu_count()} cores, {cpu_model()}; {args.workers} worker processes; timeout {args.timeout:g} s)",
+        "",
+        "| Scenario | Nodes | All joined (s) | Everyone sees everyone (s) | Rendez-vous peak RSS (MB) | Rendez-vous CPU (s) | Workers' CPU (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        fmt = lambda v: f"{v:.1f}" if v is not None else f"not within {args.timeout:g}"
+        lines.append(f"| {r.scenario} | {r.nodes} | {fmt(r.joined_s)} | {fmt(r.converged_s)} | "
+                     f"{r.rv_peak_rss_mb:.0f} | {r.rv_cpu_s:.1f} | {r.workers_cpu_s:.1f} |")
+    notes = [f"- {r.scenario}: {r.note}" for r in results if r.note]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds a scenario may take to converge")
+    parser.add_argument("--profile-rv", default=None, help="run the rendez-vous process under cProfile, stats here")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    # Internal: the child processes.
+    parser.add_argument("--role", default=None, choices=("rendezvous", "worker"))
+    parser.add_argument("--session")
+    parser.add_argument("--rv-port", type=int)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--plan")
+    parser.add_argument("--expect", type=int)
+    args = parser.parse_args()
+    if args.role == "rendezvous":
+        return rendezvous_main(args)
+    if args.role == "worker":
+        return worker_main(args)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-join-"))
+    results = []
+    try:
+        for text in args.scenarios.split(","):
+            result = run_scenario(text.strip(), args, workdir)
+            print(f"{result}", flush=True)
+            results.append(result)
+    finally:
+        if args.keep:
+            print(f"logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(render(results, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
+    if args.profile_rv:
+        import pstats
+
+        pstats.Stats(args.profile_rv).sort_stats("cumulative").print_stats(30)
+
+
+if __name__ == "__main__":
+    main()

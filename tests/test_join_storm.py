@@ -1,0 +1,179 @@
+"""Join storms: many nodes joining at once converge, and directory broadcasts are coalesced.
+
+The storm: a rendez-vous node and a hundred nodes on loopback, in this process, all started at
+the same moment (leaders of no cluster, and one cluster with its members), until every node's
+directory holds every node. The broadcaster (gridsock/bootstrap/directory.py) is checked on
+its own with fake links: changes gathered in an interval go out as one update per link, encoded
+once, with the current state of each node; a new link gets the whole directory instead.
+bench/bench_join.py measures the same at scale, with real processes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+import gevent
+import gevent.event
+import pytest
+
+from gridsock import wire
+from gridsock.bootstrap.directory import Broadcaster, Directory
+from gridsock.bootstrap.rendezvous import RendezvousNode
+from gridsock.node import Node
+from gridsock.session import create_session
+
+pytestmark = pytest.mark.timeout(300)
+
+# Generous: on this machine the storm converges in seconds; a loaded CI machine is slower.
+CONVERGE_TIMEOUT_S = 180.0
+JOIN_TIMEOUT_S = 180.0
+LEADERS = 80
+MEMBERS = 19  # of one more leader's cluster: 100 nodes in all
+# Fake links see a broadcast within this long (it goes out at the next turn of the loop).
+SEND_TIMEOUT_S = 10.0
+
+
+def test_a_hundred_nodes_joining_at_once_converge(tmp_path):
+    session = create_session(tmp_path / "session", "127.0.0.1:1")
+    rv = RendezvousNode(session, listen_address="127.0.0.1:0", control="").start()
+    session = dataclasses.replace(session, rendezvous_port=rv.address.port)
+    options = dict(listen_address="127.0.0.1:0", control="", front_door=None, loop="caller")
+    nodes = []
+    try:
+        for i in range(LEADERS):
+            nodes.append(Node(session, f"l{i}", **options).start())
+        chief = Node(session, "chief", cluster="C", **options).start()
+        nodes.append(chief)
+        for i in range(MEMBERS):
+            nodes.append(Node(session, f"c{i}", cluster="C", leader=str(chief.address), **options).start())
+        names = {n.name for n in nodes}
+        deadline = time.monotonic() + CONVERGE_TIMEOUT_S
+        for node in nodes:
+            held = {e["name"] for e in node.wait_directory(present=names, timeout=max(1.0, deadline - time.monotonic()))}
+            assert held == names, f"{node.name} holds {len(held)} names"
+        assert {e.name for e in rv.directory} == names
+        # Everyone learnt everyone through a handful of broadcasts, not one per join per leader.
+        counters = rv._broadcaster.counters
+        assert counters["snapshots"] >= LEADERS + 1
+        assert chief._leader is not None and chief._leader._broadcaster.counters["snapshots"] >= MEMBERS
+    finally:
+        for node in nodes:
+            node.stop()
+        rv.stop()
+
+
+# --- the broadcaster on its own ------------------------------------------------------------------
+
+class FakeLink:
+    """What a Broadcaster needs of a link: ``send`` (recorded) and ``closed``."""
+
+    def __init__(self) -> None:
+        self.sent = []
+        self.closed = False
+        self.got = gevent.event.Event()
+
+    def send(self, message) -> bool:
+        self.sent.append(message)
+        self.got.set()
+        return True
+
+    def updates(self):
+        """What was sent, decoded as a peer would."""
+        decoder = wire.Decoder()
+        for frame in self.sent:
+            decoder.feed(wire.encode(frame))
+        out = []
+        while (message := decoder.next_message()) is not None:
+            out.append(message)
+        return out
+
+
+def entry(name: str) -> wire.NodeEntry:
+    node_id = str(uuid.uuid4())
+    return wire.NodeEntry(node_id=node_id, name=name, cluster=None, leader=node_id, addrs=("127.0.0.1:7000",))
+
+
+def broadcaster(links, **kwargs):
+    directory = Directory()
+    b = Broadcaster(directory, lambda: links, **kwargs)
+    directory.add_listener(b.changed)
+    return directory, b
+
+
+def test_changes_in_one_interval_go_out_as_one_update_encoded_once():
+    links = [FakeLink() for _ in range(5)]
+    directory, b = broadcaster(links, interval_s=3600.0)
+    try:
+        first = entry("first")
+        directory.put([first])  # after a quiet interval: at once
+        for link in links:
+            assert link.got.wait(SEND_TIMEOUT_S)
+        assert [u.joined for u in links[0].updates()] == [(first,)]
+        # Now a storm, within the interval: nothing goes out until the broadcast.
+        joined = [entry(f"n{i}") for i in range(50)]
+        for e in joined:
+            directory.put([e])
+        directory.put([dataclasses.replace(joined[0], inbound=True)])  # changed again
+        directory.remove([joined[1].node_id])  # joined and left within the interval
+        directory.remove([first.node_id])
+        assert all(len(link.sent) == 1 for link in links)
+        b.flush()
+        assert all(len(link.sent) == 2 for link in links)
+        assert len({id(link.sent[1]) for link in links}) == 1  # one frame, encoded once, for every link
+        (update,) = links[0].updates()[1:]
+        assert [e.name for e in update.joined] == [e.name for e in joined if e is not joined[1]]
+        assert update.joined[0].inbound is True  # the current state, not each step
+        assert set(update.left) == {joined[1].node_id, first.node_id}
+        assert b.counters["broadcasts"] == 2 and b.counters["updates"] == 10
+    finally:
+        b.close()
+
+
+def test_a_new_link_gets_the_whole_directory_and_not_the_update():
+    old, new = FakeLink(), FakeLink()
+    links = [old]
+    directory, b = broadcaster(links, interval_s=3600.0)
+    try:
+        directory.put([entry("a")])
+        assert old.got.wait(SEND_TIMEOUT_S)
+        directory.put([entry("b")])
+        links.append(new)
+        b.welcome(new)
+        b.flush()
+        (snapshot,) = new.updates()
+        assert snapshot.snapshot and not snapshot.more
+        assert {e.name for e in snapshot.joined} == {"a", "b"}
+        assert [[e.name for e in u.joined] for u in old.updates()] == [["a"], ["b"]]
+        assert b.counters["snapshots"] == 1
+    finally:
+        b.close()
+
+
+def test_a_full_batch_goes_out_at_once():
+    link = FakeLink()
+    directory, b = broadcaster([link], interval_s=3600.0, batch_entries=10)
+    try:
+        directory.put([entry("a")])
+        assert link.got.wait(SEND_TIMEOUT_S)
+        link.got.clear()
+        directory.put([entry(f"n{i}") for i in range(9)])
+        assert len(link.sent) == 1
+        directory.put([entry("n9")])  # the tenth waiting id: no need to wait for the interval
+        assert link.got.wait(SEND_TIMEOUT_S)
+        assert len(link.updates()[1].joined) == 10
+    finally:
+        b.close()
+
+
+def test_closed_links_and_closed_broadcasters_send_nothing():
+    link, gone = FakeLink(), FakeLink()
+    gone.closed = True
+    directory, b = broadcaster([link, gone], interval_s=3600.0)
+    directory.put([entry("a")])
+    assert link.got.wait(SEND_TIMEOUT_S)
+    assert gone.sent == []
+    directory.put([entry("b")])
+    b.close()
+    b.flush()  # (what was pending went with close)
+    assert len(link.sent) == 1
