@@ -65,7 +65,7 @@ import gevent
 import gevent.event
 import gevent.queue
 
-from . import procnet, wire
+from . import memory, procnet, wire
 from .errors import (ConfigError, ConnectError, ConnectRefusedError, ConnectTimeoutError, GridsockError,
                      RemoteProtocolError, RoutingError)
 from .methods import Arrival, InitiatorContext, MethodRefusal, ResponderContext
@@ -124,9 +124,13 @@ WINNER_TTL_S = 300.0
 BETTER_LATE_S = 5.0
 # Tokens remembered after use, so a replay is refused at once rather than after a wait.
 USED_TOKENS_KEPT = 4096
-# The connection table forgets closed connections when it reaches this many entries (and on
-# every status()), so a long-running node does not keep what its applications closed.
+# The connection table forgets closed connections when it reaches this many entries, or twice
+# as many as were live at the last pruning (so that many live connections cost no quadratic
+# work), and on every status(), so a long-running node does not keep what its applications closed.
 CONNECTIONS_PRUNE_AT = 256
+# While the table lists connections, it is swept this often: a closed connection is forgotten
+# this long after it closed at most, and what it held (a TLS stream's buffers, a bridge) with it.
+CONNECTIONS_SWEEP_S = 2.0
 # Connections accepted but not yet taken by accept().
 LISTEN_BACKLOG = 128
 # The client ports the client side gives its connections (carried in the assembly request, what
@@ -319,6 +323,9 @@ class Assembler:
         self._winners: Dict[str, Tuple[Stack, float]] = {}  # peer id -> the stack that worked last, until
         self._paths: "OrderedDict[str, PathRecord]" = OrderedDict()  # peer id -> last race, oldest first
         self._conn_ids = iter(range(1, 2**62))
+        self._prune_at = CONNECTIONS_PRUNE_AT
+        self._sweep_timer: Any = None  # the hub's timer of the next sweep, while one is due
+        self.sweep_s = CONNECTIONS_SWEEP_S  # (tests shorten it)
         self._next_client_port = CLIENT_PORTS.start + secrets.randbelow(len(CLIENT_PORTS))
 
     # --- server side -------------------------------------------------------------------------
@@ -888,12 +895,13 @@ class Assembler:
             self.counters["first_attempt" if attempts <= 1 else "retried"] += 1
 
     def _record(self, peer: wire.NodeEntry, port: int, stack: Stack, *, initiator: bool, stream: Stream):
-        if len(self.connections) >= CONNECTIONS_PRUNE_AT:
-            self.status()  # forgets the closed ones
+        if len(self.connections) >= self._prune_at:
+            self._prune()
         conn = next(self._conn_ids)
         info = ConnectionInfo(conn=conn, peer_id=peer.node_id, peer_name=peer.name, port=port, stack=str(stack),
                               initiator=initiator, detail={"stream": stream})
         self.connections[conn] = info
+        self._sweep_soon()
         for listener in self.on_record:
             listener(info)
         return info
@@ -934,8 +942,8 @@ class Assembler:
             info.detail["bridged"] = True
         info.detail["handed"] = handed
 
-    def status(self) -> list:
-        """The live data connections (closed ones are forgotten here)."""
+    def _prune(self) -> int:
+        """Forget the connections that ended; return how many. Raises nothing."""
         listed: Optional[Set[Tuple[int, Tuple[str, int], Tuple[str, int]]]] = None
 
         def tcp_sockets() -> Set[Tuple[int, Tuple[str, int], Tuple[str, int]]]:
@@ -944,9 +952,45 @@ class Assembler:
                 listed = _tcp_sockets()
             return listed
 
+        forgotten = 0
         for conn, info in list(self.connections.items()):
-            if _finished(info, tcp_sockets):
+            try:
+                finished = _finished(info, tcp_sockets)
+            except OSError as exc:  # (no TCP table to read: a handed socket stays listed)
+                log.debug("node %s: connection #%d: %s", self.node.name, conn, exc)
+                finished = False
+            if finished:
                 del self.connections[conn]
+                forgotten += 1
+        self._prune_at = max(CONNECTIONS_PRUNE_AT, 2 * len(self.connections))
+        if forgotten:
+            memory.trim_soon()  # what they held was large (TLS buffers, bridges): give it back
+        return forgotten
+
+    def _sweep_soon(self) -> None:
+        """Arm the sweep (once): in CONNECTIONS_SWEEP_S, forget what ended; again while any
+        connection is listed."""
+        if self._sweep_timer is None:
+            self._sweep_timer = gevent.get_hub().loop.timer(self.sweep_s, ref=False)  # (keeps no loop alive)
+            self._sweep_timer.start(self._sweep)
+
+    def _sweep(self) -> None:
+        timer, self._sweep_timer = self._sweep_timer, None
+        if timer is not None:
+            timer.close()
+        self._prune()
+        if self.connections:
+            self._sweep_soon()
+
+    def close(self) -> None:
+        """Stop sweeping the connection table (the node stops)."""
+        timer, self._sweep_timer = self._sweep_timer, None
+        if timer is not None:
+            timer.close()
+
+    def status(self) -> list:
+        """The live data connections (closed ones are forgotten here)."""
+        self._prune()
         out = [info.to_json() for info in self.connections.values()]
         # A kernel socket handed to a program: its bytes and round trip as the kernel counts them.
         plain = [(item, info.detail["handed"]) for item, info in zip(out, self.connections.values())

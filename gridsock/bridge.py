@@ -111,6 +111,7 @@ import gevent.event
 import gevent.ssl
 from gevent import socket as gsocket
 
+from . import memory
 from .errors import BrokenStreamError
 from .streams import Stream
 
@@ -300,6 +301,7 @@ class Bridge:
         self.stats.app_reset = self._close_framework_end(abortive=error is not None)
         _active.discard(self)
         self._done.set()
+        memory.trim_soon()  # the stream's buffers (TLS, relay frames) were freed: give them back
 
     def _close_framework_end(self, *, abortive: bool) -> bool:
         """Close the framework end: in order (the application reads EOF) or abortively (it
