@@ -1,13 +1,22 @@
-"""A server program keeps serving across a SIGKILL and restart of its node, seen from other clusters.
+"""Losing a node or the rendez-vous node in the lab: what keeps working (issue 12).
 
+A server program keeps serving across a SIGKILL and restart of its node, seen from other
+clusters:
 ``python -m http.server`` under ``gridsock run`` on b2 (a member of cluster B, behind its
 firewall). Its node is killed with SIGKILL and started again (same name, same state
 directory: the lab's nodes keep theirs under the test run's ``XDG_STATE_HOME``); the server
 program is never restarted. It comes back with the same node id and grid address, the
 program's listener registers its grid port again with the new node, and clients under
 ``gridsock run`` on a2 (behind A's NAT) and c2 (in the private cluster C) fetch the same file,
-byte-exact, by name and by grid address. Every wait is bounded; readiness is a line or a
-node's status.
+byte-exact, by name and by grid address.
+
+Without the rendez-vous node: a2 (a member behind A's NAT) and rv (the node on the rendez-vous
+host, reachable from outside) have a meta link; the rendez-vous process is killed; a1 forgets
+the other clusters and tells a2 so, but a2 keeps rv (the link vouches for it) and the two keep
+making new connections, both ways, which echo bytes through the personality. The rendez-vous
+node then restarts and the grid converges again.
+
+Every wait is bounded; readiness is a line or a node's status.
 """
 from __future__ import annotations
 
@@ -23,7 +32,7 @@ import pytest
 from gridsock.bootstrap.control import call
 from gridsock.testing.procs import gridsock_argv, wait_for_line
 
-from .gridsession import JOIN_TIMEOUT_S, NODES, make_grid
+from .gridsession import ECHO_PORT, JOIN_TIMEOUT_S, NODES, make_grid
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -102,3 +111,62 @@ def test_an_http_server_on_b2_serves_a2_and_c2_again_after_b2_is_killed_and_rest
             server.kill()
             server.wait()
         server.stdout.close()
+
+
+ECHO = """
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+payload = b"through the meta link " * 1000
+with socket.create_connection((host, port), timeout=60) as sock:
+    sock.sendall(payload)
+    sock.shutdown(socket.SHUT_WR)
+    got = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+print("echoed", got == payload)
+"""
+
+
+def echo(grid, node: str, host: str) -> str:
+    done = grid.lab.run(node, gridsock_argv("run", "--node", node, "--", sys.executable, "-c", ECHO, host,
+                                            str(ECHO_PORT)),
+                        capture_output=True, text=True, env=grid.env, timeout=APP_TIMEOUT_S)
+    assert done.returncode == 0, f"{node}: {done.stderr}"
+    return done.stdout.strip()
+
+
+def meta_link_up(grid, node: str, peer: str) -> bool:
+    return any(link["peer"] == peer and link["label"] not in ("opening",) and link["stack"] != "bootstrap"
+               for link in status(grid, node)["meta_links"])
+
+
+def wait_until(condition, what: str, timeout: float = BACK_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(POLL_S)
+
+
+def test_a2_and_the_rv_node_keep_connecting_over_their_meta_link_while_the_rendezvous_is_down(grid):
+    # rv (the node on the rendez-vous host) is reachable from outside: a2 (a member behind A's
+    # NAT) opens a meta link to it with its first connection.
+    assert echo(grid, "a2", "rv") == "echoed True"
+    wait_until(lambda: meta_link_up(grid, "a2", "rv") and meta_link_up(grid, "rv", "a2"), "a meta link a2 <-> rv")
+    rendezvous = grid.procs["rendezvous"]
+    rendezvous.send_signal(signal.SIGKILL)
+    rendezvous.wait(timeout=JOIN_TIMEOUT_S)
+    rendezvous.stdout.close()
+    try:
+        # a1 (no meta link to rv) forgets every other cluster and tells a2; a2's link keeps rv.
+        grid.wait_all(["a2"], present=["a1", "a2"], absent=["b1", "c1"], timeout=BACK_TIMEOUT_S)
+        assert "rv" not in grid.directory("a1")  # (a1 asked rv for nothing: no link vouches for it there)
+        assert "rv" in grid.directory("a2") and "a2" in grid.directory("rv")
+        assert echo(grid, "a2", "rv") == "echoed True"
+        assert echo(grid, "rv", "a2") == "echoed True"  # into A's NAT: the request goes over the link
+    finally:
+        grid.start_rendezvous()
+    grid.wait_all(NODES, timeout=BACK_TIMEOUT_S)
+    assert echo(grid, "a2", "b2") == "echoed True"
