@@ -109,6 +109,7 @@ __all__ = [
     "ATTEMPT_TIMEOUT_S",
     "RETRY_INITIAL_S",
     "RETRY_MAX_S",
+    "RETRY_CODES",
     "UPGRADE_INITIAL_S",
     "UPGRADE_MAX_S",
     "UPGRADE_ROUNDS",
@@ -158,6 +159,9 @@ RECEIVE_BYTES = 256 * 1024
 # the first byte not acknowledged yet, or with any frame sent anyway.
 ACK_BYTES = RESUME_BUFFER_BYTES // 4
 ACK_DELAY_S = 0.02
+# Refusals that may change while the connection waits: the method failed on the server's side,
+# or the server does not know the client yet (both relinking after a rendez-vous node's restart).
+RETRY_CODES = ("unreachable", "unknown-node")
 # The server waits this long for a new lower stream's nomination (as the assembler does).
 NOMINATION_TIMEOUT_S = 10.0
 
@@ -585,7 +589,7 @@ class ResumeStream(Stream):
                             return  # an upgrade under way found a path meanwhile
                         lower = self._reopen(layers, min(ATTEMPT_TIMEOUT_S, left))
                 except ConnectError as exc:
-                    if exc.code is not None and exc.code != "unreachable":
+                    if exc.code is not None and exc.code not in RETRY_CODES:
                         self._fail(f"the peer refused to resume ({exc.code}): {exc}", send_reset=False)
                         return
                     log.info("%r: resuming over %s failed: %s", self, _layers_text(layers), exc)
@@ -619,7 +623,7 @@ class ResumeStream(Stream):
                         lower = self._reopen(layers, ATTEMPT_TIMEOUT_S)
                 except ConnectError as exc:
                     self.state["last_upgrade_error"] = f"{_layers_text(layers)}: {exc}"[:200]
-                    if exc.code is not None and exc.code != "unreachable":
+                    if exc.code is not None and exc.code not in RETRY_CODES:
                         log.info("%r: %s refused an upgrade to %s (%s): not trying again", self, self.peer_name,
                                  _layers_text(layers), exc.code)
                         return

@@ -8,6 +8,11 @@ a2's tries of the better method its rules list for b2 (``splice``) fail. Then th
 next try connects, the connection moves to it at a byte boundary, and the program, told to
 finish, finds every byte it sent echoed back, in order (SHA-256 both ways), never knowing.
 
+The same connection survives the rendez-vous node's death: killed (SIGKILL) under a
+``tls/resume(timeout=...)/relay`` transfer and started again, the relay path comes back once
+the leaders relink, the connection resumes over it, and every byte arrives (where a plain
+``tls/relay`` connection is reset: tests/lab/test_breaks.py).
+
 (The issue names C and A. In this lab cluster C has no route out at all, by design: no direct
 method between C and A can become possible by opening a firewall rule. A and B are the pair
 whose direct path a firewall decides.)
@@ -21,8 +26,8 @@ import pytest
 from gridsock.bootstrap.control import call
 from gridsock.testing.procs import wait_for_line
 
-from .gridsession import ECHO_PORT, make_grid
-from .test_breaks import Programs
+from .gridsession import ECHO_PORT, REJOIN_TIMEOUT_S, make_grid
+from .test_breaks import Programs, kill, restart
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -102,18 +107,18 @@ def firewall(grid, action: str) -> None:
         grid.lab.run("fwb", ["iptables", action, *rule], check=True)
 
 
-def resume_state(grid, node: str) -> dict:
+def resume_state(grid, node: str, stack: str = STACK) -> dict:
     """The resume state of ``node``'s one connection with the layer (gridsock status)."""
     found = [c["resume"] for c in call(grid.control(node), "status")["connections"]
-             if c.get("resume") and c["stack"] == STACK]
+             if c.get("resume") and c["stack"] == stack]
     assert len(found) == 1, found
     return found[0]
 
 
-def wait_state(grid, node: str, condition, what: str, timeout: float) -> dict:
+def wait_state(grid, node: str, condition, what: str, timeout: float, stack: str = STACK) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        state = resume_state(grid, node)
+        state = resume_state(grid, node, stack)
         if condition(state):
             return state
         assert time.monotonic() < deadline, f"not within {timeout:g} s: {what} (last: {state})"
@@ -135,12 +140,38 @@ def test_a_relayed_connection_moves_to_a_direct_path_when_the_firewall_opens(gri
         state = wait_state(grid, "a2", lambda s: s["upgrades"] >= 1, "the upgrade", UPGRADE_WAIT_S)
         assert state["method"] == "splice", state
         assert resume_state(grid, "b2")["method"] == "splice"
-        proc.stdin.write(b"finish\n")
-        proc.stdin.flush()
-        result = wait_for_line(proc, "RESULT", timeout=APP_TIMEOUT_S).split()
-        sent_n, sent_sha, received_n, received_sha, errors = result[1:6]
-        assert errors == "ok", result
-        assert int(sent_n) > 4 << 20 and (sent_n, sent_sha) == (received_n, received_sha), result
+        finish(proc)
     finally:
         if not opened:
             firewall(grid, "-D")
+
+
+def finish(proc) -> None:
+    """Tell the client to finish; check that everything it sent came back, in order."""
+    proc.stdin.write(b"finish\n")
+    proc.stdin.flush()
+    result = wait_for_line(proc, "RESULT", timeout=APP_TIMEOUT_S).split()
+    sent_n, sent_sha, received_n, received_sha, errors = result[1:6]
+    assert errors == "ok", result
+    assert int(sent_n) > 4 << 20 and (sent_n, sent_sha) == (received_n, received_sha), result
+
+
+# Long enough for the leaders to relink to a restarted rendez-vous node (their backoff).
+RV_STACK = f"tls/resume(timeout={REJOIN_TIMEOUT_S + 30:.1f},upgrade=false)/relay"
+
+
+def test_a_relayed_connection_survives_the_rendezvous_node_restarting(grid, programs):
+    try:
+        proc = programs.script("a2", CLIENT, "b2", str(ECHO_PORT), RV_STACK)
+        assert wait_for_line(proc, "connected", timeout=APP_TIMEOUT_S).split()[1] == RV_STACK
+        wait_for_line(proc, "streaming", timeout=APP_TIMEOUT_S)
+        kill(grid, "rendezvous")
+        wait_state(grid, "a2", lambda s: s["suspended"], "the relay path lost", UPGRADE_WAIT_S, RV_STACK)
+        restart(grid, "rendezvous")
+        state = wait_state(grid, "a2", lambda s: s["resumes"] >= 1 and not s["suspended"], "the resume",
+                           REJOIN_TIMEOUT_S, RV_STACK)
+        assert state["method"] == "relay", state
+        finish(proc)
+    finally:
+        programs.stop()
+        restart(grid, "rendezvous")
