@@ -6,17 +6,34 @@ A link starts after its handshake (TLS, Hello/Welcome) and runs three greenlets:
 
 - the *reader* receives bytes, feeds the :class:`~gridsock.wire.Decoder` and hands each
   message to ``on_message(link, message)``; it answers ``Ping`` itself;
-- the *writer* drains two bounded queues of encoded frames into the socket, control frames
-  first and bulk frames (relayed data) after, so a bulk transfer never delays control traffic
-  by more than the frame being written. A frame is queued as its head and its payload, and a
-  large payload is written as it is, never joined to its head nor to other frames (so the
-  payload of a forwarded message is not copied between the decoder and the socket); small
-  frames are joined into one write. A router that forwards to a slow peer never blocks:
-  when a queue is full the link is closed (``send queue full``), the slow peer is dropped, and
-  everyone else is still served (relayed data is flow-controlled end to end, so a healthy
-  peer never gets there);
+- the *writer* drains the queues into the socket in a strict order of priority:
+
+  1. *link frames*, everything that is not a routed message (``Ping``, ``Pong``, directory
+     updates, ``Register``...): one FIFO, bounded by ``SEND_QUEUE_FRAMES`` frames and
+     ``URGENT_QUEUE_BYTES`` bytes; a peer that lets it fill is too slow and its link is closed;
+  2. routed messages that are not bulk (requests, replies, assembly requests, ``ping``);
+  3. bulk routed messages (relayed data).
+
+  Routed messages wait in one queue per *source node* (``message.src``) and class, and the
+  sources take turns (deficit round robin, ``FAIR_QUANTUM_BYTES`` a turn), so one source's
+  backlog delays another's frame by at most a turn of each active source. What a source may
+  have queued on one link is bounded (its *share*, ``SOURCE_SHARE_BYTES``); so is a link's
+  whole routed queue (``LINK_QUEUE_BYTES``) and the routed bytes queued on all the links of the
+  process (``ROUTED_QUEUE_BYTES``, a :class:`QueueBudget`). Senders keep within them: a node
+  waits for room before it queues a message it originates (``wait_room``), and a forwarder
+  holds the link the message came from until its source has room (:meth:`Link.wait_source`,
+  which :class:`~gridsock.bootstrap.routing.FloodGuard` calls), so that link's reader
+  stops reading it: back-pressure towards the sender. A routed frame that would go past a hard
+  bound (``SOURCE_HARD_BYTES``, the link's or the process's) anyway is dropped, never queued.
+  A large frame is queued as its head and its payload, and a large payload is written as it
+  is, never joined to its head nor to other frames (so the payload of a forwarded message is
+  not copied between the decoder and the socket); small frames are joined into one write. A
+  link whose writer has frames but got nothing written for ``SEND_STALL_S`` is closed (its
+  peer stopped reading);
 - the *pinger* sends ``Ping`` every ``ping_interval_s`` and closes the link when nothing at all
-  arrived for ``timeout_s`` (a peer that vanished without a FIN).
+  arrived for ``timeout_s`` (a peer that vanished without a FIN). Any frame counts as traffic,
+  and a reader this process holds on purpose (back-pressure) is not idle. A ``Ping`` is
+  answered by the reader at once, on the link-frame queue, ahead of everything routed.
 
 The reader receives straight into the decoder's buffer (``recv_into``), so a frame's bytes are
 copied once on their way in, when its payload leaves the buffer. A gevent read returns at once
@@ -34,7 +51,8 @@ import collections
 import itertools
 import logging
 import time
-from typing import Callable, Optional
+import weakref
+from typing import Callable, Dict, Optional
 
 import gevent
 import gevent.event
@@ -49,8 +67,19 @@ __all__ = [
     "DEAD_PEER_S",
     "HANDSHAKE_TIMEOUT_S",
     "SEND_QUEUE_FRAMES",
+    "URGENT_QUEUE_BYTES",
+    "SOURCE_SHARE_BYTES",
+    "SOURCE_HARD_BYTES",
+    "LINK_QUEUE_BYTES",
+    "ROUTED_QUEUE_BYTES",
+    "FAIR_QUANTUM_BYTES",
+    "SEND_STALL_S",
     "RECV_CHUNK_BYTES",
     "Link",
+    "QueueBudget",
+    "PROCESS_BUDGET",
+    "reading_link",
+    "queue_ceiling_bytes",
     "read_message",
     "send_message",
     "tune_socket",
@@ -67,18 +96,31 @@ LINK_TIMEOUT_S = 6.0
 DEAD_PEER_S = LINK_TIMEOUT_S + PING_INTERVAL_S
 # Time for TLS and the Hello/Welcome exchange; a peer slower than this is dropped.
 HANDSHAKE_TIMEOUT_S = 10.0
-# Control frames queued for one peer before it counts as too slow and is dropped.
+# Link frames (not routed: pings, pongs, directory updates...) queued for one peer before it
+# counts as too slow and is dropped; and their bytes (a directory update is 2.8 MB at worst).
 SEND_QUEUE_FRAMES = 4096
-# A node originating messages waits while a link holds more control frames than this (its own
-# back-pressure); forwarded traffic is never held up, its senders are.
+URGENT_QUEUE_BYTES = 32 * 1024 * 1024
+# A node originating non-bulk routed messages waits while a link holds more of its frames than this.
 HIGH_WATER_FRAMES = 1024
-# Bulk (relayed) bytes queued for one peer before it counts as too slow and is dropped. Relayed
-# connections are flow-controlled end to end (one window each: 4 MiB, up to 16 MiB on a long
-# fast path), so only a peer that stopped reading, or dozens of relayed connections queued
-# behind one slow link at once, get there.
-SEND_QUEUE_BULK_BYTES = 256 * 1024 * 1024
-# A node originating relayed data waits while a link holds more bulk bytes than this.
-HIGH_WATER_BULK_BYTES = 16 * 1024 * 1024
+# Routed bytes one source node may have queued on one link before its sender waits (a node's own
+# messages) or the link they came from is held (forwarded ones): one relayed connection's
+# largest window (RELAY_MAX_WINDOW_BYTES), so a relayed connection, credit-bound end to end,
+# never waits for its share.
+SOURCE_SHARE_BYTES = 16 * 1024 * 1024
+# What a source may have queued on one link at all: a routed frame beyond is dropped (only
+# senders that do not wait for room, answers queued by the process itself, get there).
+SOURCE_HARD_BYTES = 2 * SOURCE_SHARE_BYTES
+# All the routed bytes queued on one link: forwarders hold their input at this, and drop beyond
+# twice this.
+LINK_QUEUE_BYTES = 64 * 1024 * 1024
+# All the routed bytes queued on all the links of one process: a forwarded frame beyond is
+# dropped. With the per-link bounds below it is the memory ceiling (docs/security.md, "Bounds").
+ROUTED_QUEUE_BYTES = 128 * 1024 * 1024
+# Each turn of the round robin, a source with routed frames queued may send this much more.
+FAIR_QUANTUM_BYTES = 64 * 1024
+# A link whose writer has had frames to write but got none written for this long is closed: its
+# peer stopped reading (a slow peer still makes progress: a 4 MiB frame at 1 Mbit/s takes 34 s).
+SEND_STALL_S = 60.0
 RECV_CHUNK_BYTES = 256 * 1024
 # Payloads at least this large are written on their own, as they are, not joined with others.
 DIRECT_WRITE_BYTES = 64 * 1024
@@ -86,6 +128,66 @@ DIRECT_WRITE_BYTES = 64 * 1024
 YIELD_EVERY_BYTES = 256 * 1024
 
 _link_ids = itertools.count(1)
+
+
+class QueueBudget:
+    """The routed bytes queued on all the links that share it (one per process by default:
+    :data:`PROCESS_BUDGET`), against ``limit_bytes``; ``peak_bytes`` is the most seen."""
+
+    def __init__(self, limit_bytes: int = ROUTED_QUEUE_BYTES) -> None:
+        self.limit_bytes = limit_bytes
+        self.queued_bytes = 0
+        self.peak_bytes = 0
+
+    def take(self, n: int) -> bool:
+        """Count ``n`` more bytes queued; False (nothing counted) if that would pass the limit."""
+        if self.queued_bytes + n > self.limit_bytes:
+            return False
+        self.queued_bytes += n
+        if self.queued_bytes > self.peak_bytes:
+            self.peak_bytes = self.queued_bytes
+        return True
+
+    def give(self, n: int) -> None:
+        self.queued_bytes -= n
+
+
+# The budget of every link that is given none: the routed bytes queued in this process.
+PROCESS_BUDGET = QueueBudget()
+
+# The link whose reader each greenlet is (a greenlet reads one link at most): see reading_link().
+_readers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def reading_link() -> Optional["Link"]:
+    """The link whose reader runs the calling code (a message handler), or None.
+
+    A forwarder holds that link (waits without reading it) when a source has no room ahead."""
+    return _readers.get(gevent.getcurrent())
+
+
+def queue_ceiling_bytes(links: int, budget_bytes: int = ROUTED_QUEUE_BYTES) -> int:
+    """The most that the queues and receive buffers of a process with ``links`` links hold,
+    whatever peers send: the routed queues' budget, and for each link its link-frame queue, the
+    frame being received and one decoded frame its reader holds (docs/security.md, "Bounds")."""
+    return budget_bytes + links * (URGENT_QUEUE_BYTES + 2 * wire.MAX_FRAME_BYTES)
+
+
+def _frame_bytes(frame) -> int:
+    return len(frame[0]) + len(frame[1])
+
+
+class _SourceQueue:
+    """The routed frames of one source node queued on one link: non-bulk and bulk, in order."""
+
+    __slots__ = ("control", "bulk", "bytes", "deficit_control", "deficit_bulk")
+
+    def __init__(self) -> None:
+        self.control: collections.deque = collections.deque()
+        self.bulk: collections.deque = collections.deque()
+        self.bytes = 0
+        self.deficit_control = 0
+        self.deficit_bulk = 0
 
 
 def send_message(sock, message) -> None:
@@ -128,6 +230,10 @@ class Link:
         ping_interval_s: float = PING_INTERVAL_S,
         timeout_s: float = LINK_TIMEOUT_S,
         send_queue_frames: int = SEND_QUEUE_FRAMES,
+        source_share_bytes: int = SOURCE_SHARE_BYTES,
+        link_queue_bytes: int = LINK_QUEUE_BYTES,
+        send_stall_s: float = SEND_STALL_S,
+        budget: Optional[QueueBudget] = None,
     ) -> None:
         self.id = next(_link_ids)
         self.sock = sock
@@ -141,15 +247,30 @@ class Link:
         self._on_close = on_close
         self._ping_interval_s = ping_interval_s
         self._timeout_s = timeout_s
-        self._control: collections.deque = collections.deque()
-        self._bulk: collections.deque = collections.deque()
-        self._bulk_bytes = 0
+        self._send_stall_s = send_stall_s
         self._max_frames = send_queue_frames
+        self.source_share_bytes = source_share_bytes
+        self.link_queue_bytes = link_queue_bytes
+        self.budget = budget if budget is not None else PROCESS_BUDGET
+        # Link frames (not routed), first out.
+        self._urgent: collections.deque = collections.deque()
+        self._urgent_bytes = 0
+        # Routed frames by source, and the sources that have some of each class, in turn order.
+        self._sources: Dict[str, _SourceQueue] = {}
+        self._turns_control: collections.deque = collections.deque()
+        self._turns_bulk: collections.deque = collections.deque()
+        self._control_frames = 0
+        self._routed_bytes = 0
         self._wakeup = gevent.event.Event()
         self._drained = gevent.event.Event()
         self.bytes_sent = 0
         self.bytes_received = 0
+        # Routed frames refused for want of room (a hard bound), and the most routed bytes queued.
+        self.frames_dropped = 0
+        self.peak_routed_bytes = 0
         self._last_rx = time.monotonic()
+        self._last_tx = time.monotonic()
+        self._held = 0  # greenlets holding this link's reader (back-pressure): it is not idle
         self._greenlets: list = []
         self._nonce = itertools.count(1)
 
@@ -160,6 +281,16 @@ class Link:
     def closed(self) -> bool:
         return self.close_reason is not None
 
+    @property
+    def routed_bytes(self) -> int:
+        """The routed bytes queued on this link now."""
+        return self._routed_bytes
+
+    def queued_from(self, src: str) -> int:
+        """The routed bytes of source ``src`` queued on this link now."""
+        queue = self._sources.get(src)
+        return queue.bytes if queue is not None else 0
+
     def start(self) -> "Link":
         self._greenlets = [
             gevent.spawn(self._read_loop),
@@ -169,9 +300,12 @@ class Link:
         return self
 
     def send(self, message, *, bulk: bool = False, checked: bool = True) -> bool:
-        """Queue ``message``; return False if the link is closed (or just closed as too slow).
+        """Queue ``message``; return False if it was not queued: the link is closed (or just
+        closed as too slow), or a routed message found no room (its source's hard bound, the
+        link's or the process's; see the module docstring).
 
-        ``bulk`` frames (relayed data) wait behind every control frame; ``checked=False`` is for
+        A routed message waits in its source's queue, ``bulk`` ones (relayed data) behind every
+        other frame; anything else is a link frame, first out. ``checked=False`` is for
         forwarded messages, whose fields the decoder checked already (see ``wire.encode``).
         """
         if self.closed:
@@ -182,27 +316,82 @@ class Link:
             # Our bug or an oversized message to forward: drop the message, never the link.
             log.error("%s: not sending %s: %s", self.label, type(message).__name__, exc)
             return False
-        if bulk:
-            size = len(frame[0]) + len(frame[1])
-            if self._bulk_bytes + size > SEND_QUEUE_BULK_BYTES:
-                self.close(f"bulk send queue full ({SEND_QUEUE_BULK_BYTES} bytes): peer too slow")
-                return False
-            self._bulk.append(frame)
-            self._bulk_bytes += size
-        else:
-            if len(self._control) >= self._max_frames:
-                self.close(f"send queue full ({self._max_frames} frames): peer too slow")
-                return False
-            self._control.append(frame)
+        size = _frame_bytes(frame)
+        if isinstance(message, wire.Routed):
+            return self._queue_routed(message.src, frame, size, bulk)
+        if len(self._urgent) >= self._max_frames or self._urgent_bytes + size > URGENT_QUEUE_BYTES:
+            self.close(f"send queue full ({len(self._urgent)} frames, {self._urgent_bytes} bytes): peer too slow")
+            return False
+        self._urgent.append(frame)
+        self._urgent_bytes += size
         self._wakeup.set()
         return True
 
-    def wait_room(self, *, bulk: bool = False) -> None:
-        """Block (cooperatively) while the queue is above its high-water mark."""
-        while not self.closed and (self._bulk_bytes > HIGH_WATER_BULK_BYTES if bulk
-                                   else len(self._control) > HIGH_WATER_FRAMES):
+    def _queue_routed(self, src: str, frame, size: int, bulk: bool) -> bool:
+        queue = self._sources.get(src)
+        if (queue is not None and queue.bytes + size > 2 * self.source_share_bytes) \
+                or self._routed_bytes + size > 2 * self.link_queue_bytes or not self.budget.take(size):
+            self.frames_dropped += 1
+            return False
+        if queue is None:
+            queue = self._sources[src] = _SourceQueue()
+        if bulk:
+            if not queue.bulk:
+                self._turns_bulk.append(src)
+            queue.bulk.append(frame)
+        else:
+            if not queue.control:
+                self._turns_control.append(src)
+            queue.control.append(frame)
+            self._control_frames += 1
+        queue.bytes += size
+        self._routed_bytes += size
+        if self._routed_bytes > self.peak_routed_bytes:
+            self.peak_routed_bytes = self._routed_bytes
+        self._wakeup.set()
+        return True
+
+    def has_room(self, src: str) -> bool:
+        """True if source ``src`` is within its share of this link and the link within its bound."""
+        queue = self._sources.get(src)
+        return (queue is None or queue.bytes < self.source_share_bytes) and self._routed_bytes < self.link_queue_bytes
+
+    def wait_source(self, src: str, timeout: Optional[float] = None) -> bool:
+        """Block (cooperatively) until source ``src`` has room on this link (``has_room``).
+
+        Returns True when it has, False after ``timeout`` seconds or if the link closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.closed and not self.has_room(src):
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self._drained.clear()
+            self._drained.wait(remaining)
+        return not self.closed
+
+    def wait_room(self, *, bulk: bool = False, src: Optional[str] = None) -> None:
+        """Block (cooperatively) until a message this node originates has room: below the
+        high-water mark of non-bulk frames, or, for ``bulk`` ones (and any of source ``src``),
+        within the source's share (``wait_source``)."""
+        if src is not None:
+            self.wait_source(src)
+        if bulk:
+            return
+        while not self.closed and self._control_frames + len(self._urgent) > HIGH_WATER_FRAMES:
             self._drained.clear()
             self._drained.wait()
+
+    @property
+    def stalled_s(self) -> float:
+        """How long the writer has had frames but written none (0 when it has nothing to write)."""
+        if not (self._urgent or self._routed_bytes):
+            return 0.0
+        return max(0.0, time.monotonic() - self._last_tx)
+
+    def hold(self) -> "_Hold":
+        """A context in which this link's reader is held on purpose (back-pressure): the pinger
+        does not count the time as silence. Use it around a wait in the link's reader."""
+        return _Hold(self)
 
     def close(self, reason: str = "closed locally") -> None:
         """Close the link (idempotent); ``on_close`` runs once."""
@@ -215,6 +404,15 @@ class Link:
         except OSError:
             pass
         self._drained.set()
+        # Its queues go: give their bytes back to the budget.
+        self.budget.give(self._routed_bytes)
+        self._routed_bytes = 0
+        self._sources.clear()
+        self._turns_control.clear()
+        self._turns_bulk.clear()
+        self._urgent.clear()
+        self._urgent_bytes = 0
+        self._control_frames = 0
         current = gevent.getcurrent()
         for g in self._greenlets:
             if g is not current:
@@ -230,6 +428,7 @@ class Link:
     # --- greenlets ---------------------------------------------------------------------------
 
     def _read_loop(self) -> None:
+        _readers[gevent.getcurrent()] = self
         try:
             decoder = self._decoder
             self._dispatch_buffered()
@@ -277,64 +476,140 @@ class Link:
             if message is None:
                 return
             if isinstance(message, wire.Ping):
-                self.send(wire.Pong(message.nonce))
+                self.send(wire.Pong(message.nonce))  # a link frame: out before anything routed
             elif isinstance(message, wire.Pong):
                 pass
             else:
                 self._on_message(self, message)
 
+    def _next_frames(self) -> list:
+        """The frames of the next write, in priority order: link frames, then routed non-bulk
+        frames, then bulk ones, the sources taking turns; about one chunk's worth (or one
+        large frame)."""
+        frames: list = []
+        size = 0
+        while self._urgent and size < RECV_CHUNK_BYTES:
+            frame = self._urgent.popleft()
+            n = _frame_bytes(frame)
+            self._urgent_bytes -= n
+            frames.append(frame)
+            size += n
+        if size < RECV_CHUNK_BYTES and self._turns_control:
+            size = self._take_turns(self._turns_control, False, frames, size)
+        if size < RECV_CHUNK_BYTES and self._turns_bulk:
+            size = self._take_turns(self._turns_bulk, True, frames, size)
+        return frames
+
+    def _take_turns(self, turns: collections.deque, bulk: bool, frames: list, size: int) -> int:
+        """Deficit round robin over the sources in ``turns`` until ``size`` reaches a chunk."""
+        sources = self._sources
+        while turns and size < RECV_CHUNK_BYTES:
+            src = turns.popleft()
+            queue = sources[src]
+            frames_of = queue.bulk if bulk else queue.control
+            deficit = (queue.deficit_bulk if bulk else queue.deficit_control) + FAIR_QUANTUM_BYTES
+            if not turns:  # alone: no need to wait turns to save up for a large frame
+                deficit = max(deficit, _frame_bytes(frames_of[0]))
+            while frames_of and size < RECV_CHUNK_BYTES:
+                n = _frame_bytes(frames_of[0])
+                if n > deficit:
+                    break
+                frames.append(frames_of.popleft())
+                deficit -= n
+                size += n
+                queue.bytes -= n
+                self._routed_bytes -= n
+                self.budget.give(n)
+                if not bulk:
+                    self._control_frames -= 1
+            if frames_of:
+                turns.append(src)
+            else:
+                deficit = 0
+            if bulk:
+                queue.deficit_bulk = deficit
+            else:
+                queue.deficit_control = deficit
+            if not queue.control and not queue.bulk:
+                del sources[src]
+        return size
+
     def _write_loop(self) -> None:
         try:
             while not self.closed:
-                if not self._control and not self._bulk:
+                if not self._urgent and not self._routed_bytes:
                     self._wakeup.clear()
                     self._wakeup.wait()
+                    self._last_tx = time.monotonic()  # (a stall counts from here)
                     continue
-                # Control frames first, then bulk ones, at most one chunk's worth (or one large
-                # frame), so control never waits long behind bulk.
-                frames, size = [], 0
-                while self._control and size < RECV_CHUNK_BYTES:
-                    frame = self._control.popleft()
-                    frames.append(frame)
-                    size += len(frame[0]) + len(frame[1])
-                while self._bulk and size < RECV_CHUNK_BYTES:
-                    frame = self._bulk.popleft()
-                    n = len(frame[0]) + len(frame[1])
-                    self._bulk_bytes -= n
-                    frames.append(frame)
-                    size += n
-                if len(self._control) <= HIGH_WATER_FRAMES // 2 and self._bulk_bytes <= HIGH_WATER_BULK_BYTES // 2:
-                    self._drained.set()
-                self._write(frames)
+                frames = self._next_frames()
+                # Anyone waiting for room looks again (a source's share, the high-water marks).
+                self._drained.set()
+                size = self._write(frames)
+                self._last_tx = time.monotonic()
                 self.bytes_sent += size
         except (OSError, ValueError) as exc:
             self.close(f"send failed: {exc or type(exc).__name__}")
+        except AttributeError:
+            # gevent's SSL socket, closed under a write in progress (by the reader, whose peer
+            # closed), has no SSL object left to write with; anything else is a bug.
+            if not self.closed:
+                raise
 
-    def _write(self, frames: list) -> None:
+    def _write(self, frames: list) -> int:
         """Write ``frames`` (head, payload) in order: small parts joined into one write (fewer
-        syscalls and TLS records), each large payload on its own, uncopied."""
+        syscalls and TLS records), each large payload on its own, uncopied. Returns the bytes."""
         sendall = self.sock.sendall
         small: list = []
+        size = 0
         for head, payload in frames:
             small.append(head)
+            size += len(head) + len(payload)
             if len(payload) >= DIRECT_WRITE_BYTES:
                 sendall(b"".join(small) if len(small) > 1 else small[0])
                 small = []
                 sendall(payload)
+                self._last_tx = time.monotonic()
             elif payload:
                 small.append(payload)
         if small:
             sendall(b"".join(small) if len(small) > 1 else small[0])
+        return size
 
     def _ping_loop(self) -> None:
         while not self.closed:
             gevent.sleep(self._ping_interval_s)
-            idle = time.monotonic() - self._last_rx
+            now = time.monotonic()
+            if self._held:
+                self._last_rx = now  # held by us, not silent
+            idle = now - self._last_rx
             if idle > self._timeout_s:
                 self.close(f"no traffic for {idle:.1f} s (limit {self._timeout_s:.1f} s)")
                 return
+            stalled = self.stalled_s
+            if stalled > self._send_stall_s:
+                self.close(f"nothing written for {stalled:.1f} s with frames queued (limit {self._send_stall_s:.1f} s): "
+                           "peer too slow")
+                return
             if idle >= self._ping_interval_s:
                 self.send(wire.Ping(next(self._nonce) & 0xFFFFFFFF))
+
+
+class _Hold:
+    """See :meth:`Link.hold`."""
+
+    __slots__ = ("_link",)
+
+    def __init__(self, link: Link) -> None:
+        self._link = link
+
+    def __enter__(self) -> Link:
+        self._link._held += 1
+        return self._link
+
+    def __exit__(self, *exc) -> None:
+        self._link._held -= 1
+        self._link._last_rx = time.monotonic()
 
 
 def tune_socket(sock) -> None:

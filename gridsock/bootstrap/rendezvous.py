@@ -14,7 +14,9 @@ handshake in which the client certificate is optional, then one message decides 
 
 Over a leader's link arrive ``Register``/``Unregister`` for the members of its cluster (a
 leader can only speak for its own cluster) and ``Routed`` messages, which the rendez-vous node
-sends on to the destination's leader (see :mod:`.routing`). When a leader's link breaks, the
+sends on to the destination's leader (see :mod:`.routing`), each source within its share of
+that leader's link (``flood_guard``, a :class:`~.routing.FloodGuard`: a flooding member is
+held, then cut, its leader's link kept). When a leader's link breaks, the
 leader and all its members leave the directory and every other leader is told.
 
 Reachability: after a node registers, the rendez-vous node dials back the addresses the node
@@ -68,8 +70,8 @@ from ..session import (CertificateAuthority, ClusterTokens, Identity, Session, c
 from .control import ControlServer, control_path
 from .dialback import DialBack, bounded_addrs
 from .directory import LEAVE_TOPIC, MAX_MEMBERS, REFUSED_TOPIC, NAME_GRACE_S, RENDEZVOUS_NAME, STATUS_MAX_BYTES, Bindings, Broadcaster, Directory, bounded_json
-from .link import DEAD_PEER_S, HANDSHAKE_TIMEOUT_S, Link, read_message, send_message, tune_socket
-from .routing import error_reply, forwarded, is_bulk
+from .link import DEAD_PEER_S, HANDSHAKE_TIMEOUT_S, PROCESS_BUDGET, Link, read_message, send_message, tune_socket
+from .routing import FloodGuard, error_reply, forwarded
 from .transport import Address, dial, listen, parse_address, tls_client, tls_server
 
 if TYPE_CHECKING:  # (prometheus_client is imported only when metrics are asked for)
@@ -126,6 +128,8 @@ class RendezvousNode:
         self.dialback = DialBack(self._probe, **dict(dialback_options or {}))
         # Routed messages by what this node did with them (for metrics; see Router.counters).
         self.routed: Dict[str, int] = {"forwarded": 0, "delivered": 0, "dropped": 0}
+        # Keeps each source within its share of each leader link (see routing.FloodGuard).
+        self.flood_guard = FloodGuard(RENDEZVOUS_NAME, names=self._name_of)
         # Prometheus metrics (gridsock.metrics), served from start() when an address is given.
         self._metrics_address: Optional[Address] = None
         self._metrics: Optional["RendezvousMetrics"] = None
@@ -461,7 +465,11 @@ class RendezvousNode:
             self._send_back(error_reply(message, self.id, self.name, f"hop limit ({wire.MAX_HOPS}) reached"))
             return
         self.routed["forwarded"] += 1
-        link.send(out, bulk=is_bulk(out), checked=False)
+        self.flood_guard.forward(link, out, checked=False)
+
+    def _name_of(self, node_id: str) -> Optional[str]:
+        entry = self.directory.get(node_id)
+        return entry.name if entry else None
 
     def _send_back(self, message: Optional[wire.Routed]) -> None:
         if message is None:
@@ -586,6 +594,9 @@ class RendezvousNode:
                 "links_total": total,
                 "bound_names": len(self.names),
                 "bound_clusters": len(self.clusters),
+                "flood_guard": self.flood_guard.status(),
+                "routed_queue": {"queued_bytes": PROCESS_BUDGET.queued_bytes, "peak_bytes": PROCESS_BUDGET.peak_bytes,
+                                 "limit_bytes": PROCESS_BUDGET.limit_bytes},
             }
         if op == "release":
             return self.release(name=args.get("name"), cluster=args.get("cluster"))

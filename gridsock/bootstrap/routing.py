@@ -24,33 +24,53 @@ and drops everything else. It
 
 - *originates*: ``send`` (one way), ``request`` (waits for the ``rep``/``err`` in
   :class:`Requests`), ``relay_send`` (relayed data, bulk); a message this node originates
-  waits for room on its link (back-pressure), a forwarded one never waits;
-- *forwards*: ``route(message)`` is called for every routed message that arrives on a link;
+  waits for room on its link (back-pressure);
+- *forwards*: ``route(message)`` is called for every routed message that arrives on a link,
+  and passes it on through its :class:`FloodGuard`;
 - *answers*: messages for this node go to the handler registered for their topic (``ping`` is
   built in and answers with the route the request took), each in a greenlet of its own;
   relayed data goes to ``on_bulk(src, payload)`` in arrival order; replies to the waiting
   request. A request that arrived on a meta link (``via``) is answered on it.
+
+Fairness (:class:`FloodGuard`, here and at the rendez-vous node). A link queues routed
+messages per source node and lets the sources take turns (:mod:`.link`); the guard keeps each
+source within its share of the link ahead. When a source has no room there, the guard holds
+the link the message came from (its reader waits, so that peer's sends stop: back-pressure),
+for ``HOLD_MAX_S`` at most: a link ahead that drained nothing meanwhile is stalled, and the
+message is dropped instead (the link closes itself as too slow after ``SEND_STALL_S``). A
+source whose messages held their link for ``FLOOD_HELD_S`` within ``FLOOD_WINDOW_S`` is
+*flooding* (it sends faster than its share drains, for long), and it is cut: if the link it
+came from is its own (a member at its leader, a leader at the rendez-vous node) that link is
+closed; otherwise its routed messages are dropped here for ``CUT_S``, with one log line each
+way. A relayed connection, credit-bound to ``RELAY_MAX_WINDOW_BYTES`` in flight, never fills a
+share; a node that runs many relayed connections through one link at full speed at once can.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import logging
 import time
-from typing import Callable, Dict, Optional, Tuple, cast
+from typing import Callable, Dict, List, Optional, Tuple, cast
 
 import gevent
 import gevent.event
 
 from .. import wire
 from ..errors import GridsockError, RoutingError
-from .link import Link
+from .link import Link, reading_link
 
 __all__ = [
     "RELAY_TOPIC",
     "REQUEST_TIMEOUT_S",
+    "HOLD_MAX_S",
+    "FLOOD_HELD_S",
+    "FLOOD_WINDOW_S",
+    "CUT_S",
     "Delivery",
+    "FloodGuard",
     "Handler",
     "PingResult",
     "Requests",
@@ -66,6 +86,19 @@ log = logging.getLogger(__name__)
 
 # A routed request with no answer after this long fails with TimeoutError.
 REQUEST_TIMEOUT_S = 15.0
+
+
+# The longest a forwarder holds the link a message came from, waiting for room for its source
+# on the link ahead: a link ahead that drained nothing for this long is stalled, not busy.
+HOLD_MAX_S = 5.0
+# A source whose messages held their links this long in all, within one FLOOD_WINDOW_S, sends
+# faster than its share drains, for long: it is flooding, and cut.
+FLOOD_HELD_S = 5.0
+FLOOD_WINDOW_S = 10.0
+# A cut source's routed messages are dropped at this node for this long.
+CUT_S = 30.0
+# Sources whose held time a guard keeps (beyond, those whose window ended are forgotten).
+GUARD_MAX_SOURCES = 4096
 
 
 # Routed messages on this topic carry relayed connection data: bulk, flow-controlled end to end.
@@ -198,6 +231,132 @@ class PingResult:
                 "route_back": list(self.route_back), "hops": self.hops}
 
 
+class FloodGuard:
+    """Keeps the sources of forwarded messages within their share of each link; see the module
+    docstring. One per forwarding node; ``name`` is the node's (for log lines), ``names(src)``
+    a source's name (or None). The time limits are keyword arguments; ``clock`` is injected.
+    """
+
+    def __init__(self, name: str, *, names: Callable[[str], Optional[str]] = lambda src: None,
+                 hold_max_s: float = HOLD_MAX_S, flood_held_s: float = FLOOD_HELD_S,
+                 flood_window_s: float = FLOOD_WINDOW_S, cut_s: float = CUT_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self._names = names
+        self.hold_max_s = hold_max_s
+        self.flood_held_s = flood_held_s
+        self.flood_window_s = flood_window_s
+        self.cut_s = cut_s
+        self._clock = clock
+        # Source -> [start of its window, seconds held within it].
+        self._windows: Dict[str, List[float]] = {}
+        # Source -> until when its messages are dropped here.
+        self._cut_until: Dict[str, float] = {}
+        # What the guard did, for status and metrics: ``held`` (messages that waited for room),
+        # ``held_s`` (their seconds of waiting), ``dropped`` (messages dropped: a cut source's,
+        # no room after HOLD_MAX_S, a hard bound), ``cut`` (sources cut), ``closed`` (links of
+        # flooders closed).
+        self.counters: Dict[str, float] = {"held": 0, "held_s": 0.0, "dropped": 0, "cut": 0, "closed": 0}
+        # The sources cut so far (node ids), oldest first, at most GUARD_MAX_SOURCES.
+        self.cut_sources: List[str] = []
+
+    def _label(self, src: str) -> str:
+        name = self._names(src)
+        return f"{name} ({src})" if name else src
+
+    def is_cut(self, src: str) -> bool:
+        """True while the routed messages of ``src`` are dropped here."""
+        until = self._cut_until.get(src)
+        if until is None:
+            return False
+        if self._clock() < until:
+            return True
+        del self._cut_until[src]
+        log.warning("%s: forwarding the messages of %s again (cut for %.0f s)", self.name, self._label(src), self.cut_s)
+        return False
+
+    def forward(self, link, message: wire.Routed, *, checked: bool = False) -> bool:
+        """Queue ``message`` on ``link`` within its source's share; False only if ``link`` is closed.
+
+        May block the calling greenlet (the reader of the link the message came from) while the
+        source has no room, up to ``hold_max_s``. A message of a cut source, or one that found
+        no room, is dropped (counted; True: there is nothing to answer)."""
+        src = message.src
+        if self.is_cut(src):
+            self.counters["dropped"] += 1
+            return True
+        has_room = getattr(link, "has_room", None)
+        if has_room is not None and not has_room(src):
+            if not self._hold(link, src):
+                self.counters["dropped"] += 1
+                return not link.closed
+        if link.send(message, bulk=is_bulk(message), checked=checked):
+            return True
+        if link.closed:
+            return False
+        self.counters["dropped"] += 1  # past a hard bound
+        return True
+
+    def _hold(self, link, src: str) -> bool:
+        """Wait for room for ``src`` on ``link``, holding the link being read; False: drop the
+        message (no room in time, or the source is cut now)."""
+        if link.stalled_s > self.hold_max_s:
+            return False  # it drains nothing: holding more input for it would only stop others
+        incoming = reading_link()
+        start = self._clock()
+        if incoming is not None:
+            with incoming.hold():
+                ok = link.wait_source(src, self.hold_max_s)
+        else:
+            ok = link.wait_source(src, self.hold_max_s)
+        if incoming is not None and incoming.closed:
+            return False
+        held = self._clock() - start
+        self.counters["held"] += 1
+        self.counters["held_s"] += held
+        if not ok:
+            return False  # the link ahead did not drain this source: not its fault, no count
+        window = self._windows.get(src)
+        if window is None or start - window[0] > self.flood_window_s:
+            if len(self._windows) >= GUARD_MAX_SOURCES:
+                self._forget_windows(start)
+            window = self._windows[src] = [start, 0.0]
+        window[1] += held
+        if window[1] < self.flood_held_s:
+            return True
+        self._cut(src, incoming, window[1])
+        return False
+
+    def _forget_windows(self, now: float) -> None:
+        for src, window in list(self._windows.items()):
+            if now - window[0] > self.flood_window_s:
+                del self._windows[src]
+        while len(self._windows) >= GUARD_MAX_SOURCES:
+            del self._windows[next(iter(self._windows))]
+
+    def _cut(self, src: str, incoming: Optional[Link], held_s: float) -> None:
+        self._windows.pop(src, None)
+        self.counters["cut"] += 1
+        if len(self.cut_sources) >= GUARD_MAX_SOURCES:
+            del self.cut_sources[0]
+        self.cut_sources.append(src)
+        why = (f"it floods: its messages waited {held_s:.1f} s for room within {self.flood_window_s:.0f} s "
+               f"(FLOOD_HELD_S {self.flood_held_s:.1f})")
+        if incoming is not None and incoming.peer_id == src:
+            self.counters["closed"] += 1
+            log.warning("%s: closing the link of %s: %s", self.name, self._label(src), why)
+            incoming.close(f"flooding: {why}")
+            return
+        self._cut_until[src] = self._clock() + self.cut_s
+        log.warning("%s: dropping the routed messages of %s for %.0f s: %s", self.name, self._label(src), self.cut_s, why)
+
+    def status(self) -> dict:
+        """The counters, and the sources cut now."""
+        now = self._clock()
+        return {**{k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.counters.items()},
+                "cut_now": sorted(src for src, until in self._cut_until.items() if until > now)}
+
+
 class Router:
     """Originates, forwards and answers the routed messages of one node; see the module docstring.
 
@@ -223,6 +382,8 @@ class Router:
         # by this node: messages and requests, not replies), ``forwarded`` (passed on),
         # ``delivered`` (addressed here), ``dropped`` (no route, hop limit, not ours).
         self.counters: Dict[str, int] = {"originated": 0, "forwarded": 0, "delivered": 0, "dropped": 0}
+        # Keeps the sources of what this router forwards within their shares (a leader's).
+        self.guard = FloodGuard(str(getattr(host, "name", "?")), names=self._name_of)
 
     @property
     def forwards(self) -> bool:
@@ -309,7 +470,7 @@ class Router:
         """Put ``message`` (hops already counted) on the right link; False if there is none.
 
         A message this node ``originated`` waits for room on the link (back-pressure on the
-        sender); a forwarded one never waits.
+        sender); a forwarded one goes through the guard, which may hold the link it came from.
         """
         link = None
         if self._down is not None:
@@ -320,9 +481,19 @@ class Router:
         if link is None:
             return False
         bulk = is_bulk(message)
-        if originated:
+        if not originated:
+            return self.guard.forward(link, message, checked=checked)
+        wait_source = getattr(link, "wait_source", None)
+        incoming = reading_link()  # (an answer sent by a link's reader: relay's resets)
+        with incoming.hold() if incoming is not None else contextlib.nullcontext():
+            if wait_source is not None:
+                wait_source(message.src)
             link.wait_room(bulk=bulk)
         return link.send(message, bulk=bulk, checked=checked)
+
+    def _name_of(self, node_id: str) -> Optional[str]:
+        entry = self.host.directory.get(node_id)
+        return entry.name if entry else None
 
     def route(self, message: wire.Routed, via: Optional[Link] = None) -> None:
         """A routed message arrived on a link: deliver it here or send it on.

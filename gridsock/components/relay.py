@@ -83,7 +83,7 @@ log = logging.getLogger(__name__)
 # 4-hop path on a LAN; a receiver enlarges it for a longer path (see the module docstring).
 RELAY_WINDOW_BYTES = 4 * 1024 * 1024
 # The largest window: about 800 MB/s over 20 ms of round trip. It bounds what one relayed
-# connection can queue on a node (the links' bulk queues hold SEND_QUEUE_BULK_BYTES).
+# connection can queue on a node (a link holds SOURCE_SHARE_BYTES, as much, of one source).
 RELAY_MAX_WINDOW_BYTES = 16 * 1024 * 1024
 # Data per routed message: large enough that per-message work (header, routing, a write:
 # about 20 us a hop) is a few per cent of the copy and the TLS of its bytes; small enough
