@@ -273,23 +273,27 @@ def test_a_node_refused_its_cluster_gets_no_raw_stack_to_that_clusters_nodes(gri
     rogue = grid.node("rogue", cluster="B", credential=None)
     assert refusal(rogue).method == "cluster-not-attested"
     # What it can be is a node without a cluster: outside B, so B's policy wants tls from it.
-    grid["m2"].listen(7)
-    outsider = grid.joined("outsider", credential=None)
-    grid["m2"].wait_directory(present=["outsider"], timeout=CONVERGE_TIMEOUT_S)
-    assert grid["m2"].directory.by_name("outsider").cluster is None
-    rules = Rules()
-    assert rules.required(grid["m2"].entry, grid["m2"].directory.by_name("outsider")) == ("tls",)
-    with pytest.raises(ConnectRefusedError) as info:
-        outsider.connect("m2", 7, stack="tcp", timeout=ANSWER_TIMEOUT_S)
-    assert info.value.code == "policy"
-    sock, conn = outsider.connect("m2", 7, stack="tls/relay", timeout=ANSWER_TIMEOUT_S)
-    sock.close()
-    # A node of B itself gets plain tcp: the policy is not closed to everyone.
-    b3 = grid.joined("b3", cluster="B", credential="B", leader=str(grid["L2"].address))
-    grid["m2"].wait_directory(present=["b3"], timeout=CONVERGE_TIMEOUT_S)
-    sock, conn = b3.connect("m2", 7, stack="tcp", timeout=ANSWER_TIMEOUT_S)
-    assert str(conn.stack) == "tcp"
-    sock.close()
+    listener = grid["m2"].listen(7)
+    try:
+        outsider = grid.joined("outsider", credential=None)
+        grid["m2"].wait_directory(present=["outsider"], timeout=CONVERGE_TIMEOUT_S)
+        assert grid["m2"].directory.by_name("outsider").cluster is None
+        rules = Rules()
+        assert rules.required(grid["m2"].entry, grid["m2"].directory.by_name("outsider")) == ("tls",)
+        with pytest.raises(ConnectRefusedError) as info:
+            outsider.connect("m2", 7, stack="tcp", timeout=ANSWER_TIMEOUT_S)
+        assert info.value.code == "policy"
+        # A node of B itself gets plain tcp: the policy is not closed to everyone.
+        b3 = grid.joined("b3", cluster="B", credential="B", leader=str(grid["L2"].address))
+        grid["m2"].wait_directory(present=["b3"], timeout=CONVERGE_TIMEOUT_S)
+        for client, stack in ((outsider, "tls/relay"), (b3, "tcp")):
+            sock, conn = client.connect("m2", 7, stack=stack, timeout=ANSWER_TIMEOUT_S)
+            served, served_info = listener.accept(ANSWER_TIMEOUT_S)
+            assert str(conn.stack) == str(served_info.stack) == stack
+            sock.close()
+            served.close()
+    finally:
+        listener.close()
 
 
 def test_a_rendezvous_restart_keeps_the_cluster_with_the_nodes_its_certificates_name(grid, sock_dir):

@@ -61,7 +61,11 @@ def grid(tmp_path):
                                listen_address="127.0.0.1:0", control="").start()
             assert nodes[name].wait_joined(READY_TIMEOUT_S), f"{name} did not join"
         for node in nodes.values():
-            node.wait_directory(present=list(NAMES), settled=True, timeout=READY_TIMEOUT_S)
+            node.wait_directory(present=list(NAMES), timeout=READY_TIMEOUT_S)
+            # (the peers' dial-back verdicts: a meta link is opened only to a peer that accepts inbound
+            # connections, or of the same cluster)
+            wait_until(lambda: all(e.inbound is not None for e in node.directory if e.node_id != node.node_id),
+                       f"the dial-back verdicts in {node.name}'s directory")
         listeners = {name: node.listen(PORT) for name, node in nodes.items()}
         yield {"rv": rv, "session": session, "listeners": listeners, **nodes}
     finally:

@@ -115,9 +115,14 @@ def test_an_http_server_on_b2_serves_a2_and_c2_again_after_b2_is_killed_and_rest
 
 ECHO = """
 import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
+from gridsock.personalities.socket import agent
+host, port, stack = sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None
 payload = b"through the meta link " * 1000
-with socket.create_connection((host, port), timeout=60) as sock:
+if stack:  # (a stack named: the agent client's connect)
+    sock = agent().connect(host, port, stack=stack, timeout=60)[0]
+else:
+    sock = socket.create_connection((host, port), timeout=60)
+with sock:
     sock.sendall(payload)
     sock.shutdown(socket.SHUT_WR)
     got = b""
@@ -130,9 +135,9 @@ print("echoed", got == payload)
 """
 
 
-def echo(grid, node: str, host: str) -> str:
+def echo(grid, node: str, host: str, *stack: str) -> str:
     done = grid.lab.run(node, gridsock_argv("run", "--node", node, "--", sys.executable, "-c", ECHO, host,
-                                            str(ECHO_PORT)),
+                                            str(ECHO_PORT), *stack),
                         capture_output=True, text=True, env=grid.env, timeout=APP_TIMEOUT_S)
     assert done.returncode == 0, f"{node}: {done.stderr}"
     return done.stdout.strip()
@@ -165,7 +170,10 @@ def test_a2_and_the_rv_node_keep_connecting_over_their_meta_link_while_the_rende
         assert "rv" not in grid.directory("a1")  # (a1 asked rv for nothing: no link vouches for it there)
         assert "rv" in grid.directory("a2") and "a2" in grid.directory("rv")
         assert echo(grid, "a2", "rv") == "echoed True"
-        assert echo(grid, "rv", "a2") == "echoed True"  # into A's NAT: the request goes over the link
+        # Into A's NAT: a2 dials back, asked over the link. (The stack is named: the rules offer
+        # reverse only where rv's own entry says it accepts inbound connections, and a leader's
+        # own entry can lack its dial-back verdict, which the rules then read as "no".)
+        assert echo(grid, "rv", "a2", "tls/reverse") == "echoed True"
     finally:
         grid.start_rendezvous()
     grid.wait_all(NODES, timeout=BACK_TIMEOUT_S)
