@@ -85,6 +85,8 @@ __all__ = [
     "TOKEN_BYTES",
     "ASSEMBLY_TIMEOUT_S",
     "MATCH_TIMEOUT_S",
+    "NOMINATION_TIMEOUT_S",
+    "BACKLOG_WAIT_S",
     "NOMINATE",
     "STAGGER_S",
     "BETTER_LATE_S",
@@ -133,6 +135,16 @@ CONNECTIONS_PRUNE_AT = 256
 CONNECTIONS_SWEEP_S = 2.0
 # Connections accepted but not yet taken by accept().
 LISTEN_BACKLOG = 128
+# A connection that finds the backlog full waits this long for room (as a kernel leaves a SYN
+# unanswered, and the client retries, rather than refuse): a burst of hundreds of connects to
+# one port is taken as fast as the application accepts, not reset past the 128th.
+BACKLOG_WAIT_S = 15.0
+# The server waits this long for the client's nomination of a connection the method made. The
+# client nominates once the server's answer has come back and the connection won its race:
+# under a burst of hundreds of connects at once that takes seconds (5 s dropped about half of
+# 500 concurrent tls/relay connects on a loaded 2-core machine). A candidate that lost is
+# closed by the client at once, so the wait costs only a vanished client's half for this long.
+NOMINATION_TIMEOUT_S = 15.0
 # The client ports the client side gives its connections (carried in the assembly request, what
 # the server's getpeername() tells): IANA's dynamic range, as a kernel's ephemeral ports.
 CLIENT_PORTS = range(49152, 65536)
@@ -275,12 +287,16 @@ class DataListener:
             raise ConnectError(f"listener on port {self.port} is closed")
         return item
 
-    def _deliver(self, item) -> bool:
+    def _deliver(self, item, timeout: float = 0.0) -> bool:
+        """Queue ``item`` for accept(), waiting at most ``timeout`` for room; False if the
+        listener is closed (or closes meanwhile) or the backlog stayed full."""
         if self.closed:
             return False
         try:
-            self._queue.put_nowait(item)
+            self._queue.put(item, block=timeout > 0, timeout=timeout or None)
         except gevent.queue.Full:
+            return False
+        if self.closed:  # closed while we waited: close() has drained the queue already
             return False
         return True
 
@@ -445,7 +461,7 @@ class Assembler:
         """A method's connection is up: wait for the client's nomination, build our half of the
         filters, queue the connection on the listener; close it if any of that fails."""
         try:
-            with gevent.Timeout(MATCH_TIMEOUT_S, TimeoutError(f"not nominated within {MATCH_TIMEOUT_S:g} s")):
+            with gevent.Timeout(NOMINATION_TIMEOUT_S, TimeoutError(f"not nominated within {NOMINATION_TIMEOUT_S:g} s")):
                 first = lower.receive_some(len(NOMINATE))
             if first != NOMINATE:
                 raise RemoteProtocolError("closed before nomination" if not first else "bad nomination byte")
@@ -472,7 +488,7 @@ class Assembler:
         if via:
             info.detail["via"] = via
         self._note_detail(info, lower)
-        if not listener._deliver((stream, info)):
+        if not listener._deliver((stream, info), timeout=BACKLOG_WAIT_S):
             log.warning("port %d backlog full or closed: dropping connection from %s", port, client.name)
             self.counters["not_taken"] += 1
             stream.close()

@@ -1,5 +1,6 @@
-"""Relayed connections opened at once, in both directions, between several pairs of nodes,
-never collide: the ids the two nodes of a pair pick are disjoint (issue 16)."""
+"""Bursts of connections (issue 16): relayed connections opened at once, in both directions,
+between several pairs of nodes, never collide (the ids the two nodes of a pair pick are
+disjoint); a connection that finds its port's backlog full waits for room."""
 from __future__ import annotations
 
 import dataclasses
@@ -162,3 +163,25 @@ def test_many_relayed_connections_at_once_between_every_pair_in_both_directions(
     with gevent.Timeout(JOIN_TIMEOUT_S, AssertionError("relayed connections left open")):
         while any(len(node.relay) for node in grid.values()):
             gevent.sleep(0.05)
+
+
+# --- a full backlog -------------------------------------------------------------------------
+
+
+def test_a_connection_that_finds_the_backlog_full_waits_for_room():
+    from gridsock.assembly import LISTEN_BACKLOG, DataListener
+
+    class _Assembler:
+        listeners: dict = {}
+
+    listener = DataListener(_Assembler(), 1)
+    for i in range(LISTEN_BACKLOG):
+        assert listener._deliver((f"conn {i}", None))
+    assert not listener._deliver(("refused at once", None))  # no wait asked for
+    late = gevent.spawn(listener._deliver, ("late", None), timeout=30.0)
+    gevent.sleep(0)
+    assert not late.ready()  # waiting for room, not dropped
+    assert listener.accept_stream(timeout=1)[0] == "conn 0"
+    assert late.get(timeout=30) is True
+    taken = [listener.accept_stream(timeout=1)[0] for _ in range(LISTEN_BACKLOG)]
+    assert taken[-1] == "late"
