@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     rv.add_argument("--control", metavar="PATH", help="control socket (default: $GRIDSOCK_RUN_DIR/rendezvous.sock)")
     rv.add_argument("--metrics", metavar="ADDR",
                     help="serve Prometheus metrics on http://ADDR/metrics (HOST:PORT, or PORT on 127.0.0.1; default: off)")
+    rv.add_argument("--ssh-forward", action="append", default=[], metavar="USER@HOST[:PORT]=[BIND_HOST:]BIND_PORT",
+                    help="log in to this SSH gateway (a cluster's front-end) and have it listen on BIND_HOST:BIND_PORT "
+                         "for this rendez-vous node: the cluster's leader dials that address (the rendez-vous node "
+                         "needs no inbound connection; repeat for each front-end; docs/ssh.md)")
+    rv.add_argument("--ssh-key", metavar="FILE", help="private key for the --ssh-forward gateways (default: ~/.ssh/id_*)")
+    rv.add_argument("--ssh-known-hosts", metavar="FILE",
+                    help="known_hosts holding the gateways' host keys (default: ~/.ssh/known_hosts); never accepted blindly")
 
     node = sub.add_parser("node", help="run a node")
     _add_node_options(node, required=True)
@@ -206,10 +213,13 @@ def _control_target(args) -> str:
     raise ConfigError(f"several gridsock processes run here ({names}): choose one with --node NAME")
 
 
-def _run_until_signalled(server) -> int:
+def _run_until_signalled(server, *also) -> int:
+    """Serve until SIGTERM or SIGINT, which stop ``also`` (helpers of the server), then it."""
     import gevent
 
     def stop(*_):
+        for helper in also:
+            helper.stop()
         server.stop()
 
     gevent.signal_handler(signal.SIGTERM, stop)
@@ -228,15 +238,35 @@ def _cmd_session_new(args) -> int:
 
 
 def _cmd_rendezvous(args) -> int:
+    import gevent
+
     from .bootstrap.rendezvous import RendezvousNode
+    from .bootstrap.sshforward import RemoteForward, SSHForwarder
     from .session import Session
 
+    forwards = [RemoteForward.parse(spec, key_filename=args.ssh_key, known_hosts=args.ssh_known_hosts)
+                for spec in args.ssh_forward]  # (a bad one fails here, before anything runs)
     node = RendezvousNode(Session.load(args.session), listen_address=args.listen, control=args.control,
                           metrics=args.metrics).start()
     print(f"rendezvous listening {node.address}", flush=True)
     if node.metrics_address is not None:
         print(f"metrics on http://{node.metrics_address}/metrics", flush=True)
-    return _run_until_signalled(node)
+    if not forwards:
+        return _run_until_signalled(node)
+    forwarder = SSHForwarder(forwards, node.handle_connection).start()
+    gevent.spawn(_announce_forwards, forwarder)
+    return _run_until_signalled(node, forwarder)
+
+
+def _announce_forwards(forwarder) -> None:
+    """Print ``ssh forwards up GATEWAY=BIND_HOST:PORT ...`` once every forward is granted (the
+    forwarder keeps trying meanwhile, and logs why each attempt failed)."""
+    import gevent
+
+    while not gevent.get_hub().threadpool.apply(forwarder.wait_up, (60.0,)):
+        pass
+    print("ssh forwards up " + " ".join(f"{f.gateway}={f.bind_host}:{port}" for f, port in forwarder.ports().items()),
+          flush=True)
 
 
 def _make_node(args):

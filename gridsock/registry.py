@@ -80,7 +80,7 @@ BUILTIN_COMPONENTS: Mapping[str, Tuple[str, str, Mapping[str, type], Mapping[str
             "splice": ("gridsock.components.splice:SpliceMethod", "method", {}, {}),
             "reverse": ("gridsock.components.reverse:ReverseMethod", "method", {}, {}),
             "socks": ("gridsock.components.socks:SocksMethod", "method", {"proxy": str}, {}),
-            "ssh": ("gridsock.components.ssh:SshMethod", "method", {"gateway": str}, {}),
+            "ssh": ("gridsock.components.ssh:SshMethod", "method", {"gateway": str, "remote": str, "bind": str}, {}),
             "tls": ("gridsock.components.tls:TlsFilter", "filter", {}, {}),
             "parallel": (
                 "gridsock.components.parallel:ParallelMethod",

@@ -426,3 +426,47 @@ def test_two_listeners_share_the_kept_transport(sshd, kept_transports):
 def test_remote_listener_refused(sshd, kept_transports):
     with pytest.raises(ConnectError, match="refused the remote forward"):
         open_remote_listener(sshd.gateway(), "192.0.2.1")  # not an address of the gateway
+
+
+# --- the ssh method's remote mode -----------------------------------------------------------------
+
+
+def test_ssh_method_remote_forward_passes_check_method(sshd, kept_transports, tmp_path):
+    """Server S (cluster A, its uplink through the sshd) answers ``ssh(remote=...)`` with a
+    one-use forward on its own gateway; client C (cluster B) dials it: the conformance suite."""
+    from gridsock.testing.methods import CASES, LocalServer, check_method
+
+    session = create_session(tmp_path / "session", "127.0.0.1:1")
+    rv = RendezvousNode(session, listen_address="127.0.0.1:0", control="").start()
+    session = dataclasses.replace(session, rendezvous_port=rv.address.port)
+    gateway = sshd.gateway()
+    nodes = []
+    try:
+        server = Node(session, "S", cluster="A", listen_address="127.0.0.1:0", control="", ssh_gateway=gateway,
+                      ssh_key=gateway.key_filename, ssh_known_hosts=gateway.known_hosts).start()
+        nodes.append(server)
+        client = Node(session, "C", cluster="B", listen_address="127.0.0.1:0", control="").start()
+        nodes.append(client)
+        for node in nodes:
+            assert node.wait_joined(JOIN_TIMEOUT_S), f"{node.name} did not join"
+        client.wait_directory(present=["S", "C"], timeout=JOIN_TIMEOUT_S)
+        remote = f"ssh(bind=127.0.0.1,remote={gateway.user}@127.0.0.1:{sshd.port})"
+        handle = LocalServer(server)
+        try:
+            assert check_method(client, handle, "tls/" + remote, port=6200, refused_stack=remote) == \
+                {case: "ok" for case in CASES}
+        finally:
+            handle.close()
+        # A gateway that is not the server's own: refused, the server logs in nowhere.
+        other = f"tls/ssh(bind=127.0.0.1,remote=someone@127.0.0.1:{sshd.port})"
+        handle = LocalServer(server)
+        try:
+            handle.serve_echo(6210)
+            with pytest.raises(ConnectError, match="not an SSH gateway of S"):
+                client.open_stream("S", 6210, stack=other)
+        finally:
+            handle.close()
+    finally:
+        for node in reversed(nodes):
+            node.stop()
+        rv.stop()

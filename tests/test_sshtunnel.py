@@ -703,10 +703,9 @@ def test_gateway_silent_times_out(sshd, gateway, tmp_path):
         port = mute.getsockname()[1]
         silent = SSHGateway("127.0.0.1", port, user=gateway.user, key_filename=gateway.key_filename,
                             known_hosts=sshd.known_hosts(tmp_path / "kh", port=port))
-        started = time.monotonic()
+        # (A hang would be stopped by pytest-timeout; the message says which bound ran out.)
         with pytest.raises(ConnectError, match="timed out") as info:
             open_ssh_tunnel(silent, "127.0.0.1", 9, timeout=0.5)
-        assert time.monotonic() - started < 5
     assert type(info.value) is ConnectError
 
 

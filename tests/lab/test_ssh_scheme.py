@@ -5,9 +5,10 @@ drops every new connection that comes in on its interface. It logs in to two fro
 each for a remote forward (``tcpip-forward``): fec, cluster C's front-end, binds RV_PORT on every
 address (10.3.0.1 for C, 203.0.113.4 for B, which has a way out but cannot enter rv either), and
 gwa, given an sshd of its own as cluster A's front-end, binds RV_PORT on its LAN address
-10.1.0.1 only. Each leader's session file names the forwarded port it can reach; the public node
-``rv`` (on the rendez-vous host itself) uses the session as made. Every other process is the
-real ``gridsock`` CLI in its namespace, as in the other lab modules. Then, as with a public
+10.1.0.1 only (``gridsock rendezvous --ssh-forward``). Each leader's session file names the
+forwarded port it can reach; the public node ``rv`` (on the rendez-vous host itself) uses the
+session as made. Every process is the real ``gridsock`` CLI in its namespace, as in the other
+lab modules. Then, as with a public
 rendez-vous node: the 42 ordered pings, a data connection per ordered pair, and a forward that
 breaks is opened again and its cluster comes back.
 """
@@ -42,35 +43,6 @@ FORWARDS_UP_TIMEOUT_S = 60.0
 TRANSFER_BYTES = 1 << 20
 TRANSFER_TIMEOUT_S = 60.0
 
-# The rendez-vous node with its SSH forwarder, through the Python API (argv: session, key,
-# known_hosts, then USER@HOST[:PORT]=BIND_HOST:BIND_PORT for each forward).
-RENDEZVOUS_SRC = r"""
-import logging, signal, sys
-import gevent
-from gridsock.bootstrap.rendezvous import RendezvousNode
-from gridsock.bootstrap.sshforward import RemoteForward, SSHForwarder
-from gridsock.session import Session
-
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-session_path, key, known_hosts, *specs = sys.argv[1:]
-rv = RendezvousNode(Session.load(session_path)).start()
-print(f"rendezvous listening {rv.address}", flush=True)
-forwards = [RemoteForward.parse(spec, key_filename=key, known_hosts=known_hosts) for spec in specs]
-forwarder = SSHForwarder(forwards, rv.handle_connection).start()
-if not gevent.get_hub().threadpool.apply(forwarder.wait_up, (%(timeout)s,)):
-    print(f"forwards not up: {forwarder.status()}", flush=True)
-    sys.exit(1)
-print("forwards up " + " ".join(f"{f}->{p}" for f, p in forwarder.ports().items()), flush=True)
-
-def stop():
-    forwarder.stop()
-    rv.stop()
-
-gevent.signal_handler(signal.SIGTERM, stop)
-rv.serve_forever()
-""".replace("%(timeout)s", repr(FORWARDS_UP_TIMEOUT_S))
-
-
 def cluster_of(name: str):
     return None if name == "rv" else name[0].upper()
 
@@ -93,16 +65,12 @@ class SchemeGrid(Grid):
 
     def start_rendezvous(self) -> None:
         lab = self.lab
-        forwards = [f"{lab.start_sshd('gwa')}={LAN_ADDRESSES['gwa']}:{RV_PORT}",
-                    f"{lab.ssh_gateway_public}=0.0.0.0:{RV_PORT}"]
-        argv = [sys.executable, "-c", RENDEZVOUS_SRC, self.session, lab.ssh_client_key, lab.ssh_known_hosts, *forwards]
-        log = open(self.tmp / "rendezvous.log", "ab")
-        self.logs["rendezvous"] = self.tmp / "rendezvous.log"
-        proc = lab.spawn("rv", argv, stdout=subprocess.PIPE, stderr=log, env=self.env)
-        log.close()
-        self.procs["rendezvous"] = proc
+        proc = self.spawn("rv", "rendezvous", "rendezvous", "--session", self.session,
+                          "--ssh-forward", f"{lab.start_sshd('gwa')}={LAN_ADDRESSES['gwa']}:{RV_PORT}",
+                          "--ssh-forward", f"{lab.ssh_gateway_public}=0.0.0.0:{RV_PORT}",
+                          "--ssh-key", lab.ssh_client_key, "--ssh-known-hosts", lab.ssh_known_hosts)
         wait_for_line(proc, "rendezvous listening", timeout=JOIN_TIMEOUT_S)
-        wait_for_line(proc, "forwards up", timeout=FORWARDS_UP_TIMEOUT_S + 10)
+        wait_for_line(proc, "ssh forwards up", timeout=FORWARDS_UP_TIMEOUT_S)
 
     def node_args(self, name: str) -> list:
         args = super().node_args(name)
