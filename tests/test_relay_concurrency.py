@@ -73,6 +73,29 @@ def test_both_directions_open_at_once_through_two_managers():
     assert len(managers[a]) == len(managers[b]) == 0
 
 
+def test_frames_shrink_as_connections_with_a_peer_multiply():
+    # A handshake frame of a new connection waits behind one frame of each busy connection
+    # with the same peer: with hundreds of them, the frames are small.
+    from gridsock.components.relay import RELAY_CHUNK_BYTES, RELAY_LINE_BYTES, RELAY_MIN_CHUNK_BYTES
+
+    a, b = "a" * 36, "b" * 36
+    sent: list = []
+    manager = RelayManager(lambda dst, payload: sent.append(len(payload) - 9))
+    first = manager.open(b, manager.new_conn_id(b, a))
+    first.send_all(bytes(RELAY_CHUNK_BYTES))
+    assert sent == [RELAY_CHUNK_BYTES]  # one connection: full frames
+    others = [manager.open(b, manager.new_conn_id(b, a)) for _ in range(499)]
+    assert manager.chunk_bytes(b) == max(RELAY_MIN_CHUNK_BYTES, RELAY_LINE_BYTES // 500)
+    sent.clear()
+    others[0].send_all(bytes(100_000))
+    assert max(sent) == manager.chunk_bytes(b) and sum(sent) == 100_000
+    for stream in others:
+        stream.close()
+    assert manager.chunk_bytes(b) == RELAY_CHUNK_BYTES  # the others closed: full frames again
+    assert manager.chunk_bytes(a) == RELAY_CHUNK_BYTES  # (another peer's count is its own)
+    first.close()
+
+
 # --- between the nodes of a loopback grid ----------------------------------------------------
 
 

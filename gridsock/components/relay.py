@@ -91,6 +91,14 @@ RELAY_MAX_WINDOW_BYTES = 16 * 1024 * 1024
 # than behind the links' usual coalesced write (RECV_CHUNK_BYTES), and that the initial window
 # holds 16 of them, which keeps the pipe full while credit returns.
 RELAY_CHUNK_BYTES = 256 * 1024
+# Many connections with one peer share its path: the DATA frames their senders put in line at
+# once total about this much (each frame is at most this divided by the connections open with
+# the peer, and at least RELAY_MIN_CHUNK_BYTES), so that the first frames of a connection that
+# just opened (its TLS handshake) wait behind this much, not behind a full frame of each of
+# hundreds of connections (128 MB for 500: longer than a TLS handshake may take). Up to 32
+# connections with a peer still send full frames.
+RELAY_LINE_BYTES = 8 * 1024 * 1024
+RELAY_MIN_CHUNK_BYTES = 16 * 1024
 _HEADER = struct.Struct("!IBI")
 # The relay's framing and flow control, offered in the assembly request. 2: DATA of up to
 # 256 KiB and a receiver-sized window (format 1: 64 KiB and a fixed 1 MiB window).
@@ -185,7 +193,7 @@ class RelayStream(Stream):
                 self._writable.clear()
                 self._writable.wait()
                 continue
-            n = min(len(view), self._credit, RELAY_CHUNK_BYTES)
+            n = min(len(view), self._credit, self._manager.chunk_bytes(self.peer_id))
             self._credit -= n
             self._manager.transmit(self, DATA, self.bytes_sent & 0xFFFFFFFF, view[:n])
             self.bytes_sent += n
@@ -318,6 +326,7 @@ class RelayManager:
     def __init__(self, send: Callable[[str, bytes], None]) -> None:
         self._send = send
         self._streams: Dict[Tuple[str, int], RelayStream] = {}
+        self._per_peer: Dict[str, int] = {}  # peer id -> connections open with it
         # The next id is drawn from here (its parity is set by the pair: see new_conn_id);
         # a random start, so that a node restarted under the same id does not reuse the ids
         # of its previous life that its peers may still hold.
@@ -347,11 +356,20 @@ class RelayManager:
             raise RemoteProtocolError(f"relayed connection {conn_id} with {peer_id} exists already")
         stream = RelayStream(self, peer_id, conn_id)
         self._streams[key] = stream
+        self._per_peer[peer_id] = self._per_peer.get(peer_id, 0) + 1
         return stream
+
+    def chunk_bytes(self, peer_id: str) -> int:
+        """The largest DATA frame a connection with ``peer_id`` sends now (see RELAY_LINE_BYTES)."""
+        share = RELAY_LINE_BYTES // max(1, self._per_peer.get(peer_id, 1))
+        return max(RELAY_MIN_CHUNK_BYTES, min(RELAY_CHUNK_BYTES, share))
 
     def forget(self, stream: RelayStream) -> None:
         if self._streams.get((stream.peer_id, stream.conn_id)) is stream:
             del self._streams[(stream.peer_id, stream.conn_id)]
+            left = self._per_peer.pop(stream.peer_id, 1) - 1
+            if left > 0:
+                self._per_peer[stream.peer_id] = left
             memory.trim_soon()  # its window's worth of frames may have been freed just now
 
     def transmit(self, stream: RelayStream, kind: int, value: int, data, *, quiet: bool = False) -> None:
