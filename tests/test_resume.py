@@ -19,10 +19,11 @@ from gevent import socket as gsocket
 from gridsock import assembly, wire  # (assembly registers the resume layer)
 from gridsock.components import resume
 from gridsock.components.resume import (ACK, DATA, EOF, HEADER_BYTES, HELLO, MAX_FRAME_DATA_BYTES, FrameDecoder,
-                                        encode_frame, live_streams)
-from gridsock.errors import RemoteProtocolError
+                                        ResumeStream, encode_frame, live_streams)
+from gridsock.errors import BrokenStreamError, RemoteProtocolError
 from gridsock.rules import Rules
 from gridsock.stack import Stack
+from gridsock.streams import Stream, memory_pair
 from gridsock.testing.grid import loopback_grid
 
 pytestmark = pytest.mark.timeout(120)
@@ -397,3 +398,87 @@ def test_a_relayed_connection_moves_to_a_direct_path_when_one_opens(grid, monkey
     assert client_end.state["upgrade_tries"] >= 1
     assert client_end.state["method"] in ("tcp", "reverse") and client_end.state["upgrades"] == 1
     assert server_end.state["method"] == client_end.state["method"] and server_end.state["resumes"] == 1
+
+
+# --- a silent path, without nodes ------------------------------------------------------------------
+
+
+class Freezable(Stream):
+    """A lower stream that can go silent: after ``freeze()`` nothing it sends arrives and its
+    receives block (a NAT mapping dropped without a reset), with no error on either side."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.info = {"method": "memory"}
+        self.frozen = gevent.event.Event()
+        self.closed = gevent.event.Event()
+
+    def send_all(self, data) -> None:
+        if not self.frozen.is_set():
+            self.inner.send_all(data)
+
+    def receive_some(self, max_bytes=65536) -> bytes:
+        getter = gevent.spawn(self.inner.receive_some, max_bytes)
+        gevent.wait([getter, self.frozen], count=1)
+        if self.frozen.is_set():
+            getter.kill()
+            self.closed.wait()  # silence, until the resume layer drops this path
+            raise BrokenStreamError("closed")
+        return getter.get()
+
+    def send_eof(self) -> None:
+        self.inner.send_eof()
+
+    def close(self) -> None:
+        self.frozen.set()
+        self.closed.set()
+        self.inner.close()
+
+
+def test_a_silent_path_is_noticed_and_replaced(monkeypatch):
+    monkeypatch.setattr(resume, "KEEPALIVE_S", 0.1)
+    monkeypatch.setattr(resume, "SILENT_S", 0.5)
+    a, b = memory_pair()
+    first = (Freezable(a), Freezable(b))
+    token = secrets.token_bytes(resume.RESUME_TOKEN_BYTES)
+
+    def reopen(layers, timeout):  # what the assembler does for a new path, in memory
+        new_a, new_b = memory_pair()
+        next_token = server.take_token(client._token, "the-client")
+        assert next_token is not None
+        client._token = next_token
+        gevent.spawn(server.adopt, new_b, next_token)
+        new_a.send_all(assembly.NOMINATE)
+        return new_a
+
+    client = ResumeStream(first[0], initiator=True, session_id=1, token=token, peer_id="the-server",
+                          peer_name="server", reopen=reopen, current_layers=("memory",))
+    server = ResumeStream(first[1], initiator=False, session_id=1, token=token, peer_id="the-client",
+                          peer_name="client")
+    up, down = random.Random(5).randbytes(3_000_000), random.Random(6).randbytes(2_000_000)
+
+    def pump(stream, data):
+        for i in range(0, len(data), 100_000):
+            stream.send_all(data[i:i + 100_000])
+            if i == 1_000_000 and stream is client:
+                first[0].frozen.set()  # both directions of the path go silent
+                first[1].frozen.set()
+        stream.send_eof()
+
+    def drain(stream):
+        out = bytearray()
+        while True:
+            chunk = stream.receive_some(1 << 20)
+            if not chunk:
+                return bytes(out)
+            out += chunk
+
+    with gevent.Timeout(WAIT_S):
+        jobs = [gevent.spawn(pump, client, up), gevent.spawn(pump, server, down),
+                gevent.spawn(drain, server), gevent.spawn(drain, client)]
+        gevent.joinall(jobs, raise_error=True)
+    assert jobs[2].value == up and jobs[3].value == down
+    assert client.state["resumes"] == server.state["resumes"] == 1
+    assert "nothing arrived" in client.state["last_break"]
+    client.close()
+    server.close()

@@ -26,7 +26,10 @@ Frames. Everything on a lower stream is a frame, a header of :data:`HEADER_BYTES
 - ``HELLO`` (5): the first frame each side sends on a lower stream that *continues* the
   connection (not on the first one): ``value`` is the position this side has *received*. Each
   side sends again, on the new lower stream, everything from the position the other's HELLO
-  names: the switch happens at a byte boundary.
+  names: the switch happens at a byte boundary;
+- ``PING`` (6), ``PONG`` (7): a side that heard nothing on its lower stream for
+  :data:`KEEPALIVE_S` sends a PING (``value``: a nonce), which the peer's reader answers with a
+  PONG at once. A lower stream silent for :data:`SILENT_S` is lost, as if it had broken.
 
 Memory bound and flow. A sender keeps every byte until it is acknowledged, at most
 :data:`RESUME_BUFFER_BYTES` per direction and connection (``send_all`` blocks while it is full).
@@ -53,8 +56,9 @@ that has no lower stream again within ``timeout`` (the ``resume(timeout=S)`` par
 :data:`RESUME_TIMEOUT_S` by default) is *reset* on both sides -- never ended cleanly: receives
 raise BrokenStreamError after what arrived, so the application's socket gets ECONNRESET -- and so
 is one whose re-assembly the server refused for good (a policy, a dead token). A lower stream
-that goes silent without an error is noticed only when it reports one (TCP's own timeouts, the
-relay's lost route).
+is lost when it reports an error or an end, and when it stays silent for :data:`SILENT_S`
+(the PINGs above): a NAT mapping gone without a reset is noticed in seconds, not after TCP's
+retransmission timeouts.
 
 Upgrades. An initiator whose lower stream's method is of a worse tier than ``direct``
 (:data:`gridsock.rules.TIERS`) tries the rules' better candidates for the pair after
@@ -102,6 +106,10 @@ __all__ = [
     "EOF",
     "RESET",
     "HELLO",
+    "PING",
+    "PONG",
+    "KEEPALIVE_S",
+    "SILENT_S",
     "RESUME_FORMAT",
     "RESUME_BUFFER_BYTES",
     "RESUME_TIMEOUT_S",
@@ -122,8 +130,8 @@ log = logging.getLogger(__name__)
 FRAME_HEADER = struct.Struct("!BBQI")
 HEADER_BYTES = FRAME_HEADER.size
 FRAME_VERSION = 1
-DATA, ACK, EOF, RESET, HELLO = 1, 2, 3, 4, 5
-_TYPES = {DATA: "DATA", ACK: "ACK", EOF: "EOF", RESET: "RESET", HELLO: "HELLO"}
+DATA, ACK, EOF, RESET, HELLO, PING, PONG = 1, 2, 3, 4, 5, 6, 7
+_TYPES = {DATA: "DATA", ACK: "ACK", EOF: "EOF", RESET: "RESET", HELLO: "HELLO", PING: "PING", PONG: "PONG"}
 # The layer's framing and tokens, in the assembly request's offer: both ends must agree.
 RESUME_FORMAT = 1
 
@@ -144,6 +152,11 @@ RETRY_MAX_S = 4.0
 UPGRADE_INITIAL_S = 2.0
 UPGRADE_MAX_S = 300.0
 UPGRADE_ROUNDS = 16
+# A lower stream on which nothing arrived for KEEPALIVE_S gets a PING (answered at once by the
+# peer's reader, which never stops reading); one silent for SILENT_S is lost (a NAT mapping gone
+# without a reset, a dead relay route): well before TCP's own retransmission timeouts.
+KEEPALIVE_S = 5.0
+SILENT_S = 15.0
 # A closed connection waits at most this long for its last bytes to be acknowledged.
 CLOSE_LINGER_S = 60.0
 # 256 random bits: a token cannot be guessed.
@@ -273,6 +286,9 @@ class ResumeStream(Stream):
         self._consumed = 0
         self._acked_sent = 0  # the last ACK position sent
         self._force_ack = False
+        self._pong_due: Optional[int] = None  # a PING's nonce to answer
+        self._ping_due = False
+        self._last_heard = time.monotonic()  # when the lower stream last gave us a byte
         self._peer_eof = False
         self._broken: Optional[str] = None
         self._closed = False
@@ -389,8 +405,24 @@ class ResumeStream(Stream):
 
     def _start(self, lower: Stream, *, resumed: bool) -> None:
         gen = self._gen
+        self._last_heard = time.monotonic()
+        self._ping_due = False
+        self._pong_due = None
         self._greenlets = [gevent.spawn(self._read_loop, gen, lower, resumed),
-                           gevent.spawn(self._send_loop, gen, lower, resumed)]
+                           gevent.spawn(self._send_loop, gen, lower, resumed),
+                           gevent.spawn(self._keepalive, gen)]
+
+    def _keepalive(self, gen: int) -> None:
+        """PING a lower stream that went quiet; declare it lost once silent for SILENT_S."""
+        while gen == self._gen and self._broken is None:
+            quiet = time.monotonic() - self._last_heard
+            if quiet >= SILENT_S:
+                self._lost(gen, f"nothing arrived for {quiet:.1f} s")
+                return
+            if quiet >= KEEPALIVE_S:
+                self._ping_due = True  # (again each KEEPALIVE_S while nothing comes)
+                self._wake.set()
+            gevent.sleep(max(0.01, min(KEEPALIVE_S, SILENT_S - quiet) if quiet >= KEEPALIVE_S else KEEPALIVE_S - quiet))
 
     def _send_loop(self, gen: int, lower: Stream, resumed: bool) -> None:
         try:
@@ -406,13 +438,20 @@ class ResumeStream(Stream):
                 data_waiting = self._send_pos < self._sent_total
                 eof_waiting = (self._eof_wanted and not self._eof_put and self._send_pos == self._sent_total
                                and self._acked <= self._sent_total)
-                if (data_waiting or eof_waiting or (pending > 0 and (pending >= ACK_BYTES or waited or self._force_ack
-                                                                     or ack > self._consumed))
+                control = self._ping_due or self._pong_due is not None
+                if (data_waiting or eof_waiting or control
+                        or (pending > 0 and (pending >= ACK_BYTES or waited or self._force_ack or ack > self._consumed))
                         or (self._force_ack and ack > 0)):
                     head = b""
                     payload = b""
+                    if self._pong_due is not None:
+                        head += encode_frame(PONG, self._pong_due)
+                        self._pong_due = None
+                    if self._ping_due and self._hello_done:
+                        head += encode_frame(PING, int(self._last_heard * 1000) & 0xFFFFFFFF)
+                        self._ping_due = False
                     if pending > 0 or self._force_ack:
-                        head = encode_frame(ACK, ack)
+                        head += encode_frame(ACK, ack)
                         self._acked_sent = max(self._acked_sent, ack)
                         self._force_ack = False
                     if data_waiting:
@@ -452,6 +491,7 @@ class ResumeStream(Stream):
                 if not data:
                     self._lost(gen, "the lower stream ended")
                     return
+                self._last_heard = time.monotonic()
                 decoder.feed(data)
                 while gen == self._gen:
                     frame = decoder.next_frame()
@@ -518,6 +558,11 @@ class ResumeStream(Stream):
             self._wake.set()
         elif kind == RESET:
             self._fail("the peer reset the connection", send_reset=False, log_level=logging.INFO)
+        elif kind == PING:
+            self._pong_due = value
+            self._wake.set()
+        elif kind == PONG:
+            pass  # (what it proves, that the path carries bytes, the reader noted on arrival)
         elif kind == HELLO:
             limit = self._sent_total + (1 if self._eof_wanted else 0)
             if not min(self._acked, self._sent_total) <= value <= limit:
