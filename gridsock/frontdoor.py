@@ -66,6 +66,7 @@ import gevent
 from gevent import socket as gsocket
 
 from . import procnet
+from ._ratelog import RateLimitedLog
 from .assembly import ASSEMBLY_TIMEOUT_S, ConnectionInfo, errno_of
 from .bootstrap.transport import Address, listen, parse_address
 from .bridge import Bridge
@@ -662,6 +663,8 @@ class FrontDoor:
         self._server: Optional[gevent.Greenlet] = None
         self._clients: Set[gevent.Greenlet] = set()
         self._bridges: "weakref.WeakSet[Bridge]" = weakref.WeakSet()
+        # What clients make us log (drops), rate-limited per client host (gridsock._ratelog).
+        self._client_log = RateLimitedLog(log)
 
     def __repr__(self) -> str:
         return f"<FrontDoor {self._bound or self.listen_address}>"
@@ -716,7 +719,8 @@ class FrontDoor:
                 continue
             label = _label(addr)
             if len(self._clients) + self._open_bridges() >= self.max_clients:
-                log.warning("front door: dropped %s: %d clients already", label, self.max_clients)
+                self._client_log.warning(str(addr[0]), "front door: dropped %s: %d clients already", label,
+                                         self.max_clients)
                 sock.close()
                 continue
             greenlet = gevent.spawn(self._serve_client, sock, addr, label)
@@ -743,11 +747,11 @@ class FrontDoor:
             else:
                 joined = self._http(client, why_untrusted, deadline)
         except _Dropped as exc:
-            log.info("front door: dropped %s: %s", label, exc)
+            self._client_log.info(str(addr[0]), "front door: dropped %s: %s", label, exc)
         except RemoteProtocolError as exc:
-            log.info("front door: dropped %s: protocol error: %s", label, exc)
+            self._client_log.info(str(addr[0]), "front door: dropped %s: protocol error: %s", label, exc)
         except OSError as exc:
-            log.info("front door: dropped %s: %s", label, exc)
+            self._client_log.info(str(addr[0]), "front door: dropped %s: %s", label, exc)
         except Exception:  # a bug: this client only
             log.exception("front door: dropped %s", label)
         finally:

@@ -35,6 +35,7 @@ import gevent
 from gevent import socket as gsocket
 
 from .. import wire
+from .._ratelog import RateLimitedLog
 from ..errors import AuthError, BrokenStreamError, RemoteProtocolError, RoutingError
 from ..session import peer_identity, server_context
 from .link import HANDSHAKE_TIMEOUT_S, read_message, send_message, tune_socket
@@ -98,6 +99,8 @@ class NodePort:
         self._handshake_timeout_s = handshake_timeout_s
         self._sock: Optional[gsocket.socket] = None
         self._server_ctx: Optional[ssl.SSLContext] = None
+        # What peers make us log about their handshakes, rate-limited per host (gridsock._ratelog).
+        self._peer_log = RateLimitedLog(log)
 
     def open(self) -> "NodePort":
         """Bind and listen. Raises ConfigError/ConnectError if the address cannot be had."""
@@ -173,11 +176,18 @@ class NodePort:
             else:
                 raise RemoteProtocolError(f"expected Enroll or Hello, got {type(message).__name__}")
         except AuthError as exc:
-            log.warning("node %s refused %s: %s", host.name, label, exc)
+            self._peer_log.warning(_peer_key(addr), "node %s refused %s: %s", host.name, label, exc)
         except RemoteProtocolError as exc:
-            log.warning("node %s dropped %s: protocol error: %s", host.name, label, exc)
+            self._peer_log.warning(_peer_key(addr), "node %s dropped %s: protocol error: %s", host.name, label, exc)
         except (OSError, TimeoutError, BrokenStreamError, RoutingError) as exc:
-            log.info("node %s: connection from %s ended during handshake: %s", host.name, label, exc)
+            self._peer_log.info(_peer_key(addr), "node %s: connection from %s ended during handshake: %s",
+                                host.name, label, exc)
         finally:
             if not handed_over:
                 sock.close()
+
+
+def _peer_key(addr) -> str:
+    """The key under which a peer's log lines are rate-limited: its host (any port), or the Unix
+    socket's peers as one."""
+    return str(addr[0]) if isinstance(addr, tuple) and addr else "unix"

@@ -64,6 +64,7 @@ import gevent
 from gevent import socket as gsocket
 
 from .. import __version__, wire
+from .._ratelog import RateLimitedLog
 from ..errors import AuthError, BrokenStreamError, ConfigError, RemoteProtocolError
 from ..session import (CertificateAuthority, ClusterTokens, Identity, Session, client_context, cluster_file_name,
                        peer_identity, server_context)
@@ -126,6 +127,8 @@ class RendezvousNode:
         self._verdicts: list = []
         # Dial-back reachability checks, bounded (keywords of DialBack: limits, clock).
         self.dialback = DialBack(self._probe, **dict(dialback_options or {}))
+        # What unauthenticated peers make the accept path log, rate-limited per host (gridsock._ratelog).
+        self._accept_log = RateLimitedLog(log)
         # Routed messages by what this node did with them (for metrics; see Router.counters).
         self.routed: Dict[str, int] = {"forwarded": 0, "delivered": 0, "dropped": 0}
         # Keeps each source within its share of each leader link (see routing.FloodGuard).
@@ -226,11 +229,11 @@ class RendezvousNode:
             else:
                 raise RemoteProtocolError(f"expected Enroll or Hello, got {type(message).__name__}")
         except AuthError as exc:
-            log.warning("refused %s: %s", label, exc)
+            self._accept_log.warning(str(addr[0]), "refused %s: %s", label, exc)
         except RemoteProtocolError as exc:
-            log.warning("dropped %s: protocol error: %s", label, exc)
+            self._accept_log.warning(str(addr[0]), "dropped %s: protocol error: %s", label, exc)
         except (OSError, TimeoutError, BrokenStreamError) as exc:
-            log.info("connection from %s ended during handshake: %s", label, exc)
+            self._accept_log.info(str(addr[0]), "connection from %s ended during handshake: %s", label, exc)
         finally:
             if not handed_over:
                 sock.close()
