@@ -68,8 +68,10 @@ def encode_reply(reply: wire.ControlReply) -> bytes:
 
 
 def failure(errno_name: str, reason: str) -> wire.ControlReply:
-    """The reply saying that a request failed with ``errno_name`` (the reason cut to the limit)."""
-    return wire.ControlReply(False, {"errno": errno_name}, str(reason)[: wire.MAX_REASON_BYTES])
+    """The reply saying that a request failed with ``errno_name`` (the reason cut to the limit,
+    which counts UTF-8 bytes: a reason that echoes a client's non-ASCII host name still fits)."""
+    cut = str(reason).encode("utf-8", "replace")[: wire.MAX_REASON_BYTES].decode("utf-8", "ignore")
+    return wire.ControlReply(False, {"errno": errno_name}, cut)
 
 
 def error_for(reply: wire.ControlReply) -> OSError:

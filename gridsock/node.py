@@ -52,7 +52,7 @@ import gevent.event
 import gevent.monkey
 
 from . import wire
-from .bootstrap.control import ControlServer, control_path
+from .bootstrap.control import ControlArgs, ControlServer, control_path
 from .bootstrap.directory import LEAVE_TOPIC, REFUSED_TOPIC, RENDEZVOUS_NAME, STATUS_MAX_BYTES, Directory
 from .bootstrap.leader import LeaderService
 from .bootstrap.link import Link
@@ -134,6 +134,30 @@ def _refused(exc: ConnectError) -> ConnectError:
         return exc
     refused = ConnectRefusedError(exc.args[0] if exc.args else "", exc.peer, exc.method, exc.tried, exc.code)
     return refused.with_traceback(exc.__traceback__)
+
+
+def _check_args_elsewhere(checked: ControlArgs) -> None:
+    """Check the arguments of an operation of :data:`CONTROL_OPS_ELSEWHERE` before its module
+    sees them (ConfigError for a bad one), as that module's function documents them. (Null
+    arguments are then left out: the module's defaults apply.)"""
+    op = checked.op
+    if op == "netcheck":
+        checked.integer("pings", None, hi=2 ** 31)
+    elif op == "topology":
+        checked.number("timeout", None)
+    elif op == "forward":
+        checked.text("peer")
+        checked.integer("port", lo=1, hi=65535)
+        checked.text("bind", None)
+        checked.integer("local_port", None, hi=65535)
+        checked.text("stack", None, max_bytes=wire.MAX_STACK_BYTES)
+        checked.number("timeout", None)
+        checked.flag("once")
+    elif op == "expose":
+        checked.integer("port", lo=1, hi=65535)
+        checked.integer("local_port", lo=1, hi=65535)
+        checked.text("host", None)
+        checked.flag("once")
 
 
 def _control_op_elsewhere(op: str):
@@ -703,32 +727,34 @@ class Node:
         return self._metrics.address if self._metrics is not None else None
 
     def _control_op(self, op: str, args: dict):
+        """Serve control operation ``op``; its arguments are checked first (ControlArgs: a bad
+        one is a ConfigError, answered to the client and not logged)."""
+        checked = ControlArgs(op, args)
         if op == "status":
             return self.status()
         if op == "ping":
-            dst = args.get("dst")
-            if not isinstance(dst, str):
-                raise ConfigError("ping needs a destination")
-            timeout = float(args.get("timeout", REQUEST_TIMEOUT_S))
-            return self.ping(dst, timeout=timeout).to_json()
+            dst = checked.text("dst")
+            return self.ping(dst, timeout=checked.number("timeout", REQUEST_TIMEOUT_S)).to_json()
         if op == "wait":
-            return self.wait_directory(present=args.get("present", ()), absent=args.get("absent", ()),
-                                       settled=bool(args.get("settled", False)),
-                                       timeout=float(args.get("timeout", REQUEST_TIMEOUT_S)))
+            return self.wait_directory(present=checked.texts("present"), absent=checked.texts("absent"),
+                                       settled=checked.flag("settled"),
+                                       timeout=checked.number("timeout", REQUEST_TIMEOUT_S))
         if op == "echo":
             from .diag import serve_echo
 
-            abort_after = args.get("abort_after")
-            serve_echo(self, int(args.get("port", 0)), abort_after=None if abort_after is None else int(abort_after))
-            return {"port": int(args.get("port", 0))}
+            port = checked.integer("port", 0, hi=65535)
+            serve_echo(self, port, abort_after=checked.integer("abort_after", None, hi=2 ** 62))
+            return {"port": port}
         if op == "transfer":
             from .diag import transfer
 
-            return transfer(self, str(args["dst"]), int(args["port"]), int(args["bytes"]),
-                            stack=args.get("stack"), timeout=args.get("timeout"))
+            return transfer(self, checked.text("dst"), checked.integer("port", lo=1, hi=65535),
+                            checked.integer("bytes", hi=2 ** 62), stack=checked.text("stack", None, max_bytes=wire.MAX_STACK_BYTES),
+                            timeout=checked.number("timeout", None))
         handler = _control_op_elsewhere(op)
         if handler is not None:
-            return handler(self, args)
+            _check_args_elsewhere(checked)
+            return handler(self, {key: value for key, value in args.items() if value is not None})
         known = ", ".join(["status", "ping", "wait", "echo", "transfer", *CONTROL_OPS_ELSEWHERE])
         raise ConfigError(f"unknown control operation {op!r} (a node knows: {known})")
 

@@ -24,27 +24,35 @@ its ``Control`` accepts, before the ``ControlReply``, any number of ``Control("p
 messages from the process, at most one per that many seconds. An operation sends them with
 :func:`report_progress` (a no-op when its client did not ask, or outside a control operation);
 the handler never sees the key.
+
+Bad input: a handler checks its arguments with :class:`ControlArgs`, whose getters raise
+ConfigError naming the operation and the argument; every GridsockError is answered as
+``ControlReply(ok=False, error=...)`` and logs nothing. Only a bug (any other exception) logs a
+traceback. A reply that cannot be encoded (a result over the frame limit) is answered with an
+error too, and a reason is cut to ``MAX_REASON_BYTES`` UTF-8 bytes, not characters.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import gevent
 from gevent import socket as gsocket
 
 from .. import wire
-from ..errors import BrokenStreamError, ConnectError, GridsockError, RemoteProtocolError
+from ..errors import BrokenStreamError, ConfigError, ConnectError, GridsockError, LocalProtocolError, RemoteProtocolError
 from ..names import (LocalTrustError, check_private_dir, connect_private, make_private_dir, peer_credentials,
                      trusted_uid)
 from ..names import run_dir  # re-exported: it lives in gridsock.names, which imports no gevent
 from .link import read_message, send_message
 from .transport import Address, listen
 
-__all__ = ["run_dir", "control_path", "list_control_sockets", "UnixServer", "ControlServer", "call", "report_progress",
-           "CONTROL_TIMEOUT_S", "PROGRESS_ARG", "PROGRESS_OP"]
+__all__ = ["run_dir", "control_path", "list_control_sockets", "UnixServer", "ControlServer", "ControlArgs", "call",
+           "report_progress", "reason_text", "CONTROL_TIMEOUT_S", "PROGRESS_ARG", "PROGRESS_OP", "MAX_ARG_TIMEOUT_S",
+           "MAX_ARG_ITEMS"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,101 @@ PROGRESS_ARG = "progress_interval_s"
 PROGRESS_OP = "progress"
 # No client gets progress more often than this, whatever it asks.
 MIN_PROGRESS_INTERVAL_S = 0.05
+# The longest timeout an operation's arguments may ask for (an hour: a long transfer).
+MAX_ARG_TIMEOUT_S = 3600.0
+# Items in a list argument (names to wait for): a directory's worth.
+MAX_ARG_ITEMS = 10_000
+
+
+def reason_text(text: object) -> str:
+    """``str(text)`` cut to at most ``wire.MAX_REASON_BYTES`` UTF-8 bytes (a reason field's limit
+    counts bytes: cutting characters can leave a reason the encoder refuses)."""
+    raw = str(text).encode("utf-8", "replace")  # (an unpaired surrogate becomes "?")
+    return raw[: wire.MAX_REASON_BYTES].decode("utf-8", "ignore")
+
+
+_REQUIRED = object()
+
+
+class ControlArgs:
+    """The arguments of one control operation, checked as they are read.
+
+    Each getter returns the argument (or ``default`` when it is absent, or null where
+    ``default`` is None) and raises ConfigError naming the operation and the argument when it
+    is missing (no default) or of the wrong type or range. Booleans are never numbers here.
+    """
+
+    def __init__(self, op: str, args: Dict[str, Any]) -> None:
+        self.op = op
+        self.args = args if isinstance(args, dict) else {}
+
+    def _given(self, key: str, default: Any) -> bool:
+        """True if ``key`` has a value to check; False if it is absent (or null) and has a default.
+        Raises ConfigError if it is absent and required."""
+        if self.args.get(key) is not None:
+            return True
+        if default is _REQUIRED:
+            raise ConfigError(f"{self.op}: argument {key!r} is required")
+        return False
+
+    def _bad(self, key: str, value: Any, wanted: str) -> ConfigError:
+        # (never the repr of a container: it may be megabytes, or nested deep enough to overflow)
+        if isinstance(value, str):
+            shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+        elif isinstance(value, (bool, int, float)) and len(str(value)) <= 40:
+            shown = repr(value)
+        else:
+            shown = f"a {type(value).__name__}"
+        return ConfigError(f"{self.op}: argument {key!r} must be {wanted}, not {shown}")
+
+    def text(self, key: str, default: Any = _REQUIRED, *, max_bytes: int = wire.MAX_ADDR_BYTES,
+             empty: bool = False) -> Any:
+        """A string of at most ``max_bytes`` UTF-8 bytes (empty only if ``empty``)."""
+        if not self._given(key, default):
+            return default
+        value = self.args[key]
+        if not isinstance(value, str) or (not value and not empty) \
+                or len(value.encode("utf-8", "replace")) > max_bytes:
+            raise self._bad(key, value, f"a {'' if empty else 'non-empty '}string of at most {max_bytes} bytes")
+        return value
+
+    def integer(self, key: str, default: Any = _REQUIRED, *, lo: int = 0, hi: int = 2 ** 32 - 1) -> Any:
+        """An integer in ``lo`` .. ``hi``."""
+        if not self._given(key, default):
+            return default
+        value = self.args[key]
+        if type(value) is not int or not lo <= value <= hi:
+            raise self._bad(key, value, f"an integer in {lo}..{hi}")
+        return value
+
+    def number(self, key: str, default: Any = _REQUIRED, *, hi: float = MAX_ARG_TIMEOUT_S) -> Any:
+        """A finite number ``x``, ``0 < x <= hi`` (a timeout, an interval)."""
+        if not self._given(key, default):
+            return default
+        value = self.args[key]
+        if type(value) not in (int, float) or not math.isfinite(value) or not 0 < value <= hi:
+            raise self._bad(key, value, f"a number of seconds in (0, {hi:g}]")
+        return float(value)
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        """``true`` or ``false``."""
+        if not self._given(key, default):
+            return default
+        value = self.args[key]
+        if not isinstance(value, bool):
+            raise self._bad(key, value, "true or false")
+        return value
+
+    def texts(self, key: str, default: Sequence[str] = (), *, max_items: int = MAX_ARG_ITEMS,
+              max_bytes: int = wire.MAX_ADDR_BYTES) -> List[str]:
+        """A list of at most ``max_items`` non-empty strings, each at most ``max_bytes`` bytes."""
+        if not self._given(key, default):
+            return list(default)
+        value = self.args[key]
+        if not isinstance(value, (list, tuple)) or len(value) > max_items or not all(
+                isinstance(v, str) and v and len(v.encode("utf-8", "replace")) <= max_bytes for v in value):
+            raise self._bad(key, value, f"a list of at most {max_items} non-empty strings")
+        return list(value)
 
 
 def control_path(name: str) -> str:
@@ -149,7 +252,12 @@ class ControlServer(UnixServer):
                     raise RemoteProtocolError(f"expected Control, got {type(message).__name__}")
                 args = dict(message.args)
                 interval = args.pop(PROGRESS_ARG, None)
-                reporter = _Reporter(conn, interval) if isinstance(interval, (int, float)) else None
+                try:
+                    interval = ControlArgs(message.op, {PROGRESS_ARG: interval}).number(PROGRESS_ARG, None)
+                except ConfigError as exc:
+                    send_message(conn, wire.ControlReply(False, None, reason_text(exc)))
+                    continue
+                reporter = _Reporter(conn, interval) if interval is not None else None
                 operation = gevent.spawn(self._run, message.op, args, reporter)
                 watcher = gevent.spawn(_cancel_when_gone, conn, operation, message.op)
                 try:
@@ -159,7 +267,12 @@ class ControlServer(UnixServer):
                     operation.kill()  # (already dead, unless this greenlet is being killed)
                 if not isinstance(reply, wire.ControlReply):
                     return  # cancelled: the client is gone
-                send_message(conn, reply)
+                try:
+                    frame = wire.encode(reply)
+                except LocalProtocolError as exc:  # (a result over the frame limit)
+                    log.warning("control op %r: its reply cannot be sent: %s", message.op, exc)
+                    frame = wire.encode(wire.ControlReply(False, None, reason_text(f"reply not sent: {exc}")))
+                conn.sendall(frame)
         except RemoteProtocolError as exc:
             log.warning("dropping control client: %s", exc)
         except (OSError, TimeoutError) as exc:
@@ -173,11 +286,11 @@ class ControlServer(UnixServer):
             _reporters[gevent.getcurrent()] = reporter
         try:
             return wire.ControlReply(True, self._handler(op, args))
-        except GridsockError as exc:
-            return wire.ControlReply(False, None, str(exc)[: wire.MAX_REASON_BYTES])
-        except Exception as exc:
+        except GridsockError as exc:  # bad arguments included: an answer, not a log line
+            return wire.ControlReply(False, None, reason_text(exc))
+        except Exception as exc:  # a bug
             log.exception("control op %r failed", op)
-            return wire.ControlReply(False, None, f"internal error: {exc!r}"[: wire.MAX_REASON_BYTES])
+            return wire.ControlReply(False, None, reason_text(f"internal error: {exc!r}"))
         finally:
             _reporters.pop(gevent.getcurrent(), None)
 
