@@ -1,0 +1,514 @@
+"""A bounded fuzz run of every listener of a running grid: bad input is a logged line, not a traceback.
+
+One grid on loopback, in this process, under gevent (TLS session): the rendez-vous node (with
+its control socket), leader L1 of cluster A (control and agent sockets, front door) and its
+member m1. For each listener, a few hundred bad clients (gridsock.testing.fuzz: random bytes,
+frames cut short, oversized and lying length fields, valid headers with bad bodies, mutated
+frames, operations with arguments of every wrong type, descriptors where none belongs,
+half-open connections), a few dozen at a time, then:
+
+- the listener still serves a good client (a node joins, a data connection carries bytes, a
+  control or agent call is answered, a SOCKS5 client reaches a grid port);
+- nothing logged a traceback and no greenlet died of an exception;
+- what the bad clients made the listener log stayed within its rate limit (gridsock._ratelog);
+- the process's memory grew by less than ``MEMORY_MARGIN_BYTES``.
+
+The long campaign (a million frames per listener) is bench/bench_fuzz.py; the front door's own
+protocol fuzz (SOCKS5 and HTTP answers) is in tests/test_frontdoor.py, whose cases run here too.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import socket
+import struct
+from typing import Any, Callable, Dict, Iterator, List
+
+import gevent
+import gevent.event
+import pytest
+from gevent import socket as gsocket
+from gevent.pool import Pool
+
+from gridsock import agentwire, wire
+from gridsock._ratelog import LINE_BURST
+from gridsock.bootstrap.control import call as control_call
+from gridsock.bootstrap.link import read_message, send_message
+from gridsock.bootstrap.rendezvous import RendezvousNode
+from gridsock.bootstrap.transport import dial, parse_address, tls_client
+from gridsock.diag import serve_echo
+from gridsock.node import Node
+from gridsock.session import Identity, client_context, create_session, new_node_key
+from gridsock.testing import fuzz
+
+pytestmark = pytest.mark.timeout(180)
+
+# Joining, settling and answering on a loaded 2-core machine: bounds that only stop a broken
+# grid from hanging the test.
+READY_TIMEOUT_S = 30.0
+# How long a bad client that half-closed waits for the server to close (a server that neither
+# answers nor closes a connection whose client has gone is a hang, counted by the bench).
+CASE_READ_TIMEOUT_S = 12.0
+# Bad clients at once, and cases per listener (a few seconds each).
+CONCURRENCY = 64
+CASES_PER_LISTENER = 300
+# The process's memory may grow by this much over one listener's run (buffers, greenlets,
+# allocator slack); a listener that kept what bad clients sent would grow by far more.
+MEMORY_MARGIN_BYTES = 64 * 1024 * 1024
+ECHO_PORT = 7
+# The fuzzed front door drops a client whose request is not complete after this long.
+DOOR_HANDSHAKE_TIMEOUT_S = 2.0
+FRONT_DOOR_CASES = 120
+SEED = 16
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> Iterator[Dict[str, Any]]:
+    work = tmp_path_factory.mktemp("fz")
+    session = create_session(work / "session", "127.0.0.1:7700")
+    rv = RendezvousNode(session, listen_address="127.0.0.1:0", control=str(work / "rv.sock")).start()
+    session = dataclasses.replace(session, rendezvous_port=rv.address.port)
+    nodes: List[Node] = []
+    try:
+        lead = Node(session, "L1", cluster="A", listen_address="127.0.0.1:0", control=str(work / "L1.sock"),
+                    agent=str(work / "L1.agent"), front_door="127.0.0.1:0", loop="caller").start()
+        nodes.append(lead)
+        assert lead.wait_joined(READY_TIMEOUT_S)
+        member = Node(session, "m1", cluster="A", leader=str(lead.address), listen_address="127.0.0.1:0",
+                      control="", agent="", front_door=None, loop="caller").start()
+        nodes.append(member)
+        assert member.wait_joined(READY_TIMEOUT_S)
+        for node in nodes:
+            node.wait_directory(present=["L1", "m1"], settled=True, timeout=READY_TIMEOUT_S)
+        echo = serve_echo(lead, ECHO_PORT)
+        try:
+            yield {"session": session, "rv": rv, "L1": lead, "m1": member, "work": work}
+        finally:
+            echo.kill()
+    finally:
+        for node in reversed(nodes):
+            node.stop()
+        rv.stop()
+
+
+# --- what every run checks ---------------------------------------------------------------------
+
+
+class Watch(logging.Handler):
+    """Tracebacks (logged, or of greenlets that died) and log records, per logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.tracebacks: List[str] = []
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        if record.exc_info:
+            self.tracebacks.append(f"{record.name} logged a traceback: {record.getMessage()}")
+
+    def count(self, logger: str) -> int:
+        return sum(1 for r in self.records if r.name == logger)
+
+
+@contextlib.contextmanager
+def watched(monkeypatch) -> Iterator[Watch]:
+    watch = Watch()
+    hub = gevent.get_hub()
+    print_exception = hub.print_exception
+
+    def record(context, type_, value, tb):
+        watch.tracebacks.append(f"greenlet {context!r} died: {type_.__name__}: {value}")
+        print_exception(context, type_, value, tb)
+
+    monkeypatch.setattr(hub, "print_exception", record)
+    root = logging.getLogger("gridsock")
+    level = root.level
+    root.setLevel(logging.INFO)  # (so that the rate limits of INFO lines are exercised too)
+    root.addHandler(watch)
+    try:
+        yield watch
+    finally:
+        root.removeHandler(watch)
+        root.setLevel(level)
+
+
+def run_cases(connect: Callable[[], Any], cases: List[fuzz.Case]) -> Dict[str, int]:
+    """Play ``cases`` against the listener ``connect()`` reaches, CONCURRENCY at a time; the
+    half-open ones stay open until all are played. Fails if the server left a client that
+    half-closed neither answered nor closed within CASE_READ_TIMEOUT_S (a hang)."""
+    held: List[Any] = []
+    unanswered = []
+
+    def one(case: fuzz.Case) -> None:
+        _, closed = fuzz.send_case(connect(), case, read_timeout=CASE_READ_TIMEOUT_S, held=held)
+        if closed is False:
+            unanswered.append(case)
+
+    try:
+        Pool(CONCURRENCY).map(one, cases)
+    finally:
+        for sock in held:
+            sock.close()
+    assert not unanswered, [(c.kind, c.data[:40]) for c in unanswered[:10]]
+    return {"cases": len(cases), "unanswered": len(unanswered)}
+
+
+def check_log_volume(watch: Watch, logger: str) -> None:
+    """What the bad clients made ``logger`` write so far: a burst (all clients are 127.0.0.1, one
+    key), a line that tells how many were suppressed, a summary: a handful of lines."""
+    lines = [r.getMessage() for r in watch.records if r.name == logger]
+    assert len(lines) <= LINE_BURST + 3, (logger, len(lines), lines[:40])
+
+
+def check_after(watch: Watch, rss_before: int) -> None:
+    assert not watch.tracebacks, "\n".join(watch.tracebacks[:20])
+    grown = fuzz.rss_bytes() - rss_before
+    assert grown < MEMORY_MARGIN_BYTES, f"memory grew by {grown / 1e6:.0f} MB"
+
+
+def tcp_connect(address) -> Callable[[], Any]:
+    return lambda: gsocket.create_connection((address.host, address.port), timeout=READY_TIMEOUT_S)
+
+
+def tls_connect(grid, address) -> Callable[[], Any]:
+    """Connections that complete TLS (no client certificate) first: the cases reach the decoder."""
+    context = client_context(grid["session"], None)
+    return lambda: tls_client(dial(address, timeout=READY_TIMEOUT_S), context, timeout=READY_TIMEOUT_S)
+
+
+def unix_connect(path: str) -> Callable[[], Any]:
+    def connect():
+        sock = gsocket.socket(gsocket.AF_UNIX, gsocket.SOCK_STREAM)
+        sock.connect(path)
+        return sock
+
+    return connect
+
+
+def rng() -> random.Random:
+    return random.Random(SEED)
+
+
+# --- the good clients --------------------------------------------------------------------------
+
+
+def a_node_joins(grid, **kwargs) -> None:
+    """A node joins (its handshake crosses the rendez-vous port, and the leader's node port for a
+    member), is seen by L1, and leaves."""
+    name = kwargs.pop("name")
+    node = Node(grid["session"], name, listen_address="127.0.0.1:0", control="", agent="", front_door=None,
+                loop="caller", **kwargs).start()
+    try:
+        assert node.wait_joined(READY_TIMEOUT_S), f"{name} did not join"
+        grid["L1"].wait_directory(present=[name], timeout=READY_TIMEOUT_S)
+        assert node.ping("L1", timeout=READY_TIMEOUT_S).route_there[-1] == "L1"
+    finally:
+        node.stop()
+
+
+def data_flows(grid) -> None:
+    """m1 opens a new data connection to L1's node port (plain tcp) and echoes bytes through it."""
+    stream, info = grid["m1"].open_stream("L1", ECHO_PORT, stack="tcp", timeout=READY_TIMEOUT_S)
+    try:
+        data = os.urandom(100_000)
+        stream.send_all(data)
+        got = bytearray()
+        with gevent.Timeout(READY_TIMEOUT_S):
+            while len(got) < len(data):
+                chunk = stream.receive_some(65536)
+                assert chunk, "the echo ended early"
+                got += chunk
+        assert bytes(got) == data
+    finally:
+        stream.close()
+
+
+# --- the listeners -----------------------------------------------------------------------------
+
+
+def test_rendezvous_port(grid, monkeypatch):
+    address = grid["rv"].address
+    cases = fuzz.bootstrap_cases(rng(), CASES_PER_LISTENER)
+    rss = fuzz.rss_bytes()
+    with watched(monkeypatch) as watch:
+        run_cases(tcp_connect(address), cases[: CASES_PER_LISTENER // 3])  # the TLS layer
+        run_cases(tls_connect(grid, address), cases[CASES_PER_LISTENER // 3:])  # the decoder, past TLS
+        check_log_volume(watch, "gridsock.bootstrap.rendezvous")
+        a_node_joins(grid, name="late-leader", cluster="Z")
+    check_after(watch, rss)
+
+
+def test_node_port_handshakes(grid, monkeypatch):
+    address = grid["L1"].address
+    cases = fuzz.bootstrap_cases(rng(), CASES_PER_LISTENER)
+    rss = fuzz.rss_bytes()
+    with watched(monkeypatch) as watch:
+        run_cases(tcp_connect(address), cases[: CASES_PER_LISTENER // 3])
+        run_cases(tls_connect(grid, address), cases[CASES_PER_LISTENER // 3:])
+        check_log_volume(watch, "gridsock.bootstrap.nodeport")
+        a_node_joins(grid, name="late-member", cluster="A", leader=str(address))
+        data_flows(grid)
+    check_after(watch, rss)
+
+
+def test_node_port_data_path(grid, monkeypatch):
+    address = grid["L1"].address
+    cases = fuzz.data_cases(rng(), CASES_PER_LISTENER)
+    rss = fuzz.rss_bytes()
+    with watched(monkeypatch) as watch:
+        run_cases(tcp_connect(address), cases)
+        check_log_volume(watch, "gridsock.bootstrap.nodeport")
+        data_flows(grid)
+    check_after(watch, rss)
+    refused = [r.getMessage() for r in watch.records if r.name == "gridsock.assembly" and "refused data" in r.getMessage()]
+    if len(refused) > LINE_BURST + 3:  # (checked last: everything above holds regardless)
+        pytest.xfail(f"the assembler logs every refused data connection ({len(refused)} lines): "
+                     "Assembler.handle_data_connection's warning is not rate-limited yet")
+
+
+@pytest.mark.parametrize("which", ["node", "rendezvous"])
+def test_control_socket(grid, monkeypatch, which):
+    path = str(grid["work"] / ("L1.sock" if which == "node" else "rv.sock"))
+    ops = fuzz.NODE_CONTROL_OPS if which == "node" else fuzz.RENDEZVOUS_CONTROL_OPS
+    r = rng()
+    cases = fuzz.control_cases(r, CASES_PER_LISTENER // 2)
+    requests = fuzz.control_op_cases(r, ops, CASES_PER_LISTENER // 2)
+    rss = fuzz.rss_bytes()
+    refused: List[str] = []
+
+    def bad_request(message: wire.Control) -> None:
+        sock = unix_connect(path)()
+        try:
+            send_message(sock, message)
+            reply = read_message(sock, wire.Decoder(), timeout=READY_TIMEOUT_S)
+        finally:
+            sock.close()
+        assert isinstance(reply, wire.ControlReply), reply
+        if reply.ok:
+            refused.append(f"{message.op} {message.args!r} was accepted")
+        assert reply.error or reply.ok
+
+    with watched(monkeypatch) as watch:
+        run_cases(unix_connect(path), cases)
+        Pool(CONCURRENCY).map(bad_request, requests)
+        assert control_call(path, "status", timeout=READY_TIMEOUT_S)["name"] == ("L1" if which == "node" else "rendezvous")
+    assert not refused, refused[:10]  # every request had a bad argument: each got an error, not a run
+    check_after(watch, rss)
+
+
+def test_agent_socket(grid, monkeypatch):
+    path = str(grid["work"] / "L1.agent")
+    cases = fuzz.agent_cases(rng(), CASES_PER_LISTENER)
+    rss = fuzz.rss_bytes()
+    with watched(monkeypatch) as watch:
+        run_cases(unix_connect(path), cases)
+        sock = unix_connect(path)()
+        try:
+            agentwire.send_frame(sock, agentwire.encode_request("resolve", {"host": "m1"}))
+            reply, fd = agentwire.recv_message(sock, agentwire.AgentReader(wire.ControlReply))
+        finally:
+            sock.close()
+        assert fd is None and reply.ok and reply.result["name"] == "m1"
+    check_after(watch, rss)
+
+
+@pytest.fixture
+def door(grid):
+    """A front door of L1's that does not pass names it does not know through to the system's
+    resolver (the cases hold random names: none may leave this machine as a DNS query)."""
+    from gridsock.frontdoor import FrontDoor
+
+    front = FrontDoor(grid["L1"], "127.0.0.1:0", pass_through=False, handshake_timeout=DOOR_HANDSHAKE_TIMEOUT_S).start()
+    try:
+        yield front
+    finally:
+        front.stop()
+
+
+def test_front_door(grid, door, monkeypatch):
+    from test_frontdoor import fuzz_cases  # the front door's own cases: SOCKS5 and HTTP
+
+    address = door.address
+    # A sample (test_frontdoor.py plays them all): each client costs the front door a look at
+    # /proc/net/tcp (whose user is it?), which a machine with many sockets makes slow.
+    own = random.Random(SEED).sample(fuzz_cases(random.Random(SEED)), FRONT_DOOR_CASES)
+    cases = [fuzz.Case(data, "half-close" if half else "close") for data, half in own]
+    cases += fuzz.bootstrap_cases(rng(), FRONT_DOOR_CASES // 3)  # (and what the other ports get)
+    rss = fuzz.rss_bytes()
+    with watched(monkeypatch) as watch:
+        run_cases(tcp_connect(address), cases)
+        check_log_volume(watch, "gridsock.frontdoor")
+        assert socks_echo(address, "L1") == b"\x05\x00"
+    check_after(watch, rss)
+
+
+# Names that fail in the resolver's IDNA encoding, on this machine, before any query is sent.
+UNRESOLVABLE_NAMES = ("a" * 64, "b" * 255, "a..b", "x." + "y" * 70)
+
+
+@pytest.mark.xfail(strict=True, reason="FrontDoor._open catches socket.gaierror but not the UnicodeError "
+                                       "(a ValueError) that getaddrinfo raises for a label over 63 bytes or an "
+                                       "empty one: the client's greenlet logs a traceback")
+def test_front_door_passing_through_an_unresolvable_name_logs_no_traceback(grid, monkeypatch):
+    from gridsock.frontdoor import FrontDoor
+
+    front = FrontDoor(grid["L1"], "127.0.0.1:0", pass_through=True).start()
+    try:
+        with watched(monkeypatch) as watch:
+            for name in UNRESOLVABLE_NAMES:
+                reply = socks_echo(front.address, name)
+                assert reply[:1] == b"\x05" and reply[1:2] != b"\x00", (name, reply)
+        assert not watch.tracebacks, "\n".join(watch.tracebacks)
+    finally:
+        front.stop()
+
+
+def socks_echo(address, host: str) -> bytes:
+    """A SOCKS5 client asks for ``host``:ECHO_PORT; on success, bytes go through and come back.
+    Returns the first two bytes of the server's reply (b"\\x05\\x00": connected)."""
+    sock = gsocket.create_connection((address.host, address.port), timeout=READY_TIMEOUT_S)
+    try:
+        sock.sendall(b"\x05\x01\x00")
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        name = host.encode()
+        sock.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + struct.pack(">H", ECHO_PORT))
+        head = recv_exactly(sock, 2)
+        if head != b"\x05\x00":
+            return head
+        recv_exactly(sock, 8)  # (the rest of the reply: an IPv4 address and a port)
+        sock.sendall(b"through the front door")
+        assert recv_exactly(sock, 22) == b"through the front door"
+        return head
+    finally:
+        sock.close()
+
+
+def recv_exactly(sock, n: int) -> bytes:
+    data = bytearray()
+    with gevent.Timeout(READY_TIMEOUT_S):
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            assert chunk, f"closed after {len(data)} of {n} bytes"
+            data += chunk
+    return bytes(data)
+
+
+# --- routed operations, from an enrolled member ------------------------------------------------
+
+
+def enroll(grid, name: str) -> Identity:
+    key_pem, csr_pem = new_node_key()
+    sock = tls_connect(grid, grid["rv"].address)()
+    try:
+        send_message(sock, wire.Enroll(token=grid["session"].join_token, csr_pem=csr_pem.decode(), name=name))
+        reply = read_message(sock, wire.Decoder(), timeout=READY_TIMEOUT_S)
+    finally:
+        sock.close()
+    assert isinstance(reply, wire.Enrolled), reply
+    return Identity(reply.cert_pem.encode(), key_pem)
+
+
+# Every topic x destination x payload as a request once, then at random.
+ROUTED_CASES = 800
+
+
+def rendezvous_enroll_too_deep(message: wire.Routed) -> bool:
+    """The one known failure, left to its own test below (xfail)."""
+    deep = message.payload.count(b"[") > 500 or message.payload.count(b"{") > 500
+    return message.dst == "rendezvous" and message.topic == "enroll" and deep
+
+
+def member_link(grid, name: str):
+    """An enrolled member's link to L1, driven by hand: ``(identity, socket, decoder)``."""
+    identity = enroll(grid, name)
+    context = client_context(grid["session"], identity)
+    sock = tls_client(dial(grid["L1"].address, timeout=READY_TIMEOUT_S), context, timeout=READY_TIMEOUT_S)
+    decoder = wire.Decoder()
+    send_message(sock, wire.Hello(name=name, cluster="A", role="member"))
+    welcome = read_message(sock, decoder, timeout=READY_TIMEOUT_S)
+    assert isinstance(welcome, wire.Welcome), welcome
+    return identity, sock, decoder
+
+
+@pytest.mark.xfail(strict=True, reason="RendezvousNode._enroll_routed catches ValueError and TypeError from "
+                                       "json.loads but not RecursionError: a routed enroll request whose payload "
+                                       "nests deep kills the greenlet that delivers it, with a traceback")
+def test_a_routed_enroll_request_nested_too_deep_is_answered_with_an_error(grid, monkeypatch):
+    identity, sock, decoder = member_link(grid, "deep")
+    try:
+        answers: List[wire.Routed] = []
+
+        def read() -> None:
+            while True:
+                message = read_message(sock, decoder, timeout=3600)
+                if isinstance(message, wire.Ping):
+                    send_message(sock, wire.Pong(message.nonce))
+                elif isinstance(message, wire.Routed) and message.request_id == 99:
+                    answers.append(message)
+
+        reader = gevent.spawn(read)
+        with watched(monkeypatch) as watch:
+            send_message(sock, wire.Routed(src=identity.node_id, dst="rendezvous", kind="req", topic="enroll",
+                                           request_id=99, route=("deep",), payload=b"[" * 3000))
+            with gevent.Timeout(READY_TIMEOUT_S, AssertionError("no answer")):
+                while not answers and not watch.tracebacks:  # (a traceback: no answer will come)
+                    gevent.sleep(0.05)
+        reader.kill()
+        assert not watch.tracebacks, "\n".join(watch.tracebacks)
+        assert answers[0].kind == "err"
+    finally:
+        sock.close()
+
+
+def test_routed_operations(grid, monkeypatch):
+    identity = enroll(grid, "fuzzer")
+    context = client_context(grid["session"], identity)
+    sock = tls_client(dial(grid["L1"].address, timeout=READY_TIMEOUT_S), context, timeout=READY_TIMEOUT_S)
+    decoder = wire.Decoder()
+    ended = gevent.event.Event()
+    replies: List[wire.Routed] = []
+    try:
+        send_message(sock, wire.Hello(name="fuzzer", cluster="A", role="member"))
+        welcome = read_message(sock, decoder, timeout=READY_TIMEOUT_S)
+        assert isinstance(welcome, wire.Welcome), welcome
+
+        def read() -> None:  # answer the leader's pings, keep what comes back
+            try:
+                while True:
+                    message = read_message(sock, decoder, timeout=3600)
+                    if isinstance(message, wire.Ping):
+                        send_message(sock, wire.Pong(message.nonce))
+                    elif isinstance(message, wire.Routed):
+                        replies.append(message)
+            except Exception:
+                ended.set()
+
+        reader = gevent.spawn(read)
+        grid["m1"].wait_directory(present=["fuzzer"], timeout=READY_TIMEOUT_S)
+        dsts = [grid["L1"].node_id, grid["m1"].node_id, "rendezvous", "L1", "m1"]
+        messages = fuzz.routed_cases(rng(), identity.node_id, dsts, ROUTED_CASES, skip=rendezvous_enroll_too_deep)
+        rss = fuzz.rss_bytes()
+        with watched(monkeypatch) as watch:
+            for i, message in enumerate(messages):
+                send_message(sock, message)
+                if i % 50 == 49:
+                    gevent.sleep(0)  # (let the nodes work: a member may send this fast)
+            # The link is still up (bad payloads are answered, not punished by a drop), the
+            # requests got answers, and the grid still works.
+            for src, dst in (("m1", "L1"), ("L1", "m1"), ("m1", "rendezvous")):
+                assert grid[src].ping(dst, timeout=READY_TIMEOUT_S).route_there[-1] == dst
+            send_message(sock, wire.Routed(src=identity.node_id, dst="L1", kind="req", topic="ping", request_id=424242,
+                                           route=("fuzzer",)))
+            with gevent.Timeout(READY_TIMEOUT_S, AssertionError("no answer to a good request after the fuzz")):
+                while not any(r.request_id == 424242 and r.kind == "rep" for r in replies):
+                    assert not ended.is_set(), "the leader dropped the fuzzing member's link"
+                    gevent.sleep(0.05)
+        assert any(r.kind == "err" for r in replies)  # the bad requests were answered with errors
+        check_after(watch, rss)
+        reader.kill()
+    finally:
+        sock.close()
