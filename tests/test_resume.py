@@ -25,6 +25,7 @@ from gridsock.rules import Rules
 from gridsock.stack import Stack
 from gridsock.streams import Stream, memory_pair
 from gridsock.testing.grid import loopback_grid
+from gridsock.testing.methods import CASES, LocalServer, check_method
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -224,6 +225,21 @@ def transfer_with(grid, client, server, stack, port, *, size, during, until=None
     assert (a.sent_bytes, a.sent.hexdigest()) == (b.received_bytes, b.received.hexdigest())
     assert (b.sent_bytes, b.sent.hexdigest()) == (a.received_bytes, a.received.hexdigest())
     return a, b
+
+
+# --- the method conformance cases ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stack,refused,port", [
+    ("tls/resume/tcp", "resume/tcp", PORT + 100),
+    ("tls/resume/relay", "resume/relay", PORT + 110),
+])
+def test_check_method(grid, stack, refused, port):
+    server = LocalServer(grid["L2"])
+    try:
+        assert check_method(grid["m1"], server, stack, port=port, refused_stack=refused) == {c: "ok" for c in CASES}
+    finally:
+        server.close()
 
 
 # --- breaks: the path is killed mid-stream ------------------------------------------------------
