@@ -175,6 +175,8 @@ ACK_DELAY_S = 0.02
 # Refusals that may change while the connection waits: the method failed on the server's side,
 # or the server does not know the client yet (both relinking after a rendez-vous node's restart).
 RETRY_CODES = ("unreachable", "unknown-node")
+# A RESET frame, best effort: a lower stream that cannot take 14 bytes within this is closed anyway.
+RESET_SEND_S = 1.0
 # The server waits this long for a new lower stream's nomination (as the assembler does).
 NOMINATION_TIMEOUT_S = 10.0
 
@@ -656,7 +658,7 @@ class ResumeStream(Stream):
         for _ in range(UPGRADE_ROUNDS):
             gevent.sleep(delay)
             delay = min(delay * 2, UPGRADE_MAX_S)
-            if self._broken is not None or self._finished or self._closed:
+            if self._over():
                 return
             if self._lower is None:
                 continue  # the resumer is at work
@@ -674,7 +676,7 @@ class ResumeStream(Stream):
                         return
                     log.info("%r: upgrade to %s failed: %s", self, _layers_text(layers), exc)
                     continue
-                if self._broken is not None or self._finished or self._closed:
+                if self._over():  # (while it was being made)
                     _close_quietly(lower)
                     return
                 log.info("%r: upgraded to %s", self, _layers_text(layers))
@@ -683,6 +685,10 @@ class ResumeStream(Stream):
                 break
             if better and not self._upgrades():
                 return  # on the best tier now
+
+    def _over(self) -> bool:
+        """Whether the connection is done with upgrades: reset, finished or closed."""
+        return self._broken is not None or self._finished or self._closed
 
     def _switch(self, lower: Stream, layers: Any, *, resumed: bool) -> None:
         """Carry on over ``lower`` (the old lower stream, if any, is closed: what was in flight
@@ -800,9 +806,9 @@ def _close_orderly(stream: Stream) -> None:
 
 def _reset_and_close(stream: Stream) -> None:
     try:
-        with gevent.Timeout(1.0, False):
+        with gevent.Timeout(RESET_SEND_S):
             stream.send_all(encode_frame(RESET, 0))
-    except Exception as exc:
+    except (Exception, gevent.Timeout) as exc:
         log.debug("RESET on %r: %s", stream, exc)
     _close_quietly(stream)
 
