@@ -10,9 +10,14 @@ For each scenario, every node of the grid is started at the same moment, and the
 - the rendez-vous process's peak resident memory (``VmHWM`` of /proc/PID/status) and the CPU it
   used (user + system, from /proc/PID/stat), both read just before it is stopped.
 
-Scenarios (``--scenarios``): ``leaders:N`` (N leaders of no cluster, each its own leader) and
+Scenarios (``--scenarios``): ``leaders:N`` (N leaders of no cluster, each its own leader),
 ``clusters:CxM`` (C clusters, each a leader and M members; C*(M+1) nodes; members reach their
-leader over loopback TCP and enroll through it).
+leader over loopback TCP and enroll through it), and ``raw:N``: N leaders driven by hand with
+the wire protocol (each makes its key and CSR before the start, then enrolls with the join
+token, links with mutual TLS, says ``Hello`` as a leader advertising no address, and decodes
+every ``DirectoryUpdate`` as a leader does), which leaves out what a real node costs its own
+process (TLS contexts, its node port, answering the dial-back): on a 2-core machine where the
+nodes share the cores with the rendez-vous node, that isolates the rendez-vous node's part.
 
 How
 ---
@@ -116,6 +121,103 @@ def rendezvous_main(args) -> None:
 
 # --- a worker process ---------------------------------------------------------------------------
 
+def raw_worker_main(args) -> None:
+    """Hand-driven leaders (``raw:N``): see the module docstring."""
+    import gevent
+    import logging
+
+    from gridsock import wire
+    from gridsock.bootstrap.link import read_message, send_message
+    from gridsock.bootstrap.transport import Address, dial, tls_client
+    from gridsock.session import Identity, Session, client_context, new_node_key
+
+    logging.basicConfig(level=logging.WARNING, format=f"w{args.index} %(levelname)s %(name)s: %(message)s")
+    session = dataclasses.replace(Session.load(args.session), rendezvous_port=args.rv_port)
+    plan = json.loads(args.plan)
+    keys = [(name, new_node_key()) for name, _ in plan]
+    anonymous = client_context(session, None)
+    target = Address(host=session.rendezvous_host, port=args.rv_port)
+    held: Dict[str, set] = {}
+    joined: Dict[str, bool] = {}
+    failures = [0]
+
+    def leader(name: str, key_pem: bytes, csr_pem: bytes) -> None:
+        context = None
+        while True:  # (retries like a node's uplink, keeping its identity, until the worker ends)
+            try:
+                if context is None:
+                    sock = tls_client(dial(target, timeout=10.0), anonymous, timeout=10.0)
+                    try:
+                        send_message(sock, wire.Enroll(token=session.join_token, csr_pem=csr_pem.decode(), name=name))
+                        reply = read_message(sock, wire.Decoder(), timeout=10.0)
+                    finally:
+                        sock.close()
+                    context = client_context(session, Identity(reply.cert_pem.encode(), key_pem))
+                sock = tls_client(dial(target, timeout=10.0), context, timeout=10.0)
+                send_message(sock, wire.Hello(name=name, cluster=None, role="leader"))
+                decoder = wire.Decoder()
+                welcome = read_message(sock, decoder, timeout=10.0)
+                assert isinstance(welcome, wire.Welcome), welcome
+                joined[name] = True
+                ids: set = set()
+                pending: Optional[set] = None
+                while True:
+                    data = sock.recv(256 * 1024)
+                    if not data:
+                        raise ConnectionError("closed")
+                    decoder.feed(data)
+                    while (message := decoder.next_message()) is not None:
+                        if isinstance(message, wire.Ping):
+                            send_message(sock, wire.Pong(message.nonce))
+                        elif isinstance(message, wire.DirectoryUpdate):
+                            if message.snapshot:
+                                pending = set()
+                            if pending is not None:
+                                pending.update(e.node_id for e in message.joined)
+                                if not message.more:
+                                    ids, pending = pending, None
+                            else:
+                                ids.difference_update(message.left)
+                                ids.update(e.node_id for e in message.joined)
+                            held[name] = ids
+            except Exception as exc:
+                failures[0] += 1
+                joined[name] = False
+                if failures[0] <= 5:
+                    print(f"{name}: {exc!r}", file=sys.stderr, flush=True)
+                gevent.sleep(0.5)
+
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        os._exit(1)
+    started = time.monotonic()
+    greenlets = [gevent.spawn(leader, name, key_pem, csr_pem) for name, (key_pem, csr_pem) in keys]
+    expect = args.expect
+    names = [name for name, _ in keys]
+    joined_at = converged_at = None
+    deadline = started + args.timeout
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        if joined_at is None and all(joined.get(n) for n in names):
+            joined_at = now
+            print(f"joined {joined_at - started:.3f}", flush=True)
+        if all(len(held.get(n, ())) >= expect for n in names):
+            converged_at = now
+            print(f"converged {converged_at - started:.3f}", flush=True)
+            break
+        gevent.sleep(POLL_INTERVAL_S)
+    if converged_at is None:
+        sizes = sorted(len(held.get(n, ())) for n in names)
+        print(f"timeout joined={sum(bool(joined.get(n)) for n in names)}/{len(names)} seeing-all="
+              f"{sum(s >= expect for s in sizes)}/{len(names)} smallest={sizes[0]} median={sizes[len(sizes) // 2]} "
+              f"failed attempts={failures[0]}", flush=True)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"cpu {usage.ru_utime + usage.ru_stime:.2f}", flush=True)
+    sys.stdin.readline()
+    gevent.killall(greenlets, block=False)
+    os._exit(0)
+
+
 def worker_main(args) -> None:
     import gevent
     import logging
@@ -184,7 +286,7 @@ class Result:
 def parse_scenario(text: str) -> List[List]:
     """The plan of a scenario: ``[[leader name, [member names]], ...]``."""
     kind, _, size = text.partition(":")
-    if kind == "leaders":
+    if kind in ("leaders", "raw"):
         return [[f"l{i}", []] for i in range(int(size))]
     if kind == "clusters":
         clusters, _, members = size.partition("x")
@@ -274,7 +376,8 @@ def run_scenario(text: str, args, workdir: Path) -> Result:
             shares[i % len(shares)].append(group)
         workers = []
         for i, share in enumerate(shares):
-            argv = me + ["--role", "worker", "--index", str(i), "--session", str(session_dir / "session.toml"),
+            role = "raw-worker" if text.startswith("raw:") else "worker"
+            argv = me + ["--role", role, "--index", str(i), "--session", str(session_dir / "session.toml"),
                          "--rv-port", str(port), "--plan", json.dumps(share), "--expect", str(total),
                          "--timeout", str(args.timeout)]
             workers.append(Proc(argv, sdir / f"worker{i}.log"))
@@ -342,7 +445,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     # Internal: the child processes.
-    parser.add_argument("--role", default=None, choices=("rendezvous", "worker"))
+    parser.add_argument("--role", default=None, choices=("rendezvous", "worker", "raw-worker"))
     parser.add_argument("--session")
     parser.add_argument("--rv-port", type=int)
     parser.add_argument("--index", type=int, default=0)
@@ -353,6 +456,8 @@ def main() -> None:
         return rendezvous_main(args)
     if args.role == "worker":
         return worker_main(args)
+    if args.role == "raw-worker":
+        return raw_worker_main(args)
     workdir = Path(tempfile.mkdtemp(prefix="bench-join-"))
     results = []
     try:
