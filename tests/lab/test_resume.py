@@ -13,9 +13,12 @@ The same connection survives the rendez-vous node's death: killed (SIGKILL) unde
 the leaders relink, the connection resumes over it, and every byte arrives (where a plain
 ``tls/relay`` connection is reset: tests/lab/test_breaks.py).
 
-(The issue names C and A. In this lab cluster C has no route out at all, by design: no direct
-method between C and A can become possible by opening a firewall rule. A and B are the pair
-whose direct path a firewall decides.)
+From cluster C, which has no route out at all: c2 to b2 over ``tls/resume/relay`` (through the
+SSH tunnel of c1's uplink); tries of ``splice`` fail (no route); then fec is made to forward
+and masquerade C's packets and c2 routes through it; the next try connects, the connection
+moves to ``splice``, nothing is lost. (The issue names C and A: once C has a way out, C and A
+are two NATs, and a simultaneous open between two NATs is refused by each NAT's reset to the
+other's first SYN -- a limit of ``splice``, not of this layer -- so the server is in B.)
 """
 from __future__ import annotations
 
@@ -175,3 +178,38 @@ def test_a_relayed_connection_survives_the_rendezvous_node_restarting(grid, prog
     finally:
         programs.stop()
         restart(grid, "rendezvous")
+
+
+# Cluster C given a way out for a while: fec forwards and masquerades C's packets, as gwa does
+# A's, and c2 routes through it. (The lab's C has no route out at all.)
+OPEN_C = [
+    ("fec", ["sysctl", "-qw", "net.ipv4.ip_forward=1"]),
+    ("fec", ["iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "10.3.0.0/24", "-o", "eth0", "-j", "MASQUERADE"]),
+    ("c2", ["ip", "route", "add", "default", "via", "10.3.0.1"]),
+]
+CLOSE_C = [
+    ("c2", ["ip", "route", "del", "default", "via", "10.3.0.1"]),
+    ("fec", ["iptables", "-t", "nat", "-D", "POSTROUTING", "-s", "10.3.0.0/24", "-o", "eth0", "-j", "MASQUERADE"]),
+    ("fec", ["sysctl", "-qw", "net.ipv4.ip_forward=0"]),
+]
+
+
+def test_a_relayed_connection_from_c_moves_to_splice_when_c_gets_a_way_out(grid, programs):
+    # c2 to b2: a splice needs one end at an address of its own (two NATs refuse each other's
+    # first SYN, whatever the resume layer does), so the server is in cluster B, not A.
+    proc = programs.script("c2", CLIENT, "b2", str(ECHO_PORT), STACK)
+    assert wait_for_line(proc, "connected", timeout=APP_TIMEOUT_S).split()[1] == STACK
+    wait_for_line(proc, "streaming", timeout=APP_TIMEOUT_S)
+    state = wait_state(grid, "c2", lambda s: s["upgrade_tries"] >= 1 and s["last_upgrade_error"],
+                       "a failed upgrade try while C has no route out", UPGRADE_WAIT_S)
+    assert state["method"] == "relay" and state["upgrades"] == 0, state
+    try:
+        for host, argv in OPEN_C:
+            grid.lab.run(host, argv, check=True)
+        state = wait_state(grid, "c2", lambda s: s["upgrades"] >= 1, "the upgrade", UPGRADE_WAIT_S)
+        assert state["method"] == "splice", state
+        assert resume_state(grid, "b2")["method"] == "splice"
+        finish(proc)
+    finally:
+        for host, argv in CLOSE_C:
+            grid.lab.run(host, argv)
