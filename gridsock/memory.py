@@ -7,11 +7,11 @@ the links' receive buffers, bridge chunks. glibc's allocator keeps what a proces
 its next allocations: a freed buffer served by ``mmap`` raises its threshold so that later ones
 of that size come from the heap (the "dynamic mmap threshold"), and free pages in the middle
 of the heap go back to the system only when the top of the heap is free. So after a burst of
-connections the process keeps its peak: measured on loopback (bench/bench_concurrency.py and
-tests/test_leaks.py), 300 ``tls/relay`` connections of 1 MiB each way, 50 at a time, left
-about 145 MB free inside the allocator of a process whose live data was 9 MB, all of it
-returned by one ``malloc_trim(0)`` (22 ms for 130 MB on this machine; a trim with little to
-return takes well under a millisecond).
+connections the process keeps its peak: measured on loopback in one process (docs/memory.md),
+300 ``tls/relay`` connections of 1 MiB each way, 50 at a time, left about 145 MB free inside
+the allocator of a process whose live data was 9 MB, all of it returned by one
+``malloc_trim(0)`` (22 ms for 130 MB on this machine; a trim with little to return takes well
+under a millisecond).
 
 :func:`trim_soon` is called where large frees end (a bridge or a relayed connection closes,
 the connection table forgets closed connections): it arms one timer in the calling thread's
