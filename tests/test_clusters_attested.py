@@ -248,22 +248,16 @@ def test_a_leader_that_declares_a_cluster_without_its_credential_is_refused(grid
         assert grid.joined("c1", cluster="C", credential="C").entry.cluster == "C"
 
 
-def test_another_clusters_credential_does_not_make_a_leader(grid):
-    rogue = grid.node("rogue", cluster="C", credential="A")
-    exc = refusal(rogue)
-    assert exc.method == "cluster-not-attested" and "certificate names cluster 'A'" in str(exc)
-    assert rogue.identity.cluster == "A"
-    assert_absent(grid, "rogue")
-
-
 @pytest.mark.parametrize("credential", [None, "A"], ids=["no-cluster", "cluster-A"])
 def test_a_member_without_its_leaders_cluster_in_its_certificate_is_refused_by_the_leader(grid, credential):
-    rogue = grid.node("rogue", cluster="B", credential=credential, leader=str(grid["L2"].address))
-    exc = refusal(rogue)
-    assert exc.method == "cluster-not-attested" and "L2 leads cluster 'B'" in str(exc)
-    assert_absent(grid, "rogue")
+    if credential is None:
+        rogue = grid.node("rogue", cluster="B", leader=str(grid["L2"].address))
+        exc = refusal(rogue)
+        assert exc.method == "cluster-not-attested" and "L2 leads cluster 'B'" in str(exc)
+        assert "certificate names no cluster" in str(exc)
+        assert_absent(grid, "rogue")
     # Saying nothing of its cluster does not help: a member's cluster is its leader's, on
-    # evidence (a node with A's file declares A, which its certificate names: not L2's).
+    # evidence (a node with A's file is a node of A, which its certificate names: not L2's).
     quiet = grid.node("quiet", credential=credential, leader=str(grid["L2"].address))
     assert refusal(quiet).method == ("cluster-not-attested" if credential is None else "wrong-cluster")
     assert_absent(grid, "quiet")
@@ -337,6 +331,25 @@ def test_a_cluster_defined_while_the_rendezvous_node_runs_is_admitted(grid):
     assert refusal(grid.node("d-rogue", cluster="D", credential=None)).method == "cluster-not-attested"
 
 
+def test_a_cluster_taken_out_of_the_session_admits_none_of_its_nodes_any_more(grid, sock_dir, caplog):
+    state = str(sock_dir / "state-c1")
+    c1 = grid.joined("c1", cluster="C", credential="C", state_dir=state)
+    c1.stop()
+    grid.wait_rv(absent=["c1"])
+    tokens_file = grid.main.path.with_name(CLUSTERS_FILE)
+    text = tokens_file.read_text()
+    tokens_file.write_text("\n".join(line for line in text.splitlines() if not line.startswith("C ")) + "\n")
+    assert set(grid.rv.cluster_tokens.current()) == {"A", "B"}
+    exc = refusal(grid.node("c1", cluster="C", credential="C", state_dir=state))  # its certificate names C
+    assert exc.method == "cluster-not-attested" and "no longer defined" in str(exc)
+    assert refusal(grid.node("c2", cluster="C", credential="C")).method == "bad-token"  # C's token is void
+    # A file that turns bad is logged, and the clusters read before stay.
+    tokens_file.write_text("[clusters]\nA = 1\n")
+    with caplog.at_level("WARNING", logger="gridsock.session"):
+        assert set(grid.rv.cluster_tokens.current()) == {"A", "B"}
+    assert "not a join token" in caplog.text
+
+
 def test_a_session_without_clusters_still_lets_nodes_declare_them(sock_dir):
     # The compatibility rule: no cluster defined, the one token admits a node to any cluster.
     session = create_session(sock_dir / "legacy", "127.0.0.1:1")
@@ -358,7 +371,8 @@ def test_a_session_without_clusters_still_lets_nodes_declare_them(sock_dir):
 
 
 def test_hello_naming_another_cluster_than_the_certificate_is_refused_on_the_wire(grid):
-    # The rendez-vous node's check alone, with a certificate of cluster A and a raw Hello.
+    # The checks alone, with a certificate of cluster A and a raw Hello: as a leader at the
+    # rendez-vous node, as a member at B's leader.
     key_pem, csr_pem = new_node_key()
     session = grid.session("A")
     with _tls(session, grid.rv.address, None) as sock:
@@ -372,7 +386,12 @@ def test_hello_naming_another_cluster_than_the_certificate_is_refused_on_the_wir
             answer = read_message(sock, wire.Decoder(), timeout=ANSWER_TIMEOUT_S)
         assert isinstance(answer, wire.Refuse) and answer.code == "cluster-not-attested", answer
         assert expected in answer.reason
-    assert grid.rv.directory.by_name("raw") is None
+    with _tls(session, grid["L2"].address, identity) as sock:
+        send_message(sock, wire.Hello(name="raw", cluster="B", role="member"))
+        answer = read_message(sock, wire.Decoder(), timeout=ANSWER_TIMEOUT_S)
+    assert isinstance(answer, wire.Refuse) and answer.code == "cluster-not-attested", answer
+    assert "L2 leads cluster 'B': this node's certificate names cluster 'A', not 'B'" in answer.reason
+    assert grid.rv.directory.by_name("raw") is None and grid["L2"].directory.by_name("raw") is None
 
 
 @contextlib.contextmanager
