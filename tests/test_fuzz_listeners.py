@@ -512,3 +512,41 @@ def test_routed_operations(grid, monkeypatch):
         reader.kill()
     finally:
         sock.close()
+
+
+# --- the argument checks themselves ------------------------------------------------------------
+
+
+def test_control_args_accept_good_values_and_name_the_bad_argument():
+    from gridsock.bootstrap.control import ControlArgs
+    from gridsock.errors import ConfigError
+
+    args = ControlArgs("op", {"dst": "m1", "port": 80, "timeout": 2, "once": True, "present": ["a", "b"],
+                              "none": None})
+    assert (args.text("dst"), args.integer("port", lo=1, hi=65535), args.number("timeout"), args.flag("once"),
+            args.texts("present")) == ("m1", 80, 2.0, True, ["a", "b"])
+    assert (args.text("none", "x"), args.integer("absent", 7), args.flag("absent"), args.texts("absent")) == \
+        ("x", 7, False, [])
+    bad = [("text", "port", {}), ("integer", "dst", {}), ("integer", "port", {"hi": 79}), ("number", "once", {}),
+           ("flag", "port", {}), ("texts", "dst", {}), ("text", "missing", {})]
+    for getter, key, kwargs in bad:
+        with pytest.raises(ConfigError, match=f"op: argument '{key}'"):
+            getattr(args, getter)(key, **kwargs)
+    for value in (True, 0, -1.0, float("nan"), float("inf"), 3601, "1"):
+        with pytest.raises(ConfigError):
+            ControlArgs("op", {"timeout": value}).number("timeout")
+    deep: list = []
+    for _ in range(5000):  # (the message never holds the repr of a container: it may be this deep)
+        deep = [deep]
+    with pytest.raises(ConfigError, match="not a list"):
+        ControlArgs("op", {"dst": deep}).text("dst")
+
+
+def test_a_reason_is_cut_to_the_limit_in_bytes():
+    from gridsock.bootstrap.control import reason_text
+
+    for text in ("\u00e9" * 2000, "\ud800" * 2000, "x" * 5000, "short"):
+        cut = reason_text(text)
+        assert len(cut.encode("utf-8")) <= wire.MAX_REASON_BYTES
+        wire.encode(wire.ControlReply(False, None, cut))  # (the encoder takes it)
+        wire.encode(agentwire.failure("EINVAL", text))
