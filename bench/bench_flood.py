@@ -5,7 +5,7 @@ a process of its own, on loopback; the flooder ``a2`` writes 1 MiB routed messag
 fast as its socket takes them, bypassing its own node's queues) for each flood topic (``relay``:
 bulk; ``flood``: not bulk), and prints one Markdown table row per run: the rendez-vous node's
 RSS growth, its routed queue's peak, the round trips of the victim's and bystanders' pings
-(all pairs together), pings unanswered within ``PING_TIMEOUT_S``, links dropped that were not
+(all pairs together; a run without a flood first gives the machine's baseline), pings unanswered within ``PING_TIMEOUT_S``, links dropped that were not
 the flooder's, and what the flooder got through.
 
 ``--before DIR`` also runs the same scenario against another tree of gridsock (a ``git
@@ -60,6 +60,12 @@ def _run(label: str, topic: str, seconds: float, abort_rss_mb: int, env=None) ->
               if not ((c[0] == "A" and c[1].startswith(f"member {FLOODER} ")) or c[0] == "F")]
     for process, link, reason in others:
         print(f"    ({label}, {topic}: process {process} dropped {link}: {reason})", file=sys.stderr)
+    for pair, pings in result["pings"].items():
+        for failure in pings["failures"]:
+            print(f"    ({label}, {topic}: ping {pair} failed: {failure})", file=sys.stderr)
+    guards = {name: g for name, g in [*result["guards"].items(), ("rendezvous", result["rv_guard"])]
+              if g and (g["held"] or g["dropped"] or g["cut"])}
+    print(f"    ({label}, {topic}: guards {guards})", file=sys.stderr)
     return _row(label, topic, result)
 
 
@@ -82,7 +88,7 @@ def main() -> None:
             shutil.copy(flood_module.__file__, target)
         env = dict(os.environ, PYTHONPATH=str(before))
         runs += [("before", topic, env) for topic in FLOOD_TOPICS]
-    runs += [("after", topic, None) for topic in FLOOD_TOPICS]
+    runs += [("after", topic, None) for topic in ("none",) + FLOOD_TOPICS]
     for label, topic, env in runs:
         print(_run(label, topic, args.seconds, args.abort_rss_mb, env), flush=True)
 

@@ -29,7 +29,8 @@ A link starts after its handshake (TLS, Hello/Welcome) and runs three greenlets:
   is, never joined to its head nor to other frames (so the payload of a forwarded message is
   not copied between the decoder and the socket); small frames are joined into one write. A
   link whose writer has frames but got nothing written for ``SEND_STALL_S`` is closed (its
-  peer stopped reading);
+  peer stopped reading). A TCP link keeps at most ``LINK_NOTSENT_LOWAT_BYTES`` unsent in the
+  kernel (``TCP_NOTSENT_LOWAT``), so the order above is not undone by a deep socket buffer;
 - the *pinger* sends ``Ping`` every ``ping_interval_s`` and closes the link when nothing at all
   arrived for ``timeout_s`` (a peer that vanished without a FIN). Any frame counts as traffic,
   and a reader this process holds on purpose (back-pressure) is not idle. A ``Ping`` is
@@ -121,6 +122,11 @@ FAIR_QUANTUM_BYTES = 64 * 1024
 # A link whose writer has had frames to write but got none written for this long is closed: its
 # peer stopped reading (a slow peer still makes progress: a 4 MiB frame at 1 Mbit/s takes 34 s).
 SEND_STALL_S = 60.0
+# Unsent bytes a link's TCP socket may hold (TCP_NOTSENT_LOWAT, Linux): what waits in the kernel
+# is out of the writer's order of priority, so a pong or a routed request queued now waits
+# behind all of it. Without it the kernel takes up to tcp_wmem's 4 MiB; 128 KiB keeps loopback
+# throughput (it bounds what is unsent, not what is in flight).
+LINK_NOTSENT_LOWAT_BYTES = 128 * 1024
 RECV_CHUNK_BYTES = 256 * 1024
 # Payloads at least this large are written on their own, as they are, not joined with others.
 DIRECT_WRITE_BYTES = 64 * 1024
@@ -273,6 +279,7 @@ class Link:
         self._held = 0  # greenlets holding this link's reader (back-pressure): it is not idle
         self._greenlets: list = []
         self._nonce = itertools.count(1)
+        _limit_unsent(sock)
 
     def __repr__(self) -> str:
         return f"<Link {self.id} {self.label}{' closed' if self.closed else ''}>"
@@ -610,6 +617,16 @@ class _Hold:
     def __exit__(self, *exc) -> None:
         self._link._held -= 1
         self._link._last_rx = time.monotonic()
+
+
+def _limit_unsent(sock) -> None:
+    """Keep at most LINK_NOTSENT_LOWAT_BYTES unsent in a TCP socket's buffer (where the kernel can)."""
+    option = getattr(gsocket, "TCP_NOTSENT_LOWAT", None)
+    try:
+        if option is not None and sock.family in (gsocket.AF_INET, gsocket.AF_INET6):
+            sock.setsockopt(gsocket.IPPROTO_TCP, option, LINK_NOTSENT_LOWAT_BYTES)
+    except (OSError, AttributeError):  # not TCP after all, or not a real socket (tests)
+        pass
 
 
 def tune_socket(sock) -> None:

@@ -147,7 +147,7 @@ def _flood(node, victim_id: str, deadline: float, topic: str) -> Dict[str, Any]:
         while time.monotonic() < deadline:
             link.sock.sendall(frame)
             sent += len(frame)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, AttributeError) as exc:  # (gevent's SSL socket closed under a write)
         error = f"{type(exc).__name__}: {exc}"
     return {"sent_bytes": sent, "seconds": round(time.monotonic() - started, 3), "error": error}
 
@@ -195,7 +195,7 @@ def _main_nodes(workdir: str, port: int, cluster: str, duration_s: float, topic:
     for src, dst in PINGS:
         if src in nodes:
             jobs[f"{src}->{dst}"] = gevent.spawn(_pinger, nodes[src], dst, deadline)
-    if FLOODER in nodes:
+    if FLOODER in nodes and topic != "none":  # ("none": the same pings without a flood, a baseline)
         victim = nodes[FLOODER].directory.by_name(VICTIM)
         jobs["flood"] = gevent.spawn(_flood, nodes[FLOODER], victim.node_id, deadline, topic)
     gevent.joinall(list(jobs.values()), timeout=duration_s + PING_TIMEOUT_S + 5)
@@ -216,7 +216,7 @@ def _main_nodes(workdir: str, port: int, cluster: str, duration_s: float, topic:
 def run_flood(workdir, *, duration_s: float, topic: str = "relay", abort_rss_bytes: int = 2 << 30, python: str = sys.executable,
               env: Optional[dict] = None) -> Dict[str, Any]:
     """Run the scenario of the module docstring under ``workdir``, the flood on ``topic`` (one
-    of ``FLOOD_TOPICS``); return what was seen:
+    of ``FLOOD_TOPICS``, or ``"none"``: no flood, for a baseline); return what was seen:
 
     ``rv_rss`` (``start``, ``max``: bytes), ``routed_queue_peak`` (bytes, None before the
     fairness code), ``rv_guard`` (its last status, or None), ``pings`` (per ``src->dst``: ``count``,
@@ -238,7 +238,7 @@ def run_flood(workdir, *, duration_s: float, topic: str = "relay", abort_rss_byt
     def spawn(name: str, *args: str) -> subprocess.Popen:
         logs.append(open(workdir / f"{name}.log", "wb"))  # (each process's stderr)
         proc = subprocess.Popen(argv + list(args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=logs[-1], env=env)
+                                stderr=logs[-1], env=env, cwd=str(workdir))  # (python -m looks in cwd first)
         procs[name] = proc
         lines[name] = []
         return proc
