@@ -31,12 +31,14 @@ and the rate. Loops are bounded by counts and every wait by a timeout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
 import os
 import platform
 import random
+import shutil
 import signal
 import socket
 import struct
@@ -177,6 +179,11 @@ class Campaign:
             except subprocess.TimeoutExpired:
                 self.child.kill()
                 self.child.wait(10)
+        # The logs stay for a look; the session (its CA key, the nodes' keys) does not.
+        shutil.rmtree(self.dir / "session", ignore_errors=True)
+        for name in ("rv.sock", "L1.sock", "L1.agent"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.dir / name)
 
     def write_json(self) -> None:
         tallies = self.done + ([self.partial] if self.partial is not None else [])
