@@ -26,6 +26,7 @@ so a large grid never makes a control reply outgrow the frame limit.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -338,9 +339,25 @@ class Directory:
         if update.more:
             return [], []
         self._pending_snapshot = None
-        local = list(keep)
-        local_ids = {e.node_id for e in local}
+        local_ids = {e.node_id for e in keep}
+        upstream = {e.node_id: e for e in pending if e.node_id in local_ids}
+        # The kept entries are ours, but what only the rendez-vous node knows of them (the
+        # address it sees, its dial-back verdict) comes from the snapshot: with coalesced
+        # broadcasts a verdict may travel in the snapshot and never again on its own.
+        local = [_with_upstream_facts(e, upstream.get(e.node_id)) for e in keep]
         return self.apply([e for e in pending if e.node_id not in local_ids] + local, (), replace=True)
+
+
+def _with_upstream_facts(mine: wire.NodeEntry, theirs: Optional[wire.NodeEntry]) -> wire.NodeEntry:
+    """``mine`` with the rendez-vous node's facts of it from ``theirs`` (``observed``,
+    ``inbound``), where it has them and the entry is the same registration (same addresses)."""
+    if theirs is None or theirs.addrs != mine.addrs:
+        return mine
+    observed = theirs.observed if theirs.observed is not None else mine.observed
+    inbound = theirs.inbound if theirs.inbound is not None else mine.inbound
+    if (observed, inbound) == (mine.observed, mine.inbound):
+        return mine
+    return dataclasses.replace(mine, observed=observed, inbound=inbound)
 
 
 class Broadcaster:
