@@ -9,18 +9,28 @@ to the new node's agent and registered the port again), and a client under ``gri
 as a break does: a reset, never a clean end. The listener's own client
 (:class:`gridsock.agentclient.AgentListener`) is watched too: the same object accepts again,
 and counts one reconnection.
+
+The listener's keeper alone, against a fake agent (a Unix socket served by a thread, speaking
+the agent protocol with :mod:`gridsock.agentwire`) that dies and comes back at will: the same
+port is asked of the next agent with the same socketpair end; a port taken meanwhile, or no
+agent within the listener's bound, ends it (its socket reads EOF); a release while no agent is
+there ends the keeper at once.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
+from gridsock import agentwire, wire
+from gridsock.agentclient import AgentClient
 from gridsock.bootstrap.control import call
 from gridsock.testing.procs import gridsock_argv, wait_for_line
 from test_cli import READY_TIMEOUT_S, STRICT_ENV, Procs, start_rendezvous
@@ -225,3 +235,171 @@ def test_the_connection_a_server_held_through_its_killed_node_is_reset(grid):
     assert again.returncode == 0, again.stderr.decode()
     assert holder.wait(timeout=RUN_TIMEOUT_S) == 0
     assert held == "reset"
+
+
+# --- the keeper alone, against a fake agent ------------------------------------------------------
+
+# A fake agent answers, and a keeper thread ends, well within this (loopback Unix sockets).
+FAKE_TIMEOUT_S = 10.0
+
+
+class FakeAgent:
+    """An agent at ``path`` that answers ``listen`` requests (``refuse``: with that errno name
+    instead) and keeps the socketpair end each came with; :meth:`die` closes everything, as a
+    killed node's kernel does."""
+
+    def __init__(self, path: str, *, refuse=None) -> None:
+        self.path = path
+        self.refuse = refuse
+        self.requests: list = []  # (args, whether a descriptor came with it)
+        self.asked = threading.Event()
+        self.released = threading.Event()  # a listener's control connection closed by its client
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(path)
+        os.chmod(path, 0o600)
+        self.server.listen(8)
+        self.conns: list = []
+        self.ends: list = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn) -> None:
+        try:
+            got = agentwire.recv_message(conn, agentwire.AgentReader(wire.Control, peer="client"))
+            if got is None:
+                return
+            message, fd = got
+            self.requests.append((message.args, fd is not None))
+            if self.refuse:
+                agentwire.send_frame(conn, agentwire.encode_reply(agentwire.failure(self.refuse, "refused")))
+                if fd is not None:
+                    os.close(fd)
+                self.asked.set()
+                return
+            if fd is not None:
+                self.ends.append(socket.socket(fileno=fd))
+            agentwire.send_frame(conn, agentwire.encode_reply(wire.ControlReply(True, {"port": message.args["port"],
+                                                                                        "ip": "240.0.0.9"})))
+            self.asked.set()
+            while conn.recv(4096):
+                pass
+            self.released.set()
+            conn.shutdown(socket.SHUT_RDWR)  # (the port is free: its client may go on)
+        except OSError:
+            pass
+
+    def announce(self) -> socket.socket:
+        """Announce a connection on the latest listener's end; return our side of it."""
+        ours, theirs = socket.socketpair()
+        with theirs:
+            agentwire.send_frame(self.ends[-1], agentwire.encode_reply(
+                wire.ControlReply(True, {"peer": "na", "ip": "240.0.0.8", "port": 7000, "peer_port": 50000,
+                                         "stack": "tcp", "cluster": None})), theirs.fileno())
+        return ours
+
+    def die(self) -> None:
+        self.server.shutdown(socket.SHUT_RDWR)  # (wakes the accepting thread; a close alone would not)
+        self.server.close()
+        os.unlink(self.path)
+        for sock in self.conns:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # (wakes this agent's own threads too)
+            except OSError:
+                pass
+            sock.close()
+        for sock in self.ends:  # (closed only: the listener's copy is the same socket)
+            sock.close()
+        self.thread.join(FAKE_TIMEOUT_S)
+
+
+def keepers() -> list:
+    """The listeners' keeper threads still running, once those that are ending have ended."""
+    running = [t for t in threading.enumerate() if t.name.startswith("gridsock-listener-")]
+    for thread in running:
+        thread.join(FAKE_TIMEOUT_S)
+    return [t for t in running if t.is_alive()]
+
+
+@pytest.fixture
+def agent_path(tmp_path):
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o700)
+    return str(directory / "n.agent")
+
+
+def accept_one(listener, agent: FakeAgent) -> dict:
+    ours = agent.announce()
+    conn, info = listener.accept()
+    with ours, conn:
+        ours.sendall(b"ping")
+        assert conn.recv(4) == b"ping"
+    return info
+
+
+def test_the_keeper_asks_the_next_agent_for_the_same_port_with_the_same_end(agent_path):
+    first = FakeAgent(agent_path)
+    listener = AgentClient(agent_path).listen(7000)
+    try:
+        assert first.requests == [({"port": 7000}, True)] and listener.reconnects == 0
+        assert accept_one(listener, first)["peer"] == "na"
+        first.die()
+        second = FakeAgent(agent_path)
+        try:
+            assert second.asked.wait(FAKE_TIMEOUT_S)
+            assert second.requests == [({"port": 7000}, True)]
+            assert accept_one(listener, second)["peer"] == "na"  # the listener's own socket, as it was
+            assert listener.reconnects == 1
+            listener.release()
+            assert second.released.wait(FAKE_TIMEOUT_S)  # (the port is free once release() returns)
+        finally:
+            second.die()
+    finally:
+        listener.close()
+    assert not keepers()
+
+
+def test_a_port_taken_meanwhile_ends_the_listener_with_eof(agent_path):
+    first = FakeAgent(agent_path)
+    listener = AgentClient(agent_path).listen(7000)
+    try:
+        first.die()
+        second = FakeAgent(agent_path, refuse="EADDRINUSE")
+        try:
+            with pytest.raises(ConnectionResetError):
+                listener.accept()  # (EOF: the keeper gave up and closed the agent's end)
+            assert second.requests == [({"port": 7000}, True)] and listener.reconnects == 0
+        finally:
+            second.die()
+    finally:
+        listener.close()
+    assert not keepers()
+
+
+def test_without_an_agent_within_its_bound_the_listener_ends_with_eof(agent_path):
+    first = FakeAgent(agent_path)
+    listener = AgentClient(agent_path, reconnect_give_up_s=0.5).listen(7000)
+    try:
+        first.die()
+        with pytest.raises(ConnectionResetError):
+            listener.accept()
+    finally:
+        listener.close()
+    assert not keepers()
+
+
+def test_a_release_while_no_agent_is_there_ends_the_keeper(agent_path):
+    first = FakeAgent(agent_path)
+    listener = AgentClient(agent_path).listen(7000)
+    assert [t.name for t in threading.enumerate()].count("gridsock-listener-7000") == 1
+    first.die()
+    listener.release(timeout=FAKE_TIMEOUT_S)
+    assert not keepers()
