@@ -10,7 +10,7 @@ client's I/O in threads as an application's would be. Then, once every
 connection is closed and forgotten (the nodes' connection tables, relayed connections and
 bridges empty), it checks against a baseline taken after a warm-up of the same kind:
 
-- descriptors (``/proc/self/fd``): back to the baseline (none more);
+- descriptors (``/proc/self/fd``): back to the baseline (``FDS_MARGIN``);
 - live greenlets: back to the baseline (``GREENLETS_MARGIN``);
 - the framework's objects (streams, bridges, connection records, TLS objects): none left
   beyond the baseline;
@@ -62,6 +62,9 @@ IO_TIMEOUT_S = 60.0
 JOIN_TIMEOUT_S = 30.0
 # The margins (see the module docstring).
 GREENLETS_MARGIN = 2
+# Descriptors: a bootstrap or meta link re-made around the baseline on a loaded machine holds
+# two in this process (one per end); a leak of one per connection is hundreds.
+FDS_MARGIN = 4
 OBJECTS_MARGIN = min(CONNECTIONS.values()) // 4
 RSS_MARGIN_BYTES = 24 * 1024 * 1024
 # The framework's per-connection objects, by class name: none may outlive its connection.
@@ -84,6 +87,16 @@ class Grid:
         return (self.la, self.lb)
 
 
+# Stopped nodes' greenlets end within this.
+STOP_TIMEOUT_S = 10.0
+
+
+def _live_greenlets() -> set:
+    import gc
+
+    return {obj for obj in gc.get_objects() if isinstance(obj, gevent.Greenlet) and not obj.dead}
+
+
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     from gridsock.bootstrap.rendezvous import RendezvousNode
@@ -91,6 +104,7 @@ def grid(tmp_path_factory):
     from gridsock.personalities import socket as personality
     from gridsock.session import create_session
 
+    before = _live_greenlets()
     session = create_session(tmp_path_factory.mktemp("leaks") / "session", "127.0.0.1:7700")
     run_dir = tmp_path_factory.mktemp("r")
     rv = RendezvousNode(session, listen_address="127.0.0.1:0", control="").start()
@@ -133,6 +147,8 @@ def grid(tmp_path_factory):
         for node in nodes:
             node.stop()
         rv.stop()
+        # (stop() kills the nodes' greenlets without waiting: they end here, not in the next module)
+        gevent.joinall(list(_live_greenlets() - before), timeout=STOP_TIMEOUT_S)
 
 
 def _echo(sock) -> None:
@@ -217,7 +233,7 @@ def _settle(grid: Grid, fds: int, greenlets: int) -> None:
     with gevent.Timeout(SETTLE_TIMEOUT_S, False):
         while True:
             now = left()
-            if not any(now[k] for k in ("records", "relayed", "bridges", "servers")) and now["fds"] <= 0 \
+            if not any(now[k] for k in ("records", "relayed", "bridges", "servers")) and now["fds"] <= FDS_MARGIN \
                     and now["greenlets"] <= GREENLETS_MARGIN:
                 return
             gevent.sleep(0.1)
@@ -242,7 +258,7 @@ def test_connections_closed_give_back_memory_descriptors_and_greenlets(grid, kin
     after = _measure()
     report = {k: (before[k], after[k]) for k in ("fds", "greenlets", "objects", "blocks", "rss")}
     print(f"{kind}: {CONNECTIONS[kind]} connections: {report}")
-    assert after["fds"] <= before["fds"], report
+    assert after["fds"] <= before["fds"] + FDS_MARGIN, report
     assert after["greenlets"] <= before["greenlets"] + GREENLETS_MARGIN, report
     assert after["tracked"] - before["tracked"] == collections.Counter(), (after["tracked"], before["tracked"])
     assert after["objects"] <= before["objects"] + OBJECTS_MARGIN, report

@@ -99,12 +99,23 @@ def test_frames_shrink_as_connections_with_a_peer_multiply():
 # --- between the nodes of a loopback grid ----------------------------------------------------
 
 
+# Stopped nodes' greenlets end within this.
+STOP_TIMEOUT_S = 10.0
+
+
+def _live_greenlets() -> set:
+    import gc
+
+    return {obj for obj in gc.get_objects() if isinstance(obj, gevent.Greenlet) and not obj.dead}
+
+
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     from gridsock.bootstrap.rendezvous import RendezvousNode
     from gridsock.node import Node
     from gridsock.session import create_session
 
+    before = _live_greenlets()
     session = create_session(tmp_path_factory.mktemp("relayc") / "session", "127.0.0.1:7700")
     rv = RendezvousNode(session, listen_address="127.0.0.1:0", control="").start()
     session = dataclasses.replace(session, rendezvous_port=rv.address.port)
@@ -124,6 +135,8 @@ def grid(tmp_path_factory):
         for node in nodes.values():
             node.stop()
         rv.stop()
+        # (stop() kills the nodes' greenlets without waiting: they end here, not in the next module)
+        gevent.joinall(list(_live_greenlets() - before), timeout=STOP_TIMEOUT_S)
 
 
 def _echo(stream) -> None:
