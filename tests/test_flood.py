@@ -95,6 +95,7 @@ def test_link_frames_go_first_then_routed_requests_then_bulk_with_sources_taking
         messages = decode_all(b"".join(sock.writes))
     finally:
         link.close()
+        link.join(WAIT_S)
     assert isinstance(messages[0], wire.Ping) and messages[1].src == S3 and messages[1].topic == "ping"
     sources = [m.src for m in messages[2:]]
     assert sorted(sources) == sorted([S1] * 6 + [S2] * 3)
@@ -136,6 +137,7 @@ def test_a_ping_is_answered_ahead_of_a_bulk_backlog():
         assert pong <= 4, f"the pong came after {pong} of {frames} bulk frames"
     finally:
         link.close()
+        link.join(WAIT_S)
         theirs.close()
     assert budget.queued_bytes == 0
 
@@ -230,6 +232,8 @@ class Forwarder:
             greenlet.kill()
         self.incoming.close()
         self.out.close()
+        self.incoming.join(WAIT_S)
+        self.out.join(WAIT_S)
         self.sender.close()
         self.sink.close()
 

@@ -340,15 +340,16 @@ class FloodGuard:
         if len(self.cut_sources) >= GUARD_MAX_SOURCES:
             del self.cut_sources[0]
         self.cut_sources.append(src)
-        why = (f"it floods: its messages waited {held_s:.1f} s for room within {self.flood_window_s:.0f} s "
+        why = (f"its messages waited {held_s:.1f} s for room within {self.flood_window_s:.0f} s "
                f"(FLOOD_HELD_S {self.flood_held_s:.1f})")
         if incoming is not None and incoming.peer_id == src:
             self.counters["closed"] += 1
-            log.warning("%s: closing the link of %s: %s", self.name, self._label(src), why)
+            log.warning("%s: closing the link of %s: it floods: %s", self.name, self._label(src), why)
             incoming.close(f"flooding: {why}")
             return
         self._cut_until[src] = self._clock() + self.cut_s
-        log.warning("%s: dropping the routed messages of %s for %.0f s: %s", self.name, self._label(src), self.cut_s, why)
+        log.warning("%s: dropping the routed messages of %s for %.0f s: it floods: %s", self.name, self._label(src),
+                    self.cut_s, why)
 
     def status(self) -> dict:
         """The counters, and the sources cut now."""

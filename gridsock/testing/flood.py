@@ -209,6 +209,9 @@ def _main_nodes(workdir: str, port: int, cluster: str, duration_s: float, topic:
     done["rss"] = _rss_bytes()
     done["t"] = time.monotonic()
     _emit({"done": done})
+    # The nodes stay until every process is done (the runner stops this one): a node that left
+    # early would leave a ping still under way elsewhere unanswered.
+    _wait_go()
     for node in nodes.values():
         node.stop()
 
@@ -285,6 +288,10 @@ def run_flood(workdir, *, duration_s: float, topic: str = "relay", abort_rss_byt
                         finished[name] = obj["done"]
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the flood run did not end; finished: {sorted(finished)}")
+        for name in CLUSTERS:
+            if procs[name].poll() is None:
+                procs[name].stdin.write(b"stop\n")  # type: ignore[union-attr]
+                procs[name].stdin.flush()  # type: ignore[union-attr]
         # The rendez-vous node's samples up to the end of the flood (and its guard then).
         end_t = max((done["t"] for done in finished.values() if "t" in done), default=0.0)
         while True:
@@ -322,8 +329,9 @@ def run_flood(workdir, *, duration_s: float, topic: str = "relay", abort_rss_byt
                               "max_s": rtts[-1] if rtts else None,
                               "p50_s": rtts[len(rtts) // 2] if rtts else None,
                               "p99_s": rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))] if rtts else None}
-    # (the links that close when the processes stop at the end are not the flood's doing)
-    end = min((done["t"] for done in finished.values() if "t" in done), default=float("inf"))
+    # (the links that close when the processes stop at the end are not the flood's doing; no
+    # node stops before every process is done)
+    end = max((done["t"] for done in finished.values() if "t" in done), default=float("inf"))
     closures = [[name, obj["closed"], obj["reason"]] for name in lines for obj in lines[name]
                 if "closed" in obj and obj["t"] < end]
     queues = [obj["routed_queue"]["peak"] for obj in samples if "routed_queue" in obj]
