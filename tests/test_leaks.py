@@ -248,6 +248,19 @@ def _measure() -> dict:
             "blocks": sys.getallocatedblocks(), "rss": _rss_bytes()}
 
 
+def test_a_burst_of_trim_requests_costs_one_trim():
+    if not memory.trim():
+        pytest.skip("no glibc malloc_trim in this C library")
+    before = memory.trims
+    for _ in range(1000):  # a thousand connections closing at once
+        memory.trim_soon()
+    with gevent.Timeout(SETTLE_TIMEOUT_S, AssertionError("no trim")):
+        while memory.trims == before:
+            gevent.sleep(0.05)
+    assert memory.trims == before + 1
+    assert gevent.get_hub() not in memory._armed  # nothing more to come from that burst
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_connections_closed_give_back_memory_descriptors_and_greenlets(grid, kind):
     _run(grid, kind, WARM_UP)
