@@ -22,12 +22,13 @@ import time
 import uuid
 
 import gevent
+import gevent.queue
 import pytest
 
 from gridsock import wire
 from gridsock.bootstrap.control import call as control_call
 from gridsock.bootstrap.directory import MAX_MEMBERS, STATUS_MAX_BYTES, Bindings, Directory
-from gridsock.bootstrap.link import read_message, send_message
+from gridsock.bootstrap.link import Link, read_message, send_message
 from gridsock.bootstrap.rendezvous import RendezvousNode
 from gridsock.bootstrap.transport import dial, parse_address, tls_client
 from gridsock.errors import AuthError, ConfigError, ConnectRefusedError, GridsockError
@@ -494,9 +495,20 @@ def test_status_of_a_large_directory_fits_in_a_frame(grid):
             sock = stack.enter_context(raw(grid, grid.rv.address, identity))
             welcome, decoder = greet(sock, f"big-{k}", "leader", f"P{k}")
             assert isinstance(welcome, wire.Welcome)
+            # A link of its own keeps the phantom leader alive (pings) while the others are made:
+            # parsing thousands of fat entries in this one process can take longer than a link's
+            # timeout on a loaded machine.
+            answers: gevent.queue.Queue = gevent.queue.Queue()
+            link = Link(sock, decoder, label=f"big-{k}", on_message=lambda _link, message, q=answers: q.put(message))
+            stack.callback(link.close)
+            link.start()
             entries = phantoms(identity.node_id, f"P{k}", MAX_MEMBERS, f"b{k}-")
-            send_message(sock, wire.Register(tuple(entries)))
-            barrier(sock, decoder, identity, f"big-{k}")
+            link.send(wire.Register(tuple(entries)))
+            link.send(wire.Routed(src=identity.node_id, dst="rendezvous", kind="req", topic="ping", request_id=7,
+                                  hops=1, route=(f"big-{k}",)))
+            with gevent.Timeout(ANSWER_TIMEOUT_S * 4):  # the ping's answer comes after the Register's handling
+                while not (isinstance(message := answers.get(), wire.Routed) and message.request_id == 7):
+                    pass
             leaders.append(entries[-1].name)
         total = len(grid.rv.directory)
         assert total >= 3 * MAX_MEMBERS
