@@ -472,6 +472,8 @@ class Router:
 
         A message this node ``originated`` waits for room on the link (back-pressure on the
         sender); a forwarded one goes through the guard, which may hold the link it came from.
+        Raises RoutingError for an originated message that finds the process's routed queues
+        full (ROUTED_QUEUE_BYTES).
         """
         link = None
         if self._down is not None:
@@ -490,7 +492,12 @@ class Router:
             if wait_source is not None:
                 wait_source(message.src)
             link.wait_room(bulk=bulk)
-        return link.send(message, bulk=bulk, checked=checked)
+        if link.send(message, bulk=bulk, checked=checked):
+            return True
+        if getattr(link, "closed", True):
+            return False
+        # (the process's routed queues are full: ROUTED_QUEUE_BYTES)
+        raise RoutingError(f"no room for a message to {message.dst}: this node's routed queues are full", dst=message.dst)
 
     def _name_of(self, node_id: str) -> Optional[str]:
         entry = self.host.directory.get(node_id)
