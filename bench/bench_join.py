@@ -99,7 +99,8 @@ def rendezvous_main(args) -> None:
     from gridsock.bootstrap.rendezvous import RendezvousNode
     from gridsock.session import Session
 
-    logging.basicConfig(level=logging.WARNING, format="rv %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.rv_info else logging.WARNING,
+                        format="rv %(asctime)s %(levelname)s %(name)s: %(message)s")
     profiler = None
     if args.profile_rv:
         import cProfile
@@ -362,6 +363,8 @@ def run_scenario(text: str, args, workdir: Path) -> Result:
     rv_argv = me + ["--role", "rendezvous", "--session", str(session_dir / "session.toml")]
     if args.profile_rv:
         rv_argv += ["--profile-rv", args.profile_rv]
+    if args.rv_info:
+        rv_argv += ["--rv-info"]
     procs: List[Proc] = []
     rv = Proc(rv_argv, sdir / "rv.log")
     procs.append(rv)
@@ -444,6 +447,7 @@ def main() -> None:
     parser.add_argument("--profile-rv", default=None, help="run the rendez-vous process under cProfile, stats here")
     parser.add_argument("--json", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--rv-info", action="store_true", help="the rendez-vous process logs at INFO (link closes, dial-backs)")
     # Internal: the child processes.
     parser.add_argument("--role", default=None, choices=("rendezvous", "worker", "raw-worker"))
     parser.add_argument("--session")

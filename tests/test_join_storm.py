@@ -10,6 +10,7 @@ bench/bench_join.py measures the same at scale, with real processes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import uuid
 
@@ -177,3 +178,20 @@ def test_closed_links_and_closed_broadcasters_send_nothing():
     b.close()
     b.flush()  # (what was pending went with close)
     assert len(link.sent) == 1
+
+
+def test_an_entry_that_cannot_be_encoded_is_logged_and_the_rest_goes_on(caplog):
+    link = FakeLink()
+    directory, b = broadcaster([link], interval_s=3600.0)
+    try:
+        with caplog.at_level(logging.ERROR, logger="gridsock.bootstrap.directory"):
+            directory.put([dataclasses.replace(entry("x"), name="not a name!")])  # (a bug would do this)
+            gevent.wait([gevent.spawn(b.flush)], timeout=SEND_TIMEOUT_S)
+        assert link.sent == []
+        assert any("not broadcasting" in r.getMessage() for r in caplog.records)
+        directory.remove([e.node_id for e in directory])
+        directory.put([entry("good")])
+        b.flush()
+        assert [[e.name for e in u.joined] for u in link.updates()] == [["good"]]
+    finally:
+        b.close()

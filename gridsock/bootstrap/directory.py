@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
@@ -36,9 +37,12 @@ import gevent
 import gevent.event
 
 from .. import wire
+from ..errors import LocalProtocolError
 
 __all__ = ["Directory", "RENDEZVOUS_NAME", "LEAVE_TOPIC", "REFUSED_TOPIC", "MAX_MEMBERS", "NAME_GRACE_S", "STATUS_MAX_BYTES", "Binding", "Bindings",
            "bounded_json", "Broadcaster", "BROADCAST_INTERVAL_S", "BROADCAST_BATCH_ENTRIES"]
+
+log = logging.getLogger(__name__)
 
 # The name that addresses the rendez-vous node itself in routed messages; no node may take it.
 RENDEZVOUS_NAME = "rendezvous"
@@ -360,6 +364,18 @@ def _with_upstream_facts(mine: wire.NodeEntry, theirs: Optional[wire.NodeEntry])
     return dataclasses.replace(mine, observed=observed, inbound=inbound)
 
 
+def _encoded(updates: Iterable[wire.DirectoryUpdate]) -> List[wire.Encoded]:
+    """``updates`` encoded once each; one that cannot be (a bug: an entry breaking a field
+    rule) is logged and left out, as a link leaves out a message it cannot encode."""
+    out = []
+    for update in updates:
+        try:
+            out.append(wire.encode_once(update))
+        except LocalProtocolError as exc:
+            log.error("not broadcasting a directory update: %s", exc)
+    return out
+
+
 class Broadcaster:
     """Directory changes passed on to a set of links, coalesced and encoded once (see the
     module docstring).
@@ -442,9 +458,9 @@ class Broadcaster:
                 else:
                     joined.append(entry)
             step = wire.MAX_ENTRIES_PER_UPDATE  # (joined and left in one message, each within the limit)
-            update = [wire.encode_once(wire.DirectoryUpdate(joined=tuple(joined[i : i + step]), left=tuple(left[i : i + step])))
-                      for i in range(0, max(len(joined), len(left)), step)]
-        snapshot = [wire.encode_once(u) for u in directory.snapshot_updates()] if fresh else []
+            update = _encoded(wire.DirectoryUpdate(joined=tuple(joined[i : i + step]), left=tuple(left[i : i + step]))
+                              for i in range(0, max(len(joined), len(left)), step))
+        snapshot = _encoded(directory.snapshot_updates()) if fresh else []
         fresh_ids = {id(link) for link in fresh}
         sent = 0
         if update:
