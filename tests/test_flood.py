@@ -9,6 +9,7 @@ own, on loopback). Every wait is bounded and waits on a condition, never on a sl
 from __future__ import annotations
 
 import time
+import types
 import uuid
 
 import gevent
@@ -20,7 +21,8 @@ from gevent import socket as gsocket
 from gridsock import wire
 from gridsock.bootstrap.link import (FAIR_QUANTUM_BYTES, RECV_CHUNK_BYTES, ROUTED_QUEUE_BYTES, Link, QueueBudget,
                                      queue_ceiling_bytes)
-from gridsock.bootstrap.routing import FloodGuard
+from gridsock.bootstrap.directory import Directory
+from gridsock.bootstrap.routing import FloodGuard, Router
 from gridsock.testing.flood import FLOOD_TOPICS, FLOODER, PINGS, PING_TIMEOUT_S, run_flood
 
 pytestmark = pytest.mark.timeout(120)
@@ -308,6 +310,51 @@ def test_a_held_link_is_not_taken_for_a_silent_one_and_a_stalled_link_ahead_is_n
         if keepalive is not None:
             keepalive.kill()
         node.close()
+
+
+class KeepingLink:
+    """A link that keeps what it is given (all a router needs)."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def send(self, message, *, bulk: bool = False, checked: bool = True) -> bool:
+        self.sent.append(message)
+        return True
+
+    def wait_room(self, *, bulk: bool = False) -> None:
+        pass
+
+
+def test_handlers_run_at_most_max_deliveries_at_once_and_the_rest_is_answered_busy():
+    directory = Directory()
+    directory.put([wire.NodeEntry(node_id="id-m", name="m", cluster="A", leader="id-L", role="member")])
+    host = types.SimpleNamespace(name="m", node_id="id-m", directory=directory)
+    up = KeepingLink()
+    router = Router(host, up=lambda: up, max_deliveries=4, delivery_wait_s=0.2)
+    release = gevent.event.Event()
+    running = []
+
+    def slow(delivery):
+        running.append(delivery)
+        release.wait()
+        return b"done"
+
+    router.handle("slow", slow)
+    for i in range(6):
+        router.route(wire.Routed(src="id-x", dst="m", kind="req", topic="slow", request_id=i, hops=2, route=("x",)))
+    wait_until(lambda: len(running) == 4, "four handlers to run")
+    # The fifth and sixth waited for room, in vain: answered busy, not queued.
+    busy = [m for m in up.sent if m.kind == "err"]
+    assert [m.request_id for m in busy] == [4, 5] and b"busy" in busy[0].payload
+    assert router.counters["dropped"] == 2
+    release.set()
+    wait_until(lambda: len([m for m in up.sent if m.kind == "rep"]) == 4, "the four answers")
+    # Room again: the next request is handled at once.
+    router.route(wire.Routed(src="id-x", dst="m", kind="req", topic="slow", request_id=9, hops=2, route=("x",)))
+    wait_until(lambda: any(m.kind == "rep" and m.request_id == 9 for m in up.sent), "the next answer")
 
 
 # --- end to end: a member floods a victim through the rendez-vous node ---------------------------

@@ -28,7 +28,8 @@ and drops everything else. It
 - *forwards*: ``route(message)`` is called for every routed message that arrives on a link,
   and passes it on through its :class:`FloodGuard`;
 - *answers*: messages for this node go to the handler registered for their topic (``ping`` is
-  built in and answers with the route the request took), each in a greenlet of its own;
+  built in and answers with the route the request took), each in a greenlet of its own, at
+  most ``MAX_DELIVERIES`` at once (beyond, the link waits, then the message is dropped);
   relayed data goes to ``on_bulk(src, payload)`` in arrival order; replies to the waiting
   request. A request that arrived on a meta link (``via``) is answered on it.
 
@@ -66,6 +67,7 @@ __all__ = [
     "RELAY_TOPIC",
     "REQUEST_TIMEOUT_S",
     "HOLD_MAX_S",
+    "MAX_DELIVERIES",
     "FLOOD_HELD_S",
     "FLOOD_WINDOW_S",
     "CUT_S",
@@ -97,6 +99,10 @@ FLOOD_HELD_S = 5.0
 FLOOD_WINDOW_S = 10.0
 # A cut source's routed messages are dropped at this node for this long.
 CUT_S = 30.0
+# Messages delivered to a node whose handlers may run at once (each in a greenlet of its own,
+# holding its message): beyond, the link the next one comes on waits for one to end, for
+# HOLD_MAX_S at most, then that message is dropped (a request is answered "busy").
+MAX_DELIVERIES = 256
 # Sources whose held time a guard keeps (beyond, those whose window ended are forgotten).
 GUARD_MAX_SOURCES = 4096
 
@@ -372,6 +378,8 @@ class Router:
         up: Callable[[], Optional[Link]],
         down: Optional[Callable[[str], Optional[Link]]] = None,
         on_bulk: Callable[[str, bytes], None] = lambda src, payload: None,
+        max_deliveries: int = MAX_DELIVERIES,
+        delivery_wait_s: float = HOLD_MAX_S,
     ) -> None:
         self.host = host
         self.requests = Requests()
@@ -385,6 +393,12 @@ class Router:
         self.counters: Dict[str, int] = {"originated": 0, "forwarded": 0, "delivered": 0, "dropped": 0}
         # Keeps the sources of what this router forwards within their shares (a leader's).
         self.guard = FloodGuard(str(getattr(host, "name", "?")), names=self._name_of)
+        # Handlers running now (see MAX_DELIVERIES), and whether this router is shedding.
+        self.max_deliveries = max_deliveries
+        self.delivery_wait_s = delivery_wait_s
+        self._deliveries = 0
+        self._delivery_done = gevent.event.Event()
+        self._shedding = False
 
     @property
     def forwards(self) -> bool:
@@ -515,8 +529,12 @@ class Router:
                 self._on_bulk(message.src, message.payload)
             elif message.kind in ("rep", "err"):
                 self.requests.resolve(message)
+            elif self._deliveries < self.max_deliveries or self._wait_delivery_room():
+                self._shedding = False
+                self._deliveries += 1
+                gevent.spawn(self._deliver_counted, message, via)
             else:
-                gevent.spawn(self._deliver, message, via)
+                self._shed(message, via)
             return
         if not self.forwards:
             log.info("member %s dropping %s for %s: not addressed to it", host.name, message.topic, message.dst)
@@ -533,6 +551,41 @@ class Router:
                 self._forward(first_send(back))
 
     # --- answering ---------------------------------------------------------------------------
+
+    def _wait_delivery_room(self) -> bool:
+        """Wait (holding the link being read, if any) until fewer than ``max_deliveries``
+        handlers run; False after ``delivery_wait_s``."""
+        deadline = time.monotonic() + self.delivery_wait_s
+        incoming = reading_link()
+        with incoming.hold() if incoming is not None else contextlib.nullcontext():
+            while self._deliveries >= self.max_deliveries:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._delivery_done.clear()
+                self._delivery_done.wait(remaining)
+        return True
+
+    def _deliver_counted(self, message: wire.Routed, via: Optional[Link]) -> None:
+        try:
+            self._deliver(message, via)
+        finally:
+            self._deliveries -= 1
+            self._delivery_done.set()
+
+    def _shed(self, message: wire.Routed, via: Optional[Link]) -> None:
+        """Too many handlers run, for too long: drop ``message`` (a request gets an ``err``)."""
+        self.counters["dropped"] += 1
+        if not self._shedding:
+            self._shedding = True
+            log.warning("%s: %d handlers have been running for %.1f s: dropping the messages that come meanwhile "
+                        "(MAX_DELIVERIES)", self.host.name, self._deliveries, self.delivery_wait_s)
+        back = error_reply(message, self.host.node_id, self.host.name,
+                           f"{self.host.name} is busy: {self._deliveries} messages being handled")
+        if back is not None:
+            back = first_send(back)
+            if via is None or not via.send(back):
+                self._forward(back)
 
     def _deliver(self, message: wire.Routed, via: Optional[Link] = None) -> None:
         if message.kind == "msg":
