@@ -54,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("--rendezvous", required=True, metavar="HOST:PORT", help="where nodes reach the rendez-vous node")
     new.add_argument("--plain-tcp", action="store_true",
                      help="no TLS on the bootstrap channel (only for a private grid you trust)")
+    new.add_argument("--cluster", action="append", default=[], metavar="NAME",
+                     help="define cluster NAME (repeat for each): its nodes join with DIR/cluster-NAME.toml, and the "
+                          "session attests its clusters (docs/security.md)")
+    add = session_sub.add_parser("cluster", help="on the rendez-vous host: define a cluster of a session "
+                                                 "(its join token, in DIR/cluster-NAME.toml for its nodes)")
+    add.add_argument("directory", help="the session's directory (or its session.toml)")
+    add.add_argument("name", help="the cluster's name")
+    add.set_defaults(handler=_cmd_session_cluster)
 
     rv = sub.add_parser("rendezvous", help="run the rendez-vous node")
     rv.add_argument("--session", required=True, metavar="FILE")
@@ -231,10 +239,29 @@ def _run_until_signalled(server, *also) -> int:
 def _cmd_session_new(args) -> int:
     from .session import create_session
 
-    session = create_session(args.directory, args.rendezvous, bootstrap="tcp" if args.plain_tcp else "tls/tcp")
+    session = create_session(args.directory, args.rendezvous, bootstrap="tcp" if args.plain_tcp else "tls/tcp",
+                             clusters=args.cluster)
     print(f"session {session.session_id} written to {session.path}")
-    print(f"  hand {session.path} to every node; keep the *-key.pem files on the rendez-vous host only")
+    if args.cluster:
+        print(f"  hand {session.path} to nodes without a cluster; keep the *-key.pem files and clusters.toml on the"
+              " rendez-vous host only")
+        for name in args.cluster:
+            _print_cluster(session.for_cluster(name))
+    else:
+        print(f"  hand {session.path} to every node; keep the *-key.pem files on the rendez-vous host only")
     return 0
+
+
+def _cmd_session_cluster(args) -> int:
+    from .session import add_cluster
+
+    _print_cluster(add_cluster(args.directory, args.name))
+    return 0
+
+
+def _print_cluster(cluster) -> None:
+    print(f"cluster {cluster.cluster}: its join token is in {cluster.path}; hand that file to the nodes of cluster"
+          f" {cluster.cluster} only (gridsock node --session {cluster.path} --cluster {cluster.cluster} ...)")
 
 
 def _cmd_rendezvous(args) -> int:

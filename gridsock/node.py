@@ -249,6 +249,11 @@ class Node:
             raise ConfigError(str(exc)) from None
         if name == RENDEZVOUS_NAME:
             raise ConfigError(f"the node name {RENDEZVOUS_NAME!r} is reserved for the rendez-vous node")
+        if session.cluster is not None:  # a cluster's session file: its node is a node of that cluster
+            if cluster not in (None, session.cluster):
+                raise ConfigError(f"{session.path} is the session file of cluster {session.cluster}: a node of cluster"
+                                  f" {cluster} joins with cluster {cluster}'s (docs/security.md)")
+            cluster = session.cluster
         if leader is not None and ssh_gateway is not None:
             raise ConfigError("a member reaches its leader directly; an SSH gateway is for leaders")
         self.session = session
@@ -332,6 +337,11 @@ class Node:
         try:
             if self.session.tls:
                 self.identity = state.load_identity()
+                if self.identity is not None and self.session.cluster not in (None, self.identity.cluster):
+                    log.warning("node %s: the identity in %s (node %s) does not name cluster %s, whose session file it"
+                                " was given: it enrolls again (a new id)", self.name, state.path,
+                                self.identity.node_id, self.session.cluster)
+                    self.identity = None
                 self.node_id = self.identity.node_id if self.identity is not None else None
             else:
                 saved = state.load_node_id()
@@ -498,6 +508,7 @@ class Node:
             self._metrics.stop()
         self.meta.close_all()
         self.relay.reset_peers(None, "node stopping")
+        self.assembler.close()  # (no more sweeps of its connection table)
         self._uplink.stop("node stopping")
         if self._leader is not None:
             self._leader.close_all("leader stopping")

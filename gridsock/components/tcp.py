@@ -40,6 +40,11 @@ CONNECT_TIMEOUT_S = DIAL_TIMEOUT_S
 # A responder waits this long for the connections of an accepted request (the request and the
 # dial race, so they usually come within a round trip).
 MATCH_TIMEOUT_S = 5.0
+# A responder waits this long for the connection of a request it accepted: the client dials
+# at once, but under a burst of hundreds of connects its dial and preamble can come seconds
+# later (5 s lost 84 of 500 concurrent tls/tcp connects, bench/bench_concurrency.py). The
+# token is one-time and bound to an authenticated request: waiting costs a table entry.
+ARRIVAL_TIMEOUT_S = 15.0
 
 
 def dial_with_preamble(dial_one: Callable[..., Any], addrs, token: bytes, *, index: int = 0, timeout: float,
@@ -75,7 +80,7 @@ def serve_arrival(ctx: ResponderContext, arrival: Arrival, make_stream: Callable
     """A responder's greenlet: wait for ``arrival``'s connections, make the method's stream of
     them, deliver it. A token whose connections do not come is dropped with a log line."""
     try:
-        socks = arrival.wait(MATCH_TIMEOUT_S)
+        socks = arrival.wait(ARRIVAL_TIMEOUT_S)
     except TimeoutError as exc:
         log.info("node %s: %s from %s for port %d expired: %s", ctx.me.name, what, ctx.client.name,
                  ctx.request.port, exc)
