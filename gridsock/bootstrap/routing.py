@@ -29,7 +29,8 @@ and drops everything else. It
   and passes it on through its :class:`FloodGuard`;
 - *answers*: messages for this node go to the handler registered for their topic (``ping`` is
   built in and answers with the route the request took), each in a greenlet of its own, at
-  most ``MAX_DELIVERIES`` at once (beyond, the link waits, then the message is dropped);
+  most ``MAX_DELIVERIES`` at once holding ``MAX_DELIVERY_BYTES`` (beyond, the link waits,
+  then the message is dropped);
   relayed data goes to ``on_bulk(src, payload)`` in arrival order; replies to the waiting
   request. A request that arrived on a meta link (``via``) is answered on it.
 
@@ -68,6 +69,7 @@ __all__ = [
     "REQUEST_TIMEOUT_S",
     "HOLD_MAX_S",
     "MAX_DELIVERIES",
+    "MAX_DELIVERY_BYTES",
     "FLOOD_HELD_S",
     "FLOOD_WINDOW_S",
     "CUT_S",
@@ -103,6 +105,8 @@ CUT_S = 30.0
 # holding its message): beyond, the link the next one comes on waits for one to end, for
 # HOLD_MAX_S at most, then that message is dropped (a request is answered "busy").
 MAX_DELIVERIES = 256
+# ... and the payload bytes those messages may hold together (one message at least).
+MAX_DELIVERY_BYTES = 64 * 1024 * 1024
 # Sources whose held time a guard keeps (beyond, those whose window ended are forgotten).
 GUARD_MAX_SOURCES = 4096
 
@@ -397,6 +401,7 @@ class Router:
         self.max_deliveries = max_deliveries
         self.delivery_wait_s = delivery_wait_s
         self._deliveries = 0
+        self._delivery_bytes = 0
         self._delivery_done = gevent.event.Event()
         self._shedding = False
 
@@ -529,9 +534,10 @@ class Router:
                 self._on_bulk(message.src, message.payload)
             elif message.kind in ("rep", "err"):
                 self.requests.resolve(message)
-            elif self._deliveries < self.max_deliveries or self._wait_delivery_room():
+            elif self._delivery_room(len(message.payload)) or self._wait_delivery_room(len(message.payload)):
                 self._shedding = False
                 self._deliveries += 1
+                self._delivery_bytes += len(message.payload)
                 gevent.spawn(self._deliver_counted, message, via)
             else:
                 self._shed(message, via)
@@ -552,13 +558,18 @@ class Router:
 
     # --- answering ---------------------------------------------------------------------------
 
-    def _wait_delivery_room(self) -> bool:
-        """Wait (holding the link being read, if any) until fewer than ``max_deliveries``
-        handlers run; False after ``delivery_wait_s``."""
+    def _delivery_room(self, size: int) -> bool:
+        """Room for one more handler with a message of ``size`` bytes (see MAX_DELIVERIES)."""
+        return self._deliveries == 0 or (self._deliveries < self.max_deliveries
+                                         and self._delivery_bytes + size <= MAX_DELIVERY_BYTES)
+
+    def _wait_delivery_room(self, size: int) -> bool:
+        """Wait (holding the link being read, if any) until there is room for a handler of a
+        message of ``size`` bytes; False after ``delivery_wait_s``."""
         deadline = time.monotonic() + self.delivery_wait_s
         incoming = reading_link()
         with incoming.hold() if incoming is not None else contextlib.nullcontext():
-            while self._deliveries >= self.max_deliveries:
+            while not self._delivery_room(size):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -571,6 +582,7 @@ class Router:
             self._deliver(message, via)
         finally:
             self._deliveries -= 1
+            self._delivery_bytes -= len(message.payload)
             self._delivery_done.set()
 
     def _shed(self, message: wire.Routed, via: Optional[Link]) -> None:
