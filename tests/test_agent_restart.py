@@ -74,10 +74,10 @@ except OSError as exc:
 finally:
     conn.close()
 again, info = listener.accept()         # through the new nb: the same listener object
-print("accepted again", info["peer"], listener.reconnects, flush=True)
 again.sendall(b"hello again")
 again.close()
-listener.release()
+listener.release()                      # (the keeper has ended: its count is final)
+print("accepted again", info["peer"], listener.reconnects, flush=True)
 """
 
 CONNECTOR = """
