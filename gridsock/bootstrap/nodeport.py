@@ -32,6 +32,7 @@ import ssl
 from typing import TYPE_CHECKING, Callable, NoReturn, Optional
 
 import gevent
+import gevent.pool
 from gevent import socket as gsocket
 
 from .. import wire
@@ -47,6 +48,9 @@ if TYPE_CHECKING:
 __all__ = ["NodePort", "authenticate", "refuse"]
 
 log = logging.getLogger(__name__)
+
+# How long closing the port waits for the greenlets of its connections to end once killed.
+CLOSE_TIMEOUT_S = 5.0
 
 
 def refuse(sock, code: str, reason: str, label: str) -> NoReturn:
@@ -101,6 +105,8 @@ class NodePort:
         self._server_ctx: Optional[ssl.SSLContext] = None
         # What peers make us log about their handshakes, rate-limited per host (gridsock._ratelog).
         self._peer_log = RateLimitedLog(log)
+        # The greenlets serving accepted connections until they are handed over or dropped.
+        self._handlers = gevent.pool.Group()
 
     def open(self) -> "NodePort":
         """Bind and listen. Raises ConfigError/ConnectError if the address cannot be had."""
@@ -131,11 +137,15 @@ class NodePort:
                     return
                 raise
             tune_socket(sock)
-            gevent.spawn(self._handle, sock, addr)
+            self._handlers.spawn(self._handle, sock, addr)
 
     def close(self) -> None:
+        """Stop listening, and end the connections still in their handshake or waiting to be
+        matched (a stopping node leaves no greenlet of its port behind)."""
         if self._sock is not None:
             self._sock.close()
+        others = [glet for glet in self._handlers if glet is not gevent.getcurrent()]
+        gevent.killall(others, block=True, timeout=CLOSE_TIMEOUT_S)
 
     def _handle(self, sock, addr) -> None:
         host = self.host
@@ -146,7 +156,11 @@ class NodePort:
                 first = sock.recv(1, gsocket.MSG_PEEK)
             if first == self._data_first_byte:
                 handed_over = True
-                self._on_data(sock, label)
+                try:
+                    self._on_data(sock, label)
+                except gevent.GreenletExit:  # the node is stopping: the connection goes with it
+                    sock.close()
+                    raise
                 return
             peer = None
             if host.session.tls:
