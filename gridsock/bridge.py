@@ -190,6 +190,8 @@ class Bridge:
         self.stats = BridgeStats(name=name, app_fileno=app_fileno, opened_at=time.time())
         self._fw = framework_end
         self._tcp = framework_end.family in (socket.AF_INET, socket.AF_INET6)
+        if self._tcp:  # (a node that dies, SIGKILL included, resets the application: see "Breaks")
+            set_abortive_close(framework_end)
         self._holder = _holder
         if _holder is None and framework_end.family == socket.AF_UNIX:
             self._holder = _HoldingReader.open(framework_end, sentinel=sentinel)
@@ -309,9 +311,12 @@ class Bridge:
         reset = False
         holder, self._holder = self._holder, None
         try:
-            if abortive and self._tcp:
-                set_abortive_close(self._fw)
-                reset = True
+            if self._tcp:
+                if abortive:
+                    set_abortive_close(self._fw)
+                    reset = True
+                else:
+                    set_orderly_close(self._fw)
             if holder is not None:
                 reset = holder.close(abortive=abortive)
         except OSError as exc:  # the application end is gone already: nobody to tell

@@ -225,8 +225,6 @@ def test_a_listener_accepts_again_through_the_restarted_node(grid):
     assert holder.wait(timeout=RUN_TIMEOUT_S) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a SIGKILLed node closes its loopback TCP bridge ends with FIN: "
-                                       "gridsock/bridge.py must set SO_LINGER {on, 0} on them from the start")
 def test_the_connection_a_server_held_through_its_killed_node_is_reset(grid):
     holder, held, _, port = break_a_connection_by_a_restart(grid, "reset")
     grid.wait_listening("nb", port)
