@@ -208,10 +208,10 @@ class Forwarder:
                     self.arrived[message.src] = self.arrived.get(message.src, 0) + 1
             gevent.sleep(self._read_pause_s)  # a slow reader (not a wait for readiness)
 
-    def flood(self, src: str, frame_bytes: int, *, count: int) -> gevent.Greenlet:
+    def flood(self, src: str, frame_bytes: int, *, count: int, topic: str = "relay") -> gevent.Greenlet:
         """Write ``count`` routed frames from ``src`` on the incoming link as fast as it takes them,
         and the frames put in ``extra`` between them (one writer on the socket)."""
-        data = wire.encode(routed(src, frame_bytes))
+        data = wire.encode(routed(src, frame_bytes, topic))
 
         def run():
             sent = 0
@@ -245,13 +245,29 @@ def test_a_flooder_on_its_own_link_is_held_then_its_link_is_closed():
     share = 256 * 1024
     node = Forwarder(guard, peer_id=S1, share=share, read_bytes=64 * 1024, read_pause_s=0.01)
     try:
-        flood = node.flood(S1, 64 * 1024, count=100000)
+        flood = node.flood(S1, 64 * 1024, count=100000, topic="flood")  # (not bulk: see the next test)
         wait_until(lambda: node.incoming.closed, "the flooder's link to close")
         assert node.incoming.close_reason.startswith("flooding"), node.incoming.close_reason
         assert guard.counters["closed"] == 1 and guard.counters["held"] > 0
         # It was held all along: its queue ahead never went past its share by more than a frame.
         assert node.out.peak_routed_bytes <= share + 64 * 1024 + 200
         assert flood.get(timeout=WAIT_S) < 100000
+    finally:
+        node.close()
+    assert node.budget.queued_bytes == 0
+
+
+def test_bulk_data_on_its_sources_own_link_is_only_held():
+    # Relayed data is flow-controlled end to end: a node moving many relayed connections through
+    # a slow link ahead is held (back-pressure on its own link), never cut as a flooder.
+    guard = FloodGuard("rendezvous", hold_max_s=5.0, flood_held_s=0.5, flood_window_s=30.0)
+    share = 256 * 1024
+    node = Forwarder(guard, peer_id=S1, share=share, read_bytes=64 * 1024, read_pause_s=0.01)
+    try:
+        node.flood(S1, 64 * 1024, count=100000)
+        wait_until(lambda: guard.counters["held_s"] > 4 * guard.flood_held_s, "the source to be held a while")
+        assert not node.incoming.closed and guard.counters["cut"] == 0 and guard.counters["closed"] == 0
+        assert node.out.peak_routed_bytes <= share + 64 * 1024 + 200  # held within its share all along
     finally:
         node.close()
     assert node.budget.queued_bytes == 0

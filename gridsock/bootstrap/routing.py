@@ -297,7 +297,7 @@ class FloodGuard:
             return True
         has_room = getattr(link, "has_room", None)
         if has_room is not None and not has_room(src):
-            if not self._hold(link, src):
+            if not self._hold(link, src, bulk=is_bulk(message)):
                 self.counters["dropped"] += 1
                 return not link.closed
         if link.send(message, bulk=is_bulk(message), checked=checked):
@@ -307,9 +307,14 @@ class FloodGuard:
         self.counters["dropped"] += 1  # past a hard bound
         return True
 
-    def _hold(self, link, src: str) -> bool:
+    def _hold(self, link, src: str, *, bulk: bool = False) -> bool:
         """Wait for room for ``src`` on ``link``, holding the link being read; False: drop the
-        message (no room in time, or the source is cut now)."""
+        message (no room in time, or the source is cut now).
+
+        Bulk data (relayed connections, flow-controlled end to end) that comes on the source's
+        own link is only held: holding that link slows the source alone, as TCP's window would,
+        and a node moving many relayed connections through a slow link ahead is no flooder.
+        Holds of anything else (a shared leader link, non-bulk messages) count towards a cut."""
         if link.stalled_s > self.hold_max_s:
             return False  # it drains nothing: holding more input for it would only stop others
         incoming = reading_link()
@@ -326,6 +331,8 @@ class FloodGuard:
         self.counters["held_s"] += held
         if not ok:
             return False  # the link ahead did not drain this source: not its fault, no count
+        if bulk and incoming is not None and incoming.peer_id == src:
+            return True  # back-pressure on the source's own link, nobody else's
         window = self._windows.get(src)
         if window is None or start - window[0] > self.flood_window_s:
             if len(self._windows) >= GUARD_MAX_SOURCES:
