@@ -195,3 +195,18 @@ def test_an_entry_that_cannot_be_encoded_is_logged_and_the_rest_goes_on(caplog):
         assert [[e.name for e in u.joined] for u in link.updates()] == [["good"]]
     finally:
         b.close()
+
+
+def test_the_interval_grows_with_the_links():
+    links = [FakeLink() for _ in range(1000)]
+    directory, b = broadcaster(links, interval_s=0.1, per_link_s=0.0005)
+    try:
+        assert b.interval() == 0.1  # (no broadcast yet)
+        directory.put([entry("a")])
+        assert links[0].got.wait(SEND_TIMEOUT_S)
+        assert b.interval() == pytest.approx(0.5)
+        del links[100:]
+        b.flush()
+        assert b.interval() == 0.1
+    finally:
+        b.close()

@@ -13,8 +13,9 @@ binding at once; the holder coming back (same id, from its state directory) gets
 
 Broadcasts (:class:`Broadcaster`): the rendez-vous node passes every directory change on to
 every leader, and a leader to every member, coalesced: the node ids that changed are gathered
-for ``BROADCAST_INTERVAL_S`` after the last broadcast (or until ``BROADCAST_BATCH_ENTRIES`` of
-them wait), then one update carries the current state of each (its entry, or its id as left),
+for ``BROADCAST_INTERVAL_S`` after the last broadcast (``BROADCAST_PER_LINK_S`` per link when
+that is longer: 0.5 s for a thousand leaders), or until ``BROADCAST_BATCH_ENTRIES`` of them
+wait, then one update carries the current state of each (its entry, or its id as left),
 encoded once and queued on every link. A link that just came up gets, at that same moment, the
 whole directory (a snapshot series, also encoded once for all the links that came up meanwhile)
 instead. So a join storm of N nodes costs the rendez-vous node one update per interval per
@@ -40,7 +41,7 @@ from .. import wire
 from ..errors import LocalProtocolError
 
 __all__ = ["Directory", "RENDEZVOUS_NAME", "LEAVE_TOPIC", "REFUSED_TOPIC", "MAX_MEMBERS", "NAME_GRACE_S", "STATUS_MAX_BYTES", "Binding", "Bindings",
-           "bounded_json", "Broadcaster", "BROADCAST_INTERVAL_S", "BROADCAST_BATCH_ENTRIES"]
+           "bounded_json", "Broadcaster", "BROADCAST_INTERVAL_S", "BROADCAST_BATCH_ENTRIES", "BROADCAST_PER_LINK_S"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,11 @@ STATUS_MAX_BYTES = 1024 * 1024
 BROADCAST_INTERVAL_S = 0.1
 # ... or until this many node ids wait (one update's worth): then the broadcast goes out now.
 BROADCAST_BATCH_ENTRIES = wire.MAX_ENTRIES_PER_UPDATE
+# A broadcast costs about this much per link, whatever it carries (a write and a TLS record
+# here; a read, a decode and an apply at the other end): during a storm the interval grows to
+# this times the number of links, so that broadcasts keep to a bounded share of the time
+# (1000 leaders: one broadcast every 0.5 s, not ten a second).
+BROADCAST_PER_LINK_S = 0.0005
 
 
 def bounded_json(items: Iterable[dict], max_bytes: int) -> Tuple[List[dict], int]:
@@ -389,9 +395,11 @@ class Broadcaster:
 
     def __init__(self, directory: "Directory", targets: Callable[[], Iterable], *,
                  interval_s: float = BROADCAST_INTERVAL_S, batch_entries: int = BROADCAST_BATCH_ENTRIES,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 per_link_s: float = BROADCAST_PER_LINK_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = directory
         self.interval_s = interval_s
+        self.per_link_s = per_link_s
+        self._links = 0  # links the last broadcast went to
         self.batch_entries = batch_entries
         self._targets = targets
         self._clock = clock
@@ -428,13 +436,18 @@ class Broadcaster:
 
     def _schedule(self) -> None:
         now = self._clock()
-        at = now if len(self._pending) >= self.batch_entries else max(now, self._last + self.interval_s)
+        at = now if len(self._pending) >= self.batch_entries else max(now, self._last + self.interval())
         if self._timer is not None:
             if self._timer_at <= at:
                 return
             self._timer.kill(block=False)  # (a full batch goes sooner than the timer would)
         self._timer_at = at
         self._timer = gevent.spawn_later(at - now, self._fire)
+
+    def interval(self) -> float:
+        """The time between two broadcasts now: ``interval_s``, or ``per_link_s`` times the
+        number of links the last one went to if that is more."""
+        return max(self.interval_s, self._links * self.per_link_s)
 
     def _fire(self) -> None:
         self._timer = None
@@ -477,3 +490,4 @@ class Broadcaster:
                 self.counters["snapshots"] += 1
         self.counters["broadcasts"] += 1
         self.counters["updates"] += sent
+        self._links = sent + len(fresh)
