@@ -107,6 +107,14 @@ def rendezvous_main(args) -> None:
 
         profiler = cProfile.Profile()
         profiler.enable()
+    if args.rv_link_timeout:
+        # Diagnostic: the rendez-vous node's leader links wait this long for a silent peer
+        # (LINK_TIMEOUT_S otherwise), to tell link drops under load from the rest.
+        from gridsock.bootstrap import link as link_module
+
+        defaults = list(link_module.Link.__init__.__kwdefaults__.items())
+        link_module.Link.__init__.__kwdefaults__.update(timeout_s=args.rv_link_timeout)
+        assert ("timeout_s", link_module.LINK_TIMEOUT_S) in defaults
     session = Session.load(args.session)
     rv = RendezvousNode(session, listen_address="127.0.0.1:0", control="").start()
     stop = gevent.event.Event()
@@ -365,6 +373,8 @@ def run_scenario(text: str, args, workdir: Path) -> Result:
         rv_argv += ["--profile-rv", args.profile_rv]
     if args.rv_info:
         rv_argv += ["--rv-info"]
+    if args.rv_link_timeout:
+        rv_argv += ["--rv-link-timeout", str(args.rv_link_timeout)]
     procs: List[Proc] = []
     rv = Proc(rv_argv, sdir / "rv.log")
     procs.append(rv)
@@ -447,6 +457,8 @@ def main() -> None:
     parser.add_argument("--profile-rv", default=None, help="run the rendez-vous process under cProfile, stats here")
     parser.add_argument("--json", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--rv-link-timeout", type=float, default=None,
+                        help="diagnostic: the rendez-vous node's links wait this long for a silent peer")
     parser.add_argument("--rv-info", action="store_true", help="the rendez-vous process logs at INFO (link closes, dial-backs)")
     # Internal: the child processes.
     parser.add_argument("--role", default=None, choices=("rendezvous", "worker", "raw-worker"))
