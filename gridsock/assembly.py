@@ -66,10 +66,11 @@ import gevent.event
 import gevent.queue
 
 from . import memory, procnet, wire
+from ._ratelog import RateLimitedLog
 from .errors import (ConfigError, ConnectError, ConnectRefusedError, ConnectTimeoutError, GridsockError,
                      RemoteProtocolError, RoutingError)
 from .methods import Arrival, InitiatorContext, MethodRefusal, ResponderContext
-from .registry import BUILTIN_COMPONENTS, Registry, default_registry
+from .registry import Registry, default_registry
 from .rules import TIERS, Rules, gateways_of, tier
 from .stack import Stack, StackContext
 from .streams import Stream
@@ -97,12 +98,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# The resume layer (gridsock.components.resume), until registry.BUILTIN_COMPONENTS lists it.
-if "resume" not in BUILTIN_COMPONENTS:
-    default_registry.register("resume", "gridsock.components.resume:ResumeMethod", kind="filter",
-                              params={"timeout": float, "upgrade": bool}, limits={"timeout": (0.1, 3600.0)},
-                              replace=True)
 
 ASSEMBLE_TOPIC = "assemble"
 # First bytes of a data connection on a node port (the node port tells it by the first byte).
@@ -326,6 +321,8 @@ class Assembler:
     def __init__(self, node, rules: Rules, *, registry: Optional[Registry] = None) -> None:
         self.node = node
         self.rules = rules
+        # What peers make us log (bad requests, refused data connections), rate-limited per peer.
+        self._peer_log = RateLimitedLog(log)
         self.registry = registry if registry is not None else default_registry
         self.listeners: Dict[int, DataListener] = {}
         self.connections: Dict[int, ConnectionInfo] = {}
@@ -367,7 +364,8 @@ class Assembler:
             if not isinstance(request, wire.AssemblyRequest):
                 raise RemoteProtocolError(f"expected an AssemblyRequest, got {type(request).__name__}")
         except RemoteProtocolError as exc:
-            log.warning("node %s: bad assembly request from %s: %s", self.node.name, delivery.src, exc)
+            self._peer_log.warning(delivery.src, "node %s: bad assembly request from %s: %s", self.node.name,
+                                   delivery.src, exc)
             return _refuse("bad-request", f"bad assembly request: {exc}")
         token = request.token_bytes
         try:
@@ -377,7 +375,8 @@ class Assembler:
                 self._remember_used(token, "refused")
             return _refuse(exc.code, exc.reason)
         except RemoteProtocolError as exc:
-            log.warning("node %s: bad assembly request from %s: %s", self.node.name, delivery.src, exc)
+            self._peer_log.warning(delivery.src, "node %s: bad assembly request from %s: %s", self.node.name,
+                                   delivery.src, exc)
             return _refuse("bad-request", str(exc))
 
     def _answer(self, request: wire.AssemblyRequest, src: str) -> wire.AssemblyAccept:
@@ -453,7 +452,8 @@ class Assembler:
                 raise RemoteProtocolError("unknown token")
             arrival.put(preamble.index, sock)
         except (RemoteProtocolError, TimeoutError, OSError) as exc:
-            log.warning("node %s refused data connection from %s: %s", self.node.name, label, exc)
+            self._peer_log.warning(label.rpartition(":")[0] or label, "node %s refused data connection from %s: %s",
+                                   self.node.name, label, exc)
             sock.close()
 
     def _deliver(self, lower: Stream, client: wire.NodeEntry, port: int, stack: Stack, filters: Stack,
@@ -999,10 +999,13 @@ class Assembler:
             self._sweep_soon()
 
     def close(self) -> None:
-        """Stop sweeping the connection table (the node stops)."""
+        """Stop sweeping the connection table, and stop waiting for the connections of accepted
+        requests (the node stops)."""
         timer, self._sweep_timer = self._sweep_timer, None
         if timer is not None:
             timer.close()
+        for arrival in list(self._arrivals.values()):
+            arrival.cancel()
 
     def status(self) -> list:
         """The live data connections (closed ones are forgotten here)."""

@@ -901,6 +901,10 @@ class FrontDoor:
         if not self.pass_through:
             raise _Unreachable("not-allowed", f"{host} is no node of the grid, and passing through is off")
         try:
+            host.encode("idna")  # (what the resolver does first: a label over 63 bytes, or empty, fails here)
+        except UnicodeError as exc:
+            raise _Unreachable("host-unreachable", f"cannot resolve {host[:80]!r}: {exc}") from None
+        try:
             sock = gsocket.create_connection((host, port), timeout=self.connect_timeout)
         except socket.gaierror as exc:
             raise _Unreachable("host-unreachable", f"cannot resolve {host}: {exc.strerror or exc}") from exc

@@ -93,6 +93,7 @@ class Arrival:
         self.socks: List[Any] = [None] * count
         self._all = gevent.event.Event()
         self._done = False
+        self._cancelled = False
         self._on_done = on_done
 
     @property
@@ -119,6 +120,8 @@ class Arrival:
             self.cancel()
             raise TimeoutError(f"{sum(s is not None for s in self.socks)} of {len(self.socks)} connections "
                                f"arrived within {timeout:g} s")
+        if self._cancelled:
+            raise TimeoutError("cancelled while waiting (the node stops)")
         self._finish("used")
         return list(self.socks)
 
@@ -126,10 +129,12 @@ class Arrival:
         """Stop waiting: close what arrived; a later arrival with this token is refused."""
         if self._done:
             return
+        self._cancelled = True
         self._finish("cancelled")
         for sock in self.socks:
             if sock is not None:
                 sock.close()
+        self._all.set()  # (a waiter ends at once)
 
     def _finish(self, why: str) -> None:
         if not self._done:

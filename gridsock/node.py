@@ -41,6 +41,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import time
 import types
 import uuid
@@ -55,7 +56,7 @@ from . import wire
 from .bootstrap.control import ControlArgs, ControlServer, control_path
 from .bootstrap.directory import LEAVE_TOPIC, REFUSED_TOPIC, RENDEZVOUS_NAME, STATUS_MAX_BYTES, Directory
 from .bootstrap.leader import LeaderService
-from .bootstrap.link import Link
+from .bootstrap.link import PROCESS_BUDGET, Link
 from .bootstrap.nodeport import NodePort
 from .bootstrap.routing import REQUEST_TIMEOUT_S, Delivery, Handler, PingResult, Requests, Router
 from .bootstrap.transport import Address, parse_address
@@ -508,7 +509,9 @@ class Node:
             self._metrics.stop()
         self.meta.close_all()
         self.relay.reset_peers(None, "node stopping")
-        self.assembler.close()  # (no more sweeps of its connection table)
+        self.assembler.close()  # (no more sweeps of its connection table, no more waiting arrivals)
+        if "gridsock.components.resume" in sys.modules:  # (loaded by the first resumable connection)
+            sys.modules["gridsock.components.resume"].reset_all(self, "node stopping")
         self._uplink.stop("node stopping")
         if self._leader is not None:
             self._leader.close_all("leader stopping")
@@ -719,6 +722,9 @@ class Node:
             "connections": self.assembler.status(),
             "paths": self.assembler.paths(),
             "assembly": dict(self.assembler.counters),
+            "flood_guard": self.router.guard.status(),
+            "routed_queue": {"queued_bytes": PROCESS_BUDGET.queued_bytes, "peak_bytes": PROCESS_BUDGET.peak_bytes,
+                             "limit_bytes": PROCESS_BUDGET.limit_bytes},
             "meta_links": self.meta.status(),
             "listening": sorted(self.assembler.listeners),
             "front_door": str(self._front_door.address) if self._front_door is not None else None,

@@ -82,6 +82,12 @@ BUILTIN_COMPONENTS: Mapping[str, Tuple[str, str, Mapping[str, type], Mapping[str
             "socks": ("gridsock.components.socks:SocksMethod", "method", {"proxy": str}, {}),
             "ssh": ("gridsock.components.ssh:SshMethod", "method", {"gateway": str, "remote": str, "bind": str}, {}),
             "tls": ("gridsock.components.tls:TlsFilter", "filter", {}, {}),
+            "resume": (
+                "gridsock.components.resume:ResumeMethod",
+                "filter",
+                {"timeout": float, "upgrade": bool},
+                {"timeout": (0.1, 3600.0)},
+            ),
             "parallel": (
                 "gridsock.components.parallel:ParallelMethod",
                 "filter",

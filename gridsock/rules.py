@@ -202,17 +202,23 @@ class Rules:
     inside_cluster: Tuple[str, ...] = ()
     outside_cluster: Tuple[str, ...] = ("tls",)
     tls: bool = True  # False in a plain-TCP session: no certificates, no tls filter
+    #: The tiers (of TIERS) whose candidates carry the ``resume`` layer right above their method
+    #: (``tls/relay`` becomes ``tls/resume/relay``): connections that survive losing their path.
+    resume: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ConfigError(f"unknown scheme {self.scheme!r}: choose one of {', '.join(SCHEMES)}")
+        unknown = [t for t in self.resume if t not in TIERS]
+        if unknown:
+            raise ConfigError(f"resume: unknown tiers {', '.join(map(repr, unknown))}: choose among {', '.join(TIERS)}")
 
     @classmethod
     def from_dict(cls, data: dict, *, tls: bool = True) -> "Rules":
         """Build rules from parsed TOML (see the module docstring); ConfigError if bad."""
         if not isinstance(data, dict):
             raise ConfigError("rules must be a table")
-        unknown = set(data) - {"scheme", "policy", "rule", "via"}
+        unknown = set(data) - {"scheme", "policy", "rule", "via", "resume"}
         if unknown:
             raise ConfigError(f"unknown rules keys: {', '.join(sorted(unknown))}")
         rules, vias = _rule_list(data, "rule"), _rule_list(data, "via")
@@ -226,9 +232,12 @@ class Rules:
                 raise ConfigError(f"policy.{key} must be a list of filter names")
             return tuple(value)
 
+        resume = data.get("resume", [])
+        if not isinstance(resume, list) or not all(isinstance(t, str) for t in resume):
+            raise ConfigError(f"resume must be a list of tiers ({', '.join(TIERS)})")
         return cls(scheme=str(data.get("scheme", "cluster")), rules=tuple(rules), vias=tuple(vias),
                    inside_cluster=names("inside_cluster", []), outside_cluster=names("outside_cluster", ["tls"]),
-                   tls=tls)
+                   tls=tls, resume=tuple(resume))
 
     @classmethod
     def load(cls, path, *, tls: bool = True) -> "Rules":
@@ -261,6 +270,20 @@ class Rules:
         for rule in self.rules:
             if rule.matches(src, dst):
                 return [Stack.parse(rule.stack)]
+        return [self._resumable(stack) for stack in self._candidates(src, dst)]
+
+    def _resumable(self, stack: Stack) -> Stack:
+        """``stack`` with the ``resume`` layer right above its method (and its wrappers), if
+        its method's tier is one of :attr:`resume` and it has none yet."""
+        if not self.resume or stack.has("resume") or TIERS[tier(stack)] not in self.resume:
+            return stack
+        layers = [str(layer) for layer in stack.layers]
+        at = len(layers) - 1
+        while at > 0 and stack.layers[at - 1].name == "parallel":  # (wrappers stay right above the method)
+            at -= 1
+        return Stack.parse("/".join(layers[:at] + ["resume"] + layers[at:]))
+
+    def _candidates(self, src: wire.NodeEntry, dst: wire.NodeEntry) -> List[Stack]:
         secure = "tls/" if self.tls else ""
         relay = Stack.parse(secure + "relay")
         if self.scheme == "relay":

@@ -46,6 +46,7 @@ import gevent
 from typing import Callable, Dict, List, Optional
 
 from .. import wire
+from .._ratelog import RateLimitedLog
 from ..errors import RemoteProtocolError, RoutingError
 from .directory import LEAVE_TOPIC, MAX_MEMBERS, NAME_GRACE_S, RENDEZVOUS_NAME, Bindings, Broadcaster
 from .link import LINK_TIMEOUT_S, PING_INTERVAL_S, Link, send_message
@@ -105,6 +106,8 @@ class LeaderService:
         max_members: int = MAX_MEMBERS,
     ) -> None:
         self.host = host
+        # What members make us log (refusals that are not the rendez-vous node's), rate-limited.
+        self._peer_log = RateLimitedLog(log)
         self.members: Dict[str, Link] = {}
         # The names of this cluster's members, bound to their ids (see the module docstring).
         self.names = Bindings("node name", grace_s=name_grace_s)
@@ -215,7 +218,8 @@ class LeaderService:
         ``{"node_id", "code", "reason"}``): pass a ``Refuse`` on to it and drop it. Anything
         else (another sender, a bad payload, a member we no longer have) is logged and ignored."""
         if delivery.src != self.host.session.session_id:
-            log.warning("leader %s: ignoring a refusal from %s, not the rendez-vous node", self.host.name, delivery.src)
+            self._peer_log.warning(delivery.src, "leader %s: ignoring a refusal from %s, not the rendez-vous node",
+                                   self.host.name, delivery.src)
             return
         try:
             notice = json.loads(delivery.payload)

@@ -60,6 +60,7 @@ import gevent.event
 from gevent import socket as gsocket
 
 from .. import wire
+from .._ratelog import RateLimitedLog
 from ..errors import BrokenStreamError, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
@@ -87,6 +88,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# What peers make links log (protocol errors that drop them), rate-limited per peer label's host.
+_peer_log = RateLimitedLog(log)
 
 # A link with traffic pings nothing; an idle one pings every PING_INTERVAL_S.
 PING_INTERVAL_S = 2.0
@@ -465,7 +468,8 @@ class Link:
                     unyielded = 0
                     gevent.sleep(0)
         except RemoteProtocolError as exc:
-            log.warning("dropping %s: protocol error: %s", self.label, exc)
+            _peer_log.warning(self.label.rpartition(":")[0] or self.label, "dropping %s: protocol error: %s",
+                              self.label, exc)
             self.close(f"protocol error: {exc}")
         except (OSError, BrokenStreamError) as exc:
             self.close(f"connection lost: {exc or type(exc).__name__}")

@@ -45,9 +45,13 @@ from .transport import Address, listen, tls_server
 if TYPE_CHECKING:
     from .leader import LeaderService
 
-__all__ = ["NodePort", "authenticate", "refuse"]
+__all__ = ["NodePort", "authenticate", "refuse", "ACCEPT_ERROR_PAUSE_S"]
 
 log = logging.getLogger(__name__)
+
+# After a failed accept (out of descriptors, most often), wait this long before the next: the
+# handshakes under way end or time out meanwhile, and give their descriptors back.
+ACCEPT_ERROR_PAUSE_S = 0.1
 
 # How long closing the port waits for the greenlets of its connections to end once killed.
 CLOSE_TIMEOUT_S = 5.0
@@ -132,10 +136,14 @@ class NodePort:
         while True:
             try:
                 sock, addr = listener.accept()
-            except OSError:
+            except OSError as exc:
                 if listener.fileno() == -1:  # closed by close(): the node is stopping
                     return
-                raise
+                # Out of descriptors (EMFILE, ENFILE), buffers, or a connection gone before we
+                # took it: peers can cause all of these; the port must outlive them.
+                self._peer_log.warning("accept", "node %s: accept on the node port failed: %s", self.host.name, exc)
+                gevent.sleep(ACCEPT_ERROR_PAUSE_S)
+                continue
             tune_socket(sock)
             self._handlers.spawn(self._handle, sock, addr)
 

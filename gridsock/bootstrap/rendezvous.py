@@ -71,6 +71,7 @@ from ..session import (CertificateAuthority, ClusterTokens, Identity, Session, c
 from .control import ControlServer, control_path
 from .dialback import DialBack, bounded_addrs
 from .directory import LEAVE_TOPIC, MAX_MEMBERS, REFUSED_TOPIC, NAME_GRACE_S, RENDEZVOUS_NAME, STATUS_MAX_BYTES, Bindings, Broadcaster, Directory, bounded_json
+from .nodeport import ACCEPT_ERROR_PAUSE_S
 from .link import DEAD_PEER_S, HANDSHAKE_TIMEOUT_S, PROCESS_BUDGET, Link, read_message, send_message, tune_socket
 from .routing import FloodGuard, error_reply, forwarded
 from .transport import Address, dial, listen, parse_address, tls_client, tls_server
@@ -129,6 +130,9 @@ class RendezvousNode:
         self.dialback = DialBack(self._probe, **dict(dialback_options or {}))
         # What unauthenticated peers make the accept path log, rate-limited per host (gridsock._ratelog).
         self._accept_log = RateLimitedLog(log)
+        # What nodes make the routed path log (messages it does not serve, enrollments a leader
+        # forwards for whoever reached its node port), rate-limited per source.
+        self._routed_log = RateLimitedLog(log)
         # Routed messages by what this node did with them (for metrics; see Router.counters).
         self.routed: Dict[str, int] = {"forwarded": 0, "delivered": 0, "dropped": 0}
         # Keeps each source within its share of each leader link (see routing.FloodGuard).
@@ -200,7 +204,16 @@ class RendezvousNode:
     def _accept_loop(self) -> None:
         listener = self._bound()
         while True:
-            sock, addr = listener.accept()
+            try:
+                sock, addr = listener.accept()
+            except OSError as exc:
+                if listener.fileno() == -1:  # closed by stop()
+                    return
+                # Out of descriptors (EMFILE, ENFILE), most often: peers can cause it; the
+                # rendez-vous port must outlive it (see nodeport.ACCEPT_ERROR_PAUSE_S).
+                self._accept_log.warning("accept", "accept on the rendez-vous port failed: %s", exc)
+                gevent.sleep(ACCEPT_ERROR_PAUSE_S)
+                continue
             self.handle_connection(sock, addr)
 
     def handle_connection(self, sock, addr) -> None:
@@ -484,7 +497,8 @@ class RendezvousNode:
 
     def _deliver(self, message: wire.Routed) -> None:
         if message.kind != "req":
-            log.info("ignoring %s %s from %s: the rendez-vous node answers requests only", message.kind, message.topic, message.src)
+            self._routed_log.info(message.src, "ignoring %s %s from %s: the rendez-vous node answers requests only",
+                                  message.kind, message.topic, message.src)
             return
         reply: Optional[wire.Routed]
         try:
@@ -520,13 +534,13 @@ class RendezvousNode:
         try:
             request = json.loads(message.payload)
             enroll = wire.Enroll.from_header(request, b"")
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:  # (RecursionError: JSON nested too deep)
             raise RemoteProtocolError(f"bad enroll request: {exc}") from None
         via = message.route[0] if message.route else "?"
         try:
             node_id, cert_pem = self._enroll(enroll.token, enroll.csr_pem, enroll.name, f"leader {via}")
         except AuthError as exc:
-            log.warning("refused %s: %s", f"leader {via}", exc)
+            self._routed_log.warning(via, "refused %s: %s", f"leader {via}", exc)
             return json.dumps({"refused": "bad-token", "reason": str(exc)}).encode()
         return json.dumps({"node_id": node_id, "cert_pem": cert_pem}).encode()
 

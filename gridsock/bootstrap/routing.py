@@ -61,6 +61,7 @@ import gevent
 import gevent.event
 
 from .. import wire
+from .._ratelog import RateLimitedLog
 from ..errors import GridsockError, RoutingError
 from .link import Link, reading_link
 
@@ -393,6 +394,8 @@ class Router:
         delivery_wait_s: float = HOLD_MAX_S,
     ) -> None:
         self.host = host
+        # What peers make this router log (messages nobody here handles), rate-limited per source.
+        self._peer_log = RateLimitedLog(log)
         self.requests = Requests()
         self.handlers: Dict[str, Handler] = {"ping": self._handle_ping}
         self._up = up
@@ -610,7 +613,7 @@ class Router:
         if message.kind == "msg":
             handler = self.handlers.get(message.topic)
             if handler is None:
-                log.info("no handler for message topic %r from %s", message.topic, message.src)
+                self._peer_log.info(message.src, "no handler for message topic %r from %s", message.topic, message.src)
                 return
             try:
                 handler(self._delivery(message))

@@ -70,6 +70,7 @@ import gevent
 import gevent.event
 
 from .. import memory
+from .._ratelog import RateLimitedLog
 from ..errors import BrokenStreamError, RemoteProtocolError
 from ..methods import Initiation, InitiatorContext, Method, ResponderContext
 from ..streams import DEFAULT_RECEIVE_BYTES, Stream
@@ -325,6 +326,8 @@ class RelayManager:
 
     def __init__(self, send: Callable[[str, bytes], None]) -> None:
         self._send = send
+        # What peers make us log (malformed relay messages), rate-limited per source node.
+        self._peer_log = RateLimitedLog(log)
         self._streams: Dict[Tuple[str, int], RelayStream] = {}
         self._per_peer: Dict[str, int] = {}  # peer id -> connections open with it
         # The next id is drawn from here (its parity is set by the pair: see new_conn_id);
@@ -387,7 +390,7 @@ class RelayManager:
     def on_message(self, src: str, payload: bytes) -> None:
         """A relay message from node ``src`` arrived. Raises nothing: bad input resets."""
         if len(payload) < _HEADER.size:
-            log.warning("dropping a short relay message from %s", src)
+            self._peer_log.warning(src, "dropping a short relay message from %s", src)
             return
         conn_id, kind, value = _HEADER.unpack_from(payload)
         data = memoryview(payload)[_HEADER.size :]  # kept as it is until the application reads it
@@ -401,14 +404,15 @@ class RelayManager:
                     pass
             return
         if kind not in _TYPES or (kind != DATA and data) or len(data) > RELAY_CHUNK_BYTES:
-            log.warning("relay from %s: malformed frame (type %s, %d bytes): resetting", src, kind, len(data))
+            self._peer_log.warning(src, "relay from %s: malformed frame (type %s, %d bytes): resetting", src, kind,
+                                   len(data))
             stream._break(f"malformed relay frame (type {kind}, {len(data)} bytes)")
             self._send_reset(stream)
             return
         try:
             stream._on_frame(kind, value, data)
         except RemoteProtocolError as exc:
-            log.warning("relay from %s: %s: resetting", src, exc)
+            self._peer_log.warning(src, "relay from %s: %s: resetting", src, exc)
             stream._break(str(exc))
             self._send_reset(stream)
 

@@ -98,6 +98,7 @@ __all__ = [
     "FrameDecoder",
     "encode_frame",
     "live_streams",
+    "reset_all",
     "FRAME_HEADER",
     "HEADER_BYTES",
     "FRAME_VERSION",
@@ -187,6 +188,12 @@ _LIVE: "weakref.WeakKeyDictionary[Any, Dict[Tuple[str, int], ResumeStream]]" = w
 def live_streams(node) -> List["ResumeStream"]:
     """The live resumable connections of ``node`` (both sides), oldest first."""
     return list(_LIVE.get(node, {}).values())
+
+
+def reset_all(node, reason: str) -> None:
+    """Reset every live resumable connection of ``node`` (it stops: nothing can resume them)."""
+    for stream in live_streams(node):
+        stream._fail(reason, send_reset=True, log_level=logging.DEBUG)
 
 
 def _table(node) -> Dict[Tuple[str, int], "ResumeStream"]:
