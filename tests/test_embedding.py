@@ -336,6 +336,7 @@ def test_a_node_of_its_own_thread_in_a_gevent_program(tmp_path):
         try:
             assert node.wait_joined(JOIN_TIMEOUT_S)
             node.wait_directory(present=NAMES, settled=True, timeout=JOIN_TIMEOUT_S)
+            grid["m2"].wait_directory(present=["t"], timeout=JOIN_TIMEOUT_S)  # (m2 hears of t a broadcast later)
             assert node.ping("m2").route_there[0] == "t"
             listener = node.listen(9100)
             assert isinstance(listener, NodeListener)
