@@ -48,9 +48,12 @@ reason logged at WARNING. ``on_close(link)`` runs exactly once, whatever closed 
 """
 from __future__ import annotations
 
+import array
 import collections
+import fcntl
 import itertools
 import logging
+import termios
 import time
 import weakref
 from typing import Callable, Dict, Optional
@@ -593,6 +596,8 @@ class Link:
             now = time.monotonic()
             if self._held:
                 self._last_rx = now  # held by us, not silent
+            if now - self._last_rx > self._timeout_s and _bytes_waiting(self.sock):
+                self._last_rx = now  # the peer spoke; this process was too busy to read it
             idle = now - self._last_rx
             if idle > self._timeout_s:
                 self.close(f"no traffic for {idle:.1f} s (limit {self._timeout_s:.1f} s)")
@@ -621,6 +626,21 @@ class _Hold:
     def __exit__(self, *exc) -> None:
         self._link._held -= 1
         self._link._last_rx = time.monotonic()
+
+
+def _bytes_waiting(sock) -> bool:
+    """True if ``sock`` has received bytes nobody read yet (TLS-buffered, or in the kernel's
+    receive queue): a link whose peer spoke while this process was stalled is not silent, and
+    closing it would only add a relink to the load that stalled it."""
+    try:
+        pending = getattr(sock, "pending", None)
+        if pending is not None and pending() > 0:
+            return True
+        count = array.array("i", [0])
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
+        return count[0] > 0
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _limit_unsent(sock) -> None:
