@@ -736,7 +736,10 @@ class FrontDoor:
         try:
             sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
             client.local = ipaddress.ip_address(_normal_ip(addr[0])).is_loopback
-            why_untrusted = client_untrusted(addr, sock.getsockname(), allow_other_users=self.allow_other_users)
+            # (The kernel's TCP table is read in a worker thread: on a host with many sockets it
+            # takes milliseconds, which the node's event loop must not spend per client.)
+            why_untrusted = gevent.get_hub().threadpool.apply(
+                client_untrusted, (addr, sock.getsockname()), {"allow_other_users": self.allow_other_users})
             if why_untrusted is None and self.require_auth:
                 why_untrusted = "credentials are required from every client"
             deadline = time.monotonic() + self.handshake_timeout
@@ -924,6 +927,10 @@ class FrontDoor:
         """Answer the client, send ``first`` and what the client sent early on the stream, and
         bridge the two. Returns True once the bridge owns the client's socket; closes the
         stream and raises _Dropped if either side went away first."""
+        # Which program it is (for gridsock status), looked up in a worker thread before the
+        # client hears back, so that the connection is listed whole once it is in use.
+        pid = (gevent.get_hub().threadpool.apply(socket_pid, (client.peer, client.sock.getsockname()))
+               if info is not None and client.local else None)
         try:
             if reply:
                 client.send(reply)
@@ -937,7 +944,6 @@ class FrontDoor:
         self._bridges.add(bridge)
         if info is not None:
             info.detail["front_door"] = f"{what} from {client.label}"
-            pid = socket_pid(client.peer, client.sock.getsockname()) if client.local else None
             self.node.assembler.hand_over(info, None, pid, bridge=bridge)  # listed until the bridge ends
         log.debug("front door: %s from %s joined", what, client.label)
         return True
