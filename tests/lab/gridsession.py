@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 
 from gridsock.bootstrap.control import call
@@ -16,6 +17,9 @@ NODE_PORT = 7701
 ECHO_PORT = 9000  # every lab node serves an echo service on this grid port
 NODES = ("rv", "a1", "a2", "b1", "b2", "c1", "c2")
 LEADERS = {"A": "a1", "B": "b1", "C": "c1"}
+# The lab's session defines its clusters: a cluster's nodes join with its session file, which
+# holds its join token (docs/security.md, "Clusters are attested, not declared").
+CLUSTERS = tuple(LEADERS)
 # Joining, and rejoining after the rendez-vous node restarts (backoff at most RECONNECT_MAX_S).
 JOIN_TIMEOUT_S = 30.0
 REJOIN_TIMEOUT_S = RECONNECT_MAX_S * 2 + 20.0
@@ -34,6 +38,10 @@ class Grid:
         self.logs: dict = {}
         self.rules: dict = {}  # node name -> rules file text
 
+    def session_for(self, cluster) -> str:
+        """The session file a node of ``cluster`` is handed (the session's own for None)."""
+        return self.session if cluster is None else str(Path(self.session).with_name(f"cluster-{cluster}.toml"))
+
     def control(self, name: str) -> str:
         return os.path.join(self.run_dir, f"{name}.sock")
 
@@ -50,14 +58,14 @@ class Grid:
         wait_for_line(proc, "rendezvous listening", timeout=JOIN_TIMEOUT_S)
 
     def node_args(self, name: str) -> list:
-        args = ["node", "--session", self.session, "--name", name,
+        cluster = name[0].upper() if name != "rv" else None
+        args = ["node", "--session", self.session_for(cluster), "--name", name,
                 "--listen", f"{self.lab.addr(name)}:{NODE_PORT}", "--echo", str(ECHO_PORT),
                 "--ssh-key", self.lab.ssh_client_key, "--ssh-known-hosts", self.lab.ssh_known_hosts]
         if name in self.rules:
             path = self.tmp / f"{name}-rules.toml"
             path.write_text(self.rules[name])
             args += ["--rules", str(path)]
-        cluster = name[0].upper() if name != "rv" else None
         if cluster:
             args += ["--cluster", cluster]
             leader = LEADERS[cluster]
@@ -90,8 +98,9 @@ def make_grid(lab, tmp_path_factory, rules=None):
     tmp = tmp_path_factory.mktemp("grid")
     g = Grid(lab, tmp)
     g.rules.update(rules or {})
-    subprocess.run(gridsock_argv("session", "new", str(tmp / "session"), "--rendezvous",
-                                 f"{lab.addr('rv')}:{RV_PORT}"), check=True, env=g.env, stdout=subprocess.DEVNULL)
+    subprocess.run(gridsock_argv("session", "new", str(tmp / "session"), "--rendezvous", f"{lab.addr('rv')}:{RV_PORT}",
+                                 *(arg for cluster in CLUSTERS for arg in ("--cluster", cluster))),
+                   check=True, env=g.env, stdout=subprocess.DEVNULL)
     try:
         g.start_rendezvous()
         for name in ("rv", "a1", "b1", "c1"):

@@ -215,7 +215,7 @@ def test_check_method_in_the_lab(grid, host, cluster, leader, server, stack, ref
     from .gridsession import NODE_PORT
 
     lab = grid.lab
-    argv = [sys.executable, "-m", "gridsock.testing.methods", "--session", grid.session,
+    argv = [sys.executable, "-m", "gridsock.testing.methods", "--session", grid.session_for(cluster),
             "--name", f"probe-{port}", "--listen", f"{lab.addr(host)}:0", "--server", server,
             "--server-control", grid.control(server), "--stack", stack, "--refused", refused, "--port", str(port),
             "--ssh-key", lab.ssh_client_key, "--ssh-known-hosts", lab.ssh_known_hosts]

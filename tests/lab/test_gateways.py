@@ -183,7 +183,7 @@ def test_a_slow_gateway_loses_the_first_race_to_the_relay_and_wins_the_next(grid
     script.write_text(SLOW_GATEWAY_CLIENT)
     lab = grid.lab
     not_taken = call(grid.control("rv"), "status")["assembly"]["not_taken"]
-    done = lab.run("c2", [sys.executable, str(script), grid.session, f"{lab.addr('c1')}:{NODE_PORT}",
+    done = lab.run("c2", [sys.executable, str(script), grid.session_for("C"), f"{lab.addr('c1')}:{NODE_PORT}",
                           f"{lab.addr('c2')}:0", lab.ssh_client_key, lab.ssh_known_hosts, str(ECHO_PORT)],
                    env=grid.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=180)
     lines = [line for line in done.stdout.splitlines() if line.startswith("result ")]

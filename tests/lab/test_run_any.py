@@ -65,7 +65,7 @@ def fetch(grid, host: str, options: list, url: str) -> subprocess.CompletedProce
 
 def test_curl_on_a1_fetches_from_c2_by_grid_name_with_a_node_of_its_own(grid, served):
     port, payload = served
-    own = ["--session", grid.session, "--name", "a1-curl", "--cluster", "A",
+    own = ["--session", grid.session_for("A"), "--name", "a1-curl", "--cluster", "A",
            "--leader", f"{grid.lab.addr('a1')}:{NODE_PORT}", "--front-door", "127.0.0.1:0"]
     done = fetch(grid, "a1", own, f"http://c2:{port}/data.bin")
     assert done.returncode == 0, done.stderr.decode(errors="replace")
@@ -75,7 +75,7 @@ def test_curl_on_a1_fetches_from_c2_by_grid_name_with_a_node_of_its_own(grid, se
 def test_curl_on_a1_fetches_from_c2_through_a_running_node_of_its_host(grid, served):
     """``gridsock run --node NAME``: a member of cluster A on a1 started with a front door."""
     port, payload = served
-    node = grid.spawn("a1", "a1-door", "node", "--session", grid.session, "--name", "a1-door", "--cluster", "A",
+    node = grid.spawn("a1", "a1-door", "node", "--session", grid.session_for("A"), "--name", "a1-door", "--cluster", "A",
                       "--leader", f"{grid.lab.addr('a1')}:{NODE_PORT}", "--front-door", "127.0.0.1:0")
     wait_for_line(node, "joined a1-door ", timeout=RUN_TIMEOUT_S)
     assert call(grid.control("a1-door"), "status")["front_door"].startswith("127.0.0.1:")
@@ -104,7 +104,7 @@ def test_pycurl_on_a1_fetches_from_c2_under_gridsock_run(grid, served):
     port, payload = served
     script = grid.tmp / "pycurl_client.py"
     script.write_text(PYCURL_CLIENT)
-    node = grid.spawn("a1", "a1-pycurl", "node", "--session", grid.session, "--name", "a1-pycurl", "--cluster", "A",
+    node = grid.spawn("a1", "a1-pycurl", "node", "--session", grid.session_for("A"), "--name", "a1-pycurl", "--cluster", "A",
                       "--leader", f"{grid.lab.addr('a1')}:{NODE_PORT}")
     wait_for_line(node, "joined a1-pycurl ", timeout=RUN_TIMEOUT_S)
     done = grid.lab.run("a1", gridsock_argv("run", "--node", "a1-pycurl", "--", sys.executable, str(script),
