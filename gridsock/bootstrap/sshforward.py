@@ -282,22 +282,9 @@ class _GatewayForwards:
             log.warning("SSH remote forward: unexpected connection %s: closed", label)
             channel.close()
             return
-        try:
-            app_end, pump_end = socket.socketpair()
-        except OSError as exc:
-            log.warning("SSH remote forward %s: %s", label, exc)
-            channel.close()
+        app_end = _pumped(channel, f"SSH remote forward {label}")
+        if app_end is None:
             return
-        try:
-            _Pump(channel, pump_end, label).start()
-        except _PumpOwnsResources:
-            app_end.close()
-            return
-        except BaseException:
-            app_end.close()
-            pump_end.close()
-            channel.close()
-            raise
         self.accepted[forward] += 1
         log.debug("SSH remote forward: connection %s", label)
         self.owner._hand_over(app_end, (str(origin[0]), int(origin[1])))
@@ -494,22 +481,9 @@ def _dispatch(transport_key: int, channel: paramiko.Channel, origin: Tuple[str, 
         log.info("remote forward: connection %s for no open listener: closed", label)
         channel.close()
         return
-    try:
-        app_end, pump_end = socket.socketpair()
-    except OSError as exc:
-        log.warning("remote forward %s: %s", label, exc)
-        channel.close()
+    app_end = _pumped(channel, f"remote forward {label}")
+    if app_end is None:
         return
-    try:
-        _Pump(channel, pump_end, label).start()
-    except _PumpOwnsResources:
-        app_end.close()
-        return
-    except BaseException:
-        app_end.close()
-        pump_end.close()
-        channel.close()
-        raise
     listener._hub.loop.run_callback_threadsafe(listener._arrived, app_end, (str(origin[0]), int(origin[1])))
 
 
@@ -577,3 +551,25 @@ def open_remote_listener(gateway: SSHGateway, bind_host: str, *,
     with _LISTENERS_LOCK:
         _LISTENERS[(id(transport), port)] = listener
     return listener
+
+
+def _pumped(channel, label: str) -> Optional[socket.socket]:
+    """The application's end of a socketpair whose other end a pump joins to ``channel`` (an
+    SSH channel, in paramiko's thread); None (``channel`` closed, a line logged) if it cannot be had."""
+    try:
+        app_end, pump_end = socket.socketpair()
+    except OSError as exc:
+        log.warning("%s: %s", label, exc)
+        channel.close()
+        return None
+    try:
+        _Pump(channel, pump_end, label).start()
+    except _PumpOwnsResources:
+        app_end.close()
+        return None
+    except BaseException:
+        app_end.close()
+        pump_end.close()
+        channel.close()
+        raise
+    return app_end
