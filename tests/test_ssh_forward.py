@@ -31,6 +31,7 @@ from gridsock.bootstrap.sshtunnel import SSHGateway, close_all_transports
 from gridsock.errors import ConfigError, ConnectError
 from gridsock.node import Node
 from gridsock.session import create_session
+from gridsock.testing.tcprelay import CuttableRelay
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.filterwarnings("error")]
 
@@ -125,50 +126,6 @@ class Sshd:
             known_hosts.write_text(f"[127.0.0.1]:{port} {public_key(self.host_key)}\n")
         return SSHGateway("127.0.0.1", port or self.port, user=getpass.getuser(),
                           key_filename=str(self.client_key), known_hosts=str(known_hosts or self.known_hosts))
-
-
-class Relay:
-    """A TCP relay in this process's hub between the forwarder and sshd, which a test can cut."""
-
-    def __init__(self, target_port):
-        self.target_port = target_port
-        self.links = set()
-        self.server = gevent.server.StreamServer(("127.0.0.1", 0), self._handle)
-        self.server.start()
-        self.port = self.server.server_port
-
-    def _handle(self, client, _addr):
-        upstream = gevent.socket.create_connection(("127.0.0.1", self.target_port))
-        self.links.add((client, upstream))
-
-        def copy(src, dst):
-            try:
-                while True:
-                    data = src.recv(CHUNK)
-                    if not data:
-                        break
-                    dst.sendall(data)
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-        try:
-            gevent.joinall([gevent.spawn(copy, client, upstream), gevent.spawn(copy, upstream, client)])
-        finally:
-            self.links.discard((client, upstream))
-            upstream.close()
-
-    def cut(self):
-        for pair in list(self.links):
-            for sock in pair:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def stop(self):
-        self.cut()
-        self.server.stop(timeout=5)
 
 
 def echo(sock, origin, origins):
@@ -317,7 +274,7 @@ def test_rendezvous_through_forward(sshd, forwarders, tmp_path):
 
 
 def test_broken_transport_is_opened_again(sshd, forwarders):
-    relay = Relay(sshd.port)
+    relay = CuttableRelay(sshd.port)
     try:
         origins = []
         forwarder = SSHForwarder([RemoteForward(sshd.gateway(port=relay.port), "127.0.0.1", 0)],

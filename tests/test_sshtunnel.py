@@ -27,6 +27,7 @@ from gridsock.bootstrap.sshtunnel import (
     open_ssh_tunnel,
 )
 from gridsock.errors import AuthError, ConfigError, ConnectError, GridsockError
+from gridsock.testing.tcprelay import CuttableRelay
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.filterwarnings("error")]
 
@@ -192,55 +193,6 @@ class Sshd:
         return str(path)
 
 
-class Relay:
-    """A TCP relay run by gevent in this process: it only moves bytes if the hub is free."""
-
-    def __init__(self, target_port):
-        self.target_port = target_port
-        self.accepted = 0
-        self.connected = gevent.event.Event()
-        self.links = set()
-        self.server = gevent.server.StreamServer(("127.0.0.1", 0), self._handle)
-        self.server.start()
-        self.port = self.server.server_port
-
-    def _handle(self, client, _addr):
-        self.accepted += 1
-        self.connected.set()
-        upstream = gevent.socket.create_connection(("127.0.0.1", self.target_port))
-        self.links.add((client, upstream))
-
-        def copy(src, dst):
-            try:
-                while True:
-                    data = src.recv(CHUNK)
-                    if not data:
-                        break
-                    dst.sendall(data)
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-        try:
-            gevent.joinall([gevent.spawn(copy, client, upstream), gevent.spawn(copy, upstream, client)])
-        finally:
-            self.links.discard((client, upstream))
-            upstream.close()
-
-    def cut(self):
-        """Break every relayed connection, as a network failure would."""
-        for client, upstream in list(self.links):
-            for sock in (client, upstream):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def stop(self):
-        self.cut()
-        self.server.stop(timeout=5)
-
-
 def echo_handler(sock, _addr):
     """Echo everything; after the client's EOF, send a trailer proving it, then close."""
     digest = hashlib.sha256()
@@ -315,7 +267,7 @@ def echo_port():
 
 @pytest.fixture
 def relay(sshd):
-    relay = Relay(sshd.port)
+    relay = CuttableRelay(sshd.port)
     yield relay
     close_all_transports()
     relay.stop()
