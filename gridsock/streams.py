@@ -58,7 +58,7 @@ from gevent import socket as gsocket
 
 from .errors import BrokenStreamError
 
-__all__ = ["Stream", "SocketStream", "MemoryStream", "memory_pair", "DEFAULT_RECEIVE_BYTES"]
+__all__ = ["Stream", "SocketStream", "MemoryStream", "memory_pair", "take_chunk", "DEFAULT_RECEIVE_BYTES"]
 
 # What receive_some returns at most by default: large enough for bulk transfers to amortise
 # per-call costs, small enough to keep a greenlet's buffers modest.
@@ -243,3 +243,14 @@ def memory_pair() -> Tuple[MemoryStream, MemoryStream]:
     a, b = MemoryStream("client"), MemoryStream("server")
     a.peer, b.peer = b, a
     return a, b
+
+
+def take_chunk(chunks: Any, max_bytes: int) -> Any:
+    """Take at most ``max_bytes`` from the front of ``chunks`` (a deque of bytes-like objects,
+    not empty): the whole first chunk if it fits, else its head (its tail stays first)."""
+    chunk = chunks[0]
+    if len(chunk) <= max_bytes:
+        chunks.popleft()
+        return chunk
+    chunks[0] = chunk[max_bytes:]
+    return chunk[:max_bytes]

@@ -73,7 +73,7 @@ from .. import memory
 from .._ratelog import RateLimitedLog
 from ..errors import BrokenStreamError, RemoteProtocolError
 from ..methods import Initiation, InitiatorContext, Method, ResponderContext
-from ..streams import DEFAULT_RECEIVE_BYTES, Stream
+from ..streams import DEFAULT_RECEIVE_BYTES, Stream, take_chunk
 
 __all__ = ["RelayMethod", "RelayStream", "RelayManager", "RELAY_WINDOW_BYTES", "RELAY_MAX_WINDOW_BYTES",
            "RELAY_CHUNK_BYTES", "RELAY_FORMAT"]
@@ -209,12 +209,7 @@ class RelayStream(Stream):
             if self._closed:
                 raise BrokenStreamError("stream is closed")
             if self._chunks:
-                chunk = self._chunks[0]
-                if len(chunk) <= max_bytes:
-                    self._chunks.popleft()
-                else:
-                    self._chunks[0] = chunk[max_bytes:]
-                    chunk = chunk[:max_bytes]
+                chunk = take_chunk(self._chunks, max_bytes)
                 data = bytes(chunk)
                 self._consumed(len(data))
                 return data

@@ -90,7 +90,7 @@ import gevent.lock
 
 from ..errors import BrokenStreamError, ConfigError, ConnectError, GridsockError, RemoteProtocolError
 from ..methods import Initiation, InitiatorContext, MethodRefusal, ResponderContext
-from ..streams import DEFAULT_RECEIVE_BYTES, Stream
+from ..streams import DEFAULT_RECEIVE_BYTES, Stream, take_chunk
 
 __all__ = [
     "ResumeMethod",
@@ -352,12 +352,7 @@ class ResumeStream(Stream):
             if self._closed:
                 raise BrokenStreamError("stream is closed")
             if self._chunks:
-                chunk = self._chunks[0]
-                if len(chunk) <= max_bytes:
-                    self._chunks.popleft()
-                else:
-                    self._chunks[0] = chunk[max_bytes:]
-                    chunk = chunk[:max_bytes]
+                chunk = take_chunk(self._chunks, max_bytes)
                 self._consumed += len(chunk)
                 if self._ack_position() - self._acked_sent >= ACK_BYTES or (self._peer_eof and not self._chunks):
                     self._wake.set()
