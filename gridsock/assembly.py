@@ -291,9 +291,12 @@ class DataListener:
             self._queue.put(item, block=timeout > 0, timeout=timeout or None)
         except gevent.queue.Full:
             return False
-        if self.closed:  # closed while we waited: close() has drained the queue already
-            return False
-        return True
+        # Closed while we waited? close() has drained the queue already. (mypy narrows
+        # ``self.closed`` to False above and cannot see that the wait let close() run.)
+        return not self._is_closed()
+
+    def _is_closed(self) -> bool:
+        return self.closed
 
     def close(self) -> None:
         if self.closed:

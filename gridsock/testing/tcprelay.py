@@ -33,7 +33,7 @@ class CuttableRelay:
         self.links: Set[Tuple[socket.socket, socket.socket]] = set()
         self.server = gevent.server.StreamServer(("127.0.0.1", 0), self._handle)
         self.server.start()
-        self.port: int = self.server.server_port
+        self.port = int(self.server.server_port or 0)
 
     def _handle(self, client, _addr) -> None:
         self.accepted += 1
