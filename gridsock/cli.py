@@ -121,6 +121,9 @@ def _add_node_options(node, *, required: bool) -> None:
     node.add_argument("--name", required=required)
     node.add_argument("--cluster", help="cluster name (a node without one is its own leader)")
     node.add_argument("--leader", metavar="ADDR", help="member of the cluster whose leader's node port is ADDR (HOST:PORT or unix:PATH)")
+    node.add_argument("--rendezvous", metavar="HOST:PORT",
+                      help="a leader reaches the rendez-vous node here rather than at the session file's address "
+                           "(the port an SSH remote forward opened on this cluster's front-end: docs/ssh.md)")
     node.add_argument("--listen", metavar="ADDR", help="node port (HOST:PORT or unix:PATH; default 0.0.0.0 and any port)")
     node.add_argument("--advertise", metavar="HOST:PORT", help="address to publish for the node port")
     node.add_argument("--ssh-gateway", metavar="USER@HOST[:PORT]", help="reach the rendez-vous node through this SSH gateway")
@@ -307,6 +310,13 @@ def _make_node(args):
 
         gateway = SSHGateway.parse(args.ssh_gateway, key_filename=args.ssh_key, known_hosts=args.ssh_known_hosts)
     session = Session.load(args.session)
+    if getattr(args, "rendezvous", None):
+        import dataclasses
+
+        from .session import parse_hostport
+
+        host, port = parse_hostport(args.rendezvous)  # (ConfigError: a clear message, exit 2)
+        session = dataclasses.replace(session, rendezvous_host=host, rendezvous_port=port)
     rules = Rules.load(args.rules, tls=session.tls) if args.rules else None
     state_dir = args.state_dir
     if state_dir is None and args.command == "node":

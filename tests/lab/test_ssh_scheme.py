@@ -5,9 +5,9 @@ drops every new connection that comes in on its interface. It logs in to two fro
 each for a remote forward (``tcpip-forward``): fec, cluster C's front-end, binds RV_PORT on every
 address (10.3.0.1 for C, 203.0.113.4 for B, which has a way out but cannot enter rv either), and
 gwa, given an sshd of its own as cluster A's front-end, binds RV_PORT on its LAN address
-10.1.0.1 only (``gridsock rendezvous --ssh-forward``). Each leader's session file names the
-forwarded port it can reach; the public node ``rv`` (on the rendez-vous host itself) uses the
-session as made. Every process is the real ``gridsock`` CLI in its namespace, as in the other
+10.1.0.1 only (``gridsock rendezvous --ssh-forward``). Each cluster's nodes are told the
+forwarded port they can reach (``gridsock node --rendezvous``); the public node ``rv`` (on the
+rendez-vous host itself) uses the session file's address. Every process is the real ``gridsock`` CLI in its namespace, as in the other
 lab modules. Then, as with a public
 rendez-vous node: the 42 ordered pings, a data connection per ordered pair, and a forward that
 breaks is opened again and its cluster comes back.
@@ -15,7 +15,6 @@ breaks is opened again and its cluster comes back.
 from __future__ import annotations
 
 import itertools
-import re
 import subprocess
 import sys
 import time
@@ -50,19 +49,6 @@ def cluster_of(name: str):
 class SchemeGrid(Grid):
     """The lab grid of gridsession, with the rendez-vous node behind SSH forwards."""
 
-    def __init__(self, lab, tmp) -> None:
-        super().__init__(lab, tmp)
-        self.sessions: dict = {}  # cluster -> its session file (the front-end's forwarded port)
-
-    def write_cluster_sessions(self) -> None:
-        text = Path(self.session).read_text()
-        for cluster, address in FRONT_ENDS.items():
-            changed = re.sub(r'(?m)^rendezvous = ".*"$', f'rendezvous = "{address}"', text)
-            assert changed != text, "the session file names no rendez-vous address"
-            path = Path(self.session).with_name(f"session-{cluster}.toml")
-            path.write_text(changed)
-            self.sessions[cluster] = str(path)
-
     def start_rendezvous(self) -> None:
         lab = self.lab
         proc = self.spawn("rv", "rendezvous", "rendezvous", "--session", self.session,
@@ -75,8 +61,8 @@ class SchemeGrid(Grid):
     def node_args(self, name: str) -> list:
         args = super().node_args(name)
         cluster = cluster_of(name)
-        if cluster is not None:
-            args[args.index("--session") + 1] = self.sessions[cluster]
+        if cluster is not None:  # its cluster's front-end's forwarded port, not the session file's address
+            args += ["--rendezvous", FRONT_ENDS[cluster]]
         if "--ssh-gateway" in args:  # c1 dials its front-end's forwarded port, not through SSH
             at = args.index("--ssh-gateway")
             del args[at:at + 2]
@@ -87,9 +73,9 @@ class SchemeGrid(Grid):
 def grid(lab, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sshscheme")
     g = SchemeGrid(lab, tmp)
-    subprocess.run(gridsock_argv("session", "new", str(tmp / "session"), "--rendezvous",
-                                 f"{lab.addr('rv')}:{RV_PORT}"), check=True, env=g.env, stdout=subprocess.DEVNULL)
-    g.write_cluster_sessions()
+    clusters = [arg for cluster in FRONT_ENDS for arg in ("--cluster", cluster)]
+    subprocess.run(gridsock_argv("session", "new", str(tmp / "session"), "--rendezvous", f"{lab.addr('rv')}:{RV_PORT}",
+                                 *clusters), check=True, env=g.env, stdout=subprocess.DEVNULL)
     lab.run("rv", ["iptables", "-A", *FIREWALL_RULE], check=True)
     try:
         g.start_rendezvous()
