@@ -263,14 +263,21 @@ def test_a_burst_of_trim_requests_costs_one_trim():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_connections_closed_give_back_memory_descriptors_and_greenlets(grid, kind):
+    check_given_back(grid, kind, CONNECTIONS[kind])
+
+
+def check_given_back(grid, kind: str, count: int) -> None:
+    """Open and close ``count`` connections of ``kind`` (after a warm-up); memory, descriptors,
+    greenlets and the framework's objects come back to where they were, within the margins.
+    (tests/lab/test_leaks_long.py runs it with thousands of each kind, on one Python.)"""
     _run(grid, kind, WARM_UP)
     _settle(grid, _fds(), _greenlets())
     before = _measure()
-    _run(grid, kind, CONNECTIONS[kind])
+    _run(grid, kind, count)
     _settle(grid, before["fds"], before["greenlets"])
     after = _measure()
     report = {k: (before[k], after[k]) for k in ("fds", "greenlets", "objects", "blocks", "rss")}
-    print(f"{kind}: {CONNECTIONS[kind]} connections: {report}")
+    print(f"{kind}: {count} connections: {report}")
     assert after["fds"] <= before["fds"] + FDS_MARGIN, report
     assert after["greenlets"] <= before["greenlets"] + GREENLETS_MARGIN, report
     assert after["tracked"] - before["tracked"] == collections.Counter(), (after["tracked"], before["tracked"])
