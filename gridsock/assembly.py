@@ -86,6 +86,7 @@ __all__ = [
     "TOKEN_BYTES",
     "ASSEMBLY_TIMEOUT_S",
     "MATCH_TIMEOUT_S",
+    "MAX_EARLY_DATA_CONNECTIONS",
     "NOMINATION_TIMEOUT_S",
     "BACKLOG_WAIT_S",
     "NOMINATE",
@@ -121,6 +122,11 @@ WINNER_TTL_S = 300.0
 BETTER_LATE_S = 5.0
 # Tokens remembered after use, so a replay is refused at once rather than after a wait.
 USED_TOKENS_KEPT = 4096
+# Data connections waiting (MATCH_TIMEOUT_S at most) for the request of a token not known yet:
+# a request and its connections race, so a few wait a moment. Beyond this many, a connection
+# with an unknown token is refused at once: random tokens at a thousand connections a second
+# would otherwise hold thousands of descriptors and greenlets.
+MAX_EARLY_DATA_CONNECTIONS = 1024
 # The connection table forgets closed connections when it reaches this many entries, or twice
 # as many as were live at the last pruning (so that many live connections cost no quadratic
 # work), and on every status(), so a long-running node does not keep what its applications closed.
@@ -335,6 +341,7 @@ class Assembler:
         self.counters: Dict[str, int] = {"delivered": 0, "not_taken": 0, "first_attempt": 0, "retried": 0}
         self._arrivals: Dict[bytes, Arrival] = {}  # token -> connections awaited on the node port
         self._registered: Dict[bytes, gevent.event.Event] = {}  # tokens that arrived before their request
+        self._early = 0  # data connections waiting for such a token's request
         self._used: Dict[bytes, str] = {}  # token -> "used" or "cancelled", oldest first
         self._winners: Dict[str, Tuple[Stack, float]] = {}  # peer id -> the stack that worked last, until
         self._paths: "OrderedDict[str, PathRecord]" = OrderedDict()  # peer id -> last race, oldest first
@@ -447,8 +454,14 @@ class Assembler:
             if arrival is None:
                 if token in self._used:
                     raise RemoteProtocolError(f"token already {self._used[token]} (replay or late call back)")
+                if self._early >= MAX_EARLY_DATA_CONNECTIONS:
+                    raise RemoteProtocolError(f"unknown token, and {self._early} connections wait for theirs already")
                 event = self._registered.setdefault(token, gevent.event.Event())
-                event.wait(MATCH_TIMEOUT_S)
+                self._early += 1
+                try:
+                    event.wait(MATCH_TIMEOUT_S)
+                finally:
+                    self._early -= 1
                 self._registered.pop(token, None)
                 arrival = self._arrivals.get(token)
             if arrival is None:

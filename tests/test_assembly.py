@@ -7,10 +7,12 @@ its cluster (its policy is empty), L2 keeps the default policy (tls from outside
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 
 import gevent
 import gevent.event
+import gevent.socket
 import pytest
 
 from gridsock import assembly
@@ -505,3 +507,33 @@ def test_a_refusal_while_the_dial_is_under_way_leaves_no_crash(grid):
     finally:
         hub.handle_error = real
     assert hub_errors == []
+
+
+def test_connections_with_unknown_tokens_wait_within_a_bound(grid, monkeypatch):
+    # A data connection may come before its request (they race) and waits for it; connections
+    # with tokens nobody asked for can hold only MAX_EARLY_DATA_CONNECTIONS at once: the next is
+    # refused at once, while those that wait still wait.
+    monkeypatch.setattr(assembly, "MAX_EARLY_DATA_CONNECTIONS", 3)
+    monkeypatch.setattr(assembly, "MATCH_TIMEOUT_S", 60.0)
+    address = grid["m2"].address
+    early = []
+    try:
+        for _ in range(3):
+            sock = gevent.socket.create_connection((address.host, address.port), timeout=JOIN_TIMEOUT_S)
+            sock.sendall(wire.encode_preamble(os.urandom(wire.TOKEN_BYTES)))
+            early.append(sock)
+        assembler = grid["m2"].assembler
+        with gevent.Timeout(JOIN_TIMEOUT_S):
+            while assembler._early < 3:
+                gevent.sleep(0.01)
+        with gevent.socket.create_connection((address.host, address.port), timeout=JOIN_TIMEOUT_S) as late:
+            late.sendall(wire.encode_preamble(os.urandom(wire.TOKEN_BYTES)))
+            assert late.recv(1) == b""  # refused: closed by the node
+        assert assembler._early == 3  # the three still wait for their requests
+        for sock in early:
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):  # open, nothing said: still waiting
+                sock.recv(1)
+    finally:
+        for sock in early:
+            sock.close()
