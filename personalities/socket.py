@@ -401,8 +401,16 @@ class GridSocket(_RealSocket):
         if timeout == 0.0:
             self._grid_connect_nonblocking(agent, host, port, bound)
         # (in place before the agent's confirmation: a server of this node accepts only after)
-        _, result = agent.connect(host, int(port), timeout=timeout or None,
-                                  adopt=lambda conn: self._adopt(conn.detach()))
+        try:
+            _, result = agent.connect(host, int(port), timeout=timeout or None,
+                                      adopt=lambda conn: self._adopt(conn.detach()))
+        except TimeoutError as exc:
+            if timeout is None:
+                raise
+            # A socket whose timeout ran out raises socket.timeout("timed out"), as the kernel's
+            # connect does (on 3.9 a class of its own, not TimeoutError: programs, and imaplib's
+            # tests, catch it by that name); the grid's reason stays in __cause__.
+            raise _csocket.timeout("timed out") from exc
         me = agent.whoami()
         self._grid_peer = self._addr(result["ip"], int(port))
         # (the client port the server was told: its getpeername() and our getsockname() agree)

@@ -78,6 +78,23 @@ def test_create_connection_takes_ports_as_getaddrinfo_does(grid):  # noqa: F811
                                 "'no-such-service' True gaierror", "2.5 True OSError"]
 
 
+def test_a_connect_whose_timeout_runs_out_raises_socket_timeout(grid):  # noqa: F811
+    # As the kernel's: socket.timeout("timed out") (on 3.9 a class of its own, which imaplib's
+    # and programs' code catch by name), whatever the grid's reason; no timeout, no change.
+    server = grid.start("nb", SOCKETSERVER_ECHO)
+    port = int(wait_for_line(server, "serving ", timeout=SCRIPT_TIMEOUT_S).split()[2])
+    out = grid.run("na", f"""
+        import socket
+        try:
+            socket.create_connection(("nb", {port}), timeout=1e-6).close()
+            print("connected")
+        except socket.timeout as exc:
+            print(type(exc).__name__, exc, isinstance(exc, OSError))
+    """)
+    name, *rest = out.split()
+    assert name in ("timeout", "TimeoutError") and rest == ["timed", "out", "True"], out
+
+
 def test_force_mode_reports_loopback_addresses_never_the_name_localhost(grid):  # noqa: F811
     script = grid.script("""
         import json, socket
