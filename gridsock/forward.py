@@ -26,6 +26,18 @@ exits the port is closed. A CLI that dies without a word (SIGKILL) closes the co
 cancels the operation the same way. With ``--once`` the operation takes a single connection,
 stops listening, and returns when that connection ends.
 
+Node restarts: when the node goes away while it holds the operation (killed, or restarted with
+its state directory), its connections break (resets at both ends) and the command, which
+outlives it, says so on stderr and tries the node's control socket again with backoff
+(:data:`REATTACH_FIRST_S` doubling to :data:`REATTACH_MAX_S`) for up to ``--give-up`` seconds
+(:data:`REATTACH_GIVE_UP_S`); then it asks the new node for the same operation on the same
+ports (a forward's local port, even one the kernel chose; an expose's grid port), as a program's
+grid listener does through its agent (:mod:`gridsock.agentclient`). Its last line adds up what
+every node reported (a node killed without warning may not have reported its last
+:data:`REPORT_INTERVAL_S`). ``--give-up 0``, and ``--once``, end the command at once with "the
+node went away" instead (exit status 2); so does a node that does not come back in time, or
+cannot serve the same ports.
+
 Each connection is a :class:`Pipe`: two greenlets copy bytes between the local TCP socket (a
 :class:`~gridsock.streams.SocketStream`) and the grid stream, :data:`PIPE_CHUNK_BYTES` at a
 time, so nothing is buffered beyond one chunk each way and the sockets' own buffers.
@@ -85,6 +97,7 @@ __all__ = [
     "LOCAL_CONNECT_TIMEOUT_S",
     "REPORT_INTERVAL_S",
     "STOP_TIMEOUT_S",
+    "REATTACH_GIVE_UP_S",
 ]
 
 log = logging.getLogger(__name__)
@@ -103,6 +116,14 @@ LISTEN_BACKLOG = 128
 REPORT_INTERVAL_S = 1.0
 # After Ctrl-C the CLI waits this long for the node to confirm that it has stopped.
 STOP_TIMEOUT_S = 10.0
+#: When its node goes away (killed, restarted with its state directory), the command waits this
+#: long by default for the node's control socket to answer again, then asks the new node for
+#: the same operation (the same ports); ``--give-up 0`` ends the command at once instead.
+REATTACH_GIVE_UP_S = 600.0
+#: The first try comes this soon after the node went away, then twice as late after each
+#: failure, up to :data:`REATTACH_MAX_S` apart (a try is one connect() to a Unix socket path).
+REATTACH_FIRST_S = 0.05
+REATTACH_MAX_S = 1.0
 # Stopping waits this long for the connections' greenlets to end (they are killed).
 KILL_TIMEOUT_S = 5.0
 
@@ -311,6 +332,11 @@ class Forward(_Joiner):
         host, port = self.address if self.address is not None else (self.bind, self.local_port)
         return f"{_format_address(host, port)} -> {self.peer}:{self.port}"
 
+    def summary(self) -> Dict[str, Any]:
+        """As :meth:`_Joiner.summary`, plus ``local_port``: the port bound (the kernel's choice
+        for port 0), which the CLI asks for again of a restarted node."""
+        return {**super().summary(), "local_port": self.address[1] if self.address is not None else self.local_port}
+
     def start(self) -> "Forward":
         """Bind and listen; return self. ConfigError: the port is in use, the address cannot
         be bound, the peer is not in the directory, or the stack string is bad."""
@@ -504,6 +530,12 @@ the grid port is closed and open connections are reset.
 """
 
 
+def _add_give_up(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--give-up", type=float, default=REATTACH_GIVE_UP_S, metavar="SECONDS",
+                        help="when the node goes away, wait this long for it to come back and serve the same "
+                             f"ports again (default {REATTACH_GIVE_UP_S:g}; 0: end at once)")
+
+
 def add_commands(sub: Any) -> None:
     """Add ``gridsock forward`` and ``gridsock expose`` to the ``gridsock`` parser."""
     from .cli import _add_target
@@ -513,6 +545,7 @@ def add_commands(sub: Any) -> None:
     _add_target(forward)
     forward.add_argument("--stack", help="stack string (default: what the rules choose)")
     forward.add_argument("--once", action="store_true", help="take one connection, stop when it ends")
+    _add_give_up(forward)
     forward.add_argument("local", metavar="[BIND:]LOCALPORT", help="where to listen (port 0: the kernel chooses)")
     forward.add_argument("dst", metavar="NODE:PORT", help="the grid port each connection goes to")
     forward.set_defaults(handler=_cmd_forward)
@@ -521,6 +554,7 @@ def add_commands(sub: Any) -> None:
                             description=EXPOSE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_target(expose)
     expose.add_argument("--once", action="store_true", help="take one connection, stop when it ends")
+    _add_give_up(expose)
     expose.add_argument("port", type=int, metavar="GRIDPORT", help="the grid port of this node to serve")
     expose.add_argument("local", metavar="[HOST:]LOCALPORT", help="the local TCP server")
     expose.set_defaults(handler=_cmd_expose)
@@ -579,6 +613,18 @@ def _connect_control(sock: gsocket.socket, path: str) -> None:
         raise ConnectError(f"no gridsock process serves {path}: {exc.strerror or exc}", peer=path) from exc
 
 
+class _NodeGone(Exception):
+    """The node went away while it held the operation (its reason in ``args[0]``)."""
+
+
+_COUNTED = ("connections", "failed", "bytes_to_grid", "bytes_from_grid")
+
+
+def _added(carried: Dict[str, Any], counts: Dict[str, Any]) -> Dict[str, Any]:
+    """``counts`` (the current node's) plus what earlier nodes counted for this command."""
+    return {**counts, **{key: int(counts.get(key, 0)) + int(carried.get(key, 0)) for key in _COUNTED}}
+
+
 def _hold(args: argparse.Namespace, op: str, op_args: Dict[str, Any]) -> int:
     """Run ``op`` in the node and hold it until it ends, Ctrl-C or SIGTERM; return the exit status.
 
@@ -586,7 +632,11 @@ def _hold(args: argparse.Namespace, op: str, op_args: Dict[str, Any]) -> int:
     control connection is half-closed (the node cancels the operation: it closes the port and
     the connections) and the node's last counts and its close are awaited, at most
     :data:`STOP_TIMEOUT_S`. Raises GridsockError with the node's reason if the operation
-    could not start, and if the node went away.
+    could not start. If the node goes away once the operation runs (killed, restarted with its
+    state directory), the command waits up to ``--give-up`` seconds for it to come back and asks
+    it for the same operation on the same ports (a forward's local port, an expose's grid port);
+    connections open through the old node were reset with it. Raises GridsockError if it does
+    not come back in time, or the new node cannot serve the operation.
     """
     from . import wire
     from .bootstrap.control import PROGRESS_ARG, PROGRESS_OP
@@ -594,54 +644,104 @@ def _hold(args: argparse.Namespace, op: str, op_args: Dict[str, Any]) -> int:
     from .cli import _control_target
 
     path = _control_target(args)
-    sock = gsocket.socket(gsocket.AF_UNIX, gsocket.SOCK_STREAM)
+    give_up_s = float(getattr(args, "give_up", REATTACH_GIVE_UP_S))
     main_greenlet = gevent.getcurrent()
     handlers = [gevent.signal_handler(signum, lambda: main_greenlet.throw(_Interrupted()))
                 for signum in (signal.SIGINT, signal.SIGTERM)]
     counts: Dict[str, Any] = {}
+    carried: Dict[str, Any] = {}  # what the nodes that went away counted
     forever = 10 * 365 * 86400.0  # (read_message needs a number)
-    decoder = wire.Decoder(peer=path)
-    try:
+    what = "forwarding" if op == "forward" else "exposing"
+    sock: Optional[gsocket.socket] = None
+
+    def run_once(attached_before: bool) -> int:
+        """One node: send the op, follow its progress; the exit status, or _NodeGone."""
+        nonlocal counts
+        decoder = wire.Decoder(peer=path)
+        assert sock is not None
         try:
-            _connect_control(sock, path)
             send_message(sock, wire.Control(op, {**op_args, PROGRESS_ARG: REPORT_INTERVAL_S}))
             while True:
                 message = read_message(sock, decoder, timeout=forever)
                 if isinstance(message, wire.Control) and message.op == PROGRESS_OP:
                     if message.args.get("event") == "listening":
-                        print(f"{'forwarding' if op == 'forward' else 'exposing'} {message.args.get('what')} "
-                              "(Ctrl-C to stop)", flush=True)
+                        if attached_before:
+                            print(f"gridsock {op}: the node is back", file=sys.stderr, flush=True)
+                        else:
+                            print(f"{what} {message.args.get('what')} (Ctrl-C to stop)", flush=True)
+                        if "local_port" in message.args:  # (a restarted node binds the same port)
+                            op_args["local_port"] = int(message.args["local_port"])
                     counts = dict(message.args)
                     continue
                 if not isinstance(message, wire.ControlReply):
                     raise GridsockError(f"unexpected {type(message).__name__} from the node")
                 if not message.ok:
                     raise GridsockError(message.error)
-                print(_final_line(dict(message.result)), flush=True)  # (--once: it ended by itself)
+                print(_final_line(_added(carried, dict(message.result))), flush=True)  # (--once: it ended)
                 return 0
+        except BrokenStreamError:
+            raise _NodeGone("the node went away") from None
+        except OSError as exc:  # (a node that died resets the control connection)
+            raise _NodeGone(f"the node went away: {exc.strerror or exc}") from None
+
+    def reattach(reason: str) -> None:
+        """Wait for the node's control socket to answer again (backoff, at most give_up_s)."""
+        nonlocal sock, counts, carried
+        carried = _added(carried, counts)
+        counts = {}
+        if give_up_s <= 0 or op_args.get("once"):
+            raise GridsockError(reason)
+        print(f"gridsock {op}: {reason}; waiting up to {give_up_s:g} s for it to come back", file=sys.stderr,
+              flush=True)
+        deadline = time.monotonic() + give_up_s
+        delay = REATTACH_FIRST_S
+        while True:
+            sock = gsocket.socket(gsocket.AF_UNIX, gsocket.SOCK_STREAM)
+            try:
+                _connect_control(sock, path)
+                return
+            except ConnectError:
+                sock.close()
+                sock = None
+            if time.monotonic() + delay > deadline:
+                raise GridsockError(f"{reason}, and did not come back within {give_up_s:g} s")
+            gevent.sleep(delay)
+            delay = min(delay * 2, REATTACH_MAX_S)
+
+    try:
+        try:
+            sock = gsocket.socket(gsocket.AF_UNIX, gsocket.SOCK_STREAM)
+            _connect_control(sock, path)
+            attached_before = False
+            while True:
+                try:
+                    return run_once(attached_before)
+                except _NodeGone as gone:
+                    if sock is not None:
+                        sock.close()
+                        sock = None
+                    reattach(str(gone))
+                    attached_before = True
         except _Interrupted:
             pass
-        except BrokenStreamError:
-            raise GridsockError("the node went away") from None
-        except GridsockError:
-            raise
-        except OSError as exc:  # (a node that died resets the control connection)
-            raise GridsockError(f"the node went away: {exc.strerror or exc}") from None
         # Ctrl-C or SIGTERM: half-close, so the node stops; its last counts, then its close.
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            with gevent.Timeout(STOP_TIMEOUT_S, TimeoutError):
-                while True:
-                    message = read_message(sock, decoder, timeout=STOP_TIMEOUT_S)
-                    if isinstance(message, wire.Control) and message.op == PROGRESS_OP:
-                        counts = dict(message.args)
-        except (BrokenStreamError, OSError, TimeoutError, _Interrupted):
-            pass  # closed (what we wait for), or no confirmation in time, or a second signal
-        if counts:
-            print(_final_line(counts), flush=True)
+        if sock is not None:
+            decoder = wire.Decoder(peer=path)
+            try:
+                sock.shutdown(socket.SHUT_WR)
+                with gevent.Timeout(STOP_TIMEOUT_S, TimeoutError):
+                    while True:
+                        message = read_message(sock, decoder, timeout=STOP_TIMEOUT_S)
+                        if isinstance(message, wire.Control) and message.op == PROGRESS_OP:
+                            counts = dict(message.args)
+            except (BrokenStreamError, OSError, TimeoutError, _Interrupted):
+                pass  # closed (what we wait for), or no confirmation in time, or a second signal
+        if counts or carried:
+            print(_final_line(_added(carried, counts)), flush=True)
         return 0
     finally:
         for handler in handlers:
             handler.cancel()
-        sock.close()
+        if sock is not None:
+            sock.close()
         sys.stdout.flush()

@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import struct
 import threading
+import time
 from typing import Callable, Dict, List, Tuple
 
 import pytest
@@ -421,17 +423,91 @@ def test_the_command_ends_with_an_error_when_its_node_dies(grid):
     node = procs.start("short", "node", "--session", str(base / "node" / "session.toml"), "--name", "short",
                        "--cluster", "A", "--leader", lead_address, "--listen", "127.0.0.1:0", "--front-door", "off")
     wait_for_line(node, "joined short ", timeout=READY_TIMEOUT_S)
-    forward = Command(grid, "forward", "--node", "short", "0", "mem:9011")
+    forward = Command(grid, "forward", "--node", "short", "--give-up", "0", "0", "mem:9011")
+    waiting = Command(grid, "forward", "--node", "short", "--give-up", "0.5", "0", "mem:9012")
     try:
         node.kill()
         node.wait(timeout=STOP_TIMEOUT_S)
         forward.proc.wait(timeout=STOP_TIMEOUT_S)
+        waiting.proc.wait(timeout=STOP_TIMEOUT_S)
     finally:
         forward.close()
-    assert forward.proc.returncode == 2
+        waiting.close()
+    assert forward.proc.returncode == 2 and waiting.proc.returncode == 2
     errors = (base / "forward-mem_9011.log").read_text()
     assert errors.startswith("gridsock forward: the node went away"), errors
     assert_no_trouble(errors, "gridsock forward after its node died")
+    errors = (base / "forward-mem_9012.log").read_text()
+    assert "waiting up to 0.5 s for it to come back" in errors, errors
+    assert errors.rstrip().endswith("and did not come back within 0.5 s"), errors
+    assert_no_trouble(errors, "gridsock forward after its node died for good")
+
+
+# A restarted node serves its commands' ports again within this (it starts and joins in a second
+# or two; the commands try its control socket at most REATTACH_MAX_S apart).
+BACK_TIMEOUT_S = 60.0
+# How often the test looks at a command's log for the line that says its node is back.
+POLL_S = 0.1
+
+
+def wait_in_log(path, text: str) -> None:
+    """Return once ``text`` is in the file at ``path`` (a command's stderr), within BACK_TIMEOUT_S."""
+    deadline = time.monotonic() + BACK_TIMEOUT_S
+    while text not in (path.read_text() if path.exists() else ""):
+        assert time.monotonic() < deadline, f"{text!r} not in {path.name}:\n{path.read_text()}"
+        time.sleep(POLL_S)
+
+
+def test_forward_and_expose_serve_the_same_ports_through_a_restart_of_their_node(grid):
+    """Their node is killed (SIGKILL) and started again with its state directory: both
+    commands, never restarted, ask the new node for the same ports (forward: the local port
+    the kernel chose; expose: the grid port) and move data again; their last lines count the
+    connections through both nodes."""
+    procs, env, base = grid
+    lead_address = next(e for e in json.loads(gridsock("status", "--json", "--node", "lead", env=env).stdout)
+                         ["directory"] if e["name"] == "lead")["addrs"][0]
+    argv = ("node", "--session", str(base / "node" / "session.toml"), "--name", "again", "--cluster", "A",
+            "--leader", lead_address, "--listen", "127.0.0.1:0", "--front-door", "off",
+            "--state-dir", str(base / "state-again"))
+    node = procs.start("again", *argv)
+    wait_for_line(node, "joined again ", timeout=READY_TIMEOUT_S)
+    assert gridsock("echo", "9032", "--node", "mem", env=env).returncode == 0
+    server = LocalServer(echo)
+    expose = Command(grid, "expose", "--node", "again", "9031", str(server.port))
+    forward = Command(grid, "forward", "--node", "again", "127.0.0.1:0", "mem:9032")
+    try:
+        def both_move_data() -> None:
+            moved = send_and_read_back(forward.local_port, MIB)
+            assert moved["received"] == MIB and moved["sha_received"] == moved["sha_sent"]
+            done = gridsock("transfer", "--node", "lead", "again:9031", "--bytes", "1M", "--json", env=env)
+            assert done.returncode == 0, done.stderr
+            result = json.loads(done.stdout)
+            assert result["bytes"] == MIB and result["sha256_sent"] == result["sha256_received"]
+            assert server.result() == MIB
+
+        both_move_data()
+        node.kill()
+        node.wait(timeout=STOP_TIMEOUT_S)
+        again = procs.start("again-restarted", *argv)
+        wait_for_line(again, "joined again ", timeout=READY_TIMEOUT_S)
+        for command in ("forward-mem_9032", f"expose-{server.port}"):
+            wait_in_log(base / f"{command}.log", "the node is back")
+        call(os.path.join(env["GRIDSOCK_RUN_DIR"], "lead.sock"), "wait",
+             {"present": ["again"], "timeout": READY_TIMEOUT_S}, timeout=READY_TIMEOUT_S + 5)
+        both_move_data()
+        # The counts are what the nodes reported: a node killed without warning may not have
+        # reported its last REPORT_INTERVAL_S, so the first connection may be missing from them.
+        counted = re.compile(r": (2 connection\(s\), 2\.0 MiB to the grid, 2\.0|1 connection\(s\), 1\.0 MiB to the grid, 1\.0)"
+                             r" MiB from it$")
+        for command in (forward, expose):
+            status, last = command.stop()
+            assert status == 0 and counted.search(last), last
+    finally:
+        forward.close()
+        expose.close()
+        server.close()
+    errors = (base / "forward-mem_9032.log").read_text()
+    assert "gridsock forward: the node went away" in errors and "waiting up to 600 s" in errors, errors
 
 
 # --- in this process: the Forward and Expose classes over the loopback grid's stacks ---------------
