@@ -11,9 +11,9 @@ first byte a client sends: ``0x05`` is SOCKS5, anything else HTTP (as "mixed" pr
 
 Each accepted client gets a greenlet:
 
-1. **Trust.** A client on loopback that belongs to this user or root (its socket's uid in
-   ``/proc/net/tcp``, :func:`client_untrusted`) may go without credentials. Anyone else must
-   give a username and password of ``users`` (SOCKS5 method 2, or HTTP ``Proxy-Authorization:
+1. **Trust.** A client on loopback that belongs to this user or root (its socket's uid, asked of
+   the kernel's sock_diag, or read in ``/proc/net/tcp``: :func:`client_untrusted`) may go
+   without credentials. Anyone else must give a username and password of ``users`` (SOCKS5 method 2, or HTTP ``Proxy-Authorization:
    Basic``), or is refused: with no users configured, always (local users are kept out of each
    other's grids, and the port is not an open relay).
 2. **Handshake.** The client's request is read and checked by the sans-IO codec below
@@ -515,8 +515,9 @@ def _normal_ip(host: str) -> str:
 
 def socket_uid(local: Tuple[str, int], remote: Tuple[str, int]) -> Optional[int]:
     """The uid owning the TCP socket of this network namespace bound to ``local`` and connected
-    to ``remote`` (as /proc/net/tcp{,6} list it), or None if no open socket matches."""
-    found = _proc_tcp_socket(local, remote)
+    to ``remote`` (asked of the kernel by its addresses, :func:`_tcp_socket_owner`), or None if
+    no open socket matches."""
+    found = _tcp_socket_owner(local, remote)
     return found[0] if found is not None else None
 
 
@@ -524,7 +525,7 @@ def socket_pid(local: Tuple[str, int], remote: Tuple[str, int]) -> Optional[int]
     """The pid of a process holding the TCP socket bound to ``local`` and connected to
     ``remote`` (its inode among the descriptors of the processes of the socket's user), or None.
     Costs a look at every descriptor of that user's processes: a few milliseconds."""
-    found = _proc_tcp_socket(local, remote)
+    found = _tcp_socket_owner(local, remote)
     if found is None:
         return None
     uid, inode = found
@@ -547,6 +548,87 @@ def socket_pid(local: Tuple[str, int], remote: Tuple[str, int]) -> Optional[int]
             except OSError:
                 continue
     return None
+
+
+# sock_diag (netlink, linux/inet_diag.h): one socket asked for by its addresses, in a few
+# microseconds whatever the size of the table; /proc/net/tcp lists every socket of the
+# namespace, TIME_WAIT ones included, and costs milliseconds per look on a busy host (a client
+# flood makes the table, and each look, grow: 43 new front-door clients a second at 5,000).
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 1
+_NLMSG_ERROR = 2
+_NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+_DIAG_REQUEST = struct.Struct("=BBBxI")  # family, protocol, extensions, states (then a socket id)
+_DIAG_SOCKID = struct.Struct("!HH16s16s")  # source port, destination port, addresses (big-endian)
+_DIAG_TAIL = struct.Struct("=III")  # interface, cookie (two words)
+_DIAG_NO_COOKIE = 0xFFFFFFFF
+_DIAG_REPLY = struct.Struct("=BBBB")  # family, state, timer, retransmits (then the socket id)
+_DIAG_OWNER = struct.Struct("=IIIII")  # expires, receive queue, send queue, uid, inode
+_DIAG_TIMEOUT_S = 1.0
+# False once sock_diag proved unusable here (no netlink, not Linux): /proc/net/tcp from then on.
+_diag_usable = True
+
+
+def _tcp_socket_owner(local: Tuple[str, int], remote: Tuple[str, int]) -> Optional[Tuple[int, int]]:
+    """``(uid, inode)`` of the open TCP socket from ``local`` to ``remote``, or None: asked of
+    the kernel's sock_diag where it answers, else read from /proc/net/tcp{,6}."""
+    global _diag_usable
+    if _diag_usable:
+        try:
+            return _diag_tcp_socket(local, remote)
+        except OSError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EPERM, errno.EACCES,
+                                 errno.EOPNOTSUPP, errno.EINVAL, None):
+                raise
+            _diag_usable = False
+    return _proc_tcp_socket(local, remote)
+
+
+def _diag_tcp_socket(local: Tuple[str, int], remote: Tuple[str, int]) -> Optional[Tuple[int, int]]:
+    """``(uid, inode)`` of the open TCP socket from ``local`` to ``remote`` as sock_diag
+    knows it (one exact lookup), or None: no such socket, or only a TIME_WAIT one (inode 0).
+    Raises OSError where sock_diag cannot be asked."""
+    local_ip, remote_ip = _normal_ip(local[0]), _normal_ip(remote[0])
+    family = socket.AF_INET6 if ":" in local_ip or ":" in remote_ip else socket.AF_INET
+    if family == socket.AF_INET6:  # (one IPv4 end and one IPv6: a v4-mapped pair)
+        src, dst = _in6(local_ip), _in6(remote_ip)
+    else:
+        src, dst = socket.inet_pton(family, local_ip), socket.inet_pton(family, remote_ip)
+    sockid = _DIAG_SOCKID.pack(local[1], remote[1], src.ljust(16, b"\0"), dst.ljust(16, b"\0"))
+    body = (_DIAG_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF) + sockid
+            + _DIAG_TAIL.pack(0, _DIAG_NO_COOKIE, _DIAG_NO_COOKIE))
+    request = _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + body
+    # (a plain socket, not gevent's: the kernel answers within the send, and this also runs in
+    # worker threads)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as diag:
+        diag.settimeout(_DIAG_TIMEOUT_S)
+        diag.sendto(request, (0, 0))
+        reply = diag.recv(8192)
+    if len(reply) < _NLMSG_HEADER.size:
+        raise OSError(errno.EINVAL, "sock_diag: short reply")
+    _, kind, _, _, _ = _NLMSG_HEADER.unpack_from(reply)
+    if kind == _NLMSG_ERROR:
+        code = -struct.unpack_from("=i", reply, _NLMSG_HEADER.size)[0]
+        if code in (errno.ENOENT, errno.ESTALE):
+            return None
+        raise OSError(code, f"sock_diag: {os.strerror(code)}")
+    if kind != _SOCK_DIAG_BY_FAMILY:
+        raise OSError(errno.EINVAL, f"sock_diag: unexpected reply type {kind}")
+    offset = _NLMSG_HEADER.size + _DIAG_REPLY.size
+    sport, dport, got_src, got_dst = _DIAG_SOCKID.unpack_from(reply, offset)
+    if (sport, dport) != (local[1], remote[1]) or got_dst not in (dst.ljust(16, b"\0"), _in6(remote_ip)):
+        return None  # (the kernel fell back to a listening socket on that port: not the one asked for)
+    offset += _DIAG_SOCKID.size + _DIAG_TAIL.size
+    _, _, _, uid, inode = _DIAG_OWNER.unpack_from(reply, offset)
+    return (uid, inode) if inode else None
+
+
+def _in6(ip: str) -> bytes:
+    """16 bytes of ``ip``: an IPv4 address as v4-mapped."""
+    if ":" in ip:
+        return socket.inet_pton(socket.AF_INET6, ip)
+    return b"\0" * 10 + b"\xff\xff" + socket.inet_pton(socket.AF_INET, ip)
 
 
 def _proc_tcp_socket(local: Tuple[str, int], remote: Tuple[str, int]) -> Optional[Tuple[int, int]]:
@@ -573,7 +655,7 @@ def client_untrusted(client: Tuple[str, int], server: Tuple[str, int], *, allow_
         return None
     uid = uid_of(client, server)
     if uid is None:
-        return "its socket is not listed in /proc/net/tcp: its user is unknown"
+        return "its socket is not in the kernel's TCP table: its user is unknown"
     if uid not in (os.geteuid(), 0):  # root may do all a front door could let it do anyway
         return f"it belongs to uid {uid}, not to this node's ({os.geteuid()})"
     return None
@@ -736,10 +818,12 @@ class FrontDoor:
         try:
             sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
             client.local = ipaddress.ip_address(_normal_ip(addr[0])).is_loopback
-            # (The kernel's TCP table is read in a worker thread: on a host with many sockets it
-            # takes milliseconds, which the node's event loop must not spend per client.)
-            why_untrusted = gevent.get_hub().threadpool.apply(
-                client_untrusted, (addr, sock.getsockname()), {"allow_other_users": self.allow_other_users})
+            # (sock_diag answers in microseconds, within its system call; the fallback reads
+            # the kernel's whole TCP table, milliseconds on a busy host, which the node's event
+            # loop must not spend per client: in a worker thread.)
+            trust_args = ((addr, sock.getsockname()), {"allow_other_users": self.allow_other_users})
+            why_untrusted = (client_untrusted(*trust_args[0], **trust_args[1]) if _diag_usable
+                             else gevent.get_hub().threadpool.apply(client_untrusted, *trust_args))
             if why_untrusted is None and self.require_auth:
                 why_untrusted = "credentials are required from every client"
             deadline = time.monotonic() + self.handshake_timeout
