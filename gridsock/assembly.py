@@ -317,6 +317,18 @@ class DataListener:
         self._queue.put_nowait(None)
 
 
+def _until_closed(sock) -> bool:
+    """Wait until ``sock`` is readable: True if its peer closed it (EOF or an error), False if
+    data came (the client's first bytes, early: they stay queued for the stack)."""
+    from gevent.socket import wait_read
+
+    try:
+        wait_read(sock.fileno())
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 class Assembler:
     """The data-connection side of one node (client and server); see the module docstring.
 
@@ -458,9 +470,13 @@ class Assembler:
                     raise RemoteProtocolError(f"unknown token, and {self._early} connections wait for theirs already")
                 event = self._registered.setdefault(token, gevent.event.Event())
                 self._early += 1
+                watcher = gevent.spawn(_until_closed, sock)
                 try:
-                    event.wait(MATCH_TIMEOUT_S)
+                    gevent.wait([event, watcher], timeout=MATCH_TIMEOUT_S, count=1)
+                    if not event.is_set() and watcher.ready() and watcher.value:
+                        raise RemoteProtocolError("closed while waiting for the request of its token")
                 finally:
+                    watcher.kill(block=False)
                     self._early -= 1
                 self._registered.pop(token, None)
                 arrival = self._arrivals.get(token)

@@ -537,3 +537,26 @@ def test_connections_with_unknown_tokens_wait_within_a_bound(grid, monkeypatch):
     finally:
         for sock in early:
             sock.close()
+
+
+def test_a_connection_waiting_for_its_token_is_let_go_when_its_client_closes(grid, monkeypatch):
+    # A client that gives up (closes) while its connection waits for a request that will never
+    # come frees its place at once, not after MATCH_TIMEOUT_S.
+    monkeypatch.setattr(assembly, "MATCH_TIMEOUT_S", 600.0)
+    address = grid["m2"].address
+    assembler = grid["m2"].assembler
+    with gevent.Timeout(JOIN_TIMEOUT_S, AssertionError("earlier tests' closed connections still wait")):
+        while assembler._early:
+            gevent.sleep(0.01)
+    before = 0
+    sock = gevent.socket.create_connection((address.host, address.port), timeout=JOIN_TIMEOUT_S)
+    try:
+        sock.sendall(wire.encode_preamble(os.urandom(wire.TOKEN_BYTES)))
+        with gevent.Timeout(JOIN_TIMEOUT_S):
+            while assembler._early == before:
+                gevent.sleep(0.01)
+    finally:
+        sock.close()
+    with gevent.Timeout(JOIN_TIMEOUT_S, AssertionError("the connection still waits after its client closed")):
+        while assembler._early != before:
+            gevent.sleep(0.01)
