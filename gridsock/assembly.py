@@ -472,9 +472,12 @@ class Assembler:
                 self._early += 1
                 watcher = gevent.spawn(_until_closed, sock)
                 try:
+                    deadline = time.monotonic() + MATCH_TIMEOUT_S
                     gevent.wait([event, watcher], timeout=MATCH_TIMEOUT_S, count=1)
-                    if not event.is_set() and watcher.ready() and watcher.value:
-                        raise RemoteProtocolError("closed while waiting for the request of its token")
+                    if not event.is_set() and watcher.ready():
+                        if watcher.value:
+                            raise RemoteProtocolError("closed while waiting for the request of its token")
+                        event.wait(max(0.0, deadline - time.monotonic()))  # (early bytes came: wait on)
                 finally:
                     watcher.kill(block=False)
                     self._early -= 1

@@ -560,3 +560,27 @@ def test_a_connection_waiting_for_its_token_is_let_go_when_its_client_closes(gri
     with gevent.Timeout(JOIN_TIMEOUT_S, AssertionError("the connection still waits after its client closed")):
         while assembler._early != before:
             gevent.sleep(0.01)
+
+
+def test_a_connection_whose_client_writes_early_still_waits_for_its_request(grid, monkeypatch):
+    # Bytes after the preamble (a client that does not wait: its TLS hello) are not a close: the
+    # connection keeps waiting for its request, and the bytes stay for the stack.
+    monkeypatch.setattr(assembly, "MATCH_TIMEOUT_S", 600.0)
+    address = grid["m2"].address
+    assembler = grid["m2"].assembler
+    with gevent.Timeout(JOIN_TIMEOUT_S, AssertionError("earlier tests' closed connections still wait")):
+        while assembler._early:
+            gevent.sleep(0.01)
+    sock = gevent.socket.create_connection((address.host, address.port), timeout=JOIN_TIMEOUT_S)
+    try:
+        sock.sendall(wire.encode_preamble(os.urandom(wire.TOKEN_BYTES)) + b"early bytes")
+        with gevent.Timeout(JOIN_TIMEOUT_S):
+            while assembler._early == 0:
+                gevent.sleep(0.01)
+        sock.sendall(b" and more")
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):  # open, nothing said: still waiting
+            sock.recv(1)
+        assert assembler._early == 1
+    finally:
+        sock.close()
