@@ -11,6 +11,13 @@ A *session* is one grid deployment. ``create_session(DIR, "HOST:PORT")`` writes:
 ``ca-key.pem`` (0600), ``rendezvous-cert.pem``, ``rendezvous-key.pem`` (0600), ``ca.pem``
     The rendez-vous host's private material, beside ``session.toml``; they never leave it.
 
+Several rendez-vous nodes (a federation, docs/federation.md): ``rendezvous`` in session.toml
+may be a list of ``HOST:PORT``; :func:`add_rendezvous` adds one, with its own certificate
+(``rendezvous-N-cert.pem``, key ``rendezvous-N-key.pem`` 0600, for the Nth; the first keeps
+the files above). Every rendez-vous certificate names the session (``urn:gridsock:rendezvous:``
+and the session id), so a leader accepts any of them, and they accept each other;
+:func:`rendezvous_name` names them in routing (``rendezvous``, ``rendezvous-2``, ...).
+
 Enrollment: a node makes its own key and a CSR (:func:`new_node_key`), connects to the rendez-vous
 over server-authenticated TLS (:func:`client_context` with no identity; the rendez-vous port uses
 ``require_client_cert=False``), proves it holds the join token (:meth:`Session.check_token` on the
@@ -59,7 +66,7 @@ import tempfile
 import uuid
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
@@ -103,6 +110,9 @@ __all__ = [
     "CLUSTER_URI_PREFIX",
     "cluster_file_name",
     "add_cluster",
+    "add_rendezvous",
+    "MAX_RENDEZVOUS",
+    "rendezvous_name",
     "ClusterTokens",
     "default_state_dir",
     "NodeState",
@@ -151,6 +161,11 @@ NODE_URI_PREFIX = "urn:gridsock:node:"
 RENDEZVOUS_URI_PREFIX = "urn:gridsock:rendezvous:"
 CLUSTER_URI_PREFIX = "urn:gridsock:cluster:"  # beside the node URI: the cluster the CA attests
 RENDEZVOUS_NODE_ID = "rendezvous"  # Identity.node_id of the rendez-vous certificate
+# Rendez-vous nodes one session may list (a federation, docs/federation.md): each links to
+# every other, so a few are plenty; more is surely a mistake.
+MAX_RENDEZVOUS = 8
+RENDEZVOUS_N_CERT_FILE = "rendezvous-{}-cert.pem"  # the second and later rendez-vous nodes' (N >= 2)
+RENDEZVOUS_N_KEY_FILE = "rendezvous-{}-key.pem"  # 0600
 
 # A node's state directory (NodeState): under $XDG_STATE_HOME (or ~/.local/state), this subdirectory.
 STATE_SUBDIR = "gridsock"
@@ -390,7 +405,9 @@ def _toml_escape(text: str, keep_newlines: bool) -> str:
     return "".join(out)
 
 
-def _toml_value(value: str | int) -> str:
+def _toml_value(value: str | int | list) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise TypeError(f"cannot write {type(value).__name__} to TOML")
     if isinstance(value, int):
@@ -402,7 +419,7 @@ def _toml_value(value: str | int) -> str:
     return '"' + _toml_escape(value, keep_newlines=False) + '"'
 
 
-def _dump_toml(tables: dict[str, dict[str, str | int]], header: str = "") -> str:
+def _dump_toml(tables: dict[str, dict[str, str | int | list]], header: str = "") -> str:
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     for name, table in tables.items():
         if lines:
@@ -768,6 +785,26 @@ class Session:
     # The cluster whose join token this file holds (a cluster session file, see add_cluster);
     # None for the session's own session.toml.
     cluster: str | None = None
+    # Every rendez-vous node of the session, in order, as (host, port): the first is
+    # (rendezvous_host, rendezvous_port). Empty: that one alone (see rendezvous_addresses).
+    rendezvous_list: tuple = ()
+
+    @property
+    def rendezvous_addresses(self) -> tuple:
+        """The session's rendez-vous nodes in order, as ``(host, port)`` pairs: the list of
+        session.toml, or the one ``rendezvous_host``/``rendezvous_port`` name when that one is
+        not in it (a node told another rendez-vous address on its command line)."""
+        first = (self.rendezvous_host, self.rendezvous_port)
+        if first in self.rendezvous_list:
+            return tuple(self.rendezvous_list)
+        return (first,)
+
+    def _rendezvous_field(self) -> str | list:
+        """What session.toml's ``rendezvous`` holds: one HOST:PORT, or a list of them."""
+        addrs = self.rendezvous_addresses
+        if len(addrs) == 1:
+            return self.rendezvous
+        return [format_hostport(h, p) for h, p in addrs]
 
     @property
     def tls(self) -> bool:
@@ -822,10 +859,25 @@ class Session:
         session_id = string("id")
         if _canonical_uuid(session_id) is None:
             raise bad("id", f"{session_id!r} is not a uuid in canonical form")
-        try:
-            host, port = parse_hostport(string("rendezvous"), DEFAULT_RENDEZVOUS_PORT)
-        except ConfigError as exc:
-            raise bad("rendezvous", str(exc)) from exc
+        listed = table.get("rendezvous")
+        if isinstance(listed, list):
+            if not listed or len(listed) > MAX_RENDEZVOUS:
+                raise bad("rendezvous", f"a list of 1 to {MAX_RENDEZVOUS} HOST:PORT, not {len(listed)}")
+            odd = [item for item in listed if not isinstance(item, str)]
+            if odd:
+                raise bad("rendezvous", f"expected a string HOST:PORT (or a list of them), got a list holding"
+                                        f" {type(odd[0]).__name__}")
+        else:
+            listed = [string("rendezvous")]
+        addrs = []
+        for item in listed:
+            try:
+                addrs.append(parse_hostport(item, DEFAULT_RENDEZVOUS_PORT))
+            except ConfigError as exc:
+                raise bad("rendezvous", str(exc)) from exc
+        if len(set(addrs)) != len(addrs):
+            raise bad("rendezvous", "each rendez-vous address once")
+        host, port = addrs[0]
         bootstrap = string("bootstrap")
         if bootstrap not in BOOTSTRAP_STACKS:
             raise bad("bootstrap", f"{bootstrap!r} is not one of {', '.join(BOOTSTRAP_STACKS)}")
@@ -850,7 +902,8 @@ class Session:
         unknown = sorted(set(table) - {"id", "rendezvous", "bootstrap", "join_token", "ca_cert", "cluster"})
         if unknown:
             log.warning("%s: ignoring unknown [session] keys: %s", path, ", ".join(unknown))
-        return cls(session_id, host, port, bootstrap, join_token, ca_cert_pem, path, cluster)
+        return cls(session_id, host, port, bootstrap, join_token, ca_cert_pem, path, cluster,
+                   tuple(addrs) if len(addrs) > 1 else ())
 
     def check_token(self, token: object) -> bool:
         """True if ``token`` is this session's join token (constant time); False for non-str."""
@@ -901,15 +954,17 @@ class Session:
         except ConfigError as exc:
             raise ConfigError(f"{self._beside(CA_KEY_FILE)}: {exc}") from exc
 
-    def rendezvous_identity(self) -> Identity:
-        """Load the rendez-vous identity from rendezvous-cert.pem and rendezvous-key.pem.
+    def rendezvous_identity(self, index: int = 0) -> Identity:
+        """Load the identity of rendez-vous node ``index`` (0: the first, from rendezvous-cert.pem
+        and rendezvous-key.pem; N-1: the Nth, from rendezvous-N-cert.pem and rendezvous-N-key.pem).
 
         Raises ConfigError if they are absent (this is not the rendez-vous host), do not parse or
         match, or the certificate is not this session's rendez-vous certificate.
         """
-        cert_pem = self._read_private(RENDEZVOUS_CERT_FILE)
-        key_pem = self._read_private(RENDEZVOUS_KEY_FILE)
-        where = self._beside(RENDEZVOUS_CERT_FILE)
+        cert_file, key_file = _rendezvous_files(index)
+        cert_pem = self._read_private(cert_file)
+        key_pem = self._read_private(key_file)
+        where = self._beside(cert_file)
         try:
             identity = Identity(cert_pem, key_pem)
         except ConfigError as exc:
@@ -939,13 +994,15 @@ def _valid_token(token: str) -> bool:
         return False
 
 
-def create_session(directory, rendezvous: str, *, bootstrap: str = "tls/tcp", clusters=()) -> Session:
+def create_session(directory, rendezvous, *, bootstrap: str = "tls/tcp", clusters=()) -> Session:
     """Create a new session in ``directory`` (made if missing) and return it.
 
     Writes session.toml, ca.pem, ca-key.pem (0600), rendezvous-cert.pem and rendezvous-key.pem
     (0600), and for each name in ``clusters`` what :func:`add_cluster` writes (the session then
     attests its clusters). ``rendezvous`` is ``HOST:PORT``, the address nodes dial (the port
-    defaults to DEFAULT_RENDEZVOUS_PORT). Raises ConfigError for a bad address, bootstrap stack
+    defaults to DEFAULT_RENDEZVOUS_PORT), or a list of them: a federation of rendez-vous nodes,
+    the first one's files as above, each other's written by :func:`add_rendezvous`
+    (docs/federation.md). Raises ConfigError for a bad address, bootstrap stack
     or cluster name, clusters in a plain-TCP session, or if any of these files already exists;
     on failure, nothing is left behind.
     """
@@ -959,6 +1016,14 @@ def create_session(directory, rendezvous: str, *, bootstrap: str = "tls/tcp", cl
         raise ConfigError(f"clusters {clusters}: each cluster once")
     if clusters and bootstrap == "tcp":
         raise ConfigError("a plain-TCP session has no certificates: its clusters cannot be attested")
+    more: list = []
+    if not isinstance(rendezvous, str):
+        listed = list(rendezvous)
+        if not listed or len(listed) > MAX_RENDEZVOUS or not all(isinstance(r, str) for r in listed):
+            raise ConfigError(f"rendez-vous: one HOST:PORT, or a list of 1 to {MAX_RENDEZVOUS} of them")
+        rendezvous, more = listed[0], listed[1:]
+        for other in more:
+            _check_dialable(parse_hostport(other, DEFAULT_RENDEZVOUS_PORT)[0], other)
     host, port = parse_hostport(rendezvous, DEFAULT_RENDEZVOUS_PORT)
     try:
         unspecified = ipaddress.ip_address(host).is_unspecified
@@ -1030,10 +1095,13 @@ def create_session(directory, rendezvous: str, *, bootstrap: str = "tls/tcp", cl
     log.info("created session %s in %s (rendez-vous %s)", session_id, directory, rendezvous)
     session = Session(session_id, host, port, bootstrap, join_token, ca.cert_pem, session_path)
     try:
+        for other in more:
+            session, _ = add_rendezvous(session, other)
         for cluster in clusters:
             add_cluster(session, cluster)
     except BaseException:
-        _remove(written + [directory / CLUSTERS_FILE] + [directory / cluster_file_name(c) for c in clusters])
+        _remove(written + [directory / CLUSTERS_FILE] + [directory / cluster_file_name(c) for c in clusters]
+                + [directory / f for i in range(1, len(more) + 1) for f in _rendezvous_files(i)])
         raise
     return session
 
@@ -1123,7 +1191,7 @@ def add_cluster(session, cluster: str) -> Session:
         {
             "session": {
                 "id": session.session_id,
-                "rendezvous": session.rendezvous,
+                "rendezvous": session._rendezvous_field(),
                 "bootstrap": session.bootstrap,
                 "join_token": token,
                 "ca_cert": session.ca_cert_pem.decode("ascii"),
@@ -1227,6 +1295,102 @@ def _remove(paths) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+# -- several rendez-vous nodes (docs/federation.md) ---------------------------------------------
+
+
+def rendezvous_name(index: int) -> str:
+    """The name of the session's rendez-vous node ``index`` (0-based) in routing and status:
+    ``rendezvous`` for the first (as a session with one always had), ``rendezvous-N`` for the
+    Nth after it."""
+    return RENDEZVOUS_NODE_ID if index == 0 else f"{RENDEZVOUS_NODE_ID}-{index + 1}"
+
+
+def _rendezvous_files(index: int) -> tuple[str, str]:
+    if index == 0:
+        return RENDEZVOUS_CERT_FILE, RENDEZVOUS_KEY_FILE
+    return RENDEZVOUS_N_CERT_FILE.format(index + 1), RENDEZVOUS_N_KEY_FILE.format(index + 1)
+
+
+def add_rendezvous(session, rendezvous: str) -> tuple[Session, int]:
+    """Add a rendez-vous node at ``rendezvous`` (``HOST:PORT``) to a session; return the session
+    (its file loaded again) and the new node's index.
+
+    ``session`` is the session's own :class:`Session` (on the host that holds the CA key) or
+    the path of its session.toml or directory. Issues the new node's certificate
+    (``rendezvous-N-cert.pem``, key ``rendezvous-N-key.pem``, 0600) and rewrites session.toml,
+    and every cluster session file beside it, with ``rendezvous`` as a list. Hand the new files
+    to every node again (a node with the old file knows only the rendez-vous nodes it lists),
+    and the CA key, the rendez-vous files and clusters.toml to the new rendez-vous host, which
+    enrolls nodes too. Raises ConfigError for a bad or unspecified address, one already listed,
+    more than MAX_RENDEZVOUS, a cluster's session file, or a host without the CA key.
+    """
+    if not isinstance(session, Session):
+        session = Session.load(session)
+    if session.cluster is not None:
+        raise ConfigError(f"{session.path} is cluster {session.cluster}'s session file: give the session's own"
+                          f" {SESSION_FILE}")
+    host, port = parse_hostport(rendezvous, DEFAULT_RENDEZVOUS_PORT)
+    _check_dialable(host, rendezvous)
+    addrs = list(session.rendezvous_addresses)
+    if (host, port) in addrs:
+        raise ConfigError(f"rendez-vous {rendezvous!r} is already in session {session.session_id}")
+    if len(addrs) >= MAX_RENDEZVOUS:
+        raise ConfigError(f"session {session.session_id} lists {len(addrs)} rendez-vous nodes already, its most")
+    ca = session.certificate_authority()  # (ConfigError if this host has no CA key)
+    index = len(addrs)
+    cert_file, key_file = _rendezvous_files(index)
+    for name in (cert_file, key_file):
+        if session._beside(name).exists():
+            raise ConfigError(f"{session._beside(name)} already exists: refusing to overwrite it")
+    identity = ca.issue_rendezvous(session.session_id, host)
+    written: list = []
+    try:
+        _write_new(session._beside(key_file), identity.key_pem, 0o600)
+        written.append(session._beside(key_file))
+        _write_new(session._beside(cert_file), identity.cert_pem, 0o644)
+        written.append(session._beside(cert_file))
+    except OSError as exc:
+        _remove(written)
+        raise ConfigError(f"{session._beside(cert_file)}: cannot write: {exc}") from exc
+    updated = replace(session, rendezvous_list=tuple(addrs + [(host, port)]))
+    paths = [session.path] + sorted(session._beside(SESSION_FILE).parent.glob(CLUSTER_FILE_TEMPLATE.format("*")))
+    for path in paths:
+        if path is None:
+            continue
+        _rewrite_rendezvous(Path(path), updated._rendezvous_field())
+    log.info("session %s: added rendez-vous node %d at %s", session.session_id, index + 1, rendezvous)
+    return Session.load(session.path), index
+
+
+def _check_dialable(host: str, given: str) -> None:
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        unspecified = False  # a host name
+    if unspecified:
+        raise ConfigError(
+            f"rendez-vous {given!r}: nodes dial this address, so it cannot be"
+            " 0.0.0.0 or ::; give the rendez-vous host's reachable address or name"
+        )
+
+
+def _rewrite_rendezvous(path: Path, value: str | list) -> None:
+    """Rewrite the ``rendezvous`` key of the session file ``path`` (atomically, mode kept)."""
+    text = path.read_text("utf-8")
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"rendezvous\s*=", line):
+            lines[i] = f"rendezvous = {_toml_value(value)}"
+            break
+    else:
+        raise ConfigError(f"{path}: no rendezvous key to rewrite")
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IMODE(path.stat().st_mode))
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
 
 
 # -- a node's state directory --------------------------------------------------------------

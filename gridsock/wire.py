@@ -90,8 +90,9 @@ PROTOCOL_VERSION = 1
 # 4 MiB: a directory update of MAX_ENTRIES_PER_UPDATE entries fits with room to spare, and a
 # routed payload of a few MiB still crosses the bootstrap channel in one frame.
 MAX_FRAME_BYTES = 4 * 1024 * 1024
-# member -> leader -> rendez-vous -> leader -> member: the longest path in the tree.
-MAX_HOPS = 4
+# member -> leader -> rendez-vous -> rendez-vous -> leader -> member: the longest path, when
+# the two leaders are attached to two rendez-vous nodes of a federation (docs/federation.md).
+MAX_HOPS = 5
 # Node, cluster and topic names are labels a person types; 64 bytes is plenty.
 MAX_NAME_BYTES = 64
 MAX_TOPIC_BYTES = 64
@@ -454,7 +455,7 @@ class Hello(_Message):
     CHECKS: ClassVar[Dict[str, Any]] = {
         "name": _name,
         "cluster": _opt(_name),
-        "role": _choice("leader", "member", "probe", "peer"),
+        "role": _choice("leader", "member", "probe", "peer", "rendezvous"),
         "addrs": _list(_addr, MAX_ADDRS),
         "software": _str(MAX_NAME_BYTES),
         "node_id": _opt(_node_id),

@@ -67,9 +67,10 @@ from .. import __version__, wire
 from .._ratelog import RateLimitedLog
 from ..errors import AuthError, BrokenStreamError, ConfigError, RemoteProtocolError
 from ..session import (CertificateAuthority, ClusterTokens, Identity, Session, client_context, cluster_file_name,
-                       peer_identity, server_context)
+                       peer_identity, rendezvous_name, server_context)
 from .control import ControlServer, control_path
 from .dialback import DialBack, bounded_addrs
+from .federation import FAILOVER_GRACE_S, PEER_ROLE, Federation
 from .directory import LEAVE_TOPIC, MAX_MEMBERS, REFUSED_TOPIC, NAME_GRACE_S, RENDEZVOUS_NAME, STATUS_MAX_BYTES, Bindings, Broadcaster, Directory, bounded_json
 from .nodeport import ACCEPT_ERROR_PAUSE_S
 from .link import DEAD_PEER_S, HANDSHAKE_TIMEOUT_S, PROCESS_BUDGET, Link, read_message, send_message, tune_socket
@@ -79,7 +80,7 @@ from .transport import Address, dial, listen, parse_address, tls_client, tls_ser
 if TYPE_CHECKING:  # (prometheus_client is imported only when metrics are asked for)
     from ..metrics import RendezvousMetrics
 
-__all__ = ["RendezvousNode", "DIALBACK_TIMEOUT_S", "LEAVE_BOUND_S", "LEAVE_TOPIC"]
+__all__ = ["RendezvousNode", "DIALBACK_TIMEOUT_S", "LEAVE_BOUND_S", "LEAVE_TOPIC", "rendezvous_index"]
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +99,47 @@ RENDEZVOUS_BACKLOG = 1024
 DIALBACK_TIMEOUT_S = 3.0
 
 
+def rendezvous_index(session: Session, *, name: Optional[str] = None, listen_address: Optional[str] = None) -> int:
+    """Which of the session's rendez-vous nodes this one is (0-based; docs/federation.md): the
+    one named ``name`` (``rendezvous``, ``rendezvous-2``, ...), else the one whose address is
+    ``listen_address`` (host and port, or the port alone when only one entry has it), else the
+    first. Raises ConfigError for a name that is not in the session."""
+    addrs = list(session.rendezvous_addresses)
+    if name is not None:
+        for index in range(len(addrs)):
+            if rendezvous_name(index) == name:
+                return index
+        raise ConfigError(f"no rendez-vous node named {name!r} in session {session.session_id}: it lists "
+                          + ", ".join(f"{rendezvous_name(i)} ({h}:{p})" for i, (h, p) in enumerate(addrs)))
+    if listen_address and len(addrs) > 1:
+        address = parse_address(listen_address)
+        for index, (host, port) in enumerate(addrs):
+            if (host, port) == (address.host, address.port):
+                return index
+        same_port = [i for i, (_, port) in enumerate(addrs) if port == address.port]
+        if len(same_port) == 1:
+            return same_port[0]
+    return 0
+
+
 class RendezvousNode:
-    """The rendez-vous node of one session; ``start()`` it, then ``stop()`` it."""
+    """The rendez-vous node of one session; ``start()`` it, then ``stop()`` it.
+
+    In a session that lists several rendez-vous nodes, ``name`` (or the listen address) says
+    which one this is (:func:`rendezvous_index`); it links to the others (:mod:`.federation`;
+    ``failover_grace_s`` is its FAILOVER_GRACE_S)."""
 
     def __init__(self, session: Session, *, listen_address: str | None = None, control: str | None = None,
                  metrics: str | None = None, name_grace_s: float = NAME_GRACE_S, max_members: int = MAX_MEMBERS,
-                 dialback_options: Optional[Mapping[str, Any]] = None) -> None:
+                 dialback_options: Optional[Mapping[str, Any]] = None, name: Optional[str] = None,
+                 failover_grace_s: float = FAILOVER_GRACE_S) -> None:
         self.session = session
         self.id = session.session_id
-        self.name = RENDEZVOUS_NAME
+        self.index = rendezvous_index(session, name=name, listen_address=listen_address)
+        self.name = rendezvous_name(self.index)
+        own_port = session.rendezvous_addresses[self.index][1]
         self.listen_address = parse_address(listen_address) if listen_address else Address(
-            host="0.0.0.0", port=session.rendezvous_port
+            host="0.0.0.0", port=own_port
         )
         self.directory = Directory()
         self.leaders: Dict[str, Link] = {}
@@ -121,7 +152,7 @@ class RendezvousNode:
         self.max_members = max_members
         # The join tokens of the session's clusters (clusters.toml beside the session file).
         self.cluster_tokens = ClusterTokens(session)
-        self._control_path = control if control is not None else control_path(RENDEZVOUS_NAME)
+        self._control_path = control if control is not None else control_path(self.name)
         self._control: Optional[ControlServer] = None
         self._sock: Optional[gsocket.socket] = None
         self._greenlets: List[gevent.Greenlet] = []
@@ -136,7 +167,7 @@ class RendezvousNode:
         # Routed messages by what this node did with them (for metrics; see Router.counters).
         self.routed: Dict[str, int] = {"forwarded": 0, "delivered": 0, "dropped": 0}
         # Keeps each source within its share of each leader link (see routing.FloodGuard).
-        self.flood_guard = FloodGuard(RENDEZVOUS_NAME, names=self._name_of)
+        self.flood_guard = FloodGuard(self.name, names=self._name_of)
         # Prometheus metrics (gridsock.metrics), served from start() when an address is given.
         self._metrics_address: Optional[Address] = None
         self._metrics: Optional["RendezvousMetrics"] = None
@@ -152,9 +183,12 @@ class RendezvousNode:
         self._client_ctx: Optional[ssl.SSLContext] = None
         if session.tls:
             self._ca = session.certificate_authority()
-            self._identity = session.rendezvous_identity()
+            self._identity = session.rendezvous_identity(self.index)
             self._server_ctx = server_context(session, self._identity, require_client_cert=False)
             self._client_ctx = client_context(session, self._identity)
+        # The other rendez-vous nodes of the session, and the directory shared with them (its
+        # ``local`` part is what this node is the authority for).
+        self.federation = Federation(self, grace_s=failover_grace_s)
 
     @property
     def address(self) -> Address:
@@ -170,6 +204,7 @@ class RendezvousNode:
         if self._control_path:
             self._control = ControlServer(self._control_path, self._control_op).start()
         self._greenlets.append(gevent.spawn(self._accept_loop))
+        self.federation.start()
         log.info("rendez-vous node of session %s listening on %s (%s)", self.id, self.address, self.session.bootstrap)
         return self
 
@@ -177,6 +212,7 @@ class RendezvousNode:
         for g in self._greenlets:
             g.kill(block=False)
         self._broadcaster.close()
+        self.federation.stop()
         if self._metrics is not None:
             self._metrics.stop()
         if self._sock is not None:
@@ -237,6 +273,8 @@ class RendezvousNode:
             message = read_message(sock, decoder)
             if isinstance(message, wire.Enroll):
                 self._enroll_direct(sock, message, label)
+            elif isinstance(message, wire.Hello) and message.role == PEER_ROLE:
+                handed_over = self.federation.accept(sock, decoder, message, peer, label)
             elif isinstance(message, wire.Hello):
                 handed_over = self._accept_leader(sock, decoder, message, peer, label, addr)
             else:
@@ -294,10 +332,11 @@ class RendezvousNode:
         node_id = self._authenticate(sock, hello, peer, label)
         if hello.role != "leader":
             self._refuse(sock, "not-a-leader", f"only leaders link to the rendez-vous node, not {hello.role}s", label)
-        if hello.name == RENDEZVOUS_NAME:
-            self._refuse(sock, "name-reserved", f"the name {RENDEZVOUS_NAME!r} is reserved", label)
+        if hello.name == RENDEZVOUS_NAME or hello.name in self.federation.names:
+            self._refuse(sock, "name-reserved", f"the name {hello.name!r} is reserved", label)
         holder = self.directory.by_name(hello.name)
-        if holder is not None and holder.node_id != node_id and holder.leader in self.leaders:
+        if holder is not None and holder.node_id != node_id and (holder.leader in self.leaders
+                                                                 or self.federation.holds_elsewhere(holder)):
             self._refuse(sock, "name-taken", f"node name {hello.name!r} is already used by {holder.node_id}", label)
         why = self.names.why_not(hello.name, node_id)
         if why:
@@ -370,14 +409,16 @@ class RendezvousNode:
     # --- directory ---------------------------------------------------------------------------
 
     def _update(self, joined, left) -> None:
-        # Every leader hears of it with the next broadcast (self._broadcaster listens).
-        self.directory.apply(joined, left)
+        # This node's own entries; the merge with the other rendez-vous nodes' goes to
+        # self.directory, and every leader hears of it with the next broadcast (self._broadcaster
+        # listens), every other rendez-vous node too (federation).
+        self.federation.update_local(joined, left)
 
     def _on_leader_close(self, link: Link, leader: wire.NodeEntry) -> None:
         if self.leaders.get(leader.node_id) is not link:
             return  # replaced by a newer link of the same leader
         del self.leaders[leader.node_id]
-        members = self.directory.members_of(leader.node_id)
+        members = self.federation.local.members_of(leader.node_id)
         gone = [leader.node_id] + [e.node_id for e in members]
         self.names.lost(leader.name, leader.node_id)
         if leader.cluster is not None:
@@ -398,7 +439,7 @@ class RendezvousNode:
             self._route(message)
         elif isinstance(message, wire.Register):
             accepted = []
-            room = self.max_members - self.directory.count_members(leader.node_id)
+            room = self.max_members - self.federation.local.count_members(leader.node_id)
             over = 0
             for entry in message.entries:
                 why = self._check_member(leader, entry)
@@ -410,7 +451,7 @@ class RendezvousNode:
                     log.warning("%s: refusing member %s (%s): %s", link.label, entry.name, entry.node_id, why)
                     self._refuse_member(link, entry, "name-taken", why)
                     continue
-                if self.directory.get(entry.node_id) is None:  # (a member already here takes no more room)
+                if self.federation.local.get(entry.node_id) is None:  # (a member already here takes no more room)
                     if room <= 0:
                         over += 1
                         continue
@@ -428,7 +469,7 @@ class RendezvousNode:
                 if entry.addrs:
                     self._spawn_dialback(entry)
         elif isinstance(message, wire.Unregister):
-            mine = [e for i in message.node_ids if (e := self.directory.get(i)) and e.leader == link.peer_id and i != link.peer_id]
+            mine = [e for i in message.node_ids if (e := self.federation.local.get(i)) and e.leader == link.peer_id and i != link.peer_id]
             for entry in mine:
                 self.names.lost(entry.name, entry.node_id)
             self._update([], [e.node_id for e in mine])
@@ -440,7 +481,7 @@ class RendezvousNode:
             return "a leader registers only members that it leads"
         if entry.cluster != leader.cluster:
             return f"cluster {entry.cluster!r} is not the leader's ({leader.cluster!r})"
-        if entry.name == RENDEZVOUS_NAME:
+        if entry.name == RENDEZVOUS_NAME or entry.name in self.federation.names:
             return "reserved name"
         current = self.directory.get(entry.node_id)
         if current is not None and current.leader != leader.node_id and current.leader in self.leaders:
@@ -450,7 +491,8 @@ class RendezvousNode:
     def _name_taken(self, entry: wire.NodeEntry) -> Optional[str]:
         """Why the member ``entry`` may not have its name (another node holds it), or None."""
         holder = self.directory.by_name(entry.name)
-        if holder is not None and holder.node_id != entry.node_id and holder.leader in self.leaders:
+        if holder is not None and holder.node_id != entry.node_id and (holder.leader in self.leaders
+                                                                       or self.federation.holds_elsewhere(holder)):
             return f"node name {entry.name!r} is already used by {holder.node_id}"
         return self.names.why_not(entry.name, entry.node_id)
 
@@ -463,13 +505,15 @@ class RendezvousNode:
 
     # --- routing -----------------------------------------------------------------------------
 
-    def _route(self, message: wire.Routed) -> None:
-        if message.dst in (RENDEZVOUS_NAME, self.id):
+    def _route(self, message: wire.Routed, from_peer: Optional[str] = None) -> None:
+        """Deliver ``message`` here, or send it on: down to a leader linked here, or (if it did
+        not come from one, ``from_peer``) over the link to the rendez-vous node that has it."""
+        if message.dst in (self.id, self.name) or message.dst == RENDEZVOUS_NAME and from_peer is None:
             self.routed["delivered"] += 1
             gevent.spawn(self._deliver, message)
             return
         entry = self.directory.resolve(message.dst)
-        link = self.leaders.get(entry.leader) if entry else None
+        link = self._link_toward(entry, message.dst, from_peer=from_peer)
         if link is None:
             self.routed["dropped"] += 1
             reason = f"unknown destination {message.dst}" if entry is None else f"no link to the leader of {message.dst}"
@@ -487,11 +531,24 @@ class RendezvousNode:
         entry = self.directory.get(node_id)
         return entry.name if entry else None
 
+    def _link_toward(self, entry: Optional[wire.NodeEntry], dst: str, *, from_peer: Optional[str] = None) -> Optional[Link]:
+        """The link a message for ``entry`` (the destination ``dst`` resolved) goes on: its
+        leader's, if linked here; else, unless it came from another rendez-vous node, the
+        link to the one that has it (or to the rendez-vous node ``dst`` names)."""
+        if entry is None:
+            if from_peer is None and dst in self.federation.names:
+                return self.federation.link_to_peer(dst)
+            return None
+        link = self.leaders.get(entry.leader)
+        if link is None and from_peer is None:
+            link = self.federation.link_toward(entry)
+        return link
+
     def _send_back(self, message: Optional[wire.Routed]) -> None:
         if message is None:
             return
         entry = self.directory.resolve(message.dst)
-        link = self.leaders.get(entry.leader) if entry else None
+        link = self._link_toward(entry, message.dst)
         if link is not None:
             link.send(dataclasses.replace(message, hops=1))
 
@@ -567,7 +624,7 @@ class RendezvousNode:
         verdicts, self._verdicts = self._verdicts, []
         changed = []
         for entry, inbound in verdicts:
-            current = self.directory.get(entry.node_id)
+            current = self.federation.local.get(entry.node_id)
             if current is None or current.addrs != entry.addrs:
                 continue  # gone or re-registered meanwhile; its own dial-back will tell
             changed.append(dataclasses.replace(current, inbound=inbound))
@@ -612,6 +669,7 @@ class RendezvousNode:
                 "bound_names": len(self.names),
                 "bound_clusters": len(self.clusters),
                 "flood_guard": self.flood_guard.status(),
+                "federation": self.federation.status(),
                 "routed_queue": {"queued_bytes": PROCESS_BUDGET.queued_bytes, "peak_bytes": PROCESS_BUDGET.peak_bytes,
                                  "limit_bytes": PROCESS_BUDGET.limit_bytes},
             }

@@ -4,8 +4,11 @@ Theory of operation
 -------------------
 :meth:`Uplink.serve` runs until :meth:`Uplink.stop`, in a loop of *attempts*:
 
-1. pick the target: the leader's node port for a member, the session's rendez-vous address
-   for a leader;
+1. pick the target: the leader's node port for a member, a rendez-vous address of the
+   session for a leader (with several, docs/federation.md: the first of the session's list at
+   start, then, each time an attempt fails or an established uplink is lost, the next one in
+   the list's order, round and round: a leader fails over to the next rendez-vous node and
+   stays there);
 2. in a TLS session with no certificate yet, *enroll*: dial, TLS with no client certificate,
    ``Enroll`` (the join token and a CSR), ``Enrolled`` gives the certificate and the node id.
    A member's leader forwards the ``Enroll`` to the rendez-vous node, so members enroll with no
@@ -19,7 +22,9 @@ Theory of operation
    A leader registers all its members on every new uplink, so a restarted rendez-vous node
    gets the whole grid back;
 5. when it closes, forget what was learnt through it (the directory keeps only this node and
-   its members) and wait before the next attempt: exponential backoff from
+   its members; in a session with several rendez-vous nodes, only after
+   ``FAILOVER_GRACE_S`` without a new uplink, whose snapshot replaces it anyway, so that nobody
+   leaves a directory while a leader fails over) and wait before the next attempt: exponential backoff from
    ``reconnect_initial_s`` doubling up to ``reconnect_max_s``, times a jitter in [0.5, 1) so
    that the nodes of a restarted grid do not all dial at once. A successful attempt resets it.
 
@@ -123,6 +128,8 @@ class Uplink:
         self._stopped = gevent.event.Event()
         self._client_ctx: Optional[tuple] = None
         self._refused: Optional[AuthError] = None  # a Refuse that came on an established link
+        self._target_index = 0  # (a leader's: which of the session's rendez-vous nodes it dials)
+        self._forget_timer: Optional[gevent.Greenlet] = None  # (several rendez-vous nodes: see _forget)
 
     @property
     def up(self) -> bool:
@@ -134,7 +141,14 @@ class Uplink:
         host = self.host
         if host.role == "member":
             return host.leader_address
-        return Address(host=host.session.rendezvous_host, port=host.session.rendezvous_port)
+        addrs = host.session.rendezvous_addresses
+        rv_host, rv_port = addrs[self._target_index % len(addrs)]
+        return Address(host=rv_host, port=rv_port)
+
+    def _next_target(self) -> None:
+        """Fail over: the next attempt dials the next rendez-vous node of the session's list."""
+        if self.host.role != "member":
+            self._target_index = (self._target_index + 1) % len(self.host.session.rendezvous_addresses)
 
     def serve(self) -> None:
         """Keep the uplink up until ``stop()``, or until a fatal refusal (kept in ``fatal_error``)."""
@@ -153,6 +167,7 @@ class Uplink:
             except (ConnectError, OSError, TimeoutError, RemoteProtocolError, BrokenStreamError) as exc:
                 log.warning("node %s: uplink to %s failed: %s", self.host.name, target, exc)
             self._record("down")
+            self._next_target()
             if self._stopped.wait(next(delays)):
                 return
 
@@ -162,6 +177,9 @@ class Uplink:
     def stop(self, reason: str = "node stopping") -> None:
         """End ``serve()`` and close the link (the caller kills the greenlet running ``serve``)."""
         self._stopped.set()
+        if self._forget_timer is not None:
+            self._forget_timer.kill(block=False)
+            self._forget_timer = None
         if self.link is not None:
             self.link.close(reason)
 
@@ -324,6 +342,9 @@ class Uplink:
                     on_message=self._on_message, ping_interval_s=self._ping_interval_s,
                     timeout_s=self._link_timeout_s)
         self.link = link
+        if self._forget_timer is not None:  # (the new uplink's snapshot replaces what we kept)
+            self._forget_timer.kill(block=False)
+            self._forget_timer = None
         host.directory.put([host.entry])
         if host.role == "leader":
             entries = list(self._members())
@@ -336,14 +357,29 @@ class Uplink:
                  host.role, target)
         link.join()
         self.link = None
-        # What we learnt through the uplink is stale now; keep ourselves, our members and the
-        # peers a live meta link vouches for (gridsock.meta, "Without a rendez-vous").
-        meta = getattr(host, "meta", None)
-        vouched = meta.vouched() if meta is not None else []
-        host.directory.apply(self._local_entries() + vouched, (), replace=True)
+        if host.role == "leader" and len(host.session.rendezvous_addresses) > 1 and not self._stopped.is_set():
+            from .federation import FAILOVER_GRACE_S
+
+            # Another rendez-vous node has the same directory: keep ours while we fail over.
+            self._forget_timer = gevent.spawn_later(FAILOVER_GRACE_S, self._forget_if_down)
+        else:
+            self._forget()
         refused, self._refused = self._refused, None
         if refused is not None:
             raise refused
+
+    def _forget(self) -> None:
+        """What we learnt through the uplink is stale now; keep ourselves, our members and the
+        peers a live meta link vouches for (gridsock.meta, "Without a rendez-vous")."""
+        host = self.host
+        meta = getattr(host, "meta", None)
+        vouched = meta.vouched() if meta is not None else []
+        host.directory.apply(self._local_entries() + vouched, (), replace=True)
+
+    def _forget_if_down(self) -> None:
+        self._forget_timer = None
+        if not self.up:
+            self._forget()
 
     def _on_message(self, link: Link, message) -> None:
         if isinstance(message, wire.Routed):
