@@ -8,8 +8,6 @@ an event or a bounded condition, never a sleep.
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import socket
 import time
 
@@ -21,7 +19,7 @@ from gridsock.bootstrap.federation import FAILOVER_GRACE_S, PEER_ROLE
 from gridsock.bootstrap.link import read_message, send_message
 from gridsock.bootstrap.rendezvous import RendezvousNode, rendezvous_index
 from gridsock.bootstrap.transport import dial, parse_address, tls_client
-from gridsock.errors import ConfigError
+from gridsock.errors import AuthError, ConfigError
 from gridsock.node import Node
 from gridsock.session import Session, add_rendezvous, client_context, create_session, rendezvous_name
 
@@ -271,7 +269,6 @@ def test_a_rendezvous_link_naming_an_unknown_rendezvous_node_is_refused(fed):
 def test_killing_a_rendezvous_node_loses_nobody_and_it_catches_up_when_restarted(fed):
     rv1, rv2 = fed.rvs["rendezvous"], fed.rvs["rendezvous-2"]
     L1 = fed.nodes["L1"]
-    watched = [rv1.directory] + [n.directory for n in fed.nodes.values()]
     lost = []
 
     def record(directory, label):
@@ -284,7 +281,6 @@ def test_killing_a_rendezvous_node_loses_nobody_and_it_catches_up_when_restarted
     for name, node in fed.nodes.items():
         record(node.directory, name)
 
-    killed_at = time.monotonic()
     rv2.stop()  # L2 and its member m2 must fail over to rendezvous
     del fed.rvs["rendezvous-2"]
     wait_for(lambda: fed.nodes["L2"].node_id in rv1.leaders, "L2 fails over to rendezvous",
@@ -292,7 +288,6 @@ def test_killing_a_rendezvous_node_loses_nobody_and_it_catches_up_when_restarted
     fed.wait_converged(rvs=[rv1])
     # Nobody left any directory meanwhile (the grace kept them until their leader re-attached).
     assert not lost, f"nodes left directories during the failover: {lost}"
-    assert time.monotonic() - killed_at >= 0  # (measured, not asserted: see the docs for the bound)
     # New connections and routed messages work through the survivor.
     assert fed.nodes["m1"].ping("m2", timeout=ANSWER_TIMEOUT_S).route_there == ("m1", "L1", "rendezvous", "L2", "m2")
     client, _ = fed.nodes["m2"].open_stream("m1", PORT, stack=relay_stack(fed), timeout=ANSWER_TIMEOUT_S)
@@ -335,3 +330,20 @@ def test_leaders_not_reattached_within_the_grace_leave_every_directory(sock_dir)
         grid.nodes["m1"].wait_directory(present=("L1", "m1"), absent=("L2", "m2"), timeout=CONVERGE_TIMEOUT_S)
     finally:
         grid.stop()
+
+
+@pytest.mark.parametrize("name,cluster,code", [
+    ("L1", None, "name-taken"),  # L1's name, held at the other rendez-vous node
+    ("m1", None, "name-taken"),
+    ("newcomer", "A", "cluster-taken"),  # L1 leads A, at the other rendez-vous node
+    ("rendezvous-2", None, "name-reserved"),
+])
+def test_names_and_clusters_held_at_another_rendezvous_node_are_refused(fed, name, cluster, code):
+    node = Node(fed.session_first(1), name, cluster=cluster, listen_address="127.0.0.1:0", control="").start()
+    try:
+        with pytest.raises(AuthError) as info:
+            node.wait_joined(JOIN_TIMEOUT_S)
+        assert info.value.method == code
+    finally:
+        node.stop()
+    assert fed.nodes["m1"].ping("m2", timeout=ANSWER_TIMEOUT_S).hops == 5

@@ -199,6 +199,17 @@ class Federation:
         return any(entry.node_id in self.remote[name] for name in self.remote
                    if name in self.peers and not self.peers[name].closed)
 
+    def cluster_led_elsewhere(self, cluster: str, node_id: str) -> Optional[str]:
+        """Why ``node_id`` may not lead ``cluster``: another leader leads it at a linked peer
+        (a message), or None."""
+        for name in self.remote:
+            if name not in self.peers or self.peers[name].closed:
+                continue
+            for entry in self.remote[name]:
+                if entry.role == "leader" and entry.cluster == cluster and entry.node_id != node_id:
+                    return f"cluster {cluster!r} belongs to node {entry.node_id} (at {name})"
+        return None
+
     # --- routing -----------------------------------------------------------------------------
 
     def link_toward(self, entry: wire.NodeEntry) -> Optional[Link]:

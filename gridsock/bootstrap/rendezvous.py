@@ -345,7 +345,7 @@ class RendezvousNode:
         if why:
             self._refuse(sock, "cluster-not-attested", why, label)
         if hello.cluster is not None:
-            why = self.clusters.why_not(hello.cluster, node_id)
+            why = self.clusters.why_not(hello.cluster, node_id) or self.federation.cluster_led_elsewhere(hello.cluster, node_id)
             if why:
                 self._refuse(sock, "cluster-taken", f"{why} (its leader); a leader leads a cluster of its own", label)
         entry = wire.NodeEntry(
