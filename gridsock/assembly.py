@@ -852,8 +852,10 @@ class Assembler:
             request = wire.AssemblyRequest(port=port, stack=str(stack), token=token.hex(), offer=dict(initiation.offer),
                                            client_port=client_port)
             try:
-                reply = self.node.meta_request(entry.node_id, ASSEMBLE_TOPIC, wire.encode_assembly(request),
-                                               timeout=max(0.1, deadline - time.monotonic()))
+                reply = self._request_unless(getattr(initiation, "arrived", None), entry,
+                                             wire.encode_assembly(request), max(0.1, deadline - time.monotonic()))
+                if reply is None:  # the method's connection came first: it proves the acceptance
+                    return initiation.complete({}), filters
                 answer = wire.decode_assembly(reply.payload, peer=entry.name)
             except (RoutingError, TimeoutError, RemoteProtocolError) as exc:
                 raise ConnectError(f"assembly request to {entry.name} failed: {exc}", peer=entry.name,
@@ -879,6 +881,28 @@ class Assembler:
                 raise
             raise ConnectError(f"connecting to {entry.name} over {stack} failed: {exc}", peer=entry.name,
                                method=name) from exc
+
+    def _request_unless(self, arrived: Optional[gevent.Greenlet], entry: wire.NodeEntry, payload: bytes,
+                        timeout: float):
+        """The assembly request's reply; or None if ``arrived`` (an initiation's, e.g. ``reverse``:
+        the server's connection, which carries the token, came) is ready first. Raises as
+        ``meta_request`` (RoutingError, TimeoutError...)."""
+        if arrived is None:
+            return self.node.meta_request(entry.node_id, ASSEMBLE_TOPIC, payload, timeout=timeout)
+        asking = gevent.spawn(_captured_request, self.node, entry.node_id, payload, timeout)
+        try:
+            gevent.wait([asking, arrived], timeout=timeout, count=1)
+            outcome: Optional[Tuple[Any, Optional[BaseException]]] = asking.value if asking.ready() else None
+            reply, failure = outcome if outcome is not None else (None, None)
+            if reply is not None:
+                return reply
+            if arrived.ready():
+                return None
+            if failure is not None:
+                raise failure
+            raise TimeoutError(f"no answer from {entry.name} within {timeout:.1f} s")
+        finally:
+            asking.kill(block=False)  # (a late answer is dropped by the router)
 
     def _nominate(self, lower: Stream, stack: Stack, filters: Stack, entry: wire.NodeEntry, deadline: float) -> Stream:
         """Tell the server this connection is the one (``NOMINATE``), then build the filters."""
@@ -1170,6 +1194,15 @@ def _method_detail(lower: Stream) -> Dict[str, object]:
     if not isinstance(detail, dict):
         return {}
     return {str(k): v for k, v in detail.items() if str(k) not in _INTERNAL_DETAIL and k not in ("tried", "via")}
+
+
+def _captured_request(node, node_id: str, payload: bytes, timeout: float):
+    """``(reply, None)`` or ``(None, error)`` of an assembly request (in a greenlet: a failure
+    returned is not reported by the hub as a crash)."""
+    try:
+        return node.meta_request(node_id, ASSEMBLE_TOPIC, payload, timeout=timeout), None
+    except (GridsockError, TimeoutError, OSError) as exc:
+        return None, exc
 
 
 def _discard(greenlet: gevent.Greenlet) -> None:

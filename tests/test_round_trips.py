@@ -6,6 +6,9 @@
   so a refusal fails its ``wrap``.
 - First contact: the assembly request takes the bootstrap channel at once while the meta link
   opens beside it (``MetaChannel.counters``); the next request takes the link.
+- ``reverse``: the server's connection back, which carries the token, is its acceptance: the
+  client completes on it without waiting for the answer (held back here until the connection
+  is in use), and a refusal still comes as the answer.
 
 A round trip is counted on the client's lower stream each time it waits to receive after it
 has sent (:class:`TurnCounter`): however the peer's flight is cut into reads, one turn of the
@@ -153,6 +156,57 @@ def test_first_contact_does_not_wait_for_the_meta_link(grid):
     later = dict(m1.meta.counters)
     assert (later["on_bootstrap"] - after["on_bootstrap"], later["on_link"] - after["on_link"]) == (0, 1)
     assert later["opened"] - before["opened"] == 1
+
+
+def _hold_answers(node):
+    """Make ``node`` hold back its answers to assembly requests (after it did the work) until
+    the returned event is set; returns ``(event, answered, restore)``, ``answered`` listing the
+    answers given."""
+    import gevent.event
+
+    from gridsock.assembly import ASSEMBLE_TOPIC
+
+    release = gevent.event.Event()
+    answered = []
+    real = node.router.handlers[ASSEMBLE_TOPIC]
+
+    def held(delivery):
+        reply = real(delivery)
+        release.wait(JOIN_TIMEOUT_S)  # (bounded: the test sets it at its end whatever happens)
+        answered.append(reply)
+        return reply
+
+    node.router.handlers[ASSEMBLE_TOPIC] = held
+    return release, answered, lambda: node.router.handlers.__setitem__(ASSEMBLE_TOPIC, real)
+
+
+def test_reverse_completes_on_the_connection_back_without_the_answer(grid):
+    nodes, listeners = grid
+    release, answered, restore = _hold_answers(nodes["m1"])  # m1 dials L1 back, and does not answer
+    try:
+        client, info = nodes["L1"].open_stream("m1", PORT, stack="reverse")
+        server, _ = listeners["m1"].accept_stream(timeout=JOIN_TIMEOUT_S)
+        try:
+            assert info.stack == "reverse" and not answered  # connected, the answer still held back
+            client.send_all(b"x")
+            assert server.receive_some(1) == b"x"
+            server.send_all(b"y")
+            assert client.receive_some(1) == b"y"
+        finally:
+            client.close()
+            server.close()
+    finally:
+        release.set()
+        restore()
+
+
+def test_reverse_refusal_still_fails_the_connect(grid):
+    from gridsock.errors import ConnectError
+
+    nodes, _ = grid
+    with pytest.raises(ConnectError) as caught:
+        nodes["L1"].open_stream("m1", PORT + 1, stack="reverse")  # nothing listens there
+    assert caught.value.code == "refused"
 
 
 # --- an SSH gateway's transport, kept ahead of need ------------------------------------------

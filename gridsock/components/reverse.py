@@ -12,11 +12,26 @@ waiting attempt. TCP roles are swapped; the filters above keep the logical roles
 is the TLS client), and ``tls`` proves each side's node id, which matters here: a connection
 back through a NAT could land on another node.
 
+Round trips: the client's node port has the connection, and in it the token that only the
+server could have sent, before the server's answer comes: that arrival is the server's
+acceptance. So the client completes on whichever comes first, the arrival or the answer
+(:attr:`_CalledBack.arrived`, which the assembly races with the request); a refusal still
+comes as the answer, with no arrival. The server dials with TCP Fast Open
+(:func:`~gridsock.components.tcp.dial_fast_open`): once its host holds a cookie from the
+client's (a first connection back asks for one), the preamble rides in the SYN and the client's
+node port has it half a round trip after the request reached the server, so a connect costs
+about one round trip, as a plain ``connect()`` the other way. Without Fast Open (the client's
+host does not take it: ``net.ipv4.tcp_fastopen`` without the server bit 0x2) the token comes
+with the handshake's last ACK, one round trip later (the floor is then two round trips). The
+server answers once its connection is made (the handshake done, as before), or refuses.
+
 A server in a private network with gateways (:func:`gridsock.rules.gateways_of`: the SSH
 gateway its uplink uses, its SOCKS proxy, its leader's) dials a client outside its cluster
 through them, in order, before it tries directly: that is how the outside reaches a private
 cluster without any rules. The answer's ``via`` names the gateway used (absent: direct), and
-the client's stream info carries it.
+the client's stream info carries it. A client that the server could reach through a
+gateway (the server's directory entry, or its leader's, names one, and they are in different
+clusters) waits for the answer, which says which way the connection came.
 """
 from __future__ import annotations
 
@@ -25,30 +40,49 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
 
-from ..bootstrap.transport import dial
 from ..errors import ConfigError, ConnectError
 from ..methods import Arrival, Initiation, InitiatorContext, Method, MethodRefusal, ResponderContext
 from ..streams import SocketStream, Stream
-from .tcp import dial_with_preamble
+from .tcp import dial_fast_open, dial_with_preamble
 
 __all__ = ["ReverseMethod"]
 
 log = logging.getLogger(__name__)
 
 
+def _captured_wait(arrival: Arrival, timeout: float):
+    """``(sockets, None)`` once ``arrival``'s connections came, ``(None, TimeoutError)`` after
+    ``timeout``: a greenlet that returns its failure is not reported by the hub as a crash."""
+    try:
+        return arrival.wait(timeout), None
+    except TimeoutError as exc:
+        return None, exc
+
+
 class _CalledBack(Initiation):
-    def __init__(self, ctx: InitiatorContext, arrival: Arrival) -> None:
+    """The client's half: awaits the server's connection back on our node port.
+
+    ``arrived``: when set (not None), a greenlet that is ready once the connection came (or the
+    wait gave up); the assembly then completes this attempt without waiting for the answer
+    (module docstring). None when the answer must be waited for (a gateway may be used)."""
+
+    def __init__(self, ctx: InitiatorContext, arrival: Arrival, *, early: bool) -> None:
         self.offer: Dict[str, Any] = {}
         self._ctx = ctx
         self._arrival = arrival
+        self._waiter: gevent.Greenlet = gevent.spawn(_captured_wait, arrival, ctx.remaining())
+        self._taken = False
+        self.arrived: Optional[gevent.Greenlet] = self._waiter if early else None
 
     def complete(self, answer: Dict[str, Any]) -> Stream:
-        # The server answered once its connection back was made: it is here or arriving.
-        try:
-            (sock,) = self._arrival.wait(self._ctx.remaining())
-        except TimeoutError as exc:
-            raise self._ctx.fail(f"{self._ctx.peer.name}'s connection back did not arrive: {exc}",
+        # The server answered once its connection back was made, or the connection is here
+        # (the token in it is the acceptance): it is here or arriving.
+        socks, failure = self._waiter.get()
+        if failure is not None:
+            raise self._ctx.fail(f"{self._ctx.peer.name}'s connection back did not arrive: {failure}",
                                  method="reverse") from None
+        (sock,) = socks
+        self._taken = True
         info: Dict[str, Any] = {"method": "reverse"}
         via = answer.get("via")
         if isinstance(via, str):
@@ -56,7 +90,12 @@ class _CalledBack(Initiation):
         return SocketStream(sock, info=info)
 
     def abort(self) -> None:
+        self._waiter.kill(block=True)
         self._arrival.cancel()  # a late call back is refused at once
+        value = self._waiter.value if self._waiter.successful() else None
+        if not self._taken and isinstance(value, tuple) and value[0] is not None:
+            for sock in value[0]:  # (came, and was not made a stream: closed here)
+                sock.close()
 
 
 class ReverseMethod(Method):
@@ -68,7 +107,7 @@ class ReverseMethod(Method):
         if not ctx.me.addrs:
             raise ctx.fail(f"{ctx.me.name} advertises no address for {ctx.peer.name} to connect back to",
                            method=self.name)
-        return _CalledBack(ctx, ctx.expect(1))
+        return _CalledBack(ctx, ctx.expect(1), early=not _may_come_through_a_gateway(ctx))
 
     def respond(self, ctx: ResponderContext) -> Dict[str, Any]:
         client = ctx.client
@@ -78,7 +117,7 @@ class ReverseMethod(Method):
         for via, dial_one in _dialers(ctx):
             try:
                 sock = dial_with_preamble(dial_one, client.addrs, ctx.token, timeout=ctx.request_timeout,
-                                          method=self.name, node=ctx.node)
+                                          method=self.name, node=ctx.node, fast_open=via is None)
             except ConnectError as exc:
                 reasons.append(f"through {via}: {exc.args[0]}" if via else exc.args[0])
                 continue
@@ -106,4 +145,18 @@ def _dialers(ctx: ResponderContext) -> List[Tuple[Optional[str], Callable[..., A
                 log.warning("node %s: unusable gateway %s: %s", ctx.me.name, text, exc)
                 continue
             out.append((text, method.dial))
-    return out + [(None, lambda address, node, timeout: dial(address, timeout=timeout))]
+    return out + [(None, dial_fast_open)]
+
+
+def _may_come_through_a_gateway(ctx: InitiatorContext) -> bool:
+    """True if the server might dial us through one of its gateways (:func:`_dialers`, from
+    what the directory says of it): then only its answer tells which way the connection came."""
+    from ..rules import same_cluster
+
+    server = ctx.peer
+    if same_cluster(ctx.me, server):
+        return False
+    if server.gateways:
+        return True
+    leader = ctx.node.directory.get(server.leader) if server.role == "member" else None
+    return bool(leader is not None and same_cluster(leader, server) and leader.gateways)

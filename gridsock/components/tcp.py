@@ -16,13 +16,27 @@ socket itself: nothing of gridsock sits on the data path.
 ``socks`` and ``ssh`` are the same method through an intermediary: they subclass
 :class:`TcpMethod` and override only :meth:`TcpMethod.dial`. :class:`DialInitiation` serves
 any method that dials node ports, ``parallel`` included (several connections, one per index).
+
+TCP Fast Open (:func:`dial_fast_open`, used by ``reverse`` for its connection back): the
+preamble rides in the SYN, so the listening node has the connection and its token half a round
+trip after the dial starts instead of one and a half. Linux only, and only once the dialer
+holds a cookie from that server (its first connection asks for one: a plain handshake), the
+server's host has ``net.ipv4.tcp_fastopen`` with the server bit (0x2) and its listener takes
+Fast Open (the ``TCP_FASTOPEN`` option, or the host-wide 0x400 bit). Anywhere else the same
+calls make a plain connection: nothing to configure for it to work, only for it to be fast.
+The dial still returns only once the handshake is done (:func:`dial_with_preamble` waits for
+it after the send), so a refused or unreachable address fails it as before.
 """
 from __future__ import annotations
 
+import errno
 import logging
+import socket
+import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 import gevent
+from gevent import socket as gsocket
 
 from .. import wire
 from ..bootstrap.transport import Address, dial, parse_address
@@ -30,8 +44,8 @@ from ..errors import ConfigError, ConnectError, ConnectTimeoutError, RemoteProto
 from ..methods import DIAL_TIMEOUT_S, Arrival, Initiation, InitiatorContext, Method, ResponderContext
 from ..streams import SocketStream, Stream
 
-__all__ = ["TcpMethod", "DialInitiation", "dial_with_preamble", "serve_arrival", "recv_exactly",
-           "CONNECT_TIMEOUT_S", "MATCH_TIMEOUT_S"]
+__all__ = ["TcpMethod", "DialInitiation", "dial_with_preamble", "dial_fast_open", "serve_arrival", "recv_exactly",
+           "CONNECT_TIMEOUT_S", "MATCH_TIMEOUT_S", "TCP_FASTOPEN_CONNECT"]
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +59,88 @@ MATCH_TIMEOUT_S = 5.0
 # later (5 s lost 84 of 500 concurrent tls/tcp connects, bench/bench_concurrency.py). The
 # token is one-time and bound to an authenticated request: waiting costs a table entry.
 ARRIVAL_TIMEOUT_S = 15.0
+# Linux's option (since 4.11) that defers a connect() to the first send, whose data then rides
+# in the SYN when a Fast Open cookie for the server is known (the stdlib names it from 3.12 on
+# some builds only: its value is fixed in the kernel's ABI). None where there is no such thing.
+TCP_FASTOPEN_CONNECT: Optional[int] = getattr(socket, "TCP_FASTOPEN_CONNECT",
+                                              30 if sys.platform.startswith("linux") else None)
+
+
+def dial_fast_open(address: Address, *, node=None, timeout: float = CONNECT_TIMEOUT_S):
+    """A gevent TCP socket to ``address`` asking for TCP Fast Open (see the module docstring).
+
+    When the kernel holds a cookie for the server this returns at once, before any SYN: the
+    first send carries its data in the SYN, and the handshake is done only later; pass
+    ``fast_open=True`` to :func:`dial_with_preamble`, which waits for it. Otherwise (no cookie,
+    no Fast Open here) it returns a connected socket, as :func:`~gridsock.bootstrap.transport.dial`.
+    ``node`` is unused (the signature of :meth:`TcpMethod.dial`). Raises ConnectError.
+    """
+    if address.path is not None or TCP_FASTOPEN_CONNECT is None:
+        return dial(address, timeout=timeout)
+    reasons = []
+    try:
+        infos = gsocket.getaddrinfo(address.host, address.port, 0, gsocket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConnectError(f"cannot connect to {address}: {exc.strerror or exc}", peer=str(address),
+                           method="tcp") from exc
+    for family, kind, proto, _, sockaddr in infos:
+        sock = gsocket.socket(family, kind, proto)
+        try:
+            try:
+                sock.setsockopt(gsocket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+            except OSError:
+                pass  # (a kernel without it: a plain connect)
+            sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
+            sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_KEEPALIVE, 1)
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            sock.settimeout(None)
+            return sock
+        except gsocket.timeout:
+            sock.close()
+            raise ConnectTimeoutError(f"connecting to {address} timed out after {timeout:.1f} s",
+                                      peer=str(address), method="tcp") from None
+        except OSError as exc:
+            sock.close()
+            reasons.append(exc.strerror or str(exc))
+        except BaseException:
+            sock.close()
+            raise
+    raise ConnectError(f"cannot connect to {address}: {'; '.join(reasons) or 'no address'}", peer=str(address),
+                       method="tcp")
+
+
+# Linux's tcpi_state of a socket whose SYN is out and unanswered (include/net/tcp_states.h).
+_TCP_SYN_SENT = 2
+# What a connection that was made and then closed by the peer reports (the peer took it).
+_MADE_THEN_CLOSED = (errno.ECONNRESET, errno.EPIPE)
+
+
+def _await_handshake(sock, timeout: float) -> None:
+    """Wait until ``sock``'s TCP handshake is done, if it is still under way (a Fast Open socket
+    sent its SYN with its first data and returned at once). Raises OSError with the reason it
+    failed, or ``socket.timeout`` after ``timeout`` seconds.
+
+    A connection the peer closed or reset once it was made counts as made: the peer had it (a
+    client that took the preamble and closed at once: it lost a race), as a plain connect."""
+    tcp_info = getattr(gsocket, "TCP_INFO", None)
+    if tcp_info is None or sock.getsockopt(gsocket.IPPROTO_TCP, tcp_info, 1)[0] != _TCP_SYN_SENT:
+        return
+    # A socket in SYN-SENT is not writable; one whose handshake is done (or failed) is.
+    gsocket.wait_write(sock.fileno(), timeout=timeout, timeout_exc=gsocket.timeout("timed out"))
+    err = sock.getsockopt(gsocket.SOL_SOCKET, gsocket.SO_ERROR)
+    if err and err not in _MADE_THEN_CLOSED:
+        raise OSError(err, errno.errorcode.get(err, str(err)))
 
 
 def dial_with_preamble(dial_one: Callable[..., Any], addrs, token: bytes, *, index: int = 0, timeout: float,
-                       method: str, node=None):
+                       method: str, node=None, fast_open: bool = False):
     """Dial the first of ``addrs`` that answers with ``dial_one(address, node=, timeout=)`` and
     send the preamble (``token``, ``index``); return the connected socket.
+
+    ``fast_open``: ``dial_one`` is :func:`dial_fast_open`, whose socket may still be in its
+    handshake, the preamble in its SYN: wait until the handshake is done (so this returns a
+    connected socket in every case, and an address that refuses is skipped as without).
 
     Raises ConnectError listing why each address failed.
     """
@@ -66,10 +156,20 @@ def dial_with_preamble(dial_one: Callable[..., Any], addrs, token: bytes, *, ind
             continue
         try:
             sock.sendall(preamble)
+            if fast_open:
+                _await_handshake(sock, min(timeout, DIAL_TIMEOUT_S))
+        except gsocket.timeout:
+            sock.close()
+            reasons.append(f"{text}: the handshake timed out")
+            timeouts += 1
+            continue
         except OSError as exc:
             sock.close()
             reasons.append(f"{text}: {exc}")
             continue
+        except BaseException:
+            sock.close()
+            raise
         return sock
     cls = ConnectTimeoutError if reasons and timeouts == len(reasons) else ConnectError
     raise cls("no address answered: " + "; ".join(reasons), method=method, tried=[(method, r) for r in reasons])

@@ -177,6 +177,9 @@ BASE_SYSCTLS = {
     "net.bridge.bridge-nf-call-iptables": "0",
     "net.bridge.bridge-nf-call-ip6tables": "0",
     "net.bridge.bridge-nf-call-arptables": "0",
+    # TCP Fast Open as a client (0x1) and a server (0x2), on every listener without its own
+    # TCP_FASTOPEN option (0x400): ``reverse`` sends its preamble in the SYN (components/tcp.py)
+    "net.ipv4.tcp_fastopen": "1027",
 }
 
 REQUIRED_TOOLS = {  # executable -> Debian package

@@ -5,6 +5,9 @@
   the request when the server is reached at an address of its own; towards a NAT the server
   fires first), no ``SPLICE_RETRY_S`` wait. Each side's assembler counts the connections its
   method made on the first connect attempt (``first_attempt``) or a later one (``retried``).
+- ``reverse`` from rv to a1 (behind gwa's NAT): a1's connection back carries its preamble in the
+  SYN (TCP Fast Open; the lab's hosts set ``net.ipv4.tcp_fastopen``), once a first connection
+  got a1 the cookie of rv's host: rv's kernel counts it (``TCPFastOpenPassive``).
 """
 from __future__ import annotations
 
@@ -47,3 +50,18 @@ def test_splice_connects_on_the_first_simultaneous_open(grid, src, dst):
     for name in (src, dst):
         first, retried = attempts(grid, name)
         assert (first - before[name][0], retried - before[name][1]) == (1, 0), (name, before[name], first, retried)
+
+
+def tcp_ext(grid, host: str) -> dict:
+    """The kernel's TcpExt counters of ``host``'s network namespace."""
+    lines = [line.split() for line in grid.lab.run(host, ["cat", "/proc/net/netstat"], capture_output=True,
+                                                    text=True, check=True).stdout.splitlines()]
+    names, values = [fields for fields in lines if fields and fields[0] == "TcpExt:"]
+    return dict(zip(names[1:], map(int, values[1:])))
+
+
+def test_reverse_sends_its_preamble_in_the_syn(grid):
+    transfer(grid, "rv", "a1", "tls/reverse")  # (a1's host may have no cookie of rv's yet: it asks)
+    before = tcp_ext(grid, "rv")["TCPFastOpenPassive"]
+    transfer(grid, "rv", "a1", "tls/reverse")
+    assert tcp_ext(grid, "rv")["TCPFastOpenPassive"] > before
