@@ -27,7 +27,9 @@ A link starts after its handshake (TLS, Hello/Welcome) and runs three greenlets:
   bound (``SOURCE_HARD_BYTES``, the link's or the process's) anyway is dropped, never queued.
   A large frame is queued as its head and its payload, and a large payload is written as it
   is, never joined to its head nor to other frames (so the payload of a forwarded message is
-  not copied between the decoder and the socket); small frames are joined into one write. A
+  not copied between the decoder and the socket); small frames are joined into one write; on
+  a socket that gathers (:class:`~gridsock.bootstrap.tlssocket.BufferedTLSSocket`, the
+  bootstrap's TLS) all the parts of a write go out with one system call. A
   link whose writer has frames but got nothing written for ``SEND_STALL_S`` is closed (its
   peer stopped reading). A TCP link keeps at most ``LINK_NOTSENT_LOWAT_BYTES`` unsent in the
   kernel (``TCP_NOTSENT_LOWAT``), so the order above is not undone by a deep socket buffer;
@@ -571,23 +573,31 @@ class Link:
                 raise
 
     def _write(self, frames: list) -> int:
-        """Write ``frames`` (head, payload) in order: small parts joined into one write (fewer
-        syscalls and TLS records), each large payload on its own, uncopied. Returns the bytes."""
-        sendall = self.sock.sendall
+        """Write ``frames`` (head, payload) in order: small parts joined (fewer TLS records),
+        each large payload as it is, uncopied; all in one call of a socket that gathers
+        (``sendall_parts``: one system call), else one ``sendall`` a part. Returns the bytes."""
+        parts: list = []
         small: list = []
         size = 0
         for head, payload in frames:
             small.append(head)
             size += len(head) + len(payload)
             if len(payload) >= DIRECT_WRITE_BYTES:
-                sendall(b"".join(small) if len(small) > 1 else small[0])
+                parts.append(b"".join(small) if len(small) > 1 else small[0])
                 small = []
-                sendall(payload)
-                self._last_tx = time.monotonic()
+                parts.append(payload)
             elif payload:
                 small.append(payload)
         if small:
-            sendall(b"".join(small) if len(small) > 1 else small[0])
+            parts.append(b"".join(small) if len(small) > 1 else small[0])
+        sendall_parts = getattr(self.sock, "sendall_parts", None)
+        if sendall_parts is not None:
+            sendall_parts(parts)
+        else:
+            sendall = self.sock.sendall
+            for part in parts:
+                sendall(part)
+                self._last_tx = time.monotonic()
         return size
 
     def _ping_loop(self) -> None:

@@ -1,0 +1,246 @@
+"""A TLS socket that runs OpenSSL over memory buffers: many records per system call.
+
+Theory of operation
+-------------------
+gevent's ``SSLSocket`` lets OpenSSL read and write the socket itself: a read returns one TLS
+record (at most 16 KiB) and costs two ``recv`` system calls (the record's header, then its
+body), plus a Python-level retry and an ``SSLWantReadError`` whenever the kernel has nothing
+yet; a write sends each record with a system call of its own. For a bootstrap link that
+carries relayed bulk data, that per-record cost was most of a forwarding node's time.
+
+:class:`BufferedTLSSocket` keeps OpenSSL off the socket: an ``ssl.SSLObject`` over two
+``ssl.MemoryBIO`` objects (as ``gridsock.components.tls`` does over a stream).
+
+- *Reading*: when OpenSSL has nothing decrypted, one ``recv_into`` takes up to
+  ``RAW_RECV_BYTES`` from the kernel (into a scratch buffer of the thread's hub, copied into
+  the incoming BIO before anything can switch greenlets), and ``recv_into`` then decrypts
+  record after record from memory into the caller's buffer until it is full or the BIO runs
+  dry: one system call and one Python call for up to 16 records.
+- *Writing*: ``sendall`` encrypts into the outgoing BIO and sends what it holds with one
+  ``sendall`` of the plain socket; :meth:`BufferedTLSSocket.sendall_parts` does that for
+  several buffers (a frame's head and its payload: one system call, no join).
+
+Invariants: only the holder of the write lock takes bytes out of the outgoing BIO and sends
+them, so records never interleave; the reader flushes what OpenSSL wrote while reading (an
+alert, a key update's answer) only when no writer holds the lock (a writer sends whatever is in
+the BIO before it lets go), so a reader never waits for a writer. A peer that closes without
+``close_notify`` reads as the end of the stream (``b""``), as gevent's ``SSLSocket`` with
+``suppress_ragged_eofs`` does. Errors are the ones a TLS socket raises: ``ssl.SSLError`` (an
+``OSError``) for TLS, ``OSError`` from the socket.
+
+It offers what the bootstrap uses of a TLS socket: ``do_handshake``, ``recv``, ``recv_into``,
+``send``, ``sendall``, ``pending``, ``getpeercert``, ``version``, ``cipher``, ``fileno``,
+``family``, ``setsockopt``, ``getsockopt``, ``getsockname``, ``getpeername``, ``settimeout``,
+``shutdown`` and ``close``.
+"""
+from __future__ import annotations
+
+import ssl
+import weakref
+from typing import Iterable, Optional
+
+import gevent
+import gevent.lock
+
+__all__ = ["BufferedTLSSocket", "RAW_RECV_BYTES"]
+
+# What one recv from the kernel takes at most: 16 full TLS records (a relay frame's worth).
+RAW_RECV_BYTES = 256 * 1024
+
+# One scratch buffer per hub (a thread runs one hub; greenlets of a hub never use it at once:
+# it is filled by a recv and emptied into a BIO before anything can switch).
+_scratch: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _scratch_buffer() -> memoryview:
+    hub = gevent.get_hub()
+    view = _scratch.get(hub)
+    if view is None:
+        view = _scratch[hub] = memoryview(bytearray(RAW_RECV_BYTES))
+    return view
+
+
+class BufferedTLSSocket:
+    """TLS over the gevent socket ``sock`` with ``context``; see the module docstring.
+
+    Made before the handshake (as ``context.wrap_socket(..., do_handshake_on_connect=False)``);
+    call :meth:`do_handshake` next."""
+
+    def __init__(self, sock, context: ssl.SSLContext, *, server_side: bool,
+                 server_hostname: Optional[str] = None) -> None:
+        self._sock = sock
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
+                                        server_hostname=server_hostname)
+        self._write_lock = gevent.lock.Semaphore()
+        self._eof = False  # the kernel said end of stream
+        self.server_side = server_side
+        self.context = context
+
+    def __repr__(self) -> str:
+        return f"<BufferedTLSSocket fd={self.fileno()}>"
+
+    # --- the handshake -----------------------------------------------------------------------
+
+    def do_handshake(self) -> None:
+        """Run the TLS handshake over the socket (cooperatively; no timeout of its own).
+
+        Raises ``ssl.SSLError`` when it fails (after sending the alert OpenSSL queued, as a
+        socket's handshake does), ``OSError`` when the connection fails."""
+        while True:
+            try:
+                self._sslobj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError:
+                try:
+                    self._flush()  # tell the peer why
+                except OSError:
+                    pass
+                raise
+            self._flush()
+            if self._eof:
+                raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "EOF occurred in violation of protocol")
+            self._fill()
+        self._flush()  # our last flight: the client's Finished, the server's session tickets
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
+        """Receive up to ``nbytes`` (default: the buffer's size) into ``buffer``; wait
+        (cooperatively) for at least one byte; 0 at the end of the stream."""
+        if flags:
+            raise ValueError("non-zero flags not allowed in calls to recv_into() on a TLS socket")
+        view = memoryview(buffer).cast("B")
+        if nbytes:
+            view = view[:nbytes]
+        want = len(view)
+        if not want:
+            return 0
+        read = self._sslobj.read
+        while True:
+            got = 0
+            try:
+                while got < want:
+                    got += read(want - got, view[got:] if got else view)
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self._eof = True  # close_notify, or the kernel's end: the stream ends here
+                return got
+            if self._outgoing.pending and not self._write_lock.locked():
+                with self._write_lock:
+                    self._flush()
+            if got:
+                return got
+            if self._eof:
+                return 0
+            self._fill()
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """Receive up to ``bufsize`` bytes; ``b""`` at the end of the stream."""
+        buffer = bytearray(min(bufsize, RAW_RECV_BYTES))
+        n = self.recv_into(buffer, 0, flags)
+        return bytes(buffer[:n]) if n < len(buffer) else bytes(buffer)
+
+    def pending(self) -> int:
+        """Bytes received and not read yet, decrypted or not (the kernel's queue aside)."""
+        return self._sslobj.pending() + self._incoming.pending
+
+    def _fill(self) -> None:
+        """Wait for bytes from the kernel and move them into the incoming BIO (EOF: mark it)."""
+        scratch = _scratch_buffer()
+        n = self._sock.recv_into(scratch)
+        # No switch between the recv and this copy: the scratch buffer is free again after it.
+        if n:
+            self._incoming.write(scratch[:n])
+        else:
+            self._eof = True
+            self._incoming.write_eof()
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def sendall(self, data, flags: int = 0) -> None:
+        """Send all of ``data``, encrypted."""
+        self.sendall_parts((data,), flags)
+
+    def send(self, data, flags: int = 0) -> int:
+        """Send all of ``data`` (a TLS socket's send may send less; this one never does)."""
+        self.sendall_parts((data,), flags)
+        return len(data)
+
+    def sendall_parts(self, parts: Iterable, flags: int = 0) -> None:
+        """Send the buffers ``parts`` in order, encrypted, with one ``sendall`` of the socket."""
+        if flags:
+            raise ValueError("non-zero flags not allowed in calls to sendall() on a TLS socket")
+        with self._write_lock:
+            write = self._sslobj.write
+            for part in parts:
+                if len(part):
+                    write(part)
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send what the outgoing BIO holds (under the write lock, or during the handshake)."""
+        outgoing = self._outgoing
+        while outgoing.pending:
+            self._sock.sendall(outgoing.read())
+
+    # --- the TLS session ---------------------------------------------------------------------
+
+    def getpeercert(self, binary_form: bool = False):
+        return self._sslobj.getpeercert(binary_form)
+
+    def version(self) -> Optional[str]:
+        return self._sslobj.version()
+
+    def cipher(self):
+        return self._sslobj.cipher()
+
+    def selected_alpn_protocol(self) -> Optional[str]:
+        return self._sslobj.selected_alpn_protocol()
+
+    # --- the socket --------------------------------------------------------------------------
+
+    @property
+    def family(self):
+        return self._sock.family
+
+    @property
+    def type(self):
+        return self._sock.type
+
+    @property
+    def closed(self) -> bool:
+        return bool(getattr(self._sock, "closed", False))
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def setsockopt(self, *args) -> None:
+        self._sock.setsockopt(*args)
+
+    def getsockopt(self, *args):
+        return self._sock.getsockopt(*args)
+
+    def getsockname(self):
+        return self._sock.getsockname()
+
+    def getpeername(self):
+        return self._sock.getpeername()
+
+    def settimeout(self, timeout: Optional[float]) -> None:
+        self._sock.settimeout(timeout)
+
+    def gettimeout(self) -> Optional[float]:
+        return self._sock.gettimeout()
+
+    def shutdown(self, how: int) -> None:
+        self._sock.shutdown(how)
+
+    def close(self) -> None:
+        """Close the socket (no ``close_notify``, as gevent's ``SSLSocket.close``); a greenlet
+        blocked on it gets an ``OSError``."""
+        self._sock.close()
