@@ -51,6 +51,7 @@ import base64
 import binascii
 import dataclasses
 import errno
+import functools
 import hmac
 import ipaddress
 import logging
@@ -821,9 +822,9 @@ class FrontDoor:
             # (sock_diag answers in microseconds, within its system call; the fallback reads
             # the kernel's whole TCP table, milliseconds on a busy host, which the node's event
             # loop must not spend per client: in a worker thread.)
-            trust_args = ((addr, sock.getsockname()), {"allow_other_users": self.allow_other_users})
-            why_untrusted = (client_untrusted(*trust_args[0], **trust_args[1]) if _diag_usable
-                             else gevent.get_hub().threadpool.apply(client_untrusted, *trust_args))
+            trust = functools.partial(client_untrusted, addr, sock.getsockname(),
+                                      allow_other_users=self.allow_other_users)
+            why_untrusted = trust() if _diag_usable else gevent.get_hub().threadpool.apply(trust)
             if why_untrusted is None and self.require_auth:
                 why_untrusted = "credentials are required from every client"
             deadline = time.monotonic() + self.handshake_timeout
