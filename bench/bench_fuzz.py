@@ -55,16 +55,22 @@ sys.path.insert(0, str(HERE.parent))
 LISTENERS = ("rendezvous", "nodeport", "data", "frontdoor", "control", "agent", "routed")
 CONCURRENCY = 48
 BATCH = 1000  # inputs generated (and seeded) at a time
+# ... for the listeners that take one connection per input: an engine's batch waits for its
+# slowest connection (a SYN that a full accept queue dropped is sent again after 1 s), so more.
+ENGINE_BATCH = 10_000
 PROBE_EVERY = 20_000
 PROBE_TIMEOUT_S = 30.0
 READ_TIMEOUT_S = 15.0  # a server slower than this to close after a client's half-close is "slow"
 HANG_TIMEOUT_S = 60.0  # one that has not closed after this long hangs
 READY_TIMEOUT_S = 60.0
 TLS_SHARE = 10  # one input in this many goes past TLS first
+FULL_HANDSHAKE_EVERY = 10  # of those, one in this many makes a full handshake; the others resume a session
+ENGINE_CONCURRENCY = 64  # connections of the engine at once (one client process, no greenlets)
 PIPELINE = 50  # control and agent requests written before their replies are read
 ECHO_PORT = 7
 SOCKS_HANDSHAKE_TIMEOUT_S = 2.0
 NOTES_SHOWN = 8  # distinct notes per listener in the report
+MAX_NOTES = 200  # distinct notes kept per listener
 
 
 # --- the child: the grid under fire ----------------------------------------------------------------
@@ -129,6 +135,11 @@ class Tally:
     log_bytes: int = 0
     tracebacks: int = 0
     seconds: float = 0.0
+    tls_handshakes: int = 0  # inputs that went past TLS first
+    tls_resumed: int = 0  # of those, handshakes that resumed a session
+    connect_failures: int = 0
+    server_cpu_s: float = 0.0  # CPU time of the grid's process during the run
+    client_cpu_s: float = 0.0  # and of this one (the fuzzing client)
     notes: List[str] = dataclasses.field(default_factory=list)
 
 
@@ -154,6 +165,7 @@ class Campaign:
         self.dir = Path(tempfile.mkdtemp(prefix="gridsock-fuzz-"))
         self.child: Optional[subprocess.Popen] = None
         self.ready: Dict[str, Any] = {}
+        self._engines: Dict[str, Engine] = {}
 
     # the child
 
@@ -196,6 +208,15 @@ class Campaign:
             return rss_bytes(self.child.pid)  # type: ignore[union-attr]
         except OSError:
             return 0
+
+    def cpu(self) -> float:
+        """CPU seconds (user and system) the grid's process has used so far."""
+        try:
+            with open(f"/proc/{self.child.pid}/stat") as f:  # type: ignore[union-attr]
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def log_size(self) -> int:
         return sum((self.dir / f).stat().st_size for f in ("grid.log", "stderr.log") if (self.dir / f).exists())
@@ -324,6 +345,7 @@ class Campaign:
         tally = Tally(listener, rss_start=self.rss())
         tally.rss_peak = tally.rss_start
         logged, tracebacks = self.log_size(), self.tracebacks()
+        server_cpu, client_cpu = self.cpu(), _own_cpu()
         started = time.monotonic()
         rng = random.Random(f"{self.args.seed}-{listener}")
         runner = getattr(self, f"_run_{listener}" if listener in ("control", "agent", "routed") else "_run_connections")
@@ -333,7 +355,10 @@ class Campaign:
             if budget is not None and time.monotonic() - started > budget:
                 tally.notes.append(f"stopped after its time budget of {budget:g} s")
                 break
-            runner(listener, rng, min(BATCH, self.args.frames - tally.inputs), tally)
+            batch = BATCH if listener in ("control", "agent", "routed") else ENGINE_BATCH
+            runner(listener, rng, min(batch, self.args.frames - tally.inputs), tally)
+            if len(tally.notes) > MAX_NOTES:  # (distinct ones are kept: the report shows a few)
+                tally.notes = sorted(set(tally.notes))[:MAX_NOTES]
             tally.rss_peak = max(tally.rss_peak, self.rss())
             if self.child.poll() is not None:  # type: ignore[union-attr]
                 tally.crashes += 1
@@ -353,59 +378,53 @@ class Campaign:
                       file=sys.stderr)
         tally.seconds = time.monotonic() - started
         tally.rss_end = self.rss()
+        tally.server_cpu_s, tally.client_cpu_s = self.cpu() - server_cpu, _own_cpu() - client_cpu
         tally.log_bytes = self.log_size() - logged
         tally.tracebacks = self.tracebacks() - tracebacks
         return tally
 
     def _run_connections(self, listener: str, rng: random.Random, count: int, tally: Tally) -> None:
-        from gevent.pool import Pool
-
         from gridsock import wire
         from gridsock.testing import fuzz
 
+        tls_every = 0
         if listener == "data":
             # (a well-formed preamble with an unknown token is held by the node for its match
             # timeout whatever the client does: the client closes at once rather than wait)
             cases = [dataclasses.replace(c, mode="close") if len(c.data) >= wire.PREAMBLE_BYTES and c.mode == "half-close"
                      else c for c in fuzz.data_cases(rng, count)]
-            connects = [self.tcp("nodeport")]
+            target = "nodeport"
         elif listener == "frontdoor":
             cases = _frontdoor_cases(rng, count)
-            connects = [self.tcp("frontdoor")]
+            target = "frontdoor"
         else:
             cases = fuzz.bootstrap_cases(rng, count)
-            connects = [self.tcp(listener), self.tls(listener)]
-        held: List[Any] = []
+            target, tls_every = listener, TLS_SHARE
+        engine = self._engines.get(listener)
+        if engine is None:
+            def outcome(case, reply: bytes, closed: Optional[bool], waited: float) -> None:
+                if closed is False:
+                    tally.hangs += 1
+                    tally.notes.append(f"not closed within {HANG_TIMEOUT_S:g} s of a half-close: {case.kind} "
+                                       f"{case.data[:48]!r} ({len(case.data)} bytes), answered {reply[:48]!r}")
+                elif closed and waited > READ_TIMEOUT_S:
+                    tally.unanswered += 1
+                    tally.notes.append(f"closed {waited:.0f} s after a half-close: {case.kind} {case.data[:48]!r}, "
+                                       f"answered {reply[:48]!r}")
 
-        def one(index_case) -> None:
-            index, case = index_case
-            connect = connects[1] if len(connects) > 1 and index % TLS_SHARE == 0 else connects[0]
-            try:
-                sock = connect()
-            except Exception as exc:
-                tally.notes.append(f"connect failed: {exc!r}"[:200])
-                return
-            tally.connections += 1
-            began = time.monotonic()
-            try:
-                reply, closed = fuzz.send_case(sock, case, read_timeout=HANG_TIMEOUT_S, held=held)
-            except OSError:
-                reply, closed = b"", True
-            waited = time.monotonic() - began
-            if closed is False:
-                tally.hangs += 1
-                tally.notes.append(f"not closed within {HANG_TIMEOUT_S:g} s of a half-close: {case.kind} "
-                                   f"{case.data[:48]!r} ({len(case.data)} bytes), answered {reply[:48]!r}")
-            elif closed and waited > READ_TIMEOUT_S:
-                tally.unanswered += 1
-                tally.notes.append(f"closed {waited:.0f} s after a half-close: {case.kind} {case.data[:48]!r}, "
-                                   f"answered {reply[:48]!r}")
-
-        try:
-            Pool(CONCURRENCY).map(one, enumerate(cases))
-        finally:
-            for sock in held:
-                sock.close()
+            context = session = None
+            if tls_every:
+                context = _stdlib_tls_context(self.session)
+                session = _tls_session(context, tuple(self.ready[target]), timeout=READY_TIMEOUT_S)
+            engine = self._engines[listener] = Engine(tuple(self.ready[target]), concurrency=ENGINE_CONCURRENCY,
+                                                      outcome=outcome, tls_context=context, session=session)
+        before = engine.connections
+        engine.run(cases, tls_every)
+        tally.connections += engine.connections - before
+        tally.tls_handshakes, tally.tls_resumed = engine.tls_cases, engine.resumed
+        tally.notes.extend(sorted(set(engine.failed_connects))[:NOTES_SHOWN])
+        tally.connect_failures += len(engine.failed_connects)
+        engine.failed_connects.clear()
         tally.inputs += len(cases)
 
     def _run_control(self, listener: str, rng: random.Random, count: int, tally: Tally) -> None:
@@ -547,6 +566,226 @@ class Campaign:
         tally.connections += 1
         self._link = {"sock": sock, "ended": ended, "reader": gevent.spawn(read), "replies": replies}
         return self._link
+
+
+# --- the connection engine: one bad client per connection, without greenlets ------------------------
+
+
+class _Conn:
+    """One case on one connection, as the engine moves it along: ``connecting`` (a non-blocking
+    connect), ``tls`` (its handshake, for a case that goes past TLS), ``sending``, then ``reading``
+    (a half-close: until the server closes) or done."""
+
+    __slots__ = ("fd", "sock", "case", "state", "out", "got", "began", "deadline", "tls")
+
+    def __init__(self, sock, case, tls: bool, began: float) -> None:
+        self.fd = sock.fileno()
+        self.sock = sock
+        self.case = case
+        self.state = "connecting"
+        self.out = memoryview(case.data)
+        self.got = bytearray()
+        self.began = began
+        self.deadline = began + HANG_TIMEOUT_S
+        self.tls = tls
+
+
+class Engine:
+    """Plays cases that each take one connection (a listener that drops a client after its first
+    error: the node and rendez-vous ports, the data path, the front door), ``concurrency`` at a
+    time, on non-blocking sockets under one ``selectors`` loop: a few system calls and no greenlet
+    per input, so that the client costs less than the listener it feeds.
+
+    A case played with ``tls=True`` goes past a TLS handshake first (``tls_context``, a stdlib
+    client context); all but one in ``FULL_HANDSHAKE_EVERY`` of those resume a session that the
+    listener gave earlier (TLS session tickets: the bytes after the handshake reach the
+    listener's decoder all the same, at a fraction of its cost; ``session`` is fetched by the
+    caller, e.g. :func:`_tls_session`). ``outcome(case, reply, closed, waited)`` is called once
+    for each case: ``closed`` as :func:`gridsock.testing.fuzz.send_case` gives it (None for the
+    "close" and "hold" modes, True once the server closed after a half-close, False if it had not
+    within ``HANG_TIMEOUT_S``).
+    """
+
+    def __init__(self, address, *, concurrency: int, outcome: Callable[[Any, bytes, Optional[bool], float], None],
+                 tls_context=None, session=None) -> None:
+        import selectors
+
+        self.address = address
+        self.concurrency = concurrency
+        self.tls_context = tls_context
+        self.session = session
+        self.outcome = outcome
+        self.selector = selectors.DefaultSelector()
+        self.tls_cases = 0
+        self.resumed = 0
+        self.connections = 0
+        self.failed_connects: List[str] = []
+
+    def close(self) -> None:
+        self.selector.close()
+
+    def run(self, cases: list, tls_every: int = 0) -> None:
+        """Play ``cases`` (one whose index is a multiple of ``tls_every`` goes past TLS); return
+        when each has ended (held connections are closed then)."""
+        pending = list(enumerate(cases))
+        pending.reverse()
+        live: Dict[int, _Conn] = {}
+        held: List[Any] = []
+        next_check = time.monotonic() + 1.0
+        try:
+            while pending or live:
+                while pending and len(live) < self.concurrency:
+                    index, case = pending.pop()
+                    conn = self._open(case, bool(tls_every) and index % tls_every == 0)
+                    if conn is not None:
+                        live[conn.fd] = conn
+                for key, _ in self.selector.select(0.0 if pending and len(live) < self.concurrency else 1.0):
+                    conn = live.get(key.fd)
+                    if conn is not None and not self._step(conn, held):
+                        self._drop(conn, live)
+                now = time.monotonic()
+                if now >= next_check:
+                    next_check = now + 1.0
+                    for conn in [c for c in live.values() if c.deadline < now]:
+                        self._report(conn, False)
+                        self._drop(conn, live)
+        finally:
+            for conn in list(live.values()):
+                self._drop(conn, live)
+            for sock in held:
+                sock.close()
+
+    def _open(self, case, tls: bool) -> Optional[_Conn]:
+        import errno as errno_
+        import selectors
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        code = sock.connect_ex(self.address)
+        if code not in (0, errno_.EINPROGRESS):
+            sock.close()
+            self.failed_connects.append(f"connect failed: {os.strerror(code)}")
+            return None
+        self.connections += 1
+        conn = _Conn(sock, case, tls, time.monotonic())
+        self.selector.register(sock, selectors.EVENT_WRITE)
+        return conn
+
+    def _step(self, conn: _Conn, held: list) -> bool:
+        """Move ``conn`` on as far as it goes without waiting; False once it has ended (and was
+        reported)."""
+        import selectors
+        import ssl
+
+        try:
+            if conn.state == "connecting":
+                error = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    self.failed_connects.append(f"connect failed: {os.strerror(error)}")
+                    self._report(conn, True)
+                    return False
+                if conn.tls:
+                    self.selector.unregister(conn.sock)
+                    self.tls_cases += 1
+                    session = self.session if self.tls_cases % FULL_HANDSHAKE_EVERY else None
+                    conn.sock = self.tls_context.wrap_socket(conn.sock, do_handshake_on_connect=False,
+                                                             session=session)
+                    self.selector.register(conn.sock, selectors.EVENT_WRITE)
+                    conn.state = "tls"
+                else:
+                    conn.state = "sending"
+            if conn.state == "tls":
+                try:
+                    conn.sock.do_handshake()
+                except ssl.SSLWantReadError:
+                    self.selector.modify(conn.sock, selectors.EVENT_READ)
+                    return True
+                except ssl.SSLWantWriteError:
+                    self.selector.modify(conn.sock, selectors.EVENT_WRITE)
+                    return True
+                self.resumed += conn.sock.session_reused
+                conn.state = "sending"
+                self.selector.modify(conn.sock, selectors.EVENT_WRITE)
+            if conn.state == "sending":
+                while conn.out:
+                    try:
+                        conn.out = conn.out[conn.sock.send(conn.out):]
+                    except (BlockingIOError, ssl.SSLWantWriteError):
+                        return True
+                    except ssl.SSLWantReadError:
+                        self.selector.modify(conn.sock, selectors.EVENT_READ)
+                        return True
+                if conn.case.mode == "hold":
+                    self.selector.unregister(conn.sock)
+                    held.append(conn.sock)
+                    conn.sock = None
+                    self._report(conn, None)
+                    return False
+                if conn.case.mode != "half-close":
+                    self._report(conn, None)
+                    return False
+                conn.sock.shutdown(socket.SHUT_WR)  # (on a TLS socket: the TCP half-close, as send_case does)
+                conn.state = "reading"
+                self.selector.modify(conn.sock, selectors.EVENT_READ)
+                return True
+            if conn.state == "reading":
+                while True:
+                    try:
+                        chunk = conn.sock.recv(65536)
+                    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                        return True
+                    if not chunk:
+                        self._report(conn, True)
+                        return False
+                    conn.got += chunk
+        except (OSError, ValueError):  # (ssl.SSLError included) a reset, a TLS alert: it had heard enough
+            self._report(conn, True)
+            return False
+        return True
+
+    def _report(self, conn: _Conn, closed: Optional[bool]) -> None:
+        self.outcome(conn.case, bytes(conn.got), closed, time.monotonic() - conn.began)
+
+    def _drop(self, conn: _Conn, live: Dict[int, _Conn]) -> None:
+        live.pop(conn.fd, None)
+        if conn.sock is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.selector.unregister(conn.sock)
+            conn.sock.close()
+            conn.sock = None
+
+
+def _stdlib_tls_context(session):
+    """A stdlib (not gevent) TLS client context as :func:`gridsock.session.client_context` makes
+    one without an identity: the session CA, TLS 1.2 at least, strict X.509 checks."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.load_verify_locations(cadata=session.ca_cert_pem.decode("ascii"))
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _tls_session(context, address, *, timeout: float):
+    """A TLS session (with its ticket) from the listener at ``address``: a handshake, a Hello that
+    it refuses, its answer read (which takes in the tickets it sent after the handshake)."""
+    from gridsock import wire
+
+    with socket.create_connection(address, timeout=timeout) as raw:
+        with context.wrap_socket(raw) as sock:
+            sock.sendall(wire.encode(wire.Hello(name="fuzz-session", cluster=None, role="leader")))
+            with contextlib.suppress(OSError):
+                while sock.recv(65536):
+                    pass
+            return sock.session
+
+
+def _own_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def _enroll(campaign: Campaign, name: str):
