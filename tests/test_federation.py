@@ -86,12 +86,10 @@ class FedGrid:
         return rv
 
     def session_first(self, index: int) -> Session:
-        """The session with rendez-vous node ``index`` first in the list (a leader dials it first)."""
-        addrs = list(self.session.rendezvous_addresses)
-        addrs = addrs[index:] + addrs[:index]
-        host, port = addrs[0]
-        return dataclasses.replace(self.session, rendezvous_host=host, rendezvous_port=port,
-                                   rendezvous_list=tuple(addrs))
+        """The session with rendez-vous node ``index`` as the rendez-vous address (a leader
+        dials it first, then the next ones of the list: ``gridsock node --rendezvous``)."""
+        host, port = self.session.rendezvous_addresses[index]
+        return dataclasses.replace(self.session, rendezvous_host=host, rendezvous_port=port)
 
     def node(self, name: str, **kwargs) -> Node:
         kwargs.setdefault("listen_address", "127.0.0.1:0")

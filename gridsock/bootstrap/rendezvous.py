@@ -50,6 +50,13 @@ registers only members of its own cluster, at most ``MAX_MEMBERS``, each checked
 certificate by the leader), and "inside the cluster" in a server's policy is what this
 directory says. A session that defines no cluster works as before: clusters are declared and
 bound first come.
+
+Several rendez-vous nodes (:mod:`.federation`, docs/federation.md): in a session that lists
+them, this node is one of them (``index``, ``name``: ``rendezvous``, ``rendezvous-2``, ...). It
+is the authority for the leaders linked to it (``federation.local``); ``directory`` is the merge
+with what the others say of theirs, and what its leaders get. ``Hello(role="rendezvous")``
+from another one of them becomes a rendez-vous link (``Federation.accept``); a routed message
+for a node whose leader is on another rendez-vous node goes over that link.
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ Theory of operation
 :meth:`Uplink.serve` runs until :meth:`Uplink.stop`, in a loop of *attempts*:
 
 1. pick the target: the leader's node port for a member, a rendez-vous address of the
-   session for a leader (with several, docs/federation.md: the first of the session's list at
-   start, then, each time an attempt fails or an established uplink is lost, the next one in
+   session for a leader (with several, docs/federation.md: ``session.rendezvous_host`` and
+   ``rendezvous_port`` at start, the first of the list unless ``gridsock node --rendezvous``
+   named another one of it, then, each time an attempt fails or an established uplink is lost, the next one in
    the list's order, round and round: a leader fails over to the next rendez-vous node and
    stays there);
 2. in a TLS session with no certificate yet, *enroll*: dial, TLS with no client certificate,
@@ -128,7 +129,7 @@ class Uplink:
         self._stopped = gevent.event.Event()
         self._client_ctx: Optional[tuple] = None
         self._refused: Optional[AuthError] = None  # a Refuse that came on an established link
-        self._target_index = 0  # (a leader's: which of the session's rendez-vous nodes it dials)
+        self._target_index: Optional[int] = None  # (a leader's: which of the session's rendez-vous nodes it dials)
         self._forget_timer: Optional[gevent.Greenlet] = None  # (several rendez-vous nodes: see _forget)
 
     @property
@@ -142,12 +143,15 @@ class Uplink:
         if host.role == "member":
             return host.leader_address
         addrs = host.session.rendezvous_addresses
+        if self._target_index is None:  # (the session's own rendez-vous address first: gridsock node --rendezvous)
+            first = (host.session.rendezvous_host, host.session.rendezvous_port)
+            self._target_index = addrs.index(first) if first in addrs else 0
         rv_host, rv_port = addrs[self._target_index % len(addrs)]
         return Address(host=rv_host, port=rv_port)
 
     def _next_target(self) -> None:
         """Fail over: the next attempt dials the next rendez-vous node of the session's list."""
-        if self.host.role != "member":
+        if self.host.role != "member" and self._target_index is not None:
             self._target_index = (self._target_index + 1) % len(self.host.session.rendezvous_addresses)
 
     def serve(self) -> None:
