@@ -87,6 +87,7 @@ __all__ = [
     "ASSEMBLY_TIMEOUT_S",
     "MATCH_TIMEOUT_S",
     "MAX_EARLY_DATA_CONNECTIONS",
+    "PORTS_BACK_WITHIN_S",
     "NOMINATION_TIMEOUT_S",
     "BACKLOG_WAIT_S",
     "NOMINATE",
@@ -136,6 +137,10 @@ CONNECTIONS_PRUNE_AT = 256
 CONNECTIONS_SWEEP_S = 2.0
 # Connections accepted but not yet taken by accept().
 LISTEN_BACKLOG = 128
+#: After a restart, a node whose state directory names the grid ports it served lets requests
+#: for those ports wait this long for their programs to serve them again (a program's listener
+#: comes back within a second or so: :mod:`gridsock.agentclient`), instead of refusing them.
+PORTS_BACK_WITHIN_S = 10.0
 # A connection that finds the backlog full waits this long for room (as a kernel leaves a SYN
 # unanswered, and the client retries, rather than refuse): a burst of hundreds of connects to
 # one port is taken as fast as the application accepts, not reset past the 128th.
@@ -310,6 +315,7 @@ class DataListener:
         self.closed = True
         if self._assembler.listeners.get(self.port) is self:  # (not a newer listener of the port)
             del self._assembler.listeners[self.port]
+            self._assembler._ports_changed()
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if item is not None:
@@ -346,6 +352,12 @@ class Assembler:
         self._peer_log = RateLimitedLog(log)
         self.registry = registry if registry is not None else default_registry
         self.listeners: Dict[int, DataListener] = {}
+        # Called with the sorted served ports whenever they change (the node saves them in its
+        # state directory), except while the node stops.
+        self.on_ports: Optional[Callable[[List[int]], None]] = None
+        self._coming_back: Dict[int, float] = {}  # port -> monotonic deadline (expect_back)
+        self._back: Dict[int, gevent.event.Event] = {}  # port -> set when it is served again
+        self._closing = False
         self.connections: Dict[int, ConnectionInfo] = {}
         # Called with each new connection's info as it is recorded (both sides): the metrics
         # count server-side connections here, exactly, however short they live.
@@ -373,7 +385,41 @@ class Assembler:
             raise ConfigError(f"port {port} of node {self.node.name} is already served")
         listener = DataListener(self, port)
         self.listeners[port] = listener
+        self._coming_back.pop(port, None)
+        back = self._back.pop(port, None)
+        if back is not None:
+            back.set()
+        self._ports_changed()
         return listener
+
+    def expect_back(self, ports: Sequence[int], within_s: float = PORTS_BACK_WITHIN_S) -> None:
+        """The node served ``ports`` before it restarted: for ``within_s``, a request for one of
+        them that nobody serves yet waits for it to be served again instead of being refused."""
+        deadline = time.monotonic() + within_s
+        for port in ports:
+            if isinstance(port, int) and 0 < port < 65536 and port not in self.listeners:
+                self._coming_back[port] = deadline
+
+    def _wait_back(self, port: int) -> None:
+        """If ``port`` is expected back (expect_back) and not served yet, wait for it, at most
+        until its deadline."""
+        deadline = self._coming_back.get(port)
+        if deadline is None or port in self.listeners:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            self._coming_back.pop(port, None)
+            return
+        log.info("node %s: a request for grid port %d waits up to %.1f s for it to be served again", self.node.name,
+                 port, left)
+        self._back.setdefault(port, gevent.event.Event()).wait(left)
+
+    def _ports_changed(self) -> None:
+        if self.on_ports is not None and not self._closing:
+            try:
+                self.on_ports(sorted(self.listeners))
+            except OSError as exc:  # (a full disk: the ports are not kept for a restart, no more)
+                log.warning("node %s: the served ports could not be saved: %s", self.node.name, exc)
 
     def handle_request(self, delivery) -> bytes:
         """The ``assemble`` topic handler: check the request, hand it to its method, answer.
@@ -408,6 +454,7 @@ class Assembler:
         if client is None or me is None:
             raise MethodRefusal("unknown-node", f"node {src} is not in {self.node.name}'s directory")
         port = request.port
+        self._wait_back(port)
         listening = port in self.listeners
         try:
             stack = Stack.parse(request.stack, self.registry)
@@ -1060,6 +1107,9 @@ class Assembler:
     def close(self) -> None:
         """Stop sweeping the connection table, and stop waiting for the connections of accepted
         requests (the node stops)."""
+        self._closing = True  # (the ports its listeners close now are kept for its restart)
+        for back in self._back.values():
+            back.set()
         timer, self._sweep_timer = self._sweep_timer, None
         if timer is not None:
             timer.close()

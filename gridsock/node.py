@@ -39,6 +39,7 @@ node's thread" in docs/architecture.md.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import sys
@@ -65,7 +66,7 @@ from .errors import ConfigError, ConnectError, ConnectRefusedError, GridsockErro
 from .session import Identity, NodeState, Session
 from ._loopthread import LoopThread, caller_runs_gevent
 from .agent import AgentServer
-from .assembly import ASSEMBLE_TOPIC, ASSEMBLY_TIMEOUT_S, DATA_PREAMBLE, Assembler, ConnectionInfo, DataListener
+from .assembly import ASSEMBLE_TOPIC, ASSEMBLY_TIMEOUT_S, PORTS_BACK_WITHIN_S, DATA_PREAMBLE, Assembler, ConnectionInfo, DataListener
 from .components.relay import RelayManager
 from .meta import MetaChannel
 from .rules import Rules
@@ -169,6 +170,26 @@ def _control_op_elsewhere(op: str):
         return None
     module, _, function = target.partition(":")
     return getattr(importlib.import_module(module), function)
+
+
+# The state directory's file of the grid ports the node serves (a JSON list), kept for a restart.
+PORTS_FILE = "ports.json"
+
+
+def _load_ports(path) -> list:
+    """The grid ports saved at ``path`` (a node's state directory's PORTS_FILE); [] if none, or
+    if the file does not hold a list of ports (logged: it is rewritten at the next change)."""
+    try:
+        ports = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        log.warning("%s: not a list of ports (%s); ignored", path, exc)
+        return []
+    if not isinstance(ports, list) or not all(type(p) is int and 0 < p < 65536 for p in ports):
+        log.warning("%s: not a list of ports; ignored", path)
+        return []
+    return ports[:65535]
 
 
 class Node:
@@ -327,6 +348,7 @@ class Node:
         self._greenlets: list = []
         # The state directory (last: nothing after it can fail and leave its lock taken).
         self.state: Optional[NodeState] = None
+        self._ports_back: list = []  # grid ports served before a restart (from the state directory)
         if state_dir is not None:
             self._open_state(state_dir)
 
@@ -355,6 +377,8 @@ class Node:
             state.close()
             raise
         self.state = state
+        self._ports_back = _load_ports(state.path / PORTS_FILE)
+        self.assembler.on_ports = lambda ports: state._write(PORTS_FILE, json.dumps(ports).encode("ascii"))
         log.info("node %s keeps its identity in %s%s", self.name, state.path,
                  f" (node {self.node_id})" if self.node_id else " (not enrolled yet)")
 
@@ -442,6 +466,10 @@ class Node:
             self._in_node_thread(None, self.start)
             _running_nodes.add(self)
             return self
+        if self._ports_back:  # (served before a restart: their programs' listeners come back)
+            self.assembler.expect_back(self._ports_back)
+            log.info("node %s: requests for grid ports %s wait up to %g s for them to be served again", self.name,
+                     ", ".join(map(str, self._ports_back)), PORTS_BACK_WITHIN_S)
         try:
             if self._metrics is not None and self._metrics_address is not None:
                 self._metrics.serve(self._metrics_address)  # first: a port in use fails before anything runs

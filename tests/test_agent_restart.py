@@ -102,7 +102,7 @@ class Grid:
         self.tmp, self.run_dir, self.env, self.procs, self.session = tmp, run_dir, env, procs, session
 
     def start_node(self, name: str, cluster: str, *, log: str = "") -> subprocess.Popen:
-        proc = self.procs.start(log or name, "node", "--session", str(self.session), "--name", name,
+        proc = self.procs.start(log or name, "-v", "node", "--session", str(self.session), "--name", name,
                                 "--cluster", cluster, "--listen", "127.0.0.1:0", "--front-door", "off",
                                 "--state-dir", str(self.tmp / f"state-{name}"),
                                 "--rules", str(self.tmp / "open.toml"))
@@ -191,6 +191,39 @@ def test_an_http_server_serves_again_after_its_node_is_killed_and_restarted(grid
     grid.wait_listening("nb", port)  # the server's listener came back by itself
     assert grid.fetch(url) == f"200 {digest}"  # the same grid address and port, the same program
     assert grid.fetch(f"http://nb:{port}/data.bin") == f"200 {digest}"
+    assert server.poll() is None
+
+
+def test_a_request_made_before_the_program_serves_again_waits_for_it(grid):
+    """Right after the restart, before the program's listener is back (the program is stopped
+    with SIGSTOP across the restart), a request for its port waits (the restarted node knows
+    from its state directory that the port was served) and is served once the program
+    continues: the first request after a restart is not refused."""
+    www = grid.tmp / "www-early"
+    www.mkdir()
+    payload = os.urandom(PAYLOAD_BYTES)
+    (www / "data.bin").write_bytes(payload)
+    server = grid.start_program("nb", "http-early", sys.executable, "-m", "http.server", "0", "--directory", str(www))
+    line = wait_for_line(server, "Serving HTTP on ", timeout=RUN_TIMEOUT_S)
+    port = int(line.split()[5])
+    url = f"http://nb:{port}/data.bin"
+    digest = hashlib.sha256(payload).hexdigest()
+    assert grid.fetch(url) == f"200 {digest}"
+    server.send_signal(signal.SIGSTOP)
+    try:
+        restart_nb(grid)
+        assert port not in grid.control("nb", "status")["listening"]  # (its program is stopped)
+        fetch = grid.start_program("na", "fetch-early", sys.executable, "-c", FETCH, url)
+        log = grid.tmp / f"nb-again-{grid.restarts}.log"
+        deadline = time.monotonic() + BACK_TIMEOUT_S
+        waiting = f"a request for grid port {port} waits"
+        while waiting not in log.read_text():
+            assert time.monotonic() < deadline and fetch.poll() is None, (fetch.poll(), log.read_text())
+            time.sleep(POLL_S)
+    finally:
+        server.send_signal(signal.SIGCONT)
+    assert fetch.wait(timeout=RUN_TIMEOUT_S) == 0
+    assert fetch.stdout.read().decode().strip() == f"200 {digest}"
     assert server.poll() is None
 
 
@@ -401,3 +434,18 @@ def test_a_release_while_no_agent_is_there_ends_the_keeper(agent_path):
     first.die()
     listener.release(timeout=FAKE_TIMEOUT_S)
     assert not keepers()
+
+
+def test_the_saved_ports_file_is_read_strictly(tmp_path, caplog):
+    from gridsock.node import PORTS_FILE, _load_ports
+
+    path = tmp_path / PORTS_FILE
+    assert _load_ports(path) == []  # none saved: nothing expected back
+    path.write_text("[8080, 49152]")
+    assert _load_ports(path) == [8080, 49152]
+    for bad in ("{not json", '{"port": 80}', "[0]", "[70000]", '["80"]', "[true]"):
+        path.write_text(bad)
+        with caplog.at_level("WARNING", logger="gridsock.node"):
+            caplog.clear()
+            assert _load_ports(path) == [], bad
+        assert "ignored" in caplog.text, bad
