@@ -331,8 +331,7 @@ def test_front_door(grid, door, monkeypatch):
     from test_frontdoor import fuzz_cases  # the front door's own cases: SOCKS5 and HTTP
 
     address = door.address
-    # A sample (test_frontdoor.py plays them all): each client costs the front door a look at
-    # /proc/net/tcp (whose user is it?), which a machine with many sockets makes slow.
+    # A sample (test_frontdoor.py plays them all).
     own = random.Random(SEED).sample(fuzz_cases(random.Random(SEED)), FRONT_DOOR_CASES)
     cases = [fuzz.Case(data, "half-close" if half else "close") for data, half in own]
     cases += fuzz.bootstrap_cases(rng(), FRONT_DOOR_CASES // 3)  # (and what the other ports get)
@@ -342,6 +341,71 @@ def test_front_door(grid, door, monkeypatch):
         check_log_volume(watch, "gridsock.frontdoor")
         assert socks_echo(address, "L1") == b"\x05\x00"
     check_after(watch, rss)
+
+
+def test_front_door_asks_the_kernel_for_its_client_socket_not_for_the_whole_table(grid, door, monkeypatch):
+    """Whose is a loopback client? One sock_diag lookup by its addresses, not a read of all of
+    /proc/net/tcp: with thousands of sockets in the table (a flood's TIME_WAIT ones) each read
+    took 36 ms, and the front door served 43 new clients a second (the fuzz campaign's
+    finding). Here every read of the table fails the test, and the door still trusts its own
+    user's clients and drops the bad ones."""
+    from gridsock import frontdoor, procnet
+
+    if not frontdoor._diag_usable:
+        pytest.skip("sock_diag is not available here: the front door reads /proc/net/tcp")
+    reads: List[str] = []
+
+    def no_table(**kwargs):
+        reads.append(repr(kwargs))
+        raise AssertionError("the front door read the kernel's whole TCP table")
+
+    monkeypatch.setattr(procnet, "tcp_sockets", no_table)
+    with watched(monkeypatch) as watch:
+        run_cases(tcp_connect(door.address), fuzz.bootstrap_cases(rng(), FRONT_DOOR_CASES // 3))
+        assert socks_echo(door.address, "L1") == b"\x05\x00"  # (trusted: its user was known)
+    assert not reads, reads[:3]
+    assert not watch.tracebacks, "\n".join(watch.tracebacks[:20])
+    assert frontdoor._diag_usable
+
+
+def test_sock_diag_and_the_tcp_table_agree_on_a_socket_of_another_user():
+    """The uid that sock_diag gives for a client socket is its owner's, as /proc/net/tcp says:
+    nobody's socket (a shell's /dev/tcp, run with setpriv) is not taken for root's."""
+    import shutil
+    import subprocess
+
+    from gridsock import frontdoor
+
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("bash"):
+        pytest.skip("needs root and setpriv to act as another user")
+    if not frontdoor._diag_usable:
+        pytest.skip("sock_diag is not available here")
+    nobody = 65534
+    listener = gsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    client = subprocess.Popen(
+        ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", "bash", "-c",
+         f"exec 3<>/dev/tcp/127.0.0.1/{port} && read -r line"],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        with gevent.Timeout(READY_TIMEOUT_S):
+            sock, peer = listener.accept()
+        try:
+            here = listener.getsockname()
+            assert frontdoor._diag_tcp_socket(peer, here) == frontdoor._proc_tcp_socket(peer, here)
+            assert frontdoor.socket_uid(peer, here) == nobody
+            assert "uid 65534" in (frontdoor.client_untrusted(peer, here) or "")
+            assert frontdoor.socket_uid(sock.getsockname(), peer) == os.geteuid()  # (our end)
+            assert frontdoor.socket_uid(peer, ("127.0.0.1", 1)) is None  # (no such connection)
+        finally:
+            sock.close()
+    finally:
+        listener.close()
+        client.stdin.close()  # type: ignore[union-attr]
+        client.wait(READY_TIMEOUT_S)
+        client.stderr.close()  # type: ignore[union-attr]
 
 
 # Names that fail in the resolver's IDNA encoding, on this machine, before any query is sent.
