@@ -29,7 +29,7 @@ A link starts after its handshake (TLS, Hello/Welcome) and runs three greenlets:
   is, never joined to its head nor to other frames (so the payload of a forwarded message is
   not copied between the decoder and the socket); small frames are joined into one write; on
   a socket that gathers (:class:`~gridsock.bootstrap.tlssocket.BufferedTLSSocket`, the
-  bootstrap's TLS) all the parts of a write go out with one system call. A
+  bootstrap's TLS) the parts of a write go out together, many TLS records a system call. A
   link whose writer has frames but got nothing written for ``SEND_STALL_S`` is closed (its
   peer stopped reading). A TCP link keeps at most ``LINK_NOTSENT_LOWAT_BYTES`` unsent in the
   kernel (``TCP_NOTSENT_LOWAT``), so the order above is not undone by a deep socket buffer;
@@ -138,6 +138,10 @@ LINK_NOTSENT_LOWAT_BYTES = 128 * 1024
 RECV_CHUNK_BYTES = 256 * 1024
 # Payloads at least this large are written on their own, as they are, not joined with others.
 DIRECT_WRITE_BYTES = 64 * 1024
+# A reader receives at most this much beyond the frame under way (small frames come many to a
+# receive; a socket that returns many TLS records at once would otherwise read far into the
+# next large frame, which the decoder then moves to its buffer's start: a copy).
+RECV_AHEAD_BYTES = 16 * 1024
 # A reader yields to the other greenlets (writers, the application) after receiving this much.
 YIELD_EVERY_BYTES = 256 * 1024
 
@@ -451,12 +455,15 @@ class Link:
             recv_into = self.sock.recv_into
             while not self.closed:
                 # Receive at least what the frame under way still lacks before decoding again
-                # (a TLS socket gives one record, at most 16 KiB, per call).
+                # (gevent's TLS socket gives one record, at most 16 KiB, per call).
                 missing = decoder.missing()
                 n = 0
                 with decoder.recv_buffer(missing) as room:
+                    # Not much beyond it: what comes after the frame would be moved to the
+                    # buffer's start (copied) before the next frame is received.
+                    limit = max(missing, RECV_AHEAD_BYTES)
                     while n < missing:
-                        got = recv_into(room[n:])
+                        got = recv_into(room[n:limit])
                         if not got:
                             break
                         n += got
@@ -575,7 +582,8 @@ class Link:
     def _write(self, frames: list) -> int:
         """Write ``frames`` (head, payload) in order: small parts joined (fewer TLS records),
         each large payload as it is, uncopied; all in one call of a socket that gathers
-        (``sendall_parts``: one system call), else one ``sendall`` a part. Returns the bytes."""
+        (``sendall_parts``: many records a system call), else one ``sendall`` a part. Returns
+        the bytes."""
         parts: list = []
         small: list = []
         size = 0

@@ -16,9 +16,10 @@ carries relayed bulk data, that per-record cost was most of a forwarding node's 
   the incoming BIO before anything can switch greenlets), and ``recv_into`` then decrypts
   record after record from memory into the caller's buffer until it is full or the BIO runs
   dry: one system call and one Python call for up to 16 records.
-- *Writing*: ``sendall`` encrypts into the outgoing BIO and sends what it holds with one
-  ``sendall`` of the plain socket; :meth:`BufferedTLSSocket.sendall_parts` does that for
-  several buffers (a frame's head and its payload: one system call, no join).
+- *Writing*: ``sendall`` encrypts into the outgoing BIO and sends what it holds with
+  ``sendall`` of the plain socket, ``RAW_SEND_BYTES`` (4 records) a call;
+  :meth:`BufferedTLSSocket.sendall_parts` does that for several buffers (a frame's head and
+  its payload, not joined).
 
 Invariants: only the holder of the write lock takes bytes out of the outgoing BIO and sends
 them, so records never interleave; the reader flushes what OpenSSL wrote while reading (an
@@ -42,10 +43,13 @@ from typing import Iterable, Optional
 import gevent
 import gevent.lock
 
-__all__ = ["BufferedTLSSocket", "RAW_RECV_BYTES"]
+__all__ = ["BufferedTLSSocket", "RAW_RECV_BYTES", "RAW_SEND_BYTES"]
 
 # What one recv from the kernel takes at most: 16 full TLS records (a relay frame's worth).
 RAW_RECV_BYTES = 256 * 1024
+# What one send to the kernel takes at most: 4 records. Larger saves few system calls, and its
+# buffer, fresh from the allocator each time (above glibc's mmap threshold), costs page faults.
+RAW_SEND_BYTES = 64 * 1024
 
 # One scratch buffer per hub (a thread runs one hub; greenlets of a hub never use it at once:
 # it is filled by a recv and emptied into a BIO before anything can switch).
@@ -172,7 +176,8 @@ class BufferedTLSSocket:
         return len(data)
 
     def sendall_parts(self, parts: Iterable, flags: int = 0) -> None:
-        """Send the buffers ``parts`` in order, encrypted, with one ``sendall`` of the socket."""
+        """Send the buffers ``parts`` in order, encrypted, together (``RAW_SEND_BYTES`` a
+        system call)."""
         if flags:
             raise ValueError("non-zero flags not allowed in calls to sendall() on a TLS socket")
         with self._write_lock:
@@ -186,7 +191,7 @@ class BufferedTLSSocket:
         """Send what the outgoing BIO holds (under the write lock, or during the handshake)."""
         outgoing = self._outgoing
         while outgoing.pending:
-            self._sock.sendall(outgoing.read())
+            self._sock.sendall(outgoing.read(RAW_SEND_BYTES))
 
     # --- the TLS session ---------------------------------------------------------------------
 
