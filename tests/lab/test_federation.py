@@ -21,7 +21,6 @@ import hashlib
 import itertools
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -30,7 +29,7 @@ import pytest
 from gridsock.bootstrap.control import call
 from gridsock.bootstrap.federation import FAILOVER_GRACE_S
 from gridsock.session import create_session
-from gridsock.testing.procs import gridsock_argv, stop_process, wait_for_line
+from gridsock.testing.procs import stop_process, wait_for_line
 
 from .gridsession import CLUSTERS, ECHO_PORT, JOIN_TIMEOUT_S, NODES, REJOIN_TIMEOUT_S, RV_PORT, Grid
 from .test_breaks import Programs
