@@ -4,6 +4,10 @@
   waits for one round trip (the server's flight), not for the session ticket after it; a
   client with another certificate still waits for the server's verdict (a second round trip),
   so a refusal fails its ``wrap``.
+- ``tls`` resumption: an initiator offers the ticket a server node gave it on its next
+  connection to that node, and only to it: one round trip, no certificate work, the identity
+  checks unchanged (a connection that lands on another node is a full handshake and refused;
+  a peer whose certificate expired since is refused; a restarted server makes a full handshake).
 - First contact: the assembly request takes the bootstrap channel at once while the meta link
   opens beside it (``MetaChannel.counters``); the next request takes the link.
 - ``reverse``: the server's connection back, which carries the token, is its acceptance: the
@@ -117,6 +121,102 @@ def test_tls_costs_one_round_trip_for_a_client_of_the_session(world):
     finally:
         client.close()
         server.close()
+
+
+def _wrap_pair(world: World, client_identity: Identity, server_identity: Identity, expected_id: str):
+    """Both ends' handshakes at once over a memory pair: ``(round_trips, client, server)``, each
+    end ``("ok", stream)`` or ``("error", exception)``."""
+    lower_client, lower_server = memory_pair()
+    counted = TurnCounter(lower_client)
+
+    def attempt(fn):
+        try:
+            return "ok", fn()
+        except Exception as exc:
+            return "error", exc
+
+    client, server = run_concurrently(
+        lambda: attempt(lambda: TlsFilter().wrap(counted, context=_ctx(world, client_identity, initiator=True,
+                                                                       peer_id=expected_id))),
+        lambda: attempt(lambda: TlsFilter().wrap(lower_server, context=_ctx(world, server_identity,
+                                                                            initiator=False))),
+    )
+    return counted.round_trips, client, server
+
+
+def _talk(client, server) -> None:
+    """A request and its answer (the client reads the server's ticket with the answer); close."""
+    try:
+        client.send_all(b"ping")
+        assert server.receive_some(10) == b"ping"
+        server.send_all(b"pong")
+        assert client.receive_some(10) == b"pong"
+    finally:
+        client.close()
+        server.close()
+
+
+def _fresh_pair(world: World):
+    """Two new nodes of the session, (client, server), that have never met."""
+    return _node(world.session), _node(world.session)
+
+
+def test_tls_resumes_with_the_ticket_of_the_same_node_in_one_round_trip(world):
+    a, b = _fresh_pair(world)
+    _, (_, client), (_, server) = _wrap_pair(world, a, b, b.node_id)
+    assert not client.info["tls_resumed"] and not server.info["tls_resumed"]
+    _talk(client, server)
+    round_trips, (c_outcome, client), (s_outcome, server) = _wrap_pair(world, a, b, b.node_id)
+    assert (c_outcome, s_outcome) == ("ok", "ok"), (client, server)
+    assert client.info["tls_resumed"] and server.info["tls_resumed"]
+    assert round_trips == 1
+    assert (client.peer.id, server.peer.id) == (b.node_id, a.node_id)  # the identities, as in full
+    _talk(client, server)
+
+
+def test_tls_ticket_for_a_node_reaching_another_is_a_full_handshake_and_refused(world):
+    a, b = _fresh_pair(world)
+    other = _node(world.session)
+    _, (_, client), (_, server) = _wrap_pair(world, a, b, b.node_id)
+    _talk(client, server)
+    # A NAT sends the next connection for b to another node: it cannot read b's ticket.
+    _, (c_outcome, client), (s_outcome, server) = _wrap_pair(world, a, other, b.node_id)
+    assert c_outcome == "error" and type(client) is AuthError and "not the expected node" in str(client)
+    if s_outcome == "ok":
+        assert not server.info["tls_resumed"]
+        server.close()
+    # b's ticket is still b's: the next connection that reaches b resumes.
+    _, (_, client), (_, server) = _wrap_pair(world, a, b, b.node_id)
+    assert client.info["tls_resumed"] and server.info["tls_resumed"]
+    _talk(client, server)
+
+
+def test_tls_resumed_peer_whose_certificate_expired_since_is_refused(world, monkeypatch):
+    from datetime import timedelta
+
+    from gridsock.components import tls
+
+    a, b = _fresh_pair(world)
+    _, (_, client), (_, server) = _wrap_pair(world, a, b, b.node_id)
+    _talk(client, server)
+    expired = (min(a.not_valid_after, b.not_valid_after) + timedelta(seconds=1)).timestamp()
+    monkeypatch.setattr(tls, "_now", lambda: expired)
+    _, (c_outcome, client), (s_outcome, server) = _wrap_pair(world, a, b, b.node_id)
+    assert (c_outcome, s_outcome) == ("error", "error"), (client, server)
+    assert type(server) is AuthError and "expired" in str(server)
+
+
+def test_tls_server_that_lost_its_ticket_keys_makes_a_full_handshake(world):
+    from gridsock.components import tls
+
+    a, b = _fresh_pair(world)
+    _, (_, client), (_, server) = _wrap_pair(world, a, b, b.node_id)
+    _talk(client, server)
+    tls._contexts.pop(b)  # b restarted: a new server context, new ticket keys
+    round_trips, (c_outcome, client), (s_outcome, server) = _wrap_pair(world, a, b, b.node_id)
+    assert (c_outcome, s_outcome) == ("ok", "ok"), (client, server)
+    assert not client.info["tls_resumed"] and not server.info["tls_resumed"] and round_trips == 1
+    _talk(client, server)
 
 
 def test_tls_client_of_another_ca_waits_for_the_verdict_and_fails_at_wrap(world):

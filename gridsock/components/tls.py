@@ -25,6 +25,21 @@ second round trip) only when the client cannot know it: in the common case, a no
 issued by the session's own CA (:func:`_vouched`), the server accepts it, and the filter costs
 one round trip; a client with any other certificate still has a refusal fail ``wrap``.
 
+Resumption (TLS 1.3 session tickets): a full handshake costs both ends their CPU work (key
+exchange, a signature each, the other's certificate parsed and checked against the CA: some
+2.5 ms here, over a millisecond of it on the connect's path). So an initiator keeps the newest
+ticket a server node gave it after a full handshake (:func:`_keep_ticket`, at most
+:data:`TLS_TICKETS_KEPT` peers) and offers it on its connections to that node for
+:data:`TLS_TICKET_REUSE_S` (:func:`_ticket_for`; then a full handshake gives a new one): the server, whose context is the same object for the process's life
+(:func:`_ssl_context`), resumes with a key exchange and no certificate work, its identity
+checks unchanged (both ends' certificates are in the resumed session). A ticket is offered only
+on connections meant for the node it came from (kept by its node id); another node that answers
+there (a NAT's doing) cannot read it, makes a full handshake and is refused by the node id
+check, as a server that cannot use it (restarted: new ticket keys) makes a full handshake. A resumed peer whose certificate has
+expired since is refused as a full handshake would refuse it (:func:`_still_valid`). The
+server issues :data:`TLS_TICKETS_PER_HANDSHAKE` ticket per handshake (OpenSSL's default is 2:
+each costs the server work after every handshake, and one is all a client keeps).
+
 Data (:class:`TlsStream`):
 
 - ``send_all`` encrypts at most :data:`MAX_RECORD_PLAINTEXT_BYTES` per ``SSLObject.write`` (one
@@ -32,7 +47,8 @@ Data (:class:`TlsStream`):
   ciphertext buffered is bounded whatever the size of the caller's buffer.
 - ``receive_some`` decrypts what the incoming BIO holds; when that yields no plaintext (nothing
   buffered, a partial record, or only TLS 1.3 session tickets, which arrive after the handshake
-  and carry no data) it reads the lower stream once more and retries.
+  and carry no data) it reads the lower stream once more and retries. On an initiator, the
+  first ticket after a full handshake is kept for the next connections to that node (above).
 - ``send_eof`` sends close_notify (``SSLObject.unwrap``, which is only a half-close in TLS 1.3),
   then ``send_eof`` below; the peer's data is still received. The peer's close_notify makes
   ``receive_some`` return ``b""``. The lower stream ending *without* close_notify is a truncation
@@ -65,7 +81,9 @@ from __future__ import annotations
 import logging
 import ssl
 import sys
+import time
 import weakref
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
 import gevent
@@ -82,6 +100,9 @@ __all__ = [
     "MAX_RECORD_PLAINTEXT_BYTES",
     "SEND_BATCH_BYTES",
     "RAW_RECEIVE_BYTES",
+    "TLS_TICKETS_KEPT",
+    "TLS_TICKET_REUSE_S",
+    "TLS_TICKETS_PER_HANDSHAKE",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,6 +120,19 @@ SEND_BATCH_BYTES = 128 * 1024
 # What one read of the lower stream asks for. The incoming BIO holds at most this plus a
 # partial record: we read below only once the SSLObject has decrypted everything it could.
 RAW_RECEIVE_BYTES = 128 * 1024
+
+# Server nodes whose newest ticket an initiator keeps (per identity and session): a node talks
+# to a few hundred peers at most; the one used least recently is forgotten first.
+TLS_TICKETS_KEPT = 1024
+# A ticket is offered for this long after it was issued at most (OpenSSL's servers accept them
+# for 2 hours): resumption skips the certificate checks, so a peer's certificate is looked at in
+# full at least this often (an expired one is refused on resumption too: _still_valid).
+TLS_TICKET_REUSE_S = 3600.0
+# Tickets a server sends after each handshake (OpenSSL's default is 2).
+TLS_TICKETS_PER_HANDSHAKE = 1
+# Reads of a new initiator's stream that look for the server's ticket: it comes right after the
+# handshake, with or before the first data; a server that sends none is not asked forever.
+_TICKET_LOOKS = 8
 
 _UNLIMITED = sys.maxsize
 
@@ -119,8 +153,63 @@ def _ssl_context(session, identity, initiator: bool) -> ssl.SSLContext:
             ctx = server_context(session, identity, require_client_cert=True)
         # Renegotiation (TLS 1.2) would make writes wait for reads; gridsock never needs it.
         ctx.options |= ssl.OP_NO_RENEGOTIATION
+        if not initiator:
+            ctx.num_tickets = TLS_TICKETS_PER_HANDSHAKE
         per_identity[(session, initiator)] = ctx
     return ctx
+
+
+# The newest ticket of each server node, per initiator identity, with the client context it
+# belongs to (OpenSSL resumes a session only through its own context): keyed by (session, node
+# id), oldest use first.
+_tickets: "weakref.WeakKeyDictionary[Any, OrderedDict[Tuple[Any, str], Tuple[ssl.SSLContext, ssl.SSLSession]]]"
+_tickets = weakref.WeakKeyDictionary()
+
+
+def _ticket_for(session, identity, peer_id: Optional[str], context: ssl.SSLContext) -> Optional[ssl.SSLSession]:
+    """The ticket to offer node ``peer_id`` through ``context`` (see "Resumption"), or None."""
+    kept = _tickets.get(identity)
+    if kept is None or peer_id is None:
+        return None
+    key = (session, peer_id)
+    found = kept.get(key)
+    if found is None:
+        return None
+    issued_through, ticket = found
+    if issued_through is not context or time.time() - ticket.time >= min(TLS_TICKET_REUSE_S, ticket.timeout):
+        del kept[key]
+        return None
+    kept.move_to_end(key)
+    return ticket
+
+
+def _keep_ticket(session, identity, peer_id: str, context: ssl.SSLContext, ticket: ssl.SSLSession) -> None:
+    """Keep ``ticket`` (it has one: ``has_ticket``), issued through ``context``, for the next
+    connection to ``peer_id``."""
+    kept = _tickets.setdefault(identity, OrderedDict())
+    kept[(session, peer_id)] = (context, ticket)
+    kept.move_to_end((session, peer_id))
+    while len(kept) > TLS_TICKETS_KEPT:
+        kept.popitem(last=False)
+
+
+def _forget_ticket(session, identity, peer_id: Optional[str]) -> None:
+    """Offer ``peer_id`` no ticket any more (its connection failed after resuming)."""
+    kept = _tickets.get(identity)
+    if kept is not None and peer_id is not None:
+        kept.pop((session, peer_id), None)
+
+
+# The clock certificates are checked against on resumption (tests move it).
+_now = time.time
+
+
+def _still_valid(sslobj) -> bool:
+    """False if the peer's certificate in a resumed session has expired since it was checked
+    (a full handshake checks it; resumption does not)."""
+    cert = sslobj.getpeercert()
+    not_after = cert.get("notAfter") if cert else None
+    return not_after is None or ssl.cert_time_to_seconds(not_after) > _now()
 
 
 # Whether a server of the session will accept an identity's certificate, known locally: one
@@ -169,7 +258,8 @@ class TlsStream(Stream):
     is done and the peer identified; see the module docstring.
 
     ``peer`` is the :class:`~gridsock.session.PeerIdentity` of the other end; ``info`` is the
-    lower stream's info plus ``tls_version``, ``cipher`` and ``peer_id``.
+    lower stream's info plus ``tls_version``, ``cipher``, ``peer_id`` and ``tls_resumed`` (True:
+    the handshake resumed a session with a ticket, see "Resumption" in the module docstring).
     """
 
     def __init__(
@@ -192,12 +282,17 @@ class TlsStream(Stream):
         self._receive_failure: Optional[Tuple[str, Optional[BaseException]]] = None
         self._eof_sent = False
         self._closed = False
+        # (session, identity, peer id) while an initiator looks for the server's ticket; and
+        # how many more reads may look (_TICKET_LOOKS)
+        self._ticket_key: Optional[Tuple[Any, Any, str]] = None
+        self._ticket_looks = 0
         cipher = sslobj.cipher()
         self.info: Dict[str, Any] = dict(getattr(lower, "info", {}))
         self.info.update(
             tls_version=sslobj.version(),
             cipher=cipher[0] if cipher else None,
             peer_id=peer.id,
+            tls_resumed=sslobj.session_reused,
         )
 
     def __repr__(self) -> str:
@@ -302,6 +397,8 @@ class TlsStream(Stream):
                 raise
             if self._outgoing.pending and not self._eof_sent:
                 self._flush(wait=False)  # what reading produced (a KeyUpdate answer...)
+            if self._ticket_key is not None:
+                self._look_for_ticket()
             if chunks:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if self._close_notify_read():  # set by _decrypt_locked
@@ -343,6 +440,17 @@ class TlsStream(Stream):
             chunks.append(data)
             total += len(data)
         return chunks
+
+    def _look_for_ticket(self) -> None:
+        """Keep the server's ticket once it came (see "Resumption" in the module docstring)."""
+        key = self._ticket_key
+        self._ticket_looks -= 1
+        ticket = self._sslobj.session
+        if ticket is not None and ticket.has_ticket and key is not None:
+            _keep_ticket(key[0], key[1], key[2], self._sslobj.context, ticket)
+            self._ticket_key = None
+        elif self._ticket_looks <= 0:
+            self._ticket_key = None
 
     def _close_notify_read(self) -> bool:
         return self._peer_eof
@@ -406,9 +514,9 @@ class TlsFilter:
         whom = f" with {peer_name}" if peer_name else ""
 
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        sslobj = _ssl_context(session, identity, initiator).wrap_bio(
-            incoming, outgoing, server_side=not initiator
-        )
+        ssl_context = _ssl_context(session, identity, initiator)
+        ticket = _ticket_for(session, identity, expected_id, ssl_context) if initiator else None
+        sslobj = ssl_context.wrap_bio(incoming, outgoing, server_side=not initiator, session=ticket)
         timer = gevent.Timeout(self.handshake_timeout_s)
         timer.start()
         early = b""
@@ -416,6 +524,9 @@ class TlsFilter:
             self._handshake(lower, sslobj, incoming, outgoing, whom, peer_name)
             if initiator and sslobj.version() == "TLSv1.3" and not _vouched(session, identity):
                 early = self._await_acceptance(lower, sslobj, incoming, whom, peer_name)
+        except AuthError:
+            _forget_ticket(session, identity, expected_id)  # (a full handshake next time)
+            raise
         except gevent.Timeout as exc:
             if exc is not timer:
                 raise
@@ -438,10 +549,18 @@ class TlsFilter:
                 f"TLS peer is node {peer.id}, not the expected node {expected_id}",
                 peer=peer_name,
             )
+        if sslobj.session_reused and not _still_valid(sslobj):
+            _forget_ticket(session, identity, expected_id)
+            raise AuthError(f"TLS peer{whom} resumed a session, but its certificate has expired since",
+                            peer=peer_name)
         stream = TlsStream(lower, sslobj, incoming, outgoing, peer)
         stream._plaintext += early
-        log.debug("tls%s up: %s %s, peer %s", whom, stream.info["tls_version"],
-                  stream.info["cipher"], peer.id)
+        if initiator and expected_id is not None and sslobj.version() == "TLSv1.3" and not sslobj.session_reused:
+            stream._ticket_key = (session, identity, expected_id)
+            stream._ticket_looks = _TICKET_LOOKS
+            stream._look_for_ticket()  # (it may have come already, during _await_acceptance)
+        log.debug("tls%s up: %s %s, peer %s%s", whom, stream.info["tls_version"],
+                  stream.info["cipher"], peer.id, " (resumed)" if sslobj.session_reused else "")
         return stream
 
     @staticmethod
