@@ -526,7 +526,8 @@ class AgentServer(UnixServer):
         for _ in range(len(EPHEMERAL_PORTS)):
             port = self._next_port
             self._next_port = port + 1 if port + 1 < EPHEMERAL_PORTS.stop else EPHEMERAL_PORTS.start
-            if port not in self.node.assembler.listeners and port not in self._reserved:
+            if port not in self.node.assembler.listeners and port not in self._reserved \
+                    and not self.node.assembler.expected_back(port):  # (a program's after a restart)
                 return port
         raise ConfigError("no free grid port")
 

@@ -400,6 +400,12 @@ class Assembler:
             if isinstance(port, int) and 0 < port < 65536 and port not in self.listeners:
                 self._coming_back[port] = deadline
 
+    def expected_back(self, port: int) -> bool:
+        """True while ``port`` is expected back (expect_back) and not served yet: the agent
+        does not give it to another program meanwhile."""
+        deadline = self._coming_back.get(port)
+        return deadline is not None and time.monotonic() < deadline and port not in self.listeners
+
     def _wait_back(self, port: int) -> None:
         """If ``port`` is expected back (expect_back) and not served yet, wait for it, at most
         until its deadline."""

@@ -19,6 +19,7 @@ there ends the keeper at once.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -449,3 +450,30 @@ def test_the_saved_ports_file_is_read_strictly(tmp_path, caplog):
             caplog.clear()
             assert _load_ports(path) == [], bad
         assert "ignored" in caplog.text, bad
+
+
+def test_a_port_expected_back_is_not_given_to_another_program(grid):
+    """While a restarted node waits for a program's port to come back, a new program asking
+    for any port (0) is given another one."""
+    from gridsock.node import PORTS_FILE
+
+    holder = grid.start_program("nb", "holder-port", sys.executable, "-c",
+                                "from gridsock.personalities.socket import agent\n"
+                                "l = agent().listen(0)\nprint('listening', l.port, flush=True)\n"
+                                "import signal; signal.pause()\n")
+    port = int(wait_for_line(holder, "listening ", timeout=RUN_TIMEOUT_S).split()[1])
+    saved = json.loads((grid.tmp / "state-nb" / PORTS_FILE).read_text())
+    assert saved == sorted(grid.control("nb", "status")["listening"]) and port in saved
+    holder.send_signal(signal.SIGSTOP)
+    try:
+        restart_nb(grid)
+        taken = grid.run("--node", "nb", "--", sys.executable, "-c",
+                         "from gridsock.personalities.socket import agent\n"
+                         "l = agent().listen(0)\nprint(l.port)\nl.release()\n")
+        assert taken.returncode == 0, taken.stderr.decode()
+        assert int(taken.stdout) != port
+    finally:
+        holder.send_signal(signal.SIGCONT)
+    grid.wait_listening("nb", port)  # and the stopped program got its own back
+    holder.kill()
+    holder.wait(timeout=RUN_TIMEOUT_S)
