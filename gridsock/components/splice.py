@@ -16,7 +16,7 @@ when the server is reached at an address of its own (public, perhaps behind a st
 not behind a NAT, whose port it could not know), starts connecting to that endpoint in
 :meth:`SpliceMethod.initiate`, before the request leaves. Its SYN opens the client's NAT or
 firewall for the reply; the server's firewall drops it. When the request arrives, the server
-binds the named port and connects to the client: its SYN finds the client's mapping open and the
+binds the named port and connects to the client (its SYN leaves before its answer does): its SYN finds the client's mapping open and the
 client's socket in SYN-SENT, and the two make one connection on the first attempt of each side,
 about one round trip after the request reached the server (no ``SPLICE_RETRY_S`` wait, which
 the old order cost: the server's SYN reached the client's NAT before the client's own and was
@@ -219,14 +219,26 @@ class SpliceMethod(Method):
                 log.info("node %s: splice port %d asked by %s: %s", ctx.me.name, port, ctx.client.name, exc)
         if sock is None:
             sock = bind_splice_socket()
-        gevent.spawn(self._serve, ctx, sock, endpoint)
-        return {"endpoint": f"{host}:{sock.getsockname()[1]}"}
-
-    def _serve(self, ctx: ResponderContext, sock, endpoint: Address) -> None:
-        """Connect to the client while it connects to us; check its preamble; deliver."""
+        answer = {"endpoint": f"{host}:{sock.getsockname()[1]}"}
         attempts = [0]
+        try:  # our SYN leaves now, before the answer: the client's is on its way or waiting
+            _start_connect(sock, endpoint, attempts)
+        except ConnectError as exc:
+            sock.close()
+            raise MethodRefusal("unreachable", f"{ctx.me.name} cannot splice to {endpoint}: {exc}") from None
+        except BaseException:
+            sock.close()
+            raise
+        gevent.spawn(self._serve, ctx, sock, endpoint, attempts)
+        return answer
+
+    def _serve(self, ctx: ResponderContext, sock, endpoint: Address, attempts: List[int]) -> None:
+        """Finish the connect to the client that :meth:`respond` started while it connects to
+        us (retrying as :func:`splice_connect`); check its preamble; deliver."""
         try:
-            sock = splice_connect(sock, endpoint, attempts=attempts)
+            sock, failure = _captured_early(sock, endpoint, SPLICE_TIMEOUT_S, attempts)
+            if failure is not None:
+                raise failure
             try:
                 with gevent.Timeout(SPLICE_TIMEOUT_S, TimeoutError("no preamble")):
                     head = recv_exactly(sock, wire.PREAMBLE_BYTES)
