@@ -33,12 +33,18 @@ reported with how far it got. Every wait is bounded; the processes the bench sta
 their pids when a scenario ends.
 
     python3 bench/bench_join.py [--scenarios leaders:200,leaders:1000,clusters:20x50]
-                                [--workers 4] [--timeout 120] [--profile-rv FILE.pstats]
-                                [--json FILE]
+                                [--workers 4] [--timeout 120] [--before DIR] [--progress S]
+                                [--profile-rv FILE.pstats] [--profile-workers DIR] [--json FILE]
 
 The results are printed as a Markdown table (for docs/benchmarks.md) and, with ``--json``,
-written as JSON. ``--profile-rv`` runs the rendez-vous process under cProfile (the last
-scenario's profile is kept) and prints its top functions.
+written as JSON. ``--before DIR`` runs each scenario twice, side by side in one run: first
+with the gridsock of DIR (a checkout of another version, e.g. ``git worktree add DIR HEAD``;
+its processes get it through PYTHONPATH), then with this one. ``--profile-rv`` runs the
+rendez-vous process under cProfile (the last scenario's profile is kept) and prints its top
+functions; ``--profile-workers DIR`` runs each worker under cProfile (DIR/workerN.pstats).
+A worker logs its progress every ``--progress`` seconds and, at the end, its nodes'
+directory counters (updates, snapshots and entries received, entries changed) in its log
+(``--keep`` keeps the logs).
 """
 from __future__ import annotations
 
@@ -100,7 +106,7 @@ def rendezvous_main(args) -> None:
     from gridsock.session import Session
 
     logging.basicConfig(level=logging.INFO if args.rv_info else logging.WARNING,
-                        format="rv %(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="rv %(relativeCreated)d %(levelname)s %(name)s: %(message)s")
     profiler = None
     if args.profile_rv:
         import cProfile
@@ -234,7 +240,8 @@ def worker_main(args) -> None:
     from gridsock.node import Node
     from gridsock.session import Session
 
-    logging.basicConfig(level=logging.WARNING, format=f"w{args.index} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.worker_info else logging.WARNING,
+                        format=f"w{args.index} %(relativeCreated)d %(levelname)s %(name)s: %(message)s")
     session = dataclasses.replace(Session.load(args.session), rendezvous_port=args.rv_port)
     plan = json.loads(args.plan)  # [[leader name, [member names]], ...]
     options = dict(listen_address="127.0.0.1:0", control="", agent="", front_door=None, metrics=None, loop="caller")
@@ -247,6 +254,7 @@ def worker_main(args) -> None:
     print("ready", flush=True)
     if sys.stdin.readline().strip() != "go":
         os._exit(1)
+    profiler = _start_profile(args)
     started = time.monotonic()
     for leader, member_names in groups:
         leader.start()
@@ -256,11 +264,15 @@ def worker_main(args) -> None:
     expect = args.expect
     joined_at = converged_at = None
     deadline = started + args.timeout
+    next_progress = started + args.progress if args.progress else float("inf")
     while time.monotonic() < deadline:
         now = time.monotonic()
         if joined_at is None and all(n.joined for n in nodes):
             joined_at = now
             print(f"joined {joined_at - started:.3f}", flush=True)
+        if now >= next_progress:
+            next_progress += args.progress
+            _progress(args.index, now - started, [n.joined for n in nodes], [len(n.directory) for n in nodes], expect)
         if all(len(n.directory) >= expect for n in nodes):
             converged_at = now
             print(f"converged {converged_at - started:.3f}", flush=True)
@@ -272,10 +284,49 @@ def worker_main(args) -> None:
               f"{sum(s >= expect for s in sizes)}/{len(nodes)} smallest={sizes[0]} median={sizes[len(sizes) // 2]}",
               flush=True)
     usage = resource.getrusage(resource.RUSAGE_SELF)
+    _stop_profile(profiler, args)
+    _print_counters(args.index, nodes)
     print(f"cpu {usage.ru_utime + usage.ru_stime:.2f}", flush=True)
     # Stay up (linked) until the parent has what it needs from the rendez-vous node.
     sys.stdin.readline()
     os._exit(0)
+
+
+def _start_profile(args):
+    """A running cProfile profiler if ``--profile-workers`` asks for one, else None."""
+    if not args.profile_workers:
+        return None
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    return profiler
+
+
+def _stop_profile(profiler, args) -> None:
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(os.path.join(args.profile_workers, f"worker{args.index}.pstats"))
+
+
+def _progress(index: int, at: float, joined: List[bool], sizes: List[int], expect: int) -> None:
+    """A progress line on stderr (the worker's log): how many nodes are joined and see all."""
+    sizes = sorted(sizes)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"w{index} progress {at:.1f} s: joined {sum(joined)}/{len(joined)}, seeing all "
+          f"{sum(s >= expect for s in sizes)}, smallest {sizes[0]}, median {sizes[len(sizes) // 2]}, "
+          f"cpu {usage.ru_utime + usage.ru_stime:.1f} s", file=sys.stderr, flush=True)
+
+
+def _print_counters(index: int, nodes: List) -> None:
+    """The directories' counters (updates and entries applied), summed over the worker's nodes,
+    on stderr (the worker's log), if this version has them."""
+    total: Dict[str, int] = {}
+    for node in nodes:
+        for key, value in getattr(node.directory, "counters", {}).items():
+            total[key] = total.get(key, 0) + value
+    if total:
+        print(f"w{index} counters {json.dumps(total, sort_keys=True)}", file=sys.stderr, flush=True)
 
 
 # --- the parent ---------------------------------------------------------------------------------
@@ -283,6 +334,7 @@ def worker_main(args) -> None:
 @dataclasses.dataclass
 class Result:
     scenario: str
+    code: str  # "before" (the --before checkout), "after" (this one) or "" (no --before)
     nodes: int
     joined_s: Optional[float]
     converged_s: Optional[float]
@@ -306,10 +358,10 @@ def parse_scenario(text: str) -> List[List]:
 class Proc:
     """A child process whose stdout lines are collected by a thread."""
 
-    def __init__(self, argv: List[str], log_path: Path) -> None:
+    def __init__(self, argv: List[str], log_path: Path, env: Optional[Dict[str, str]] = None) -> None:
         self.log = open(log_path, "wb")
         self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                      text=True, bufsize=1)
+                                      text=True, bufsize=1, env=env)
         self.lines: List[tuple] = []
         self.cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
@@ -359,12 +411,23 @@ class Proc:
         self.log.close()
 
 
-def run_scenario(text: str, args, workdir: Path) -> Result:
+def _code_env(code: Optional[str]) -> Optional[Dict[str, str]]:
+    """The environment of the child processes that run the gridsock found in directory
+    ``code`` (a checkout of another version, ``--before``); None: this one's."""
+    if code is None:
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([code] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def run_scenario(text: str, args, workdir: Path, *, code: Optional[str] = None, label: str = "") -> Result:
     from gridsock.session import create_session
 
     plan = parse_scenario(text)
     total = sum(1 + len(members) for _, members in plan)
-    sdir = workdir / text.replace(":", "-")
+    sdir = workdir / (text.replace(":", "-") + (f"-{label}" if label else ""))
+    env = _code_env(code)
     session_dir = sdir / "session"
     create_session(session_dir, "127.0.0.1:1")
     me = [sys.executable, str(Path(__file__).resolve())]
@@ -376,7 +439,7 @@ def run_scenario(text: str, args, workdir: Path) -> Result:
     if args.rv_link_timeout:
         rv_argv += ["--rv-link-timeout", str(args.rv_link_timeout)]
     procs: List[Proc] = []
-    rv = Proc(rv_argv, sdir / "rv.log")
+    rv = Proc(rv_argv, sdir / "rv.log", env)
     procs.append(rv)
     try:
         got = rv.wait_line("port ", READY_TIMEOUT_S)
@@ -392,8 +455,13 @@ def run_scenario(text: str, args, workdir: Path) -> Result:
             role = "raw-worker" if text.startswith("raw:") else "worker"
             argv = me + ["--role", role, "--index", str(i), "--session", str(session_dir / "session.toml"),
                          "--rv-port", str(port), "--plan", json.dumps(share), "--expect", str(total),
-                         "--timeout", str(args.timeout)]
-            workers.append(Proc(argv, sdir / f"worker{i}.log"))
+                         "--timeout", str(args.timeout), "--progress", str(args.progress)]
+            if args.worker_info:
+                argv += ["--worker-info"]
+            if args.profile_workers:
+                os.makedirs(args.profile_workers, exist_ok=True)
+                argv += ["--profile-workers", args.profile_workers]
+            workers.append(Proc(argv, sdir / f"worker{i}.log", env))
         procs.extend(workers)
         for w in workers:
             if w.wait_line("ready", READY_TIMEOUT_S) is None:
@@ -421,7 +489,7 @@ def run_scenario(text: str, args, workdir: Path) -> Result:
         for w in workers:
             w.write("end\n")
         return Result(
-            scenario=text, nodes=total,
+            scenario=text, code=label, nodes=total,
             joined_s=max(joined) if all(j is not None for j in joined) else None,
             converged_s=max(converged) if all(c is not None for c in converged) else None,
             rv_peak_rss_mb=status["VmHWM"] / 2**20, rv_cpu_s=status["cpu_s"],
@@ -438,14 +506,14 @@ def render(results: List[Result], args) -> str:
         f"Join storm ({when}; {platform.python_implementation()} {platform.python_version()}, "
         f"{os.cpu_count()} cores, {cpu_model()}; {args.workers} worker processes; timeout {args.timeout:g} s)",
         "",
-        "| Scenario | Nodes | All joined (s) | Everyone sees everyone (s) | Rendez-vous peak RSS (MB) | Rendez-vous CPU (s) | Workers' CPU (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| Scenario | Code | Nodes | All joined (s) | Everyone sees everyone (s) | Rendez-vous peak RSS (MB) | Rendez-vous CPU (s) | Workers' CPU (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         fmt = lambda v: f"{v:.1f}" if v is not None else f"not within {args.timeout:g}"
-        lines.append(f"| {r.scenario} | {r.nodes} | {fmt(r.joined_s)} | {fmt(r.converged_s)} | "
+        lines.append(f"| {r.scenario} | {r.code or 'this'} | {r.nodes} | {fmt(r.joined_s)} | {fmt(r.converged_s)} | "
                      f"{r.rv_peak_rss_mb:.0f} | {r.rv_cpu_s:.1f} | {r.workers_cpu_s:.1f} |")
-    notes = [f"- {r.scenario}: {r.note}" for r in results if r.note]
+    notes = [f"- {r.scenario}{' (' + r.code + ')' if r.code else ''}: {r.note}" for r in results if r.note]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -459,6 +527,14 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     parser.add_argument("--rv-link-timeout", type=float, default=None,
                         help="diagnostic: the rendez-vous node's links wait this long for a silent peer")
+    parser.add_argument("--before", default=None,
+                        help="a checkout of another version (a git worktree): each scenario runs with its gridsock"
+                             " first, then with this one, side by side")
+    parser.add_argument("--profile-workers", default=None,
+                        help="run each worker under cProfile, its stats in DIR/workerN.pstats")
+    parser.add_argument("--progress", type=float, default=0.0,
+                        help="a worker logs its progress every this many seconds (0: never)")
+    parser.add_argument("--worker-info", action="store_true", help="the worker processes log at INFO (joins, links)")
     parser.add_argument("--rv-info", action="store_true", help="the rendez-vous process logs at INFO (link closes, dial-backs)")
     # Internal: the child processes.
     parser.add_argument("--role", default=None, choices=("rendezvous", "worker", "raw-worker"))
@@ -478,9 +554,11 @@ def main() -> None:
     results = []
     try:
         for text in args.scenarios.split(","):
-            result = run_scenario(text.strip(), args, workdir)
-            print(f"{result}", flush=True)
-            results.append(result)
+            runs = [(str(Path(args.before).resolve()), "before"), (None, "after")] if args.before else [(None, "")]
+            for code, label in runs:
+                result = run_scenario(text.strip(), args, workdir, code=code, label=label)
+                print(f"{result}", flush=True)
+                results.append(result)
     finally:
         if args.keep:
             print(f"logs kept in {workdir}")

@@ -200,7 +200,8 @@ class MetaChannel:
         (see "Without a rendez-vous")."""
         if update.snapshot:
             self._series = set()
-        self.kept.difference_update(e.node_id for e in update.joined)
+        if self.kept:  # (usually empty: no need to go through a storm's thousands of entries)
+            self.kept.difference_update(e.node_id for e in update.joined)
         series = self._series
         if series is not None:
             series.update(e.node_id for e in update.joined)

@@ -26,6 +26,7 @@ sockets lives in :mod:`gridsock.bootstrap.link`.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import struct
@@ -338,11 +339,73 @@ class NodeEntry:
 
     @classmethod
     def from_json(cls, obj: object) -> "NodeEntry":
-        """Build an entry from decoded JSON; raise ValueError with the reason if it is bad."""
+        """Build an entry from decoded JSON; raise ValueError with the reason if it is bad.
+
+        An entry decoded before (the same fields: see :func:`_entry_key`) is returned as it
+        was, unchecked again: a node is sent most entries more than once (in updates, in
+        snapshots, after a relink), and checking them was most of what a join storm cost it.
+        """
+        key = _entry_key(obj) if cls is NodeEntry else None
+        if key is not None:
+            try:
+                known = _entry_cache.get(key)
+            except TypeError:  # (an unhashable item in a list: not an entry we could have)
+                key = known = None
+            if known is not None:
+                return known
         values = _check_object(obj, cls._CHECKS, cls._DEFAULTS)
         values["addrs"] = tuple(values["addrs"])
         values["gateways"] = tuple(values["gateways"])
-        return cls(**values)
+        entry = cls(**values)
+        if key is not None:
+            _remember_entry(key, entry)
+        return entry
+
+
+# Entries decoded lately, by their JSON fields (NodeEntry.from_json): about 1 KB each with
+# their keys, so a few MB at most; when full, the older half is forgotten. A grid of a
+# thousand nodes, each entry sent in two or three versions (joined, then its dial-back
+# verdict), fits. 0: no cache.
+ENTRY_CACHE_ENTRIES = 4096
+_entry_cache: Dict[tuple, NodeEntry] = {}
+_MISSING = object()
+
+
+def _entry_key(obj: object) -> Optional[tuple]:
+    """The fields of JSON entry ``obj`` as a key equal to another entry's only if both decode
+    to equal entries, or None if ``obj`` is not cached (not a JSON object, or a value where
+    ``==`` would not tell a valid entry from an invalid one: ``inbound`` as a number, a list
+    that is not a list). A missing field with a default counts as its default; a missing
+    field without one never equals anything."""
+    if type(obj) is not dict or ENTRY_CACHE_ENTRIES <= 0:
+        return None
+    get = obj.get
+    inbound = get("inbound")
+    if inbound is not None and type(inbound) is not bool:  # (1 == True)
+        return None
+    lists = []
+    for name in ("addrs", "gateways"):
+        value = get(name, _MISSING)
+        if value is _MISSING:
+            lists.append(())
+        elif type(value) is list:
+            lists.append(tuple(value))
+        else:
+            return None
+    return (get("node_id", _MISSING), get("name", _MISSING), get("cluster", _MISSING), get("leader", _MISSING),
+            get("role", "leader"), get("observed"), inbound, lists[0], lists[1])
+
+
+def _remember_entry(key: tuple, entry: NodeEntry) -> None:
+    cache = _entry_cache
+    if len(cache) >= ENTRY_CACHE_ENTRIES:
+        try:
+            for old in list(itertools.islice(cache, len(cache) // 2 + 1)):  # (the oldest half)
+                cache.pop(old, None)
+        except RuntimeError:  # (changed by another thread meanwhile)
+            cache.clear()
+    if ENTRY_CACHE_ENTRIES > 0:
+        cache[key] = entry
 
 
 def _entry(v):

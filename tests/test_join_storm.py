@@ -5,12 +5,16 @@ the same moment (leaders of no cluster, and one cluster with its members), until
 directory holds every node. The broadcaster (gridsock/bootstrap/directory.py) is checked on
 its own with fake links: changes gathered in an interval go out as one update per link, encoded
 once, with the current state of each node; a new link gets the whole directory instead.
-bench/bench_join.py measures the same at scale, with real processes.
+What a node does with what it is sent: an entry decoded again is the one decoded before (not
+checked again), a bad one stays refused; a snapshot that changes nothing changes nothing and
+tells no listener. bench/bench_join.py measures the same at scale, with real processes.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import struct
 import time
 import uuid
 
@@ -19,6 +23,7 @@ import gevent.event
 import pytest
 
 from gridsock import wire
+from gridsock.errors import RemoteProtocolError
 from gridsock.bootstrap.directory import Broadcaster, Directory
 from gridsock.bootstrap.rendezvous import RendezvousNode
 from gridsock.node import Node
@@ -208,5 +213,120 @@ def test_the_interval_grows_with_the_links():
         del links[100:]
         b.flush()
         assert b.interval() == 0.1
+    finally:
+        b.close()
+
+
+# --- what a node does with what it is sent ----------------------------------------------------
+
+def decoded(*messages):
+    """``messages`` encoded and decoded, as a node receives them."""
+    decoder = wire.Decoder()
+    for message in messages:
+        decoder.feed(wire.encode(message))
+    out = []
+    while (message := decoder.next_message()) is not None:
+        out.append(message)
+    return out
+
+
+def test_an_entry_decoded_again_is_the_one_decoded_before():
+    e = dataclasses.replace(entry("again"), observed="127.0.0.1:7001", inbound=True)
+    (first,), (second,) = (u.joined for u in decoded(wire.DirectoryUpdate(joined=(e,)), wire.DirectoryUpdate(joined=(e,))))
+    assert first == e and second is first
+    # Fields left out count as their defaults; an entry that differs in anything is another.
+    bare = {k: v for k, v in e.to_json().items() if k not in ("role", "gateways")}
+    assert wire.NodeEntry.from_json(bare) is first
+    other = wire.NodeEntry.from_json(dict(e.to_json(), inbound=False))
+    assert other is not first and other.inbound is False
+
+
+@pytest.mark.parametrize("change", [
+    {"inbound": 1},  # (1 == True, but it is not a boolean)
+    {"inbound": 0},
+    {"cluster": "MISSING"},  # a field with no default, left out
+    {"role": None},
+    {"addrs": "127.0.0.1:7000"},  # not a list
+    {"addrs": [["127.0.0.1:7000"]]},  # (an unhashable item)
+    {"addrs": [{"host": "127.0.0.1"}]},
+    {"gateways": "socks(proxy=10.0.0.1:1080)"},
+    {"observed": 7000},
+])
+def test_an_entry_like_one_decoded_before_but_bad_is_refused(change):
+    e = dataclasses.replace(entry("good"), inbound=True)
+    for known in (e, dataclasses.replace(e, inbound=False)):
+        assert wire.NodeEntry.from_json(known.to_json()) == known  # (decoded once: known)
+    bad = dict(e.to_json(), **change)
+    if change.get("cluster") == "MISSING":
+        del bad["cluster"]
+    with pytest.raises(ValueError):
+        wire.NodeEntry.from_json(bad)
+    decoder = wire.Decoder()
+    decoder.feed(raw_update([e.to_json(), bad]))
+    with pytest.raises(RemoteProtocolError):
+        decoder.next_message()
+    assert wire.NodeEntry.from_json(e.to_json()) == e
+
+
+def raw_update(joined: list) -> bytes:
+    """A DirectoryUpdate frame made by hand, its ``joined`` as given (as a peer may send it)."""
+    header = json.dumps({"joined": joined}).encode()
+    body = struct.pack("!BBI", wire.PROTOCOL_VERSION, wire.DirectoryUpdate.TYPE, len(header)) + header
+    return struct.pack("!I", len(body)) + body
+
+
+def test_the_decoded_entries_kept_are_bounded(monkeypatch):
+    monkeypatch.setattr(wire, "ENTRY_CACHE_ENTRIES", 8)
+    entries = [entry(f"b{i}") for i in range(20)]
+    first = wire.NodeEntry.from_json(entries[0].to_json())
+    assert wire.NodeEntry.from_json(entries[0].to_json()) is first
+    for e in entries[1:]:
+        wire.NodeEntry.from_json(e.to_json())
+    again = wire.NodeEntry.from_json(entries[0].to_json())
+    assert again == first and again is not first  # (forgotten: decoded and checked again)
+    monkeypatch.setattr(wire, "ENTRY_CACHE_ENTRIES", 0)  # no cache at all
+    assert wire.NodeEntry.from_json(entries[0].to_json()) is not wire.NodeEntry.from_json(entries[0].to_json())
+
+
+def test_a_snapshot_received_twice_tells_the_listeners_once():
+    entries = [entry(f"s{i}") for i in range(5)]
+    series = [wire.DirectoryUpdate(joined=tuple(entries[:3]), snapshot=True, more=True),
+              wire.DirectoryUpdate(joined=tuple(entries[3:]))]
+    directory = Directory()
+    calls = []
+    directory.add_listener(lambda joined, left: calls.append((len(joined), len(left))))
+    for update in decoded(*series, *series):  # (the same snapshot again: a relink, say)
+        directory.apply_update(update)
+    assert calls == [(5, 0)]
+    assert {e.name for e in directory} == {e.name for e in entries}
+    assert directory.counters == {"updates": 2, "snapshots": 2, "entries": 10, "changed": 5, "notified": 1}
+    # An update that repeats what the directory holds changes nothing either.
+    directory.apply_update(wire.DirectoryUpdate(joined=tuple(entries[:2])))
+    assert calls == [(5, 0)] and directory.counters["changed"] == 5
+    # One that changes one entry and removes another tells the listeners once, of both.
+    changed = dataclasses.replace(entries[0], inbound=True)
+    directory.apply_update(wire.DirectoryUpdate(joined=(changed,), left=(entries[1].node_id,)))
+    assert calls == [(5, 0), (1, 1)]
+    assert directory.get(entries[0].node_id) == changed and entries[1].node_id not in directory
+
+
+def test_a_leader_passes_fifty_joins_on_to_fifty_members_in_one_update_each():
+    # What a leader does for its members (LeaderService): one Broadcaster over the member links.
+    members = [FakeLink() for _ in range(50)]
+    directory, b = broadcaster(members, interval_s=3600.0)
+    try:
+        directory.put([entry("first")])  # (after a quiet interval: at once)
+        for link in members:
+            assert link.got.wait(SEND_TIMEOUT_S)
+        joins = [entry(f"j{i}") for i in range(50)]
+        for e in joins:  # fifty updates from upstream, one join each, within the interval
+            directory.apply_update(wire.DirectoryUpdate(joined=(e,)))
+        assert all(len(link.sent) == 1 for link in members)
+        b.flush()
+        assert all(len(link.sent) == 2 for link in members)
+        assert len({id(link.sent[1]) for link in members}) == 1  # encoded once
+        (update,) = members[0].updates()[1:]
+        assert [e.name for e in update.joined] == [e.name for e in joins]
+        assert b.counters["updates"] == 2 * len(members)
     finally:
         b.close()

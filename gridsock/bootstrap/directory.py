@@ -205,6 +205,10 @@ class Directory:
         self._pending_snapshot: Optional[List[wire.NodeEntry]] = None
         self.version = 0
         self.updated_at = time.time()
+        # What this replica was sent and what it changed (for status, tests and benchmarks):
+        # updates applied (a snapshot series counts once, when complete), snapshots among them,
+        # entries received in them, entries that changed something, listener calls.
+        self.counters: Dict[str, int] = {"updates": 0, "snapshots": 0, "entries": 0, "changed": 0, "notified": 0}
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -293,7 +297,7 @@ class Directory:
             self._index(entry)
             self._by_name[entry.name] = entry.node_id
             previous = before.get(entry.node_id) if before is not None else (old or removed.get(entry.node_id))
-            if previous != entry:
+            if previous is not entry and previous != entry:  # (decoded entries are often the same object)
                 added.append(entry)
         if before is not None:
             gone = [e for i, e in before.items() if i not in self._by_id]
@@ -302,6 +306,8 @@ class Directory:
         if added or gone:
             self.version += 1
             self.updated_at = time.time()
+            self.counters["changed"] += len(added) + len(gone)
+            self.counters["notified"] += 1
             for listener in list(self._listeners):
                 listener(added, gone)
             fired, self._changed = self._changed, gevent.event.Event()
@@ -340,15 +346,20 @@ class Directory:
         ``keep`` are entries this process is the authority for (itself, a leader's members):
         a snapshot never removes them. Returns ``(joined, left)`` as :meth:`apply` does.
         """
+        counters = self.counters
+        counters["entries"] += len(update.joined) + len(update.left)
         if update.snapshot:
             self._pending_snapshot = []
         pending = self._pending_snapshot
         if pending is None:
+            counters["updates"] += 1
             return self.apply(update.joined, update.left)
         pending.extend(update.joined)
         if update.more:
             return [], []
         self._pending_snapshot = None
+        counters["updates"] += 1
+        counters["snapshots"] += 1
         local_ids = {e.node_id for e in keep}
         upstream = {e.node_id: e for e in pending if e.node_id in local_ids}
         # The kept entries are ours, but what only the rendez-vous node knows of them (the
