@@ -5,8 +5,10 @@ Theory of operation
 A routed message carries ``hops``, the number of links it has crossed, and ``route``, the names
 of the nodes it went through (the sender first). Every node that puts the message on a link
 increments ``hops``; a forwarder also appends its own name to ``route``. The longest path in the
-tree is four links, so ``hops`` never exceeds :data:`~gridsock.wire.MAX_HOPS`: a message that
-would need a fifth is answered with an error (a routing loop or a corrupted directory).
+tree is four links, five when the two leaders are linked to two rendez-vous nodes of a
+federation (:mod:`.federation`: rendez-vous -> rendez-vous is one more link), so ``hops`` never
+exceeds :data:`~gridsock.wire.MAX_HOPS`: a message that would need one more is answered with an
+error (a routing loop or a corrupted directory).
 
 Each router decides with what it knows:
 - a member sends everything that is not for itself to its leader;
@@ -150,7 +152,10 @@ def error_reply(message: wire.Routed, src_id: str, src_name: str, reason: str) -
 
 
 def tree_route(directory, src: wire.NodeEntry, dst: wire.NodeEntry, rendezvous_name: str = "rendezvous") -> tuple:
-    """The names on the path a routed message takes from ``src`` to ``dst`` (both included)."""
+    """The names on the path a routed message takes from ``src`` to ``dst`` (both included).
+
+    With several rendez-vous nodes (a federation) the directory does not say which one each
+    leader is linked to: the path shows one, ``rendezvous_name`` (a ping shows the real one)."""
     if src.node_id == dst.node_id:
         return (src.name,)
     up = [src.name]
