@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import ssl
 import weakref
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import gevent
 import gevent.lock
@@ -123,7 +123,8 @@ class BufferedTLSSocket:
         want = len(view)
         if not want:
             return 0
-        read = self._sslobj.read
+        # Given a buffer, read() returns the count (typeshed says bytes).
+        read: Callable[[int, memoryview], int] = self._sslobj.read  # type: ignore[assignment]
         while True:
             got = 0
             try:
