@@ -1712,8 +1712,8 @@ def rt_targets(table: Dict[str, dict], anatomy: Dict[str, dict]) -> List[Tuple[s
     ratio("`tcp` first contact against a plain `connect()`, a1 -> rv", "tcp first", "plain a1>rv", 2.0,
           note="the request over the bootstrap channel at once, the meta link opened beside it")
     ratio("`reverse` against a plain `connect()` on the nearest path (a1 -> rv)", "reverse steady", "plain a1>rv", 1.6,
-          note="floor: the request's way to a1 (R/2) + a1's TCP handshake and preamble (1.5 R) = 2 R; TCP Fast Open "
-               "(a host setting on rv) would make it R")
+          note="the request's way to a1 (R/2) + a1's SYN carrying its preamble (TCP Fast Open, R/2) = R; the client "
+               "completes on that connection, not on the answer (without Fast Open on rv's host: 2 R)")
     ratio("`splice` against a plain `connect()` on the nearest path (a1 -> fwb)", "splice steady", "plain a1>fwb", 2.5,
           note="floor: the request's way to b1 through the rendez-vous node (two WAN hops: R) + b1's SYN, a1's "
                "SYN-ACK, b1's ACK (1.5 R) = 2.5 R; first attempt on both sides (no retry)")
@@ -1726,7 +1726,8 @@ def rt_targets(table: Dict[str, dict], anatomy: Dict[str, dict]) -> List[Tuple[s
         rows.append((what, "≤ 1 round trip", f"{a:.1f} against {b:.1f} ms (+{a - b:.1f}; a round trip: {rtt:.1f})",
                      f"{(a - b) / rtt:.2f} round trips", a - b <= rtt,
                      "one round trip on the wire (counted: tests/test_round_trips.py); the excess is the handshake's "
-                     "CPU work (key exchange, signatures, certificate checks) at both ends"))
+                     "CPU work at both ends (resumed between nodes that have met: a key exchange, no certificate "
+                     "work) and the waits of two busy processes for a core"))
     ratio("`ssh` (transport up) no slower than `ssh -L` to first byte, rv -> c1", "ssh steady", "ssh-L", 1.0,
           field="ready", note="the same round trips (channel open, then the request); the excess is paramiko's "
                               "and the pump threads' CPU work in Python")
@@ -1882,13 +1883,15 @@ def rt_reading(results: dict, before: Optional[dict]) -> str:
             f"node) and 1.5 round trips of the handshake that b1's SYN starts, a1's SYN having opened gwa's mapping "
             f"when it left with the request; before, b1's first SYN was refused by gwa and its retry came "
             f"`SPLICE_RETRY_S` later. `reverse` opens in {m('reverse steady')} ms{was('reverse steady')}: the "
-            f"request's way to a1 (half a round trip), a1's TCP handshake to rv and its preamble (1.5 round trips): "
-            f"2 round trips, the floor for a connection a1 opens when told to (TCP Fast Open would save the "
-            f"handshake's round trip, but needs `net.ipv4.tcp_fastopen` with the server bit on rv, a host setting). "
+            f"request's way to a1 (half a round trip), then a1's SYN, which carries its preamble (TCP Fast Open: the "
+            f"lab's hosts set `net.ipv4.tcp_fastopen`), half a round trip: one round trip, as the client completes "
+            f"on that connection (the token in it is a1's acceptance) and not on a1's answer, which comes a round "
+            f"trip later (without Fast Open the preamble waits for the handshake: 2 round trips). "
             f"`tls/` adds {m('tls/tcp steady')} − {m('tcp steady')} ms over `tcp`, {m('tls/reverse steady')} − "
             f"{m('reverse steady')} over `reverse`, {m('tls/splice steady')} − {m('splice steady')} over `splice`: "
             f"one round trip on the wire (the client no longer waits for the session ticket; "
-            f"`tests/test_round_trips.py` counts the turns) plus the handshake's CPU work at both ends. `ssh` "
+            f"`tests/test_round_trips.py` counts the turns) plus the handshake's CPU work at both ends (resumed with "
+            f"the server's ticket between nodes that have met: no certificate work). `ssh` "
             f"steady: open {m('ssh steady')} ms{was('ssh steady')}, first byte back {m('ssh steady', 'ready')} "
             f"against {m('ssh-L', 'ready')} through `ssh -L`{was('ssh steady', 'ready')}; its first contact with "
             f"the transport the node keeps opens in {m('ssh kept')} ms, and with no transport at all (a new SSH "
