@@ -8,7 +8,10 @@ For each scenario, every node of the grid is started at the same moment, and the
 - *converged*: until every node's directory holds every node of the grid (``len(directory)``
   equals the grid's size: everyone sees everyone);
 - the rendez-vous process's peak resident memory (``VmHWM`` of /proc/PID/status) and the CPU it
-  used (user + system, from /proc/PID/stat), both read just before it is stopped.
+  used (user + system, from /proc/PID/stat), both read just before it is stopped;
+- the workers' CPU (summed), and how long the rendez-vous process and the workers were
+  runnable but waiting for a CPU (/proc/PID/task/*/schedstat): on a machine shared with other
+  work, a run whose processes waited much longer than they ran measured the machine's load.
 
 Scenarios (``--scenarios``): ``leaders:N`` (N leaders of no cluster, each its own leader),
 ``clusters:CxM`` (C clusters, each a leader and M members; C*(M+1) nodes; members reach their
@@ -78,6 +81,20 @@ READY_TIMEOUT_S = 120.0
 # After a scenario, time for the processes to end on SIGTERM before they are killed.
 EXIT_TIMEOUT_S = 10.0
 DEFAULT_SCENARIOS = "leaders:200,leaders:1000,clusters:20x50"
+
+
+def _runqueue_wait_s(pid: int) -> float:
+    """Seconds the threads of process ``pid`` have spent runnable but waiting for a CPU
+    (/proc/PID/task/*/schedstat, second field): on a shared machine, how much others' work
+    held this process back; NaN where the kernel does not say."""
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+    return total / 1e9
 
 
 # --- the rendez-vous process --------------------------------------------------------------------
@@ -341,6 +358,10 @@ class Result:
     rv_peak_rss_mb: float
     rv_cpu_s: float
     workers_cpu_s: float
+    # Time runnable but waiting for a CPU (others' work on a shared machine), rendez-vous
+    # process and workers (summed): large next to the CPU times, the run was starved.
+    rv_wait_s: float
+    workers_wait_s: float
     note: str = ""
 
 
@@ -466,6 +487,7 @@ def run_scenario(text: str, args, workdir: Path, *, code: Optional[str] = None, 
         for w in workers:
             if w.wait_line("ready", READY_TIMEOUT_S) is None:
                 raise SystemExit(f"a worker did not get ready (see {sdir})")
+        waited_before = _runqueue_wait_s(rv.popen.pid), sum(_runqueue_wait_s(w.popen.pid) for w in workers)
         started = time.monotonic()
         for w in workers:
             w.write("go\n")
@@ -482,6 +504,8 @@ def run_scenario(text: str, args, workdir: Path, *, code: Optional[str] = None, 
                 converged.append(None)
                 notes.append(got[1] if got else "worker ended without a word")
         status = _proc_status(rv.popen.pid)
+        rv_wait = _runqueue_wait_s(rv.popen.pid) - waited_before[0]
+        workers_wait = sum(_runqueue_wait_s(w.popen.pid) for w in workers) - waited_before[1]
         workers_cpu = 0.0
         for w in workers:
             got = w.wait_line("cpu ", READY_TIMEOUT_S)
@@ -493,7 +517,7 @@ def run_scenario(text: str, args, workdir: Path, *, code: Optional[str] = None, 
             joined_s=max(joined) if all(j is not None for j in joined) else None,
             converged_s=max(converged) if all(c is not None for c in converged) else None,
             rv_peak_rss_mb=status["VmHWM"] / 2**20, rv_cpu_s=status["cpu_s"],
-            workers_cpu_s=workers_cpu, note="; ".join(notes),
+            workers_cpu_s=workers_cpu, rv_wait_s=rv_wait, workers_wait_s=workers_wait, note="; ".join(notes),
         )
     finally:
         for p in reversed(procs):
@@ -506,13 +530,13 @@ def render(results: List[Result], args) -> str:
         f"Join storm ({when}; {platform.python_implementation()} {platform.python_version()}, "
         f"{os.cpu_count()} cores, {cpu_model()}; {args.workers} worker processes; timeout {args.timeout:g} s)",
         "",
-        "| Scenario | Code | Nodes | All joined (s) | Everyone sees everyone (s) | Rendez-vous peak RSS (MB) | Rendez-vous CPU (s) | Workers' CPU (s) |",
+        "| Scenario | Code | Nodes | All joined (s) | Everyone sees everyone (s) | Rendez-vous peak RSS (MB) | Rendez-vous CPU / waiting for a CPU (s) | Workers' CPU / waiting for a CPU (s) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         fmt = lambda v: f"{v:.1f}" if v is not None else f"not within {args.timeout:g}"
         lines.append(f"| {r.scenario} | {r.code or 'this'} | {r.nodes} | {fmt(r.joined_s)} | {fmt(r.converged_s)} | "
-                     f"{r.rv_peak_rss_mb:.0f} | {r.rv_cpu_s:.1f} | {r.workers_cpu_s:.1f} |")
+                     f"{r.rv_peak_rss_mb:.0f} | {r.rv_cpu_s:.1f} / {r.rv_wait_s:.1f} | {r.workers_cpu_s:.1f} / {r.workers_wait_s:.1f} |")
     notes = [f"- {r.scenario}{' (' + r.code + ')' if r.code else ''}: {r.note}" for r in results if r.note]
     return "\n".join(lines + ([""] + notes if notes else []))
 
