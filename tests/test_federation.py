@@ -265,8 +265,13 @@ def test_a_rendezvous_link_naming_an_unknown_rendezvous_node_is_refused(fed):
 
 
 def test_killing_a_rendezvous_node_loses_nobody_and_it_catches_up_when_restarted(fed):
-    rv1, rv2 = fed.rvs["rendezvous"], fed.rvs["rendezvous-2"]
-    L1 = fed.nodes["L1"]
+    # The TLS grid loses rendezvous-2 (which accepted the rendez-vous link), the plain-TCP grid
+    # rendezvous (which dialed it): each side of the link is lost once.
+    lost_index = 1 if fed.session.tls else 0
+    victim, survivor = rendezvous_name(lost_index), rendezvous_name(1 - lost_index)
+    pairs = [("L1", "m1"), ("L2", "m2")]  # (leader, member) on rendezvous, on rendezvous-2
+    moving, staying = pairs[lost_index], pairs[1 - lost_index]
+    rv = fed.rvs[survivor]
     lost = []
 
     def record(directory, label):
@@ -275,21 +280,20 @@ def test_killing_a_rendezvous_node_loses_nobody_and_it_catches_up_when_restarted
                 lost.append((label, entry.name, time.monotonic()))
         directory.add_listener(listener)
 
-    record(rv1.directory, "rendezvous")
+    record(rv.directory, survivor)
     for name, node in fed.nodes.items():
         record(node.directory, name)
 
-    rv2.stop()  # L2 and its member m2 must fail over to rendezvous
-    del fed.rvs["rendezvous-2"]
-    wait_for(lambda: fed.nodes["L2"].node_id in rv1.leaders, "L2 fails over to rendezvous",
+    fed.rvs.pop(victim).stop()  # its leader and that leader's member must fail over to the survivor
+    wait_for(lambda: fed.nodes[moving[0]].node_id in rv.leaders, f"{moving[0]} fails over to {survivor}",
              timeout=FAILOVER_GRACE_S + JOIN_TIMEOUT_S)
-    fed.wait_converged(rvs=[rv1])
+    fed.wait_converged(rvs=[rv])
     # Nobody left any directory meanwhile (the grace kept them until their leader re-attached).
     assert not lost, f"nodes left directories during the failover: {lost}"
     # New connections and routed messages work through the survivor.
-    assert fed.nodes["m1"].ping("m2", timeout=ANSWER_TIMEOUT_S).route_there == ("m1", "L1", "rendezvous", "L2", "m2")
-    client, _ = fed.nodes["m2"].open_stream("m1", PORT, stack=relay_stack(fed), timeout=ANSWER_TIMEOUT_S)
-    server, _ = fed.listeners["m1"].accept_stream(timeout=ANSWER_TIMEOUT_S)
+    assert fed.nodes["m1"].ping("m2", timeout=ANSWER_TIMEOUT_S).route_there == ("m1", "L1", survivor, "L2", "m2")
+    client, _ = fed.nodes[moving[1]].open_stream(staying[1], PORT, stack=relay_stack(fed), timeout=ANSWER_TIMEOUT_S)
+    server, _ = fed.listeners[staying[1]].accept_stream(timeout=ANSWER_TIMEOUT_S)
     try:
         client.send_all(b"after the failover")
         assert server.receive_some(100) == b"after the failover"
@@ -297,15 +301,15 @@ def test_killing_a_rendezvous_node_loses_nobody_and_it_catches_up_when_restarted
         client.close()
         server.close()
     # The grace ends: nothing kept only for the dead node is left, everyone else stays.
-    wait_for(lambda: rv1.federation.counters["expired"] >= 1, "the grace of rendezvous-2 ends",
+    wait_for(lambda: rv.federation.counters["expired"] >= 1, f"the grace of {victim} ends",
              timeout=FAILOVER_GRACE_S + CONVERGE_TIMEOUT_S)
-    assert names_of(rv1.directory) >= set(NAMES) and not lost
+    assert names_of(rv.directory) >= set(NAMES) and not lost
     # Restarted, it catches up from the other one (its snapshot), with nobody attached to it.
-    rv2 = fed.start_rv(1)
-    wait_for(lambda: names_of(rv2.directory) >= set(NAMES), "the restarted rendezvous-2 catches up",
-             directories=[rv2.directory])
-    assert not rv2.leaders and not rv2.federation.local.__len__()
-    assert L1.node_id in rv1.leaders
+    back = fed.start_rv(lost_index)
+    wait_for(lambda: names_of(back.directory) >= set(NAMES), f"the restarted {victim} catches up",
+             directories=[back.directory])
+    assert not back.leaders and not len(back.federation.local)
+    assert {fed.nodes["L1"].node_id, fed.nodes["L2"].node_id} == set(rv.leaders)
 
 
 def test_leaders_not_reattached_within_the_grace_leave_every_directory(sock_dir):
