@@ -124,9 +124,9 @@ class _CountingSocket:
         self.recvs += 1
         return self.sock.recv_into(buffer, *args)
 
-    def sendall(self, data):
+    def send(self, data, *args):
         self.sends += 1
-        return self.sock.sendall(data)
+        return self.sock.send(data, *args)
 
     def __getattr__(self, name):
         return getattr(self.sock, name)
@@ -158,7 +158,7 @@ def test_many_records_per_system_call(world):
                 got += buffer[:n]
             writer.get()
         assert bytes(got) == data
-        assert counted_c.sends - sends <= len(data) // RAW_SEND_BYTES + 1  # 16, not 64
+        assert counted_c.sends - sends <= len(data) // RAW_SEND_BYTES + 4  # about 16, not 64
         assert counted_s.recvs - recvs <= 2 * len(data) // RAW_RECV_BYTES + 4  # not 128
     finally:
         client.close()

@@ -190,9 +190,13 @@ class BufferedTLSSocket:
 
     def _flush(self) -> None:
         """Send what the outgoing BIO holds (under the write lock, or during the handshake)."""
-        outgoing = self._outgoing
+        outgoing, send = self._outgoing, self._sock.send
         while outgoing.pending:
-            self._sock.sendall(outgoing.read(RAW_SEND_BYTES))
+            # send() in a loop, not gevent's sendall(), which asks the kernel for SO_SNDBUF
+            # (a system call) each time.
+            data = memoryview(outgoing.read(RAW_SEND_BYTES))
+            while data:
+                data = data[send(data):]
 
     # --- the TLS session ---------------------------------------------------------------------
 
