@@ -349,3 +349,34 @@ def test_names_and_clusters_held_at_another_rendezvous_node_are_refused(fed, nam
     finally:
         node.stop()
     assert fed.nodes["m1"].ping("m2", timeout=ANSWER_TIMEOUT_S).hops == 5
+
+
+def test_three_rendezvous_nodes_route_every_pair_and_a_lost_one_s_leader_moves_to_the_next(sock_dir):
+    ports = free_ports(3)
+    session = create_session(sock_dir / "session3", [f"127.0.0.1:{p}" for p in ports])
+    rvs, nodes = [], []
+    try:
+        for i, port in enumerate(ports):
+            rvs.append(RendezvousNode(session, listen_address=f"127.0.0.1:{port}", control="").start())
+        for i, port in enumerate(ports):  # K0 on rendezvous, K1 on rendezvous-2, K2 on rendezvous-3
+            nodes.append(Node(dataclasses.replace(session, rendezvous_port=port), f"K{i}", cluster=f"C{i}",
+                              listen_address="127.0.0.1:0", control="").start())
+        for node in nodes:
+            assert node.wait_joined(JOIN_TIMEOUT_S)
+            node.wait_directory(present=("K0", "K1", "K2"), timeout=CONVERGE_TIMEOUT_S)
+        for a, b in ((0, 1), (1, 2), (2, 0), (0, 2)):
+            route = nodes[a].ping(f"K{b}", timeout=ANSWER_TIMEOUT_S).route_there
+            assert route == (f"K{a}", rendezvous_name(a), rendezvous_name(b), f"K{b}")
+        rvs[1].stop()  # K1 moves to the next one of the list: rendezvous-3
+        wait_for(lambda: nodes[1].node_id in rvs[2].leaders, "K1 fails over to rendezvous-3",
+                 timeout=FAILOVER_GRACE_S + JOIN_TIMEOUT_S)
+        # (rendezvous hears of it with rendezvous-3's next broadcast)
+        wait_for(lambda: rvs[0].federation.authority(nodes[1].node_id) == "rendezvous-3",
+                 "rendezvous learns that K1 is at rendezvous-3", directories=[rvs[0].directory])
+        for a, b in ((0, 1), (1, 0), (2, 1)):
+            assert nodes[a].ping(f"K{b}", timeout=ANSWER_TIMEOUT_S).hops <= 3
+    finally:
+        for node in nodes:
+            node.stop()
+        for rv in rvs:
+            rv.stop()
