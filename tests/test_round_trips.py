@@ -10,9 +10,10 @@
   a peer whose certificate expired since is refused; a restarted server makes a full handshake).
 - First contact: the assembly request takes the bootstrap channel at once while the meta link
   opens beside it (``MetaChannel.counters``); the next request takes the link.
-- ``reverse``: the server's connection back, which carries the token, is its acceptance: the
-  client completes on it without waiting for the answer (held back here until the connection
-  is in use), and a refusal still comes as the answer.
+- ``reverse``: the server's connection back, which carries the token, is its acceptance: a
+  client that heard from that server that it dials back directly completes on it without
+  waiting for the answer (held back here until the connection is in use); a first connection
+  waits for the answer, and a refusal still comes as the answer.
 
 A round trip is counted on the client's lower stream each time it waits to receive after it
 has sent (:class:`TurnCounter`): however the peer's flight is cut into reads, one turn of the
@@ -259,30 +260,38 @@ def test_first_contact_does_not_wait_for_the_meta_link(grid):
 
 
 def _hold_answers(node):
-    """Make ``node`` hold back its answers to assembly requests (after it did the work) until
-    the returned event is set; returns ``(event, answered, restore)``, ``answered`` listing the
-    answers given."""
+    """Make ``node`` hold back its answers to assembly requests (after it did the work: for
+    ``reverse``, its connection back is made) until the returned event is set; returns
+    ``(release, worked, answered, restore)``: ``worked`` is set once an answer is held back,
+    ``answered`` lists the answers given."""
     import gevent.event
 
     from gridsock.assembly import ASSEMBLE_TOPIC
 
-    release = gevent.event.Event()
+    release, worked = gevent.event.Event(), gevent.event.Event()
     answered = []
     real = node.router.handlers[ASSEMBLE_TOPIC]
 
     def held(delivery):
         reply = real(delivery)
+        worked.set()
         release.wait(JOIN_TIMEOUT_S)  # (bounded: the test sets it at its end whatever happens)
         answered.append(reply)
         return reply
 
     node.router.handlers[ASSEMBLE_TOPIC] = held
-    return release, answered, lambda: node.router.handlers.__setitem__(ASSEMBLE_TOPIC, real)
+    return release, worked, answered, lambda: node.router.handlers.__setitem__(ASSEMBLE_TOPIC, real)
+
+
+# A client that would complete on the connection back has it well within this after the server
+# made it (a loopback connection and a preamble): the bound of a wait for what must not happen.
+EARLY_COMPLETION_BOUND_S = 2.0
 
 
 def test_reverse_completes_on_the_connection_back_without_the_answer(grid):
     nodes, listeners = grid
-    release, answered, restore = _hold_answers(nodes["m1"])  # m1 dials L1 back, and does not answer
+    _connect(nodes, listeners, "L1", "m1", "reverse")  # m1's answer: it dials L1 back directly
+    release, _, answered, restore = _hold_answers(nodes["m1"])  # m1 dials L1 back, and does not answer
     try:
         client, info = nodes["L1"].open_stream("m1", PORT, stack="reverse")
         server, _ = listeners["m1"].accept_stream(timeout=JOIN_TIMEOUT_S)
@@ -297,6 +306,30 @@ def test_reverse_completes_on_the_connection_back_without_the_answer(grid):
             server.close()
     finally:
         release.set()
+        restore()
+
+
+def test_reverse_first_connection_waits_for_the_answer(grid):
+    import gevent
+
+    nodes, listeners = grid
+    release, worked, answered, restore = _hold_answers(nodes["L2"])  # m2 has not connected to L2 by reverse
+    attempt = gevent.spawn(nodes["m2"].open_stream, "L2", PORT, stack="reverse")
+    try:
+        assert worked.wait(JOIN_TIMEOUT_S)  # L2's connection back is made; its answer is held back
+        attempt.join(timeout=EARLY_COMPLETION_BOUND_S)
+        assert not attempt.ready()  # the client waits for L2's answer (which says how it dialed)
+        release.set()
+        client, info = attempt.get(timeout=JOIN_TIMEOUT_S)
+        server, _ = listeners["L2"].accept_stream(timeout=JOIN_TIMEOUT_S)
+        assert info.stack == "reverse" and answered
+        client.send_all(b"x")
+        assert server.receive_some(1) == b"x"
+        client.close()
+        server.close()
+    finally:
+        release.set()
+        attempt.kill()
         restore()
 
 

@@ -16,7 +16,11 @@ Round trips: the client's node port has the connection, and in it the token that
 server could have sent, before the server's answer comes: that arrival is the server's
 acceptance. So the client completes on whichever comes first, the arrival or the answer
 (:attr:`_CalledBack.arrived`, which the assembly races with the request); a refusal still
-comes as the answer, with no arrival. The server dials with TCP Fast Open
+comes as the answer, with no arrival. It does so once that server's own answer said it dialed
+back directly (remembered for :data:`DIRECT_KNOWN_S`): only the answer tells a connection that
+came through one of the server's gateways (``via``), so the first connection to a server, one
+whose directory entry (or its leader's) names gateways, and one after the memory expired wait
+for it. The server dials with TCP Fast Open
 (:func:`~gridsock.components.tcp.dial_fast_open`): once its host holds a cookie from the
 client's (a first connection back asks for one), the preamble rides in the SYN and the client's
 node port has it half a round trip after the request reached the server, so a connect costs
@@ -29,13 +33,13 @@ A server in a private network with gateways (:func:`gridsock.rules.gateways_of`:
 gateway its uplink uses, its SOCKS proxy, its leader's) dials a client outside its cluster
 through them, in order, before it tries directly: that is how the outside reaches a private
 cluster without any rules. The answer's ``via`` names the gateway used (absent: direct), and
-the client's stream info carries it. A client that the server could reach through a
-gateway (the server's directory entry, or its leader's, names one, and they are in different
-clusters) waits for the answer, which says which way the connection came.
+the client's stream info carries it.
 """
 from __future__ import annotations
 
 import logging
+import time
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
@@ -45,9 +49,20 @@ from ..methods import Arrival, Initiation, InitiatorContext, Method, MethodRefus
 from ..streams import SocketStream, Stream
 from .tcp import dial_fast_open, dial_with_preamble
 
-__all__ = ["ReverseMethod"]
+__all__ = ["ReverseMethod", "DIRECT_KNOWN_S"]
 
 log = logging.getLogger(__name__)
+
+# A server's answer that it dialed back directly (no ``via``) is remembered this long by its
+# client, which meanwhile completes on the connection back without waiting for answers (module
+# docstring): a server that took a gateway since, which its directory entry does not say, costs
+# that long of connections without their ``via``; then an answer is waited for again.
+DIRECT_KNOWN_S = 300.0
+
+# Servers remembered per node before the expired ones are swept.
+_DIRECT_KEPT = 1024
+# node -> server node id -> time.monotonic() until which that server is known to dial directly
+_dials_directly: "weakref.WeakKeyDictionary[Any, Dict[str, float]]" = weakref.WeakKeyDictionary()
 
 
 def _captured_wait(arrival: Arrival, timeout: float):
@@ -87,6 +102,7 @@ class _CalledBack(Initiation):
         via = answer.get("via")
         if isinstance(via, str):
             info["via"] = via
+        _learn(self._ctx, direct=not isinstance(via, str), answered=self.arrived is None)
         return SocketStream(sock, info=info)
 
     def abort(self) -> None:
@@ -107,7 +123,8 @@ class ReverseMethod(Method):
         if not ctx.me.addrs:
             raise ctx.fail(f"{ctx.me.name} advertises no address for {ctx.peer.name} to connect back to",
                            method=self.name)
-        return _CalledBack(ctx, ctx.expect(1), early=not _may_come_through_a_gateway(ctx))
+        early = _known_direct(ctx) and not _may_come_through_a_gateway(ctx)
+        return _CalledBack(ctx, ctx.expect(1), early=early)
 
     def respond(self, ctx: ResponderContext) -> Dict[str, Any]:
         client = ctx.client
@@ -146,6 +163,32 @@ def _dialers(ctx: ResponderContext) -> List[Tuple[Optional[str], Callable[..., A
                 continue
             out.append((text, method.dial))
     return out + [(None, dial_fast_open)]
+
+
+def _known_direct(ctx: InitiatorContext) -> bool:
+    """True if ``ctx.peer`` answered lately that it dialed us back directly (DIRECT_KNOWN_S)."""
+    try:
+        until = _dials_directly.get(ctx.node, {}).get(ctx.peer.node_id)
+    except TypeError:  # (a node that cannot be weakly referenced: a test's stand-in)
+        return False
+    return until is not None and until > time.monotonic()
+
+
+def _learn(ctx: InitiatorContext, *, direct: bool, answered: bool) -> None:
+    """Remember what the server's answer said of its dial back (``answered``: the client waited
+    for it; otherwise it may have been the connection that came first: nothing new is known)."""
+    try:
+        known = _dials_directly.setdefault(ctx.node, {})
+    except TypeError:  # (as in _known_direct)
+        return
+    if not direct:
+        known.pop(ctx.peer.node_id, None)
+    elif answered:
+        now = time.monotonic()
+        if len(known) >= _DIRECT_KEPT:  # (a node talks to a few hundred peers: forget the expired)
+            for peer_id in [p for p, until in known.items() if until <= now]:
+                del known[peer_id]
+        known[ctx.peer.node_id] = now + DIRECT_KNOWN_S
 
 
 def _may_come_through_a_gateway(ctx: InitiatorContext) -> bool:
