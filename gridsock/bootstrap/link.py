@@ -64,7 +64,7 @@ import gevent
 import gevent.event
 from gevent import socket as gsocket
 
-from .. import wire
+from .. import memory, wire
 from .._ratelog import RateLimitedLog
 from ..errors import BrokenStreamError, LocalProtocolError, RemoteProtocolError
 
@@ -432,6 +432,7 @@ class Link:
         self._urgent.clear()
         self._urgent_bytes = 0
         self._control_frames = 0
+        memory.trim_soon()  # its queues and receive buffer (megabytes when it carried relayed data)
         current = gevent.getcurrent()
         for g in self._greenlets:
             if g is not current:
