@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     session_sub.required = True
     new = session_sub.add_parser("new", help="make a session: CA, rendez-vous certificate, join token, session.toml")
     new.add_argument("directory")
-    new.add_argument("--rendezvous", required=True, metavar="HOST:PORT", help="where nodes reach the rendez-vous node")
+    new.add_argument("--rendezvous", required=True, action="append", metavar="HOST:PORT",
+                     help="where nodes reach the rendez-vous node (repeat for several: a federation, docs/federation.md)")
     new.add_argument("--plain-tcp", action="store_true",
                      help="no TLS on the bootstrap channel (only for a private grid you trust)")
     new.add_argument("--cluster", action="append", default=[], metavar="NAME",
@@ -62,10 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("directory", help="the session's directory (or its session.toml)")
     add.add_argument("name", help="the cluster's name")
     add.set_defaults(handler=_cmd_session_cluster)
+    more = session_sub.add_parser("rendezvous", help="on the host with the CA key: add a rendez-vous node to a "
+                                                      "session (its certificate; session.toml lists it)")
+    more.add_argument("directory", help="the session's directory (or its session.toml)")
+    more.add_argument("address", metavar="HOST:PORT", help="where nodes reach the new rendez-vous node")
+    more.set_defaults(handler=_cmd_session_rendezvous)
 
     rv = sub.add_parser("rendezvous", help="run the rendez-vous node")
     rv.add_argument("--session", required=True, metavar="FILE")
     rv.add_argument("--listen", metavar="HOST:PORT", help="default: 0.0.0.0 and the session's port")
+    rv.add_argument("--name", metavar="NAME",
+                    help="which of the session's rendez-vous nodes this is: rendezvous, rendezvous-2, ... (default: the "
+                         "one whose address --listen gives, else the first; docs/federation.md)")
     rv.add_argument("--control", metavar="PATH", help="control socket (default: $GRIDSOCK_RUN_DIR/rendezvous.sock)")
     rv.add_argument("--metrics", metavar="ADDR",
                     help="serve Prometheus metrics on http://ADDR/metrics (HOST:PORT, or PORT on 127.0.0.1; default: off)")
@@ -123,7 +132,9 @@ def _add_node_options(node, *, required: bool) -> None:
     node.add_argument("--leader", metavar="ADDR", help="member of the cluster whose leader's node port is ADDR (HOST:PORT or unix:PATH)")
     node.add_argument("--rendezvous", metavar="HOST:PORT",
                       help="a leader reaches the rendez-vous node here rather than at the session file's address "
-                           "(the port an SSH remote forward opened on this cluster's front-end: docs/ssh.md)")
+                           "(the port an SSH remote forward opened on this cluster's front-end: docs/ssh.md); when the "
+                           "session lists several rendez-vous nodes and this is one of them, the leader starts there and "
+                           "fails over to the next ones of the list (docs/federation.md)")
     node.add_argument("--listen", metavar="ADDR", help="node port (HOST:PORT or unix:PATH; default 0.0.0.0 and any port)")
     node.add_argument("--advertise", metavar="HOST:PORT", help="address to publish for the node port")
     node.add_argument("--ssh-gateway", metavar="USER@HOST[:PORT]", help="reach the rendez-vous node through this SSH gateway")
@@ -213,7 +224,7 @@ def _control_target(args) -> str:
     if args.node:
         return control_path(args.node)
     sockets = list_control_sockets()
-    nodes = [s for s in sockets if not s.endswith("/rendezvous.sock")]
+    nodes = [s for s in sockets if not re.search(r"/rendezvous(-[0-9]+)?\.sock\Z", s)]
     if len(nodes) == 1:
         return nodes[0]
     if not nodes and sockets:
@@ -242,7 +253,8 @@ def _run_until_signalled(server, *also) -> int:
 def _cmd_session_new(args) -> int:
     from .session import create_session
 
-    session = create_session(args.directory, args.rendezvous, bootstrap="tcp" if args.plain_tcp else "tls/tcp",
+    rendezvous = args.rendezvous[0] if len(args.rendezvous) == 1 else args.rendezvous
+    session = create_session(args.directory, rendezvous, bootstrap="tcp" if args.plain_tcp else "tls/tcp",
                              clusters=args.cluster)
     print(f"session {session.session_id} written to {session.path}")
     if args.cluster:
@@ -262,6 +274,17 @@ def _cmd_session_cluster(args) -> int:
     return 0
 
 
+def _cmd_session_rendezvous(args) -> int:
+    from .session import add_rendezvous, rendezvous_name
+
+    session, index = add_rendezvous(args.directory, args.address)
+    print(f"rendez-vous node {rendezvous_name(index)} at {args.address} added to session {session.session_id}:"
+          f" hand {session.path} (and the cluster-*.toml files) to every node again; run it with"
+          f" gridsock rendezvous --session {session.path} --name {rendezvous_name(index)} on a host that holds"
+          " the session's *-key.pem files and clusters.toml")
+    return 0
+
+
 def _print_cluster(cluster) -> None:
     print(f"cluster {cluster.cluster}: its join token is in {cluster.path}; hand that file to the nodes of cluster"
           f" {cluster.cluster} only (gridsock node --session {cluster.path} --cluster {cluster.cluster} ...)")
@@ -277,7 +300,9 @@ def _cmd_rendezvous(args) -> int:
     forwards = [RemoteForward.parse(spec, key_filename=args.ssh_key, known_hosts=args.ssh_known_hosts)
                 for spec in args.ssh_forward]  # (a bad one fails here, before anything runs)
     node = RendezvousNode(Session.load(args.session), listen_address=args.listen, control=args.control,
-                          metrics=args.metrics).start()
+                          metrics=args.metrics, name=args.name).start()
+    if len(node.session.rendezvous_addresses) > 1:
+        print(f"{node.name}: one of the session's {len(node.session.rendezvous_addresses)} rendez-vous nodes", flush=True)
     print(f"rendezvous listening {node.address}", flush=True)
     if node.metrics_address is not None:
         print(f"metrics on http://{node.metrics_address}/metrics", flush=True)
