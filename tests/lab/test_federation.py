@@ -5,7 +5,7 @@ second public host). Cluster B's leader b1 is told to use ``rendezvous-2`` (``gr
 --rendezvous``), every other leader uses ``rendezvous``, so a2 -> b2 crosses both:
 a2 > a1 > rendezvous > rendezvous-2 > b1 > b2.
 
-Killed with SIGKILL under a ``tls/resume/relay`` transfer a2 -> b2 (through it), ``rendezvous-2``
+Killed with SIGKILL under a ``tls/resume/relay`` transfer of 256 MiB each way a2 -> b2 (through it), ``rendezvous-2``
 takes nothing with it: b1 fails over to ``rendezvous`` with its member, every one of the 42
 ordered pings between the seven nodes works again within FAILOVER_GRACE_S (measured and
 printed), the transfer resumes over the survivor with every byte echoed in order (SHA-256 both
@@ -51,6 +51,8 @@ POLL_S = 0.2
 # The relayed connection: no upgrade (it must stay on the relay through rendezvous-2).
 STACK = "tls/resume(upgrade=false)/relay"
 PAYLOAD_BYTES = 1 << 20
+# What the relayed transfer moves each way, through the kill (the figure).
+TRANSFER_BYTES = 256 << 20
 
 
 class FedGrid(Grid):
@@ -147,7 +149,7 @@ def test_killing_a_rendezvous_node_under_a_transfer_loses_nothing_and_it_catches
     server = programs.start("b2", [sys.executable, "-m", "http.server", "0", "--directory", str(www)])
     line = wait_for_line(server, "Serving HTTP on ", timeout=APP_TIMEOUT_S)
     port = int(line.split()[5])
-    transfer = programs.script("a2", CLIENT, "b2", str(ECHO_PORT), STACK)
+    transfer = programs.script("a2", CLIENT, "b2", str(ECHO_PORT), STACK, str(TRANSFER_BYTES))
     assert wait_for_line(transfer, "connected", timeout=APP_TIMEOUT_S).split()[1] == STACK
     wait_for_line(transfer, "streaming", timeout=APP_TIMEOUT_S)
 
@@ -170,7 +172,7 @@ def test_killing_a_rendezvous_node_under_a_transfer_loses_nothing_and_it_catches
     # The transfer resumed over the survivor: every byte echoed, in order.
     wait_state(grid, "a2", lambda s: not s["suspended"] and s["resumes"] >= 1, "the resume over rendezvous",
                REJOIN_TIMEOUT_S + APP_TIMEOUT_S, STACK)
-    finish(transfer)
+    assert finish(transfer) == TRANSFER_BYTES  # (every byte of 256 MiB echoed, SHA-256 both ways)
     # A new download through the personality, from a NAT (a2) and from the private cluster (c2).
     for client in ("a2", "c2"):
         assert fetch(grid, client, f"http://b2:{port}/data.bin") == f"200 {digest}"

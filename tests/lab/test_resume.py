@@ -48,6 +48,7 @@ CLIENT = """
     from gridsock.agentclient import AgentClient
 
     peer, port, stack = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    total = int(sys.argv[4]) if len(sys.argv) > 4 else 0  # (0: stream until told to finish)
     sock, info = AgentClient.from_env().connect(peer, port, stack=stack, timeout=60)
     print("connected", info["stack"], flush=True)
     sock.settimeout(120)
@@ -58,11 +59,12 @@ CLIENT = """
 
     def send():
         try:
-            while not finish.is_set():
-                block = os.urandom(65536)
+            while counts[0] < total if total else not finish.is_set():
+                block = os.urandom(min(65536, total - counts[0]) if total else 65536)
                 sock.sendall(block)
                 sent.update(block)
                 counts[0] += len(block)
+            finish.wait()  # (with a byte count: the connection stays open until the test is done)
             sock.shutdown(1)
         except OSError as exc:
             errors.append(repr(exc))
@@ -88,7 +90,7 @@ CLIENT = """
     sys.stdin.readline()  # the test opened the firewall and saw the upgrade meanwhile
     finish.set()
     for thread in threads:
-        thread.join(120)
+        thread.join(600 if total else 120)
     print("RESULT", counts[0], sent.hexdigest(), counts[1], received.hexdigest(), errors or "ok", flush=True)
 """
 
@@ -149,14 +151,16 @@ def test_a_relayed_connection_moves_to_a_direct_path_when_the_firewall_opens(gri
             firewall(grid, "-D")
 
 
-def finish(proc) -> None:
-    """Tell the client to finish; check that everything it sent came back, in order."""
+def finish(proc) -> int:
+    """Tell the client to finish (with a byte count given: once it has sent them); check that
+    everything it sent came back, in order; return the count."""
     proc.stdin.write(b"finish\n")
     proc.stdin.flush()
     result = wait_for_line(proc, "RESULT", timeout=APP_TIMEOUT_S).split()
     sent_n, sent_sha, received_n, received_sha, errors = result[1:6]
     assert errors == "ok", result
     assert int(sent_n) > 4 << 20 and (sent_n, sent_sha) == (received_n, received_sha), result
+    return int(sent_n)
 
 
 # Long enough for the leaders to relink to a restarted rendez-vous node (their backoff).
