@@ -13,7 +13,10 @@ ways), and an unmodified ``urllib`` download from an ``http.server`` on b2, both
 ``gridsock run``, completes byte-exact from a2 and c2. Restarted, ``rendezvous-2`` catches up:
 its directory holds the seven nodes again, from ``rendezvous``'s snapshot.
 
-A module-scoped grid of its own (it kills a rendez-vous node); every wait is bounded.
+Last, both rendez-vous nodes are killed: nodes whose meta link is direct (a2 and b2 with rv) still
+make new data connections to each other once the grace is over (docs/outages.md).
+
+A module-scoped grid of its own (it kills rendez-vous nodes); every wait is bounded.
 """
 from __future__ import annotations
 
@@ -186,3 +189,45 @@ def test_killing_a_rendezvous_node_under_a_transfer_loses_nothing_and_it_catches
     assert rv_status(grid, "rendezvous-2")["federation"]["peers"]["rendezvous"]["linked"]
     results = ping_all(grid)
     assert not failed(results), failed(results)
+
+
+# Pairs a first connection opens a meta link between (each one's way there, by the default rules).
+# Only those whose meta link is direct (TCP both ways: a2 -> rv and b2 -> rv here) outlive the
+# rendez-vous nodes; the others' links ride the bootstrap channel.
+META_PAIRS = (("a2", "rv"), ("b2", "rv"), ("a1", "b1"), ("a2", "b2"), ("c2", "rv"), ("rv", "c1"))
+TRANSFER_TIMEOUT_S = 120.0
+
+
+def transfer(grid, src: str, dst: str) -> dict:
+    args = {"dst": dst, "port": ECHO_PORT, "bytes": PAYLOAD_BYTES, "timeout": 30}
+    return call(grid.control(src), "transfer", args, timeout=TRANSFER_TIMEOUT_S)
+
+
+def direct_meta_link(grid, src: str, dst: str) -> bool:
+    links = call(grid.control(src), "status", {}, timeout=JOIN_TIMEOUT_S)["meta_links"]
+    return any(link["peer"] == dst and link["stack"] != "bootstrap" and link["label"] != "opening" for link in links)
+
+
+def test_with_every_rendezvous_node_down_meta_links_still_make_new_connections(grid):
+    for src, dst in META_PAIRS:
+        result = transfer(grid, src, dst)
+        assert result["sha256_sent"] == result["sha256_received"], (src, dst, result)
+    linked = [(src, dst) for src, dst in META_PAIRS if direct_meta_link(grid, src, dst)]
+    print(f"\nmeta links up: {linked}")
+    for name in ("rendezvous", "rendezvous-2"):
+        proc = grid.procs[name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=JOIN_TIMEOUT_S)
+        proc.stdout.close()
+    # Once the grace is over, nodes without a link to each other leave the directories: only the
+    # links vouch now (a2 loses c2, whom it reaches only through the rendez-vous nodes).
+    deadline = time.monotonic() + FAILOVER_GRACE_S + REJOIN_TIMEOUT_S
+    while "c2" in grid.directory("a2"):
+        assert time.monotonic() < deadline, "a2 still lists c2 with every rendez-vous node down"
+        time.sleep(POLL_S)
+    assert len(linked) >= 2, linked
+    for src, dst in linked:
+        assert dst in grid.directory(src), (src, dst)
+        result = transfer(grid, src, dst)
+        assert result["sha256_sent"] == result["sha256_received"] and result["bytes"] == PAYLOAD_BYTES, (src, dst)
+        assert "relay" not in result["stack"], (src, dst, result["stack"])  # (the relay needs a rendez-vous node)
