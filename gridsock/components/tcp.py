@@ -30,6 +30,7 @@ it after the send), so a refused or unreachable address fails it as before.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import socket
 import sys
@@ -66,30 +67,38 @@ TCP_FASTOPEN_CONNECT: Optional[int] = getattr(socket, "TCP_FASTOPEN_CONNECT",
                                               30 if sys.platform.startswith("linux") else None)
 
 
-def dial_fast_open(address: Address, *, node=None, timeout: float = CONNECT_TIMEOUT_S):
-    """A gevent TCP socket to ``address`` asking for TCP Fast Open (see the module docstring).
-
-    When the kernel holds a cookie for the server this returns at once, before any SYN: the
-    first send carries its data in the SYN, and the handshake is done only later; pass
-    ``fast_open=True`` to :func:`dial_with_preamble`, which waits for it. Otherwise (no cookie,
-    no Fast Open here) it returns a connected socket, as :func:`~gridsock.bootstrap.transport.dial`.
-    ``node`` is unused (the signature of :meth:`TcpMethod.dial`). Raises ConnectError.
-    """
-    if address.path is not None or TCP_FASTOPEN_CONNECT is None:
-        return dial(address, timeout=timeout)
-    reasons = []
+def _addresses(address: Address) -> List[Tuple[Any, ...]]:
+    """``getaddrinfo``'s answers for ``address``; a numeric host without asking the resolver
+    (gevent's asks a thread of its pool for every name, numeric or not: a hand-off between
+    threads on every data connection's path). Raises OSError."""
     try:
-        infos = gsocket.getaddrinfo(address.host, address.port, 0, gsocket.SOCK_STREAM)
+        ip = ipaddress.ip_address(address.host or "")
+    except ValueError:
+        return gsocket.getaddrinfo(address.host, address.port, 0, gsocket.SOCK_STREAM)
+    family = gsocket.AF_INET6 if ip.version == 6 else gsocket.AF_INET
+    return [(family, gsocket.SOCK_STREAM, gsocket.IPPROTO_TCP, "", (address.host, address.port))]
+
+
+def _dial(address: Address, *, timeout: float, fast_open: bool):
+    """A gevent TCP socket connected to ``address`` (a Unix path: the bootstrap's ``dial``),
+    with TCP_NODELAY and keepalives; with ``fast_open``, asking for TCP Fast Open
+    (:func:`dial_fast_open`). Raises ConnectError, ConnectTimeoutError."""
+    if address.path is not None:
+        return dial(address, timeout=timeout)
+    try:
+        infos = _addresses(address)
     except OSError as exc:
         raise ConnectError(f"cannot connect to {address}: {exc.strerror or exc}", peer=str(address),
                            method="tcp") from exc
+    reasons = []
     for family, kind, proto, _, sockaddr in infos:
         sock = gsocket.socket(family, kind, proto)
         try:
-            try:
-                sock.setsockopt(gsocket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
-            except OSError:
-                pass  # (a kernel without it: a plain connect)
+            if fast_open and TCP_FASTOPEN_CONNECT is not None:
+                try:
+                    sock.setsockopt(gsocket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+                except OSError:
+                    pass  # (a kernel without it: a plain connect)
             sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
             sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_KEEPALIVE, 1)
             sock.settimeout(timeout)
@@ -108,6 +117,18 @@ def dial_fast_open(address: Address, *, node=None, timeout: float = CONNECT_TIME
             raise
     raise ConnectError(f"cannot connect to {address}: {'; '.join(reasons) or 'no address'}", peer=str(address),
                        method="tcp")
+
+
+def dial_fast_open(address: Address, *, node=None, timeout: float = CONNECT_TIMEOUT_S):
+    """A gevent TCP socket to ``address`` asking for TCP Fast Open (see the module docstring).
+
+    When the kernel holds a cookie for the server this returns at once, before any SYN: the
+    first send carries its data in the SYN, and the handshake is done only later; pass
+    ``fast_open=True`` to :func:`dial_with_preamble`, which waits for it. Otherwise (no cookie,
+    no Fast Open here) it returns a connected socket, as :meth:`TcpMethod.dial`.
+    ``node`` is unused (the signature of :meth:`TcpMethod.dial`). Raises ConnectError.
+    """
+    return _dial(address, timeout=timeout, fast_open=True)
 
 
 # Linux's tcpi_state of a socket whose SYN is out and unanswered (include/net/tcp_states.h).
@@ -256,7 +277,7 @@ class TcpMethod(Method):
 
     def dial(self, address: Address, *, node, timeout: float = CONNECT_TIMEOUT_S):
         """Return a connected gevent socket to ``address``; ConnectError if it cannot."""
-        return dial(address, timeout=timeout)
+        return _dial(address, timeout=timeout, fast_open=False)
 
     def dial_node_port(self, ctx: InitiatorContext, index: int = 0):
         """Connection ``index`` to ``ctx.peer``'s node port, preamble sent; ConnectError."""
