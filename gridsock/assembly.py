@@ -526,7 +526,8 @@ class Assembler:
                 watcher = gevent.spawn(_until_closed, sock)
                 try:
                     deadline = time.monotonic() + MATCH_TIMEOUT_S
-                    gevent.wait([event, watcher], timeout=MATCH_TIMEOUT_S, count=1)
+                    either: List[Any] = [event, watcher]
+                    gevent.wait(either, timeout=MATCH_TIMEOUT_S, count=1)
                     if not event.is_set() and watcher.ready():
                         if watcher.value:
                             raise RemoteProtocolError("closed while waiting for the request of its token")

@@ -589,6 +589,7 @@ class ResumeStream(Stream):
         self._gen += 1
         self._readable.set()
         self._changed.set()
+        self._wake.set()  # (the send loop of this generation waits on it: it ends now)
         self._forget()
         self._stop_background()
         if lower is not None:
@@ -607,6 +608,7 @@ class ResumeStream(Stream):
         if lower is not None:
             _close_quietly(lower)
         self._wake.set()  # (a sender waiting for a HELLO on it)
+        self._stop_keepalive()  # (the old path's, asleep: the next path gets its own)
         log.info("%r: lower stream lost (%s); resuming within %g s", self, why, self.timeout_s)
         self.state["suspended"] = True
         self.state["last_break"] = why
@@ -708,6 +710,7 @@ class ResumeStream(Stream):
         self._suspended_at = None
         self._changed.set()
         self._wake.set()  # (the old sender, if it waits: it finds its lower replaced)
+        self._stop_keepalive()  # (the old path's, asleep: the next path gets its own)
         self._start(lower, resumed=resumed)
 
     # --- the responder's side of a resume ----------------------------------------------------
@@ -777,11 +780,21 @@ class ResumeStream(Stream):
         self._stop_background()
 
     def _stop_background(self) -> None:
+        """Kill the background greenlets (resume, expiry, upgrade, linger) and the current
+        generation's keepalive (asleep up to KEEPALIVE_S); the read and send loops end by
+        themselves once their generation is over and they are woken."""
         current = gevent.getcurrent()
         for greenlet in self._background:
             if greenlet is not current:
                 greenlet.kill(block=False)
         self._background = [g for g in self._background if g is current]
+        self._stop_keepalive()
+
+    def _stop_keepalive(self) -> None:
+        """Kill the current generation's keepalive (see _start), unless it is the caller."""
+        for greenlet in self._greenlets[2:]:
+            if greenlet is not gevent.getcurrent():
+                greenlet.kill(block=False)
 
     def _forget(self) -> None:
         if self._node is not None:
