@@ -7,15 +7,20 @@ two leaders (``src`` in cluster A, ``dst`` in cluster B), each linked to the ren
 only, so a ``relay`` stream ``src -> dst`` crosses two bootstrap links (mutual TLS each) and
 the rendez-vous process forwards every frame. ``src`` sends ``--mib`` MiB of random data,
 ``--rounds`` times; each round reports the rate (bytes over the time from the stream's first
-byte sent to the sink's count coming back) and each process's CPU time per MB (user + system,
-from ``/proc``), so the rendez-vous node's cost per relayed MB is read directly.
+byte sent to the sink's count coming back), each process's CPU time per MB (user + system,
+from ``/proc``; then the system part alone) and its minor page faults per MB, so the
+rendez-vous node's cost per relayed MB is read directly.
 
 ``--profile rv`` (or ``src``, ``dst``) runs that process under cProfile over the transfers and
 prints its top functions by own time at the end (``--top N``). cProfile slows Python code a lot
-more than C code, so use it for *where*, and the runs without it for *how much*.
+more than C code, so use it for *where*, and the runs without it for *how much*. ``--pyspy rv``
+samples that process with py-spy (native frames too: OpenSSL, libc, the kernel's system calls)
+over the rounds and prints the leaf functions by share of samples. On a shared machine the
+figures move by 15 % from run to run: compare versions in alternating runs (``PYTHONPATH``
+selects the gridsock a run imports).
 
-    python3 bench/bench_relay_profile.py [--mib 128] [--rounds 5] [--profile rv] [--top 25]
-                                         [--stack relay]
+    python3 bench/bench_relay_profile.py [--mib 128] [--rounds 5] [--profile rv | --pyspy rv]
+                                         [--top 25] [--stack relay]
 
 Loopback only; every wait is bounded (``STEP_TIMEOUT_S``); the processes are stopped at the end
 whatever happens.
