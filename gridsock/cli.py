@@ -688,6 +688,10 @@ def _main(argv: Optional[List[str]]) -> int:
         return lab.main((["-v"] if args.verbose else []) + argv[command_at + 1:])
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    if args.command in ("node", "rendezvous"):  # (long-lived processes that move relayed bulk data)
+        from .memory import tune_allocator
+
+        tune_allocator()
     if args.command == "demo":
         from .demo import run_demo
 

@@ -19,6 +19,16 @@ gevent hub, ``TRIM_DELAY_S`` later, so that a burst of closes costs one trim; an
 at least ``TRIM_INTERVAL_S`` apart in the whole process (a later request re-arms the timer
 for the end of that interval). :func:`trim` trims now. Where there is no glibc (musl, macOS)
 both do nothing: the allocator there returns memory by its own rules.
+
+Between trims, glibc's own thresholds would give memory back (and take it again) at every
+large free: a relayed frame of 256 KiB is allocated above the default mmap threshold (mapped,
+faulted in page by page, unmapped), and the heap's end moves down and up again as a
+transfer's frames are freed and allocated (fresh pages, each a page fault: on loopback a
+relay sender and the rendez-vous node took 60-150 page faults per MB relayed, 0-40 with this).
+:func:`tune_allocator` fixes them (the ``gridsock node`` and ``gridsock rendezvous`` processes
+call it at their start; a program embedding gridsock decides for its own process): buffers under
+``MMAP_THRESHOLD_BYTES`` come from the heap, and up to ``TRIM_THRESHOLD_BYTES`` free at its
+top stay there until a trim.
 """
 from __future__ import annotations
 
@@ -31,7 +41,8 @@ from typing import Any
 
 import gevent
 
-__all__ = ["trim", "trim_soon", "TRIM_DELAY_S", "TRIM_INTERVAL_S", "trims"]
+__all__ = ["trim", "trim_soon", "tune_allocator", "TRIM_DELAY_S", "TRIM_INTERVAL_S", "MMAP_THRESHOLD_BYTES",
+           "TRIM_THRESHOLD_BYTES", "trims"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +52,14 @@ TRIM_DELAY_S = 0.5
 # Trims are at least this far apart in the process: a trim walks the whole heap (tens of
 # milliseconds for hundreds of MB), which a node doing it at every close would feel.
 TRIM_INTERVAL_S = 2.0
+
+# Allocations below this come from the heap (glibc's default starts at 128 KiB and moves).
+MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
+# Free memory at the top of the heap beyond this goes back at once; below, it waits for a trim.
+TRIM_THRESHOLD_BYTES = 32 * 1024 * 1024
+# mallopt() parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 
 _lock = threading.Lock()
 _last_trim = -TRIM_INTERVAL_S  # time.monotonic() of the last trim
@@ -107,3 +126,17 @@ def _fire(hub: Any, timer: Any) -> None:
     began = time.monotonic()
     trim()
     log.debug("malloc_trim took %.1f ms", (time.monotonic() - began) * 1000)
+
+
+def tune_allocator() -> bool:
+    """Set glibc's mmap and trim thresholds (see the module docstring); False where the C
+    library has no ``mallopt`` or refuses them."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and \
+        bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+

@@ -283,3 +283,17 @@ def check_given_back(grid, kind: str, count: int) -> None:
     assert after["tracked"] - before["tracked"] == collections.Counter(), (after["tracked"], before["tracked"])
     assert after["objects"] <= before["objects"] + OBJECTS_MARGIN, report
     assert after["rss"] <= before["rss"] + RSS_MARGIN_BYTES, report
+
+
+def test_the_allocator_tuning_takes_where_glibc_is():
+    # mallopt() answers 1 when it takes a setting, 0 when it refuses one: both are asked. (In a
+    # child: the setting is the whole process's, and this one measures memory.)
+    import ctypes.util
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "from gridsock.memory import tune_allocator; print(tune_allocator())"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    glibc = ctypes.util.find_library("c")
+    assert done.stdout.strip() == str(glibc is not None and "libc.so" in glibc)
