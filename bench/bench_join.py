@@ -351,7 +351,7 @@ def _print_counters(index: int, nodes: List) -> None:
 @dataclasses.dataclass
 class Result:
     scenario: str
-    code: str  # "before" (the --before checkout), "after" (this one) or "" (no --before)
+    code: str  # --labels: "before" (the --before checkout), "after" (this one); "" without --before
     nodes: int
     joined_s: Optional[float]
     converged_s: Optional[float]
@@ -554,6 +554,8 @@ def main() -> None:
     parser.add_argument("--before", default=None,
                         help="a checkout of another version (a git worktree): each scenario runs with its gridsock"
                              " first, then with this one, side by side")
+    parser.add_argument("--labels", default="before,after",
+                        help="what the table calls the --before checkout and this one (default: before,after)")
     parser.add_argument("--profile-workers", default=None,
                         help="run each worker under cProfile, its stats in DIR/workerN.pstats")
     parser.add_argument("--progress", type=float, default=0.0,
@@ -578,7 +580,8 @@ def main() -> None:
     results = []
     try:
         for text in args.scenarios.split(","):
-            runs = [(str(Path(args.before).resolve()), "before"), (None, "after")] if args.before else [(None, "")]
+            before, after = args.labels.split(",", 1)
+            runs = [(str(Path(args.before).resolve()), before), (None, after)] if args.before else [(None, "")]
             for code, label in runs:
                 result = run_scenario(text.strip(), args, workdir, code=code, label=label)
                 print(f"{result}", flush=True)
