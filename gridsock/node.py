@@ -307,13 +307,15 @@ class Node:
         if self.role == "leader":
             self._leader = LeaderService(self, on_routed=lambda message: self.router.route(message),
                                          request=lambda dst, topic, payload: self.router.request(dst, topic, payload),
-                                         send_up=lambda message: self._uplink.send(message))
+                                         send_up=lambda message: self._uplink.send(message),
+                                         wait_joined=lambda timeout: self._uplink.joined.wait(timeout))
         self.router = Router(self, up=lambda: self.uplink, down=self._leader.link_for if self._leader else None,
                              on_bulk=lambda src, payload: self.relay.on_message(src, payload))
         self._uplink = Uplink(self, on_routed=self.router.route,
                               members=self._leader.entries if self._leader else list)
         self._node_port = NodePort(
             self, self.listen_address, leader=self._leader, data_first_byte=DATA_PREAMBLE[:1],
+            wait_joined=lambda timeout: self._uplink.joined.wait(timeout),
             on_data=lambda sock, label: self.assembler.handle_data_connection(sock, label),
             on_peer=lambda sock, decoder, hello, peer_id, label: self.meta.accept(sock, decoder, hello, peer_id, label),
         )

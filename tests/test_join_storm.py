@@ -330,3 +330,34 @@ def test_a_leader_passes_fifty_joins_on_to_fifty_members_in_one_update_each():
         assert b.counters["updates"] == 2 * len(members)
     finally:
         b.close()
+
+
+def test_members_started_with_their_leader_wait_for_it_instead_of_retrying(tmp_path, monkeypatch):
+    # A cluster started all at once: the members reach their leader before it has its
+    # certificate, and enroll through it before it has joined. They wait for it (bounded:
+    # EARLY_MEMBER_WAIT_S, made generous here so that a slow machine cannot fail the test)
+    # instead of being turned away and retrying after a backoff, a TLS handshake more each.
+    from gridsock.bootstrap import leader as leader_module, nodeport
+
+    monkeypatch.setattr(nodeport, "EARLY_MEMBER_WAIT_S", JOIN_TIMEOUT_S / 2)
+    monkeypatch.setattr(leader_module, "EARLY_MEMBER_WAIT_S", JOIN_TIMEOUT_S / 2)
+    session = create_session(tmp_path / "session", "127.0.0.1:1")
+    rv = RendezvousNode(session, listen_address="127.0.0.1:0", control="").start()
+    session = dataclasses.replace(session, rendezvous_port=rv.address.port)
+    options = dict(listen_address="127.0.0.1:0", control="", front_door=None, loop="caller")
+    nodes = []
+    try:
+        chief = Node(session, "chief", cluster="E", **options).start()
+        nodes.append(chief)
+        members = [Node(session, f"e{i}", cluster="E", leader=str(chief.address), **options) for i in range(5)]
+        for member in members:
+            nodes.append(member.start())
+        names = {n.name for n in nodes}
+        for node in nodes:
+            node.wait_directory(present=names, timeout=JOIN_TIMEOUT_S)
+        for member in members:
+            assert [h["state"] for h in member.uplink_history] == ["up"], member.uplink_history
+    finally:
+        for node in nodes:
+            node.stop()
+        rv.stop()

@@ -50,7 +50,7 @@ from .._ratelog import RateLimitedLog
 from ..errors import RemoteProtocolError, RoutingError
 from .directory import LEAVE_TOPIC, MAX_MEMBERS, NAME_GRACE_S, RENDEZVOUS_NAME, Bindings, Broadcaster
 from .link import LINK_TIMEOUT_S, PING_INTERVAL_S, Link, send_message
-from .nodeport import authenticate, refuse
+from .nodeport import EARLY_MEMBER_WAIT_S, authenticate, refuse
 from .routing import Delivery
 
 __all__ = ["LeaderService", "ENROLL_TOPIC", "REFUSE_LINGER_S", "member_cluster_not_attested"]
@@ -90,7 +90,8 @@ class LeaderService:
 
     ``on_routed(message)`` gets the routed messages members send; ``request(dst, topic,
     payload)`` sends a routed request and returns its reply (a Delivery; the router's);
-    ``send_up(message)`` queues a message on the uplink (False if it is down).
+    ``send_up(message)`` queues a message on the uplink (False if it is down);
+    ``wait_joined(timeout)`` waits until the leader has joined the grid once, True if it has.
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class LeaderService:
         on_routed: Callable[[wire.Routed], None],
         request: Callable[[str, str, bytes], Delivery],
         send_up: Callable[[object], bool],
+        wait_joined: Callable[[float], bool] = lambda timeout: True,
         ping_interval_s: float = PING_INTERVAL_S,
         link_timeout_s: float = LINK_TIMEOUT_S,
         name_grace_s: float = NAME_GRACE_S,
@@ -115,6 +117,7 @@ class LeaderService:
         self._on_routed = on_routed
         self._request = request
         self._send_up = send_up
+        self._wait_joined = wait_joined
         self._ping_interval_s = ping_interval_s
         self._link_timeout_s = link_timeout_s
         # Directory changes go out to every member coalesced, encoded once.
@@ -149,6 +152,7 @@ class LeaderService:
         if not self.host.session.tls:
             raise RemoteProtocolError("Enroll in a plain-TCP session")
         request = json.dumps({"token": message.token, "csr_pem": message.csr_pem, "name": message.name}).encode()
+        self._wait_joined(EARLY_MEMBER_WAIT_S)  # (a cluster started at once; then, if still out, refused)
         try:
             reply = self._request(RENDEZVOUS_NAME, ENROLL_TOPIC, request)
         except RoutingError as exc:

@@ -45,7 +45,7 @@ from .transport import Address, listen, tls_server
 if TYPE_CHECKING:
     from .leader import LeaderService
 
-__all__ = ["NodePort", "authenticate", "refuse", "ACCEPT_ERROR_PAUSE_S"]
+__all__ = ["NodePort", "authenticate", "refuse", "ACCEPT_ERROR_PAUSE_S", "EARLY_MEMBER_WAIT_S"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ CLOSE_TIMEOUT_S = 5.0
 # gridsock.components.tcp) that may wait at once for their handshake's end: the kernel's queue
 # for them; beyond, a SYN's data waits for the handshake as without Fast Open.
 FASTOPEN_QUEUE = 256
+# A member that comes before its leader has joined the grid (a cluster started all at once)
+# waits this long for it (for its certificate here, for its uplink to enroll through:
+# LeaderService.enroll) rather than being turned away at once: each time costs the member a
+# backoff and both sides a TLS handshake more (a join storm of 10 clusters of 50 made some
+# 360 such retries, bench/bench_join.py). Well within the member's HANDSHAKE_TIMEOUT_S.
+EARLY_MEMBER_WAIT_S = 5.0
 
 
 def refuse(sock, code: str, reason: str, label: str) -> NoReturn:
@@ -88,7 +94,8 @@ def authenticate(session, sock, hello: wire.Hello, peer, label: str) -> str:
 class NodePort:
     """The node port of ``host`` (a node: ``name``, ``session``, ``identity``); see the module docstring.
 
-    ``leader`` is the node's service to its members (None on a member).
+    ``leader`` is the node's service to its members (None on a member); ``wait_joined(timeout)``
+    waits until the node has joined the grid once, True if it has.
     """
 
     def __init__(
@@ -100,6 +107,7 @@ class NodePort:
         data_first_byte: bytes,
         on_peer: Callable[[object, wire.Decoder, wire.Hello, str, str], None],
         leader: Optional["LeaderService"] = None,
+        wait_joined: Callable[[float], bool] = lambda timeout: False,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
     ) -> None:
         self.host = host
@@ -109,6 +117,7 @@ class NodePort:
         self._data_first_byte = data_first_byte[:1]
         self._on_peer = on_peer
         self._handshake_timeout_s = handshake_timeout_s
+        self._wait_joined = wait_joined
         self._sock: Optional[gsocket.socket] = None
         self._server_ctx: Optional[ssl.SSLContext] = None
         # What peers make us log about their handshakes, rate-limited per host (gridsock._ratelog).
@@ -182,7 +191,9 @@ class NodePort:
             peer = None
             if host.session.tls:
                 if host.identity is None:
-                    return  # not enrolled yet: nothing to offer
+                    self._wait_joined(EARLY_MEMBER_WAIT_S)  # (not enrolled yet: see EARLY_MEMBER_WAIT_S)
+                    if host.identity is None:
+                        return  # nothing to offer
                 if self._server_ctx is None:
                     self._server_ctx = server_context(host.session, host.identity, require_client_cert=False)
                 sock = tls_server(sock, self._server_ctx, timeout=self._handshake_timeout_s)
