@@ -433,6 +433,24 @@ def test_sock_diag_and_the_tcp_table_agree_on_a_socket_of_another_user():
         client.stderr.close()  # type: ignore[union-attr]
 
 
+# Ports of digits that are not ASCII ("9²": str.isdigit() says yes, int() says no): the fuzz
+# campaign's mutated HTTP requests made the front door log a traceback for each.
+NON_ASCII_DIGIT_REQUESTS = (
+    b"GET http://L1:9\xb2/ HTTP/1.1\r\nHost: L1:9\r\n\r\n",
+    b"GET http://L1:\xb9/ HTTP/1.1\r\nHost: L1\r\n\r\n",
+    b"CONNECT L1:\xb3 HTTP/1.1\r\nHost: L1\r\n\r\n",
+)
+
+
+def test_front_door_answers_a_port_of_non_ascii_digits_with_400(grid, door, monkeypatch):
+    with watched(monkeypatch) as watch:
+        for request in NON_ASCII_DIGIT_REQUESTS:
+            reply, closed = fuzz.send_case(tcp_connect(door.address)(), fuzz.Case(request, "half-close"),
+                                           read_timeout=CASE_READ_TIMEOUT_S)
+            assert closed and reply.startswith(b"HTTP/1.1 400 "), (request, reply[:80])
+    assert not watch.tracebacks, "\n".join(watch.tracebacks[:20])
+
+
 # Names that fail in the resolver's IDNA encoding, on this machine, before any query is sent.
 UNRESOLVABLE_NAMES = ("a" * 64, "b" * 255, "a..b", "x." + "y" * 70)
 
