@@ -65,6 +65,7 @@ import gevent.event
 from gevent import socket as gsocket
 
 from . import agentwire, wire
+from ._ratelog import RateLimitedLog
 from .assembly import errno_of
 from .agentclient import AgentClient
 from .bootstrap.control import UnixServer, run_dir
@@ -113,6 +114,7 @@ class AgentServer(UnixServer):
 
     def __init__(self, node, path: str) -> None:
         super().__init__(path)
+        self._client_log = RateLimitedLog(log)  # (this module's logger)
         self.node = node
         self._next_port = EPHEMERAL_PORTS.start
         self._reserved: set = set()  # grid ports bound by programs that do not listen yet
@@ -160,7 +162,7 @@ class AgentServer(UnixServer):
                     if fd is not None:
                         fd.close()
         except RemoteProtocolError as exc:
-            log.warning("dropping agent client: %s", exc)
+            self._client_log.warning("client", "dropping agent client: %s", exc)
         except (OSError, TimeoutError) as exc:
             log.debug("agent client gone: %s", exc)
         finally:

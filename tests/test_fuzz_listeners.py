@@ -319,6 +319,7 @@ def test_control_socket(grid, monkeypatch, which):
         run_cases(unix_connect(path), cases)
         Pool(CONCURRENCY).map(bad_request, requests)
         assert control_call(path, "status", timeout=READY_TIMEOUT_S)["name"] == ("L1" if which == "node" else "rendezvous")
+        check_log_volume(watch, "gridsock.bootstrap.control")  # (the drops are rate-limited)
     assert not refused, refused[:10]  # every request had a bad argument: each got an error, not a run
     check_after(watch, rss)
 
@@ -336,6 +337,7 @@ def test_agent_socket(grid, monkeypatch):
         finally:
             sock.close()
         assert fd is None and reply.ok and reply.result["name"] == "m1"
+        check_log_volume(watch, "gridsock.agent")  # (the drops are rate-limited)
     check_after(watch, rss)
 
 

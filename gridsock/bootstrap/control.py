@@ -43,6 +43,7 @@ import gevent
 from gevent import socket as gsocket
 
 from .. import wire
+from .._ratelog import RateLimitedLog
 from ..errors import BrokenStreamError, ConfigError, ConnectError, GridsockError, LocalProtocolError, RemoteProtocolError
 from ..names import (LocalTrustError, check_private_dir, connect_private, make_private_dir, peer_credentials,
                      trusted_uid)
@@ -186,6 +187,11 @@ class UnixServer:
         self.path = path
         self._sock: Optional[gsocket.socket] = None
         self._greenlet: Optional[gevent.Greenlet] = None
+        # What clients make us log, rate-limited (gridsock._ratelog): the refused ones (another
+        # user's) by uid; the bad ones our user's programs send as one key (a subclass logs
+        # those under its own logger).
+        self._refusal_log = RateLimitedLog(log)
+        self._client_log = RateLimitedLog(log)
 
     def start(self):
         """Make the socket's directory private (or refuse it), listen; return self.
@@ -221,12 +227,13 @@ class UnixServer:
         try:
             pid, uid, _ = peer_credentials(conn)
         except OSError as exc:
-            log.warning("%s: refused a client whose credentials the kernel would not give: %s", self.path, exc)
+            self._refusal_log.warning("no credentials", "%s: refused a client whose credentials the kernel would "
+                                     "not give: %s", self.path, exc)
             return False
         if trusted_uid(uid):
             return True
-        log.warning("%s: refused a client of uid %d (pid %d): only uid %d and root may use it",
-                    self.path, uid, pid, os.geteuid())
+        self._refusal_log.warning(f"uid {uid}", "%s: refused a client of uid %d (pid %d): only uid %d and root may "
+                                 "use it", self.path, uid, pid, os.geteuid())
         return False
 
     def _handle(self, conn) -> None:
@@ -274,7 +281,7 @@ class ControlServer(UnixServer):
                     frame = wire.encode(wire.ControlReply(False, None, reason_text(f"reply not sent: {exc}")))
                 conn.sendall(frame)
         except RemoteProtocolError as exc:
-            log.warning("dropping control client: %s", exc)
+            self._client_log.warning("client", "dropping control client: %s", exc)
         except (OSError, TimeoutError) as exc:
             log.debug("control client gone: %s", exc)
         finally:
