@@ -69,3 +69,23 @@ def test_a_silent_peer_is_still_dropped():
     finally:
         link.close()
         theirs.close()
+
+
+def test_a_stall_of_the_whole_process_is_not_the_peers_silence():
+    # Both ends in this process (as a test grid's nodes, or a leader and its rendez-vous node on
+    # one loaded host): while it stalls, neither can speak. Its stall is not counted as silence.
+    ours, theirs = gsocket.socketpair()
+    closed = []
+    links = [Link(sock, wire.Decoder(), label=f"end {i}", on_message=lambda _link, _message: None,
+                  on_close=lambda l: closed.append(l.close_reason), ping_interval_s=0.05, timeout_s=0.3)
+             for i, sock in enumerate((ours, theirs))]
+    for link in links:
+        link.start()
+    try:
+        gevent.sleep(0.2)  # (both ping loops under way)
+        gevent.monkey.get_original("time", "sleep")(1.0)  # three link timeouts, nothing sent
+        gevent.sleep(0.5)  # several ping rounds after the stall: the pings flow again
+        assert not closed, closed
+    finally:
+        for link in links:
+            link.close()

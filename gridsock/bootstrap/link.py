@@ -610,9 +610,18 @@ class Link:
         return size
 
     def _ping_loop(self) -> None:
+        woke = time.monotonic()
         while not self.closed:
             gevent.sleep(self._ping_interval_s)
             now = time.monotonic()
+            # Woken this much later than asked: this process (or its host) did not run meanwhile,
+            # so neither could a peer in it, nor could we read one elsewhere. Silence is counted
+            # on the time this process ran, not on its stalls (a loaded machine's nodes in one
+            # process dropped each other's links as "silent" after a stall of a few seconds).
+            late = now - woke - self._ping_interval_s
+            woke = now
+            if late > self._ping_interval_s:
+                self._last_rx = min(now, self._last_rx + late)
             if self._held:
                 self._last_rx = now  # held by us, not silent
             if now - self._last_rx > self._timeout_s and _bytes_waiting(self.sock):
