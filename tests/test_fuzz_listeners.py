@@ -565,6 +565,46 @@ def test_a_routed_enroll_request_nested_too_deep_is_answered_with_an_error(grid,
         sock.close()
 
 
+# A member that says it leaves, again and again (the fuzz campaign's routed run: 15,000 lines).
+LEAVE_REQUESTS = 60
+
+
+@pytest.mark.xfail(strict=True, reason="gridsock/bootstrap/rendezvous.py logs each gridsock.leave a member sends "
+                   "(/tmp/fuzz-rendezvous.diff rate-limits it)")
+def test_a_member_saying_it_leaves_again_and_again_is_logged_within_the_rate_limit(grid, monkeypatch):
+    identity, sock, decoder = member_link(grid, "leaver")
+    try:
+        with gevent.Timeout(READY_TIMEOUT_S, AssertionError("the member never reached the rendez-vous directory")):
+            while grid["rv"].directory.get(identity.node_id) is None:
+                gevent.sleep(0.05)
+        answers: List[wire.Routed] = []
+
+        def read() -> None:
+            while True:
+                message = read_message(sock, decoder, timeout=3600)
+                if isinstance(message, wire.Ping):
+                    send_message(sock, wire.Pong(message.nonce))
+                elif isinstance(message, wire.Routed) and message.topic == "gridsock.leave":
+                    answers.append(message)
+
+        reader = gevent.spawn(read)
+        try:
+            with watched(monkeypatch) as watch:
+                for i in range(LEAVE_REQUESTS):
+                    send_message(sock, wire.Routed(src=identity.node_id, dst="rendezvous", kind="req",
+                                                   topic="gridsock.leave", request_id=1000 + i, route=("leaver",),
+                                                   payload=b""))
+                with gevent.Timeout(READY_TIMEOUT_S, AssertionError(f"{len(answers)} answers")):
+                    while len(answers) < LEAVE_REQUESTS:
+                        gevent.sleep(0.05)
+                check_log_volume(watch, "gridsock.bootstrap.rendezvous")
+        finally:
+            reader.kill()
+        assert not watch.tracebacks, "\n".join(watch.tracebacks)
+    finally:
+        sock.close()
+
+
 def test_routed_operations(grid, monkeypatch):
     identity = enroll(grid, "fuzzer")
     context = client_context(grid["session"], identity)
