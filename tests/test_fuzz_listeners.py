@@ -273,8 +273,6 @@ def test_node_port_data_path(grid, monkeypatch):
 EARLY_CLOSED_CONNECTIONS = 200
 
 
-@pytest.mark.xfail(strict=True, reason="gridsock/assembly.py keeps the token of an early data connection that "
-                   "closed while waiting (/tmp/fuzz-assembly.diff fixes it)")
 def test_a_data_connection_that_closes_while_its_token_is_awaited_leaves_nothing_behind(grid, monkeypatch):
     assembler = grid["L1"].assembler
     address = grid["L1"].address
@@ -569,8 +567,6 @@ def test_a_routed_enroll_request_nested_too_deep_is_answered_with_an_error(grid,
 LEAVE_REQUESTS = 60
 
 
-@pytest.mark.xfail(strict=True, reason="gridsock/bootstrap/rendezvous.py logs each gridsock.leave a member sends "
-                   "(/tmp/fuzz-rendezvous.diff rate-limits it)")
 def test_a_member_saying_it_leaves_again_and_again_is_logged_within_the_rate_limit(grid, monkeypatch):
     identity, sock, decoder = member_link(grid, "leaver")
     try:
