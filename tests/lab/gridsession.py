@@ -101,8 +101,15 @@ def make_grid(lab, tmp_path_factory, rules=None):
     subprocess.run(gridsock_argv("session", "new", str(tmp / "session"), "--rendezvous", f"{lab.addr('rv')}:{RV_PORT}",
                                  *(arg for cluster in CLUSTERS for arg in ("--cluster", cluster))),
                    check=True, env=g.env, stdout=subprocess.DEVNULL)
+    yield from run_grid(g, g.start_rendezvous)
+
+
+def run_grid(g, start_rendezvous):
+    """Start the rendez-vous node(s) (``start_rendezvous()``), the leaders, then the members of
+    grid ``g``; yield it (a module fixture's body); then stop every process it started (SIGCONT
+    first: a test may have stopped one)."""
     try:
-        g.start_rendezvous()
+        start_rendezvous()
         for name in ("rv", "a1", "b1", "c1"):
             g.start_node(name)
         for name in ("rv", "a1", "b1", "c1"):

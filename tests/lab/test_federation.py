@@ -32,9 +32,9 @@ import pytest
 from gridsock.bootstrap.control import call
 from gridsock.bootstrap.federation import FAILOVER_GRACE_S
 from gridsock.session import create_session
-from gridsock.testing.procs import stop_process, wait_for_line
+from gridsock.testing.procs import wait_for_line
 
-from .gridsession import CLUSTERS, ECHO_PORT, JOIN_TIMEOUT_S, NODES, REJOIN_TIMEOUT_S, RV_PORT, Grid
+from .gridsession import CLUSTERS, ECHO_PORT, JOIN_TIMEOUT_S, NODES, REJOIN_TIMEOUT_S, RV_PORT, Grid, run_grid
 from .test_breaks import Programs
 from .test_restart import fetch
 from .test_resume import CLIENT, finish, wait_state
@@ -82,30 +82,7 @@ def grid(lab, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fedgrid")
     g = FedGrid(lab, tmp)
     create_session(tmp / "session", [g.rv_address(0), g.rv_address(1)], clusters=CLUSTERS)
-    try:
-        g.start_rendezvous(0)
-        g.start_rendezvous(1)
-        for name in ("rv", "a1", "b1", "c1"):
-            g.start_node(name)
-        for name in ("rv", "a1", "b1", "c1"):
-            wait_for_line(g.procs[name], "joined", timeout=JOIN_TIMEOUT_S)
-        for name in ("a2", "b2", "c2"):
-            g.start_node(name)
-        for name in ("a2", "b2", "c2"):
-            wait_for_line(g.procs[name], "joined", timeout=JOIN_TIMEOUT_S)
-        g.wait_all()
-        yield g
-    except Exception:
-        print(g.logs_tail(), file=sys.stderr)
-        raise
-    finally:
-        for proc in g.procs.values():
-            if proc.poll() is None:
-                try:
-                    proc.send_signal(signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-            stop_process(proc)
+    yield from run_grid(g, lambda: (g.start_rendezvous(0), g.start_rendezvous(1)))
 
 
 @pytest.fixture

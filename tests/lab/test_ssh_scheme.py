@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,9 +23,9 @@ import pytest
 
 from gridsock.bootstrap.control import call
 from gridsock.testing.lab import ADDRESSES, LAN_ADDRESSES
-from gridsock.testing.procs import gridsock_argv, stop_process, wait_for_line
+from gridsock.testing.procs import gridsock_argv, wait_for_line
 
-from .gridsession import ECHO_PORT, JOIN_TIMEOUT_S, LEADERS, NODES, REJOIN_TIMEOUT_S, Grid
+from .gridsession import ECHO_PORT, JOIN_TIMEOUT_S, LEADERS, NODES, REJOIN_TIMEOUT_S, Grid, run_grid
 
 RV_PORT = 7710  # the rendez-vous port on rv, and the port each front-end forwards to it
 # The front-ends' forwarded ports, by cluster: what each cluster's leader dials (and its members
@@ -78,23 +77,8 @@ def grid(lab, tmp_path_factory):
                                  *clusters), check=True, env=g.env, stdout=subprocess.DEVNULL)
     lab.run("rv", ["iptables", "-A", *FIREWALL_RULE], check=True)
     try:
-        g.start_rendezvous()
-        for name in ("rv", "a1", "b1", "c1"):
-            g.start_node(name)
-        for name in ("rv", "a1", "b1", "c1"):
-            wait_for_line(g.procs[name], "joined", timeout=JOIN_TIMEOUT_S)
-        for name in ("a2", "b2", "c2"):
-            g.start_node(name)
-        for name in ("a2", "b2", "c2"):
-            wait_for_line(g.procs[name], "joined", timeout=JOIN_TIMEOUT_S)
-        g.wait_all()
-        yield g
-    except Exception:
-        print(g.logs_tail(), file=sys.stderr)
-        raise
+        yield from run_grid(g, g.start_rendezvous)
     finally:
-        for proc in g.procs.values():
-            stop_process(proc)
         lab.run("rv", ["iptables", "-D", *FIREWALL_RULE])
 
 
