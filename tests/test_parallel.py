@@ -299,6 +299,25 @@ def test_send_eof_then_close_loses_nothing():
         assert receiver.get() == data
 
 
+def test_close_after_its_end_went_out_lets_the_peer_finish_reading():
+    # A filter above (TLS: EOF on close_notify) may close before the peer's END frames came: the
+    # peer, which has not read what was sent yet, must get all of it, not a reset. (Small enough
+    # to sit in the kernel's buffers whole: the server's send_eof returns without the client
+    # reading.)
+    client, server = _parallel_pair(4, "tcp", chunk=64 * 1024)
+    data = sample_data(256 * 1024, "random")
+    with client, server, gevent.Timeout(PROMPT_S * 3):
+        client.send_all(b"hello")
+        got = b""
+        while len(got) < 5:
+            got += server.receive_some(5 - len(got))
+        server.send_all(data)
+        server.send_eof()
+        server.close()  # before the client's END frames: it has not ended yet
+        client.send_eof()  # its END frames reach the closed server's lowers now
+        assert _receive_all(client) == data
+
+
 # --- failures ------------------------------------------------------------------------------------
 
 class _BreakingStream(CountingStream):

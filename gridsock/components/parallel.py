@@ -129,6 +129,12 @@ QUEUE_CHUNKS_PER_STREAM = 2
 # between lowers (one waits for a retransmission while the others go on) without unbounded
 # buffering.
 WINDOW_CHUNKS_PER_STREAM = 4
+# After our end went out in order (send_eof), close() lets the readers go on, at most this long,
+# to each lower's END and EOF before closing it: closing a socket with bytes unread resets the
+# peer, and a reset discards what the peer had not read yet of what we sent (the tail of an
+# echo, under load: a TLS filter above returns EOF on the peer's close_notify, before the END
+# frames behind it were read). In the background; close() itself returns at once.
+LINGER_S = 10.0
 # Small frames waiting in the queue are sent together, up to this much: one call below per
 # batch instead of one per tiny send_all.
 SEND_BATCH_BYTES = 64 * 1024
@@ -411,11 +417,28 @@ class ParallelStream(Stream):
         self._closed = True
         self._wake_all()
         current = gevent.getcurrent()
-        alive = [g for g in self._greenlets if g is not current and not g.dead]
+        readers: List[gevent.Greenlet] = []
+        if self._eof_sent and self._error is None:
+            # Sent in order: the readers go on to each lower's END and EOF (LINGER_S).
+            readers = [g for g in self._greenlets[1::2] if g is not current and not g.dead]
+        alive = [g for g in self._greenlets if g is not current and not g.dead and g not in readers]
         if alive:
             # From the hub (a callback) we cannot wait; the kills still happen at once.
             gevent.killall(alive, block=not isinstance(current, gevent.hub.Hub))
-        self._close_lowers()
+        if readers:
+            gevent.spawn(self._linger_then_close, readers)
+        else:
+            self._close_lowers()
+
+    def _linger_then_close(self, readers: List[gevent.Greenlet]) -> None:
+        """After our end went out in order: let the readers reach each lower's END and EOF (a
+        reader that would wait for the application, gone, ends at once: what it leaves unread
+        resets the peer, as it must), at most LINGER_S, then close the lowers."""
+        try:
+            gevent.joinall(readers, timeout=LINGER_S)
+        finally:
+            gevent.killall([g for g in readers if not g.dead], block=False)
+            self._close_lowers()
 
     # --- the application side ----------------------------------------------------------------
 
@@ -570,6 +593,8 @@ class ParallelStream(Stream):
                 self._held[index] = seq
                 try:
                     while not r.fits(seq):
+                        if self._closed:
+                            return  # (nobody reads it any more: see close())
                         wakeup.clear()
                         wakeup.wait()
                 finally:
