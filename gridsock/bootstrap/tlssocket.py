@@ -129,7 +129,11 @@ class BufferedTLSSocket:
             got = 0
             try:
                 while got < want:
-                    got += read(want - got, view[got:] if got else view)
+                    n = read(want - got, view[got:] if got else view)
+                    if not n:  # (3.9: the kernel's end without close_notify reads 0, not SSLEOFError)
+                        self._eof = True
+                        return got
+                    got += n
             except ssl.SSLWantReadError:
                 pass
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
