@@ -1025,15 +1025,7 @@ def create_session(directory, rendezvous, *, bootstrap: str = "tls/tcp", cluster
         for other in more:
             _check_dialable(parse_hostport(other, DEFAULT_RENDEZVOUS_PORT)[0], other)
     host, port = parse_hostport(rendezvous, DEFAULT_RENDEZVOUS_PORT)
-    try:
-        unspecified = ipaddress.ip_address(host).is_unspecified
-    except ValueError:
-        unspecified = False  # a host name
-    if unspecified:
-        raise ConfigError(
-            f"rendez-vous {rendezvous!r}: nodes dial this address, so it cannot be"
-            " 0.0.0.0 or ::; give the rendez-vous host's reachable address or name"
-        )
+    _check_dialable(host, rendezvous)
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -539,27 +539,27 @@ def test_connections_with_unknown_tokens_wait_within_a_bound(grid, monkeypatch):
             sock.close()
 
 
+def wait_early(assembler, count: int, what: str) -> None:
+    """Return once ``count`` data connections wait for their tokens' requests (JOIN_TIMEOUT_S)."""
+    with gevent.Timeout(JOIN_TIMEOUT_S, AssertionError(what)):
+        while assembler._early != count:
+            gevent.sleep(0.01)
+
+
 def test_a_connection_waiting_for_its_token_is_let_go_when_its_client_closes(grid, monkeypatch):
     # A client that gives up (closes) while its connection waits for a request that will never
     # come frees its place at once, not after MATCH_TIMEOUT_S.
     monkeypatch.setattr(assembly, "MATCH_TIMEOUT_S", 600.0)
     address = grid["m2"].address
     assembler = grid["m2"].assembler
-    with gevent.Timeout(JOIN_TIMEOUT_S, AssertionError("earlier tests' closed connections still wait")):
-        while assembler._early:
-            gevent.sleep(0.01)
-    before = 0
+    wait_early(assembler, 0, "earlier tests' closed connections still wait")
     sock = gevent.socket.create_connection((address.host, address.port), timeout=JOIN_TIMEOUT_S)
     try:
         sock.sendall(wire.encode_preamble(os.urandom(wire.TOKEN_BYTES)))
-        with gevent.Timeout(JOIN_TIMEOUT_S):
-            while assembler._early == before:
-                gevent.sleep(0.01)
+        wait_early(assembler, 1, "the connection does not wait for its token")
     finally:
         sock.close()
-    with gevent.Timeout(JOIN_TIMEOUT_S, AssertionError("the connection still waits after its client closed")):
-        while assembler._early != before:
-            gevent.sleep(0.01)
+    wait_early(assembler, 0, "the connection still waits after its client closed")
 
 
 def test_a_connection_whose_client_writes_early_still_waits_for_its_request(grid, monkeypatch):
@@ -568,15 +568,11 @@ def test_a_connection_whose_client_writes_early_still_waits_for_its_request(grid
     monkeypatch.setattr(assembly, "MATCH_TIMEOUT_S", 600.0)
     address = grid["m2"].address
     assembler = grid["m2"].assembler
-    with gevent.Timeout(JOIN_TIMEOUT_S, AssertionError("earlier tests' closed connections still wait")):
-        while assembler._early:
-            gevent.sleep(0.01)
+    wait_early(assembler, 0, "earlier tests' closed connections still wait")
     sock = gevent.socket.create_connection((address.host, address.port), timeout=JOIN_TIMEOUT_S)
     try:
         sock.sendall(wire.encode_preamble(os.urandom(wire.TOKEN_BYTES)) + b"early bytes")
-        with gevent.Timeout(JOIN_TIMEOUT_S):
-            while assembler._early == 0:
-                gevent.sleep(0.01)
+        wait_early(assembler, 1, "the connection does not wait for its token")
         sock.sendall(b" and more")
         sock.setblocking(False)
         with pytest.raises(BlockingIOError):  # open, nothing said: still waiting

@@ -342,10 +342,9 @@ class ParallelStream(Stream):
         self._held: Dict[int, int] = {}  # reader index -> the chunk it waits to store
         self._wakeups = [gevent.event.Event() for _ in range(n)]
         self._eof_returned = False
-        self._greenlets: List[gevent.Greenlet] = []
-        for i, lower in enumerate(lowers):
-            self._greenlets.append(gevent.spawn(self._run, self._send_loop, i, lower))
-            self._greenlets.append(gevent.spawn(self._run, self._read_loop, i, lower))
+        self._readers = [gevent.spawn(self._run, self._read_loop, i, lower) for i, lower in enumerate(lowers)]
+        self._greenlets: List[gevent.Greenlet] = \
+            [gevent.spawn(self._run, self._send_loop, i, lower) for i, lower in enumerate(lowers)] + self._readers
 
     def __repr__(self) -> str:
         return f"<ParallelStream x{self._n} over {self.lowers[0]!r}>"
@@ -420,7 +419,7 @@ class ParallelStream(Stream):
         readers: List[gevent.Greenlet] = []
         if self._eof_sent and self._error is None:
             # Sent in order: the readers go on to each lower's END and EOF (LINGER_S).
-            readers = [g for g in self._greenlets[1::2] if g is not current and not g.dead]
+            readers = [g for g in self._readers if g is not current and not g.dead]
         alive = [g for g in self._greenlets if g is not current and not g.dead and g not in readers]
         if alive:
             # From the hub (a callback) we cannot wait; the kills still happen at once.
