@@ -39,7 +39,6 @@ node's thread" in docs/architecture.md.
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import sys
@@ -170,26 +169,6 @@ def _control_op_elsewhere(op: str):
         return None
     module, _, function = target.partition(":")
     return getattr(importlib.import_module(module), function)
-
-
-# The state directory's file of the grid ports the node serves (a JSON list), kept for a restart.
-PORTS_FILE = "ports.json"
-
-
-def _load_ports(path) -> list:
-    """The grid ports saved at ``path`` (a node's state directory's PORTS_FILE); [] if none, or
-    if the file does not hold a list of ports (logged: it is rewritten at the next change)."""
-    try:
-        ports = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError) as exc:
-        log.warning("%s: not a list of ports (%s); ignored", path, exc)
-        return []
-    if not isinstance(ports, list) or not all(type(p) is int and 0 < p < 65536 for p in ports):
-        log.warning("%s: not a list of ports; ignored", path)
-        return []
-    return ports[:65535]
 
 
 class Node:
@@ -379,8 +358,8 @@ class Node:
             state.close()
             raise
         self.state = state
-        self._ports_back = _load_ports(state.path / PORTS_FILE)
-        self.assembler.on_ports = lambda ports: state._write(PORTS_FILE, json.dumps(ports).encode("ascii"))
+        self._ports_back = state.load_ports()
+        self.assembler.on_ports = state.save_ports
         log.info("node %s keeps its identity in %s%s", self.name, state.path,
                  f" (node {self.node_id})" if self.node_id else " (not enrolled yet)")
 

@@ -54,6 +54,7 @@ import contextlib
 import datetime
 import hmac
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -173,6 +174,7 @@ STATE_CERT_FILE = "node-cert.pem"
 STATE_KEY_FILE = "node-key.pem"  # 0600, in a 0700 directory
 STATE_NODE_ID_FILE = "node-id"  # plain-TCP sessions: the id the node chose for itself
 STATE_LOCK_FILE = "lock"  # held (flock) by the running node
+STATE_PORTS_FILE = "ports.json"  # the grid ports the node serves (a JSON list), kept for a restart
 
 # What cryptography raises for malformed certificates and CSRs; not all are ValueErrors.
 _PARSE_ERRORS = (
@@ -1522,6 +1524,30 @@ class NodeState:
     def save_node_id(self, node_id: str) -> None:
         """Keep ``node_id`` here. Raises OSError if it cannot be written."""
         self._write(STATE_NODE_ID_FILE, (node_id + "\n").encode("ascii"))
+
+    def load_ports(self) -> list[int]:
+        """The grid ports the node served when it stopped (see :func:`load_ports`)."""
+        return load_ports(self.path / STATE_PORTS_FILE)
+
+    def save_ports(self, ports: list[int]) -> None:
+        """Keep the grid ports the node serves, for its restart. Raises OSError if it cannot."""
+        self._write(STATE_PORTS_FILE, json.dumps(ports).encode("ascii"))
+
+
+def load_ports(path: Path) -> list[int]:
+    """The grid ports saved at ``path`` (a state directory's STATE_PORTS_FILE); [] if none, or
+    if the file does not hold a list of ports (logged: it is rewritten at the next change)."""
+    try:
+        ports = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        log.warning("%s: not a list of ports (%s); ignored", path, exc)
+        return []
+    if not isinstance(ports, list) or not all(type(p) is int and 0 < p < 65536 for p in ports):
+        log.warning("%s: not a list of ports; ignored", path)
+        return []
+    return ports[:65535]
 
 
 # -- TLS ---------------------------------------------------------------------------------------

@@ -438,7 +438,8 @@ def test_a_release_while_no_agent_is_there_ends_the_keeper(agent_path):
 
 
 def test_the_saved_ports_file_is_read_strictly(tmp_path, caplog):
-    from gridsock.node import PORTS_FILE, _load_ports
+    from gridsock.session import STATE_PORTS_FILE as PORTS_FILE
+    from gridsock.session import load_ports as _load_ports
 
     path = tmp_path / PORTS_FILE
     assert _load_ports(path) == []  # none saved: nothing expected back
@@ -455,7 +456,7 @@ def test_the_saved_ports_file_is_read_strictly(tmp_path, caplog):
 def test_a_port_expected_back_is_not_given_to_another_program(grid):
     """While a restarted node waits for a program's port to come back, a new program asking
     for any port (0) is given another one."""
-    from gridsock.node import PORTS_FILE
+    from gridsock.session import STATE_PORTS_FILE as PORTS_FILE
 
     holder = grid.start_program("nb", "holder-port", sys.executable, "-c",
                                 "from gridsock.personalities.socket import agent\n"
