@@ -235,7 +235,14 @@ class DialInitiation(Initiation):
         self._method = method
         self._ctx = ctx
         self._make_stream = make_stream
-        self._dials = [gevent.spawn(_captured, method.dial_node_port, ctx, i) for i in range(count)]
+        # A method whose dial is no longer than the request's round trip (``tcp``) starts it
+        # behind the request: a timer of 0 fires once the loop has run its callbacks, among
+        # them the meta link's writer that sends the request (so the request, which the
+        # server must also work on, leaves first). Others (``ssh``, ``socks``: several round
+        # trips) start it at once.
+        spawn = gevent.spawn_later if getattr(method, "dial_behind_request", False) else None
+        self._dials = [spawn(0, _captured, method.dial_node_port, ctx, i) if spawn is not None
+                       else gevent.spawn(_captured, method.dial_node_port, ctx, i) for i in range(count)]
 
     def sockets(self) -> List[Any]:
         """The connected sockets, by index; ConnectError (the first failure) otherwise."""
@@ -274,6 +281,13 @@ class TcpMethod(Method):
 
     name = "tcp"
     dials_node_port = True
+
+    @property
+    def dial_behind_request(self) -> bool:
+        """The dial starts behind the assembly request (see :class:`DialInitiation`): true for
+        this class's own dial, one TCP handshake, no longer than the request's round trip; a
+        subclass that dials otherwise (through a proxy, a gateway: more round trips) starts at once."""
+        return type(self).dial is TcpMethod.dial
 
     def dial(self, address: Address, *, node, timeout: float = CONNECT_TIMEOUT_S):
         """Return a connected gevent socket to ``address``; ConnectError if it cannot."""
