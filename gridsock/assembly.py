@@ -49,6 +49,7 @@ socket itself (nothing on the data path); otherwise a socket bridged to the stre
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import errno
 import logging
@@ -67,7 +68,7 @@ import gevent.queue
 
 from . import memory, procnet, wire
 from ._ratelog import RateLimitedLog
-from .errors import (ConfigError, ConnectError, ConnectRefusedError, ConnectTimeoutError, GridsockError,
+from .errors import (AuthError, ConfigError, ConnectError, ConnectRefusedError, ConnectTimeoutError, GridsockError,
                      RemoteProtocolError, RoutingError)
 from .methods import Arrival, InitiatorContext, MethodRefusal, ResponderContext
 from .registry import Registry, default_registry
@@ -482,13 +483,40 @@ class Assembler:
         if token in self._used or token in self._arrivals:
             raise MethodRefusal("bad-token", "token already used")
         self._remember_used(token)  # a request, once: whatever the method does with it
+        early = self._answer_tls(filters, client, request) if request.tls_hello is not None else None
         ctx = ResponderContext(
             node=self.node, me=me, client=client, request=request,
             expect=lambda count: self._expect(token, count),
-            deliver=lambda lower: self._deliver(lower, client, port, stack, filters, request.client_port),
+            deliver=lambda lower: self._deliver(lower, client, port, stack, filters, request.client_port, early),
             request_timeout=ASSEMBLY_TIMEOUT_S,
         )
-        return wire.AssemblyAccept(method.respond(ctx))
+        answer = method.respond(ctx)
+        flight = None if early is None else base64.b64encode(early.flight).decode("ascii")
+        return wire.AssemblyAccept(answer, tls_flight=flight)
+
+    def _answer_tls(self, filters: Stack, client: wire.NodeEntry, request: wire.AssemblyRequest):
+        """The server's half of the early TLS handshake of ``request`` (its ``tls_hello``): an
+        EarlyTls whose flight goes in the answer. MethodRefusal ``bad-request`` if the stack
+        has no ``tls`` right above its method, or the hello is refused."""
+        component = self._early_tls(filters)
+        if component is None:
+            raise MethodRefusal("bad-request", f"a TLS hello with {filters}, whose lowest filter is not tls")
+        hello = request.tls_hello_bytes
+        assert hello is not None
+        try:
+            return component.answer_early(self._context(client, initiator=False), hello)
+        except (AuthError, ConfigError) as exc:
+            self._peer_log.warning(client.node_id, "node %s: TLS hello from %s refused: %s", self.node.name,
+                                   client.name, exc)
+            raise MethodRefusal("bad-request", str(exc)) from None
+
+    def _early_tls(self, filters: Stack) -> Any:
+        """The ``tls`` component if it is the filter right above the method (it can begin its
+        handshake with the assembly: "Early handshake" in gridsock.components.tls), or None."""
+        if not filters.filters or filters.filters[-1].name != "tls":
+            return None
+        component = self.registry.get("tls")
+        return component if hasattr(component, "begin") and hasattr(component, "answer_early") else None
 
     def _expect(self, token: bytes, count: int) -> Arrival:
         """Await ``count`` node-port connections presenting ``token``."""
@@ -556,7 +584,7 @@ class Assembler:
             sock.close()
 
     def _deliver(self, lower: Stream, client: wire.NodeEntry, port: int, stack: Stack, filters: Stack,
-                 client_port: Optional[int] = None) -> None:
+                 client_port: Optional[int] = None, tls_early: Any = None) -> None:
         """A method's connection is up: wait for the client's nomination, build our half of the
         filters, queue the connection on the listener; close it if any of that fails."""
         try:
@@ -574,7 +602,7 @@ class Assembler:
         try:
             if listener is None:
                 raise ConnectError(f"nothing listens on port {port} any more")
-            stream = self._build(stack, filters, lower, client, initiator=False)
+            stream = self._build(stack, filters, lower, client, initiator=False, tls_early=tls_early)
         except (GridsockError, OSError) as exc:
             log.warning("node %s: data connection from %s over %s failed: %s", self.node.name, client.name, stack, exc)
             self.counters["not_taken"] += 1
@@ -734,10 +762,10 @@ class Assembler:
                     if not running and started == len(candidates):
                         raise fail(stack) from exc
                     continue
-                lower, filters = made
+                lower, filters, early = made
                 via = _via(lower)
                 try:
-                    stream = self._nominate(lower, stack, filters, entry, deadline)
+                    stream = self._nominate(lower, stack, filters, entry, deadline, early)
                 except ConnectError as exc:  # e.g. tls refused the peer: the others may still do
                     tried.append((str(stack), _reason(exc)))
                     timed_out.append(isinstance(exc, TimeoutError))
@@ -888,18 +916,24 @@ class Assembler:
         return out
 
     def _attempt(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float,
-                 client_port: Optional[int] = None) -> Tuple[Optional[Tuple[Stream, Stack]], Optional[ConnectError]]:
-        """:meth:`_establish` in a race: ``((stream, filters), None)`` or ``(None, ConnectError)``."""
+                 client_port: Optional[int] = None) -> Tuple[Optional[Tuple[Stream, Stack, Any]], Optional[ConnectError]]:
+        """:meth:`_establish` in a race: ``((stream, filters, tls_early), None)`` or ``(None, ConnectError)``."""
         try:
             return self._establish(entry, port, stack, deadline, client_port), None
         except ConnectError as exc:  # expected: returned, not left to the hub to print
             return None, exc
 
     def _establish(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float,
-                   client_port: Optional[int] = None, method: Any = None) -> Tuple[Stream, Stack]:
-        """One candidate, up to the method's connection (not yet nominated): return its stream
-        and the stack of its filters. Raises ConnectError (``code`` set if the server refused).
-        ``method``: the object to drive instead of the stack's own (see :meth:`open_method_stream`).
+                   client_port: Optional[int] = None, method: Any = None) -> Tuple[Stream, Stack, Any]:
+        """One candidate, up to the method's connection (not yet nominated): return its stream,
+        the stack of its filters, and the TLS handshake begun with the request (an EarlyTls, or
+        None). Raises ConnectError (``code`` set if the server refused). ``method``: the object
+        to drive instead of the stack's own (see :meth:`open_method_stream`; no filters then).
+
+        With ``tls`` right above the method, its ClientHello travels in the request and the
+        server's first flight in the answer ("Early handshake" in gridsock.components.tls): the
+        connect then waits for the answer even where the method's connection could prove the
+        acceptance first (``reverse``), as the flight is in the answer.
 
         Runs in its own greenlet; killed, it closes whatever it made.
         """
@@ -908,18 +942,22 @@ class Assembler:
         initiation = None
         try:
             component, filters = method_of(stack, self.registry)
+            own_method = method is None
             if method is None:
                 method = component
             ctx = InitiatorContext(node=self.node, me=self.node.entry, peer=entry, token=token, deadline=deadline,
                                    expect=lambda count: self._expect(token, count), port=port, stack=stack)
+            early_tls = self._early_tls(filters) if own_method else None
+            early = early_tls.begin(self._context(entry, initiator=True)) if early_tls is not None else None
             initiation = method.initiate(ctx)
+            hello = None if early is None else base64.b64encode(early.hello).decode("ascii")
             request = wire.AssemblyRequest(port=port, stack=str(stack), token=token.hex(), offer=dict(initiation.offer),
-                                           client_port=client_port)
+                                           client_port=client_port, tls_hello=hello)
             try:
-                reply = self._request_unless(getattr(initiation, "arrived", None), entry,
+                reply = self._request_unless(getattr(initiation, "arrived", None) if early is None else None, entry,
                                              wire.encode_assembly(request), max(0.1, deadline - time.monotonic()))
                 if reply is None:  # the method's connection came first: it proves the acceptance
-                    return initiation.complete({}), filters
+                    return initiation.complete({}), filters, None
                 answer = wire.decode_assembly(reply.payload, peer=entry.name)
             except (RoutingError, TimeoutError, RemoteProtocolError) as exc:
                 raise ConnectError(f"assembly request to {entry.name} failed: {exc}", peer=entry.name,
@@ -934,7 +972,9 @@ class Assembler:
             if not isinstance(answer, wire.AssemblyAccept):
                 raise ConnectError(f"{entry.name} answered an assembly request with {type(answer).__name__}",
                                    peer=entry.name, method=name)
-            return initiation.complete(answer.answer), filters
+            if early is not None:
+                early.answered(answer.tls_flight_bytes)  # (None: a server that predates it)
+            return initiation.complete(answer.answer), filters, early
         except BaseException as exc:
             if initiation is not None:
                 initiation.abort()
@@ -968,14 +1008,16 @@ class Assembler:
         finally:
             asking.kill(block=False)  # (a late answer is dropped by the router)
 
-    def _nominate(self, lower: Stream, stack: Stack, filters: Stack, entry: wire.NodeEntry, deadline: float) -> Stream:
-        """Tell the server this connection is the one (``NOMINATE``), then build the filters."""
+    def _nominate(self, lower: Stream, stack: Stack, filters: Stack, entry: wire.NodeEntry, deadline: float,
+                  tls_early: Any = None) -> Stream:
+        """Tell the server this connection is the one (``NOMINATE``), then build the filters
+        (``tls_early``: the TLS handshake begun with the request, which ``tls`` continues)."""
         try:
             lower.send_all(NOMINATE)
             with gevent.Timeout(max(0.1, deadline - time.monotonic()),
                                 ConnectTimeoutError(f"building {stack} to {entry.name} timed out", peer=entry.name,
                                                     method=stack.method.name)):
-                return self._build(stack, filters, lower, entry, initiator=True)
+                return self._build(stack, filters, lower, entry, initiator=True, tls_early=tls_early)
         except ConnectError:
             lower.close()
             raise
@@ -996,7 +1038,7 @@ class Assembler:
             raise ConnectError(f"node {peer_id} is not in the directory", peer=peer_id, method=stack.method.name)
         deadline = time.monotonic() + timeout
         with gevent.Timeout(timeout):
-            lower, _ = self._establish(entry, port, stack, deadline, method=method)
+            lower, _, _ = self._establish(entry, port, stack, deadline, method=method)
         try:
             lower.send_all(NOMINATE)
         except (GridsockError, OSError) as exc:
@@ -1014,16 +1056,20 @@ class Assembler:
 
     # --- both --------------------------------------------------------------------------------
 
-    def _build(self, stack: Stack, filters: Stack, lower: Stream, peer: wire.NodeEntry, *, initiator: bool) -> Stream:
+    def _build(self, stack: Stack, filters: Stack, lower: Stream, peer: wire.NodeEntry, *, initiator: bool,
+               tls_early: Any = None) -> Stream:
         """Wrap the method's stream in the filters; the top stream's info names the whole stack."""
         from .registry import build_filters
 
-        node = self.node
-        context = StackContext(session=node.session, identity=node.identity, local_id=node.node_id,
-                               peer_id=peer.node_id, peer_name=peer.name, initiator=initiator)
+        context = self._context(peer, initiator=initiator, tls_early=tls_early)
         stream = build_filters(filters, lower, context, registry=self.registry)
         stream.info["stack"] = str(stack)
         return stream
+
+    def _context(self, peer: wire.NodeEntry, *, initiator: bool, tls_early: Any = None) -> StackContext:
+        node = self.node
+        return StackContext(session=node.session, identity=node.identity, local_id=node.node_id,
+                            peer_id=peer.node_id, peer_name=peer.name, initiator=initiator, tls_early=tls_early)
 
     def _note_detail(self, info: ConnectionInfo, lower: Stream) -> None:
         """Put what the method says of its connection in ``info.detail``; count its attempts."""

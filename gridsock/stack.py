@@ -186,7 +186,9 @@ class StackContext:
     ``initiator`` is True on the side that opened the connection (the TLS client, say);
     ``session`` and ``identity`` (this node's certificate and key) are None outside a session;
     ``local_id`` is this node's id; ``peer_id`` the node id the other side must prove (None if
-    any member of the session will do); ``peer_name`` a name for logs and errors.
+    any member of the session will do); ``peer_name`` a name for logs and errors;
+    ``tls_early`` a TLS handshake begun with the assembly, which the ``tls`` filter right above
+    the method continues (:class:`gridsock.components.tls.EarlyTls`), or None.
     """
 
     initiator: bool
@@ -195,6 +197,7 @@ class StackContext:
     local_id: Optional[str] = None
     peer_id: Optional[str] = None
     peer_name: Optional[str] = None
+    tls_early: Optional[Any] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.initiator, bool):

@@ -26,6 +26,7 @@ sockets lives in :mod:`gridsock.bootstrap.link`.
 """
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import re
@@ -116,6 +117,11 @@ MAX_ADDR_BYTES = 270
 # A method's own fields in an assembly request or answer (an endpoint, a connection id): small,
 # so a request always fits one routed message with room to spare.
 MAX_OFFER_BYTES = 4096
+# The TLS records an assembly request and its answer may carry (the ``tls`` filter's early
+# handshake, docs/wire.md section 6): a ClientHello with a session ticket is some 500 bytes, a
+# server's first flight with its certificate some 2 KiB.
+MAX_TLS_HELLO_BYTES = 4096
+MAX_TLS_FLIGHT_BYTES = 16 * 1024
 # A stack string in an assembly request (gridsock.stack.MAX_STACK_CHARS, ASCII).
 MAX_STACK_BYTES = 512
 
@@ -257,6 +263,20 @@ def _offer(v):
     except (ValueError, TypeError, RecursionError) as exc:
         return f"is not encodable: {exc}"
     return f"longer than {MAX_OFFER_BYTES} bytes" if size > MAX_OFFER_BYTES else None
+
+
+_B64_RE = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
+
+
+def _b64(limit: int):
+    """Standard base64 (with padding) of 1 to ``limit`` bytes."""
+    def check(v):
+        if not isinstance(v, str) or not v or len(v) > 4 * ((limit + 2) // 3) or len(v) % 4 \
+                or not _B64_RE.match(v):
+            return f"must be 1 to {limit} bytes in base64"
+        return None
+
+    return check
 
 
 def _hex(nbytes: int):
@@ -732,7 +752,9 @@ class AssemblyRequest(_Message):
     """Client -> server: connect to my grid ``port`` with ``stack``; ``token`` ties the data
     connection to this request; ``offer`` holds the method's own fields; ``client_port`` is
     the client's own port for the connection (what the server's ``getpeername()`` gives), or
-    None: then absent from the header, so that a peer that predates it decodes the request."""
+    None: then absent from the header, so that a peer that predates it decodes the request.
+    ``tls_hello``: the ClientHello of the ``tls`` filter right above the method, in base64
+    (the early handshake: ``gridsock.components.tls``), or None (absent)."""
 
     TYPE: ClassVar[int] = 14
     port: int
@@ -740,19 +762,22 @@ class AssemblyRequest(_Message):
     token: str
     offer: Dict[str, Any] = field(default_factory=dict)
     client_port: Optional[int] = None
+    tls_hello: Optional[str] = None
     CHECKS: ClassVar[Dict[str, Any]] = {
         "port": _int(1, 65535),
         "stack": _str(MAX_STACK_BYTES),
         "token": _hex(TOKEN_BYTES),
         "offer": _offer,
         "client_port": _opt(_int(1, 65535)),
+        "tls_hello": _opt(_b64(MAX_TLS_HELLO_BYTES)),
     }
-    DEFAULTS: ClassVar[Dict[str, Any]] = {"offer": {}, "client_port": None}
+    DEFAULTS: ClassVar[Dict[str, Any]] = {"offer": {}, "client_port": None, "tls_hello": None}
 
     def header(self) -> dict:
         out = super().header()
-        if out["client_port"] is None:
-            del out["client_port"]
+        for key in ("client_port", "tls_hello"):
+            if out[key] is None:
+                del out[key]
         return out
 
     @classmethod
@@ -763,19 +788,36 @@ class AssemblyRequest(_Message):
     def token_bytes(self) -> bytes:
         return bytes.fromhex(self.token)
 
+    @property
+    def tls_hello_bytes(self) -> Optional[bytes]:
+        return None if self.tls_hello is None else base64.b64decode(self.tls_hello)
+
 
 @dataclass(frozen=True)
 class AssemblyAccept(_Message):
-    """Server -> client: the request is accepted; ``answer`` holds the method's own fields."""
+    """Server -> client: the request is accepted; ``answer`` holds the method's own fields;
+    ``tls_flight``: the server's first TLS flight in base64, when the request had a
+    ``tls_hello`` (absent otherwise)."""
 
     TYPE: ClassVar[int] = 15
     answer: Dict[str, Any] = field(default_factory=dict)
-    CHECKS: ClassVar[Dict[str, Any]] = {"answer": _offer}
-    DEFAULTS: ClassVar[Dict[str, Any]] = {"answer": {}}
+    tls_flight: Optional[str] = None
+    CHECKS: ClassVar[Dict[str, Any]] = {"answer": _offer, "tls_flight": _opt(_b64(MAX_TLS_FLIGHT_BYTES))}
+    DEFAULTS: ClassVar[Dict[str, Any]] = {"answer": {}, "tls_flight": None}
+
+    def header(self) -> dict:
+        out = super().header()
+        if out["tls_flight"] is None:
+            del out["tls_flight"]
+        return out
 
     @classmethod
     def _convert(cls, values):
         return values
+
+    @property
+    def tls_flight_bytes(self) -> Optional[bytes]:
+        return None if self.tls_flight is None else base64.b64decode(self.tls_flight)
 
 
 @dataclass(frozen=True)

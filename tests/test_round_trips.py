@@ -124,6 +124,85 @@ def test_tls_costs_one_round_trip_for_a_client_of_the_session(world):
         server.close()
 
 
+def _early_pair(world: World, client_identity: Identity, server_identity: Identity, expected_id: str, *,
+                taken: bool = True):
+    """The early handshake (``tls`` begun with the assembly): the client's hello to the server
+    as a request would carry it, the server's flight back as an answer would (or no flight:
+    ``taken`` False, a server that predates it), then both wraps over a memory pair, the
+    client's lower stream counted: ``(round_trips, client, server)`` as :func:`_wrap_pair`."""
+    client_ctx = _ctx(world, client_identity, initiator=True, peer_id=expected_id)
+    server_ctx = _ctx(world, server_identity, initiator=False)
+    begun = TlsFilter.begin(client_ctx)
+    assert begun.hello.startswith(b"\x16\x03")  # a TLS handshake record: the ClientHello
+    if taken:
+        answer = TlsFilter.answer_early(server_ctx, begun.hello)
+        begun.answered(answer.flight)
+        server_ctx = dataclasses.replace(server_ctx, tls_early=answer)
+    else:
+        begun.answered(None)
+    client_ctx = dataclasses.replace(client_ctx, tls_early=begun)
+    lower_client, lower_server = memory_pair()
+    counted = TurnCounter(lower_client)
+
+    def attempt(fn):
+        try:
+            return "ok", fn()
+        except Exception as exc:
+            return "error", exc
+
+    client, server = run_concurrently(
+        lambda: attempt(lambda: TlsFilter().wrap(counted, context=client_ctx)),
+        lambda: attempt(lambda: TlsFilter().wrap(lower_server, context=server_ctx)),
+    )
+    return counted.round_trips, client, server
+
+
+def test_tls_begun_with_the_assembly_costs_the_connection_no_round_trip(world):
+    client_identity, server_identity = _fresh_pair(world)
+    round_trips, (c_outcome, client), (s_outcome, server) = _early_pair(world, client_identity, server_identity,
+                                                                          server_identity.node_id)
+    assert (c_outcome, s_outcome) == ("ok", "ok"), (client, server)
+    assert round_trips == 0  # the server's flight came with the answer: nothing awaited on the connection
+    assert client.peer.id == server_identity.node_id and server.peer.id == client_identity.node_id
+    assert not client.info["tls_resumed"]
+    _talk(client, server)  # (the client keeps the server's ticket, read with the answer)
+    round_trips, (c_outcome, client), (s_outcome, server) = _early_pair(world, client_identity, server_identity,
+                                                                          server_identity.node_id)
+    assert (c_outcome, s_outcome) == ("ok", "ok"), (client, server)
+    assert round_trips == 0 and client.info["tls_resumed"] and server.info["tls_resumed"]
+    _talk(client, server)
+
+
+def test_tls_hello_a_server_did_not_take_goes_over_the_connection(world):
+    client_identity, server_identity = _fresh_pair(world)
+    round_trips, (c_outcome, client), (s_outcome, server) = _early_pair(world, client_identity, server_identity,
+                                                                          server_identity.node_id, taken=False)
+    assert (c_outcome, s_outcome) == ("ok", "ok"), (client, server)
+    assert round_trips == 1  # as a handshake that began on the connection
+    _talk(client, server)
+
+
+def test_tls_begun_with_the_assembly_still_checks_both_identities(world):
+    # The connection reached another node than the one asked for (a NAT's doing): refused.
+    client_identity, server_identity = _fresh_pair(world)
+    _, (c_outcome, client), (s_outcome, server) = _early_pair(world, client_identity, server_identity,
+                                                              world.a.node_id)
+    assert c_outcome == "error" and isinstance(client, AuthError) and "not the expected node" in str(client)
+    # A client of another CA: the server's flight is made, but the client's certificate is
+    # refused when it comes over the connection, and the client learns it at wrap.
+    _, (c_outcome, client), (s_outcome, server) = _early_pair(world, world.foreign, world.b, world.b.node_id)
+    assert (c_outcome, s_outcome) == ("error", "error"), (client, server)
+    assert isinstance(server, AuthError) and isinstance(client, AuthError)
+
+
+def test_tls_hello_that_is_not_tls_is_refused_with_its_reason(world):
+    with pytest.raises(AuthError, match="ClientHello refused"):
+        TlsFilter.answer_early(_ctx(world, world.b, initiator=False), b"GET / HTTP/1.1\r\n\r\n")
+    hello = TlsFilter.begin(_ctx(world, world.a, initiator=True, peer_id=world.b.node_id)).hello
+    with pytest.raises(AuthError, match="incomplete"):
+        TlsFilter.answer_early(_ctx(world, world.b, initiator=False), hello[: len(hello) // 2])
+
+
 def _wrap_pair(world: World, client_identity: Identity, server_identity: Identity, expected_id: str):
     """Both ends' handshakes at once over a memory pair: ``(round_trips, client, server)``, each
     end ``("ok", stream)`` or ``("error", exception)``."""
@@ -257,6 +336,100 @@ def test_first_contact_does_not_wait_for_the_meta_link(grid):
     later = dict(m1.meta.counters)
     assert (later["on_bootstrap"] - after["on_bootstrap"], later["on_link"] - after["on_link"]) == (0, 1)
     assert later["opened"] - before["opened"] == 1
+
+
+def _captured_assembly(node):
+    """Record the assembly requests ``node`` is sent and its answers: ``(seen, restore)``,
+    ``seen`` a list of (request, answer) decoded."""
+    from gridsock import wire
+    from gridsock.assembly import ASSEMBLE_TOPIC
+
+    seen = []
+    real = node.router.handlers[ASSEMBLE_TOPIC]
+
+    def captured(delivery):
+        reply = real(delivery)
+        seen.append((wire.decode_assembly(delivery.payload), wire.decode_assembly(reply)))
+        return reply
+
+    node.router.handlers[ASSEMBLE_TOPIC] = captured
+    return seen, lambda: node.router.handlers.__setitem__(ASSEMBLE_TOPIC, real)
+
+
+@pytest.mark.parametrize("stack", ["tls/tcp", "tls/reverse", "lz4/tls/tcp"])
+def test_tls_right_above_the_method_travels_with_the_assembly(grid, stack):
+    nodes, listeners = grid
+    seen, restore = _captured_assembly(nodes["m1"])
+    try:
+        _connect(nodes, listeners, "L1", "m1", stack)
+    finally:
+        restore()
+    ((request, answer),) = seen
+    assert request.tls_hello is not None and answer.tls_flight is not None
+    assert request.tls_hello_bytes.startswith(b"\x16\x03") and answer.tls_flight_bytes.startswith(b"\x16\x03")
+
+
+@pytest.mark.parametrize("stack", ["tcp", "tls/lz4/tcp"])
+def test_no_tls_hello_without_tls_right_above_the_method(grid, stack):
+    nodes, listeners = grid
+    seen, restore = _captured_assembly(nodes["m1"])
+    try:
+        _connect(nodes, listeners, "L1", "m1", stack)
+    finally:
+        restore()
+    ((request, answer),) = seen
+    assert request.tls_hello is None and answer.tls_flight is None
+
+
+def test_a_server_that_predates_the_tls_hello_still_connects(grid):
+    """A server that ignores ``tls_hello`` (an older node: unknown fields are ignored) answers
+    without a flight; the client sends its hello over the connection."""
+    import json
+
+    from gridsock import wire
+    from gridsock.assembly import ASSEMBLE_TOPIC
+
+    nodes, listeners = grid
+    node = nodes["m2"]
+    real = node.router.handlers[ASSEMBLE_TOPIC]
+    stripped = []
+
+    def older(delivery):
+        request = wire.decode_assembly(delivery.payload)
+        if request.tls_hello is not None:
+            stripped.append(request)
+            header = request.header()
+            del header["tls_hello"]
+            assert "tls_hello" not in json.dumps(header)
+            request = dataclasses.replace(request, tls_hello=None)
+            delivery = dataclasses.replace(delivery, payload=wire.encode_assembly(request))
+        return real(delivery)
+
+    node.router.handlers[ASSEMBLE_TOPIC] = older
+    try:
+        _connect(nodes, listeners, "L1", "m2", "tls/tcp")
+    finally:
+        node.router.handlers[ASSEMBLE_TOPIC] = real
+    assert len(stripped) == 1
+
+
+def test_a_tls_hello_for_a_stack_without_tls_is_refused(grid):
+    """A request whose hello does not go with its stack (no ``tls`` right above the method) is
+    refused ``bad-request``, and the node serves the next request."""
+    import base64
+    import secrets
+
+    from gridsock import wire
+    from gridsock.assembly import ASSEMBLE_TOPIC
+
+    nodes, listeners = grid
+    request = wire.AssemblyRequest(port=PORT, stack="tcp", token=secrets.token_hex(wire.TOKEN_BYTES),
+                                   tls_hello=base64.b64encode(b"\x16\x03\x01hello").decode())
+    reply = nodes["L1"].meta_request(nodes["m1"].node_id, ASSEMBLE_TOPIC, wire.encode_assembly(request),
+                                     timeout=JOIN_TIMEOUT_S)
+    answer = wire.decode_assembly(reply.payload)
+    assert isinstance(answer, wire.AssemblyRefuse) and answer.code == "bad-request"
+    _connect(nodes, listeners, "L1", "m1", "tls/tcp")
 
 
 def _hold_answers(node):

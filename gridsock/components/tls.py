@@ -40,6 +40,21 @@ expired since is refused as a full handshake would refuse it (:func:`_still_vali
 server issues :data:`TLS_TICKETS_PER_HANDSHAKE` ticket per handshake (OpenSSL's default is 2:
 each costs the server work after every handshake, and one is all a client keeps).
 
+Early handshake (:class:`EarlyTls`): the first flights can travel with the assembly. On a
+connect whose lowest filter is ``tls``, the client starts its handshake before any connection
+exists (:meth:`TlsFilter.begin`) and its ClientHello goes in the assembly request; the server
+feeds it to its own ``SSLObject`` when it accepts the request (:meth:`TlsFilter.answer_early`)
+and its first flight (ServerHello to Finished) goes back in the answer. When the method's
+connection is up and nominated, :meth:`TlsFilter.wrap` continues both handshakes where they
+are: the client has everything it needs and sends its last flight (its certificate, its
+Finished) without waiting, and the server reads that flight from the connection. So ``tls``
+costs a connect no round trip of its own: the request's round trip carries it. Nothing is
+trusted to the meta channel: these are the very records a handshake over the connection would
+carry, bound into the transcript that both Finished messages check, and the server's
+certificate travels encrypted as ever. A server that does not know the field (an older node)
+answers without a flight; the client then sends its ClientHello over the connection and the
+handshake runs as before.
+
 Data (:class:`TlsStream`):
 
 - ``send_all`` encrypts at most :data:`MAX_RECORD_PLAINTEXT_BYTES` per ``SSLObject.write`` (one
@@ -94,6 +109,7 @@ from ..session import client_context, peer_identity, server_context
 from ..streams import DEFAULT_RECEIVE_BYTES, Stream
 
 __all__ = [
+    "EarlyTls",
     "TlsFilter",
     "TlsStream",
     "TLS_HANDSHAKE_TIMEOUT_S",
@@ -130,6 +146,9 @@ TLS_TICKETS_KEPT = 1024
 TLS_TICKET_REUSE_S = 3600.0
 # Tickets a server sends after each handshake (OpenSSL's default is 2).
 TLS_TICKETS_PER_HANDSHAKE = 1
+# The largest first flights carried by the assembly (a ClientHello with a ticket is some 500
+# bytes; a server's full first flight, its certificate included, some 2 KiB): what is larger is
+# refused by the wire checks (wire.MAX_TLS_HELLO_BYTES, wire.MAX_TLS_FLIGHT_BYTES).
 # Reads of a new initiator's stream that look for the server's ticket: it comes right after the
 # handshake, with or before the first data; a server that sends none is not asked forever.
 _TICKET_LOOKS = 8
@@ -484,6 +503,46 @@ class TlsStream(Stream):
         self.lower.close()
 
 
+class EarlyTls:
+    """A TLS handshake begun before its connection exists (see "Early handshake" in the
+    module docstring): made by :meth:`TlsFilter.begin` (client) or
+    :meth:`TlsFilter.answer_early` (server), then handed to :meth:`TlsFilter.wrap` through
+    the StackContext's ``tls_early``, which takes it once.
+
+    ``hello`` (client) is the ClientHello to put in the assembly request; ``flight`` (server)
+    is the server's first flight to put in the answer.
+    """
+
+    def __init__(self, sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 *, initiator: bool, hello: bytes = b"", flight: bytes = b"") -> None:
+        self.sslobj = sslobj
+        self.incoming = incoming
+        self.outgoing = outgoing
+        self.initiator = initiator
+        self.hello = hello
+        self.flight = flight
+        self._taken = False
+
+    def __repr__(self) -> str:
+        side = "client" if self.initiator else "server"
+        return f"<EarlyTls {side} hello={len(self.hello)} flight={len(self.flight)}>"
+
+    def answered(self, flight: Optional[bytes]) -> None:
+        """Client: the server's answer came, with its first ``flight``, or None (it did not take
+        the hello: the hello goes over the connection, first thing :meth:`TlsFilter.wrap` sends)."""
+        if flight:
+            self.incoming.write(flight)
+        else:
+            self.outgoing.write(self.hello)
+
+    def take(self, initiator: bool) -> bool:
+        """True the first time a ``wrap`` of the right side asks: that wrap continues it."""
+        if self._taken or initiator != self.initiator:
+            return False
+        self._taken = True
+        return True
+
+
 class TlsFilter:
     """The ``tls`` component: mutual TLS with the session's node certificates."""
 
@@ -498,6 +557,50 @@ class TlsFilter:
     def __init__(self, **params) -> None:
         if params:
             raise ConfigError(f"tls takes no parameters, got {', '.join(sorted(params))}")
+
+    @staticmethod
+    def begin(context) -> EarlyTls:
+        """Client: start a handshake for ``context`` (a StackContext, ``initiator`` True) before
+        its connection exists; the EarlyTls's ``hello`` goes in the assembly request.
+        ConfigError without a session or identity."""
+        session = getattr(context, "session", None)
+        identity = getattr(context, "identity", None)
+        if session is None or identity is None:
+            raise ConfigError("tls needs a session and this node's identity")
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        ssl_context = _ssl_context(session, identity, True)
+        ticket = _ticket_for(session, identity, getattr(context, "peer_id", None), ssl_context)
+        sslobj = ssl_context.wrap_bio(incoming, outgoing, server_side=False, session=ticket)
+        try:
+            sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass  # (as it must: the ClientHello is out, the server's flight awaited)
+        return EarlyTls(sslobj, incoming, outgoing, initiator=True, hello=outgoing.read())
+
+    @staticmethod
+    def answer_early(context, hello: bytes) -> EarlyTls:
+        """Server: feed a client's ClientHello (from its assembly request) to a new handshake
+        for ``context`` (``initiator`` False); the EarlyTls's ``flight`` goes in the answer.
+        AuthError if the hello is refused (not TLS, no common version or cipher...), with the
+        reason; ConfigError without a session or identity."""
+        session = getattr(context, "session", None)
+        identity = getattr(context, "identity", None)
+        if session is None or identity is None:
+            raise ConfigError("tls needs a session and this node's identity")
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        sslobj = _ssl_context(session, identity, False).wrap_bio(incoming, outgoing, server_side=True)
+        incoming.write(hello)
+        try:
+            sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass  # (the client's certificate and Finished come over the connection)
+        except ssl.SSLError as exc:
+            raise AuthError(f"TLS ClientHello refused: {_describe(exc)}",
+                            peer=getattr(context, "peer_name", None)) from exc
+        flight = outgoing.read()
+        if not flight:  # (a ClientHello cut short: OpenSSL waits for the rest)
+            raise AuthError("TLS ClientHello refused: incomplete", peer=getattr(context, "peer_name", None))
+        return EarlyTls(sslobj, incoming, outgoing, initiator=False, flight=flight)
 
     def wrap(self, lower: Stream, *, context) -> TlsStream:
         """Run the TLS handshake over ``lower`` and check the peer; return a TlsStream.
@@ -526,10 +629,14 @@ class TlsFilter:
         expected_id = getattr(context, "peer_id", None)
         whom = f" with {peer_name}" if peer_name else ""
 
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        ssl_context = _ssl_context(session, identity, initiator)
-        ticket = _ticket_for(session, identity, expected_id, ssl_context) if initiator else None
-        sslobj = ssl_context.wrap_bio(incoming, outgoing, server_side=not initiator, session=ticket)
+        begun = getattr(context, "tls_early", None)
+        if begun is not None and begun.take(initiator):  # begun with the assembly (module doc)
+            sslobj, incoming, outgoing = begun.sslobj, begun.incoming, begun.outgoing
+        else:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            ssl_context = _ssl_context(session, identity, initiator)
+            ticket = _ticket_for(session, identity, expected_id, ssl_context) if initiator else None
+            sslobj = ssl_context.wrap_bio(incoming, outgoing, server_side=not initiator, session=ticket)
         timer = gevent.Timeout(self.handshake_timeout_s)
         timer.start()
         early = b""
