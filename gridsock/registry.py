@@ -107,6 +107,9 @@ BUILTIN_COMPONENTS: Mapping[str, Tuple[str, str, Mapping[str, type], Mapping[str
     )
 )
 
+#: Parsed stacks a registry keeps (:meth:`Registry.parse`); beyond this many it starts afresh.
+PARSED_STACKS_KEPT = 256
+
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]*\Z")
 _TARGET_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
 
@@ -142,6 +145,7 @@ class Registry:
         self._entries: Dict[str, _Entry] = {}
         self._group = entry_point_group
         self._entry_points: Optional[Dict[str, Any]] = None  # name -> EntryPoint, once scanned
+        self._parsed: Dict[str, Stack] = {}  # stack text -> Stack (parse); emptied by any change
         if builtins:
             for name, (target, kind, params, limits) in BUILTIN_COMPONENTS.items():
                 info = _make_info(name, kind, params, limits, "builtin")
@@ -187,15 +191,35 @@ class Registry:
                 limits=limits,
             )
             self._entries[name] = _Entry(info, "", target)
+        self._parsed.clear()
         return info
 
     def unregister(self, name: str) -> None:
         """Forget component ``name`` (a no-op if unknown)."""
         self._entries.pop(name, None)
+        self._parsed.clear()
 
     def rescan(self) -> None:
         """Forget the entry points seen so far; the next unknown name scans the group again."""
         self._entry_points = None
+        self._parsed.clear()
+
+    # --- stacks ----------------------------------------------------------------------------
+
+    def parse(self, text: str) -> Stack:
+        """``Stack.parse(text, self)``, kept: the same text parses once while the components
+        stay as they are (the connect path parses the same few stacks on every connection,
+        at both ends). Stacks are immutable, so every caller may share one. Registering,
+        unregistering or rescanning forgets them all; a text that fails is not kept (it
+        raises ConfigError each time, as :meth:`Stack.parse` does).
+        """
+        stack = self._parsed.get(text) if isinstance(text, str) else None
+        if stack is None:
+            stack = Stack.parse(text, self)
+            if len(self._parsed) >= PARSED_STACKS_KEPT:
+                self._parsed.clear()
+            self._parsed[text] = stack
+        return stack
 
     # --- lookup ----------------------------------------------------------------------------
 

@@ -73,6 +73,7 @@ from typing import List, Optional, Tuple
 
 from . import wire
 from .errors import ConfigError
+from .registry import default_registry
 from .stack import Stack
 
 if sys.version_info >= (3, 11):
@@ -113,6 +114,12 @@ def own_gateways(node) -> Tuple[str, ...]:
     if socks:
         found.append(f"socks(proxy={socks})")
     return tuple(found)
+
+
+def _parse(text: str) -> Stack:
+    """The default registry's parse of ``text``, kept while its components stay the same
+    (:meth:`gridsock.registry.Registry.parse`): candidates are asked for on every connect."""
+    return default_registry.parse(text)
 
 
 def gateways_of(node) -> Tuple[str, ...]:
@@ -269,7 +276,7 @@ class Rules:
         """
         for rule in self.rules:
             if rule.matches(src, dst):
-                return [Stack.parse(rule.stack)]
+                return [_parse(rule.stack)]
         return [self._resumable(stack) for stack in self._candidates(src, dst)]
 
     def _resumable(self, stack: Stack) -> Stack:
@@ -281,15 +288,15 @@ class Rules:
         at = len(layers) - 1
         while at > 0 and stack.layers[at - 1].name == "parallel":  # (wrappers stay right above the method)
             at -= 1
-        return Stack.parse("/".join(layers[:at] + ["resume"] + layers[at:]))
+        return _parse("/".join(layers[:at] + ["resume"] + layers[at:]))
 
     def _candidates(self, src: wire.NodeEntry, dst: wire.NodeEntry) -> List[Stack]:
         secure = "tls/" if self.tls else ""
-        relay = Stack.parse(secure + "relay")
+        relay = _parse(secure + "relay")
         if self.scheme == "relay":
             return [relay]
         if same_cluster(src, dst):
-            return [Stack.parse("tcp"), relay]
+            return [_parse("tcp"), relay]
         texts = []
         if self.scheme == "direct" or dst.inbound:
             texts.append(secure + "tcp")
@@ -300,7 +307,7 @@ class Rules:
         texts += [via.stack for via in self.vias if via.matches(src, dst)]
         if dst.inbound:  # out through our own gateway, to a node that the outside can reach
             texts += [secure + gateway for gateway in src.gateways]
-        return [Stack.parse(t) for t in dict.fromkeys(texts)] + [relay]
+        return [_parse(t) for t in dict.fromkeys(texts)] + [relay]
 
     def required(self, server: wire.NodeEntry, client: wire.NodeEntry) -> Tuple[str, ...]:
         """The filters ``server`` requires on a connection from ``client``."""
