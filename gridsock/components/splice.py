@@ -10,7 +10,8 @@ SYN opens its own NAT or firewall for the other's, and the kernel turns two cros
 one connection (TCP simultaneous open). A connect that is refused or times out is retried on a
 fresh socket bound to the same port, until ``SPLICE_TIMEOUT_S``.
 
-Round trips: the client's first SYN leaves *with* the request, not after the answer. The client
+Round trips: the client's first SYN leaves *with* the request (or a measured delay after it: see
+below), not after the answer. The client
 names the port the server is to bind (``offer["port"]``, a random one of ``SPLICE_PORTS``) and,
 when the server is reached at an address of its own (public, perhaps behind a stateful firewall:
 not behind a NAT, whose port it could not know), starts connecting to that endpoint in
@@ -26,6 +27,35 @@ firewall state): the server connects first and the client on the answer, as befo
 counts its connect attempts: ``info["detail"]["attempts"]`` of its stream (1: the first
 simultaneous open made the connection).
 
+Timing the client's SYN (:func:`syn_delay`). Let T be the request's one-way time to the server
+(half its round trip: from :meth:`SpliceMethod.initiate` to the answer, measured on earlier
+splices to that peer, smoothed quick to fall and slow to rise) and D the direct path's one way.
+A SYN that leaves at t=0 reaches the server's firewall at D, before the server's own SYN has
+left (at T), and is dropped: the server's SYN then meets our open mapping at T+D, our SYN-ACK
+gets back at T+2D and its ACK makes us connected at T+3D (2.5 round trips of the direct path
+where the request crosses two legs of it through the rendez-vous node, T = 2D). Sent at d, our
+SYN instead
+
+- reaches the firewall after the server's SYN left it, which then has the server's state and
+  lets ours in, and the server (in SYN-SENT) answers with a SYN-ACK: d + D > T;
+- still opens our own NAT or firewall before the server's SYN arrives: d < T + D;
+- makes us connected at d + 2D, which is worth it only up to the answer, at 2T: d <= 2T - 2D.
+
+D is not measured (nothing of the direct path answers before the splice is made), so
+the delay assumes the paths are symmetric and D = T/2 (the lab's geometry: the request takes two
+WAN legs, the SYN one): the window is then T/2 < d <= T and the delay aims at its middle,
+``d = SPLICE_SYN_AIM * T`` = 3T/4: T/4 of margin on either side against jitter and the server's
+processing, connected at about 1.75 round trips, before the answer at 2 (so a splice costs the
+answer's two round trips, not 2.5). Its failures are benign one way only: too early (a direct
+path shorter than T/4), the SYN is dropped as with no delay and the server's SYN meets our mapping
+as before; too late would let the server's SYN reach a NAT with no mapping (whose reset makes
+MASQUERADE move our port: the splice fails), so the delay stays below T (an estimate that rises
+slowly, falls at once), is left out under ``SPLICE_DELAY_MIN_S`` of T (there the request's time
+is processing, not path, and varies more than the gain), and never exceeds
+``SPLICE_DELAY_MAX_S`` nor a quarter of the connect's budget. With no estimate (the first splice
+to a peer) the SYN leaves with the request. The stream's detail says ``syn_delay_ms`` and
+``before_answer`` (the connection was made when the answer came).
+
 A node's public endpoint is its own address if that is public, otherwise the address its
 cluster's leader was observed from by the rendez-vous node (the NAT's), with the bound port:
 MASQUERADE keeps the port when it is free. When the NAT remaps a busy port, the connection
@@ -34,12 +64,13 @@ server checks, and ``tls`` above checks the peer's certificate (use ``tls/splice
 """
 from __future__ import annotations
 
+import collections
 import errno
 import ipaddress
 import logging
 import secrets
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import gevent
 from gevent import socket as gsocket
@@ -53,8 +84,8 @@ from .tcp import recv_exactly
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SpliceMethod", "bind_splice_socket", "splice_connect", "public_host", "routable", "SPLICE_TIMEOUT_S",
-           "SPLICE_PORTS"]
+__all__ = ["SpliceMethod", "bind_splice_socket", "splice_connect", "public_host", "routable", "syn_delay",
+           "SPLICE_TIMEOUT_S", "SPLICE_PORTS"]
 
 # Both ends keep trying this long: long enough for the meta channel's round trip and one SYN
 # retransmission, short enough to fall back to the relay well within a connect's budget.
@@ -66,6 +97,19 @@ SPLICE_RETRY_S = 0.05
 # The client names the server's port from here (IANA's dynamic range, which a server leaves to
 # its clients' ephemeral ports: a collision only costs the old order, connecting on the answer).
 SPLICE_PORTS = range(49152, 65536)
+# Where the client's delayed SYN aims, as a fraction of the request's one-way time T: the middle
+# of the window T/2 < d <= T (see the module docstring).
+SPLICE_SYN_AIM = 0.75
+# Under this one-way request time, no delay: the time is the nodes' processing, not the path's, and
+# varies by more than the delay could gain (at most a quarter of it).
+SPLICE_DELAY_MIN_S = 0.01
+# Never hold the SYN longer than this (a path this slow has other troubles than a round trip).
+SPLICE_DELAY_MAX_S = 0.5
+# Smoothing of the request round trip per peer: a rise moves the estimate by this fraction of it
+# (slowly: a late SYN is the harmful error), a fall at once.
+_RTT_GAIN = 0.125
+# Peers whose request round trip a process remembers (least recently used dropped beyond).
+_RTT_PEERS = 4096
 _PRIVATE_NETS = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
                                                          "100.64.0.0/10", "fc00::/7"))
 
@@ -74,21 +118,30 @@ class _Splicing(Initiation):
     """The client's half: its bound socket travels in the offer; the answer names the
     server's endpoint, which both connect to at once. With ``early`` (the server's endpoint
     guessed: its own address and the port the offer names), the client's connect starts now,
-    before the request leaves."""
+    before the request leaves, or :func:`syn_delay` after now."""
 
     def __init__(self, ctx: InitiatorContext, sock, host: str, early: Optional[Address]) -> None:
         self._ctx = ctx
         self._sock = sock
         self._attempts: List[int] = [0]
         self._port = sock.getsockname()[1]
+        self._started = time.monotonic()  # (the request's round trip is timed from here)
+        self._key = (ctx.me.node_id, ctx.peer.node_id)
         port = secrets.choice(SPLICE_PORTS)
         self.offer: Dict[str, Any] = {"endpoint": f"{host}:{sock.getsockname()[1]}", "port": port}
         self._early: Optional[Address] = None
         self._early_sock = None
         self._dial: Optional[gevent.Greenlet] = None
+        self._delay = 0.0
         if early is not None:
             self._early = Address(host=early.host, port=port)
+            self._delay = syn_delay(_ROUND_TRIPS.get(self._key), ctx.remaining())
             sock, self._sock = self._sock, None
+            if self._delay > 0:  # (the greenlet owns the socket from now: killed, it closes it)
+                self._early_sock = sock
+                self._dial = gevent.spawn(_delayed_early, sock, self._early, self._delay, ctx.remaining(),
+                                          self._attempts)
+                return
             try:  # the SYN leaves now, before the request: nothing may come between them
                 _start_connect(sock, self._early, self._attempts)
             except BaseException:
@@ -98,17 +151,21 @@ class _Splicing(Initiation):
             self._dial = gevent.spawn(_captured_early, sock, self._early, ctx.remaining(), self._attempts)
 
     def complete(self, answer: Dict[str, Any]) -> Stream:
+        _note_round_trip(self._key, time.monotonic() - self._started)
         try:
             remote = parse_address(str(answer.get("endpoint")))
         except ConfigError as exc:
             raise RemoteProtocolError(f"bad splice endpoint from {self._ctx.peer.name}: {exc}") from None
         dial = self._dial  # (left in place until it is done: abort() kills it if we are killed meanwhile)
+        before_answer = False
         if dial is not None and self._early is not None and (remote.host, remote.port) == (self._early.host,
                                                                                             self._early.port):
+            before_answer = self._attempts[0] == 1 and (dial.ready() or _established(self._early_sock))
             sock, failure = dial.get()  # (the connect started before the request: see the module docstring)
             self._dial = self._early_sock = None  # (closed by the greenlet, or returned: ours now)
             if failure is not None:
                 raise failure
+            before_answer = before_answer and self._attempts[0] == 1
         else:
             if dial is not None:  # the server is elsewhere than guessed: connect where it says
                 self._kill_early(dial)
@@ -124,7 +181,13 @@ class _Splicing(Initiation):
         except BaseException:  # cancelled while sending: the socket must not leak
             sock.close()
             raise
-        return SocketStream(sock, info={"method": "splice", "detail": {"attempts": self._attempts[0]}})
+        if self._delay > 0:
+            log.info("node %s: splice to %s: SYN %.1f ms after the request, connected %s the answer (attempts %d)",
+                     self._ctx.me.name, self._ctx.peer.name, self._delay * 1e3,
+                     "before" if before_answer else "after", self._attempts[0])
+        detail = {"attempts": self._attempts[0], "syn_delay_ms": round(self._delay * 1e3, 3),
+                  "before_answer": before_answer}
+        return SocketStream(sock, info={"method": "splice", "detail": detail})
 
     def _kill_early(self, dial: gevent.Greenlet) -> None:
         """Stop the early connect and close what it made (killed while running, it closes its
@@ -144,6 +207,53 @@ class _Splicing(Initiation):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+_ROUND_TRIPS: "collections.OrderedDict[Tuple[str, str], float]" = collections.OrderedDict()
+
+
+def _note_round_trip(key: Tuple[str, str], seconds: float) -> None:
+    """One more round trip of a splice's request from ``key[0]`` to ``key[1]``: the estimate
+    falls to it at once, or rises by ``_RTT_GAIN`` of the difference."""
+    last = _ROUND_TRIPS.pop(key, seconds)
+    _ROUND_TRIPS[key] = min(seconds, last + (seconds - last) * _RTT_GAIN)
+    while len(_ROUND_TRIPS) > _RTT_PEERS:
+        _ROUND_TRIPS.popitem(last=False)
+
+
+def syn_delay(round_trip: Optional[float], budget: float) -> float:
+    """How long after the request the client's first SYN leaves, in seconds, given the request's
+    smoothed ``round_trip`` to this peer (None: not known yet) and the connect's ``budget``:
+    ``SPLICE_SYN_AIM`` of its one way, 0 below ``SPLICE_DELAY_MIN_S`` (see the module docstring)."""
+    if round_trip is None or round_trip / 2 < SPLICE_DELAY_MIN_S:
+        return 0.0
+    return max(0.0, min(SPLICE_SYN_AIM * round_trip / 2, SPLICE_DELAY_MAX_S, budget / 4))
+
+
+def _established(sock) -> bool:
+    """True if ``sock``'s connect has completed, without waiting (Linux: its TCP state)."""
+    try:
+        return sock is not None and sock.getsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_INFO, 1)[0] == _TCP_ESTABLISHED
+    except (AttributeError, OSError, IndexError):  # (no TCP_INFO here; closed meanwhile)
+        return False
+
+
+_TCP_ESTABLISHED = 1  # (tcpi_state, the first byte of Linux's struct tcp_info)
+
+
+def _delayed_early(sock, remote: Address, delay: float, timeout: float, attempts: List[int]):
+    """In a greenlet: the client's first SYN ``delay`` seconds from now, then as
+    :func:`_captured_early`. Killed, it closes its socket."""
+    try:
+        gevent.sleep(delay)
+        _start_connect(sock, remote, attempts)
+    except ConnectError as exc:
+        sock.close()
+        return None, exc
+    except BaseException:
+        sock.close()
+        raise
+    return _captured_early(sock, remote, max(0.1, timeout - delay), attempts)
 
 
 def _start_connect(sock, remote: Address, attempts: List[int]) -> None:
