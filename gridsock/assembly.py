@@ -124,6 +124,10 @@ WINNER_TTL_S = 300.0
 BETTER_LATE_S = 5.0
 # Tokens remembered after use, so a replay is refused at once rather than after a wait.
 USED_TOKENS_KEPT = 4096
+# Servers known to send their first TLS flight on the connection they make (``reverse``), so
+# that a connect to them may complete on that connection before their answer: a node talks to a
+# few hundred peers; the oldest is forgotten first.
+FLIGHT_FOLLOWS_KEPT = 1024
 # Data connections waiting (MATCH_TIMEOUT_S at most) for the request of a token not known yet:
 # a request and its connections race, so a few wait a moment. Beyond this many, a connection
 # with an unknown token is refused at once: random tokens at a thousand connections a second
@@ -369,6 +373,7 @@ class Assembler:
         self._early = 0  # data connections waiting for such a token's request
         self._early_per_token: Dict[bytes, int] = {}  # ... of each token (its entry goes with the last)
         self._used: Dict[bytes, str] = {}  # token -> "used" or "cancelled", oldest first
+        self._flight_follows: Dict[str, bool] = {}  # server node ids (FLIGHT_FOLLOWS_KEPT), oldest first
         self._winners: Dict[str, Tuple[Stack, float]] = {}  # peer id -> the stack that worked last, until
         self._paths: "OrderedDict[str, PathRecord]" = OrderedDict()  # peer id -> last race, oldest first
         self._conn_ids = iter(range(1, 2**62))
@@ -484,15 +489,21 @@ class Assembler:
             raise MethodRefusal("bad-token", "token already used")
         self._remember_used(token)  # a request, once: whatever the method does with it
         early = self._answer_tls(filters, client, request) if request.tls_hello is not None else None
+        # A responder that makes the connection itself sends the flight on it (reverse).
+        follows = early is not None and bool(getattr(method, "sends_first_bytes", False))
         ctx = ResponderContext(
             node=self.node, me=me, client=client, request=request,
             expect=lambda count: self._expect(token, count),
             deliver=lambda lower: self._deliver(lower, client, port, stack, filters, request.client_port, early),
             request_timeout=ASSEMBLY_TIMEOUT_S,
+            first_bytes=early.flight if early is not None and follows else b"",
         )
         answer = method.respond(ctx)
-        flight = None if early is None else base64.b64encode(early.flight).decode("ascii")
-        return wire.AssemblyAccept(answer, tls_flight=flight)
+        if early is None:
+            return wire.AssemblyAccept(answer)
+        if follows:
+            return wire.AssemblyAccept(answer, tls_flight_follows=True)
+        return wire.AssemblyAccept(answer, tls_flight=base64.b64encode(early.flight).decode("ascii"))
 
     def _answer_tls(self, filters: Stack, client: wire.NodeEntry, request: wire.AssemblyRequest):
         """The server's half of the early TLS handshake of ``request`` (its ``tls_hello``): an
@@ -931,9 +942,11 @@ class Assembler:
         to drive instead of the stack's own (see :meth:`open_method_stream`; no filters then).
 
         With ``tls`` right above the method, its ClientHello travels in the request and the
-        server's first flight in the answer ("Early handshake" in gridsock.components.tls): the
-        connect then waits for the answer even where the method's connection could prove the
-        acceptance first (``reverse``), as the flight is in the answer.
+        server's first flight in the answer ("Early handshake" in gridsock.components.tls), or
+        on the method's connection when the server makes it (``reverse``: the answer says
+        ``tls_flight_follows``). Where the method's connection can prove the acceptance before
+        the answer comes (``reverse``), the connect completes on it only once that server's
+        answers said the flight follows on the connection: an older server's does not.
 
         Runs in its own greenlet; killed, it closes whatever it made.
         """
@@ -953,11 +966,14 @@ class Assembler:
             hello = None if early is None else base64.b64encode(early.hello).decode("ascii")
             request = wire.AssemblyRequest(port=port, stack=str(stack), token=token.hex(), offer=dict(initiation.offer),
                                            client_port=client_port, tls_hello=hello)
+            arrived = getattr(initiation, "arrived", None)
+            if early is not None and entry.node_id not in self._flight_follows:
+                arrived = None  # (where that server puts its flight is not known yet: its answer says)
             try:
-                reply = self._request_unless(getattr(initiation, "arrived", None) if early is None else None, entry,
-                                             wire.encode_assembly(request), max(0.1, deadline - time.monotonic()))
+                reply = self._request_unless(arrived, entry, wire.encode_assembly(request),
+                                             max(0.1, deadline - time.monotonic()))
                 if reply is None:  # the method's connection came first: it proves the acceptance
-                    return initiation.complete({}), filters, None
+                    return initiation.complete({}), filters, early  # (the flight follows on it)
                 answer = wire.decode_assembly(reply.payload, peer=entry.name)
             except (RoutingError, TimeoutError, RemoteProtocolError) as exc:
                 raise ConnectError(f"assembly request to {entry.name} failed: {exc}", peer=entry.name,
@@ -973,7 +989,13 @@ class Assembler:
                 raise ConnectError(f"{entry.name} answered an assembly request with {type(answer).__name__}",
                                    peer=entry.name, method=name)
             if early is not None:
-                early.answered(answer.tls_flight_bytes)  # (None: a server that predates it)
+                if answer.tls_flight_follows:
+                    self._flight_follows[entry.node_id] = True
+                    while len(self._flight_follows) > FLIGHT_FOLLOWS_KEPT:
+                        self._flight_follows.pop(next(iter(self._flight_follows)))
+                else:
+                    self._flight_follows.pop(entry.node_id, None)
+                    early.answered(answer.tls_flight_bytes)  # (None: a server that predates it)
             return initiation.complete(answer.answer), filters, early
         except BaseException as exc:
             if initiation is not None:

@@ -185,6 +185,9 @@ class ResponderContext:
     deliver: Callable[["Stream"], None]
     #: What a responder may spend making its connection before it answers (``reverse`` dials).
     request_timeout: float = 15.0
+    #: Bytes a responder that makes the connection itself (``sends_first_bytes``) sends right
+    #: after the preamble, in its first packet where it can: the server's first TLS flight.
+    first_bytes: bytes = b""
 
     @property
     def token(self) -> bytes:

@@ -795,20 +795,24 @@ class AssemblyRequest(_Message):
 
 @dataclass(frozen=True)
 class AssemblyAccept(_Message):
-    """Server -> client: the request is accepted; ``answer`` holds the method's own fields;
-    ``tls_flight``: the server's first TLS flight in base64, when the request had a
-    ``tls_hello`` (absent otherwise)."""
+    """Server -> client: the request is accepted; ``answer`` holds the method's own fields.
+    When the request had a ``tls_hello``: ``tls_flight``, the server's first TLS flight in
+    base64, or ``tls_flight_follows`` True, that flight is on the method's connection, right
+    after its preamble (``reverse``, whose connection the server makes). Absent otherwise."""
 
     TYPE: ClassVar[int] = 15
     answer: Dict[str, Any] = field(default_factory=dict)
     tls_flight: Optional[str] = None
-    CHECKS: ClassVar[Dict[str, Any]] = {"answer": _offer, "tls_flight": _opt(_b64(MAX_TLS_FLIGHT_BYTES))}
-    DEFAULTS: ClassVar[Dict[str, Any]] = {"answer": {}, "tls_flight": None}
+    tls_flight_follows: Optional[bool] = None
+    CHECKS: ClassVar[Dict[str, Any]] = {"answer": _offer, "tls_flight": _opt(_b64(MAX_TLS_FLIGHT_BYTES)),
+                                        "tls_flight_follows": _opt(_bool)}
+    DEFAULTS: ClassVar[Dict[str, Any]] = {"answer": {}, "tls_flight": None, "tls_flight_follows": None}
 
     def header(self) -> dict:
         out = super().header()
-        if out["tls_flight"] is None:
-            del out["tls_flight"]
+        for key in ("tls_flight", "tls_flight_follows"):
+            if out[key] is None:
+                del out[key]
         return out
 
     @classmethod

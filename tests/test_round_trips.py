@@ -365,8 +365,11 @@ def test_tls_right_above_the_method_travels_with_the_assembly(grid, stack):
     finally:
         restore()
     ((request, answer),) = seen
-    assert request.tls_hello is not None and answer.tls_flight is not None
-    assert request.tls_hello_bytes.startswith(b"\x16\x03") and answer.tls_flight_bytes.startswith(b"\x16\x03")
+    assert request.tls_hello is not None and request.tls_hello_bytes.startswith(b"\x16\x03")
+    if stack == "tls/reverse":  # the server makes the connection: its flight is on it, behind the preamble
+        assert answer.tls_flight is None and answer.tls_flight_follows is True
+    else:
+        assert answer.tls_flight_bytes.startswith(b"\x16\x03") and answer.tls_flight_follows is None
 
 
 @pytest.mark.parametrize("stack", ["tcp", "tls/lz4/tcp"])
@@ -470,6 +473,28 @@ def test_reverse_completes_on_the_connection_back_without_the_answer(grid):
         server, _ = listeners["m1"].accept_stream(timeout=JOIN_TIMEOUT_S)
         try:
             assert info.stack == "reverse" and not answered  # connected, the answer still held back
+            client.send_all(b"x")
+            assert server.receive_some(1) == b"x"
+            server.send_all(b"y")
+            assert client.receive_some(1) == b"y"
+        finally:
+            client.close()
+            server.close()
+    finally:
+        release.set()
+        restore()
+
+
+def test_tls_reverse_completes_on_the_connection_back_with_the_flight_on_it(grid):
+    nodes, listeners = grid
+    _connect(nodes, listeners, "L2", "m1", "tls/reverse")  # m1's answer: direct, and the flight follows
+    release, _, answered, restore = _hold_answers(nodes["m1"])
+    try:
+        client, info = nodes["L2"].open_stream("m1", PORT, stack="tls/reverse")
+        server, _ = listeners["m1"].accept_stream(timeout=JOIN_TIMEOUT_S)
+        try:
+            assert info.stack == "tls/reverse" and not answered  # connected, the answer still held back
+            assert client.peer.id == nodes["m1"].node_id
             client.send_all(b"x")
             assert server.receive_some(1) == b"x"
             server.send_all(b"y")

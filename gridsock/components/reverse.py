@@ -29,6 +29,12 @@ host does not take it: ``net.ipv4.tcp_fastopen`` without the server bit 0x2) the
 with the handshake's last ACK, one round trip later (the floor is then two round trips). The
 server answers once its connection is made (the handshake done, as before), or refuses.
 
+With ``tls`` right above it, the server's first TLS flight rides behind the preamble, in the
+same SYN where it fits (``sends_first_bytes``: see "Early handshake" in
+gridsock.components.tls), not in the answer, which leaves only once the connection is made: so
+the client, completing on the arrival, has the flight with it and ``tls/reverse`` costs what
+``reverse`` costs, one round trip.
+
 A server in a private network with gateways (:func:`gridsock.rules.gateways_of`: the SSH
 gateway its uplink uses, its SOCKS proxy, its leader's) dials a client outside its cluster
 through them, in order, before it tries directly: that is how the outside reaches a private
@@ -118,6 +124,8 @@ class ReverseMethod(Method):
     """``reverse``: the server dials the client (see the module docstring)."""
 
     name = "reverse"
+    # The responder sends the server's first TLS flight on its connection (module docstring).
+    sends_first_bytes = True
 
     def initiate(self, ctx: InitiatorContext) -> Initiation:
         if not ctx.me.addrs:
@@ -134,7 +142,8 @@ class ReverseMethod(Method):
         for via, dial_one in _dialers(ctx):
             try:
                 sock = dial_with_preamble(dial_one, client.addrs, ctx.token, timeout=ctx.request_timeout,
-                                          method=self.name, node=ctx.node, fast_open=via is None)
+                                          method=self.name, node=ctx.node, fast_open=via is None,
+                                          first_bytes=ctx.first_bytes)
             except ConnectError as exc:
                 reasons.append(f"through {via}: {exc.args[0]}" if via else exc.args[0])
                 continue

@@ -155,9 +155,10 @@ def _await_handshake(sock, timeout: float) -> None:
 
 
 def dial_with_preamble(dial_one: Callable[..., Any], addrs, token: bytes, *, index: int = 0, timeout: float,
-                       method: str, node=None, fast_open: bool = False):
+                       method: str, node=None, fast_open: bool = False, first_bytes: bytes = b""):
     """Dial the first of ``addrs`` that answers with ``dial_one(address, node=, timeout=)`` and
-    send the preamble (``token``, ``index``); return the connected socket.
+    send the preamble (``token``, ``index``) and ``first_bytes`` with it; return the connected
+    socket.
 
     ``fast_open``: ``dial_one`` is :func:`dial_fast_open`, whose socket may still be in its
     handshake, the preamble in its SYN: wait until the handshake is done (so this returns a
@@ -167,7 +168,7 @@ def dial_with_preamble(dial_one: Callable[..., Any], addrs, token: bytes, *, ind
     """
     reasons = []
     timeouts = 0
-    preamble = wire.encode_preamble(token, index)
+    preamble = wire.encode_preamble(token, index) + first_bytes
     for text in addrs:
         try:
             sock = dial_one(parse_address(text), node=node, timeout=min(timeout, DIAL_TIMEOUT_S))
