@@ -2,7 +2,9 @@
 
 An address is ``HOST:PORT`` (TCP) or ``unix:PATH`` (a Unix socket, for the nodes of one host).
 Dialing returns a cooperative gevent socket; :func:`tls_client` and :func:`tls_server` run
-the TLS handshake with a deadline so a silent peer can never hold a greenlet forever.
+the TLS handshake with a deadline so a silent peer can never hold a greenlet forever, and
+return a :class:`~gridsock.bootstrap.tlssocket.BufferedTLSSocket` (OpenSSL over memory
+buffers: many TLS records per system call, for links that carry relayed data).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import gevent
 from gevent import socket as gsocket
 
 from ..errors import AuthError, ConfigError, ConnectError, ConnectTimeoutError
+from .tlssocket import BufferedTLSSocket
 
 __all__ = ["Address", "parse_address", "dial", "listen", "tls_client", "tls_server", "CONNECT_TIMEOUT_S"]
 
@@ -156,7 +159,7 @@ def tls_server(sock, context, *, timeout: float):
 
 
 def _handshake(sock, context, *, server_side: bool, timeout: float):
-    tls = context.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
+    tls = BufferedTLSSocket(sock, context, server_side=server_side)
     try:
         with gevent.Timeout(timeout, ConnectTimeoutError(f"TLS handshake took more than {timeout:.1f} s",
                                                          method="tls")):
