@@ -9,13 +9,15 @@ the rendez-vous process forwards every frame. ``src`` sends ``--mib`` MiB of ran
 ``--rounds`` times; each round reports the rate (bytes over the time from the stream's first
 byte sent to the sink's count coming back), each process's CPU time per MB (user + system,
 from ``/proc``; then the system part alone) and its minor page faults per MB, so the
-rendez-vous node's cost per relayed MB is read directly.
+rendez-vous node's cost per relayed MB is read directly. The processes tune the allocator as
+``gridsock node`` and ``gridsock rendezvous`` do (``memory.tune_allocator()``).
 
 ``--profile rv`` (or ``src``, ``dst``) runs that process under cProfile over the transfers and
 prints its top functions by own time at the end (``--top N``). cProfile slows Python code a lot
 more than C code, so use it for *where*, and the runs without it for *how much*. ``--pyspy rv``
 samples that process with py-spy (native frames too: OpenSSL, libc, the kernel's system calls)
-over the rounds and prints the leaf functions by share of samples. On a shared machine the
+over the rounds and prints the leaf functions by share of samples, then the innermost Python
+line of each sample (what a copy or a system call below it was done for). On a shared machine the
 figures move by 15 % from run to run: compare versions in alternating runs (``PYTHONPATH``
 selects the gridsock a run imports).
 
@@ -201,6 +203,7 @@ def _summarize_pyspy(path: Path, top: int) -> None:
     """Print the leaf functions of py-spy's raw (collapsed stacks) output by share of samples,
     and the share of samples in which each of a few frames of interest is on the stack."""
     leaves: Dict[str, int] = {}
+    callers: Dict[str, int] = {}
     inside: Dict[str, int] = {}
     total = 0
     marks = ("_read_loop", "_write_loop", "_parse", "recv_into", "sendall", "on_message", "forward",
@@ -215,12 +218,19 @@ def _summarize_pyspy(path: Path, top: int) -> None:
             frames = stack.split(";")
             leaf = frames[-1]
             leaves[leaf] = leaves.get(leaf, 0) + count
+            # The innermost Python line on the stack: what a native leaf (a copy, a system call)
+            # was done for.
+            caller = next((fr for fr in reversed(frames) if ".py:" in fr), leaf)
+            callers[caller] = callers.get(caller, 0) + count
             for mark in marks:
                 if mark in stack:
                     inside[mark] = inside.get(mark, 0) + count
     print(f"\npy-spy: {total} samples; leaves by share")
     for leaf, count in sorted(leaves.items(), key=lambda kv: -kv[1])[:top]:
         print(f"{100 * count / total:5.1f} %  {leaf}")
+    print("innermost Python line (native frames below it counted in)")
+    for caller, count in sorted(callers.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{100 * count / total:5.1f} %  {caller}")
     print("on the stack:")
     for mark, count in sorted(inside.items(), key=lambda kv: -kv[1]):
         print(f"{100 * count / total:5.1f} %  {mark}")
@@ -246,6 +256,9 @@ def main() -> int:
         import logging
 
         logging.basicConfig(level=logging.WARNING, format=f"{args.name or 'rv'} %(name)s: %(message)s")
+        from gridsock import memory
+
+        memory.tune_allocator()  # as the `gridsock node` and `gridsock rendezvous` processes do
         (run_rv if args.role == "rv" else run_node)(args)
         return 0
 

@@ -32,7 +32,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, Union, cast
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
@@ -132,6 +132,9 @@ _FRAME_PREFIX_BYTES = 4  # the length field itself
 # what a TLS socket returns per call) and a little more; a larger frame under way gets room for
 # all of it. Small, since every link's decoder keeps its buffer, idle or not.
 _RECV_ROOM_BYTES = 16 * 1024 + 512
+# A frame at least this large is received into a buffer of its own (the rest of it straight
+# from the socket), and its payload handed out as a read-only view of that buffer: no copy.
+OWN_BUFFER_FRAME_BYTES = 64 * 1024
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _ADDR_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}\Z")
@@ -679,6 +682,12 @@ class Routed(_Message):
     }
     DEFAULTS: ClassVar[Dict[str, Any]] = {"request_id": 0, "hops": 0, "route": []}
 
+    def header(self) -> dict:
+        # (what _Message.header gives, without walking the fields: a routed frame's header is
+        # encoded at every hop)
+        return {"src": self.src, "dst": self.dst, "kind": self.kind, "topic": self.topic,
+                "request_id": self.request_id, "hops": self.hops, "route": list(self.route)}
+
 
 @dataclass(frozen=True)
 class Ping(_Message):
@@ -948,7 +957,7 @@ def encode_parts(message: Union[_Message, "Encoded"], *, checked: bool = True) -
     try:
         if checked:
             _check_object(header, cls.CHECKS, cls.DEFAULTS)
-        header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+        header_bytes = _json_encode(header).encode()
     except (ValueError, TypeError, RecursionError) as exc:
         raise LocalProtocolError(f"cannot encode {cls.__name__}: {exc!r}"[:MAX_REASON_BYTES]) from None
     payload = getattr(message, "payload") if cls.HAS_PAYLOAD else b""
@@ -990,6 +999,12 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# The header codec, made once: json.loads and json.dumps with options build a new decoder or
+# encoder at every call (a few microseconds a frame).
+_json_header = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float).decode
+_json_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
 def directory_updates(joined, left) -> List["DirectoryUpdate"]:
     """``joined`` entries and ``left`` ids as DirectoryUpdate messages within the size limits."""
     joined, left = list(joined), list(left)
@@ -1006,10 +1021,14 @@ class Decoder:
     RemoteProtocolError; after an error every later call raises it again.
 
     A driver that reads a socket can skip ``feed``'s copy: ``recv_buffer()`` is a writable view
-    of free space at the end of the decoder's buffer (``sock.recv_into`` it), ``received(n)``
-    says how many bytes were written there. Each frame's payload is copied out of the buffer
-    once; the buffer grows to hold the largest frame seen, and bytes left over after the last
-    whole frame move to its start only when they are fewer than those consumed.
+    of free space where the next bytes go (``sock.recv_into`` it), ``received(n)`` says how many
+    bytes were written there. Small frames share the decoder's buffer, and each one's payload is
+    copied out of it once; bytes left over after the last whole frame move to its start only
+    when they are fewer than those consumed. A frame of ``OWN_BUFFER_FRAME_BYTES`` or more
+    (relayed data), once its first 6 bytes are checked, gets a buffer of its own: what is
+    buffered of it moves there, ``recv_buffer()`` is then the rest of that frame, and its
+    payload is a read-only view of that buffer, never copied (a forwarder writes it on as it
+    is).
     """
 
     def __init__(self, *, peer: str | None = None, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
@@ -1019,25 +1038,50 @@ class Decoder:
         self._pos = 0  # first byte not yet decoded
         self._end = 0  # end of the bytes received (the buffer beyond is free space)
         self._error: RemoteProtocolError | None = None
+        # A large frame being received into its own buffer: the buffer (the whole frame), the
+        # bytes of it received, and its message class (its first 6 bytes are checked).
+        self._frame: Optional[bytearray] = None
+        self._frame_have = 0
+        self._frame_cls: Optional[Type[_Message]] = None
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet turned into a message."""
-        return self._end - self._pos
+        return self._end - self._pos + self._frame_have
 
     def feed(self, data) -> None:
         """Take ``data`` (any bytes-like object) as the next bytes received."""
-        n = len(data)
+        view = memoryview(data).cast("B")
+        if self._filling():
+            frame = cast(bytearray, self._frame)
+            n = min(len(view), len(frame) - self._frame_have)
+            frame[self._frame_have : self._frame_have + n] = view[:n]
+            self._frame_have += n
+            view = view[n:]
+            # (the rest follows the frame, in the shared buffer: next_message hands the frame
+            # out first)
+        n = len(view)
         if n:
-            self.recv_buffer(n)[:n] = data
+            self.recv_buffer_shared(n)[:n] = view
             self._end += n
 
+    def _filling(self) -> bool:
+        """True while a large frame is being received into its own buffer (not whole yet)."""
+        return self._frame is not None and self._frame_have < len(self._frame)
+
     def recv_buffer(self, min_bytes: int = _RECV_ROOM_BYTES) -> memoryview:
-        """A writable view of at least ``min_bytes`` free bytes after the data received (more
-        when a frame being received needs them); call ``received(n)`` after writing n bytes."""
-        need = max(min_bytes, self._pending_frame_bytes() - self.buffered)
-        if self._pos and self._pos >= self.buffered:  # move the leftover to the start
-            kept = self.buffered
+        """A writable view of free space for the next bytes: at least ``min_bytes`` (more when a
+        frame being received needs them), or, while a large frame is received into a buffer of
+        its own, exactly the rest of that frame; call ``received(n)`` after writing n bytes."""
+        if self._filling():
+            return memoryview(cast(bytearray, self._frame))[self._frame_have :]
+        return self.recv_buffer_shared(min_bytes)
+
+    def recv_buffer_shared(self, min_bytes: int) -> memoryview:
+        """Free space in the shared buffer: at least ``min_bytes`` (see ``recv_buffer``)."""
+        need = max(min_bytes, self._pending_frame_bytes() - (self._end - self._pos))
+        if self._pos and self._pos >= self._end - self._pos:  # move the leftover to the start
+            kept = self._end - self._pos
             if kept:
                 self._buf[:kept] = self._buf[self._pos : self._end]
             self._pos, self._end = 0, kept
@@ -1049,6 +1093,11 @@ class Decoder:
 
     def received(self, nbytes: int) -> None:
         """``nbytes`` bytes were written at the start of the last ``recv_buffer()``."""
+        if self._filling():
+            if not 0 <= nbytes <= len(cast(bytearray, self._frame)) - self._frame_have:
+                raise ValueError(f"received({nbytes}) beyond the frame being received")
+            self._frame_have += nbytes
+            return
         if not 0 <= nbytes <= len(self._buf) - self._end:
             raise ValueError(f"received({nbytes}) beyond the receive buffer")
         self._end += nbytes
@@ -1057,14 +1106,17 @@ class Decoder:
         """How many more bytes a driver may receive before calling ``next_message()`` again:
         up to the frame's first 6 bytes (length, version and type are checked as soon as they
         are in), then the rest of the frame (no message can come out before it is whole)."""
-        if self.buffered < _FRAME.size:
-            return _FRAME.size - self.buffered
-        return max(1, self._pending_frame_bytes() - self.buffered)
+        if self._frame is not None:  # (whole: next_message gives it; nothing is missing)
+            return max(1, len(self._frame) - self._frame_have)
+        buffered = self._end - self._pos
+        if buffered < _FRAME.size:
+            return _FRAME.size - buffered
+        return max(1, self._pending_frame_bytes() - buffered)
 
     def _pending_frame_bytes(self) -> int:
-        """The size of the frame at the decoding position, once its length is known (its
-        length field checked), else 0."""
-        if self.buffered < _FRAME_PREFIX_BYTES or self._error is not None:
+        """The size of the frame at the decoding position in the shared buffer, once its length
+        is known (its length field checked), else 0."""
+        if self._end - self._pos < _FRAME_PREFIX_BYTES or self._error is not None:
             return 0
         length = int.from_bytes(self._buf[self._pos : self._pos + _FRAME_PREFIX_BYTES], "big")
         return _FRAME_PREFIX_BYTES + length if length <= self.max_frame_bytes else 0
@@ -1082,8 +1134,16 @@ class Decoder:
         return RemoteProtocolError(why, peer=self.peer)
 
     def _next(self) -> Optional[Message]:
-        if self.buffered < _FRAME.size:
-            if self.buffered >= _FRAME_PREFIX_BYTES:
+        frame = self._frame
+        if frame is not None:
+            if self._frame_have < len(frame):
+                return None
+            frame_cls = cast(Type[_Message], self._frame_cls)
+            self._frame, self._frame_have, self._frame_cls = None, 0, None
+            return self._parse(frame_cls, frame, _FRAME.size, len(frame), own=True)
+        buffered = self._end - self._pos
+        if buffered < _FRAME.size:
+            if buffered >= _FRAME_PREFIX_BYTES:
                 self._check_length(int.from_bytes(self._buf[self._pos : self._pos + 4], "big"))
             return None
         length, version, type_code = _FRAME.unpack_from(self._buf, self._pos)
@@ -1093,14 +1153,21 @@ class Decoder:
         cls = _BY_TYPE.get(type_code)
         if cls is None:
             raise self._fail(f"unknown message type {type_code}")
-        if self.buffered < _FRAME_PREFIX_BYTES + length:
+        size = _FRAME_PREFIX_BYTES + length
+        if buffered < size:
+            if size >= OWN_BUFFER_FRAME_BYTES:
+                # Its own buffer from now on (what is buffered is part of it: it is not whole).
+                own = bytearray(size)
+                own[:buffered] = memoryview(self._buf)[self._pos : self._end]
+                self._frame, self._frame_have, self._frame_cls = own, buffered, cls
+                self._pos = self._end = 0
             return None
         start = self._pos + _FRAME.size
-        end = self._pos + _FRAME_PREFIX_BYTES + length
+        end = self._pos + size
         self._pos = end
         if self._pos == self._end:
             self._pos = self._end = 0
-        return self._parse(cls, start, end)
+        return self._parse(cls, self._buf, start, end, own=False)
 
     def _check_length(self, length: int) -> None:
         if length > self.max_frame_bytes:
@@ -1108,9 +1175,9 @@ class Decoder:
         if length < 2 + _HEADER_LEN.size:
             raise self._fail(f"frame of {length} bytes is too short")
 
-    def _parse(self, cls: Type[_Message], start: int, end: int) -> Message:
-        # The body is buf[start:end]; only the payload is copied out of the buffer (once).
-        buf = self._buf
+    def _parse(self, cls: Type[_Message], buf: bytearray, start: int, end: int, *, own: bool) -> Message:
+        # The body is buf[start:end]. A frame in the shared buffer has its payload copied out
+        # (once); one in a buffer of its own (``own``) gives a read-only view of it.
         (header_len,) = _HEADER_LEN.unpack_from(buf, start)
         header_start = start + _HEADER_LEN.size
         if header_len > end - header_start:
@@ -1119,11 +1186,13 @@ class Decoder:
         if payload_start < end and not cls.HAS_PAYLOAD:
             raise self._fail(f"{cls.__name__} carries no payload, got {end - payload_start} bytes")
         try:
-            header = json.loads(buf[header_start:payload_start].decode("utf-8"), parse_constant=_refuse_constant,
-                                parse_float=_finite_float)
+            header = _json_header(buf[header_start:payload_start].decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise self._fail(f"{cls.__name__}: header is not JSON: {exc}") from None
-        payload = bytes(memoryview(buf)[payload_start:end]) if payload_start < end else b""
+        payload: Any = b""
+        if payload_start < end:
+            view = memoryview(buf)[payload_start:end]
+            payload = view.toreadonly() if own else bytes(view)
         try:
             return cls.from_header(header, payload)
         except (ValueError, TypeError) as exc:

@@ -81,7 +81,7 @@ from .federation import FAILOVER_GRACE_S, PEER_ROLE, Federation
 from .directory import LEAVE_TOPIC, MAX_MEMBERS, REFUSED_TOPIC, NAME_GRACE_S, RENDEZVOUS_NAME, STATUS_MAX_BYTES, Bindings, Broadcaster, Directory, bounded_json
 from .nodeport import ACCEPT_ERROR_PAUSE_S
 from .link import DEAD_PEER_S, HANDSHAKE_TIMEOUT_S, PROCESS_BUDGET, Link, read_message, send_message, tune_socket
-from .routing import FloodGuard, error_reply, forwarded
+from .routing import FloodGuard, as_bytes, error_reply, forwarded
 from .transport import Address, dial, listen, parse_address, tls_client, tls_server
 
 if TYPE_CHECKING:  # (prometheus_client is imported only when metrics are asked for)
@@ -517,7 +517,7 @@ class RendezvousNode:
         not come from one, ``from_peer``) over the link to the rendez-vous node that has it."""
         if message.dst in (self.id, self.name) or message.dst == RENDEZVOUS_NAME and from_peer is None:
             self.routed["delivered"] += 1
-            gevent.spawn(self._deliver, message)
+            gevent.spawn(self._deliver, as_bytes(message))
             return
         entry = self.directory.resolve(message.dst)
         link = self._link_toward(entry, message.dst, from_peer=from_peer)

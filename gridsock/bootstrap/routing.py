@@ -85,6 +85,7 @@ __all__ = [
     "error_reply",
     "first_send",
     "forwarded",
+    "as_bytes",
     "is_bulk",
     "tree_route",
 ]
@@ -125,14 +126,28 @@ def is_bulk(message: wire.Routed) -> bool:
 
 def first_send(message: wire.Routed) -> wire.Routed:
     """The message as its sender puts it on the first link."""
-    return dataclasses.replace(message, hops=message.hops + 1)
+    return wire.Routed(message.src, message.dst, message.kind, message.topic, message.request_id, message.hops + 1,
+                       message.route, message.payload)
 
 
 def forwarded(message: wire.Routed, by_name: str) -> Optional[wire.Routed]:
-    """The message as forwarder ``by_name`` sends it on; None if it would exceed MAX_HOPS."""
+    """The message as forwarder ``by_name`` sends it on; None if it would exceed MAX_HOPS.
+    Its payload is the received one as it is (a view of the frame it came in, for relayed
+    data: see :class:`~gridsock.wire.Decoder`), not a copy."""
     if message.hops + 1 > wire.MAX_HOPS:
         return None
-    return dataclasses.replace(message, hops=message.hops + 1, route=message.route + (by_name,))
+    # (the constructor, not dataclasses.replace: this runs for every frame a node forwards)
+    return wire.Routed(message.src, message.dst, message.kind, message.topic, message.request_id, message.hops + 1,
+                       tuple(message.route) + (by_name,), message.payload)
+
+
+def as_bytes(message: wire.Routed) -> wire.Routed:
+    """``message`` with its payload as ``bytes``: a large one is decoded as a read-only view of
+    the frame it came in (:class:`~gridsock.wire.Decoder`), which relayed data and forwarders
+    take as it is; handlers and replies get bytes."""
+    if type(message.payload) is bytes:
+        return message
+    return dataclasses.replace(message, payload=bytes(message.payload))
 
 
 def error_reply(message: wire.Routed, src_id: str, src_name: str, reason: str) -> Optional[wire.Routed]:
@@ -547,7 +562,9 @@ class Router:
             self.counters["delivered"] += 1
             if is_bulk(message):
                 self._on_bulk(message.src, message.payload)
-            elif message.kind in ("rep", "err"):
+                return
+            message = as_bytes(message)
+            if message.kind in ("rep", "err"):
                 self.requests.resolve(message)
             elif self._delivery_room(len(message.payload)) or self._wait_delivery_room(len(message.payload)):
                 self._shedding = False
