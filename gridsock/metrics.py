@@ -375,6 +375,24 @@ class _NodeCollector(Collector):
         yield GaugeMetricFamily("gridsock_meta_links", "Open meta links",
                                 value=sum(1 for link in list(node.meta.links.values()) if not link.closed))
         yield GaugeMetricFamily("gridsock_directory_nodes", "Nodes in the directory", value=len(node.directory))
+        yield from _guard(node.router.guard)
+
+
+def _guard(guard: Any) -> Iterator[Metric]:
+    """The flood guard's counters (gridsock.bootstrap.routing.FloodGuard): a leader's and the
+    rendez-vous node's say whom they slowed and cut (docs/security.md)."""
+    counters = guard.counters
+    events = CounterMetricFamily("gridsock_flood_guard_events",
+                                 "Routed messages the flood guard held, dropped; sources it cut, links it closed",
+                                 labels=["event"])
+    for event in ("held", "dropped", "cut", "closed"):
+        events.add_metric([event], counters.get(event, 0))
+    yield events
+    yield CounterMetricFamily("gridsock_flood_guard_held_seconds",
+                              "Time routed messages waited for room in their source's share", unit="seconds",
+                              value=counters.get("held_s", 0.0))
+    yield GaugeMetricFamily("gridsock_flood_guard_cut_sources", "Sources whose routed messages are dropped now",
+                            value=sum(1 for src in list(guard.cut_sources) if guard.is_cut(src)))
 
 
 def _routed(counters: Dict[str, int]) -> CounterMetricFamily:
@@ -419,3 +437,10 @@ class _RendezvousCollector(Collector):
                                 value=sum(1 for link in list(rv.leaders.values()) if not link.closed))
         yield GaugeMetricFamily("gridsock_directory_nodes", "Nodes in the directory", value=len(rv.directory))
         yield _routed(rv.routed)
+        yield from _guard(rv.flood_guard)
+        checks = CounterMetricFamily("gridsock_dialback_checks",
+                                     "Dial-back reachability checks of registered addresses, by outcome",
+                                     labels=["outcome"])
+        for outcome, count in sorted(rv.dialback.counters.items()):
+            checks.add_metric([outcome], count)
+        yield checks

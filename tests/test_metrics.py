@@ -277,6 +277,20 @@ def test_routed_messages_are_counted_where_they_pass(grid):
     assert moved("rv", "forwarded") == 2  # there and back
 
 
+def test_dialback_checks_and_the_flood_guard_are_exported(grid):
+    rv_samples = scrape(grid.rv.metrics_address)
+    # Both leaders registered their addresses: the rendez-vous node checked them by dialing back.
+    assert value(rv_samples, "gridsock_dialback_checks_total", outcome="probes") >= 2
+    for outcome, count in grid.rv.dialback.counters.items():
+        assert value(rv_samples, "gridsock_dialback_checks_total", outcome=outcome) == count
+    for samples, guard in ((rv_samples, grid.rv.flood_guard), (scrape(grid["L1"].metrics_address), grid["L1"].router.guard)):
+        for event in ("held", "dropped", "cut", "closed"):
+            assert ("gridsock_flood_guard_events_total", (("event", event),)) in samples
+            assert value(samples, "gridsock_flood_guard_events_total", event=event) == guard.counters[event]
+        assert value(samples, "gridsock_flood_guard_held_seconds_total") == guard.counters["held_s"]
+        assert value(samples, "gridsock_flood_guard_cut_sources") == 0  # nobody floods here
+
+
 def _listening_ports() -> Set[int]:
     """The TCP ports this process listens on (Linux: its socket inodes in /proc/net/tcp*)."""
     inodes = set()
