@@ -1715,8 +1715,9 @@ def rt_targets(table: Dict[str, dict], anatomy: Dict[str, dict]) -> List[Tuple[s
           note="the request's way to a1 (R/2) + a1's SYN carrying its preamble (TCP Fast Open, R/2) = R; the client "
                "completes on that connection, not on the answer (without Fast Open on rv's host: 2 R)")
     ratio("`splice` against a plain `connect()` on the nearest path (a1 -> fwb)", "splice steady", "plain a1>fwb", 2.5,
-          note="floor: the request's way to b1 through the rendez-vous node (two WAN hops: R) + b1's SYN, a1's "
-               "SYN-ACK, b1's ACK (1.5 R) = 2.5 R; first attempt on both sides (no retry)")
+          note="floor: b1's answer, back through the rendez-vous node (two WAN hops each way: 2 R); a1's SYN, "
+               "sent 3/4 of the request's measured way after it, reaches fwb after b1's SYN left: connected at "
+               "about 1.75 R, before the answer (with no estimate yet: 2.5 R); first attempt on both sides")
     for key, (under, plain) in RT_TLS.items():
         a, b, rtt = _rt_med(table.get(key)), _rt_med(table.get(under)), _rt_med(table.get(plain))
         what = f"`tls/` on top of `{key.split()[0][4:]}`: at most one round trip more"
@@ -1879,10 +1880,11 @@ def rt_reading(results: dict, before: Optional[dict]) -> str:
             f"{was('tcp first')}: the request takes the bootstrap channel at once (a1 -> rendez-vous node -> rv, "
             f"one round trip) while the TCP dial runs and the meta link opens beside them; steady, over the link, "
             f"{m('tcp steady')} ms{was('tcp steady')}. `splice` a1 -> b1 opens in {m('splice steady')} ms"
-            f"{was('splice steady')}: the request's way to b1 (half a bootstrap round trip, through the rendez-vous "
-            f"node) and 1.5 round trips of the handshake that b1's SYN starts, a1's SYN having opened gwa's mapping "
-            f"when it left with the request; before, b1's first SYN was refused by gwa and its retry came "
-            f"`SPLICE_RETRY_S` later. `reverse` opens in {m('reverse steady')} ms{was('reverse steady')}: the "
+            f"{was('splice steady')}: the answer's two round trips through the rendez-vous node; a1's single SYN "
+            f"leaves 3/4 of the request's measured way to b1 after the request, reaches fwb just after b1's own SYN "
+            f"left it and is let in (simultaneous open both ways), so the connection is there at about 1.75 round "
+            f"trips, before the answer (a SYN sent with the request was dropped by fwb, and the connection waited "
+            f"for b1's SYN, a1's SYN-ACK and b1's ACK: 2.5). `reverse` opens in {m('reverse steady')} ms{was('reverse steady')}: the "
             f"request's way to a1 (half a round trip), then a1's SYN, which carries its preamble (TCP Fast Open: the "
             f"lab's hosts set `net.ipv4.tcp_fastopen`), half a round trip: one round trip, as the client completes "
             f"on that connection (the token in it is a1's acceptance) and not on a1's answer, which comes a round "

@@ -11,8 +11,8 @@ one connection (TCP simultaneous open). A connect that is refused or times out i
 fresh socket bound to the same port, until ``SPLICE_TIMEOUT_S``.
 
 Round trips: the client's first SYN leaves *with* the request (or a measured delay after it: see
-below), not after the answer. The client
-names the port the server is to bind (``offer["port"]``, a random one of ``SPLICE_PORTS``) and,
+below), not after the answer. The client names the port the server is to bind (``offer["port"]``,
+a random one of ``SPLICE_PORTS``) and,
 when the server is reached at an address of its own (public, perhaps behind a stateful firewall:
 not behind a NAT, whose port it could not know), starts connecting to that endpoint in
 :meth:`SpliceMethod.initiate`, before the request leaves. Its SYN opens the client's NAT or
@@ -54,7 +54,9 @@ slowly, falls at once), is left out under ``SPLICE_DELAY_MIN_S`` of T (there the
 is processing, not path, and varies more than the gain), and never exceeds
 ``SPLICE_DELAY_MAX_S`` nor a quarter of the connect's budget. With no estimate (the first splice
 to a peer) the SYN leaves with the request. The stream's detail says ``syn_delay_ms`` and
-``before_answer`` (the connection was made when the answer came).
+``before_answer`` (the connection was made when the answer came). The answer is still awaited:
+it carries a refusal, and the server checks our token before it uses the connection; nothing the
+server could send on the new connection would come sooner (it is connected at 2T itself).
 
 A node's public endpoint is its own address if that is public, otherwise the address its
 cluster's leader was observed from by the rendez-vous node (the NAT's), with the bound port:
