@@ -29,7 +29,8 @@ simultaneous open made the connection).
 
 Timing the client's SYN (:func:`syn_delay`). Let T be the request's one-way time to the server
 (half its round trip: from :meth:`SpliceMethod.initiate` to the answer, measured on earlier
-splices to that peer, smoothed quick to fall and slow to rise) and D the direct path's one way.
+splices to that peer, smoothed quick to fall and slower to rise, with its mean deviation as
+TCP keeps its RTTVAR) and D the direct path's one way.
 A SYN that leaves at t=0 reaches the server's firewall at D, before the server's own SYN has
 left (at T), and is dropped: the server's SYN then meets our open mapping at T+D, our SYN-ACK
 gets back at T+2D and its ACK makes us connected at T+3D (2.5 round trips of the direct path
@@ -46,11 +47,13 @@ the delay assumes the paths are symmetric and D = T/2 (the lab's geometry: the r
 WAN legs, the SYN one): the window is then T/2 < d <= T and the delay aims at its middle,
 ``d = SPLICE_SYN_AIM * T`` = 3T/4: T/4 of margin on either side against jitter and the server's
 processing, connected at about 1.75 round trips, before the answer at 2 (so a splice costs the
-answer's two round trips, not 2.5). Its failures are benign one way only: too early (a direct
+answer's two round trips, not 2.5). From that, ``SPLICE_JITTER_K`` deviations of the one way are
+taken off: a path whose request time varies gets an earlier SYN, and one that varies by more
+than the margin none. Its failures are benign one way only: too early (a direct
 path shorter than T/4), the SYN is dropped as with no delay and the server's SYN meets our mapping
 as before; too late would let the server's SYN reach a NAT with no mapping (whose reset makes
 MASQUERADE move our port: the splice fails), so the delay stays below T (an estimate that rises
-slowly, falls at once), is left out under ``SPLICE_DELAY_MIN_S`` of T (there the request's time
+slowly, falls at once, less its deviation), is left out under ``SPLICE_DELAY_MIN_S`` of T (there the request's time
 is processing, not path, and varies more than the gain), and never exceeds
 ``SPLICE_DELAY_MAX_S`` nor a quarter of the connect's budget. With no estimate (the first splice
 to a peer) the SYN leaves with the request. The stream's detail says ``syn_delay_ms`` and
@@ -107,9 +110,13 @@ SPLICE_SYN_AIM = 0.75
 SPLICE_DELAY_MIN_S = 0.01
 # Never hold the SYN longer than this (a path this slow has other troubles than a round trip).
 SPLICE_DELAY_MAX_S = 0.5
+# The delay gives up this many mean deviations of the request's one-way time (see the docstring).
+SPLICE_JITTER_K = 2.0
 # Smoothing of the request round trip per peer: a rise moves the estimate by this fraction of it
-# (slowly: a late SYN is the harmful error), a fall at once.
-_RTT_GAIN = 0.125
+# (slowly: a late SYN is the harmful error), a fall at once; the deviation moves by _RTT_VAR_GAIN
+# of its error (TCP's RTTVAR; the first sample's is half the sample, as TCP's).
+_RTT_GAIN = 0.25
+_RTT_VAR_GAIN = 0.25
 # Peers whose request round trip a process remembers (least recently used dropped beyond).
 _RTT_PEERS = 4096
 _PRIVATE_NETS = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
@@ -137,7 +144,7 @@ class _Splicing(Initiation):
         self._delay = 0.0
         if early is not None:
             self._early = Address(host=early.host, port=port)
-            self._delay = syn_delay(_ROUND_TRIPS.get(self._key), ctx.remaining())
+            self._delay = syn_delay(*_ROUND_TRIPS.get(self._key, (None, 0.0)), budget=ctx.remaining())
             sock, self._sock = self._sock, None
             if self._delay > 0:  # (the greenlet owns the socket from now: killed, it closes it)
                 self._early_sock = sock
@@ -211,25 +218,34 @@ class _Splicing(Initiation):
             self._sock = None
 
 
-_ROUND_TRIPS: "collections.OrderedDict[Tuple[str, str], float]" = collections.OrderedDict()
+# (me, peer) -> (smoothed round trip of splice requests, its mean deviation), seconds
+_ROUND_TRIPS: "collections.OrderedDict[Tuple[str, str], Tuple[float, float]]" = collections.OrderedDict()
 
 
 def _note_round_trip(key: Tuple[str, str], seconds: float) -> None:
     """One more round trip of a splice's request from ``key[0]`` to ``key[1]``: the estimate
-    falls to it at once, or rises by ``_RTT_GAIN`` of the difference."""
-    last = _ROUND_TRIPS.pop(key, seconds)
-    _ROUND_TRIPS[key] = min(seconds, last + (seconds - last) * _RTT_GAIN)
+    falls to it at once, or rises by ``_RTT_GAIN`` of the difference; the deviation follows the
+    error by ``_RTT_VAR_GAIN``."""
+    known = _ROUND_TRIPS.pop(key, None)
+    if known is None:
+        _ROUND_TRIPS[key] = (seconds, seconds / 2)
+    else:
+        last, dev = known
+        dev += (abs(seconds - last) - dev) * _RTT_VAR_GAIN
+        _ROUND_TRIPS[key] = (min(seconds, last + (seconds - last) * _RTT_GAIN), dev)
     while len(_ROUND_TRIPS) > _RTT_PEERS:
         _ROUND_TRIPS.popitem(last=False)
 
 
-def syn_delay(round_trip: Optional[float], budget: float) -> float:
+def syn_delay(round_trip: Optional[float], deviation: float = 0.0, *, budget: float) -> float:
     """How long after the request the client's first SYN leaves, in seconds, given the request's
-    smoothed ``round_trip`` to this peer (None: not known yet) and the connect's ``budget``:
-    ``SPLICE_SYN_AIM`` of its one way, 0 below ``SPLICE_DELAY_MIN_S`` (see the module docstring)."""
+    smoothed ``round_trip`` to this peer (None: not known yet), its mean ``deviation`` and the
+    connect's ``budget``: ``SPLICE_SYN_AIM`` of its one way less ``SPLICE_JITTER_K`` deviations of
+    it; 0 below ``SPLICE_DELAY_MIN_S`` of one way (see the module docstring)."""
     if round_trip is None or round_trip / 2 < SPLICE_DELAY_MIN_S:
         return 0.0
-    return max(0.0, min(SPLICE_SYN_AIM * round_trip / 2, SPLICE_DELAY_MAX_S, budget / 4))
+    delay = SPLICE_SYN_AIM * round_trip / 2 - SPLICE_JITTER_K * deviation / 2
+    return max(0.0, min(delay, SPLICE_DELAY_MAX_S, budget / 4))
 
 
 def _established(sock) -> bool:
