@@ -11,55 +11,53 @@ one connection (TCP simultaneous open). A connect that is refused or times out i
 fresh socket bound to the same port, until ``SPLICE_TIMEOUT_S``.
 
 Round trips: the client's first SYN leaves *with* the request (or a measured delay after it: see
-below), not after the answer. The client names the port the server is to bind (``offer["port"]``,
-a random one of ``SPLICE_PORTS``) and,
-when the server is reached at an address of its own (public, perhaps behind a stateful firewall:
-not behind a NAT, whose port it could not know), starts connecting to that endpoint in
-:meth:`SpliceMethod.initiate`, before the request leaves. Its SYN opens the client's NAT or
-firewall for the reply; the server's firewall drops it. When the request arrives, the server
-binds the named port and connects to the client (its SYN leaves before its answer does): its SYN finds the client's mapping open and the
-client's socket in SYN-SENT, and the two make one connection on the first attempt of each side,
-about one round trip after the request reached the server (no ``SPLICE_RETRY_S`` wait, which
-the old order cost: the server's SYN reached the client's NAT before the client's own and was
-refused). Towards a server behind a NAT the client does not fire early (that NAT would answer
-a SYN to a port it has not mapped with a reset, which would also close the client's own
-firewall state): the server connects first and the client on the answer, as before. Either side
-counts its connect attempts: ``info["detail"]["attempts"]`` of its stream (1: the first
-simultaneous open made the connection).
+below), not after the answer. The client names the port the server is to bind (``offer["port"]``, a
+random one of ``SPLICE_PORTS``) and, when the server is reached at an address of its own (public,
+perhaps behind a stateful firewall: not behind a NAT, whose port it could not know), starts
+connecting to that endpoint in :meth:`SpliceMethod.initiate`, before the request leaves. Its SYN
+opens the client's NAT or firewall for the reply; the server's firewall drops it. When the request
+arrives, the server binds the named port and connects to the client (its SYN leaves before its
+answer does): its SYN finds the client's mapping open and the client's socket in SYN-SENT, and the
+two make one connection on the first attempt of each side, about one round trip after the request
+reached the server (no ``SPLICE_RETRY_S`` wait, which the old order cost: the server's SYN reached
+the client's NAT before the client's own and was refused). Towards a server behind a NAT the client
+does not fire early (that NAT would answer a SYN to a port it has not mapped with a reset, which
+would also close the client's own firewall state): the server connects first and the client on the
+answer, as before. Either side counts its connect attempts: ``info["detail"]["attempts"]`` of its
+stream (1: the first simultaneous open made the connection).
 
 Timing the client's SYN (:func:`syn_delay`). Let T be the request's one-way time to the server
-(half its round trip: from :meth:`SpliceMethod.initiate` to the answer, measured on earlier
-splices to that peer, smoothed quick to fall and slower to rise, with its mean deviation as
-TCP keeps its RTTVAR) and D the direct path's one way.
-A SYN that leaves at t=0 reaches the server's firewall at D, before the server's own SYN has
-left (at T), and is dropped: the server's SYN then meets our open mapping at T+D, our SYN-ACK
-gets back at T+2D and its ACK makes us connected at T+3D (2.5 round trips of the direct path
-where the request crosses two legs of it through the rendez-vous node, T = 2D). Sent at d, our
-SYN instead
+(half its round trip: from :meth:`SpliceMethod.initiate` to the answer, measured on earlier splices
+to that peer, smoothed quick to fall and slower to rise, with its mean deviation as TCP keeps its
+RTTVAR) and D the direct path's one way. A SYN that leaves at t=0 reaches the server's firewall at
+D, before the server's own SYN has left (at T), and is dropped: the server's SYN then meets our
+open mapping at T+D, our SYN-ACK gets back at T+2D and its ACK makes us connected at T+3D (2.5
+round trips of the direct path where the request crosses two legs of it through the rendez-vous
+node, T = 2D). Sent at d, our SYN instead
 
 - reaches the firewall after the server's SYN left it, which then has the server's state and
   lets ours in, and the server (in SYN-SENT) answers with a SYN-ACK: d + D > T;
 - still opens our own NAT or firewall before the server's SYN arrives: d < T + D;
 - makes us connected at d + 2D, which is worth it only up to the answer, at 2T: d <= 2T - 2D.
 
-D is not measured (nothing of the direct path answers before the splice is made), so
-the delay assumes the paths are symmetric and D = T/2 (the lab's geometry: the request takes two
-WAN legs, the SYN one): the window is then T/2 < d <= T and the delay aims at its middle,
-``d = SPLICE_SYN_AIM * T`` = 3T/4: T/4 of margin on either side against jitter and the server's
+D is not measured (nothing of the direct path answers before the splice is made), so the delay
+assumes the paths are symmetric and D = T/2 (the lab's geometry: the request takes two WAN legs,
+the SYN one): the window is then T/2 < d <= T and the delay aims at its middle, ``d =
+SPLICE_SYN_AIM * T`` = 3T/4: T/4 of margin on either side against jitter and the server's
 processing, connected at about 1.75 round trips, before the answer at 2 (so a splice costs the
 answer's two round trips, not 2.5). From that, ``SPLICE_JITTER_K`` deviations of the one way are
-taken off: a path whose request time varies gets an earlier SYN, and one that varies by more
-than the margin none. Its failures are benign one way only: too early (a direct
-path shorter than T/4), the SYN is dropped as with no delay and the server's SYN meets our mapping
-as before; too late would let the server's SYN reach a NAT with no mapping (whose reset makes
-MASQUERADE move our port: the splice fails), so the delay stays below T (an estimate that rises
-slowly, falls at once, less its deviation), is left out under ``SPLICE_DELAY_MIN_S`` of T (there the request's time
-is processing, not path, and varies more than the gain), and never exceeds
-``SPLICE_DELAY_MAX_S`` nor a quarter of the connect's budget. With no estimate (the first splice
-to a peer) the SYN leaves with the request. The stream's detail says ``syn_delay_ms`` and
-``before_answer`` (the connection was made when the answer came). The answer is still awaited:
-it carries a refusal, and the server checks our token before it uses the connection; nothing the
-server could send on the new connection would come sooner (it is connected at 2T itself).
+taken off: a path whose request time varies gets an earlier SYN, and one that varies by more than
+the margin none. Its failures are benign one way only: too early (a direct path shorter than T/4),
+the SYN is dropped as with no delay and the server's SYN meets our mapping as before; too late
+would let the server's SYN reach a NAT with no mapping (whose reset makes MASQUERADE move our port:
+the splice fails), so the delay stays below T (an estimate that rises slowly, falls at once, less
+its deviation), is left out under ``SPLICE_DELAY_MIN_S`` of T (there the request's time is
+processing, not path, and varies more than the gain), and never exceeds ``SPLICE_DELAY_MAX_S`` nor
+a quarter of the connect's budget. With no estimate (the first splice to a peer) the SYN leaves
+with the request. The stream's detail says ``syn_delay_ms`` and ``before_answer`` (the connection
+was made when the answer came). The answer is still awaited: it carries a refusal, and the server
+checks our token before it uses the connection; nothing the server could send on the new connection
+would come sooner (it is connected at 2T itself).
 
 A node's public endpoint is its own address if that is public, otherwise the address its
 cluster's leader was observed from by the rendez-vous node (the NAT's), with the bound port:
