@@ -390,6 +390,10 @@ class NodeEntry:
 # thousand nodes, each entry sent in two or three versions (joined, then its dial-back
 # verdict), fits. 0: no cache.
 ENTRY_CACHE_ENTRIES = 4096
+# The routed headers' string fields checked already (source, destination, kind, topic, route):
+# see Routed.from_header. Emptied when full.
+ROUTED_CACHE_ENTRIES = 4096
+_routed_checked: Dict[tuple, bool] = {}
 _entry_cache: Dict[tuple, NodeEntry] = {}
 _MISSING = object()
 
@@ -687,6 +691,29 @@ class Routed(_Message):
         # encoded at every hop)
         return {"src": self.src, "dst": self.dst, "kind": self.kind, "topic": self.topic,
                 "request_id": self.request_id, "hops": self.hops, "route": list(self.route)}
+
+    @classmethod
+    def from_header(cls, header: dict, payload: bytes):
+        # A routed frame's string fields (source, destination, kind, topic, route) repeat from
+        # frame to frame (a relayed connection's are all alike): once checked, they are
+        # remembered (ROUTED_CACHE_ENTRIES), and a header whose strings were checked before has
+        # only its integers checked. Anything else takes the full check.
+        try:
+            route = header["route"]
+            key = (header["src"], header["dst"], header["kind"], header["topic"], tuple(route))
+            request_id, hops = header["request_id"], header["hops"]
+            known = type(route) is list and key in _routed_checked
+        except (KeyError, TypeError):
+            known, key, request_id, hops = False, None, None, None
+        if known and type(request_id) is int and type(hops) is int and 0 <= request_id <= 0xFFFFFFFF \
+                and 0 <= hops <= MAX_HOPS:
+            return cls(key[0], key[1], key[2], key[3], request_id, hops, key[4], payload)  # type: ignore[index]
+        message = super().from_header(header, payload)
+        if key is not None and type(header["route"]) is list:  # (all fields present, all checked)
+            if len(_routed_checked) >= ROUTED_CACHE_ENTRIES:
+                _routed_checked.clear()
+            _routed_checked[key] = True
+        return message
 
 
 @dataclass(frozen=True)

@@ -264,3 +264,43 @@ def test_a_large_frame_with_a_bad_header_drops_its_link_only(caplog):
         other.join(WAIT_S)
         other_peer.join(WAIT_S)
         hop.close()
+
+
+# --- the routed header's checks, remembered ------------------------------------------------------
+
+
+def decode_header(header: dict):
+    decoder = wire.Decoder(peer="p")
+    decoder.feed(frame_with_header(json.dumps(header).encode(), b"x"))
+    return decoder.next_message()
+
+
+GOOD = {"src": SRC, "dst": DST, "kind": "msg", "topic": "relay", "request_id": 3, "hops": 2, "route": ["a", "b"]}
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"hops": wire.MAX_HOPS + 1}, "hops"),
+    ({"hops": True}, "hops"),
+    ({"request_id": -1}, "request_id"),
+    ({"request_id": 2**32}, "request_id"),
+    ({"request_id": 1.0}, "request_id"),
+    ({"route": "ab"}, "route"),
+    ({"route": ["a", "b c"]}, "route"),
+    ({"src": "not-an-id"}, "src"),
+    ({"kind": "nope"}, "kind"),
+])
+def test_a_header_like_one_checked_before_is_still_checked(change, reason):
+    for _ in range(2):  # (the second time, the strings of GOOD are known)
+        message = decode_header(GOOD)
+        assert (message.src, message.dst, message.kind, message.topic, message.request_id, message.hops,
+                message.route, message.payload) == (SRC, DST, "msg", "relay", 3, 2, ("a", "b"), b"x")
+    for _ in range(2):
+        with pytest.raises(RemoteProtocolError, match=reason):
+            decode_header(dict(GOOD, **change))
+
+
+def test_a_header_without_its_defaults_is_checked_and_completed():
+    header = {k: v for k, v in GOOD.items() if k not in ("request_id", "hops", "route")}
+    for _ in range(2):
+        message = decode_header(header)
+        assert (message.request_id, message.hops, message.route) == (0, 0, ())
