@@ -38,8 +38,10 @@ A link starts after its handshake (TLS, Hello/Welcome) and runs three greenlets:
   and a reader this process holds on purpose (back-pressure) is not idle. A ``Ping`` is
   answered by the reader at once, on the link-frame queue, ahead of everything routed.
 
-The reader receives straight into the decoder's buffer (``recv_into``), so a frame's bytes are
-copied once on their way in, when its payload leaves the buffer. A gevent read returns at once
+The reader receives straight into the decoder's buffer (``recv_into``), so a small frame's bytes
+are copied once on their way in, when its payload leaves the buffer; a large one (relayed data)
+is received into a buffer of its own, and its payload is a view of it, never copied (a
+forwarder queues that view as it is). A gevent read returns at once
 while the socket holds data, so a reader fed faster than it decodes would never let the
 writers run: it yields to the other greenlets after every ``YIELD_EVERY_BYTES`` it received.
 That keeps a forwarding node a pipeline (a relayed frame goes on while the next comes in)

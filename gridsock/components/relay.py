@@ -50,12 +50,13 @@ round trip, without the queues. A moving average would count the queue a bottlen
 holds (the window itself, waiting there) as path, enlarge the window for it, and so grow the
 queue, up to the largest window, on every slow path.
 
-Cost. The data path copies each byte once per node, twice at the receiver: the sender copies
-the application's bytes into the routed payload (joined to the 9-byte header); each node's
-link decoder copies a payload out of its receive buffer once, and a forwarding hop writes it
-to the next link as it is; the receiver keeps views of the payloads until the application
-reads them, and ``receive_some`` copies out what it returns. TLS on each bootstrap link is the
-rest of the per-byte cost (docs/benchmarks.md, "Relay: where the time goes").
+Cost. Outside TLS, the data path copies each byte twice: the sender copies the application's
+bytes into the routed payload (joined to the 9-byte header), and ``receive_some`` copies out
+what it returns. In between no node copies a DATA frame's payload: each link decoder receives
+a large frame into a buffer of its own and hands the payload out as a view of it
+(:class:`~gridsock.wire.Decoder`), a forwarding hop writes that view to the next link as it is,
+and the receiver keeps the views until the application reads them. TLS on each bootstrap link
+is the rest of the per-byte cost (docs/benchmarks.md, "Relay: where the time goes").
 """
 from __future__ import annotations
 
