@@ -531,12 +531,30 @@ def test_killed_opener_leaves_no_channel(relay, relay_gateway):
         opener.kill()
         assert accepted.wait(10)
         assert finished.wait(10)  # the orphan channel was closed: the destination saw EOF
+        join_all(pump_threads() - before)  # (the pump started beside the open ends, cancelled)
         assert pump_threads() == before
     finally:
         server.stop(timeout=5)
 
 
 # --- failures ---------------------------------------------------------------------------------
+
+
+def test_a_failed_open_leaves_no_pump_and_no_descriptor(gateway, echo_port):
+    # The pump's threads start beside the channel open; when the gateway refuses the channel
+    # they end, and both ends of the socketpair are closed.
+    with open_ssh_tunnel(gateway, "127.0.0.1", echo_port) as sock:  # warm up: transport, threadpool
+        exchange(sock, b"warm")
+    join_all(pump_threads())
+    with refused_port() as closed:
+        fds = open_fds()
+        for _ in range(3):
+            with pytest.raises(ConnectError, match="Connect failed"):
+                open_ssh_tunnel(gateway, "127.0.0.1", closed.getsockname()[1])
+        join_all(pump_threads())
+        assert open_fds() == fds
+    with open_ssh_tunnel(gateway, "127.0.0.1", echo_port) as sock:  # and the next one works
+        assert exchange(sock, b"after") == b"after" + trailer(b"after")
 
 
 def test_host_key_mismatch(sshd, gateway, tmp_path):
