@@ -760,38 +760,40 @@ def open_ssh_tunnel(
         raise ConfigError(f"bad timeout {timeout!r}")
 
     deadline = time.monotonic() + timeout
-    # The pump's threads start now, while the channel opens (a round trip to the gateway), not
-    # after it; they wait for the channel (_Pump.attach) or for its failure (_Pump.cancel).
-    app_end, pump_end = socket.socketpair()
-    label = f"#{next(_TUNNEL_IDS)} {gateway}->{dest_host}:{dest_port}"
-    pump = _Pump(None, pump_end, label)
+    pool = gevent.get_hub().threadpool
+    result = pool.spawn(_open_channel_outcome, gateway, dest_host, dest_port, deadline)
+    # The pump's threads start while the channel opens (a round trip to the gateway), not after
+    # it; they wait for the channel (_Pump.attach) or for its failure (_Pump.cancel).
+    pump: _Pump | None = None
+    app_end: socket.socket | None = None
     try:
-        pump.start()
-    except _PumpOwnsResources as exc:  # one thread runs: cancelled, it closes pump_end
-        pump.cancel()
-        app_end.close()
-        assert exc.__cause__ is not None  # (always raised "from" the pump's own error)
-        raise exc.__cause__ from None
-    except BaseException:
-        app_end.close()
-        pump_end.close()
-        raise
-    # From here on the pump owns pump_end (and the channel, once attached).
-    try:
-        pool = gevent.get_hub().threadpool
-        result = pool.spawn(_open_channel_outcome, gateway, dest_host, dest_port, deadline)
+        app_end, pump_end = socket.socketpair()
+        label = f"#{next(_TUNNEL_IDS)} {gateway}->{dest_host}:{dest_port}"
+        pump = _Pump(None, pump_end, label)
         try:
-            channel, error = cast("tuple[Optional[paramiko.Channel], Optional[Exception]]", result.get())
+            pump.start()
+        except _PumpOwnsResources as exc:  # one thread runs: cancelled (below), it closes pump_end
+            assert exc.__cause__ is not None  # (always raised "from" the pump's own error)
+            raise exc.__cause__ from None
         except BaseException:
-            if not result.ready():  # we were killed or timed out while the worker still runs
-                def close_late(res, pool=pool):
-                    if res.successful() and res.value[0] is not None:
-                        pool.spawn(res.value[0].close)
-                result.rawlink(close_late)
+            pump_end.close()
+            pump = None
             raise
+        channel, error = cast("tuple[Optional[paramiko.Channel], Optional[Exception]]", result.get())
     except BaseException:
-        pump.cancel()
-        app_end.close()
+        if pump is not None:
+            pump.cancel()
+        if app_end is not None:
+            app_end.close()
+        if not result.ready():  # we were killed or timed out while the worker still runs
+            def close_late(res, pool=pool):
+                if res.successful() and res.value[0] is not None:
+                    pool.spawn(res.value[0].close)
+            result.rawlink(close_late)
+        elif result.successful():  # (the channel opened, but the pump failed to start)
+            late = result.value
+            if late is not None and late[0] is not None:
+                pool.spawn(late[0].close)
         raise
     if error is not None:
         pump.cancel()
