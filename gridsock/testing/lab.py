@@ -209,7 +209,11 @@ LOG_TAIL_BYTES = 4000  # how much of a daemon's log goes into the error when it 
 WAN_QUEUE = 7  # the NFQUEUE number in each public host; queues are per namespace, so one number
 # Ingress, not egress: a packet held in its sender's namespace still counts against the sending
 # socket's TCP Small Queues budget (~2 packets), which cut a delayed local sender to ~1 Mbit/s.
-# Arriving through the veth, it belongs to no socket any more.
+# Arriving through the veth, it belongs to no socket any more. In the raw table, before connection
+# tracking: the delay is the wire's, so a host's NAT or firewall sees a packet when it has crossed
+# it (queued after conntrack, a packet was judged on arrival, 20 ms before it had crossed: a SYN
+# timed to reach fwb just after b1's own SYN left was judged before b1's SYN had left).
+WAN_TABLE = "raw"
 WAN_RULE = (
     "PREROUTING", "-i", PUBLIC_IF, "-m", "comment", "--comment", "gridsock-wan",
     "-j", "NFQUEUE", "--queue-num", str(WAN_QUEUE), "--queue-bypass",  # no delayer bound: pass
@@ -748,7 +752,7 @@ class Lab:
         one on every public host; ``set_wan()`` with the defaults removes it.
 
         How: one ``python -m gridsock.testing.delayer`` per host (spawned and tracked, so
-        :meth:`down` ends them), fed by a mangle PREROUTING rule ``-i eth0 -j NFQUEUE
+        :meth:`down` ends them), fed by a raw PREROUTING rule (before conntrack) ``-i eth0 -j NFQUEUE
         --queue-bypass`` (should a delayer die, packets pass undelayed instead of vanishing), and
         ``tc qdisc replace dev eth0 root tbf``. Returns once every delayer is bound. Raises
         ConfigError on bad values, LabError when a delayer, iptables or tc fails (after removing
@@ -804,14 +808,14 @@ class Lab:
                 wait_for_line(proc, "ready", timeout=READY_TIMEOUT_S)
             except (RuntimeError, TimeoutError) as exc:
                 raise LabError(self._died(f"delayer in {host}: {exc}", log_path)) from exc
-            self._setup_cmd(self.command(host, ["iptables", "-t", "mangle", "-A", *WAN_RULE]))
+            self._setup_cmd(self.command(host, ["iptables", "-t", WAN_TABLE, "-A", *WAN_RULE]))
 
     def _clear_wan(self) -> None:
         # Rules first: from then on nothing new is queued, and the delayers, on SIGTERM, release
         # what they hold. Every public host is swept, whatever the state says.
         for host in PUBLIC_HOSTS:
             for _ in range(STOP_ROUNDS):  # the rule is there once; more only after a crash mid-way
-                done = self.run(host, ["iptables", "-t", "mangle", "-D", *WAN_RULE], capture_output=True)
+                done = self.run(host, ["iptables", "-t", WAN_TABLE, "-D", *WAN_RULE], capture_output=True)
                 if done.returncode != 0:
                     break
             shown = self.run(host, ["tc", "qdisc", "show", "dev", PUBLIC_IF, "root"], capture_output=True, text=True)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from gridsock.errors import ConfigError, RemoteProtocolError
 from gridsock.testing import delayer
 from gridsock.testing.delayer import NF_ACCEPT, NF_DROP, Ack, DelayScheduler, Packet, flow_key, parse_messages
-from gridsock.testing.lab import ADDRESSES, PUBLIC_HOSTS, WAN_QUEUE, Lab
+from gridsock.testing.lab import ADDRESSES, PUBLIC_HOSTS, WAN_QUEUE, WAN_TABLE, Lab
 from gridsock.testing.procs import stop_process, wait_for_line
 
 pytestmark = pytest.mark.timeout(60)
@@ -266,7 +266,7 @@ def wan_leftovers(lab: Lab) -> list[str]:
     """Return what of a WAN profile remains in the public hosts: rules, qdiscs, live delayers."""
     found = []
     for host in PUBLIC_HOSTS:
-        rules = lab.run(host, ["iptables", "-t", "mangle", "-S"], capture_output=True, text=True, check=True)
+        rules = lab.run(host, ["iptables", "-t", WAN_TABLE, "-S"], capture_output=True, text=True, check=True)
         found += [f"{host}: {line}" for line in rules.stdout.splitlines() if "NFQUEUE" in line]
         qdiscs = lab.run(host, ["tc", "qdisc", "show", "dev", "eth0"], capture_output=True, text=True, check=True)
         found += [f"{host}: {line}" for line in qdiscs.stdout.splitlines() if "tbf" in line]

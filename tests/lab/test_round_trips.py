@@ -67,10 +67,6 @@ SPLICE_LOG = re.compile(r"node a1: splice to b1: SYN ([0-9.]+) ms after the requ
                         r"answer \(attempts (\d+)\)")
 
 
-# The lab's delayer queues a packet after the public host's conntrack has judged it: fwb judged
-# a1's SYN on arrival, before b1's own SYN had left, and dropped it. /tmp/SPLICE-lab-raw.diff
-# queues it in the raw table, before conntrack (the delay is the wire's); then this passes.
-@pytest.mark.xfail(strict=True, reason="the lab's WAN delay comes after its firewalls' conntrack (SPLICE's lab diff)")
 def test_splice_syn_timed_to_cross_the_servers(grid):
     log_path = grid.logs["a1"]
     start = log_path.stat().st_size
