@@ -295,10 +295,24 @@ def test_demo_leaves_no_warning_behind(demo):
 
 
 def io_bytes(pid: int) -> int:
-    """What process ``pid`` read and wrote through system calls so far (/proc/PID/io)."""
+    """What process ``pid`` moved so far: what it read and wrote through read/write-like system
+    calls (/proc/PID/io), plus what its open TCP sockets sent and received (the kernel's
+    counters, through sock_diag): send and recv, which the bootstrap's TLS links use, are not in
+    /proc/PID/io's counts. A socket that closed takes its bytes out of the sum."""
+    from gridsock.assembly import _tcp_counters
+
     with open(f"/proc/{pid}/io") as io:
         fields = dict(line.split(": ") for line in io.read().splitlines())
-    return int(fields["rchar"]) + int(fields["wchar"])
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # (closed meanwhile)
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    tcp = sum(acked + received for inode, (acked, received, _) in _tcp_counters().items() if inode in inodes)
+    return int(fields["rchar"]) + int(fields["wchar"]) + tcp
 
 
 def read_stderr_until(proc: subprocess.Popen, pattern: bytes, *, timeout: float) -> bytes:
