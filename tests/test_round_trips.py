@@ -92,7 +92,9 @@ def _ctx(world: World, identity: Identity, *, initiator: bool, peer_id=None) -> 
                         peer_id=peer_id, peer_name="peer")
 
 
-def _handshake(world: World, client_identity: Identity):
+def _wraps(client_ctx: StackContext, server_ctx: StackContext):
+    """Both ends' ``tls`` wraps at once over a memory pair, the client's lower stream counted:
+    ``(round_trips, client, server)``, each end ``("ok", stream)`` or ``("error", exception)``."""
     lower_client, lower_server = memory_pair()
     counted = TurnCounter(lower_client)
 
@@ -103,11 +105,15 @@ def _handshake(world: World, client_identity: Identity):
             return "error", exc
 
     client, server = run_concurrently(
-        lambda: attempt(lambda: TlsFilter().wrap(counted, context=_ctx(world, client_identity, initiator=True,
-                                                                       peer_id=world.b.node_id))),
-        lambda: attempt(lambda: TlsFilter().wrap(lower_server, context=_ctx(world, world.b, initiator=False))),
+        lambda: attempt(lambda: TlsFilter().wrap(counted, context=client_ctx)),
+        lambda: attempt(lambda: TlsFilter().wrap(lower_server, context=server_ctx)),
     )
     return counted.round_trips, client, server
+
+
+def _handshake(world: World, client_identity: Identity):
+    return _wraps(_ctx(world, client_identity, initiator=True, peer_id=world.b.node_id),
+                  _ctx(world, world.b, initiator=False))
 
 
 def test_tls_costs_one_round_trip_for_a_client_of_the_session(world):
@@ -140,21 +146,7 @@ def _early_pair(world: World, client_identity: Identity, server_identity: Identi
         server_ctx = dataclasses.replace(server_ctx, tls_early=answer)
     else:
         begun.answered(None)
-    client_ctx = dataclasses.replace(client_ctx, tls_early=begun)
-    lower_client, lower_server = memory_pair()
-    counted = TurnCounter(lower_client)
-
-    def attempt(fn):
-        try:
-            return "ok", fn()
-        except Exception as exc:
-            return "error", exc
-
-    client, server = run_concurrently(
-        lambda: attempt(lambda: TlsFilter().wrap(counted, context=client_ctx)),
-        lambda: attempt(lambda: TlsFilter().wrap(lower_server, context=server_ctx)),
-    )
-    return counted.round_trips, client, server
+    return _wraps(dataclasses.replace(client_ctx, tls_early=begun), server_ctx)
 
 
 def test_tls_begun_with_the_assembly_costs_the_connection_no_round_trip(world):
@@ -204,24 +196,9 @@ def test_tls_hello_that_is_not_tls_is_refused_with_its_reason(world):
 
 
 def _wrap_pair(world: World, client_identity: Identity, server_identity: Identity, expected_id: str):
-    """Both ends' handshakes at once over a memory pair: ``(round_trips, client, server)``, each
-    end ``("ok", stream)`` or ``("error", exception)``."""
-    lower_client, lower_server = memory_pair()
-    counted = TurnCounter(lower_client)
-
-    def attempt(fn):
-        try:
-            return "ok", fn()
-        except Exception as exc:
-            return "error", exc
-
-    client, server = run_concurrently(
-        lambda: attempt(lambda: TlsFilter().wrap(counted, context=_ctx(world, client_identity, initiator=True,
-                                                                       peer_id=expected_id))),
-        lambda: attempt(lambda: TlsFilter().wrap(lower_server, context=_ctx(world, server_identity,
-                                                                            initiator=False))),
-    )
-    return counted.round_trips, client, server
+    """Both ends' handshakes at once over a memory pair (:func:`_wraps`)."""
+    return _wraps(_ctx(world, client_identity, initiator=True, peer_id=expected_id),
+                  _ctx(world, server_identity, initiator=False))
 
 
 def _talk(client, server) -> None:
@@ -356,8 +333,9 @@ def _captured_assembly(node):
     return seen, lambda: node.router.handlers.__setitem__(ASSEMBLE_TOPIC, real)
 
 
-@pytest.mark.parametrize("stack", ["tls/tcp", "tls/reverse", "lz4/tls/tcp"])
-def test_tls_right_above_the_method_travels_with_the_assembly(grid, stack):
+@pytest.mark.parametrize("stack, flight", [("tls/tcp", "answer"), ("lz4/tls/tcp", "answer"),
+                                           ("tls/reverse", "connection"), ("tcp", None), ("tls/lz4/tcp", None)])
+def test_tls_right_above_the_method_travels_with_the_assembly(grid, stack, flight):
     nodes, listeners = grid
     seen, restore = _captured_assembly(nodes["m1"])
     try:
@@ -365,23 +343,14 @@ def test_tls_right_above_the_method_travels_with_the_assembly(grid, stack):
     finally:
         restore()
     ((request, answer),) = seen
+    if flight is None:  # no tls right above the method: a plain request and answer
+        assert request.tls_hello is None and answer.tls_flight is None and answer.tls_flight_follows is None
+        return
     assert request.tls_hello is not None and request.tls_hello_bytes.startswith(b"\x16\x03")
-    if stack == "tls/reverse":  # the server makes the connection: its flight is on it, behind the preamble
+    if flight == "connection":  # the server makes the connection: its flight is on it, behind the preamble
         assert answer.tls_flight is None and answer.tls_flight_follows is True
     else:
         assert answer.tls_flight_bytes.startswith(b"\x16\x03") and answer.tls_flight_follows is None
-
-
-@pytest.mark.parametrize("stack", ["tcp", "tls/lz4/tcp"])
-def test_no_tls_hello_without_tls_right_above_the_method(grid, stack):
-    nodes, listeners = grid
-    seen, restore = _captured_assembly(nodes["m1"])
-    try:
-        _connect(nodes, listeners, "L1", "m1", stack)
-    finally:
-        restore()
-    ((request, answer),) = seen
-    assert request.tls_hello is None and answer.tls_flight is None
 
 
 def test_a_server_that_predates_the_tls_hello_still_connects(grid):
@@ -464,37 +433,19 @@ def _hold_answers(node):
 EARLY_COMPLETION_BOUND_S = 2.0
 
 
-def test_reverse_completes_on_the_connection_back_without_the_answer(grid):
+@pytest.mark.parametrize("stack", ["reverse", "tls/reverse"])
+def test_reverse_completes_on_the_connection_back_without_the_answer(grid, stack):
+    # With tls/reverse, the server's first TLS flight is on that connection too.
     nodes, listeners = grid
-    _connect(nodes, listeners, "L1", "m1", "reverse")  # m1's answer: it dials L1 back directly
+    _connect(nodes, listeners, "L1", "m1", stack)  # m1's answer: it dials L1 back directly (the flight follows)
     release, _, answered, restore = _hold_answers(nodes["m1"])  # m1 dials L1 back, and does not answer
     try:
-        client, info = nodes["L1"].open_stream("m1", PORT, stack="reverse")
+        client, info = nodes["L1"].open_stream("m1", PORT, stack=stack)
         server, _ = listeners["m1"].accept_stream(timeout=JOIN_TIMEOUT_S)
         try:
-            assert info.stack == "reverse" and not answered  # connected, the answer still held back
-            client.send_all(b"x")
-            assert server.receive_some(1) == b"x"
-            server.send_all(b"y")
-            assert client.receive_some(1) == b"y"
-        finally:
-            client.close()
-            server.close()
-    finally:
-        release.set()
-        restore()
-
-
-def test_tls_reverse_completes_on_the_connection_back_with_the_flight_on_it(grid):
-    nodes, listeners = grid
-    _connect(nodes, listeners, "L2", "m1", "tls/reverse")  # m1's answer: direct, and the flight follows
-    release, _, answered, restore = _hold_answers(nodes["m1"])
-    try:
-        client, info = nodes["L2"].open_stream("m1", PORT, stack="tls/reverse")
-        server, _ = listeners["m1"].accept_stream(timeout=JOIN_TIMEOUT_S)
-        try:
-            assert info.stack == "tls/reverse" and not answered  # connected, the answer still held back
-            assert client.peer.id == nodes["m1"].node_id
+            assert info.stack == stack and not answered  # connected, the answer still held back
+            if stack.startswith("tls/"):
+                assert client.peer.id == nodes["m1"].node_id
             client.send_all(b"x")
             assert server.receive_some(1) == b"x"
             server.send_all(b"y")
