@@ -468,6 +468,9 @@ class _Message:
     CHECKS: ClassVar[Dict[str, Any]] = {}
     DEFAULTS: ClassVar[Dict[str, Any]] = {}
     HAS_PAYLOAD: ClassVar[bool] = False
+    # Optional fields left out of the header while None, so that a peer that predates them
+    # decodes the message as before (unknown fields are ignored, absent ones take their default).
+    ABSENT_WHEN_NONE: ClassVar[Tuple[str, ...]] = ()
 
     def header(self) -> dict:
         out = {}
@@ -475,6 +478,8 @@ class _Message:
             if f.name == "payload":
                 continue
             value = getattr(self, f.name)
+            if value is None and f.name in self.ABSENT_WHEN_NONE:
+                continue
             if isinstance(value, tuple):
                 value = [v.to_json() if isinstance(v, NodeEntry) else v for v in value]
             elif isinstance(value, NodeEntry):
@@ -808,13 +813,7 @@ class AssemblyRequest(_Message):
         "tls_hello": _opt(_b64(MAX_TLS_HELLO_BYTES)),
     }
     DEFAULTS: ClassVar[Dict[str, Any]] = {"offer": {}, "client_port": None, "tls_hello": None}
-
-    def header(self) -> dict:
-        out = super().header()
-        for key in ("client_port", "tls_hello"):
-            if out[key] is None:
-                del out[key]
-        return out
+    ABSENT_WHEN_NONE: ClassVar[Tuple[str, ...]] = ("client_port", "tls_hello")
 
     @classmethod
     def _convert(cls, values):
@@ -843,13 +842,7 @@ class AssemblyAccept(_Message):
     CHECKS: ClassVar[Dict[str, Any]] = {"answer": _offer, "tls_flight": _opt(_b64(MAX_TLS_FLIGHT_BYTES)),
                                         "tls_flight_follows": _opt(_bool)}
     DEFAULTS: ClassVar[Dict[str, Any]] = {"answer": {}, "tls_flight": None, "tls_flight_follows": None}
-
-    def header(self) -> dict:
-        out = super().header()
-        for key in ("tls_flight", "tls_flight_follows"):
-            if out[key] is None:
-                del out[key]
-        return out
+    ABSENT_WHEN_NONE: ClassVar[Tuple[str, ...]] = ("tls_flight", "tls_flight_follows")
 
     @classmethod
     def _convert(cls, values):
