@@ -503,6 +503,20 @@ class TlsStream(Stream):
         self.lower.close()
 
 
+def _new_handshake(context, initiator: bool) -> Tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """A new ``SSLObject`` over two memory BIOs for ``context``'s node (an initiator offers the
+    ticket it keeps for ``context.peer_id``): ``(sslobj, incoming, outgoing)``. ConfigError
+    without a session or identity."""
+    session = getattr(context, "session", None)
+    identity = getattr(context, "identity", None)
+    if session is None or identity is None:
+        raise ConfigError("tls needs a session and this node's identity")
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    ssl_context = _ssl_context(session, identity, initiator)
+    ticket = _ticket_for(session, identity, getattr(context, "peer_id", None), ssl_context) if initiator else None
+    return ssl_context.wrap_bio(incoming, outgoing, server_side=not initiator, session=ticket), incoming, outgoing
+
+
 class EarlyTls:
     """A TLS handshake begun before its connection exists (see "Early handshake" in the
     module docstring): made by :meth:`TlsFilter.begin` (client) or
@@ -563,14 +577,7 @@ class TlsFilter:
         """Client: start a handshake for ``context`` (a StackContext, ``initiator`` True) before
         its connection exists; the EarlyTls's ``hello`` goes in the assembly request.
         ConfigError without a session or identity."""
-        session = getattr(context, "session", None)
-        identity = getattr(context, "identity", None)
-        if session is None or identity is None:
-            raise ConfigError("tls needs a session and this node's identity")
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        ssl_context = _ssl_context(session, identity, True)
-        ticket = _ticket_for(session, identity, getattr(context, "peer_id", None), ssl_context)
-        sslobj = ssl_context.wrap_bio(incoming, outgoing, server_side=False, session=ticket)
+        sslobj, incoming, outgoing = _new_handshake(context, True)
         try:
             sslobj.do_handshake()
         except ssl.SSLWantReadError:
@@ -583,12 +590,7 @@ class TlsFilter:
         for ``context`` (``initiator`` False); the EarlyTls's ``flight`` goes in the answer.
         AuthError if the hello is refused (not TLS, no common version or cipher...), with the
         reason; ConfigError without a session or identity."""
-        session = getattr(context, "session", None)
-        identity = getattr(context, "identity", None)
-        if session is None or identity is None:
-            raise ConfigError("tls needs a session and this node's identity")
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        sslobj = _ssl_context(session, identity, False).wrap_bio(incoming, outgoing, server_side=True)
+        sslobj, incoming, outgoing = _new_handshake(context, False)
         incoming.write(hello)
         try:
             sslobj.do_handshake()
@@ -621,22 +623,15 @@ class TlsFilter:
             raise
 
     def _wrap(self, lower: Stream, context, peer_name: Optional[str]) -> TlsStream:
-        session = getattr(context, "session", None)
-        identity = getattr(context, "identity", None)
-        if session is None or identity is None:
-            raise ConfigError("tls needs a session and this node's identity")
         initiator = bool(context.initiator)
-        expected_id = getattr(context, "peer_id", None)
-        whom = f" with {peer_name}" if peer_name else ""
-
         begun = getattr(context, "tls_early", None)
         if begun is not None and begun.take(initiator):  # begun with the assembly (module doc)
             sslobj, incoming, outgoing = begun.sslobj, begun.incoming, begun.outgoing
         else:
-            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-            ssl_context = _ssl_context(session, identity, initiator)
-            ticket = _ticket_for(session, identity, expected_id, ssl_context) if initiator else None
-            sslobj = ssl_context.wrap_bio(incoming, outgoing, server_side=not initiator, session=ticket)
+            sslobj, incoming, outgoing = _new_handshake(context, initiator)
+        session, identity = getattr(context, "session", None), getattr(context, "identity", None)
+        expected_id = getattr(context, "peer_id", None)
+        whom = f" with {peer_name}" if peer_name else ""
         timer = gevent.Timeout(self.handshake_timeout_s)
         timer.start()
         early = b""
