@@ -470,7 +470,7 @@ class Assembler:
         self._wait_back(port)
         listening = port in self.listeners
         try:
-            stack = Stack.parse(request.stack, self.registry)
+            stack = self.registry.parse(request.stack)  # (kept: the same few stacks on every request)
             method, filters = method_of(stack, self.registry)
         except ConfigError as exc:
             if not listening:
@@ -657,7 +657,7 @@ class Assembler:
             given = [stack] if isinstance(stack, (str, Stack)) else list(stack)
             if not given:
                 raise ConfigError("no stack to connect with")
-            candidates = [Stack.parse(s, self.registry) if isinstance(s, str) else s for s in given]
+            candidates = [self.registry.parse(s) if isinstance(s, str) else s for s in given]
             return self._race(entry, port, candidates, timeout, remember=False, client_port=client_port)
         candidates = self.rules.candidates(me, entry)
         ranking = list(candidates)
@@ -1074,7 +1074,7 @@ class Assembler:
         """Connect and return ``(socket.socket, ConnectionInfo)``: a real OS socket (with
         ``tcp_bridge``, a bridged one is a loopback TCP socket rather than a Unix one)."""
         stream, info = self.open_stream(peer, port, stack=stack, timeout=timeout)
-        return self._hand_out(Stack.parse(info.stack, self.registry), stream, info, tcp_bridge=tcp_bridge), info
+        return self._hand_out(self.registry.parse(info.stack), stream, info, tcp_bridge=tcp_bridge), info
 
     # --- both --------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ it after the send), so a refused or unreachable address fails it as before.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
 import socket
@@ -241,9 +242,9 @@ class DialInitiation(Initiation):
         # them the meta link's writer that sends the request (so the request, which the
         # server must also work on, leaves first). Others (``ssh``, ``socks``: several round
         # trips) start it at once.
-        spawn = gevent.spawn_later if getattr(method, "dial_behind_request", False) else None
-        self._dials = [spawn(0, _captured, method.dial_node_port, ctx, i) if spawn is not None
-                       else gevent.spawn(_captured, method.dial_node_port, ctx, i) for i in range(count)]
+        start = functools.partial(gevent.spawn_later, 0) if getattr(method, "dial_behind_request", False) \
+            else gevent.spawn
+        self._dials = [start(_captured, method.dial_node_port, ctx, i) for i in range(count)]
 
     def sockets(self) -> List[Any]:
         """The connected sockets, by index; ConnectError (the first failure) otherwise."""
