@@ -83,7 +83,7 @@ from ..bootstrap.transport import Address, parse_address
 from ..errors import ConfigError, ConnectError, RemoteProtocolError
 from ..methods import Initiation, InitiatorContext, Method, MethodRefusal, ResponderContext
 from ..streams import SocketStream, Stream
-from .tcp import recv_exactly
+from .tcp import TCP_ESTABLISHED, recv_exactly, tcp_state
 
 log = logging.getLogger(__name__)
 
@@ -249,12 +249,9 @@ def syn_delay(round_trip: Optional[float], deviation: float = 0.0, *, budget: fl
 def _established(sock) -> bool:
     """True if ``sock``'s connect has completed, without waiting (Linux: its TCP state)."""
     try:
-        return sock is not None and sock.getsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_INFO, 1)[0] == _TCP_ESTABLISHED
-    except (AttributeError, OSError, IndexError):  # (no TCP_INFO here; closed meanwhile)
+        return sock is not None and tcp_state(sock) == TCP_ESTABLISHED
+    except OSError:  # (closed meanwhile)
         return False
-
-
-_TCP_ESTABLISHED = 1  # (tcpi_state, the first byte of Linux's struct tcp_info)
 
 
 def _delayed_early(sock, remote: Address, delay: float, timeout: float, attempts: List[int]):

@@ -132,8 +132,17 @@ def dial_fast_open(address: Address, *, node=None, timeout: float = CONNECT_TIME
     return _dial(address, timeout=timeout, fast_open=True)
 
 
-# Linux's tcpi_state of a socket whose SYN is out and unanswered (include/net/tcp_states.h).
-_TCP_SYN_SENT = 2
+# Linux's tcpi_state of a connected socket, and of one whose SYN is out and unanswered
+# (include/net/tcp_states.h).
+TCP_ESTABLISHED = 1
+TCP_SYN_SENT = 2
+
+
+def tcp_state(sock) -> Optional[int]:
+    """``sock``'s TCP state (Linux's tcpi_state, the first byte of its ``struct tcp_info``),
+    without waiting; None where TCP_INFO is not available."""
+    tcp_info = getattr(gsocket, "TCP_INFO", None)
+    return None if tcp_info is None else sock.getsockopt(gsocket.IPPROTO_TCP, tcp_info, 1)[0]
 # What a connection that was made and then closed by the peer reports (the peer took it).
 _MADE_THEN_CLOSED = (errno.ECONNRESET, errno.EPIPE)
 
@@ -145,8 +154,7 @@ def _await_handshake(sock, timeout: float) -> None:
 
     A connection the peer closed or reset once it was made counts as made: the peer had it (a
     client that took the preamble and closed at once: it lost a race), as a plain connect."""
-    tcp_info = getattr(gsocket, "TCP_INFO", None)
-    if tcp_info is None or sock.getsockopt(gsocket.IPPROTO_TCP, tcp_info, 1)[0] != _TCP_SYN_SENT:
+    if tcp_state(sock) != TCP_SYN_SENT:
         return
     # A socket in SYN-SENT is not writable; one whose handshake is done (or failed) is.
     gsocket.wait_write(sock.fileno(), timeout=timeout, timeout_exc=gsocket.timeout("timed out"))
