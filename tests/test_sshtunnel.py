@@ -21,7 +21,9 @@ import gevent.ssl
 import paramiko
 import pytest
 
+from gridsock.bootstrap import sshtunnel
 from gridsock.bootstrap.sshtunnel import (
+    KEEPER_COUNTERS,
     SSHGateway,
     close_all_transports,
     open_ssh_tunnel,
@@ -78,6 +80,16 @@ def join_all(threads):
 
 def open_fds():
     return len(os.listdir("/proc/self/fd"))
+
+
+def until(condition, timeout=JOIN_TIMEOUT_S):
+    """Wait (the hub running) until condition() is true; return whether it became true in time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        gevent.sleep(0.01)
+    return True
 
 
 def recv_all(sock):
@@ -404,6 +416,55 @@ def test_concurrent_first_opens_share_one_transport(relay, relay_gateway, echo_p
     for job in opens:
         job.value.close()
     assert relay.accepted == 1
+
+
+def test_back_to_back_channels_alternate_over_two_transports(monkeypatch, relay, relay_gateway, echo_port):
+    # sshd's Nagle holds a channel's confirmation behind the previous channel's CLOSE on the same
+    # transport (one round trip more): a channel opened right after a close goes to a second
+    # transport. A loopback round trip is too short for that to pay (SSH_SPARE_MIN_ROUND_TRIP_S),
+    # so the test lowers that bound and makes every close recent.
+    monkeypatch.setattr(sshtunnel, "SSH_SPARE_MIN_ROUND_TRIP_S", 0.0)
+    monkeypatch.setattr(sshtunnel, "SSH_BUSY_ROUND_TRIPS", 1e9)
+    counters = dict(KEEPER_COUNTERS)
+
+    def delta(name):
+        return KEEPER_COUNTERS[name] - counters[name]
+
+    def one(payload):
+        before = pump_threads()
+        sock = open_ssh_tunnel(relay_gateway, "127.0.0.1", echo_port)
+        mine = pump_threads() - before
+        with sock:
+            assert exchange(sock, payload) == payload + trailer(payload)
+        join_all(mine)  # the channel is closed: its transport is busy with that close
+
+    one(b"first")  # the first transport
+    assert relay.accepted == 1
+    one(b"second")  # right after a close: the spare is dialed, this one rides the first transport
+    assert until(lambda: delta("spares_dialed") == 1)
+    assert relay.accepted == 2
+    assert delta("opened_on_spare") == 0
+    for i in range(4):  # the spare (quiet), the first (its close is older), the spare, the first
+        one(b"next %d" % i)
+    assert delta("opened_on_spare") == 2
+    assert relay.accepted == 2  # never a third
+
+
+def test_concurrent_opens_dial_no_spare(monkeypatch, relay, relay_gateway, echo_port):
+    # Only a close makes a spare worth its login: concurrent opens without one share a transport
+    # (the bounds lowered as above: this holds on any path).
+    monkeypatch.setattr(sshtunnel, "SSH_SPARE_MIN_ROUND_TRIP_S", 0.0)
+    monkeypatch.setattr(sshtunnel, "SSH_BUSY_ROUND_TRIPS", 1e9)
+    counters = dict(KEEPER_COUNTERS)
+    with open_ssh_tunnel(relay_gateway, "127.0.0.1", echo_port):  # (a round trip measured; no close yet)
+        opens = [gevent.spawn(open_ssh_tunnel, relay_gateway, "127.0.0.1", echo_port) for _ in range(4)]
+        gevent.joinall(opens, raise_error=True)
+        for job in opens:
+            assert exchange(job.value, b"x") == b"x" + trailer(b"x")
+            job.value.close()
+    assert relay.accepted == 1
+    assert not sshtunnel._SPARE_DIALING
+    assert KEEPER_COUNTERS["spares_dialed"] == counters["spares_dialed"]
 
 
 def test_hub_not_blocked_while_opening(relay, relay_gateway, echo_port):

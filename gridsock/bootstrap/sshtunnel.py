@@ -37,6 +37,20 @@ nothing here may block the gevent hub:
   ``SSH_IDLE_CLOSE_S`` and that carries none has its transport closed and its keeper ends; at
   most ``SSH_TRANSPORTS_KEPT`` transports are kept (the least recently used idle one goes
   first). :func:`close_all_transports` ends the keepers too.
+- A second transport for back-to-back use: sshd sets no ``TCP_NODELAY`` on a session without a
+  terminal, so its Nagle algorithm holds a small segment while an earlier small one is
+  unacknowledged. A channel opened right after another channel's close on the same transport
+  meets the gateway's CLOSE still in flight: the gateway's confirmation waits for our ACK of that
+  CLOSE, and the open takes two round trips instead of one. So each transport's pending opens
+  and last channel close are noted (:class:`_Activity`); a channel opened within
+  ``SSH_BUSY_ROUND_TRIPS`` round trips (the quickest channel open seen through the gateway) of
+  a close on the first transport goes to a second one, a *spare*, if that one is quiet; the
+  first such open dials the spare in the background (it rides the first transport meanwhile).
+  When both are busy, the one whose last close is older is used. Bounded: one spare per gateway,
+  only where a round trip is at least ``SSH_SPARE_MIN_ROUND_TRIP_S`` (on a LAN, a confirmation
+  held one round trip costs less than a second login is worth), closed with its first transport
+  (idle, trimmed, :func:`close_all_transports`); a spare that died is dropped and dialed again at
+  the next back-to-back open; a failed spare dial is not retried for ``SSH_SPARE_RETRY_S``.
 - Host keys are checked strictly against ``known_hosts`` (``[host]:port`` for ports other than 22,
   hashed names, ``*``/``?``/``!`` patterns and ``@revoked`` lines understood; ``@cert-authority``
   lines ignored, as paramiko cannot check host certificates). Unknown or mismatched keys raise
@@ -55,6 +69,7 @@ import select
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional, cast
 
@@ -94,6 +109,14 @@ SSH_IDLE_CLOSE_S = 600.0
 SSH_KEEPER_CHECK_S = 2.0
 # Transports kept at most (one per gateway and credentials: a node uses a handful).
 SSH_TRANSPORTS_KEPT = 16
+# A transport on which a channel closed less than this many round trips ago is busy: the gateway's
+# CLOSE (itself often held one round trip behind its EOF) may still be unacknowledged there.
+SSH_BUSY_ROUND_TRIPS = 2.0
+# A spare transport only where a round trip takes at least this long: below it, a confirmation
+# held one round trip costs less than a second login on the gateway is worth.
+SSH_SPARE_MIN_ROUND_TRIP_S = 0.005
+# A spare whose dial failed is not dialed again for this long (the gateway may limit sessions).
+SSH_SPARE_RETRY_S = 60.0
 
 _CACHE_LOCK = threading.Lock()
 _TRANSPORTS: dict[SSHGateway, paramiko.Transport] = {}
@@ -101,8 +124,14 @@ _DIAL_LOCKS: dict[SSHGateway, threading.Lock] = {}
 _LAST_USED: dict[SSHGateway, float] = {}  # gateway -> time.monotonic() of its last channel open
 _CHANNELS: dict[SSHGateway, int] = {}  # gateway -> tunnels open through it
 _KEEPERS: dict[SSHGateway, "_Keeper"] = {}
-#: What the keepers did: transports dialed again in the background, closed for idleness.
-KEEPER_COUNTERS: dict[str, int] = {"redialed": 0, "closed_idle": 0}
+_SPARES: dict[SSHGateway, paramiko.Transport] = {}  # gateway -> its second transport (see above)
+_SPARE_DIALING: set[SSHGateway] = set()
+_SPARE_FAILED: dict[SSHGateway, float] = {}  # gateway -> time.monotonic() of its last failed spare dial
+_OPEN_S: dict[SSHGateway, float] = {}  # gateway -> its quickest channel open (s): the round trip's estimate
+_GENERATION = [0]  # bumped by close_all_transports: a spare dialed across it is not kept
+#: What the keepers did: transports dialed again in the background, closed for idleness; spare
+#: transports dialed, and channels opened on a spare because the first transport was busy.
+KEEPER_COUNTERS: dict[str, int] = {"redialed": 0, "closed_idle": 0, "spares_dialed": 0, "opened_on_spare": 0}
 _TUNNEL_IDS = itertools.count(1)
 
 _PORT_RE = re.compile(r"[0-9]{1,5}")
@@ -483,12 +512,14 @@ def _trim() -> None:
     with _CACHE_LOCK:
         idle = sorted((g for g in _TRANSPORTS if not _CHANNELS.get(g)), key=lambda g: _LAST_USED.get(g, 0.0))
         excess = idle[:max(0, len(_TRANSPORTS) - SSH_TRANSPORTS_KEPT)]
-        closing = [(g, _TRANSPORTS.pop(g), _KEEPERS.pop(g, None)) for g in excess]
-    for gateway, transport, keeper in closing:
+        closing = [(g, _TRANSPORTS.pop(g), _KEEPERS.pop(g, None), _SPARES.pop(g, None)) for g in excess]
+    for gateway, transport, keeper, spare in closing:
         logger.info("SSH transport to gateway %s closed: more than %d kept", gateway, SSH_TRANSPORTS_KEPT)
         if keeper is not None:
             keeper.stop.set()
         transport.close()
+        if spare is not None:
+            spare.close()
 
 
 class _Keeper:
@@ -504,18 +535,23 @@ class _Keeper:
         while not self.stop.wait(SSH_KEEPER_CHECK_S):
             with _CACHE_LOCK:
                 transport = _TRANSPORTS.get(gateway)
+                spare = _SPARES.get(gateway)
                 idle_s = time.monotonic() - _LAST_USED.get(gateway, 0.0)
                 busy = bool(_CHANNELS.get(gateway))
                 if idle_s > SSH_IDLE_CLOSE_S and not busy:
                     _TRANSPORTS.pop(gateway, None)
+                    _SPARES.pop(gateway, None)
                     if _KEEPERS.get(gateway) is self:
                         del _KEEPERS[gateway]
                     KEEPER_COUNTERS["closed_idle"] += 1
                     self.stop.set()
+                elif spare is not None and not spare.is_active():
+                    del _SPARES[gateway]  # (dialed again at the next back-to-back open)
             if self.stop.is_set():
-                if transport is not None:
-                    logger.info("SSH transport to gateway %s closed: idle for %.0f s", gateway, idle_s)
-                    transport.close()
+                for kept in (transport, spare):
+                    if kept is not None:
+                        logger.info("SSH transport to gateway %s closed: idle for %.0f s", gateway, idle_s)
+                        kept.close()
                 return
             if transport is not None and transport.is_active():
                 continue
@@ -531,6 +567,98 @@ class _Keeper:
                 logger.info("SSH transport to gateway %s: dialing again failed: %s", gateway, exc)
 
 
+class _Activity:
+    """What one transport is doing, as far as a channel open on it is concerned (see the module
+    docstring): opens awaiting the gateway's answer, and when a channel on it last closed."""
+
+    __slots__ = ("__weakref__", "opening", "last_close")
+
+    def __init__(self) -> None:
+        self.opening = 0
+        self.last_close = float("-inf")  # time.monotonic()
+
+
+# transport -> its activity; guarded by _CACHE_LOCK (weak: a closed transport's entry goes with it)
+_ACTIVITY: "weakref.WeakKeyDictionary[paramiko.Transport, _Activity]" = weakref.WeakKeyDictionary()
+
+
+def _activity(transport: paramiko.Transport) -> _Activity:
+    # (hold _CACHE_LOCK)
+    activity = _ACTIVITY.get(transport)
+    if activity is None:
+        activity = _ACTIVITY[transport] = _Activity()
+    return activity
+
+
+def _choose_transport(gateway: SSHGateway, first: paramiko.Transport) -> paramiko.Transport:
+    """The transport a channel through ``gateway`` opens on: ``first`` (the cached one) unless
+    it is busy and the spare is not (see the module docstring); starts the spare's dial when
+    ``first`` is busy with a close and there is no spare. Marks one open pending on the result
+    (:func:`_open_done` ends it)."""
+    now = time.monotonic()
+    dial_spare = False
+    with _CACHE_LOCK:
+        chosen = first
+        round_trip = _OPEN_S.get(gateway)
+        if round_trip is not None and round_trip >= SSH_SPARE_MIN_ROUND_TRIP_S:
+            window = SSH_BUSY_ROUND_TRIPS * round_trip
+            mine = _activity(first)
+            closing = now - mine.last_close < window
+            if mine.opening or closing:
+                spare = _SPARES.get(gateway)
+                if spare is not None and not spare.is_active():
+                    del _SPARES[gateway]  # (the keeper closes nothing: a dead transport has nothing open)
+                    spare = None
+                if spare is not None:
+                    other = _activity(spare)
+                    quiet = not other.opening and now - other.last_close >= window
+                    if quiet or (other.opening, other.last_close) < (mine.opening, mine.last_close):
+                        chosen = spare
+                        KEEPER_COUNTERS["opened_on_spare"] += 1
+                elif closing and gateway not in _SPARE_DIALING \
+                        and now - _SPARE_FAILED.get(gateway, float("-inf")) >= SSH_SPARE_RETRY_S:
+                    _SPARE_DIALING.add(gateway)
+                    dial_spare = True
+        _activity(chosen).opening += 1
+    if dial_spare:
+        threading.Thread(target=_dial_spare, args=(gateway, _GENERATION[0]),
+                         name=f"gridsock-ssh-spare {gateway}", daemon=True).start()
+    return chosen
+
+
+def _open_done(gateway: SSHGateway, transport: paramiko.Transport, open_s: float | None) -> None:
+    """An open on ``transport`` ended; ``open_s``: how long it took, if it got an answer."""
+    with _CACHE_LOCK:
+        activity = _activity(transport)
+        activity.opening = max(0, activity.opening - 1)
+        if open_s is not None and open_s < _OPEN_S.get(gateway, float("inf")):
+            _OPEN_S[gateway] = open_s
+
+
+def _dial_spare(gateway: SSHGateway, generation: int) -> None:
+    """Dial ``gateway``'s spare transport (a daemon thread of its own) and keep it, unless
+    close_all_transports() came meanwhile or the first transport is gone."""
+    try:
+        spare = _dial_transport(_Dial(gateway, "(a second transport)", time.monotonic() + SSH_CONNECT_TIMEOUT_S))
+        spare.set_keepalive(int(SSH_KEEPALIVE_S))
+    except Exception as exc:  # ConnectError, AuthError, ConfigError: the first transport serves alone
+        with _CACHE_LOCK:
+            _SPARE_DIALING.discard(gateway)
+            _SPARE_FAILED[gateway] = time.monotonic()
+        logger.info("SSH gateway %s: a second transport failed: %s", gateway, exc)
+        return
+    with _CACHE_LOCK:
+        _SPARE_DIALING.discard(gateway)
+        keep = generation == _GENERATION[0] and gateway in _TRANSPORTS and gateway not in _SPARES
+        if keep:
+            _SPARES[gateway] = spare
+            KEEPER_COUNTERS["spares_dialed"] += 1
+    if keep:
+        logger.info("SSH transport to gateway %s: a second one, for back-to-back channels", gateway)
+    else:
+        spare.close()
+
+
 def _used(gateway: SSHGateway) -> None:
     """A channel was opened through ``gateway``: note it, and keep its transport from now on."""
     with _CACHE_LOCK:
@@ -543,15 +671,20 @@ def _used(gateway: SSHGateway) -> None:
     keeper.thread.start()
 
 
-def _released(gateway: SSHGateway) -> None:
+def _released(gateway: SSHGateway, transport: paramiko.Transport | None = None) -> None:
+    """A channel through ``gateway`` closed (on ``transport``, when known: its close time is noted)."""
     with _CACHE_LOCK:
         _CHANNELS[gateway] = max(0, _CHANNELS.get(gateway, 0) - 1)
+        if transport is not None:
+            _activity(transport).last_close = time.monotonic()
 
 
 def _discard_transport(gateway: SSHGateway, transport: paramiko.Transport) -> None:
     with _CACHE_LOCK:
         if _TRANSPORTS.get(gateway) is transport:
             del _TRANSPORTS[gateway]
+        if _SPARES.get(gateway) is transport:
+            del _SPARES[gateway]
     transport.close()
 
 
@@ -560,17 +693,24 @@ def _open_channel(gateway: SSHGateway, dest_host: str, dest_port: int, deadline:
     dial = _Dial(gateway, f"{dest_host}:{dest_port}", deadline)
     while True:
         transport, fresh = _get_transport(dial)
+        transport = _choose_transport(gateway, transport)
+        open_s = None
         try:
             origin = cast(socket.socket, transport.sock).getsockname()[:2]  # (ours: never a Channel)
         except OSError:
             origin = ("127.0.0.1", 0)
-        timeout = dial.remaining("opening the channel")  # outside the try: ConnectError is an OSError
         try:
-            return transport.open_channel("direct-tcpip", dest_addr=(dest_host, dest_port),
-                                          src_addr=origin, timeout=timeout)
+            timeout = dial.remaining("opening the channel")
+            started = time.monotonic()
+            channel = transport.open_channel("direct-tcpip", dest_addr=(dest_host, dest_port),
+                                             src_addr=origin, timeout=timeout)
+            open_s = time.monotonic() - started
+            return channel
         except paramiko.ChannelException as exc:
             # The gateway's refusal: 1 administratively prohibited, 2 connect failed, ...
             raise dial.connect_error(f"gateway refused the channel: {exc.text} (code {exc.code})") from exc
+        except ConnectError:  # (remaining(): an OSError, but ours, not the transport's)
+            raise
         except (paramiko.SSHException, OSError, EOFError) as exc:
             # EOFError/OSError: writing to the gateway failed, before paramiko's reader thread
             # noticed (is_active() may still say True). Such a transport is useless: drop it.
@@ -582,6 +722,8 @@ def _open_channel(gateway: SSHGateway, dest_host: str, dest_port: int, deadline:
                 logger.info("SSH transport to gateway %s died; redialing", gateway)
                 continue
             raise dial.connect_error(f"cannot open a channel: {exc or type(exc).__name__}") from exc
+        finally:
+            _open_done(gateway, transport, open_s)
 
 
 def _open_channel_outcome(
@@ -715,7 +857,7 @@ class _Pump:
             self._close_channel()
             self._sock.close()
             if self._gateway is not None:
-                _released(self._gateway)
+                _released(self._gateway, self._channel.get_transport() if self._channel is not None else None)
             logger.debug("tunnel %s closed", self._label)
 
     def _close_channel(self) -> None:
@@ -810,18 +952,22 @@ def open_ssh_tunnel(
 
 
 def close_all_transports() -> None:
-    """Close every cached SSH transport, and with them every tunnel that runs over them; the
-    keepers end (nothing is dialed again until a channel is opened anew).
+    """Close every cached SSH transport (spares included), and with them every tunnel that runs
+    over them; the keepers end (nothing is dialed again until a channel is opened anew).
 
     Meant for tests and shutdown. A handshake running concurrently may still add a transport.
     Blocks the calling greenlet only.
     """
     with _CACHE_LOCK:
-        transports = list(_TRANSPORTS.values())
+        transports = list(_TRANSPORTS.values()) + list(_SPARES.values())
         _TRANSPORTS.clear()
+        _SPARES.clear()
         keepers = list(_KEEPERS.values())
         _KEEPERS.clear()
         _LAST_USED.clear()
+        _SPARE_FAILED.clear()
+        _OPEN_S.clear()
+        _GENERATION[0] += 1
     for keeper in keepers:
         keeper.stop.set()
     if not transports:
