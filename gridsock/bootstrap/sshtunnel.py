@@ -569,12 +569,14 @@ class _Keeper:
 
 class _Activity:
     """What one transport is doing, as far as a channel open on it is concerned (see the module
-    docstring): opens awaiting the gateway's answer, and when a channel on it last closed."""
+    docstring): opens awaiting the gateway's answer, tunnels winding down (one direction ended:
+    the CLOSE exchange follows), and when a channel on it last closed."""
 
-    __slots__ = ("__weakref__", "opening", "last_close")
+    __slots__ = ("__weakref__", "opening", "closing", "last_close")
 
     def __init__(self) -> None:
         self.opening = 0
+        self.closing = 0
         self.last_close = float("-inf")  # time.monotonic()
 
 
@@ -603,7 +605,7 @@ def _choose_transport(gateway: SSHGateway, first: paramiko.Transport) -> paramik
         if round_trip is not None and round_trip >= SSH_SPARE_MIN_ROUND_TRIP_S:
             window = SSH_BUSY_ROUND_TRIPS * round_trip
             mine = _activity(first)
-            closing = now - mine.last_close < window
+            closing = bool(mine.closing) or now - mine.last_close < window
             if mine.opening or closing:
                 spare = _SPARES.get(gateway)
                 if spare is not None and not spare.is_active():
@@ -611,8 +613,9 @@ def _choose_transport(gateway: SSHGateway, first: paramiko.Transport) -> paramik
                     spare = None
                 if spare is not None:
                     other = _activity(spare)
-                    quiet = not other.opening and now - other.last_close >= window
-                    if quiet or (other.opening, other.last_close) < (mine.opening, mine.last_close):
+                    quiet = not other.opening and not other.closing and now - other.last_close >= window
+                    if quiet or (other.opening + other.closing, other.last_close) \
+                            < (mine.opening + mine.closing, mine.last_close):
                         chosen = spare
                         KEEPER_COUNTERS["opened_on_spare"] += 1
                 elif closing and gateway not in _SPARE_DIALING \
@@ -671,12 +674,22 @@ def _used(gateway: SSHGateway) -> None:
     keeper.thread.start()
 
 
-def _released(gateway: SSHGateway, transport: paramiko.Transport | None = None) -> None:
-    """A channel through ``gateway`` closed (on ``transport``, when known: its close time is noted)."""
+def _winding_down(transport: paramiko.Transport) -> None:
+    """One direction of a tunnel on ``transport`` ended: its channel closes soon (see _released)."""
+    with _CACHE_LOCK:
+        _activity(transport).closing += 1
+
+
+def _released(gateway: SSHGateway, transport: paramiko.Transport | None = None, wound: bool = False) -> None:
+    """A channel through ``gateway`` closed (on ``transport``, when known: its close time is noted;
+    ``wound``: it was counted by _winding_down)."""
     with _CACHE_LOCK:
         _CHANNELS[gateway] = max(0, _CHANNELS.get(gateway, 0) - 1)
         if transport is not None:
-            _activity(transport).last_close = time.monotonic()
+            activity = _activity(transport)
+            activity.last_close = time.monotonic()
+            if wound:
+                activity.closing = max(0, activity.closing - 1)
 
 
 def _discard_transport(gateway: SSHGateway, transport: paramiko.Transport) -> None:
@@ -756,6 +769,7 @@ class _Pump:
         self._lock = threading.Lock()
         self._running = 2
         self._aborted = False
+        self._wound = False  # counted by _winding_down (the first thread out, once attached)
         # Set once the channel is known: a pump started before its channel is open (its
         # threads start during the channel open's round trip, not after it: starting two
         # threads costs some 0.2 ms on the connect's path) waits for :meth:`attach` or
@@ -844,6 +858,12 @@ class _Pump:
             abort = not last and not self._aborted and (exc is not None or app_gone)
             if abort:
                 self._aborted = True
+            wind = not last and self._gateway is not None and self._channel is not None
+            self._wound = self._wound or wind
+        if wind:
+            # The CLOSE exchange follows soon: a channel opened meanwhile would wait behind it.
+            # Noted now, not when the channel closes: the application's next open may come first.
+            _winding_down(cast(paramiko.Channel, self._channel).get_transport())
         if exc is not None:
             logger.debug("tunnel %s: %s: %s", self._label, threading.current_thread().name, exc)
         if abort:
@@ -857,7 +877,8 @@ class _Pump:
             self._close_channel()
             self._sock.close()
             if self._gateway is not None:
-                _released(self._gateway, self._channel.get_transport() if self._channel is not None else None)
+                _released(self._gateway, self._channel.get_transport() if self._channel is not None else None,
+                          self._wound)
             logger.debug("tunnel %s closed", self._label)
 
     def _close_channel(self) -> None:
