@@ -41,10 +41,11 @@ nothing here may block the gevent hub:
   terminal, so its Nagle algorithm holds a small segment while an earlier small one is
   unacknowledged. A channel opened right after another channel's close on the same transport
   meets the gateway's CLOSE still in flight: the gateway's confirmation waits for our ACK of that
-  CLOSE, and the open takes two round trips instead of one. So each transport's pending opens
-  and last channel close are noted (:class:`_Activity`); a channel opened within
-  ``SSH_BUSY_ROUND_TRIPS`` round trips (the quickest channel open seen through the gateway) of
-  a close on the first transport goes to a second one, a *spare*, if that one is quiet; the
+  CLOSE, and the open takes two round trips instead of one. So each transport's pending opens,
+  tunnels winding down (one direction ended) and last channel close are noted
+  (:class:`_Activity`); a channel opened while a tunnel winds down on the first transport, or
+  within ``SSH_BUSY_ROUND_TRIPS`` round trips (the quickest channel open seen through the
+  gateway) of a close there, goes to a second transport, a *spare*, if that one is quiet; the
   first such open dials the spare in the background (it rides the first transport meanwhile).
   When both are busy, the one whose last close is older is used. Bounded: one spare per gateway,
   only where a round trip is at least ``SSH_SPARE_MIN_ROUND_TRIP_S`` (on a LAN, a confirmation
