@@ -4,6 +4,7 @@ cannot resume is reset, never ended cleanly; a relayed connection moves to a dir
 one opens, without losing a byte. Plus the frame codec, whole and byte by byte."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import random
@@ -23,7 +24,8 @@ from gridsock.components.resume import (ACK, DATA, EOF, HEADER_BYTES, HELLO, MAX
 from gridsock.errors import BrokenStreamError, RemoteProtocolError
 from gridsock.rules import Rules
 from gridsock.stack import Stack
-from gridsock.streams import Stream, memory_pair
+from gridsock.components.relay import RelayStream
+from gridsock.streams import SocketStream, Stream, memory_pair
 from gridsock.testing.grid import loopback_grid
 from gridsock.testing.methods import CASES, LocalServer, check_method
 
@@ -39,6 +41,19 @@ PORT = 7300
 def grid(tmp_path_factory):
     with loopback_grid(tmp_path_factory.mktemp("resume")) as running:
         yield running
+
+
+@pytest.fixture(autouse=True)
+def every_connection_ends(request):
+    """After each test on the grid, every resumable connection of every node ends (both ends,
+    within a bounded wait) once the programs closed their sockets: connections that end must
+    end, and none is left for the next test to meet."""
+    yield
+    if "grid" in request.fixturenames:
+        nodes = request.getfixturevalue("grid").nodes
+        wait_for(lambda: not any(live_streams(node) for node in nodes.values()),
+                 "every resumable connection of the grid ended")
+        wait_for(lambda: not any(len(node.relay) for node in nodes.values()), "every relayed connection ended")
 
 
 # --- the codec ---------------------------------------------------------------------------------
@@ -245,22 +260,22 @@ def test_check_method(grid, stack, refused, port):
 # --- breaks: the path is killed mid-stream ------------------------------------------------------
 
 
-def kill_tcp_under(node) -> None:
+def kill_tcp_under(node, stream) -> None:
+    """Shut down the kernel socket under ``stream``, ``node``'s end of a resumable
+    connection over tcp."""
     def kill():
-        for stream in live_streams(node):
-            # (only the test's tcp connection: an earlier test's stream may still be lingering
-            # over another method until its peer's end comes)
-            if stream.initiator and stream.lower is not None and hasattr(stream.lower, "socket"):
-                stream.lower.socket.shutdown(socket.SHUT_RDWR)  # the kernel socket under it
+        assert isinstance(stream.lower, SocketStream), stream.lower
+        stream.lower.socket.shutdown(socket.SHUT_RDWR)
 
     node.call(kill, timeout=WAIT_S)
 
 
-def kill_relay_under(node) -> None:
+def kill_relay_under(node, stream) -> None:
+    """Reset ``node``'s relay channel under ``stream`` (``node``'s relayed connections with the
+    peer break there; the peer's end learns it from the RESET its next frame gets)."""
     def kill():
-        for stream in live_streams(node):
-            if stream.initiator:
-                node.relay.reset_peers({stream.peer_id}, "the test closed the relay channel")
+        assert isinstance(stream.lower, RelayStream), stream.lower
+        node.relay.reset_peers({stream.peer_id}, "the test closed the relay channel")
 
     node.call(kill, timeout=WAIT_S)
 
@@ -278,7 +293,7 @@ def test_a_transfer_survives_its_killed_path(grid, stack, kill):
     def kill_it():
         seen.append(the_stream(grid[client], initiator=True))
         seen.append(the_stream(grid[server], initiator=False))
-        kill(grid[client])
+        kill(grid[client], seen[0])
 
     transfer_with(grid, client, server, stack, port, size=12 * 1024 * 1024, during=kill_it)
     assert [stream.state["resumes"] for stream in seen] == [1, 1]
@@ -296,7 +311,7 @@ def test_a_transfer_survives_several_kills(grid):
         stream = the_stream(node, initiator=True)
         seen.append(stream)
         for count in (1, 2, 3):
-            kill_tcp_under(node)
+            kill_tcp_under(node, stream)
             wait_for(lambda: stream.state["resumes"] == count, "a resume")
 
     transfer_with(grid, "m1", "L2", "tls/resume/tcp", PORT + 40, size=16 * 1024 * 1024, during=kill_three_times)
@@ -325,7 +340,7 @@ def test_a_token_is_used_once_and_only_by_its_node(grid):
         # Another node of the session, with the right id and token: refused; the token stays good.
         answer = resume_request(grid["m2"], server, port, "tls/resume/relay", stream.session_id, first)
         assert isinstance(answer, wire.AssemblyRefuse) and answer.code == "bad-token", answer
-        kill_relay_under(client)
+        kill_relay_under(client, stream)
         wait_for(lambda: stream.state["resumes"] == 1, "the resume")
         assert stream._token != first
         # Its own node, the token spent: refused.
@@ -361,7 +376,7 @@ def test_a_connection_that_cannot_resume_is_reset_on_both_sides(grid):
             got += len(server_sock.recv(65536))
         server.assembler.rules = Rules(outside_cluster=("tls", "lz4"))  # the server now refuses the stack
         try:
-            kill_tcp_under(client)
+            kill_tcp_under(client, the_stream(client, initiator=True))
             expect_reset(sock)  # the client: its resume was refused
             expect_reset(server_sock)  # the server: nobody came back within the bound
         finally:
@@ -436,13 +451,23 @@ class Freezable(Stream):
             self.inner.send_all(data)
 
     def receive_some(self, max_bytes=65536) -> bytes:
-        getter = gevent.spawn(self.inner.receive_some, max_bytes)
+        getter = gevent.spawn(self._receive, max_bytes)
         gevent.wait([getter, self.frozen], count=1)
         if self.frozen.is_set():
             getter.kill()
             self.closed.wait()  # silence, until the resume layer drops this path
             raise BrokenStreamError("closed")
-        return getter.get()
+        data, error = getter.get()
+        if error is not None:
+            raise error
+        return data
+
+    def _receive(self, max_bytes):
+        """The inner stream's bytes, or its error (returned: a greenlet that dies of it is printed)."""
+        try:
+            return self.inner.receive_some(max_bytes), None
+        except BrokenStreamError as exc:
+            return b"", exc
 
     def send_eof(self) -> None:
         self.inner.send_eof()
@@ -453,9 +478,9 @@ class Freezable(Stream):
         self.inner.close()
 
 
-def test_a_silent_path_is_noticed_and_replaced(monkeypatch):
-    monkeypatch.setattr(resume, "KEEPALIVE_S", 0.1)
-    monkeypatch.setattr(resume, "SILENT_S", 0.5)
+def memory_connection(**options):
+    """A resumable connection in memory: ``(client, server, first)``, ``first`` the two ends of
+    its first path (:class:`Freezable`); a new path is made as the assembler would."""
     a, b = memory_pair()
     first = (Freezable(a), Freezable(b))
     token = secrets.token_bytes(resume.RESUME_TOKEN_BYTES)
@@ -470,29 +495,42 @@ def test_a_silent_path_is_noticed_and_replaced(monkeypatch):
         return new_a
 
     client = ResumeStream(first[0], initiator=True, session_id=1, token=token, peer_id="the-server",
-                          peer_name="server", reopen=reopen, current_layers=("memory",))
+                          peer_name="server", reopen=reopen, current_layers=("memory",), **options)
     server = ResumeStream(first[1], initiator=False, session_id=1, token=token, peer_id="the-client",
-                          peer_name="client")
+                          peer_name="client", **options)
+    return client, server, first
+
+
+def pump(stream, data, *, at=None, then=None):
+    """Send ``data`` in pieces (calling ``then()`` once ``at`` bytes went), then EOF."""
+    for i in range(0, len(data), 100_000):
+        stream.send_all(data[i:i + 100_000])
+        if i == at:
+            then()
+    stream.send_eof()
+
+
+def drain(stream) -> bytes:
+    out = bytearray()
+    while True:
+        chunk = stream.receive_some(1 << 20)
+        if not chunk:
+            return bytes(out)
+        out += chunk
+
+
+def test_a_silent_path_is_noticed_and_replaced(monkeypatch):
+    monkeypatch.setattr(resume, "KEEPALIVE_S", 0.1)
+    monkeypatch.setattr(resume, "SILENT_S", 0.5)
+    client, server, first = memory_connection()
     up, down = random.Random(5).randbytes(3_000_000), random.Random(6).randbytes(2_000_000)
 
-    def pump(stream, data):
-        for i in range(0, len(data), 100_000):
-            stream.send_all(data[i:i + 100_000])
-            if i == 1_000_000 and stream is client:
-                first[0].frozen.set()  # both directions of the path go silent
-                first[1].frozen.set()
-        stream.send_eof()
-
-    def drain(stream):
-        out = bytearray()
-        while True:
-            chunk = stream.receive_some(1 << 20)
-            if not chunk:
-                return bytes(out)
-            out += chunk
+    def freeze():  # both directions of the path go silent
+        first[0].frozen.set()
+        first[1].frozen.set()
 
     with gevent.Timeout(WAIT_S):
-        jobs = [gevent.spawn(pump, client, up), gevent.spawn(pump, server, down),
+        jobs = [gevent.spawn(pump, client, up, at=1_000_000, then=freeze), gevent.spawn(pump, server, down),
                 gevent.spawn(drain, server), gevent.spawn(drain, client)]
         gevent.joinall(jobs, raise_error=True)
     assert jobs[2].value == up and jobs[3].value == down
@@ -500,3 +538,38 @@ def test_a_silent_path_is_noticed_and_replaced(monkeypatch):
     assert "nothing arrived" in client.state["last_break"]
     client.close()
     server.close()
+
+
+def running(stream):
+    """The names of the methods of ``stream`` that greenlets still run."""
+    return sorted(g._run.__name__ for g in gc.get_objects()
+                  if isinstance(g, gevent.Greenlet) and not g.dead and getattr(g._run, "__self__", None) is stream)
+
+
+def test_a_resumed_connection_keeps_nothing_of_its_suspension_and_ends_whole():
+    # A bound longer than the waits below: a timer of the suspension left asleep would outlive them.
+    client, server, first = memory_connection(timeout_s=2 * WAIT_S)
+    up, down = random.Random(7).randbytes(1_000_000), random.Random(8).randbytes(1_000_000)
+    with gevent.Timeout(2 * WAIT_S):
+        readers = [gevent.spawn(drain, server), gevent.spawn(drain, client)]
+        client.send_all(up[:300_000])
+        server.send_all(down[:300_000])
+        first[0].close()  # the client's end of the path is gone: both ends lose it
+        wait_for(lambda: client.state["resumes"] == server.state["resumes"] == 1, "the resume")
+        # Each end runs its new path's reader, sender and keepalive, and nothing else: no timer
+        # of the suspension left asleep for its bound.
+        for stream in (client, server):
+            wait_for(lambda: running(stream) == ["_keepalive", "_read_loop", "_send_loop"],
+                     f"{stream!r} running its path only (it runs {running(stream)})")
+        client.send_all(up[300_000:])
+        server.send_all(down[300_000:])
+        client.send_eof()
+        server.send_eof()
+        gevent.joinall(readers, raise_error=True)
+        assert readers[0].value == up and readers[1].value == down
+        client.close()
+        server.close()
+        # Both ended in order: their paths closed, nothing of them running.
+        for stream in (client, server):
+            wait_for(lambda: stream.lower is None and not running(stream),
+                     f"{stream!r} ended (it runs {running(stream)})")

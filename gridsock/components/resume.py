@@ -309,6 +309,9 @@ class ResumeStream(Stream):
         self._changed = gevent.event.Event()  # a new lower stream, an end: for the resumer
         self._greenlets: List[gevent.Greenlet] = []
         self._background: List[gevent.Greenlet] = []
+        # The suspension's timer (asleep up to timeout_s): a resume or an upgrade that ends the
+        # suspension kills it, or every resume would leave one asleep for timeout_s.
+        self._expiry: Optional[gevent.Greenlet] = None
         # One new lower stream at a time (a resume and an upgrade would spend the same token).
         self._reopening = gevent.lock.Semaphore()
         if node is not None:
@@ -614,7 +617,9 @@ class ResumeStream(Stream):
         self.state["last_break"] = why
         self._suspended_at = time.monotonic()
         self._background = [g for g in self._background if not g.dead]
-        self._background.append(gevent.spawn(self._expire, self._gen))
+        self._stop_expiry()  # (a previous suspension's, if its resume raced this loss)
+        self._expiry = gevent.spawn(self._expire, self._gen)
+        self._background.append(self._expiry)
         if self.initiator:
             self._background.append(gevent.spawn(self._resume_loop, self._gen))
 
@@ -711,6 +716,8 @@ class ResumeStream(Stream):
         self._changed.set()
         self._wake.set()  # (the old sender, if it waits: it finds its lower replaced)
         self._stop_keepalive()  # (the old path's, asleep: the next path gets its own)
+        self._stop_expiry()  # (the suspension is over)
+        self._background = [g for g in self._background if not g.dead]
         self._start(lower, resumed=resumed)
 
     # --- the responder's side of a resume ----------------------------------------------------
@@ -789,6 +796,12 @@ class ResumeStream(Stream):
                 greenlet.kill(block=False)
         self._background = [g for g in self._background if g is current]
         self._stop_keepalive()
+
+    def _stop_expiry(self) -> None:
+        """Kill the suspension's timer (see _lost), unless it is the caller."""
+        expiry, self._expiry = self._expiry, None
+        if expiry is not None and expiry is not gevent.getcurrent():
+            expiry.kill(block=False)
 
     def _stop_keepalive(self) -> None:
         """Kill the current generation's keepalive (see _start), unless it is the caller."""
