@@ -314,3 +314,73 @@ def test_a_link_runs_on_it_with_large_frames(world):
     finally:
         sender.close()
         receiver.close()
+
+
+def test_a_write_that_cannot_wait_keeps_what_the_kernel_refused_for_the_next(world):
+    # try_sendall_parts never waits: with the socket's buffers full, what the kernel did not
+    # take is kept, nothing else writes until a sendall_parts sends it first, in order.
+    client, server = _connected(world)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    chunks = [_data(50_000, seed) for seed in range(64)]
+    taken = []
+    try:
+        for chunk in chunks:
+            if not client.try_sendall_parts((chunk[:7], chunk[7:])):
+                break
+            taken.append(chunk)
+            if client.unsent:
+                assert not client.try_sendall_parts((b"x",))  # (refused while bytes are kept)
+                break
+        assert client.unsent and taken  # the kernel's buffers filled: the rest of a write is kept
+        received = bytearray()
+        want = sum(map(len, chunks))
+
+        def read_all() -> None:
+            while len(received) < want:
+                data = server.recv(65536)
+                assert data
+                received.extend(data)
+
+        reader = gevent.spawn(read_all)
+        with gevent.Timeout(DONE_TIMEOUT_S):
+            client.sendall_parts(())  # the kept bytes, first
+            assert not client.unsent
+            client.sendall_parts(chunks[len(taken):])
+            reader.get()
+        assert bytes(received) == b"".join(chunks)
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_small_frame_leaves_with_its_sender_while_the_writer_is_idle(world):
+    # Written in the sender's greenlet (no turn of the writer's), and in order with everything
+    # else: small frames, large ones the writer takes, and more small ones behind them.
+    client, server = _connected(world)
+    got: list = []
+    done = gevent.event.Event()
+    src, dst = str(uuid.uuid4()), str(uuid.uuid4())
+    sizes = (10, 200, 300_000, 5, 70_000, 1, 0, 40_000, 3)
+    messages = [wire.Routed(src=src, dst=dst, kind="msg", topic="t", hops=1, route=("a",), payload=_data(n, n))
+                for n in sizes]
+
+    def on_message(link, message):
+        got.append(message)
+        if len(got) == len(messages) + 1:
+            done.set()
+
+    sender = Link(client, wire.Decoder(), label="client", on_message=lambda link, m: None).start()
+    receiver = Link(server, wire.Decoder(), label="server", on_message=on_message).start()
+    try:
+        gevent.sleep(0)  # (the writer starts and waits: idle)
+        first = wire.Routed(src=src, dst=dst, kind="msg", topic="t", hops=1, route=("a",), payload=b"now")
+        before = sender.bytes_sent
+        assert sender.send(first)
+        assert sender.bytes_sent > before  # written already: no switch happened since send()
+        for message in messages:
+            assert sender.send(message)
+        assert done.wait(DONE_TIMEOUT_S)
+        assert got == [first, *messages]
+    finally:
+        sender.close()
+        receiver.close()

@@ -140,6 +140,10 @@ LINK_NOTSENT_LOWAT_BYTES = 128 * 1024
 RECV_CHUNK_BYTES = 256 * 1024
 # Payloads at least this large are written on their own, as they are, not joined with others.
 DIRECT_WRITE_BYTES = 64 * 1024
+# A frame no larger than this, sent while the writer is idle with nothing queued, is written by
+# the sender at once (see Link.send): a connect's request and its answer do not wait for the
+# writer greenlet's turn behind whatever else is ready.
+SEND_NOW_BYTES = 16 * 1024
 # A reader receives at most this much beyond the frame under way (small frames come many to a
 # receive; a socket that returns many TLS records at once would otherwise read far into the
 # next large frame, which the decoder then moves to its buffer's start: a copy).
@@ -282,6 +286,8 @@ class Link:
         self._control_frames = 0
         self._routed_bytes = 0
         self._wakeup = gevent.event.Event()
+        self._writer_idle = False  # the writer waits for frames, none queued (Link.send may write)
+        self._try_send = getattr(sock, "try_sendall_parts", None)  # (a socket that can write without waiting)
         self._drained = gevent.event.Event()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -338,6 +344,9 @@ class Link:
             log.error("%s: not sending %s: %s", self.label, type(message).__name__, exc)
             return False
         size = _frame_bytes(frame)
+        if self._writer_idle and not bulk and size <= SEND_NOW_BYTES and not self._urgent and not self._routed_bytes \
+                and self._send_now(frame, size):
+            return True
         if isinstance(message, wire.Routed):
             return self._queue_routed(message.src, frame, size, bulk)
         if len(self._urgent) >= self._max_frames or self._urgent_bytes + size > URGENT_QUEUE_BYTES:
@@ -346,6 +355,26 @@ class Link:
         self._urgent.append(frame)
         self._urgent_bytes += size
         self._wakeup.set()
+        return True
+
+    def _send_now(self, frame, size: int) -> bool:
+        """Write a small frame at once, in the sender's greenlet, without waiting: only while
+        the writer is idle (nothing queued, so the order is kept). False if the socket cannot
+        (another write under way): queue it then. What the kernel does not take now stays in
+        the socket, and the writer is woken to send it."""
+        if self._try_send is None:
+            return False
+        head, payload = frame
+        try:
+            if not self._try_send((head, payload) if payload else (head,)):
+                return False
+        except (OSError, ValueError) as exc:
+            self.close(f"send failed: {exc or type(exc).__name__}")
+            return True  # (the frame went with the link, as a queued one would)
+        self.bytes_sent += size
+        self._last_tx = time.monotonic()
+        if self.sock.unsent:
+            self._wakeup.set()
         return True
 
     def _queue_routed(self, src: str, frame, size: int, bulk: bool) -> bool:
@@ -562,10 +591,19 @@ class Link:
 
     def _write_loop(self) -> None:
         try:
+            unsent = (lambda: self.sock.unsent) if self._try_send is not None else (lambda: False)
             while not self.closed:
                 if not self._urgent and not self._routed_bytes:
+                    if unsent():  # (what Link.send wrote and the kernel did not take yet)
+                        self.sock.sendall_parts(())
+                        self._last_tx = time.monotonic()
+                        continue
                     self._wakeup.clear()
-                    self._wakeup.wait()
+                    self._writer_idle = True
+                    try:
+                        self._wakeup.wait()
+                    finally:
+                        self._writer_idle = False
                     self._last_tx = time.monotonic()  # (a stall counts from here)
                     continue
                 frames = self._next_frames()

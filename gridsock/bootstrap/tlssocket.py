@@ -36,6 +36,7 @@ It offers what the bootstrap uses of a TLS socket: ``do_handshake``, ``recv``, `
 """
 from __future__ import annotations
 
+import socket
 import ssl
 import weakref
 from typing import Callable, Iterable, List, Optional
@@ -87,6 +88,9 @@ class BufferedTLSSocket:
         self._sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
                                         server_hostname=server_hostname)
         self._write_lock = gevent.lock.Semaphore()
+        # Records try_sendall_parts encrypted that the kernel did not take: they go first (the
+        # next sendall_parts, which the caller must see to: ``unsent``).
+        self._unsent: List[bytes] = []
         self._eof = False  # the kernel said end of stream
         self.server_side = server_side
         self.context = context
@@ -202,38 +206,64 @@ class BufferedTLSSocket:
         if flags:
             raise ValueError("non-zero flags not allowed in calls to sendall() on a TLS socket")
         with self._write_lock:
+            if self._unsent:
+                unsent, self._unsent = self._unsent, []
+                self._send_records(unsent)
             self._flush()  # (what reading produced: a KeyUpdate answer, an alert)
-            write, take = self._sslobj.write, self._outgoing.read
             records: List[bytes] = []
             size = 0
-            for part in parts:
-                view = memoryview(part)
-                if view.ndim != 1 or view.format != "B":
-                    view = view.cast("B")
-                for offset in range(0, len(view), RECORD_PLAINTEXT_BYTES):
-                    write(view[offset:offset + RECORD_PLAINTEXT_BYTES])
-                    record = take()
-                    records.append(record)
-                    size += len(record)
-                    if size >= RAW_SEND_BYTES:
-                        self._send_records(records)
-                        records, size = [], 0
+            for record in self._records(parts):
+                records.append(record)
+                size += len(record)
+                if size >= RAW_SEND_BYTES:
+                    self._send_records(records)
+                    records, size = [], 0
             if records:
                 self._send_records(records)
+
+    def try_sendall_parts(self, parts: Iterable) -> bool:
+        """Send the buffers ``parts`` as :meth:`sendall_parts` does, but only if that cannot
+        wait: return False (nothing done) while another write is under way or unsent bytes
+        are kept. Otherwise encrypt them all and give the kernel what it takes now, without
+        waiting; what it does not take is kept (``unsent``), to go first with the next
+        :meth:`sendall_parts`, which the caller must make (an empty one will do). Returns True
+        then: the bytes are this socket's, in order."""
+        if self._unsent or self._outgoing.pending or self._write_lock.locked():
+            return False
+        # (No switch from here on: nothing else can write meanwhile.)
+        records = list(self._records(parts))
+        sendmsg = self._sock.sendmsg
+        while records:
+            try:
+                sent = sendmsg(records, (), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            _consume(records, sent)
+        self._unsent = records
+        return True
+
+    @property
+    def unsent(self) -> bool:
+        """Whether encrypted bytes wait for a :meth:`sendall_parts` (see :meth:`try_sendall_parts`)."""
+        return bool(self._unsent)
+
+    def _records(self, parts: Iterable):
+        """Encrypt ``parts``: one record (a TLS record's plaintext) at a time, each taken out of
+        the outgoing BIO at once. Under the write lock, or without a switch."""
+        write, take = self._sslobj.write, self._outgoing.read
+        for part in parts:
+            view = memoryview(part)
+            if view.ndim != 1 or view.format != "B":
+                view = view.cast("B")
+            for offset in range(0, len(view), RECORD_PLAINTEXT_BYTES):
+                write(view[offset:offset + RECORD_PLAINTEXT_BYTES])
+                yield take()
 
     def _send_records(self, records: List[bytes]) -> None:
         """Send ``records`` in order, gathered, as far as the kernel takes them each time."""
         sendmsg = self._sock.sendmsg
         while records:
-            sent = sendmsg(records)
-            while sent:
-                first = len(records[0])
-                if sent >= first:
-                    sent -= first
-                    del records[0]
-                else:
-                    records[0] = records[0][sent:]
-                    sent = 0
+            _consume(records, sendmsg(records))
 
     def _flush(self) -> None:
         """Send what the outgoing BIO holds (under the write lock, or during the handshake)."""
@@ -301,3 +331,15 @@ class BufferedTLSSocket:
         """Close the socket (no ``close_notify``, as gevent's ``SSLSocket.close``); a greenlet
         blocked on it gets an ``OSError``."""
         self._sock.close()
+
+
+def _consume(records: List[bytes], sent: int) -> None:
+    """Remove the first ``sent`` bytes from ``records`` (a send took them)."""
+    while sent:
+        first = len(records[0])
+        if sent >= first:
+            sent -= first
+            del records[0]
+        else:
+            records[0] = records[0][sent:]
+            sent = 0
