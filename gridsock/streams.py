@@ -58,7 +58,7 @@ from gevent import socket as gsocket
 
 from .errors import BrokenStreamError
 
-__all__ = ["Stream", "SocketStream", "MemoryStream", "memory_pair", "take_chunk", "DEFAULT_RECEIVE_BYTES"]
+__all__ = ["Stream", "SocketStream", "MemoryStream", "memory_pair", "take_chunk", "reset_socket", "DEFAULT_RECEIVE_BYTES"]
 
 # What receive_some returns at most by default: large enough for bulk transfers to amortise
 # per-call costs, small enough to keep a greenlet's buffers modest.
@@ -67,6 +67,15 @@ DEFAULT_RECEIVE_BYTES = 256 * 1024
 # closes it for a process that died; {off}: the default orderly close.
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 _LINGER_ORDERLY = struct.pack("ii", 0, 0)
+
+
+def reset_socket(sock) -> None:
+    """Close the TCP socket ``sock`` with a reset (its peer reads ECONNRESET, not an end)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+    except OSError:
+        pass  # (not TCP, or already closed)
+    sock.close()
 
 
 class Stream:
@@ -123,7 +132,12 @@ class SocketStream(Stream):
         if self._eof_sent:
             raise BrokenStreamError("cannot send after send_eof()")
         try:
-            self.socket.sendall(data)
+            # One send first: the kernel takes a small write whole, and gevent's sendall costs a
+            # system call more (it asks for SO_SNDBUF) and a loop.
+            view = memoryview(data)
+            sent = self.socket.send(view)
+            if sent < view.nbytes:
+                self.socket.sendall(view.cast("B")[sent:])
         except OSError as exc:
             raise BrokenStreamError(f"send failed: {exc}") from exc
 

@@ -206,12 +206,15 @@ class Requests:
     def wait(self, request_id: int, result: gevent.event.AsyncResult[wire.Routed], *, dst: str,
              timeout: float) -> wire.Routed:
         """Return the ``rep`` for the request; raise RoutingError for ``err``, TimeoutError."""
+        # (wait(), not get(): a gevent.Timeout of the caller's around the request stays the
+        # caller's, not a TimeoutError of this request)
         try:
-            reply = cast(wire.Routed, result.get(timeout=timeout))  # (resolve() sets only messages)
-        except gevent.Timeout:
-            raise TimeoutError(f"no answer from {dst} within {timeout:.1f} s") from None
+            result.wait(timeout)
         finally:
             self._pending.pop(request_id, None)
+        if not result.ready():
+            raise TimeoutError(f"no answer from {dst} within {timeout:.1f} s")
+        reply = cast(wire.Routed, result.value)  # (resolve() sets only messages)
         if reply.kind == "err":
             raise RoutingError(reply.payload.decode("utf-8", "replace"), dst=dst)
         return reply
