@@ -708,6 +708,8 @@ class Assembler:
         (:meth:`_await_better`), rather than cancelling them. ``head_start``: the first
         candidate's lead over the second (the cached winner's), instead of ``STAGGER_S``.
         """
+        if len(candidates) == 1 and not remember:
+            return self._alone(entry, port, candidates[0], timeout, client_port)
         ranked = list(ranking) if ranking is not None else list(candidates)
         order = {str(s): (self._tier(s), i) for i, s in enumerate(ranked)}
         background: Dict[int, gevent.Greenlet] = {}  # better candidates left to finish after the race
@@ -773,10 +775,9 @@ class Assembler:
                     if not running and started == len(candidates):
                         raise fail(stack) from exc
                     continue
-                lower, filters, early = made
-                via = _via(lower)
+                lower, filters, early, nominated = made
                 try:
-                    stream = self._nominate(lower, stack, filters, entry, deadline, early)
+                    stream = self._nominate(lower, stack, filters, entry, deadline, early, nominated=nominated)
                 except ConnectError as exc:  # e.g. tls refused the peer: the others may still do
                     tried.append((str(stack), _reason(exc)))
                     timed_out.append(isinstance(exc, TimeoutError))
@@ -792,19 +793,9 @@ class Assembler:
                                   if j in background else f"cancelled: {stack} connected first"))
                 for j in background:
                     del running[j]
-                info = self._record(entry, port, stack, initiator=True, stream=stream)
-                info.detail["client_port"] = client_port
-                if tried:
-                    info.detail["tried"] = tried
-                if via:
-                    info.detail["via"] = via
-                self._note_detail(info, lower)
-                if remember:
-                    self._winners[entry.node_id] = (stack, time.monotonic() + WINNER_TTL_S)
-                self._note_path(entry, stack, tried, remember=remember, untried=candidates[started:],
-                                connect_ms=round((time.monotonic() - began) * 1000, 3),
-                                ranking=[(str(s), TIERS[order[str(s)][0]]) for s in ranked] if remember else (),
-                                via=via)
+                info = self._won(entry, port, stack, stream, lower, tried, began, client_port, remember=remember,
+                                 untried=candidates[started:],
+                                 ranking=[(str(s), TIERS[order[str(s)][0]]) for s in ranked] if remember else ())
                 if background:
                     gevent.spawn(self._await_better, entry, stack, {j: (candidates[j], g) for j, g in background.items()},
                                  order, deadline)
@@ -817,6 +808,54 @@ class Assembler:
                 i, greenlet = results.get_nowait()
                 if i not in background:  # (those are _await_better's)
                     _discard(greenlet)
+
+    def _alone(self, entry: wire.NodeEntry, port: int, stack: Stack, timeout: float, client_port: Optional[int]):
+        """:meth:`_race` of one stack the caller named: its attempt runs in the caller's
+        greenlet (no greenlet to start, no result handed back through the hub: two turns of
+        the hub fewer on the connect's path), with the same outcomes. A timeout of the
+        caller's own around the connect stays the caller's (see :meth:`_establish`)."""
+        began = time.monotonic()
+        deadline = began + timeout
+        tried: List[Tuple[str, str]] = []
+        try:
+            timer = gevent.Timeout(timeout)
+            timer.start()
+            try:
+                lower, filters, early, nominated = self._establish(entry, port, stack, deadline, client_port,
+                                                                   timer=timer, alone=True)
+            finally:
+                timer.close()
+            stream = self._nominate(lower, stack, filters, entry, deadline, early, nominated=nominated)
+        except ConnectError as exc:
+            if exc.code is not None and exc.code != "unreachable":  # the server's will
+                self._note_path(entry, None, exc.tried, remember=False)
+                raise
+            tried.append((str(stack), _reason(exc)))
+            log.info("node %s: %s to %s failed: %s", self.node.name, stack, entry.name, tried[-1][1])
+            self._note_path(entry, None, tried, remember=False)
+            cls = ConnectTimeoutError if isinstance(exc, TimeoutError) else ConnectError
+            raise cls(f"cannot connect to {entry.name}:{port}", peer=entry.name, method=stack.method.name,
+                      tried=tried) from exc
+        return stream, self._won(entry, port, stack, stream, lower, tried, began, client_port, remember=False)
+
+    def _won(self, entry: wire.NodeEntry, port: int, stack: Stack, stream: Stream, lower: Stream,
+             tried: List[Tuple[str, str]], began: float, client_port: Optional[int], *, remember: bool,
+             untried: Sequence[Stack] = (), ranking: Sequence[Tuple[str, str]] = ()) -> ConnectionInfo:
+        """Record the connection ``stack`` made (nominated: ``stream`` over the method's
+        ``lower``) and the race's outcome; return its info."""
+        via = _via(lower)
+        info = self._record(entry, port, stack, initiator=True, stream=stream)
+        info.detail["client_port"] = client_port
+        if tried:
+            info.detail["tried"] = tried
+        if via:
+            info.detail["via"] = via
+        self._note_detail(info, lower)
+        if remember:
+            self._winners[entry.node_id] = (stack, time.monotonic() + WINNER_TTL_S)
+        self._note_path(entry, stack, tried, remember=remember, untried=untried,
+                        connect_ms=round((time.monotonic() - began) * 1000, 3), ranking=ranking, via=via)
+        return info
 
     def _await_better(self, entry: wire.NodeEntry, winner: Stack, pending: Dict[int, Tuple[Stack, gevent.Greenlet]],
                       order: Dict[str, Tuple[int, int]], deadline: float) -> None:
@@ -927,18 +966,21 @@ class Assembler:
         return out
 
     def _attempt(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float,
-                 client_port: Optional[int] = None) -> Tuple[Optional[Tuple[Stream, Stack, Any]], Optional[ConnectError]]:
-        """:meth:`_establish` in a race: ``((stream, filters, tls_early), None)`` or ``(None, ConnectError)``."""
+                 client_port: Optional[int] = None) -> Tuple[Optional[Tuple[Stream, Stack, Any, bool]], Optional[ConnectError]]:
+        """:meth:`_establish` in a race: ``((stream, filters, tls_early, nominated), None)`` or ``(None, ConnectError)``."""
         try:
             return self._establish(entry, port, stack, deadline, client_port), None
         except ConnectError as exc:  # expected: returned, not left to the hub to print
             return None, exc
 
     def _establish(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float,
-                   client_port: Optional[int] = None, method: Any = None) -> Tuple[Stream, Stack, Any]:
-        """One candidate, up to the method's connection (not yet nominated): return its stream,
-        the stack of its filters, and the TLS handshake begun with the request (an EarlyTls, or
-        None). Raises ConnectError (``code`` set if the server refused). ``method``: the object
+                   client_port: Optional[int] = None, method: Any = None,
+                   timer: Optional[gevent.Timeout] = None, alone: bool = False) -> Tuple[Stream, Stack, Any, bool]:
+        """One candidate, up to the method's connection: return its stream, the stack of its
+        filters, the TLS handshake begun with the request (an EarlyTls, or None), and whether
+        the connection is nominated already (``alone``, the connect's only candidate: a method
+        may send the nomination with its first bytes, see ``InitiatorContext.nominate_early``;
+        otherwise :meth:`_nominate` sends it). Raises ConnectError (``code`` set if the server refused). ``method``: the object
         to drive instead of the stack's own (see :meth:`open_method_stream`; no filters then).
 
         With ``tls`` right above the method, its ClientHello travels in the request and the
@@ -948,7 +990,9 @@ class Assembler:
         the answer comes (``reverse``), the connect completes on it only once that server's
         answers said the flight follows on the connection: an older server's does not.
 
-        Runs in its own greenlet; killed, it closes whatever it made.
+        Runs in its own greenlet (killed, it closes whatever it made), where every
+        ``gevent.Timeout`` is the connect's own (ConnectTimeoutError); or in the caller's, with
+        ``timer`` the connect's: another timeout is the caller's, and passes through as it is.
         """
         name = stack.method.name
         token = secrets.token_bytes(TOKEN_BYTES)
@@ -959,7 +1003,9 @@ class Assembler:
             if method is None:
                 method = component
             ctx = InitiatorContext(node=self.node, me=self.node.entry, peer=entry, token=token, deadline=deadline,
-                                   expect=lambda count: self._expect(token, count), port=port, stack=stack)
+                                   expect=lambda count: self._expect(token, count), port=port, stack=stack,
+                                   # (a method wrapper, resume or parallel, drives the method: it keeps it)
+                                   nominate_early=alone and not getattr(method, "wraps_method", False))
             early_tls = self._early_tls(filters) if own_method else None
             early = early_tls.begin(self._context(entry, initiator=True)) if early_tls is not None else None
             initiation = method.initiate(ctx)
@@ -973,7 +1019,7 @@ class Assembler:
                 reply = self._request_unless(arrived, entry, wire.encode_assembly(request),
                                              max(0.1, deadline - time.monotonic()))
                 if reply is None:  # the method's connection came first: it proves the acceptance
-                    return initiation.complete({}), filters, early  # (the flight follows on it)
+                    return initiation.complete({}), filters, early, initiation.nominated  # (the flight follows on it)
                 answer = wire.decode_assembly(reply.payload, peer=entry.name)
             except (RoutingError, TimeoutError, RemoteProtocolError) as exc:
                 raise ConnectError(f"assembly request to {entry.name} failed: {exc}", peer=entry.name,
@@ -996,11 +1042,13 @@ class Assembler:
                 else:
                     self._flight_follows.pop(entry.node_id, None)
                     early.answered(answer.tls_flight_bytes)  # (None: a server that predates it)
-            return initiation.complete(answer.answer), filters, early
+            return initiation.complete(answer.answer), filters, early, initiation.nominated
         except BaseException as exc:
             if initiation is not None:
                 initiation.abort()
             if isinstance(exc, gevent.Timeout):
+                if timer is not None and exc is not timer:
+                    raise
                 raise ConnectTimeoutError(f"connecting to {entry.name} timed out", peer=entry.name,
                                           method=name) from None
             if isinstance(exc, ConnectError) or not isinstance(exc, (GridsockError, OSError)):
@@ -1031,11 +1079,13 @@ class Assembler:
             asking.kill(block=False)  # (a late answer is dropped by the router)
 
     def _nominate(self, lower: Stream, stack: Stack, filters: Stack, entry: wire.NodeEntry, deadline: float,
-                  tls_early: Any = None) -> Stream:
-        """Tell the server this connection is the one (``NOMINATE``), then build the filters
-        (``tls_early``: the TLS handshake begun with the request, which ``tls`` continues)."""
+                  tls_early: Any = None, *, nominated: bool = False) -> Stream:
+        """Tell the server this connection is the one (``NOMINATE``) unless it went already
+        (``nominated``), then build the filters (``tls_early``: the TLS handshake begun with
+        the request, which ``tls`` continues)."""
         try:
-            lower.send_all(NOMINATE)
+            if not nominated:
+                lower.send_all(NOMINATE)
             with gevent.Timeout(max(0.1, deadline - time.monotonic()),
                                 ConnectTimeoutError(f"building {stack} to {entry.name} timed out", peer=entry.name,
                                                     method=stack.method.name)):
@@ -1047,6 +1097,9 @@ class Assembler:
             lower.close()
             raise ConnectError(f"connecting to {entry.name} over {stack} failed: {exc}", peer=entry.name,
                                method=stack.method.name) from exc
+        except BaseException:  # (a timeout of the caller's, a kill: the connection goes too)
+            lower.close()
+            raise
 
     def open_method_stream(self, peer_id: str, port: int, stack: Stack, method: Any, *, timeout: float) -> Stream:
         """A new connection of ``stack``'s method alone, for a layer that makes the path under a
@@ -1060,7 +1113,7 @@ class Assembler:
             raise ConnectError(f"node {peer_id} is not in the directory", peer=peer_id, method=stack.method.name)
         deadline = time.monotonic() + timeout
         with gevent.Timeout(timeout):
-            lower, _, _ = self._establish(entry, port, stack, deadline, method=method)
+            lower, _, _, _ = self._establish(entry, port, stack, deadline, method=method)
         try:
             lower.send_all(NOMINATE)
         except (GridsockError, OSError) as exc:
@@ -1083,6 +1136,9 @@ class Assembler:
         """Wrap the method's stream in the filters; the top stream's info names the whole stack."""
         from .registry import build_filters
 
+        if not filters.filters:  # (the method's stream is the connection)
+            lower.info["stack"] = str(stack)
+            return lower
         context = self._context(peer, initiator=initiator, tls_early=tls_early)
         stream = build_filters(filters, lower, context, registry=self.registry)
         stream.info["stack"] = str(stack)

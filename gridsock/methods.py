@@ -161,6 +161,10 @@ class InitiatorContext:
     expect: Callable[[int], Arrival]
     port: int = 0
     stack: Any = None
+    #: The connection is the connect's only candidate: an initiation whose stream is the one
+    #: connection it dials may send the nomination right behind the preamble, in the same
+    #: packet, rather than once the answer came (it says so: :attr:`Initiation.nominated`).
+    nominate_early: bool = False
 
     def remaining(self, floor: float = 0.1) -> float:
         """Seconds left before the deadline (at least ``floor``)."""
@@ -205,6 +209,8 @@ class Initiation:
     """
 
     offer: Dict[str, Any] = {}
+    #: The stream's nomination went already (see :attr:`InitiatorContext.nominate_early`).
+    nominated: bool = False
 
     def complete(self, answer: Dict[str, Any]) -> "Stream":
         """The method's connected stream, once the server accepted with ``answer``.

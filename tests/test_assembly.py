@@ -452,7 +452,7 @@ def test_a_candidate_established_but_not_nominated_is_never_delivered(grid, stac
     logger.setLevel(logging.INFO)
     try:
         parsed = Stack.parse(stack)
-        lower, _, _ = m1.assembler._establish(l1.entry, PORT, parsed, deadline=assembly.time.monotonic() + 15)
+        lower, _, _, _ = m1.assembler._establish(l1.entry, PORT, parsed, deadline=assembly.time.monotonic() + 15)
         lower.close()  # it lost the race
         assert taken_not.wait(timeout=JOIN_TIMEOUT_S)
     finally:

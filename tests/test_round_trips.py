@@ -491,6 +491,85 @@ def test_reverse_refusal_still_fails_the_connect(grid):
     assert caught.value.code == "refused"
 
 
+# --- the nomination of a lone candidate -------------------------------------------------------
+
+
+def test_a_lone_candidate_is_nominated_with_its_preamble(grid):
+    # A stack the caller named is the connect's only candidate: its connection says it is the
+    # one in its first packet, so the server delivers it without waiting for anything more.
+    import gevent
+
+    nodes, listeners = grid
+    release, worked, answered, restore = _hold_answers(nodes["m1"])
+    attempt = gevent.spawn(nodes["L1"].open_stream, "m1", PORT, stack="tcp")
+    try:
+        server, _ = listeners["m1"].accept_stream(timeout=JOIN_TIMEOUT_S)
+        assert worked.is_set() and not answered and not attempt.ready()  # delivered, the answer held back
+        release.set()
+        client, info = attempt.get(timeout=JOIN_TIMEOUT_S)
+        assert info.stack == "tcp"
+        client.send_all(b"x")
+        assert server.receive_some(1) == b"x"  # (one nomination byte: nothing more before the data)
+        server.send_all(b"y")
+        assert client.receive_some(1) == b"y"
+        client.close()
+        server.close()
+    finally:
+        release.set()
+        attempt.kill()
+        restore()
+
+
+def test_raced_candidates_are_nominated_only_after_the_answer(grid):
+    import gevent
+
+    nodes, listeners = grid
+    release, worked, answered, restore = _hold_answers(nodes["m2"])
+    attempt = gevent.spawn(nodes["L2"].open_stream, "m2", PORT, stack=["tcp", "relay"])
+    try:
+        assert worked.wait(JOIN_TIMEOUT_S)
+        with pytest.raises(Exception):  # nothing is delivered while the client has not chosen
+            listeners["m2"].accept_stream(timeout=EARLY_COMPLETION_BOUND_S)
+        release.set()
+        client, info = attempt.get(timeout=JOIN_TIMEOUT_S)
+        server, _ = listeners["m2"].accept_stream(timeout=JOIN_TIMEOUT_S)
+        client.send_all(b"x")
+        assert server.receive_some(1) == b"x"
+        client.close()
+        server.close()
+    finally:
+        release.set()
+        attempt.kill()
+        restore()
+
+
+def test_a_callers_own_timeout_around_a_lone_candidate_stays_the_callers(grid):
+    # The lone candidate runs in the caller's greenlet: a gevent.Timeout of the caller's is
+    # not turned into the connect's ConnectTimeoutError, and what the attempt made is closed.
+    import gevent
+
+    nodes, listeners = grid
+    release, worked, _, restore = _hold_answers(nodes["m2"])
+    mine = gevent.Timeout(1.0)
+    try:
+        with pytest.raises(gevent.Timeout) as caught:
+            with mine:
+                nodes["L1"].open_stream("m2", PORT, stack="tcp")
+        assert caught.value is mine and worked.is_set()
+    finally:
+        release.set()
+        restore()
+    # Nominated with its preamble, the connection was delivered; the abort reset it, so the
+    # server's program reads a break, not an end.
+    from gridsock.errors import BrokenStreamError
+
+    phantom, _ = listeners["m2"].accept_stream(timeout=JOIN_TIMEOUT_S)
+    with pytest.raises(BrokenStreamError):
+        phantom.receive_some(1)
+    phantom.close()
+    _connect(nodes, listeners, "L1", "m2", "tcp")  # unharmed: the next connect works
+
+
 # --- an SSH gateway's transport, kept ahead of need ------------------------------------------
 
 

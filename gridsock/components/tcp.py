@@ -44,7 +44,7 @@ from .. import wire
 from ..bootstrap.transport import Address, dial, parse_address
 from ..errors import ConfigError, ConnectError, ConnectTimeoutError, RemoteProtocolError
 from ..methods import DIAL_TIMEOUT_S, Arrival, Initiation, InitiatorContext, Method, ResponderContext
-from ..streams import SocketStream, Stream
+from ..streams import SocketStream, Stream, reset_socket
 
 __all__ = ["TcpMethod", "DialInitiation", "dial_with_preamble", "dial_fast_open", "serve_arrival", "recv_exactly",
            "CONNECT_TIMEOUT_S", "MATCH_TIMEOUT_S", "TCP_FASTOPEN_CONNECT"]
@@ -252,7 +252,12 @@ class DialInitiation(Initiation):
         # trips) start it at once.
         start = functools.partial(gevent.spawn_later, 0) if getattr(method, "dial_behind_request", False) \
             else gevent.spawn
-        self._dials = [start(_captured, method.dial_node_port, ctx, i) for i in range(count)]
+        # One connection, the connect's only candidate: its nomination goes with the preamble.
+        self.nominated = count == 1 and ctx.nominate_early
+        if self.nominated:
+            self._dials = [start(_captured, method.dial_node_port, ctx, 0, first_bytes=wire.NOMINATE)]
+        else:
+            self._dials = [start(_captured, method.dial_node_port, ctx, i) for i in range(count)]
 
     def sockets(self) -> List[Any]:
         """The connected sockets, by index; ConnectError (the first failure) otherwise."""
@@ -286,7 +291,10 @@ class DialInitiation(Initiation):
         for greenlet in dials:
             value = greenlet.value if greenlet.successful() else None  # a killed dial's value is GreenletExit
             if isinstance(value, tuple) and value[0] is not None:
-                value[0].close()
+                # Reset, not closed in order: a connection nominated with its preamble may
+                # have been delivered already, and to the server's program it is a connection
+                # that broke, not one that ended.
+                reset_socket(value[0])
 
 
 class TcpMethod(Method):
@@ -306,12 +314,13 @@ class TcpMethod(Method):
         """Return a connected gevent socket to ``address``; ConnectError if it cannot."""
         return _dial(address, timeout=timeout, fast_open=False)
 
-    def dial_node_port(self, ctx: InitiatorContext, index: int = 0):
-        """Connection ``index`` to ``ctx.peer``'s node port, preamble sent; ConnectError."""
+    def dial_node_port(self, ctx: InitiatorContext, index: int = 0, *, first_bytes: bytes = b""):
+        """Connection ``index`` to ``ctx.peer``'s node port, preamble (and ``first_bytes``)
+        sent; ConnectError."""
         if not ctx.peer.addrs:
             raise ctx.fail(f"{ctx.peer.name} advertises no address for a {self.name} connection", method=self.name)
         return dial_with_preamble(self.dial, ctx.peer.addrs, ctx.token, index=index, timeout=ctx.remaining(),
-                                  method=self.name, node=ctx.node)
+                                  method=self.name, node=ctx.node, first_bytes=first_bytes)
 
     def explain(self, ctx: InitiatorContext, exc: ConnectError) -> ConnectError:
         """``exc`` with what the directory knows of why the dial failed: a node that the

@@ -249,7 +249,7 @@ def _cancelled(env: _Env) -> None:
     assembler = env.client.assembler
     entry = env.client.directory.resolve(env.server.name)
     before = env.server.counters()
-    lower, _, _ = assembler._establish(entry, env.port, Stack.parse(env.stack), time.monotonic() + 15.0)
+    lower, _, _, _ = assembler._establish(entry, env.port, Stack.parse(env.stack), time.monotonic() + 15.0)
     lower.close()  # it lost the race: never nominated
     wait_until(lambda: env.server.counters()["not_taken"] > before["not_taken"], 15.0,
                "the server closing the connection that was not nominated")
