@@ -478,9 +478,10 @@ class Freezable(Stream):
         self.inner.close()
 
 
-def memory_connection(**options):
+def memory_connection(*, client_lower=lambda stream: stream, next_client_lower=lambda stream: stream, **options):
     """A resumable connection in memory: ``(client, server, first)``, ``first`` the two ends of
-    its first path (:class:`Freezable`); a new path is made as the assembler would."""
+    its first path (:class:`Freezable`); a new path is made as the assembler would. The client
+    uses ``client_lower(first[0])`` and ``next_client_lower(its end)`` of each new path."""
     a, b = memory_pair()
     first = (Freezable(a), Freezable(b))
     token = secrets.token_bytes(resume.RESUME_TOKEN_BYTES)
@@ -492,9 +493,9 @@ def memory_connection(**options):
         client._token = next_token
         gevent.spawn(server.adopt, new_b, next_token)
         new_a.send_all(assembly.NOMINATE)
-        return new_a
+        return next_client_lower(new_a)
 
-    client = ResumeStream(first[0], initiator=True, session_id=1, token=token, peer_id="the-server",
+    client = ResumeStream(client_lower(first[0]), initiator=True, session_id=1, token=token, peer_id="the-server",
                           peer_name="server", reopen=reopen, current_layers=("memory",), **options)
     server = ResumeStream(first[1], initiator=False, session_id=1, token=token, peer_id="the-client",
                           peer_name="client", **options)
@@ -573,3 +574,84 @@ def test_a_resumed_connection_keeps_nothing_of_its_suspension_and_ends_whole():
         for stream in (client, server):
             wait_for(lambda: stream.lower is None and not running(stream),
                      f"{stream!r} ended (it runs {running(stream)})")
+
+
+class BreaksAt(Stream):
+    """A lower stream whose path breaks (both ends, an abort) when it is given ``frame`` to
+    send: that frame is lost with the path."""
+
+    def __init__(self, inner, frame: bytes) -> None:
+        self.inner = inner
+        self.info = inner.info
+        self.frame = frame
+
+    def send_all(self, data) -> None:
+        if self.frame in bytes(data):
+            self.inner.close()
+            raise BrokenStreamError("the path broke")
+        self.inner.send_all(data)
+
+    def receive_some(self, max_bytes=65536) -> bytes:
+        return self.inner.receive_some(max_bytes)
+
+    def send_eof(self) -> None:
+        self.inner.send_eof()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class Gathering(Stream):
+    """A lower stream whose first receive waits for ``count`` bytes (frames that came in one
+    segment are read at once)."""
+
+    def __init__(self, inner, count: int) -> None:
+        self.inner = inner
+        self.info = {"method": "memory"}
+        self.count = count
+
+    def receive_some(self, max_bytes=65536) -> bytes:
+        got = bytearray()
+        while len(got) < self.count:
+            data = self.inner.receive_some(self.count - len(got))
+            if not data:
+                break
+            got += data
+        self.count = 0
+        return bytes(got) if got else self.inner.receive_some(max_bytes)
+
+    def send_all(self, data) -> None:
+        self.inner.send_all(data)
+
+    def send_eof(self) -> None:
+        self.inner.send_eof()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_an_end_whose_last_ack_was_lost_with_its_path_sends_it_again_before_it_finishes():
+    # The client's acknowledgement of the server's EOF is lost with the path; on the new path
+    # the server's HELLO and its acknowledgement of the client's EOF come together. The client
+    # must acknowledge again before it finishes: else the server waits for a resume that never
+    # comes (for its bound, longer than this test's waits).
+    up, down = b"u" * 1000, b"d" * 2000
+    client, server, first = memory_connection(
+        client_lower=lambda end: BreaksAt(end, encode_frame(ACK, len(down) + 1)),
+        next_client_lower=lambda end: Gathering(end, 2 * HEADER_BYTES), timeout_s=2 * WAIT_S)
+    with gevent.Timeout(2 * WAIT_S):
+        readers = [gevent.spawn(drain, server), gevent.spawn(drain, client)]
+        client.send_all(up)
+        server.send_all(down)
+        client.send_eof()
+        server.send_eof()
+        gevent.joinall(readers, raise_error=True)
+        assert readers[0].value == up and readers[1].value == down
+        wait_for(lambda: client.state["resumes"] == 1, "the resume")
+        client.close()
+        server.close()
+        for stream in (client, server):
+            wait_for(lambda: stream.lower is None and not running(stream),
+                     f"{stream!r} ended (it runs {running(stream)}, {stream.state})")
+            assert stream._finished and stream._broken is None, (stream, stream._broken)  # in order, not reset
+        assert server.state["resumes"] == 1

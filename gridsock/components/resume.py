@@ -71,6 +71,9 @@ Ends. ``send_eof`` sends EOF after the data; ``close`` after it lingers (in the 
 most :data:`CLOSE_LINGER_S`) until both directions ended and were acknowledged, then closes the
 lower stream in order; ``close`` without ``send_eof`` is an abort (RESET). When both sides sent
 EOF and each acknowledged the other's, the lower stream is closed and the connection forgotten.
+An end finishes only once its last ACK went on the lower stream it closes: one sent on a path
+that was lost may have been lost with it, and is sent again on the next (the peer would wait for
+a resume that never comes). A resume ends the suspension's timer with it.
 """
 from __future__ import annotations
 
@@ -294,6 +297,9 @@ class ResumeStream(Stream):
         self._received = 0
         self._consumed = 0
         self._acked_sent = 0  # the last ACK position sent
+        # The lower stream (generation) the last ACK went on: one that went on a lost path may
+        # be lost with it, so an end finishes only once its last ACK went on the path it closes.
+        self._ack_gen = -1
         self._force_ack = False
         self._pong_due: Optional[int] = None  # a PING's nonce to answer
         self._ping_due = False
@@ -451,6 +457,7 @@ class ResumeStream(Stream):
                         or (self._force_ack and ack > 0)):
                     head = b""
                     payload = b""
+                    acks = False
                     if self._pong_due is not None:
                         head += encode_frame(PONG, self._pong_due)
                         self._pong_due = None
@@ -461,6 +468,7 @@ class ResumeStream(Stream):
                         head += encode_frame(ACK, ack)
                         self._acked_sent = max(self._acked_sent, ack)
                         self._force_ack = False
+                        acks = True
                     if data_waiting:
                         n = min(FRAME_DATA_BYTES, self._sent_total - self._send_pos)
                         start = self._send_pos - self._acked
@@ -476,6 +484,8 @@ class ResumeStream(Stream):
                     else:  # a large payload goes as it is, not copied behind its header
                         lower.send_all(head)
                         lower.send_all(payload)
+                    if acks:
+                        self._ack_gen = gen
                     waited = False
                     self._maybe_finish()
                     continue
@@ -585,8 +595,8 @@ class ResumeStream(Stream):
         if self._finished or self._broken is not None:
             return
         if not (self._eof_wanted and self._acked == self._sent_total + 1 and self._peer_eof
-                and self._acked_sent == self._received + 1):
-            return
+                and self._acked_sent == self._received + 1 and self._ack_gen == self._gen):
+            return  # (an ACK sent on a lost path goes again on the next, after the peer's HELLO)
         self._finished = True
         lower, self._lower = self._lower, None
         self._gen += 1
