@@ -1086,6 +1086,8 @@ class Assembler:
         try:
             if not nominated:
                 lower.send_all(NOMINATE)
+            if not filters.filters:  # (nothing to build, nothing to wait for)
+                return self._build(stack, filters, lower, entry, initiator=True)
             with gevent.Timeout(max(0.1, deadline - time.monotonic()),
                                 ConnectTimeoutError(f"building {stack} to {entry.name} timed out", peer=entry.name,
                                                     method=stack.method.name)):

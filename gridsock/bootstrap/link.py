@@ -506,9 +506,10 @@ class Link:
                 if n < missing:
                     self.close("peer closed the connection")
                     return
-                self._dispatch_buffered()
                 unyielded += n
-                if unyielded >= YIELD_EVERY_BYTES:
+                if self._dispatch_buffered() or unyielded >= YIELD_EVERY_BYTES:
+                    # (a request's handler, a reply's waiter run first: not after this
+                    # reader's next receive finds nothing and waits)
                     unyielded = 0
                     gevent.sleep(0)
         except RemoteProtocolError as exc:
@@ -525,17 +526,22 @@ class Link:
             log.exception("bug while handling a message from %s", self.label)
             self.close(f"internal error: {exc!r}")
 
-    def _dispatch_buffered(self) -> None:
+    def _dispatch_buffered(self) -> bool:
+        """Hand every whole message received to ``on_message``; True if one was a routed
+        request or reply (someone waits on it, or a handler starts)."""
+        woke = False
         while not self.closed:
             message = self._decoder.next_message()
             if message is None:
-                return
+                break
             if isinstance(message, wire.Ping):
                 self.send(wire.Pong(message.nonce))  # a link frame: out before anything routed
             elif isinstance(message, wire.Pong):
                 pass
             else:
+                woke = woke or isinstance(message, wire.Routed) and message.kind != "msg"
                 self._on_message(self, message)
+        return woke
 
     def _next_frames(self) -> list:
         """The frames of the next write, in priority order: link frames, then routed non-bulk
