@@ -1707,8 +1707,9 @@ def rt_targets(table: Dict[str, dict], anatomy: Dict[str, dict]) -> List[Tuple[s
         rows.append((what, f"≤ {limit:g}×", f"{a:.1f} against {b:.1f} ms", f"{a / b:.2f}×", a / b <= limit, note))
 
     ratio("steady `tcp` against a plain `connect()`, a1 -> rv", "tcp steady", "plain a1>rv", 1.10,
-          note="one round trip on the wire (the request on the meta link beside the dial); the rest is CPU work "
-               "in the two node processes, on a machine shared with other work")
+          note="one round trip on the wire (the request on the meta link beside the dial; a named stack's "
+               "connection nominated in its first packet); the rest is CPU work in the two node processes: the "
+               "request, the answer, each a system call through the lab's namespaces")
     ratio("`tcp` first contact against a plain `connect()`, a1 -> rv", "tcp first", "plain a1>rv", 2.0,
           note="the request over the bootstrap channel at once, the meta link opened beside it")
     ratio("`reverse` against a plain `connect()` on the nearest path (a1 -> rv)", "reverse steady", "plain a1>rv", 1.6,
@@ -1730,8 +1731,10 @@ def rt_targets(table: Dict[str, dict], anatomy: Dict[str, dict]) -> List[Tuple[s
                      "CPU work at both ends (resumed between nodes that have met: a key exchange, no certificate "
                      "work) and the waits of two busy processes for a core"))
     ratio("`ssh` (transport up) no slower than `ssh -L` to first byte, rv -> c1", "ssh steady", "ssh-L", 1.0,
-          field="ready", note="the same round trips (channel open, then the request); the excess is paramiko's "
-                              "and the pump threads' CPU work in Python")
+          field="ready", note="channel open and assembly request together (one round trip: back-to-back "
+                              "channels alternate over two kept transports, none waits behind sshd's Nagle), then "
+                              "the request; `ssh -L` waits 2 round trips for its channel in back-to-back use "
+                              "(docs/ssh.md), 1 in its fast mode")
     ratio("`ssh` first contact at most 2× its steady time (the node keeps its gateway's transport)", "ssh kept",
           "ssh steady", 2.0, note="a used gateway's transport is kept (keepalives, dialed again if it dies)")
     ratio("`ssh` first contact at most 2× its steady time (no transport yet: a new SSH session)", "ssh cold",
@@ -1768,8 +1771,8 @@ def render_round_trips(results: dict, info: dict, argv: List[str], before: Optio
     ]
     if before:
         lines.append(f"- *before*: the same run (`{' '.join(before['argv'][2:])}`) with `PYTHONPATH` at a checkout of "
-                     f"gridsock `{before['info']['commit']}`{before['info'].get('note', '')} (the code before "
-                     f"issue 11's round-trip work), {before['results']['started']}, load average "
+                     f"gridsock `{before['info']['commit']}`{before['info'].get('note', '')} (the code compared "
+                     f"with), {before['results']['started']}, load average "
                      f"{before['results']['load_before']}.")
     for name, profile in RT_PROFILES.items():
         table_ = results["tables"].get(name)
