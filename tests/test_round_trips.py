@@ -21,6 +21,7 @@ conversation counts once.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import uuid
 from typing import Any, Dict
@@ -290,13 +291,20 @@ def grid(tmp_path_factory):
         yield running.nodes, listeners
 
 
+def _exchange(client, server) -> None:
+    """A byte each way (nothing before them on either side), then both ends closed."""
+    client.send_all(b"x")
+    assert server.receive_some(1) == b"x"
+    server.send_all(b"y")
+    assert client.receive_some(1) == b"y"
+    client.close()
+    server.close()
+
+
 def _connect(nodes, listeners, src: str, dst: str, stack: str) -> None:
     client, _ = nodes[src].open_stream(dst, PORT, stack=stack)
     server, _ = listeners[dst].accept_stream(timeout=JOIN_TIMEOUT_S)
-    client.send_all(b"x")
-    assert server.receive_some(1) == b"x"
-    client.close()
-    server.close()
+    _exchange(client, server)
 
 
 def test_first_contact_does_not_wait_for_the_meta_link(grid):
@@ -494,53 +502,45 @@ def test_reverse_refusal_still_fails_the_connect(grid):
 # --- the nomination of a lone candidate -------------------------------------------------------
 
 
-def test_a_lone_candidate_is_nominated_with_its_preamble(grid):
-    # A stack the caller named is the connect's only candidate: its connection says it is the
-    # one in its first packet, so the server delivers it without waiting for anything more.
+@contextlib.contextmanager
+def _connect_held(nodes, src: str, dst: str, stack):
+    """``src`` connects to ``dst`` over ``stack`` in a greenlet while ``dst`` holds back its
+    answer (see :func:`_hold_answers`); yields ``(attempt, release, worked, answered)``."""
     import gevent
 
-    nodes, listeners = grid
-    release, worked, answered, restore = _hold_answers(nodes["m1"])
-    attempt = gevent.spawn(nodes["L1"].open_stream, "m1", PORT, stack="tcp")
+    release, worked, answered, restore = _hold_answers(nodes[dst])
+    attempt = gevent.spawn(nodes[src].open_stream, dst, PORT, stack=stack)
     try:
-        server, _ = listeners["m1"].accept_stream(timeout=JOIN_TIMEOUT_S)
-        assert worked.is_set() and not answered and not attempt.ready()  # delivered, the answer held back
-        release.set()
-        client, info = attempt.get(timeout=JOIN_TIMEOUT_S)
-        assert info.stack == "tcp"
-        client.send_all(b"x")
-        assert server.receive_some(1) == b"x"  # (one nomination byte: nothing more before the data)
-        server.send_all(b"y")
-        assert client.receive_some(1) == b"y"
-        client.close()
-        server.close()
+        yield attempt, release, worked, answered
     finally:
         release.set()
         attempt.kill()
         restore()
 
 
-def test_raced_candidates_are_nominated_only_after_the_answer(grid):
-    import gevent
-
+def test_a_lone_candidate_is_nominated_with_its_preamble(grid):
+    # A stack the caller named is the connect's only candidate: its connection says it is the
+    # one in its first packet, so the server delivers it without waiting for anything more.
     nodes, listeners = grid
-    release, worked, answered, restore = _hold_answers(nodes["m2"])
-    attempt = gevent.spawn(nodes["L2"].open_stream, "m2", PORT, stack=["tcp", "relay"])
-    try:
+    with _connect_held(nodes, "L1", "m1", "tcp") as (attempt, release, worked, answered):
+        server, _ = listeners["m1"].accept_stream(timeout=JOIN_TIMEOUT_S)
+        assert worked.is_set() and not answered and not attempt.ready()  # delivered, the answer held back
+        release.set()
+        client, info = attempt.get(timeout=JOIN_TIMEOUT_S)
+        assert info.stack == "tcp"
+        _exchange(client, server)  # (one nomination byte: nothing more before the data)
+
+
+def test_raced_candidates_are_nominated_only_after_the_answer(grid):
+    nodes, listeners = grid
+    with _connect_held(nodes, "L2", "m2", ["tcp", "relay"]) as (attempt, release, worked, _):
         assert worked.wait(JOIN_TIMEOUT_S)
         with pytest.raises(Exception):  # nothing is delivered while the client has not chosen
             listeners["m2"].accept_stream(timeout=EARLY_COMPLETION_BOUND_S)
         release.set()
         client, info = attempt.get(timeout=JOIN_TIMEOUT_S)
         server, _ = listeners["m2"].accept_stream(timeout=JOIN_TIMEOUT_S)
-        client.send_all(b"x")
-        assert server.receive_some(1) == b"x"
-        client.close()
-        server.close()
-    finally:
-        release.set()
-        attempt.kill()
-        restore()
+        _exchange(client, server)
 
 
 def test_a_callers_own_timeout_around_a_lone_candidate_stays_the_callers(grid):

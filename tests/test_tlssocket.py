@@ -291,21 +291,33 @@ def test_pending_counts_what_arrived_unread(world):
         server.close()
 
 
-def test_a_link_runs_on_it_with_large_frames(world):
+def _messages(topic: str, sizes) -> list:
+    """Routed messages of one source (its frames stay in order), with payloads of ``sizes``."""
+    src, dst = str(uuid.uuid4()), str(uuid.uuid4())
+    return [wire.Routed(src=src, dst=dst, kind="msg", topic=topic, hops=1, route=("a",), payload=_data(n, n))
+            for n in sizes]
+
+
+def _linked(world, expected: int):
+    """Links over a handshaken pair: ``(sender, receiver, got, done)``: ``got`` lists what the
+    receiver received, ``done`` is set once it holds ``expected`` messages."""
     client, server = _connected(world)
     got: list = []
     done = gevent.event.Event()
-    src, dst = str(uuid.uuid4()), str(uuid.uuid4())  # one source: its frames stay in order
-    messages = [wire.Routed(src=src, dst=dst, kind="msg", topic="relay", hops=1, route=("a",), payload=_data(n, n))
-                for n in (0, 10, 300_000, 70_000, 256 * 1024)]
 
     def on_message(link, message):
         got.append(message)
-        if len(got) == len(messages):
+        if len(got) == expected:
             done.set()
 
     sender = Link(client, wire.Decoder(), label="client", on_message=lambda link, m: None).start()
     receiver = Link(server, wire.Decoder(), label="server", on_message=on_message).start()
+    return sender, receiver, got, done
+
+
+def test_a_link_runs_on_it_with_large_frames(world):
+    messages = _messages("relay", (0, 10, 300_000, 70_000, 256 * 1024))
+    sender, receiver, got, done = _linked(world, len(messages))
     try:
         for message in messages:
             assert sender.send(message, bulk=True)
@@ -356,24 +368,10 @@ def test_a_write_that_cannot_wait_keeps_what_the_kernel_refused_for_the_next(wor
 def test_a_small_frame_leaves_with_its_sender_while_the_writer_is_idle(world):
     # Written in the sender's greenlet (no turn of the writer's), and in order with everything
     # else: small frames, large ones the writer takes, and more small ones behind them.
-    client, server = _connected(world)
-    got: list = []
-    done = gevent.event.Event()
-    src, dst = str(uuid.uuid4()), str(uuid.uuid4())
-    sizes = (10, 200, 300_000, 5, 70_000, 1, 0, 40_000, 3)
-    messages = [wire.Routed(src=src, dst=dst, kind="msg", topic="t", hops=1, route=("a",), payload=_data(n, n))
-                for n in sizes]
-
-    def on_message(link, message):
-        got.append(message)
-        if len(got) == len(messages) + 1:
-            done.set()
-
-    sender = Link(client, wire.Decoder(), label="client", on_message=lambda link, m: None).start()
-    receiver = Link(server, wire.Decoder(), label="server", on_message=on_message).start()
+    first, *messages = _messages("t", (3, 10, 200, 300_000, 5, 70_000, 1, 0, 40_000, 3))
+    sender, receiver, got, done = _linked(world, len(messages) + 1)
     try:
         gevent.sleep(0)  # (the writer starts and waits: idle)
-        first = wire.Routed(src=src, dst=dst, kind="msg", topic="t", hops=1, route=("a",), payload=b"now")
         before = sender.bytes_sent
         assert sender.send(first)
         assert sender.bytes_sent > before  # written already: no switch happened since send()
