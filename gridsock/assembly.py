@@ -1022,8 +1022,9 @@ class Assembler:
                     return initiation.complete({}), filters, early, initiation.nominated  # (the flight follows on it)
                 answer = wire.decode_assembly(reply.payload, peer=entry.name)
             except (RoutingError, TimeoutError, RemoteProtocolError) as exc:
-                raise ConnectError(f"assembly request to {entry.name} failed: {exc}", peer=entry.name,
-                                   method=name) from exc
+                # (no answer in time: a timeout, as the connect's own deadline passing is)
+                cls = ConnectTimeoutError if isinstance(exc, TimeoutError) else ConnectError
+                raise cls(f"assembly request to {entry.name} failed: {exc}", peer=entry.name, method=name) from exc
             if isinstance(answer, wire.AssemblyRefuse):
                 # ("unreachable": only the server's side of this method failed; others may not)
                 kind = ConnectError if answer.code == "unreachable" else ConnectRefusedError
