@@ -256,7 +256,12 @@ def sshd(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def fresh_transports():
+def fresh_transports(monkeypatch):
+    # No spare transport unless a test asks for one (setting SSH_SPARE_MIN_ROUND_TRIP_S itself):
+    # a channel open on loopback can take 40 ms (3.9's paramiko: the first confirmation behind
+    # sshd's Nagle and our delayed ACK), and a spare dialed then is one more TCP connection
+    # for the tests that count them.
+    monkeypatch.setattr(sshtunnel, "SSH_SPARE_MIN_ROUND_TRIP_S", float("inf"))
     yield
     close_all_transports()
 

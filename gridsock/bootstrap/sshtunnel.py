@@ -846,11 +846,24 @@ class _Pump:
                 self._sock.sendall(data)
             if not channel.eof_received and not self._aborted:
                 raise ConnectionResetError("channel closed without EOF (gateway connection lost?)")
+            # Counted before the application sees the end: its next open may come at once.
+            self._wind_down()
             self._sock.shutdown(socket.SHUT_WR)
         except (OSError, EOFError, paramiko.SSHException) as exc:
             self._finish(exc)
         else:
             self._finish(None)
+
+    def _wind_down(self) -> None:
+        """Count the tunnel winding down on its transport, once (see _winding_down): the CLOSE
+        exchange follows soon, and a channel opened meanwhile would wait behind it. Noted when
+        the first direction ends, not when the channel closes: the application's next open may
+        come first."""
+        with self._lock:
+            wind = not self._wound and self._gateway is not None and self._channel is not None
+            self._wound = self._wound or wind
+        if wind:
+            _winding_down(cast(paramiko.Channel, self._channel).get_transport())
 
     def _finish(self, exc: BaseException | None, app_gone: bool = False) -> None:
         with self._lock:
@@ -859,12 +872,8 @@ class _Pump:
             abort = not last and not self._aborted and (exc is not None or app_gone)
             if abort:
                 self._aborted = True
-            wind = not last and self._gateway is not None and self._channel is not None
-            self._wound = self._wound or wind
-        if wind:
-            # The CLOSE exchange follows soon: a channel opened meanwhile would wait behind it.
-            # Noted now, not when the channel closes: the application's next open may come first.
-            _winding_down(cast(paramiko.Channel, self._channel).get_transport())
+        if not last:
+            self._wind_down()
         if exc is not None:
             logger.debug("tunnel %s: %s: %s", self._label, threading.current_thread().name, exc)
         if abort:
