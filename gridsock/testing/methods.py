@@ -250,7 +250,11 @@ def _cancelled(env: _Env) -> None:
     entry = env.client.directory.resolve(env.server.name)
     before = env.server.counters()
     lower, _, _, _ = assembler._establish(entry, env.port, Stack.parse(env.stack), time.monotonic() + 15.0)
-    lower.close()  # it lost the race: never nominated
+    # It lost the race: never nominated. Closed in order (an end, then the close): a reset may
+    # overtake the preamble still in flight, and a server whose side never read it fails that
+    # attempt instead (it delivers nothing either, but counts nothing as not taken).
+    lower.send_eof()
+    lower.close()
     wait_until(lambda: env.server.counters()["not_taken"] > before["not_taken"], 15.0,
                "the server closing the connection that was not nominated")
     assert env.server.counters()["delivered"] == before["delivered"], "the server delivered it anyway"
