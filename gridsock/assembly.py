@@ -980,8 +980,9 @@ class Assembler:
         filters, the TLS handshake begun with the request (an EarlyTls, or None), and whether
         the connection is nominated already (``alone``, the connect's only candidate: a method
         may send the nomination with its first bytes, see ``InitiatorContext.nominate_early``;
-        otherwise :meth:`_nominate` sends it). Raises ConnectError (``code`` set if the server refused). ``method``: the object
-        to drive instead of the stack's own (see :meth:`open_method_stream`; no filters then).
+        otherwise :meth:`_nominate` sends it). Raises ConnectError (``code`` set if the server
+        refused). ``method``: the object to drive instead of the stack's own (see
+        :meth:`open_method_stream`; no filters then).
 
         With ``tls`` right above the method, its ClientHello travels in the request and the
         server's first flight in the answer ("Early handshake" in gridsock.components.tls), or
