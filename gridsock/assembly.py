@@ -966,8 +966,10 @@ class Assembler:
         return out
 
     def _attempt(self, entry: wire.NodeEntry, port: int, stack: Stack, deadline: float,
-                 client_port: Optional[int] = None) -> Tuple[Optional[Tuple[Stream, Stack, Any, bool]], Optional[ConnectError]]:
-        """:meth:`_establish` in a race: ``((stream, filters, tls_early, nominated), None)`` or ``(None, ConnectError)``."""
+                 client_port: Optional[int] = None,
+                 ) -> Tuple[Optional[Tuple[Stream, Stack, Any, bool]], Optional[ConnectError]]:
+        """:meth:`_establish` in a race: ``((stream, filters, tls_early, nominated), None)`` or
+        ``(None, ConnectError)``."""
         try:
             return self._establish(entry, port, stack, deadline, client_port), None
         except ConnectError as exc:  # expected: returned, not left to the hub to print

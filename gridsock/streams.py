@@ -58,7 +58,8 @@ from gevent import socket as gsocket
 
 from .errors import BrokenStreamError
 
-__all__ = ["Stream", "SocketStream", "MemoryStream", "memory_pair", "take_chunk", "reset_socket", "DEFAULT_RECEIVE_BYTES"]
+__all__ = ["Stream", "SocketStream", "MemoryStream", "memory_pair", "take_chunk", "reset_socket",
+           "DEFAULT_RECEIVE_BYTES"]
 
 # What receive_some returns at most by default: large enough for bulk transfers to amortise
 # per-call costs, small enough to keep a greenlet's buffers modest.
