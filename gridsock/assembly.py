@@ -823,6 +823,11 @@ class Assembler:
             try:
                 lower, filters, early, nominated = self._establish(entry, port, stack, deadline, client_port,
                                                                    timer=timer, alone=True)
+            except gevent.Timeout as exc:
+                if exc is not timer:
+                    raise
+                raise ConnectTimeoutError(f"connecting to {entry.name} timed out", peer=entry.name,
+                                          method=stack.method.name) from None
             finally:
                 timer.close()
             stream = self._nominate(lower, stack, filters, entry, deadline, early, nominated=nominated)
@@ -1048,6 +1053,8 @@ class Assembler:
                     early.answered(answer.tls_flight_bytes)  # (None: a server that predates it)
             return initiation.complete(answer.answer), filters, early, initiation.nominated
         except BaseException as exc:
+            if timer is not None:
+                timer.close()  # (failing already: the abort's own waits are not the connect's to cut short)
             if initiation is not None:
                 initiation.abort()
             if isinstance(exc, gevent.Timeout):
