@@ -823,11 +823,6 @@ class Assembler:
             try:
                 lower, filters, early, nominated = self._establish(entry, port, stack, deadline, client_port,
                                                                    timer=timer, alone=True)
-            except gevent.Timeout as exc:
-                if exc is not timer:
-                    raise
-                raise ConnectTimeoutError(f"connecting to {entry.name} timed out", peer=entry.name,
-                                          method=stack.method.name) from None
             finally:
                 timer.close()
             stream = self._nominate(lower, stack, filters, entry, deadline, early, nominated=nominated)

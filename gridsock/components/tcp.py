@@ -254,10 +254,8 @@ class DialInitiation(Initiation):
             else gevent.spawn
         # One connection, the connect's only candidate: its nomination goes with the preamble.
         self.nominated = count == 1 and ctx.nominate_early
-        if self.nominated:
-            self._dials = [start(_captured, method.dial_node_port, ctx, 0, first_bytes=wire.NOMINATE)]
-        else:
-            self._dials = [start(_captured, method.dial_node_port, ctx, i) for i in range(count)]
+        first: Dict[str, Any] = {"first_bytes": wire.NOMINATE} if self.nominated else {}
+        self._dials = [start(_captured, method.dial_node_port, ctx, i, **first) for i in range(count)]
 
     def sockets(self) -> List[Any]:
         """The connected sockets, by index; ConnectError (the first failure) otherwise."""
